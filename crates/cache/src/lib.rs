@@ -1,0 +1,1 @@
+//! pinion-cache (being built).

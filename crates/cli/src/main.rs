@@ -1,0 +1,2 @@
+//! The `pinion` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! pinion-exec-cpu (being built).

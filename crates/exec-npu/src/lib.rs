@@ -1,0 +1,1 @@
+//! pinion-exec-npu (being built).

@@ -1,0 +1,425 @@
+//! Quantized block types of GGML and their reference (scalar) quantizers and dequantizers.
+//!
+//! The layouts are byte-for-byte those of ggml (`ggml-common.h`), checked at compile time, so that tensor data
+//! in a GGUF file can be viewed as a slice of blocks without copying (see [`blocks`]). The arithmetic of the
+//! quantizers follows ggml's `quantize_row_*_ref` so that a row quantized here matches llama.cpp's.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+use crate::error::FormatError;
+
+/// Values per block for the 32-wide formats.
+pub const QK: usize = 32;
+/// Values per super-block for the K-quants.
+pub const QK_K: usize = 256;
+
+/// A tensor element type, with the numeric ids GGUF uses on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q8_1,
+    Q4K,
+    Q6K,
+    Q8K,
+    BF16,
+}
+
+impl GgmlType {
+    /// Every supported type.
+    pub const ALL: [GgmlType; 10] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+        GgmlType::BF16,
+    ];
+
+    /// The GGUF type id.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q8_1 => 9,
+            GgmlType::Q4K => 12,
+            GgmlType::Q6K => 14,
+            GgmlType::Q8K => 15,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// The type for a GGUF type id, or `None` for an id pinion does not support.
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        GgmlType::ALL.into_iter().find(|t| t.id() == id)
+    }
+
+    /// The name ggml gives the type (`q4_1`, `f32`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "f32",
+            GgmlType::F16 => "f16",
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q8_1 => "q8_1",
+            GgmlType::Q4K => "q4_K",
+            GgmlType::Q6K => "q6_K",
+            GgmlType::Q8K => "q8_K",
+            GgmlType::BF16 => "bf16",
+        }
+    }
+
+    /// Number of values in one block.
+    pub fn block_len(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => QK,
+            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => QK_K,
+        }
+    }
+
+    /// Number of bytes in one block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => size_of::<BlockQ4_0>(),
+            GgmlType::Q4_1 => size_of::<BlockQ4_1>(),
+            GgmlType::Q8_0 => size_of::<BlockQ8_0>(),
+            GgmlType::Q8_1 => size_of::<BlockQ8_1>(),
+            GgmlType::Q4K => size_of::<BlockQ4K>(),
+            GgmlType::Q6K => size_of::<BlockQ6K>(),
+            GgmlType::Q8K => size_of::<BlockQ8K>(),
+        }
+    }
+
+    /// Bytes taken by a row of `n` values, or an error if `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Result<usize, FormatError> {
+        if n % self.block_len() != 0 {
+            return Err(FormatError::RowNotBlockAligned { ty: self, len: n, block_len: self.block_len() });
+        }
+        Ok(n / self.block_len() * self.block_bytes())
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// 32 weights as 4-bit values around 8 with one scale: `x = (q - 8) * d`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    /// Low nibbles hold values 0..16, high nibbles values 16..32.
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(size_of::<BlockQ4_0>() == 18);
+
+/// 32 weights as 4-bit values with a scale and a minimum: `x = q * d + m`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(size_of::<BlockQ4_1>() == 20);
+
+/// 32 weights as signed bytes with one scale: `x = q * d`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+const _: () = assert!(size_of::<BlockQ8_0>() == 34);
+
+/// Like [`BlockQ8_0`] plus `s = d * sum(qs)`, the activation format paired with Q4_1 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ8_1 {
+    pub d: f16,
+    pub s: f16,
+    pub qs: [i8; QK],
+}
+const _: () = assert!(size_of::<BlockQ8_1>() == 36);
+
+/// 256 weights in 8 sub-blocks of 32, 4-bit values, 6-bit sub-block scales and minimums.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+const _: () = assert!(size_of::<BlockQ4K>() == 144);
+
+/// 256 weights in 16 sub-blocks of 16, 6-bit values, 8-bit sub-block scales.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+const _: () = assert!(size_of::<BlockQ6K>() == 210);
+
+/// 256 activations as signed bytes with an f32 scale and sums of each 16, for K-quant dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+const _: () = assert!(size_of::<BlockQ8K>() == 292);
+
+/// Views raw tensor bytes as a slice of blocks without copying.
+///
+/// Fails if the length is not a whole number of blocks or the bytes are not aligned for `B`.
+pub fn blocks<B: Pod>(bytes: &[u8]) -> Result<&[B], FormatError> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| FormatError::BadBlockView {
+        len: bytes.len(),
+        block: size_of::<B>(),
+        why: e.to_string(),
+    })
+}
+
+/// Quantizes `x` to Q4_0 as ggml's `quantize_row_q4_0_ref` does. `x.len()` must be `32 * out.len()`.
+pub fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q4_0: length mismatch");
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let mut amax = 0.0f32;
+        let mut max = 0.0f32;
+        for &v in xb {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for j in 0..QK / 2 {
+            let x0 = xb[j] * id;
+            let x1 = xb[QK / 2 + j] * id;
+            let q0 = ((x0 + 8.5) as i8).min(15) as u8;
+            let q1 = ((x1 + 8.5) as i8).min(15) as u8;
+            b.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Quantizes `x` to Q4_1 as ggml's `quantize_row_q4_1_ref` does.
+pub fn quantize_row_q4_1(x: &[f32], out: &mut [BlockQ4_1]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q4_1: length mismatch");
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let min = xb.iter().copied().fold(f32::MAX, f32::min);
+        let max = xb.iter().copied().fold(f32::MIN, f32::max);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        b.m = f16::from_f32(min);
+        for j in 0..QK / 2 {
+            let x0 = (xb[j] - min) * id;
+            let x1 = (xb[QK / 2 + j] - min) * id;
+            let q0 = ((x0 + 0.5) as i8).min(15) as u8;
+            let q1 = ((x1 + 0.5) as i8).min(15) as u8;
+            b.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Quantizes `x` to Q8_0 as ggml's `quantize_row_q8_0_ref` does.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q8_0: length mismatch");
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// Quantizes `x` to Q8_1 as ggml's `quantize_row_q8_1_ref` does.
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q8_1: length mismatch");
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.s = f16::from_f32(sum as f32 * d);
+    }
+}
+
+/// Dequantizes Q4_0 blocks into `out` (`32 * blocks.len()` values).
+pub fn dequantize_row_q4_0(blocks: &[BlockQ4_0], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q4_0: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for j in 0..QK / 2 {
+            y[j] = ((b.qs[j] & 0x0F) as i32 - 8) as f32 * d;
+            y[j + QK / 2] = ((b.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+/// Dequantizes Q4_1 blocks into `out`.
+pub fn dequantize_row_q4_1(blocks: &[BlockQ4_1], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q4_1: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        let m = b.m.to_f32();
+        for j in 0..QK / 2 {
+            y[j] = (b.qs[j] & 0x0F) as f32 * d + m;
+            y[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
+        }
+    }
+}
+
+/// Dequantizes Q8_0 blocks into `out`.
+pub fn dequantize_row_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q8_0: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for (o, &q) in y.iter_mut().zip(&b.qs) {
+            *o = q as f32 * d;
+        }
+    }
+}
+
+/// Dequantizes Q8_1 blocks into `out`.
+pub fn dequantize_row_q8_1(blocks: &[BlockQ8_1], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q8_1: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        for (o, &q) in y.iter_mut().zip(&b.qs) {
+            *o = q as f32 * d;
+        }
+    }
+}
+
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantizes Q4_K super-blocks into `out` (`256 * blocks.len()` values), as ggml's `dequantize_row_q4_K`.
+pub fn dequantize_row_q4k(blocks: &[BlockQ4K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q4k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let dmin = b.dmin.to_f32();
+        for (chunk, (q, ys)) in b.qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
+            let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+            for l in 0..32 {
+                ys[l] = d1 * (q[l] & 0x0F) as f32 - m1;
+                ys[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+/// Dequantizes Q6_K super-blocks into `out`, as ggml's `dequantize_row_q6_K`.
+pub fn dequantize_row_q6k(blocks: &[BlockQ6K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q6k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        for half in 0..2 {
+            let ql = &b.ql[64 * half..];
+            let qh = &b.qh[32 * half..];
+            let sc = &b.scales[8 * half..];
+            let ys = &mut y[128 * half..];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                ys[l] = d * sc[is] as f32 * q1 as f32;
+                ys[l + 32] = d * sc[is + 2] as f32 * q2 as f32;
+                ys[l + 64] = d * sc[is + 4] as f32 * q3 as f32;
+                ys[l + 96] = d * sc[is + 6] as f32 * q4 as f32;
+            }
+        }
+    }
+}
+
+/// Dequantizes one row of raw tensor bytes of type `ty` into `out`.
+///
+/// `bytes` must hold exactly `out.len()` values of `ty`.
+pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
+    let need = ty.row_bytes(out.len())?;
+    if bytes.len() != need {
+        return Err(FormatError::BadBlockView {
+            len: bytes.len(),
+            block: ty.block_bytes(),
+            why: format!("{} values of {ty} take {need} bytes", out.len()),
+        });
+    }
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => dequantize_row_q4_0(blocks(bytes)?, out),
+        GgmlType::Q4_1 => dequantize_row_q4_1(blocks(bytes)?, out),
+        GgmlType::Q8_0 => dequantize_row_q8_0(blocks(bytes)?, out),
+        GgmlType::Q8_1 => dequantize_row_q8_1(blocks(bytes)?, out),
+        GgmlType::Q4K => dequantize_row_q4k(blocks(bytes)?, out),
+        GgmlType::Q6K => dequantize_row_q6k(blocks(bytes)?, out),
+        GgmlType::Q8K => {
+            let bs: &[BlockQ8K] = blocks(bytes)?;
+            for (b, y) in bs.iter().zip(out.chunks_exact_mut(QK_K)) {
+                for (o, &q) in y.iter_mut().zip(&b.qs) {
+                    *o = q as f32 * b.d;
+                }
+            }
+        }
+    }
+    Ok(())
+}

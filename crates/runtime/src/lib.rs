@@ -1,0 +1,1 @@
+//! pinion-runtime (being built).

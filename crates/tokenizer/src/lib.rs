@@ -1,0 +1,1 @@
+//! pinion-tokenizer (being built).
