@@ -1,0 +1,214 @@
+//! Backend 1: one submission thread driving an io_uring.
+//!
+//! The thread owns the ring. It drains the request channel, takes a pool buffer for each read, pushes as many
+//! reads as there are free slots (the queue depth), submits them with one `io_uring_enter`, and waits for at
+//! least one completion only when there is nothing new to submit. Completions are handled in the order the
+//! kernel posts them: a finished read is delivered at once; EINTR, EAGAIN and short reads are resubmitted for
+//! the remaining bytes.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use io_uring::{IoUring, Probe, opcode, types};
+
+use crate::aligned::PoolBuf;
+use crate::engine::{Completion, ReadOp, Shared, Step};
+use crate::error::{FallbackReason, ReadErrorKind};
+
+/// Creates a ring of at least `depth` entries and checks that it supports reads.
+pub(crate) fn setup(depth: usize) -> Result<IoUring, FallbackReason> {
+    let ring = IoUring::new(depth as u32)
+        .map_err(|e| FallbackReason::IoUringSetup { errno: e.raw_os_error().unwrap_or(libc::ENOSYS) })?;
+    let mut probe = Probe::new();
+    // Kernels without the probe interface (before 5.6) also lack IORING_OP_READ.
+    if ring.submitter().register_probe(&mut probe).is_err() || !probe.is_supported(opcode::Read::CODE) {
+        return Err(FallbackReason::ReadOpUnsupported);
+    }
+    Ok(ring)
+}
+
+/// A read the kernel may be writing into. Its buffer must stay alive, and untouched, until the read's
+/// completion has been reaped.
+struct Slot {
+    op: ReadOp,
+    buf: PoolBuf,
+}
+
+/// Pushes the read of `slot`'s remaining bytes, tagged with `idx`, submitting first if the queue is full.
+fn push_read(ring: &mut IoUring, fd: types::Fd, idx: usize, slot: &mut Slot) -> std::io::Result<()> {
+    let done = slot.op.done;
+    let len = (slot.op.len - done) as u32;
+    // SAFETY: `done < op.len <= buf.capacity()` (the buffer was taken for `op.len` bytes and `done` only grows
+    // up to `op.len`, after which the read is finished and never pushed again), so the pointer stays inside the
+    // allocation.
+    let ptr = unsafe { slot.buf.as_mut_ptr().add(done) };
+    let entry =
+        opcode::Read::new(fd, ptr, len).offset(slot.op.offset + done as u64).build().user_data(idx as u64);
+    loop {
+        // SAFETY: The entry points to `len` writable bytes of `slot.buf`. The slot stays in the slot table, and
+        // its buffer is neither read nor freed, until the completion tagged `idx` is reaped; if the ring breaks
+        // down before that, the buffer is leaked rather than freed (see `run`). The file descriptor belongs to
+        // `Shared::file`, which outlives this thread.
+        if unsafe { ring.submission().push(&entry) }.is_ok() {
+            return Ok(());
+        }
+        // The submission queue is full: hand its entries to the kernel and try again.
+        submit(ring, 0)?;
+    }
+}
+
+/// `io_uring_enter`, retrying on EINTR; EBUSY/EAGAIN (completion queue pressure) count as success, since the
+/// caller reaps completions next.
+fn submit(ring: &mut IoUring, want: usize) -> std::io::Result<()> {
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The submission thread's loop; returns when the request channel is closed and nothing is in flight.
+pub(crate) fn run(
+    mut ring: IoUring,
+    shared: Arc<Shared>,
+    rx: Receiver<ReadOp>,
+    tx: Sender<Completion>,
+    depth: usize,
+) {
+    let fd = types::Fd(shared.file.as_raw_fd());
+    let mut slots: Vec<Option<Slot>> = (0..depth).map(|_| None).collect();
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut pending: VecDeque<ReadOp> = VecDeque::new();
+    let mut cqes: Vec<(usize, i32)> = Vec::with_capacity(depth * 2);
+    let mut open = true;
+    loop {
+        // Gather requests, blocking only when there is nothing else to do.
+        if free.len() == depth && pending.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(op) => pending.push_back(op),
+                Err(_) => {
+                    open = false;
+                    continue;
+                }
+            }
+        }
+        while open {
+            match rx.try_recv() {
+                Ok(op) => pending.push_back(op),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+
+        // Fill free slots.
+        let mut pool_blocked = false;
+        let mut fatal = None;
+        while let (Some(&idx), Some(op)) = (free.last(), pending.front()) {
+            let buf = match shared.pool.try_acquire(op.len) {
+                Ok(Some(b)) => b,
+                Ok(None) if free.len() < depth => {
+                    // Completions will return buffers (once the caller drops them); wait for those instead.
+                    pool_blocked = true;
+                    break;
+                }
+                Ok(None) => match shared.acquire_blocking(op) {
+                    Some(Ok(b)) => b,
+                    Some(Err(kind)) => {
+                        let op = pending.pop_front().expect("front exists");
+                        let at = op.offset;
+                        shared.finish(op, Err((at, kind)), &tx);
+                        continue;
+                    }
+                    None => {
+                        // Shutting down with the pool exhausted: nobody is left to receive these.
+                        pending.clear();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    let op = pending.pop_front().expect("front exists");
+                    let at = op.offset;
+                    shared.finish(op, Err((at, ReadErrorKind::Pool(e))), &tx);
+                    continue;
+                }
+            };
+            let op = pending.pop_front().expect("front exists");
+            free.pop();
+            let slot = slots[idx].insert(Slot { op, buf });
+            shared.stats.issue();
+            if let Err(e) = push_read(&mut ring, fd, idx, slot) {
+                fatal = Some(e);
+                break;
+            }
+        }
+
+        if free.len() == depth {
+            continue;
+        }
+        let want = usize::from(pool_blocked || free.is_empty() || pending.is_empty() && rx.is_empty());
+        if fatal.is_none() {
+            fatal = submit(&mut ring, want).err();
+        }
+        if let Some(e) = fatal {
+            // The ring is unusable. Fail every read it holds and leak their buffers: the kernel may still own
+            // some of them, and freeing memory it could write into would be unsound.
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            for slot in slots.iter_mut().filter_map(Option::take) {
+                let Slot { op, buf } = slot;
+                std::mem::forget(buf);
+                shared.stats.retire();
+                let at = op.offset + op.done as u64;
+                shared.finish(op, Err((at, ReadErrorKind::Os { errno })), &tx);
+            }
+            for op in pending.drain(..).chain(rx.try_iter()) {
+                let at = op.offset;
+                shared.finish(op, Err((at, ReadErrorKind::Os { errno })), &tx);
+            }
+            return;
+        }
+
+        // Reap completions in the order the kernel posted them.
+        cqes.clear();
+        cqes.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
+        for &(idx, res) in &cqes {
+            let slot = slots[idx].as_mut().expect("completion for an occupied slot");
+            let at = slot.op.offset + slot.op.done as u64;
+            match slot.op.advance(shared.faults.apply(at, i64::from(res)), &shared.stats) {
+                Step::Again => {
+                    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = push_read(&mut ring, fd, idx, slot) {
+                        let Slot { op, buf } = slots[idx].take().expect("occupied");
+                        // The entry was never queued, so the kernel does not own the buffer.
+                        drop(buf);
+                        free.push(idx);
+                        shared.stats.retire();
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        shared.finish(op, Err((at, ReadErrorKind::Os { errno })), &tx);
+                    }
+                }
+                Step::Done => {
+                    let Slot { op, buf } = slots[idx].take().expect("occupied");
+                    free.push(idx);
+                    shared.stats.retire();
+                    shared.finish(op, Ok(buf), &tx);
+                }
+                Step::Failed(at, kind) => {
+                    let Slot { op, buf } = slots[idx].take().expect("occupied");
+                    drop(buf);
+                    free.push(idx);
+                    shared.stats.retire();
+                    shared.finish(op, Err((at, kind)), &tx);
+                }
+            }
+        }
+    }
+}
