@@ -1,1 +1,33 @@
-//! pinion-exec-cpu (being built).
+//! CPU kernels for dense inference of llama-style models: quantized matrix products, RMS norm, RoPE,
+//! activations and causal grouped-query attention.
+//!
+//! The arithmetic mirrors ggml's x86 CPU backend so that pinion reproduces llama.cpp's greedy tokens:
+//! activations are quantized once per row to the weight type's `vec_dot_type` ([`QuantizedActs`]), and each
+//! dot product sums integer products per block and accumulates per block in f32 in ggml's order. Weights are
+//! borrowed in place as a [`QMatrix`] (usually from an mmap); [`matmul`] multiplies it with a batch of
+//! quantized activation rows on the current rayon pool, reusing each weight block across the batch.
+//! Kernels exist for Q4_0, Q4_1 and Q8_0 (scalar, AVX2 and AVX-512 VNNI, chosen once at run time, see
+//! [`cpu_features`]), F32 and F16 (scalar, AVX2), and Q4_K and Q6_K (scalar for now).
+//!
+//! This crate is not a model: it knows nothing about layers, KV-cache management, files or threads pools
+//! (callers install the rayon pool), and it allocates nothing sized to the model except the reusable
+//! buffers it is handed or keeps per thread.
+
+mod acts;
+mod attention;
+mod error;
+mod kernels;
+mod matmul;
+mod matrix;
+mod ops;
+
+pub use crate::acts::{QuantizedActs, vec_dot_type};
+pub use crate::attention::{attention, attention_with};
+pub use crate::error::ExecError;
+pub use crate::kernels::{CpuFeatures, KernelPath, cpu_features};
+pub use crate::matmul::{matmul, matmul_rows, matmul_rows_with};
+pub use crate::matrix::QMatrix;
+pub use crate::ops::{MAX_ROT, RopeMode, geglu, gelu, reglu, relu, rms_norm, rope, silu, softmax, swiglu};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! [`QuantizedActs`]: activation rows converted once to the format a weight type's dot product consumes.
+
+use half::f16;
+use pinion_format::GgmlType;
+use pinion_format::quant::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
+use rayon::prelude::*;
+
+use crate::kernels::{self, KernelPath, scalar};
+
+/// The activation format ggml pairs with a weight type (its `vec_dot_type`), or `None` if there is no kernel.
+pub fn vec_dot_type(weight_ty: GgmlType) -> Option<GgmlType> {
+    Some(match weight_ty {
+        GgmlType::F32 => GgmlType::F32,
+        GgmlType::F16 => GgmlType::F16,
+        GgmlType::Q4_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+        GgmlType::Q4_1 => GgmlType::Q8_1,
+        GgmlType::Q4K | GgmlType::Q6K => GgmlType::Q8K,
+        _ => return None,
+    })
+}
+
+/// Rows per parallel task when quantizing many rows.
+const ROWS_PER_TASK: usize = 16;
+
+/// Activation rows quantized for one weight type: a reusable buffer that does not allocate once grown.
+///
+/// Quantize once per activation matrix, then pass it to [`crate::matmul`] for every weight matrix of the same
+/// `vec_dot_type` and width (for example Q, K and V, or gate and up).
+#[derive(Default)]
+pub struct QuantizedActs {
+    ty: Option<GgmlType>,
+    n_rows: usize,
+    n_cols: usize,
+    pub(crate) f32s: Vec<f32>,
+    pub(crate) f16s: Vec<f16>,
+    pub(crate) q8_0: Vec<BlockQ8_0>,
+    pub(crate) q8_1: Vec<BlockQ8_1>,
+    /// For Q8_1 with several rows: `s` of every block as f32, block-major, rows padded to a multiple of 8
+    /// with zeros (`q8_1_s[b * t_pad + t]`), for the batched Q4_1 kernel.
+    pub(crate) q8_1_s: Vec<f32>,
+    pub(crate) q8k: Vec<BlockQ8K>,
+}
+
+impl QuantizedActs {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of activation rows last quantized.
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    /// Values per row.
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+
+    /// The activation format held (`None` before the first [`QuantizedActs::quantize`]).
+    pub fn ty(&self) -> Option<GgmlType> {
+        self.ty
+    }
+
+    /// Rows padded to a multiple of 8, the row stride of `q8_1_s`.
+    pub(crate) fn t_pad(&self) -> usize {
+        self.n_rows.div_ceil(8) * 8
+    }
+
+    /// Converts `x` (`x.len() / n_cols` rows of `n_cols` values) to the `vec_dot_type` of `weight_ty`.
+    ///
+    /// # Panics
+    /// If `weight_ty` has no kernel, `n_cols` is zero or not a whole number of blocks of the activation
+    /// format, or `x.len()` is not a multiple of `n_cols`. These are shape errors of the caller; weight shapes
+    /// are validated by [`crate::QMatrix::new`].
+    pub fn quantize(&mut self, weight_ty: GgmlType, x: &[f32], n_cols: usize) {
+        self.quantize_with(kernels::chosen(), weight_ty, x, n_cols);
+    }
+
+    /// [`QuantizedActs::quantize`] on a given kernel path (every path gives the same bits; for tests and
+    /// benchmarks).
+    ///
+    /// # Panics
+    /// As [`QuantizedActs::quantize`], and if the CPU does not support `path`.
+    pub fn quantize_with(&mut self, path: KernelPath, weight_ty: GgmlType, x: &[f32], n_cols: usize) {
+        kernels::check(path);
+        let ty = vec_dot_type(weight_ty)
+            .unwrap_or_else(|| panic!("no CPU kernel for weights of type {weight_ty}"));
+        assert!(
+            n_cols > 0 && n_cols.is_multiple_of(ty.block_len()),
+            "{n_cols} columns do not split into {ty} blocks"
+        );
+        assert!(x.len().is_multiple_of(n_cols), "{} values do not split into rows of {n_cols}", x.len());
+        let n_rows = x.len() / n_cols;
+        self.ty = Some(ty);
+        self.n_rows = n_rows;
+        self.n_cols = n_cols;
+        let parallel = n_rows >= 2 * ROWS_PER_TASK && rayon::current_num_threads() > 1;
+        match ty {
+            GgmlType::F32 => {
+                self.f32s.clear();
+                self.f32s.extend_from_slice(x);
+            }
+            GgmlType::F16 => {
+                self.f16s.clear();
+                self.f16s.extend(x.iter().map(|&v| f16::from_f32(v)));
+            }
+            GgmlType::Q8_0 => {
+                let nb = n_cols / QK;
+                self.q8_0.resize(n_rows * nb, bytemuck::Zeroable::zeroed());
+                let f = |(xr, out): (&[f32], &mut [BlockQ8_0])| {
+                    for (xr, out) in xr.chunks_exact(n_cols).zip(out.chunks_exact_mut(nb)) {
+                        kernels::quantize_q8_0(path, xr, out);
+                    }
+                };
+                let (xs, outs) = (n_cols * ROWS_PER_TASK, nb * ROWS_PER_TASK);
+                if parallel {
+                    x.par_chunks(xs).zip(self.q8_0.par_chunks_mut(outs)).for_each(f);
+                } else {
+                    x.chunks(xs).zip(self.q8_0.chunks_mut(outs)).for_each(f);
+                }
+            }
+            GgmlType::Q8_1 => {
+                let nb = n_cols / QK;
+                self.q8_1.resize(n_rows * nb, bytemuck::Zeroable::zeroed());
+                let f = |(xr, out): (&[f32], &mut [BlockQ8_1])| {
+                    for (xr, out) in xr.chunks_exact(n_cols).zip(out.chunks_exact_mut(nb)) {
+                        kernels::quantize_q8_1(path, xr, out);
+                    }
+                };
+                let (xs, outs) = (n_cols * ROWS_PER_TASK, nb * ROWS_PER_TASK);
+                if parallel {
+                    x.par_chunks(xs).zip(self.q8_1.par_chunks_mut(outs)).for_each(f);
+                } else {
+                    x.chunks(xs).zip(self.q8_1.chunks_mut(outs)).for_each(f);
+                }
+                if n_rows > 1 {
+                    let t_pad = self.t_pad();
+                    self.q8_1_s.clear();
+                    self.q8_1_s.resize(nb * t_pad, 0.0);
+                    for (t, row) in self.q8_1.chunks_exact(nb).enumerate() {
+                        for (b, blk) in row.iter().enumerate() {
+                            self.q8_1_s[b * t_pad + t] = blk.s.to_f32();
+                        }
+                    }
+                }
+            }
+            GgmlType::Q8K => {
+                let nb = n_cols / QK_K;
+                self.q8k.resize(n_rows * nb, bytemuck::Zeroable::zeroed());
+                for (xr, out) in x.chunks_exact(n_cols).zip(self.q8k.chunks_exact_mut(nb)) {
+                    scalar::quantize_row_q8k(xr, out);
+                }
+            }
+            _ => unreachable!("vec_dot_type returned {ty}"),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Causal grouped-query attention over an f16 KV cache.
+
+use std::cell::RefCell;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::kernels::{self, KernelPath};
+use crate::ops::softmax;
+
+thread_local! {
+    /// Attention scores of the current (token, head), reused across calls on each thread.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Causal grouped-query attention for `n_tokens` new queries at positions `first_pos..first_pos + n_tokens`.
+///
+/// `q` is `[n_tokens][n_heads * head_dim]`; `k` and `v` are the KV cache, `[n_ctx][n_kv_heads * head_dim]`
+/// in f16, whose rows `0..first_pos + n_tokens` are written; `out` is `[n_tokens][n_heads * head_dim]`.
+/// Query head `h` reads KV head `h / (n_heads / n_kv_heads)`, and query `t` sees cache rows `0..=first_pos + t`.
+/// Scores are `scale * dot(q, k)` in f32, normalized by [`softmax`], and the values summed in f32.
+///
+/// Runs on the current rayon pool, parallel over (token, head); the score buffer is a per-thread `Vec`
+/// that only grows.
+///
+/// # Panics
+/// On inconsistent shapes: `n_kv_heads` zero or not dividing `n_heads`, or slices shorter than stated.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    attention_with(
+        kernels::chosen(),
+        q,
+        n_tokens,
+        first_pos,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        k,
+        v,
+        scale,
+        out,
+    );
+}
+
+/// [`attention`] on a given kernel path, for tests and benchmarks.
+///
+/// # Panics
+/// As [`attention`], and if the CPU does not support `path`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    path: KernelPath,
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    kernels::check(path);
+    assert!(
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+        "attention: {n_heads} heads over {n_kv_heads} KV heads"
+    );
+    assert!(head_dim > 0, "attention: head_dim is zero");
+    let q_dim = n_heads * head_dim;
+    let kv_dim = n_kv_heads * head_dim;
+    let n_kv = first_pos + n_tokens;
+    assert_eq!(q.len(), n_tokens * q_dim, "attention: q length");
+    assert_eq!(out.len(), n_tokens * q_dim, "attention: out length");
+    assert!(
+        k.len() >= n_kv * kv_dim && v.len() >= n_kv * kv_dim,
+        "attention: KV cache shorter than {n_kv} rows"
+    );
+    let group = n_heads / n_kv_heads;
+
+    let one = |(idx, o): (usize, &mut [f32])| {
+        let (t, h) = (idx / n_heads, idx % n_heads);
+        let kv_off = (h / group) * head_dim;
+        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+        let n_seen = first_pos + t + 1;
+        SCORES.with(|s| {
+            let mut s = s.borrow_mut();
+            s.clear();
+            for j in 0..n_seen {
+                let kr = &k[j * kv_dim + kv_off..j * kv_dim + kv_off + head_dim];
+                s.push(kernels::dot_f32_f16(path, qh, kr) * scale);
+            }
+            softmax(&mut s);
+            o.fill(0.0);
+            for (j, &p) in s.iter().enumerate() {
+                let vr = &v[j * kv_dim + kv_off..j * kv_dim + kv_off + head_dim];
+                kernels::axpy_f16(path, o, p, vr);
+            }
+        });
+    };
+    if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {
+        out.par_chunks_mut(head_dim).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(head_dim).enumerate().for_each(one);
+    }
+}

@@ -1,0 +1,386 @@
+//! AVX2 + FMA + F16C kernels (x86-64).
+//!
+//! Each tile function computes the dot products of `R` weight rows with `C` activation rows, reusing each
+//! unpacked weight block across the activations. The arithmetic per (row, activation) pair is exactly that of
+//! [`super::scalar`] (and of ggml's AVX2 code): integer lanes of four products, `fma(d_x * d_y, lane, acc)` per
+//! block, `hsum_float_8` at the end.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+
+/// Converts one f16 to f32 with F16C.
+#[target_feature(enable = "f16c")]
+#[inline]
+pub(crate) fn f16_to_f32(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+/// Reduces eight lanes in the order of ggml's `hsum_float_8`.
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn hsum8(x: __m256) -> f32 {
+    hsum_halves(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x))
+}
+
+/// `hsum_float_8` of the lanes `lo ++ hi`.
+#[target_feature(enable = "sse3")]
+#[inline]
+pub(crate) fn hsum_halves(lo: __m128, hi: __m128) -> f32 {
+    let r = _mm_add_ps(hi, lo);
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+/// Unpacks 16 bytes of nibbles into 32 bytes: low nibbles first, then high nibbles.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nibbles(qs: &[u8; 16]) -> __m256i {
+    // SAFETY: `qs` is 16 readable bytes; the load is unaligned.
+    let t = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(t), t);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Sums of four u8 x i8 products per 32-bit lane. No saturation for `x` below 128.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+}
+
+/// Loads 32 signed bytes.
+#[target_feature(enable = "avx")]
+#[inline]
+fn load32(q: &[i8; 32]) -> __m256i {
+    // SAFETY: `q` is 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
+}
+
+/// Q4_1 x Q8_1 dot products of `R` weight rows with `C` activation rows over `nb` blocks.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q4_1<const R: usize, const C: usize>(
+    w: [&[BlockQ4_1]; R],
+    a: [&[BlockQ8_1]; C],
+    nb: usize,
+) -> [[f32; C]; R] {
+    assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut summs = [[0.0f32; C]; R];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
+        // AVX2/FMA/F16C, which the caller guarantees.
+        unsafe {
+            let mut qy = [_mm256_setzero_si256(); C];
+            let mut dy = [0.0f32; C];
+            let mut sy = [0.0f32; C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = load32(&by.qs);
+                dy[c] = f16_to_f32(by.d);
+                sy[c] = f16_to_f32(by.s);
+            }
+            for r in 0..R {
+                let bx = w[r].get_unchecked(b);
+                let dx = f16_to_f32(bx.d);
+                let mx = f16_to_f32(bx.m);
+                let qx = nibbles(&bx.qs);
+                for c in 0..C {
+                    summs[r][c] = mx.mul_add(sy[c], summs[r][c]);
+                    let xy = _mm256_cvtepi32_ps(dot_u8_i8(qx, qy[c]));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy[c]), xy, acc[r][c]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum8(acc[r][c]) + summs[r][c];
+        }
+    }
+    out
+}
+
+/// Q4_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks.
+///
+/// The weights enter `maddubs` unsigned (0..16) and `8 * sum(y)` is subtracted per lane, which gives the same
+/// integer lanes as ggml's signed `(q - 8) * y`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q4_0<const R: usize, const C: usize>(
+    w: [&[BlockQ4_0]; R],
+    a: [&[BlockQ8_0]; C],
+    nb: usize,
+) -> [[f32; C]; R] {
+    assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
+        // AVX2/FMA/F16C, which the caller guarantees.
+        unsafe {
+            let mut qy = [_mm256_setzero_si256(); C];
+            let mut bias = [_mm256_setzero_si256(); C];
+            let mut dy = [0.0f32; C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = load32(&by.qs);
+                bias[c] = dot_u8_i8(_mm256_set1_epi8(8), qy[c]);
+                dy[c] = f16_to_f32(by.d);
+            }
+            for r in 0..R {
+                let bx = w[r].get_unchecked(b);
+                let dx = f16_to_f32(bx.d);
+                let qx = nibbles(&bx.qs);
+                for c in 0..C {
+                    let lanes = _mm256_sub_epi32(dot_u8_i8(qx, qy[c]), bias[c]);
+                    let xy = _mm256_cvtepi32_ps(lanes);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy[c]), xy, acc[r][c]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum8(acc[r][c]);
+        }
+    }
+    out
+}
+
+/// Q8_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks, with ggml's
+/// sign trick (`|x| * sign(y, x)`), exact for weights in -128..128 and activations in -127..128.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q8_0<const R: usize, const C: usize>(
+    w: [&[BlockQ8_0]; R],
+    a: [&[BlockQ8_0]; C],
+    nb: usize,
+) -> [[f32; C]; R] {
+    assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
+        // AVX2/FMA/F16C, which the caller guarantees.
+        unsafe {
+            let mut qy = [_mm256_setzero_si256(); C];
+            let mut dy = [0.0f32; C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = load32(&by.qs);
+                dy[c] = f16_to_f32(by.d);
+            }
+            for r in 0..R {
+                let bx = w[r].get_unchecked(b);
+                let dx = f16_to_f32(bx.d);
+                let qx = load32(&bx.qs);
+                let ax = _mm256_sign_epi8(qx, qx);
+                for c in 0..C {
+                    let sy = _mm256_sign_epi8(qy[c], qx);
+                    let xy = _mm256_cvtepi32_ps(dot_u8_i8(ax, sy));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy[c]), xy, acc[r][c]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum8(acc[r][c]);
+        }
+    }
+    out
+}
+
+/// Quantizes one block of 32 values: returns the rounded, converted integers and `(amax, d)`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn quantize_block(x: &[f32]) -> ([__m256i; 4], f32) {
+    assert!(x.len() >= QK);
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (i, vi) in v.iter_mut().enumerate() {
+        // SAFETY: `x` holds 32 readable f32 values; loads are unaligned.
+        *vi = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) };
+    }
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+    }
+    let m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mul = _mm256_set1_ps(id);
+    let mut q = [_mm256_setzero_si256(); 4];
+    for i in 0..4 {
+        let r =
+            _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v[i], mul));
+        q[i] = _mm256_cvtps_epi32(r);
+    }
+    (q, amax)
+}
+
+/// Packs four vectors of eight i32 into 32 bytes in element order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn pack_store(q: [__m256i; 4], out: &mut [i8; 32]) {
+    let a = _mm256_packs_epi32(q[0], q[1]);
+    let b = _mm256_packs_epi32(q[2], q[3]);
+    let p = _mm256_packs_epi16(a, b);
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `out` is 32 writable bytes; the store is unaligned.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), p) }
+}
+
+/// AVX2 version of [`super::scalar::quantize_row_q8_0`] (same bits).
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (q, amax) = quantize_block(xb);
+        b.d = f16::from_f32(amax / 127.0);
+        pack_store(q, &mut b.qs);
+    }
+}
+
+/// AVX2 version of [`super::scalar::quantize_row_q8_1`] (same bits).
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), out.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (q, amax) = quantize_block(xb);
+        let d = amax / 127.0;
+        b.d = f16::from_f32(d);
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b10_11_00_01>(s4));
+        b.s = f16::from_f32(d * _mm_cvtsi128_si32(s4) as f32);
+        pack_store(q, &mut b.qs);
+    }
+}
+
+/// f32 dot product in the order of [`super::scalar::vec_dot_f32`] (same bits).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n8 = x.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: `i + 8 <= n8 <= len` of both slices; loads are unaligned.
+        unsafe {
+            acc =
+                _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)), acc);
+        }
+        i += 8;
+    }
+    let mut s = hsum8(acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.mul_add(*b, s);
+    }
+    s
+}
+
+/// Loads eight f16 values as f32.
+///
+/// # Safety
+/// The CPU must support AVX and F16C; `p` must point to eight readable f16 values.
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn load_f16x8(p: *const f16) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+}
+
+/// f16 dot product in the order of [`super::scalar::vec_dot_f16`] (same bits).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n8 = x.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: `i + 8 <= n8 <= len` of both slices.
+        unsafe {
+            acc = _mm256_fmadd_ps(load_f16x8(x.as_ptr().add(i)), load_f16x8(y.as_ptr().add(i)), acc);
+        }
+        i += 8;
+    }
+    let mut s = hsum8(acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = f16_to_f32(*a).mul_add(f16_to_f32(*b), s);
+    }
+    s
+}
+
+/// f32 x f16 dot product in the order of [`super::scalar::dot_f32_f16`] (same bits).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32_f16(x: &[f32], y: &[f16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n8 = x.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: `i + 8 <= n8 <= len` of both slices.
+        unsafe {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load_f16x8(y.as_ptr().add(i)), acc);
+        }
+        i += 8;
+    }
+    let mut s = hsum8(acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.mul_add(f16_to_f32(*b), s);
+    }
+    s
+}
+
+/// `y += a * x` with `x` in f16 (same bits as [`super::scalar::axpy_f16`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    assert_eq!(x.len(), y.len());
+    let n8 = x.len() / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: `i + 8 <= n8 <= len` of both slices.
+        unsafe {
+            let p = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(av, load_f16x8(x.as_ptr().add(i)), _mm256_loadu_ps(p)));
+        }
+        i += 8;
+    }
+    for (o, v) in y[n8..].iter_mut().zip(&x[n8..]) {
+        *o = a.mul_add(f16_to_f32(*v), *o);
+    }
+}

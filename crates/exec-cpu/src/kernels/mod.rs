@@ -1,0 +1,232 @@
+//! Kernel selection: which instruction-set path runs, detected once per process.
+//!
+//! The path is chosen on first use from `is_x86_feature_detected!` and cached in a `OnceLock`; the environment
+//! variable `PINION_KERNELS` (`scalar`, `avx2` or `avx512`) can force a lower path for debugging. Every SIMD
+//! function is an `unsafe fn` with `#[target_feature]`, and the only calls to them are in `match` arms on a
+//! [`KernelPath`] that [`KernelPath::is_supported`] has confirmed, which is what makes those calls sound.
+//!
+//! aarch64 currently runs the scalar path: NEON kernels cannot be tested on the x86 machines pinion is built
+//! on today, and an untested kernel is worse than a slow one.
+
+use std::sync::OnceLock;
+
+use half::f16;
+use pinion_format::quant::{BlockQ8_0, BlockQ8_1};
+
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
+/// An instruction-set path of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KernelPath {
+    /// Portable Rust; the reference the others are tested against.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL + VNNI (plus AVX2, FMA, F16C).
+    Avx512,
+}
+
+impl KernelPath {
+    /// Every path, slowest first.
+    pub const ALL: [KernelPath; 3] = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512];
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        let f = detect();
+        match self {
+            KernelPath::Scalar => true,
+            KernelPath::Avx2 => f.avx2 && f.fma && f.f16c,
+            KernelPath::Avx512 => f.avx2 && f.fma && f.f16c && f.avx512 && f.avx512vnni,
+        }
+    }
+
+    /// Lower-case name (`scalar`, `avx2`, `avx512`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the CPU offers and which kernel path dispatch chose, for printing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CpuFeatures {
+    /// AVX2.
+    pub avx2: bool,
+    /// FMA3.
+    pub fma: bool,
+    /// F16C (f16 <-> f32 conversion).
+    pub f16c: bool,
+    /// AVX-512 F, BW and VL together.
+    pub avx512: bool,
+    /// AVX-512 VNNI (`vpdpbusd`).
+    pub avx512vnni: bool,
+    /// NEON (aarch64); detected but not used yet.
+    pub neon: bool,
+    /// The path the kernels run.
+    pub path: KernelPath,
+}
+
+impl std::fmt::Display for CpuFeatures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kernels: {} (avx2 {}, fma {}, f16c {}, avx512 {}, avx512vnni {}, neon {})",
+            self.path, self.avx2, self.fma, self.f16c, self.avx512, self.avx512vnni, self.neon
+        )
+    }
+}
+
+/// Raw CPU feature flags.
+#[derive(Clone, Copy, Default)]
+struct Flags {
+    avx2: bool,
+    fma: bool,
+    f16c: bool,
+    avx512: bool,
+    avx512vnni: bool,
+    neon: bool,
+}
+
+fn detect() -> Flags {
+    static FLAGS: OnceLock<Flags> = OnceLock::new();
+    *FLAGS.get_or_init(|| {
+        #[allow(unused_mut)]
+        let mut f = Flags::default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            f.avx2 = is_x86_feature_detected!("avx2");
+            f.fma = is_x86_feature_detected!("fma");
+            f.f16c = is_x86_feature_detected!("f16c");
+            f.avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            f.avx512vnni = is_x86_feature_detected!("avx512vnni");
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            f.neon = std::arch::is_aarch64_feature_detected!("neon");
+        }
+        f
+    })
+}
+
+/// The path the kernels run: the best supported one, or a lower one forced with `PINION_KERNELS`.
+pub(crate) fn chosen() -> KernelPath {
+    static CHOSEN: OnceLock<KernelPath> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let best = KernelPath::ALL.into_iter().rev().find(|p| p.is_supported()).unwrap_or(KernelPath::Scalar);
+        match std::env::var("PINION_KERNELS").ok().as_deref() {
+            Some(name) => {
+                KernelPath::ALL.into_iter().find(|p| p.name() == name && p.is_supported()).unwrap_or(best)
+            }
+            None => best,
+        }
+    })
+}
+
+/// What the CPU offers and which path dispatch chose.
+pub fn cpu_features() -> CpuFeatures {
+    let f = detect();
+    CpuFeatures {
+        avx2: f.avx2,
+        fma: f.fma,
+        f16c: f.f16c,
+        avx512: f.avx512,
+        avx512vnni: f.avx512vnni,
+        neon: f.neon,
+        path: chosen(),
+    }
+}
+
+/// Panics unless `path` can run here (forcing an unsupported path is a programming error).
+pub(crate) fn check(path: KernelPath) {
+    assert!(path.is_supported(), "kernel path {path} is not supported by this CPU");
+}
+
+/// Quantizes a row to Q8_0 (all paths give the same bits).
+pub(crate) fn quantize_q8_0(path: KernelPath, x: &[f32], out: &mut [BlockQ8_0]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2 and F16C.
+            unsafe { avx2::quantize_row_q8_0(x, out) }
+        }
+        _ => scalar::quantize_row_q8_0(x, out),
+    }
+}
+
+/// Quantizes a row to Q8_1 (all paths give the same bits).
+pub(crate) fn quantize_q8_1(path: KernelPath, x: &[f32], out: &mut [BlockQ8_1]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2 and F16C.
+            unsafe { avx2::quantize_row_q8_1(x, out) }
+        }
+        _ => scalar::quantize_row_q8_1(x, out),
+    }
+}
+
+/// f32 dot product (all paths give the same bits).
+pub(crate) fn vec_dot_f32(path: KernelPath, x: &[f32], y: &[f32]) -> f32 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2 and FMA.
+            unsafe { avx2::vec_dot_f32(x, y) }
+        }
+        _ => scalar::vec_dot_f32(x, y),
+    }
+}
+
+/// f16 dot product (all paths give the same bits).
+pub(crate) fn vec_dot_f16(path: KernelPath, x: &[f16], y: &[f16]) -> f32 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2, FMA and F16C.
+            unsafe { avx2::vec_dot_f16(x, y) }
+        }
+        _ => scalar::vec_dot_f16(x, y),
+    }
+}
+
+/// f32 x f16 dot product (all paths give the same bits).
+pub(crate) fn dot_f32_f16(path: KernelPath, x: &[f32], y: &[f16]) -> f32 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2, FMA and F16C.
+            unsafe { avx2::dot_f32_f16(x, y) }
+        }
+        _ => scalar::dot_f32_f16(x, y),
+    }
+}
+
+/// `y += a * x` with `x` in f16 (all paths give the same bits).
+pub(crate) fn axpy_f16(path: KernelPath, y: &mut [f32], a: f32, x: &[f16]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2, FMA and F16C.
+            unsafe { avx2::axpy_f16(y, a, x) }
+        }
+        _ => scalar::axpy_f16(y, a, x),
+    }
+}

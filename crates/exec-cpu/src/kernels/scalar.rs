@@ -1,0 +1,313 @@
+//! Portable scalar kernels: the fallback on every CPU and the reference every SIMD path is tested against.
+//!
+//! The 32-wide dot products do not use ggml's `_generic` summation order but emulate its x86 AVX2 one, so that
+//! every path here (scalar, AVX2, AVX-512) gives the same bits, and the same bits as llama.cpp's x86 build:
+//! the integer products of a block are summed into eight 32-bit lanes of four consecutive values each, each
+//! lane is converted to f32 and accumulated with a fused multiply-add by `d_x * d_y`, block after block, and the
+//! eight lanes are reduced at the end in the order of ggml's `hsum_float_8`. Likewise the activation quantizers
+//! follow ggml's x86 `quantize_row_q8_0/q8_1` (`id = 127 / amax`, round half to even), not the `_ref` ones
+//! (`id = 1 / d`, round half away from zero), which can differ by one quantum.
+//!
+//! The K-quant dot products follow ggml's `_generic` functions.
+
+use half::f16;
+use pinion_format::quant::{
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
+};
+
+/// Reduces eight lanes in the order of ggml's `hsum_float_8`.
+#[inline]
+pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
+    let t = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
+/// Max of |x| over a block, as the SIMD quantizers compute it.
+#[inline]
+fn amax(xb: &[f32]) -> f32 {
+    xb.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Quantizes `x` to Q8_0 blocks with the arithmetic of ggml's x86 `quantize_row_q8_0`.
+pub(crate) fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = amax(xb);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+    }
+}
+
+/// Quantizes `x` to Q8_1 blocks with the arithmetic of ggml's x86 `quantize_row_q8_1`.
+pub(crate) fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), out.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = amax(xb);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = f16::from_f32(d);
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.s = f16::from_f32(d * sum as f32);
+    }
+}
+
+/// Quantizes `x` to Q8_K blocks as ggml's `quantize_row_q8_K_ref` (which x86 uses too).
+pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * QK_K);
+    for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let mut max = 0.0f32;
+        let mut amax = 0.0f32;
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            b.d = 0.0;
+            b.qs = [0; QK_K];
+            b.bsums = [0; QK_K / 16];
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            // ggml's nearest_int rounds half to even.
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+/// The 32 weights of a 4-bit block in element order (low nibbles are elements 0..16, high ones 16..32).
+#[inline]
+fn nibbles(qs: &[u8; 16]) -> [i32; 32] {
+    let mut w = [0i32; 32];
+    for j in 0..16 {
+        w[j] = (qs[j] & 0x0F) as i32;
+        w[j + 16] = (qs[j] >> 4) as i32;
+    }
+    w
+}
+
+/// Integer dot products of a block, in the eight lanes of four values that ggml's AVX2 code produces.
+#[inline]
+fn lane_sums(w: &[i32; 32], y: &[i8; 32]) -> [i32; 8] {
+    let mut l = [0i32; 8];
+    for (i, s) in l.iter_mut().enumerate() {
+        *s = (0..4).map(|k| w[4 * i + k] * y[4 * i + k] as i32).sum();
+    }
+    l
+}
+
+#[inline]
+fn fma_lanes(acc: &mut [f32; 8], d: f32, lanes: &[i32; 8]) {
+    for (a, &s) in acc.iter_mut().zip(lanes) {
+        *a = d.mul_add(s as f32, *a);
+    }
+}
+
+/// Dot product of a Q4_0 row with a Q8_0 row.
+pub(crate) fn vec_dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    for (bx, by) in x.iter().zip(y) {
+        let d = bx.d.to_f32() * by.d.to_f32();
+        let mut w = nibbles(&bx.qs);
+        w.iter_mut().for_each(|v| *v -= 8);
+        fma_lanes(&mut acc, d, &lane_sums(&w, &by.qs));
+    }
+    hsum8(&acc)
+}
+
+/// Dot product of a Q4_1 row with a Q8_1 row.
+pub(crate) fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    let mut summs = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let d = bx.d.to_f32() * by.d.to_f32();
+        // ggml writes `summs += m * s`, which GCC contracts to a fused multiply-add on FMA targets.
+        summs = bx.m.to_f32().mul_add(by.s.to_f32(), summs);
+        fma_lanes(&mut acc, d, &lane_sums(&nibbles(&bx.qs), &by.qs));
+    }
+    hsum8(&acc) + summs
+}
+
+/// Dot product of a Q8_0 row with a Q8_0 row.
+pub(crate) fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    for (bx, by) in x.iter().zip(y) {
+        let d = bx.d.to_f32() * by.d.to_f32();
+        let w: [i32; 32] = std::array::from_fn(|k| bx.qs[k] as i32);
+        fma_lanes(&mut acc, d, &lane_sums(&w, &by.qs));
+    }
+    hsum8(&acc)
+}
+
+/// Dot product of f32 rows: eight lanes of fused multiply-adds over whole groups of eight, reduced as
+/// [`hsum8`], then the tail added one product at a time. The AVX2 kernel computes the same bits.
+pub(crate) fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    let n8 = x.len() / 8 * 8;
+    for (xc, yc) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = xc[l].mul_add(yc[l], acc[l]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.mul_add(*b, s);
+    }
+    s
+}
+
+/// Dot product of f16 rows (F16 weights meet activations rounded to f16, as ggml's `vec_dot_type` says),
+/// in the order of [`vec_dot_f32`].
+pub(crate) fn vec_dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    let n8 = x.len() / 8 * 8;
+    for (xc, yc) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = xc[l].to_f32().mul_add(yc[l].to_f32(), acc[l]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.to_f32().mul_add(b.to_f32(), s);
+    }
+    s
+}
+
+/// Dot product of an f32 row with an f16 row, for attention scores (K cache in f16).
+pub(crate) fn dot_f32_f16(x: &[f32], y: &[f16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    let n8 = x.len() / 8 * 8;
+    for (xc, yc) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = xc[l].mul_add(yc[l].to_f32(), acc[l]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.mul_add(b.to_f32(), s);
+    }
+    s
+}
+
+/// `y += a * x` with `x` in f16, for the attention value sum (V cache in f16).
+pub(crate) fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    assert_eq!(x.len(), y.len());
+    for (o, v) in y.iter_mut().zip(x) {
+        *o = a.mul_add(v.to_f32(), *o);
+    }
+}
+
+/// Unpacks the 6-bit scales and mins of a Q4_K block as ggml's `utmp` shuffle does: `(scales, mins)`.
+fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// Dot product of a Q4_K row with a Q8_K row, as ggml's `ggml_vec_dot_q4_K_q8_K_generic`.
+pub(crate) fn vec_dot_q4k_q8k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sums = [0.0f32; 8];
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let mut a = [0i8; QK_K];
+        for (j, q4) in bx.qs.chunks_exact(32).enumerate() {
+            for l in 0..32 {
+                a[64 * j + l] = (q4[l] & 0x0F) as i8;
+                a[64 * j + 32 + l] = (q4[l] >> 4) as i8;
+            }
+        }
+        let (scales, mins) = q4k_scales_mins(&bx.scales);
+        let sumi: i32 = (0..QK_K / 16).map(|j| by.bsums[j] as i32 * mins[j / 2] as i32).sum();
+        let mut aux32 = [0i32; 8];
+        for (j, &scale) in scales.iter().enumerate() {
+            let scale = scale as i32;
+            for k in 0..4 {
+                let o = 32 * j + 8 * k;
+                for l in 0..8 {
+                    let aux16 = (by.qs[o + l] as i16) * (a[o + l] as i16);
+                    aux32[l] += scale * aux16 as i32;
+                }
+            }
+        }
+        let d = bx.d.to_f32() * by.d;
+        for l in 0..8 {
+            sums[l] += d * aux32[l] as f32;
+        }
+        let dmin = bx.dmin.to_f32() * by.d;
+        sumf -= dmin * sumi as f32;
+    }
+    for s in sums {
+        sumf += s;
+    }
+    sumf
+}
+
+/// Dot product of a Q6_K row with a Q8_K row, as ggml's `ggml_vec_dot_q6_K_q8_K_generic`.
+pub(crate) fn vec_dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sums = [0.0f32; 8];
+    for (bx, by) in x.iter().zip(y) {
+        let mut a = [0i8; QK_K];
+        for half in 0..2 {
+            let q4 = &bx.ql[64 * half..];
+            let qh = &bx.qh[32 * half..];
+            let a = &mut a[128 * half..];
+            for l in 0..32 {
+                a[l] = ((q4[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
+                a[l + 32] = ((q4[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                a[l + 64] = ((q4[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                a[l + 96] = ((q4[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let mut aux32 = [0i32; 8];
+        for (j, &scale) in bx.scales.iter().enumerate() {
+            let scale = scale as i32;
+            for k in 0..2 {
+                let o = 16 * j + 8 * k;
+                for l in 0..8 {
+                    let aux16 = (by.qs[o + l] as i16) * (a[o + l] as i16);
+                    aux32[l] += scale * aux16 as i32;
+                }
+            }
+        }
+        let d = bx.d.to_f32() * by.d;
+        for l in 0..8 {
+            sums[l] += d * aux32[l] as f32;
+        }
+    }
+    let mut sumf = 0.0f32;
+    for s in sums {
+        sumf += s;
+    }
+    sumf
+}
