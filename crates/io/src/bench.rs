@@ -174,28 +174,36 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     };
     let (mut submitted_bytes, mut bytes, mut reads, mut in_flight) = (0u64, 0u64, 0u64, 0usize);
     let mut tag = 0u64;
-    while in_flight < cfg.queue_depth && !done(submitted_bytes) {
-        engine.submit(ReadRequest { offset: next_offset(), len: cfg.read_size, tag })?;
-        tag += 1;
-        in_flight += 1;
-        submitted_bytes += cfg.read_size as u64;
-    }
-    while in_flight > 0 {
-        let c = engine.completions().recv().map_err(|_| crate::error::SubmitError::Closed)?;
-        in_flight -= 1;
-        let buf = c.result?;
-        bytes += buf.len() as u64;
-        reads += 1;
-        drop(buf);
-        let stop = match cfg.limit {
-            Limit::Bytes(_) => done(submitted_bytes),
-            Limit::Time(_) => done(0),
-        };
-        if !stop {
-            engine.submit(ReadRequest { offset: next_offset(), len: cfg.read_size, tag })?;
+    let mut batch: Vec<ReadRequest> = Vec::with_capacity(cfg.queue_depth);
+    let mut stopped = false;
+    loop {
+        // Top the queue up to its depth in one batch (one wake-up of the submission thread).
+        batch.clear();
+        while !stopped && in_flight + batch.len() < cfg.queue_depth {
+            let stop = match cfg.limit {
+                Limit::Bytes(_) => done(submitted_bytes),
+                Limit::Time(_) => done(0),
+            };
+            if stop {
+                stopped = true;
+                break;
+            }
+            batch.push(ReadRequest { offset: next_offset(), len: cfg.read_size, tag });
             tag += 1;
-            in_flight += 1;
             submitted_bytes += cfg.read_size as u64;
+        }
+        engine.submit_batch(&batch)?;
+        in_flight += batch.len();
+        if in_flight == 0 {
+            break;
+        }
+        // Wait for one completion, then take whatever else has completed.
+        let first = engine.completions().recv().map_err(|_| crate::error::SubmitError::Closed)?;
+        for c in std::iter::once(first).chain(engine.completions().try_iter()) {
+            in_flight -= 1;
+            let buf = c.result?;
+            bytes += buf.len() as u64;
+            reads += 1;
         }
     }
     let elapsed = start.elapsed();

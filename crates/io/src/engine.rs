@@ -442,6 +442,7 @@ pub struct IoEngine {
     coalesce_limit: usize,
     max_read: usize,
     ops_tx: Option<Sender<ReadOp>>,
+    waker: Option<Arc<crate::uring::Waker>>,
     completions: Receiver<Completion>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -517,6 +518,7 @@ impl IoEngine {
 
         let mut backend = Backend::Pread;
         let mut threads = Vec::new();
+        let mut waker = None;
         if cfg.backend == BackendChoice::Pread {
             fallback.get_or_insert(FallbackReason::Requested);
         }
@@ -526,12 +528,14 @@ impl IoEngine {
                 None => crate::uring::setup(cfg.queue_depth),
             };
             match ring {
-                Ok(ring) => {
+                Ok((ring, w)) => {
                     let (sh, rx, tx, depth) =
                         (shared.clone(), ops_rx.clone(), done_tx.clone(), cfg.queue_depth);
+                    let wk = w.clone();
+                    waker = Some(w);
                     let t = std::thread::Builder::new()
                         .name("pinion-io-uring".into())
-                        .spawn(move || crate::uring::run(ring, sh, rx, tx, depth))
+                        .spawn(move || crate::uring::run(ring, sh, wk, rx, tx, depth))
                         .map_err(|source| OpenError::Spawn { source })?;
                     threads.push(t);
                     backend = Backend::IoUring;
@@ -565,6 +569,7 @@ impl IoEngine {
             coalesce_limit: cfg.coalesce_limit.min(max_read),
             max_read,
             ops_tx: Some(ops_tx),
+            waker,
             completions: done_rx,
             threads,
         })
@@ -649,6 +654,9 @@ impl IoEngine {
         let ops = plan_reads(reqs, self.coalesce_limit, Instant::now());
         for op in ops {
             tx.send(op).map_err(|_| SubmitError::Closed)?;
+        }
+        if let Some(w) = &self.waker {
+            w.notify();
         }
         self.shared.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         self.shared.stats.bytes_requested.fetch_add(bytes, Ordering::Relaxed);

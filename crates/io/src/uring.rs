@@ -7,9 +7,11 @@
 //! the remaining bytes.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{IoUring, Probe, opcode, types};
@@ -18,16 +20,76 @@ use crate::aligned::PoolBuf;
 use crate::engine::{Completion, ReadOp, Shared, Step};
 use crate::error::{FallbackReason, ReadErrorKind};
 
-/// Creates a ring of at least `depth` entries and checks that it supports reads.
-pub(crate) fn setup(depth: usize) -> Result<IoUring, FallbackReason> {
-    let ring = IoUring::new(depth as u32)
-        .map_err(|e| FallbackReason::IoUringSetup { errno: e.raw_os_error().unwrap_or(libc::ENOSYS) })?;
+/// `user_data` of the poll on the wake-up eventfd; read slots use their index, which is always smaller.
+const WAKE_TAG: u64 = u64::MAX;
+
+/// Wakes the submission thread when it sleeps in `io_uring_enter` waiting for completions and new requests
+/// arrive: the ring holds a poll on an eventfd, and submitters write to the eventfd only when the thread has said
+/// it is about to sleep, so a busy thread costs them no system call.
+pub(crate) struct Waker {
+    efd: File,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> std::io::Result<Waker> {
+        // SAFETY: `eventfd` has no memory-safety preconditions; it returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let efd = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Waker { efd, sleeping: AtomicBool::new(false) })
+    }
+
+    /// Called by submitters after queueing requests.
+    pub(crate) fn notify(&self) {
+        // Pairs with the fence in `run`: either the thread sees the new request before sleeping, or this sees
+        // `sleeping` and writes the eventfd, which completes the poll and wakes the thread.
+        fence(Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            // EAGAIN (counter saturated) means a wake-up is already pending.
+            let _ = (&self.efd).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = (&self.efd).read(&mut b);
+    }
+}
+
+/// Creates a ring with room for `depth` reads and the wake-up poll, and checks that it supports reads.
+pub(crate) fn setup(depth: usize) -> Result<(IoUring, Arc<Waker>), FallbackReason> {
+    let setup_err =
+        |e: std::io::Error| FallbackReason::IoUringSetup { errno: e.raw_os_error().unwrap_or(libc::ENOSYS) };
+    let ring = IoUring::new(depth as u32 + 1).map_err(setup_err)?;
     let mut probe = Probe::new();
     // Kernels without the probe interface (before 5.6) also lack IORING_OP_READ.
-    if ring.submitter().register_probe(&mut probe).is_err() || !probe.is_supported(opcode::Read::CODE) {
+    if ring.submitter().register_probe(&mut probe).is_err()
+        || !probe.is_supported(opcode::Read::CODE)
+        || !probe.is_supported(opcode::PollAdd::CODE)
+    {
         return Err(FallbackReason::ReadOpUnsupported);
     }
-    Ok(ring)
+    let waker = Waker::new().map_err(setup_err)?;
+    Ok((ring, Arc::new(waker)))
+}
+
+/// Arms the poll on the wake-up eventfd.
+fn arm_wake(ring: &mut IoUring, waker: &Waker) -> std::io::Result<()> {
+    let entry = opcode::PollAdd::new(types::Fd(waker.efd.as_raw_fd()), libc::POLLIN as u32)
+        .build()
+        .user_data(WAKE_TAG);
+    loop {
+        // SAFETY: A poll entry references no user memory; the eventfd lives in `waker`, which the thread holds
+        // for as long as the ring exists.
+        if unsafe { ring.submission().push(&entry) }.is_ok() {
+            return Ok(());
+        }
+        submit(ring, 0)?;
+    }
 }
 
 /// A read the kernel may be writing into. Its buffer must stay alive, and untouched, until the read's
@@ -77,15 +139,17 @@ fn submit(ring: &mut IoUring, want: usize) -> std::io::Result<()> {
 pub(crate) fn run(
     mut ring: IoUring,
     shared: Arc<Shared>,
+    waker: Arc<Waker>,
     rx: Receiver<ReadOp>,
     tx: Sender<Completion>,
     depth: usize,
 ) {
     let fd = types::Fd(shared.file.as_raw_fd());
+    let mut fatal = arm_wake(&mut ring, &waker).err();
     let mut slots: Vec<Option<Slot>> = (0..depth).map(|_| None).collect();
     let mut free: Vec<usize> = (0..depth).rev().collect();
     let mut pending: VecDeque<ReadOp> = VecDeque::new();
-    let mut cqes: Vec<(usize, i32)> = Vec::with_capacity(depth * 2);
+    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(depth * 2);
     let mut open = true;
     loop {
         // Gather requests, blocking only when there is nothing else to do.
@@ -111,7 +175,6 @@ pub(crate) fn run(
 
         // Fill free slots.
         let mut pool_blocked = false;
-        let mut fatal = None;
         while let (Some(&idx), Some(op)) = (free.last(), pending.front()) {
             let buf = match shared.pool.try_acquire(op.len) {
                 Ok(Some(b)) => b,
@@ -151,12 +214,19 @@ pub(crate) fn run(
             }
         }
 
-        if free.len() == depth {
-            continue;
-        }
-        let want = usize::from(pool_blocked || free.is_empty() || pending.is_empty() && rx.is_empty());
-        if fatal.is_none() {
+        if fatal.is_none() && free.len() < depth {
+            let mut want = 1;
+            if !pool_blocked && !free.is_empty() {
+                // Free slots and buffers: sleep only if no request is waiting, and announce it first (see
+                // `Waker`).
+                waker.sleeping.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if !pending.is_empty() || !rx.is_empty() {
+                    want = 0;
+                }
+            }
             fatal = submit(&mut ring, want).err();
+            waker.sleeping.store(false, Ordering::SeqCst);
         }
         if let Some(e) = fatal {
             // The ring is unusable. Fail every read it holds and leak their buffers: the kernel may still own
@@ -175,11 +245,22 @@ pub(crate) fn run(
             }
             return;
         }
+        if free.len() == depth {
+            continue;
+        }
 
         // Reap completions in the order the kernel posted them.
         cqes.clear();
-        cqes.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
-        for &(idx, res) in &cqes {
+        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(tag, res) in &cqes {
+            if tag == WAKE_TAG {
+                waker.drain();
+                if let Err(e) = arm_wake(&mut ring, &waker) {
+                    fatal = Some(e);
+                }
+                continue;
+            }
+            let idx = tag as usize;
             let slot = slots[idx].as_mut().expect("completion for an occupied slot");
             let at = slot.op.offset + slot.op.done as u64;
             match slot.op.advance(shared.faults.apply(at, i64::from(res)), &shared.stats) {
