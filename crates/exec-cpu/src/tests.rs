@@ -1,1 +1,550 @@
-//! Tests.
+//! Unit tests: SIMD paths against the scalar one (bit for bit), the scalar kernels against dequantize-then-f32
+//! references, and the other ops against direct f64 formulas.
+
+use half::f16;
+use pinion_format::GgmlType;
+use pinion_format::quant::{self, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, QK, QK_K};
+
+use crate::kernels::{self, KernelPath, scalar};
+use crate::{QMatrix, QuantizedActs, RopeMode};
+
+/// xorshift64*: deterministic, seedable, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Activation-like values: mostly small, some outliers, some exact zeros and ties.
+    fn acts(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| match self.below(20) {
+                0 => 0.0,
+                1 => self.f() * 40.0,
+                2 => (self.below(9) as f32 - 4.0) * 0.5,
+                _ => self.f() * 2.0,
+            })
+            .collect()
+    }
+}
+
+fn supported_simd_paths() -> Vec<KernelPath> {
+    KernelPath::ALL.into_iter().filter(|p| *p != KernelPath::Scalar && p.is_supported()).collect()
+}
+
+/// Owned, 8-byte aligned matrix bytes.
+struct Owned {
+    buf: Vec<u64>,
+    len: usize,
+}
+
+impl Owned {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+        Owned { buf, len: bytes.len() }
+    }
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.buf)[..self.len]
+    }
+}
+
+/// A random `n_rows x n_cols` weight matrix of type `ty`.
+fn random_weights(ty: GgmlType, n_rows: usize, n_cols: usize, rng: &mut Rng) -> Owned {
+    let n = n_rows * n_cols;
+    let vals: Vec<f32> = (0..n).map(|_| rng.f() * 0.5).collect();
+    let bytes: Vec<u8> = match ty {
+        GgmlType::F32 => bytemuck::cast_slice(&vals).to_vec(),
+        GgmlType::F16 => {
+            let h: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        }
+        GgmlType::Q4_0 => {
+            let mut b = vec![bytemuck::Zeroable::zeroed(); n / QK];
+            quant::quantize_row_q4_0(&vals, &mut b);
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q4_1 => {
+            let mut b = vec![bytemuck::Zeroable::zeroed(); n / QK];
+            quant::quantize_row_q4_1(&vals, &mut b);
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q8_0 => {
+            // Random bytes rather than quantized values, so that -128 (which ggml's quantizer never makes)
+            // is covered too.
+            let b: Vec<BlockQ8_0> = (0..n / QK)
+                .map(|_| BlockQ8_0 {
+                    d: f16::from_f32(rng.f().abs() * 0.01 + 1e-4),
+                    qs: std::array::from_fn(|_| rng.next_u64() as i8),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q4K => {
+            let b: Vec<BlockQ4K> = (0..n / QK_K)
+                .map(|_| BlockQ4K {
+                    d: f16::from_f32(rng.f().abs() * 0.01),
+                    dmin: f16::from_f32(rng.f().abs() * 0.01),
+                    scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                    qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q6K => {
+            let b: Vec<BlockQ6K> = (0..n / QK_K)
+                .map(|_| BlockQ6K {
+                    ql: std::array::from_fn(|_| rng.next_u64() as u8),
+                    qh: std::array::from_fn(|_| rng.next_u64() as u8),
+                    scales: std::array::from_fn(|_| rng.next_u64() as i8),
+                    d: f16::from_f32(rng.f().abs() * 0.01),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        _ => unreachable!(),
+    };
+    Owned::from_bytes(&bytes)
+}
+
+/// The activations a `QuantizedActs` holds, dequantized, plus the `m * s` magnitude scale for Q8_1.
+fn dequant_acts(a: &QuantizedActs) -> Vec<f32> {
+    let (n, k) = (a.n_rows(), a.n_cols());
+    let mut out = vec![0.0; n * k];
+    match a.ty().unwrap() {
+        GgmlType::F32 => out.copy_from_slice(&a.f32s),
+        GgmlType::F16 => out.iter_mut().zip(&a.f16s).for_each(|(o, h)| *o = h.to_f32()),
+        GgmlType::Q8_0 => quant::dequantize_row_q8_0(&a.q8_0, &mut out),
+        GgmlType::Q8_1 => quant::dequantize_row_q8_1(&a.q8_1, &mut out),
+        GgmlType::Q8K => {
+            for (b, y) in a.q8k.iter().zip(out.chunks_exact_mut(QK_K)) {
+                for (o, &q) in y.iter_mut().zip(&b.qs) {
+                    *o = q as f32 * b.d;
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+    out
+}
+
+const ALL_TYPES: [GgmlType; 7] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
+// === Activation quantizers ===
+
+#[test]
+fn simd_quantizers_match_scalar_bit_for_bit() {
+    let mut rng = Rng::new(1);
+    for path in supported_simd_paths() {
+        for n_blocks in [1, 2, 3, 18, 48] {
+            for _ in 0..50 {
+                let x = rng.acts(n_blocks * QK);
+                let mut a = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; QK] }; n_blocks];
+                let mut b = a.clone();
+                scalar::quantize_row_q8_0(&x, &mut a);
+                kernels::quantize_q8_0(path, &x, &mut b);
+                assert_eq!(a, b, "q8_0 {path}");
+                let mut a = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; QK] }; n_blocks];
+                let mut b = a.clone();
+                scalar::quantize_row_q8_1(&x, &mut a);
+                kernels::quantize_q8_1(path, &x, &mut b);
+                assert_eq!(a, b, "q8_1 {path}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantizers_are_within_one_quantum_of_ggml_ref() {
+    let mut rng = Rng::new(2);
+    let mut ties = 0;
+    for i in 0..200 {
+        let mut x = rng.acts(4 * QK);
+        if i == 0 {
+            // amax = 127 makes both scales 1: x = 0.5, 1.5, 2.5 are exact ties.
+            x[..4].copy_from_slice(&[127.0, 0.5, 1.5, 2.5]);
+            x[4..QK].fill(0.0);
+        }
+        let mut ours = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; QK] }; 4];
+        let mut refr = ours.clone();
+        scalar::quantize_row_q8_1(&x, &mut ours);
+        quant::quantize_row_q8_1(&x, &mut refr);
+        for (o, r) in ours.iter().zip(&refr) {
+            assert_eq!(o.d, r.d);
+            for (a, b) in o.qs.iter().zip(&r.qs) {
+                assert!((*a as i32 - *b as i32).abs() <= 1);
+                ties += (a != b) as usize;
+            }
+        }
+    }
+    // The inputs include exact halves, where round-half-even and round-half-away differ: make sure the test
+    // exercises the difference it documents.
+    assert!(ties > 0);
+}
+
+#[test]
+fn q8k_quantizer_round_trips() {
+    let mut rng = Rng::new(3);
+    let x = rng.acts(3 * QK_K);
+    let mut a = QuantizedActs::new();
+    a.quantize(GgmlType::Q4K, &x, QK_K);
+    let y = dequant_acts(&a);
+    for (blk, (xs, ys)) in a.q8k.iter().zip(x.chunks(QK_K).zip(y.chunks(QK_K))) {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (xv, yv) in xs.iter().zip(ys) {
+            assert!((xv - yv).abs() <= amax / 127.0 * 0.5001 + 1e-6);
+        }
+        for (j, s) in blk.bsums.iter().enumerate() {
+            assert_eq!(*s as i32, blk.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
+}
+
+#[test]
+fn batched_q8_1_keeps_block_sums_transposed() {
+    let mut rng = Rng::new(4);
+    let x = rng.acts(11 * 64);
+    let mut a = QuantizedActs::new();
+    a.quantize(GgmlType::Q4_1, &x, 64);
+    assert_eq!((a.n_rows(), a.t_pad()), (11, 16));
+    for t in 0..16 {
+        for b in 0..2 {
+            let want = if t < 11 { a.q8_1[t * 2 + b].s.to_f32() } else { 0.0 };
+            assert_eq!(a.q8_1_s[b * 16 + t], want);
+        }
+    }
+}
+
+// === Dot products ===
+
+/// Scalar kernel vs f32 dot of the dequantized operands, for every weight type.
+#[test]
+fn scalar_vec_dot_matches_dequantized_reference() {
+    let mut rng = Rng::new(5);
+    for ty in ALL_TYPES {
+        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        for n_blocks in [1, 2, 5, 9] {
+            let k = n_blocks * bl;
+            let w = random_weights(ty, 1, k, &mut rng);
+            let mut wf = vec![0.0; k];
+            quant::dequantize_row(ty, w.bytes(), &mut wf).unwrap();
+            let x = rng.acts(k);
+            let mut a = QuantizedActs::new();
+            a.quantize_with(KernelPath::Scalar, ty, &x, k);
+            let af = dequant_acts(&a);
+            let m = QMatrix::new(ty, 1, k, w.bytes()).unwrap();
+            let mut got = [0.0f32];
+            crate::matmul_rows_with(KernelPath::Scalar, &m, &a, 0, 1, &mut got);
+            let want: f64 = wf.iter().zip(&af).map(|(&p, &q)| p as f64 * q as f64).sum();
+            let mag: f64 = wf.iter().zip(&af).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
+            // Q4_1 uses s = f16(d * sum(q)) for the minimum term: allow for its rounding.
+            let s_err = if ty == GgmlType::Q4_1 {
+                let blocks: &[pinion_format::quant::BlockQ4_1] = quant::blocks(w.bytes()).unwrap();
+                blocks
+                    .iter()
+                    .zip(&a.q8_1)
+                    .map(|(b, y)| (b.m.to_f32() * y.s.to_f32()).abs() as f64 * 1e-3)
+                    .sum()
+            } else {
+                0.0
+            };
+            let tol = mag * 1e-5 + s_err + 1e-6;
+            assert!(
+                (got[0] as f64 - want).abs() <= tol,
+                "{ty} k={k}: got {} want {want} (tol {tol})",
+                got[0]
+            );
+        }
+    }
+}
+
+/// Every SIMD path gives exactly the scalar path's bits, over many shapes: odd row counts, batch sizes that
+/// leave partial tiles, and row sub-ranges.
+#[test]
+fn simd_matmul_matches_scalar_bit_for_bit() {
+    let mut rng = Rng::new(6);
+    for path in supported_simd_paths() {
+        for ty in ALL_TYPES {
+            let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+            for &(n_rows, n_blocks) in &[(1, 1), (3, 2), (8, 18), (13, 5), (37, 3), (64, 1)] {
+                let k = n_blocks * bl;
+                let w = random_weights(ty, n_rows, k, &mut rng);
+                let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+                for n_t in [1, 2, 3, 7, 8, 9, 17] {
+                    let x = rng.acts(n_t * k);
+                    let mut a = QuantizedActs::new();
+                    a.quantize_with(KernelPath::Scalar, ty, &x, k);
+                    let (r0, r1) = if n_rows > 4 { (1, n_rows - 2) } else { (0, n_rows) };
+                    for (lo, hi) in [(0, n_rows), (r0, r1)] {
+                        let mut want = vec![0.0; n_t * (hi - lo)];
+                        let mut got = vec![f32::NAN; n_t * (hi - lo)];
+                        crate::matmul_rows_with(KernelPath::Scalar, &m, &a, lo, hi, &mut want);
+                        crate::matmul_rows_with(path, &m, &a, lo, hi, &mut got);
+                        let same = want.iter().zip(&got).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(
+                            same,
+                            "{path} {ty} {n_rows}x{k} n_t={n_t} rows {lo}..{hi}:\n{want:?}\n{got:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The dispatched matmul against a naive f32 product of dequantized weights and dequantized activations,
+/// on a rayon pool of 2 threads (so the parallel split is exercised).
+#[test]
+fn matmul_matches_naive_reference() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut rng = Rng::new(7);
+    for ty in ALL_TYPES {
+        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        let (n_rows, k) = (131, 4 * bl);
+        let w = random_weights(ty, n_rows, k, &mut rng);
+        let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+        let mut wf = vec![0.0; n_rows * k];
+        for r in 0..n_rows {
+            quant::dequantize_row(ty, m.row(r), &mut wf[r * k..(r + 1) * k]).unwrap();
+        }
+        for n_t in [1, 5, 24] {
+            let x = rng.acts(n_t * k);
+            let mut a = QuantizedActs::new();
+            a.quantize(ty, &x, k);
+            let af = dequant_acts(&a);
+            let mut got = vec![0.0; n_t * n_rows];
+            pool.install(|| crate::matmul(&m, &a, &mut got));
+            for t in 0..n_t {
+                for r in 0..n_rows {
+                    let (wr, ar) = (&wf[r * k..(r + 1) * k], &af[t * k..(t + 1) * k]);
+                    let want: f64 = wr.iter().zip(ar).map(|(&p, &q)| p as f64 * q as f64).sum();
+                    let mag: f64 = wr.iter().zip(ar).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
+                    let got = got[t * n_rows + r] as f64;
+                    assert!((got - want).abs() <= mag * 2e-3 + 1e-5, "{ty} t={t} r={r}: {got} vs {want}");
+                }
+            }
+            // Parallel and single-threaded runs agree exactly.
+            let mut one = vec![0.0; n_t * n_rows];
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| crate::matmul(&m, &a, &mut one));
+            assert_eq!(got, one, "{ty}: thread count changed the result");
+        }
+    }
+}
+
+#[test]
+fn qmatrix_rejects_bad_shapes() {
+    let data = vec![0u64; 64];
+    let bytes = bytemuck::cast_slice::<u64, u8>(&data);
+    assert!(QMatrix::new(GgmlType::Q4_1, 2, 64, &bytes[..80]).is_ok());
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q4_1, 2, 64, &bytes[..70]),
+        Err(crate::ExecError::SizeMismatch { expected: 80, got: 70, .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q4_1, 2, 48, &bytes[..80]),
+        Err(crate::ExecError::RowNotBlockAligned { .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q8_1, 1, 32, &bytes[..36]),
+        Err(crate::ExecError::UnsupportedType { .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::F32, 1, 3, &bytes[1..13]),
+        Err(crate::ExecError::Misaligned { .. })
+    ));
+    let m = QMatrix::new(GgmlType::Q4_1, 2, 64, &bytes[..80]).unwrap();
+    assert_eq!(m.row(1).as_ptr(), bytes[40..].as_ptr());
+}
+
+// === Norms, RoPE, activations ===
+
+#[test]
+fn rms_norm_matches_formula() {
+    let mut rng = Rng::new(8);
+    let (n, rows) = (576, 3);
+    let x = rng.acts(n * rows);
+    let w: Vec<f32> = (0..n).map(|_| rng.f() + 1.0).collect();
+    let mut out = vec![0.0; n * rows];
+    crate::rms_norm(&x, &w, 1e-5, &mut out);
+    for r in 0..rows {
+        let xr = &x[r * n..(r + 1) * n];
+        let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+        let s = 1.0 / (ms + 1e-5).sqrt();
+        for i in 0..n {
+            let want = xr[i] as f64 * s * w[i] as f64;
+            assert!((out[r * n + i] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3));
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_formula() {
+    let mut rng = Rng::new(9);
+    for n in [1, 2, 7, 100] {
+        let x: Vec<f32> = (0..n).map(|_| rng.f() * 30.0).collect();
+        let mut y = x.clone();
+        crate::softmax(&mut y);
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (a, b) in x.iter().zip(&y) {
+            let want = (*a as f64 - max).exp() / sum;
+            assert!((*b as f64 - want).abs() <= 1e-6 + 1e-5 * want);
+        }
+    }
+    let mut empty: [f32; 0] = [];
+    crate::softmax(&mut empty);
+}
+
+#[test]
+fn rope_matches_direct_formula() {
+    let mut rng = Rng::new(10);
+    let (n_heads, head_dim) = (3, 64);
+    for mode in [RopeMode::Norm, RopeMode::Neox] {
+        for (n_rot, pos) in [(64, 0), (64, 1), (64, 511), (32, 77)] {
+            let x: Vec<f32> = (0..n_heads * head_dim).map(|_| rng.f()).collect();
+            let mut y = x.clone();
+            crate::rope(&mut y, n_heads, head_dim, n_rot, pos, 10000.0, mode);
+            for h in 0..n_heads {
+                let xh = &x[h * head_dim..(h + 1) * head_dim];
+                let yh = &y[h * head_dim..(h + 1) * head_dim];
+                for i in 0..n_rot / 2 {
+                    let theta = pos as f64 * 10000f64.powf(-2.0 * i as f64 / n_rot as f64);
+                    let (a, b) = match mode {
+                        RopeMode::Norm => (2 * i, 2 * i + 1),
+                        RopeMode::Neox => (i, i + n_rot / 2),
+                    };
+                    let (c, s) = (theta.cos(), theta.sin());
+                    let want_a = xh[a] as f64 * c - xh[b] as f64 * s;
+                    let want_b = xh[a] as f64 * s + xh[b] as f64 * c;
+                    // The iterated f32 theta drifts by a few ulp of theta per step.
+                    let tol = 1e-6 + 1e-5 * pos as f64;
+                    assert!((yh[a] as f64 - want_a).abs() <= tol, "{mode:?} pos {pos} i {i}");
+                    assert!((yh[b] as f64 - want_b).abs() <= tol, "{mode:?} pos {pos} i {i}");
+                }
+                assert_eq!(&yh[n_rot..], &xh[n_rot..], "dimensions past n_rot are untouched");
+            }
+        }
+    }
+}
+
+#[test]
+fn activations_match_formulas() {
+    for i in -200..=200 {
+        let x = i as f32 * 0.05;
+        let xd = x as f64;
+        assert!((crate::silu(x) as f64 - xd / (1.0 + (-xd).exp())).abs() <= 1e-6 * (1.0 + xd.abs()));
+        let g =
+            0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd)).tanh());
+        assert!((crate::gelu(x) as f64 - g).abs() <= 1e-6 * (1.0 + xd.abs()));
+        assert_eq!(crate::relu(x), x.max(0.0));
+    }
+    let mut g = vec![1.0, -2.0, 3.0];
+    crate::swiglu(&mut g, &[2.0, 2.0, 0.5]);
+    assert_eq!(g, vec![2.0 * crate::silu(1.0), 2.0 * crate::silu(-2.0), 0.5 * crate::silu(3.0)]);
+    let mut g = vec![1.0, -2.0];
+    crate::geglu(&mut g, &[2.0, 2.0]);
+    assert_eq!(g, vec![2.0 * crate::gelu(1.0), 2.0 * crate::gelu(-2.0)]);
+    let mut g = vec![1.0, -2.0];
+    crate::reglu(&mut g, &[2.0, 2.0]);
+    assert_eq!(g, vec![2.0, 0.0]);
+}
+
+// === Attention ===
+
+#[allow(clippy::too_many_arguments)]
+fn naive_attention(
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    hd: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+) -> Vec<f64> {
+    let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
+    let mut out = vec![0.0f64; n_tokens * qd];
+    for t in 0..n_tokens {
+        for h in 0..n_heads {
+            let g = h * n_kv_heads / n_heads;
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let n = first_pos + t + 1;
+            let s: Vec<f64> = (0..n)
+                .map(|j| {
+                    let kr = &k[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    qh.iter().zip(kr).map(|(&a, b)| a as f64 * b.to_f64()).sum::<f64>() * scale as f64
+                })
+                .collect();
+            let max = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (j, p) in e.iter().enumerate() {
+                for d in 0..hd {
+                    out[t * qd + h * hd + d] += p / sum * v[j * kvd + g * hd + d].to_f64();
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_naive_reference() {
+    let mut rng = Rng::new(11);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for &(n_heads, n_kv_heads, hd) in &[(9, 3, 64), (4, 4, 20), (6, 1, 8)] {
+        for &(n_tokens, first_pos) in &[(1, 0), (1, 13), (5, 0), (4, 9)] {
+            let n_ctx = first_pos + n_tokens + 3;
+            let kvd = n_kv_heads * hd;
+            let q: Vec<f32> = (0..n_tokens * n_heads * hd).map(|_| rng.f()).collect();
+            let k: Vec<f16> = (0..n_ctx * kvd).map(|_| f16::from_f32(rng.f() * 2.0)).collect();
+            // Rows past the causal limit hold huge values, so reading them would show.
+            let mut v: Vec<f16> = (0..n_ctx * kvd).map(|_| f16::from_f32(rng.f())).collect();
+            for x in &mut v[(first_pos + n_tokens) * kvd..] {
+                *x = f16::from_f32(1000.0);
+            }
+            let scale = 1.0 / (hd as f32).sqrt();
+            let want = naive_attention(&q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale);
+            for path in KernelPath::ALL.into_iter().filter(|p| p.is_supported()) {
+                let mut out = vec![0.0; q.len()];
+                pool.install(|| {
+                    crate::attention_with(
+                        path, &q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale, &mut out,
+                    )
+                });
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() <= 1e-5,
+                        "{path} heads {n_heads}/{n_kv_heads} t {n_tokens}@{first_pos} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
