@@ -1,0 +1,130 @@
+//! Unicode facts the pre-tokenizers need: per-codepoint category flags and GPT-2's byte-to-character mapping.
+//!
+//! llama.cpp classifies codepoints with a table generated from Python's `regex` module (`\p{L}`, `\p{N}`, `\p{P}`,
+//! `\s`). This module builds the same classification once per process from the `regex` crate's Unicode tables,
+//! so the two agree except where the Unicode versions behind them differ (newly assigned codepoints).
+//! Whitespace is the Unicode `White_Space` property, which is what both Python's `regex` `\s` and
+//! [`char::is_whitespace`] implement.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+/// The codepoint is a letter (`\p{L}`).
+pub(crate) const LETTER: u8 = 1 << 0;
+/// The codepoint is a number (`\p{N}`).
+pub(crate) const NUMBER: u8 = 1 << 1;
+/// The codepoint is punctuation (`\p{P}`).
+pub(crate) const PUNCT: u8 = 1 << 2;
+/// The codepoint is whitespace (`\s`, the `White_Space` property).
+pub(crate) const WHITESPACE: u8 = 1 << 3;
+
+/// Number of Unicode codepoints.
+const N_CODEPOINTS: usize = 0x11_0000;
+
+/// One byte of flags per codepoint, 1.1 MiB, built on first use and shared by every tokenizer.
+fn table() -> &'static [u8] {
+    static TABLE: OnceLock<Box<[u8]>> = OnceLock::new();
+    TABLE.get_or_init(build_table)
+}
+
+fn build_table() -> Box<[u8]> {
+    let mut flags = vec![0u8; N_CODEPOINTS].into_boxed_slice();
+    let mut all = String::with_capacity(4 * N_CODEPOINTS);
+    for c in (0..N_CODEPOINTS as u32).filter_map(char::from_u32) {
+        all.push(c);
+        if c.is_whitespace() {
+            flags[c as usize] |= WHITESPACE;
+        }
+    }
+    // Runs of each class are found with one pass of the regex engine over a string holding every codepoint,
+    // which is far faster than matching codepoints one at a time.
+    for (pattern, bit) in [(r"\p{L}+", LETTER), (r"\p{N}+", NUMBER), (r"\p{P}+", PUNCT)] {
+        let re = Regex::new(pattern).expect("constant Unicode class pattern compiles");
+        for m in re.find_iter(&all) {
+            for c in m.as_str().chars() {
+                flags[c as usize] |= bit;
+            }
+        }
+    }
+    flags
+}
+
+/// The category flags of `c`.
+#[inline]
+pub(crate) fn flags(c: char) -> u8 {
+    table()[c as usize]
+}
+
+/// Forces the table to be built now rather than on the first tokenization.
+pub(crate) fn warm_up() {
+    let _ = table();
+}
+
+/// GPT-2's `bytes_to_unicode`: every byte maps to a printable character, bytes that are printable in Latin-1 to
+/// themselves and the rest to U+0100 and up, in byte order.
+pub(crate) fn byte_to_char_table() -> [char; 256] {
+    let mut map = ['\0'; 256];
+    let mut printable = [false; 256];
+    for b in (0x21..=0x7E).chain(0xA1..=0xAC).chain(0xAE..=0xFF) {
+        printable[b] = true;
+    }
+    let mut n = 0u32;
+    for b in 0..256usize {
+        let cp = if printable[b] {
+            b as u32
+        } else {
+            n += 1;
+            255 + n
+        };
+        map[b] = char::from_u32(cp).expect("codepoints below 0x200 are valid");
+    }
+    map
+}
+
+/// The inverse of [`byte_to_char_table`]: the byte a character stands for, if it is one of the 256.
+pub(crate) fn char_to_byte(table: &[char; 256], c: char) -> Option<u8> {
+    // The mapping is monotone in two pieces, so a direct computation would do, but a search of 256 entries is
+    // simple and only runs when the token-to-piece cache is built.
+    table.iter().position(|&m| m == c).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_of_common_characters() {
+        assert_eq!(flags('a'), LETTER);
+        assert_eq!(flags('Ω'), LETTER);
+        assert_eq!(flags('日'), LETTER);
+        assert_eq!(flags('7'), NUMBER);
+        assert_eq!(flags('²'), NUMBER);
+        assert_eq!(flags('Ⅻ'), NUMBER);
+        assert_eq!(flags('!'), PUNCT);
+        assert_eq!(flags('«'), PUNCT);
+        assert_eq!(flags('$'), 0);
+        assert_eq!(flags('∑'), 0);
+        assert_eq!(flags(' '), WHITESPACE);
+        assert_eq!(flags('\u{a0}'), WHITESPACE);
+        assert_eq!(flags('\u{3000}'), WHITESPACE);
+        assert_eq!(flags('\u{1c}'), 0, "U+001C is not White_Space");
+        assert_eq!(flags('\u{301}'), 0, "combining marks are \\p{{M}}, not letters");
+    }
+
+    #[test]
+    fn gpt2_byte_mapping() {
+        let t = byte_to_char_table();
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+        assert_eq!(t[b'\t' as usize], 'ĉ');
+        assert_eq!(t[b'a' as usize], 'a');
+        assert_eq!(t[0], 'Ā');
+        assert_eq!(t[0xAD], 'Ń');
+        let mut seen = std::collections::HashSet::new();
+        for (b, &c) in t.iter().enumerate() {
+            assert!(seen.insert(c), "character {c:?} used twice");
+            assert_eq!(char_to_byte(&t, c), Some(b as u8));
+        }
+    }
+}
