@@ -1,2 +1,87 @@
-//! xtask.
-fn main() {}
+//! `cargo xtask`: pinion's auxiliary commands, the ones not expressible with plain `cargo`.
+//!
+//! This is the rust-analyzer pattern: a binary in the workspace, run through the alias in `.cargo/config.toml`,
+//! so that tooling is written in Rust, versioned with the code and needs nothing installed beyond the toolchain.
+//! Offline model work (fetch; later profile, train, pack, plan, synth) lives here as thin drivers over library
+//! functions; nothing depends on this crate.
+
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use pinion_runtime::registry;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "pinion's auxiliary commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch a known model (default smollm2-135m) into models/, checking its sha256.
+    Fetch {
+        #[arg(default_value = "smollm2-135m")]
+        name: String,
+    },
+    /// The whole test suite: fetch the test model, tidy, layering, then every test of the workspace.
+    Test {
+        /// Extra arguments for the test runner (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check source hygiene: every .rs file opens with `//!`, no #[should_panic] or #[ignore] tests.
+    Tidy,
+    /// Check that crates depend only on the crates below them (docs/architecture.md).
+    CheckLayering,
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root()?;
+    match Cli::parse().command {
+        Cmd::Fetch { name } => {
+            fetch(&name)?;
+        }
+        Cmd::Test { args } => test(&root, &args)?,
+        Cmd::Tidy => tidy::tidy(&root)?,
+        Cmd::CheckLayering => tidy::check_layering(&root)?,
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir.parent().context("xtask has no parent directory")?.to_path_buf())
+}
+
+fn fetch(name: &str) -> Result<PathBuf> {
+    let model = registry::known_model(name).with_context(|| format!("unknown model '{name}'"))?;
+    let path = registry::fetch(model, &registry::models_dir(), &mut |l| eprintln!("xtask fetch: {l}"))?;
+    Ok(path)
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    let model = fetch(registry::SMOLLM2_135M.name)?;
+    tidy::tidy(root)?;
+    tidy::check_layering(root)?;
+    let nextest =
+        Command::new("cargo").args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new("cargo");
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        eprintln!("xtask test: cargo-nextest not found, using cargo test");
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    cmd.args(extra).current_dir(root).env("PINION_REQUIRE_MODEL", "1").env("PINION_MODEL", &model);
+    eprintln!("xtask test: {cmd:?}");
+    let status = cmd.status().context("running cargo")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}

@@ -1,2 +1,552 @@
-//! The `pinion` binary.
-fn main() {}
+//! The `pinion` binary: run, chat, bench, perplexity and tokenize, with llama.cpp-like flags and output.
+//!
+//! Generated text goes to stdout; progress, timings and diagnostics go to stderr, so that stdout can be piped.
+//! Errors print one `error: ...` line and exit non-zero.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pinion_runtime::{
+    BenchTest, ChatMessage, Context, ContextParams, GenerateParams, Model, SamplerParams, StopReason,
+    registry,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "pinion", version, about = "Fast LLM inference for models larger than memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Chat interactively, using the model's chat template.
+    Chat(ChatArgs),
+    /// Measure prompt processing and generation speed the way llama-bench does.
+    Bench(BenchArgs),
+    /// Measure perplexity on a text file the way llama-perplexity does.
+    Perplexity(PerplexityArgs),
+    /// Print the tokens of a text.
+    Tokenize(TokenizeArgs),
+    /// Fetch a known model into the models directory.
+    Fetch {
+        /// Model name.
+        #[arg(default_value = "smollm2-135m")]
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Model file (GGUF). Default: the SmolLM2-135M model in models/, fetched if missing.
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Compute threads.
+    #[arg(short = 't', long = "threads", default_value_t = default_threads())]
+    threads: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temp: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    /// Top-p sampling (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p sampling (0.0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeated tokens (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Number of recent tokens the repetition penalty considers.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (default: from the clock).
+    #[arg(short = 's', long = "seed")]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplerParams {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        SamplerParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Number of tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Context size in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long = "ignore-eos")]
+    ignore_eos: bool,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Do not echo the prompt before the generated text.
+    #[arg(long = "no-display-prompt")]
+    no_display_prompt: bool,
+    /// Output format: text streams tokens; json prints one JSON object at the end.
+    #[arg(long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
+    output_format: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt.
+    #[arg(long = "system")]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n_predict: usize,
+    /// Context size in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt lengths to test (ppN).
+    #[arg(short = 'p', long = "n-prompt", default_value = "512", value_delimiter = ',')]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to test (tgN).
+    #[arg(short = 'n', long = "n-reply", default_value = "128", value_delimiter = ',')]
+    n_gen: Vec<usize>,
+    /// Repetitions of each test, after one warm-up run.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Output format: md prints a llama-bench table; json one object.
+    #[arg(short = 'o', long = "output-format", value_enum, default_value_t = BenchFormat::Md)]
+    output_format: BenchFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchFormat {
+    Md,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Context size (chunk length) in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
+    ctx_size: usize,
+    /// Score at most this many chunks.
+    #[arg(long = "chunks")]
+    chunks: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to tokenize.
+    #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the text from a file.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Print only the ids, on one line.
+    #[arg(long = "ids")]
+    ids: bool,
+    /// Add BOS/EOS as the model asks.
+    #[arg(long = "add-special")]
+    add_special: bool,
+    /// Treat special-token text (like `<|im_start|>`) as plain text.
+    #[arg(long = "no-parse-special")]
+    no_parse_special: bool,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Perplexity(a) => cmd_perplexity(a),
+        Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Fetch { name } => cmd_fetch(&name).map(|_| ()),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_fetch(name: &str) -> Result<PathBuf> {
+    let model = registry::known_model(name).with_context(|| {
+        let names: Vec<_> = registry::KNOWN_MODELS.iter().map(|m| m.name).collect();
+        format!("unknown model '{name}' (known: {})", names.join(", "))
+    })?;
+    Ok(registry::fetch(model, &registry::models_dir(), &mut |line| eprintln!("fetch: {line}"))?)
+}
+
+/// The model path: the one given, else the default, fetched if missing.
+fn resolve_model(arg: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg {
+        if !p.exists() {
+            bail!("model file {} not found", p.display());
+        }
+        return Ok(p.clone());
+    }
+    let p = registry::default_model_path();
+    if p.exists() {
+        return Ok(p);
+    }
+    eprintln!(
+        "pinion: default model {} is missing; fetching it (cargo xtask fetch smollm2-135m does the same)",
+        p.display()
+    );
+    cmd_fetch(registry::SMOLLM2_135M.name)
+}
+
+fn load(args: &ModelArgs) -> Result<Model> {
+    let path = resolve_model(&args.model)?;
+    let t = Instant::now();
+    let model = Model::load(&path)?;
+    let c = model.config();
+    eprintln!(
+        "pinion: loaded {} ({}, {} layers, d={}, {:.1} MiB) in {:.0} ms",
+        path.display(),
+        c.name.as_deref().unwrap_or(&c.arch),
+        c.n_layers,
+        c.d_model,
+        model.file_size() as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(model)
+}
+
+fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    match (prompt, file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))
+        }
+        (None, None) => bail!("no prompt: give -p TEXT or -f FILE"),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let prompt = read_prompt(&a.prompt, &a.file)?;
+    let model = load(&a.model)?;
+    let tok = model.tokenizer();
+    let prompt_tokens = tok.encode(&prompt, true, true);
+    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let params = GenerateParams {
+        n_predict: a.n_predict,
+        ignore_eos: a.ignore_eos,
+        stop: a.stop.clone(),
+        sampler: a.sampling.params(),
+    };
+    let json = a.output_format == OutputFormat::Json;
+    let mut stdout = std::io::stdout().lock();
+    if !json && !a.no_display_prompt {
+        write!(stdout, "{prompt}")?;
+        stdout.flush()?;
+    }
+    let result = pinion_runtime::generate(&mut ctx, &prompt_tokens, &params, &mut |text| {
+        if !json {
+            let _ = write!(stdout, "{text}");
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    let t = result.timings;
+    if json {
+        let obj = serde_json::json!({
+            "model": model.config().name,
+            "prompt": prompt,
+            "prompt_tokens": prompt_tokens,
+            "tokens": result.tokens,
+            "text": result.text,
+            "stop_reason": stop_reason_name(&result.stop_reason),
+            "timings": {
+                "prompt_n": t.prompt_tokens,
+                "prompt_ms": t.prompt.as_secs_f64() * 1e3,
+                "prompt_per_second": t.prompt_tps(),
+                "predicted_n": t.generated_tokens,
+                "predicted_ms": t.generation.as_secs_f64() * 1e3,
+                "predicted_per_second": t.generation_tps(),
+            },
+            "threads": a.model.threads,
+            "n_ctx": a.ctx_size,
+        });
+        writeln!(stdout, "{obj}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    eprintln!();
+    eprintln!(
+        "prompt eval: {:>5} tokens in {:>8.2} ms ({:>8.2} tokens/s)",
+        t.prompt_tokens,
+        t.prompt.as_secs_f64() * 1e3,
+        t.prompt_tps()
+    );
+    eprintln!(
+        "generation:  {:>5} tokens in {:>8.2} ms ({:>8.2} tokens/s), stop: {}",
+        t.generated_tokens,
+        t.generation.as_secs_f64() * 1e3,
+        t.generation_tps(),
+        stop_reason_name(&result.stop_reason)
+    );
+    Ok(())
+}
+
+fn stop_reason_name(r: &StopReason) -> &'static str {
+    match r {
+        StopReason::EndOfGeneration => "eog",
+        StopReason::Length => "length",
+        StopReason::StopString(_) => "stop_string",
+        StopReason::Cancelled => "cancelled",
+    }
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = model.tokenizer();
+    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+    }
+    // Tokens currently in the KV cache, to reuse the common prefix between turns.
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    eprintln!("pinion chat: type a message and press Enter; an empty line or Ctrl-D quits.");
+    loop {
+        write!(stdout, "\n> ")?;
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line.trim_end().to_string() });
+        let text = tok.apply_chat_template(&messages, true)?;
+        let all = tok.encode(&text, true, true);
+        let common = cached.iter().zip(&all).take_while(|(a, b)| a == b).count().min(all.len() - 1);
+        ctx.truncate(common);
+        cached.truncate(common);
+        let room = a.ctx_size.saturating_sub(all.len());
+        if room == 0 {
+            bail!("the conversation ({} tokens) no longer fits the context of {}", all.len(), a.ctx_size);
+        }
+        let params = GenerateParams {
+            n_predict: a.n_predict.min(room),
+            ignore_eos: false,
+            stop: Vec::new(),
+            sampler: a.sampling.params(),
+        };
+        let reply = pinion_runtime::generate(&mut ctx, &all[common..], &params, &mut |t| {
+            let _ = write!(stdout, "{t}");
+            let _ = stdout.flush();
+            true
+        })?;
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s]",
+            reply.timings.generated_tokens,
+            reply.timings.generation_tps()
+        );
+        cached = all;
+        cached.extend(&reply.tokens);
+        // The KV cache holds the last sampled token only if it was fed back; keep the two in step.
+        ctx.truncate(cached.len() - 1);
+        cached.pop();
+        messages.push(ChatMessage { role: "assistant".into(), content: reply.text });
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let mut tests: Vec<BenchTest> =
+        a.n_prompt.iter().filter(|&&n| n > 0).map(|&n| BenchTest::Prompt(n)).collect();
+    tests.extend(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| BenchTest::Generate(n)));
+    let n_ctx = tests.iter().map(|t| match *t {
+        BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
+    });
+    let n_ctx = n_ctx.max().unwrap_or(512);
+    let mut ctx = Context::new(&model, ContextParams::new(n_ctx, a.model.threads))?;
+    let c = model.config();
+    let size = format!("{:.2} MiB", model.file_size() as f64 / (1 << 20) as f64);
+    let params = format!("{:.2} M", model.n_params() as f64 / 1e6);
+    let name = format!("{} {}", c.arch, c.name.as_deref().unwrap_or(""));
+    let mut results = Vec::new();
+    if a.output_format == BenchFormat::Md {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    }
+    for test in tests {
+        let r = pinion_runtime::run_bench(&mut ctx, test, a.repetitions.max(1))?;
+        if a.output_format == BenchFormat::Md {
+            println!(
+                "| {} | {size} | {params} | CPU | {} | {} | {:.2} ± {:.2} |",
+                name.trim(),
+                a.model.threads,
+                r.test,
+                r.mean(),
+                r.stdev()
+            );
+        }
+        results.push(r);
+    }
+    if a.output_format == BenchFormat::Json {
+        let tests: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "test": r.test.to_string(), "mean_tps": r.mean(), "stdev_tps": r.stdev(),
+                    "median_tps": r.median(), "samples_tps": r.samples_tps,
+                })
+            })
+            .collect();
+        let tg = results.iter().rev().find(|r| matches!(r.test, BenchTest::Generate(_)));
+        let obj = serde_json::json!({
+            "model": name.trim(), "model_size_bytes": model.file_size(), "threads": a.model.threads,
+            "tokens_per_s": tg.map(|r| r.mean()),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "tests": tests,
+        });
+        println!("{obj}");
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), if the platform reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let model = load(&a.model)?;
+    let tok = model.tokenizer();
+    let t = Instant::now();
+    let tokens = tok.encode(&text, true, false);
+    eprintln!(
+        "perplexity: tokenized {} in {:.0} ms: {} tokens",
+        a.file.display(),
+        t.elapsed().as_secs_f64() * 1e3,
+        tokens.len()
+    );
+    if tokens.len() < 2 * a.ctx_size {
+        bail!(
+            "{} has {} tokens; perplexity needs at least 2 * n_ctx = {} (lower -c)",
+            a.file.display(),
+            tokens.len(),
+            2 * a.ctx_size
+        );
+    }
+    let n_chunks = a.chunks.map_or(tokens.len() / a.ctx_size, |c| c.min(tokens.len() / a.ctx_size));
+    eprintln!("perplexity: calculating perplexity over {n_chunks} chunks, n_ctx={}", a.ctx_size);
+    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let t = Instant::now();
+    let mut stderr = std::io::stderr().lock();
+    let stats = pinion_runtime::perplexity(&mut ctx, &tokens, bos, a.chunks, &mut |s, _| {
+        if s.n_chunks == 1 {
+            let per_chunk = t.elapsed().as_secs_f64();
+            let _ = writeln!(
+                stderr,
+                "perplexity: {:.2} seconds per pass - ETA {:.1} minutes",
+                per_chunk,
+                per_chunk * n_chunks as f64 / 60.0
+            );
+        }
+        let _ = write!(stderr, "[{}]{:.4},", s.n_chunks, s.ppl());
+        let _ = stderr.flush();
+        true
+    })?;
+    eprintln!();
+    println!("Final estimate: PPL = {:.4} ± {:.5}", stats.ppl(), stats.ppl_error());
+    eprintln!(
+        "perplexity: {} chunks, {} tokens scored, {:.1} s",
+        stats.n_chunks,
+        stats.count,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = read_prompt(&a.prompt, &a.file)?;
+    let model = load(&a.model)?;
+    let tok = model.tokenizer();
+    let ids = tok.encode(&text, a.add_special, !a.no_parse_special);
+    let mut out = std::io::stdout().lock();
+    if a.ids {
+        let s: Vec<String> = ids.iter().map(u32::to_string).collect();
+        writeln!(out, "[{}]", s.join(", "))?;
+    } else {
+        for id in ids {
+            writeln!(out, "{id:>6} -> '{}'", String::from_utf8_lossy(tok.token_to_piece(id, true)))?;
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,28 @@
-//! pinion-runtime (being built).
+//! The pinion runtime: turns a model file into text. It assembles a llama-style model from a memory-mapped GGUF
+//! file ([`Model`]), holds one sequence's KV cache and scratch buffers ([`Context`], the main type), runs the
+//! forward pass on the CPU kernels of `pinion-exec-cpu`, samples tokens ([`Sampler`]) and drives generation
+//! ([`generate`]), perplexity ([`perplexity()`]) and llama-bench-style speed tests ([`run_bench`]).
+//!
+//! This crate does not parse files (that is `pinion-format`), hold kernels (`pinion-exec-cpu`) or touch the
+//! terminal: the `pinion` binary does the printing. It is the only crate that schedules threads.
+#![deny(unsafe_code)]
+
+mod bench;
+mod config;
+mod context;
+mod error;
+mod generate;
+mod model;
+mod perplexity;
+pub mod registry;
+mod sampler;
+
+pub use crate::bench::{BenchResult, BenchTest, run_bench};
+pub use crate::config::ModelConfig;
+pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits};
+pub use crate::error::RuntimeError;
+pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
+pub use crate::model::Model;
+pub use crate::perplexity::{PerplexityStats, perplexity};
+pub use crate::sampler::{Sampler, SamplerParams, argmax};
+pub use pinion_tokenizer::{ChatMessage, Tokenizer};

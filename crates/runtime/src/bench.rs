@@ -1,0 +1,106 @@
+//! Speed measurement the way `llama-bench` does it: `ppN` evaluates N prompt tokens in one batch from an empty
+//! cache, `tgN` generates N tokens one at a time; each test runs once to warm up and then `repetitions` times.
+
+use std::time::Instant;
+
+use crate::context::{Context, Logits};
+use crate::error::RuntimeError;
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchTest {
+    /// Prompt processing of N tokens in one batch.
+    Prompt(usize),
+    /// Generation of N tokens, one per forward pass.
+    Generate(usize),
+}
+
+impl std::fmt::Display for BenchTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchTest::Prompt(n) => write!(f, "pp{n}"),
+            BenchTest::Generate(n) => write!(f, "tg{n}"),
+        }
+    }
+}
+
+/// The result of one test: tokens per second of each repetition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchResult {
+    pub test: BenchTest,
+    pub samples_tps: Vec<f64>,
+}
+
+impl BenchResult {
+    /// Mean tokens per second.
+    pub fn mean(&self) -> f64 {
+        self.samples_tps.iter().sum::<f64>() / self.samples_tps.len().max(1) as f64
+    }
+
+    /// Sample standard deviation of tokens per second.
+    pub fn stdev(&self) -> f64 {
+        let n = self.samples_tps.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        (self.samples_tps.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64).sqrt()
+    }
+
+    /// Median tokens per second.
+    pub fn median(&self) -> f64 {
+        let mut v = self.samples_tps.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+}
+
+/// Runs `test` once to warm up, then `repetitions` times, on a context of at least the test's size.
+///
+/// Token ids are drawn deterministically from the vocabulary (as llama-bench uses random tokens).
+pub fn run_bench(
+    ctx: &mut Context<'_>,
+    test: BenchTest,
+    repetitions: usize,
+) -> Result<BenchResult, RuntimeError> {
+    let n_vocab = ctx.model().config().n_vocab as u64;
+    let n = match test {
+        BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
+    };
+    if n == 0 || n > ctx.n_ctx() {
+        return Err(RuntimeError::ContextOverflow { prompt: 0, generate: n, n_ctx: ctx.n_ctx() });
+    }
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let tokens: Vec<u32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n_vocab) as u32
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(repetitions);
+    for rep in 0..=repetitions {
+        ctx.truncate(0);
+        let t = Instant::now();
+        match test {
+            BenchTest::Prompt(_) => {
+                ctx.eval(&tokens, Logits::Last)?;
+            }
+            BenchTest::Generate(_) => {
+                for &tok in &tokens {
+                    ctx.eval(&[tok], Logits::Last)?;
+                }
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if rep > 0 {
+            samples.push(n as f64 / secs);
+        }
+    }
+    Ok(BenchResult { test, samples_tps: samples })
+}

@@ -1,0 +1,302 @@
+//! The inference context: KV cache, scratch buffers, thread pool, and the dense forward pass.
+
+use half::f16;
+use pinion_exec_cpu::{self as exec, QuantizedActs, RopeMode};
+
+use crate::error::RuntimeError;
+use crate::model::Model;
+
+/// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
+pub const DEFAULT_UBATCH: usize = 512;
+
+/// Settings of a [`Context`].
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    /// Context size in tokens (KV cache rows).
+    pub n_ctx: usize,
+    /// Compute threads.
+    pub n_threads: usize,
+    /// Most tokens per forward pass; longer inputs are split.
+    pub n_ubatch: usize,
+}
+
+impl ContextParams {
+    /// Settings for a context of `n_ctx` tokens on `n_threads` threads, with the default batch size.
+    pub fn new(n_ctx: usize, n_threads: usize) -> ContextParams {
+        ContextParams { n_ctx, n_threads, n_ubatch: DEFAULT_UBATCH }
+    }
+}
+
+/// What [`Context::eval`] returns logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token of the input (generation).
+    Last,
+    /// Every token of the input (perplexity).
+    All,
+}
+
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: QuantizedActs,
+    logits: Vec<f32>,
+}
+
+/// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
+///
+/// All buffers are allocated when the context is made; evaluating tokens allocates nothing (except the
+/// all-token logits buffer, which grows once to its largest size).
+pub struct Context<'m> {
+    model: &'m Model,
+    params: ContextParams,
+    k_cache: Vec<Vec<f16>>,
+    v_cache: Vec<Vec<f16>>,
+    n_past: usize,
+    scratch: Scratch,
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("params", &self.params).field("n_past", &self.n_past).finish()
+    }
+}
+
+impl<'m> Context<'m> {
+    /// Makes a context for `model`.
+    pub fn new(model: &'m Model, params: ContextParams) -> Result<Context<'m>, RuntimeError> {
+        let c = model.config();
+        if params.n_ctx == 0 {
+            return Err(RuntimeError::BadContextSize { n_ctx: 0, why: "it must be at least 1".into() });
+        }
+        if params.n_ctx > c.n_ctx_train.max(1 << 16) {
+            return Err(RuntimeError::BadContextSize {
+                n_ctx: params.n_ctx,
+                why: format!("the model was trained for {} tokens", c.n_ctx_train),
+            });
+        }
+        if params.n_threads == 0 {
+            return Err(RuntimeError::Threads { n: 0, why: "need at least one".into() });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(params.n_threads)
+            .thread_name(|i| format!("pinion-compute-{i}"))
+            .build()
+            .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
+        let ub = params.n_ubatch.clamp(1, params.n_ctx);
+        let params = ContextParams { n_ubatch: ub, ..params };
+        let kv = params.n_ctx * c.kv_dim();
+        let d = c.d_model;
+        let qd = c.n_heads * c.head_dim;
+        let scratch = Scratch {
+            x: vec![0.0; ub * d],
+            xn: vec![0.0; ub * d.max(qd)],
+            q: vec![0.0; ub * qd],
+            k: vec![0.0; ub * c.kv_dim()],
+            v: vec![0.0; ub * c.kv_dim()],
+            attn: vec![0.0; ub * qd],
+            tmp: vec![0.0; ub * d],
+            gate: vec![0.0; ub * c.n_ff],
+            up: vec![0.0; ub * c.n_ff],
+            acts: QuantizedActs::new(),
+            logits: vec![0.0; c.n_vocab],
+        };
+        Ok(Context {
+            model,
+            // Zeroed allocations: pages are only backed by memory once the cache reaches them, so a large
+            // context costs memory only as it fills.
+            k_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
+            v_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
+            params,
+            n_past: 0,
+            scratch,
+            pool,
+        })
+    }
+
+    /// The model this context runs.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The context size in tokens.
+    pub fn n_ctx(&self) -> usize {
+        self.params.n_ctx
+    }
+
+    /// Number of compute threads.
+    pub fn n_threads(&self) -> usize {
+        self.params.n_threads
+    }
+
+    /// Number of tokens in the KV cache.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Forgets all tokens after the first `n` (keeps the KV rows before them).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Evaluates `tokens` at positions `n_past..` and returns logits: the last token's (`n_vocab` values) or all
+    /// tokens' (`tokens.len() * n_vocab` values, token-major).
+    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32], RuntimeError> {
+        let n_vocab = self.model.config().n_vocab;
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if self.n_past + tokens.len() > self.params.n_ctx {
+            return Err(RuntimeError::ContextOverflow {
+                prompt: self.n_past,
+                generate: tokens.len(),
+                n_ctx: self.params.n_ctx,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(RuntimeError::BadToken { id, n_vocab });
+        }
+        if which == Logits::All {
+            self.scratch.logits.resize(tokens.len() * n_vocab, 0.0);
+        }
+        let ub = self.params.n_ubatch;
+        let n_chunks = tokens.len().div_ceil(ub);
+        for (i, chunk) in tokens.chunks(ub).enumerate() {
+            let out_offset = i * ub * n_vocab;
+            let want = match which {
+                Logits::All => Some(out_offset),
+                Logits::Last if i + 1 == n_chunks => Some(0),
+                Logits::Last => None,
+            };
+            let pool = &self.pool;
+            let model = self.model;
+            let (scratch, k_cache, v_cache, n_past) =
+                (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
+            pool.install(|| forward(model, scratch, k_cache, v_cache, chunk, n_past, which, want))?;
+            self.n_past += chunk.len();
+        }
+        Ok(match which {
+            Logits::All => &self.scratch.logits[..tokens.len() * n_vocab],
+            Logits::Last => &self.scratch.logits[..n_vocab],
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    model: &Model,
+    s: &mut Scratch,
+    k_cache: &mut [Vec<f16>],
+    v_cache: &mut [Vec<f16>],
+    tokens: &[u32],
+    n_past: usize,
+    which: Logits,
+    logits_offset: Option<usize>,
+) -> Result<(), RuntimeError> {
+    let c = model.config();
+    let n = tokens.len();
+    let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
+    let x = &mut s.x[..n * d];
+    for (t, &tok) in tokens.iter().enumerate() {
+        model.embed(tok, &mut x[t * d..(t + 1) * d])?;
+    }
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    for (l, layer) in model.layers.iter().enumerate() {
+        // Attention.
+        let xn = &mut s.xn[..n * d];
+        for t in 0..n {
+            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
+        }
+        let (wq, wk, wv) = (model.matrix(&layer.wq), model.matrix(&layer.wk), model.matrix(&layer.wv));
+        s.acts.quantize(wq.ty, xn, d);
+        exec::matmul(&wq, &s.acts, &mut s.q[..n * qd]);
+        if wk.ty != wq.ty {
+            s.acts.quantize(wk.ty, xn, d);
+        }
+        exec::matmul(&wk, &s.acts, &mut s.k[..n * kvd]);
+        if wv.ty != wk.ty {
+            s.acts.quantize(wv.ty, xn, d);
+        }
+        exec::matmul(&wv, &s.acts, &mut s.v[..n * kvd]);
+        for t in 0..n {
+            let pos = n_past + t;
+            let q = &mut s.q[t * qd..(t + 1) * qd];
+            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
+            let k = &mut s.k[t * kvd..(t + 1) * kvd];
+            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
+            let kc = &mut k_cache[l][pos * kvd..(pos + 1) * kvd];
+            for (dst, &src) in kc.iter_mut().zip(k.iter()) {
+                *dst = f16::from_f32(src);
+            }
+            let vc = &mut v_cache[l][pos * kvd..(pos + 1) * kvd];
+            for (dst, &src) in vc.iter_mut().zip(&s.v[t * kvd..(t + 1) * kvd]) {
+                *dst = f16::from_f32(src);
+            }
+        }
+        let attn = &mut s.attn[..n * qd];
+        exec::attention(
+            &s.q[..n * qd],
+            n,
+            n_past,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            &k_cache[l],
+            &v_cache[l],
+            scale,
+            attn,
+        );
+        let wo = model.matrix(&layer.wo);
+        s.acts.quantize(wo.ty, attn, qd);
+        exec::matmul(&wo, &s.acts, &mut s.tmp[..n * d]);
+        add_assign(x, &s.tmp[..n * d]);
+
+        // Feed-forward.
+        let xn = &mut s.xn[..n * d];
+        for t in 0..n {
+            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
+        }
+        let (wg, wu, wd) =
+            (model.matrix(&layer.w_gate), model.matrix(&layer.w_up), model.matrix(&layer.w_down));
+        s.acts.quantize(wg.ty, xn, d);
+        exec::matmul(&wg, &s.acts, &mut s.gate[..n * ff]);
+        if wu.ty != wg.ty {
+            s.acts.quantize(wu.ty, xn, d);
+        }
+        exec::matmul(&wu, &s.acts, &mut s.up[..n * ff]);
+        exec::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
+        exec::matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
+        add_assign(x, &s.tmp[..n * d]);
+    }
+
+    // Output head, only for the rows whose logits are wanted.
+    let Some(offset) = logits_offset else { return Ok(()) };
+    let rows = match which {
+        Logits::All => 0..n,
+        Logits::Last => n - 1..n,
+    };
+    let n_out = rows.len();
+    let xn = &mut s.xn[..n_out * d];
+    for (i, t) in rows.enumerate() {
+        exec::rms_norm(&x[t * d..(t + 1) * d], &model.output_norm, c.rms_eps, &mut xn[i * d..(i + 1) * d]);
+    }
+    let wout = model.matrix(&model.output);
+    s.acts.quantize(wout.ty, xn, d);
+    exec::matmul(&wout, &s.acts, &mut s.logits[offset..offset + n_out * c.n_vocab]);
+    Ok(())
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

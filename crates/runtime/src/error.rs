@@ -1,0 +1,40 @@
+//! The error type of `pinion-runtime`.
+
+use std::path::PathBuf;
+
+/// What can go wrong loading a model or generating with it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error("model file {path} not found{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
+    ModelNotFound { path: PathBuf, hint: Option<String> },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: pinion_format::FormatError },
+    #[error(transparent)]
+    Metadata(#[from] pinion_format::FormatError),
+    #[error("architecture '{arch}' is not supported (pinion runs llama-style models)")]
+    UnsupportedArchitecture { arch: String },
+    #[error("bad hyper-parameter {key} = {value}")]
+    BadHyperParameter { key: String, value: String },
+    #[error("tensor '{name}': {why}")]
+    BadTensor { name: String, why: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] pinion_tokenizer::TokenizerError),
+    #[error(
+        "context overflow: {prompt} prompt tokens + {generate} to generate = {} > context size {n_ctx} (raise -c or shorten the prompt)",
+        prompt + generate
+    )]
+    ContextOverflow { prompt: usize, generate: usize, n_ctx: usize },
+    #[error("context size {n_ctx} is invalid: {why}")]
+    BadContextSize { n_ctx: usize, why: String },
+    #[error("token id {id} is outside the vocabulary of {n_vocab}")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("cannot start {n} threads: {why}")]
+    Threads { n: usize, why: String },
+    #[error("fetching model '{name}': {why}")]
+    Fetch { name: String, why: String },
+}
