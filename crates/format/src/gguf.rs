@@ -23,27 +23,110 @@ pub const MAX_KV: u64 = 1 << 16;
 pub const MAX_STRING_LEN: u64 = 1 << 24;
 /// Most elements in one metadata array.
 pub const MAX_ARRAY_LEN: u64 = 1 << 24;
-/// Deepest nesting of metadata arrays.
+/// Deepest nesting of metadata arrays: an array may hold arrays down to this many levels in total.
 pub const MAX_ARRAY_DEPTH: u32 = 4;
 /// Most dimensions of a tensor.
 pub const MAX_DIMS: u32 = 4;
+/// Largest accepted `general.alignment`.
+pub const MAX_ALIGNMENT: u64 = 1 << 20;
+/// The metadata key that sets the data section's alignment. Its value must be a [`Value::U32`], as llama.cpp
+/// requires.
+pub const ALIGNMENT_KEY: &str = "general.alignment";
+
+/// Fewest bytes one metadata entry takes: an empty key (8), a type (4) and a one-byte value.
+const MIN_KV_BYTES: u64 = 13;
+/// Fewest bytes one tensor directory entry takes: an empty name (8), `n_dims` (4), one dimension (8), the
+/// type (4) and the offset (8).
+const MIN_TENSOR_BYTES: u64 = 32;
 
 /// A metadata value.
+///
+/// Values compare with `==` as their Rust types do, so a NaN float is not equal to itself.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// GGUF type 0.
     U8(u8),
+    /// GGUF type 1.
     I8(i8),
+    /// GGUF type 2.
     U16(u16),
+    /// GGUF type 3.
     I16(i16),
+    /// GGUF type 4.
     U32(u32),
+    /// GGUF type 5.
     I32(i32),
+    /// GGUF type 6.
     F32(f32),
+    /// GGUF type 7, one byte; any non-zero byte reads as `true`.
     Bool(bool),
+    /// GGUF type 8, UTF-8 with a u64 length.
     String(String),
+    /// GGUF type 9: an element type, a u64 count and the elements, which all have the element type.
     Array(Vec<Value>),
+    /// GGUF type 10.
     U64(u64),
+    /// GGUF type 11.
     I64(i64),
+    /// GGUF type 12.
     F64(f64),
+}
+
+/// The fewest bytes a value of GGUF type `id` takes in a file, or `None` if `id` is not a GGUF type.
+pub(crate) fn min_value_bytes(id: u32) -> Option<u64> {
+    Some(match id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        // An array's element type (4) and count (8).
+        9 => 12,
+        _ => return None,
+    })
+}
+
+/// The data section alignment a `general.alignment` value sets.
+pub(crate) fn alignment_from(value: &Value) -> Result<u64, FormatError> {
+    match *value {
+        Value::U32(a) => {
+            let a = a as u64;
+            if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                return Err(FormatError::BadAlignment { alignment: a });
+            }
+            Ok(a)
+        }
+        ref v => Err(FormatError::WrongValueType {
+            key: ALIGNMENT_KEY.to_string(),
+            expected: "u32",
+            found: v.type_name(),
+        }),
+    }
+}
+
+/// The number of data bytes of a tensor of type `ty` with dimensions `dims`, or why such a tensor is invalid.
+///
+/// pinion accepts 1 to [`MAX_DIMS`] dimensions, rows that are whole blocks, at least one value, and sizes that
+/// fit in a u64; the reader and the writer share this rule so that whatever one accepts the other does too.
+pub(crate) fn tensor_n_bytes(ty: GgmlType, dims: &[u64]) -> Result<u64, &'static str> {
+    if dims.is_empty() {
+        return Err("a tensor needs at least one dimension");
+    }
+    if dims.len() > MAX_DIMS as usize {
+        return Err("a tensor has at most 4 dimensions");
+    }
+    if dims[0] % ty.block_len() as u64 != 0 {
+        return Err("the row length (dims[0]) is not a multiple of the type's block length");
+    }
+    let n_elements = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or("the number of values overflows a u64")?;
+    if n_elements == 0 {
+        return Err("the dimensions hold no values");
+    }
+    (n_elements / ty.block_len() as u64)
+        .checked_mul(ty.block_bytes() as u64)
+        .ok_or("the size in bytes overflows a u64")
 }
 
 impl Value {
@@ -114,35 +197,70 @@ impl Value {
     }
 }
 
+macro_rules! value_from {
+    ($($t:ty => $v:ident),* $(,)?) => {
+        $(
+            impl From<$t> for Value {
+                fn from(x: $t) -> Value {
+                    Value::$v(x)
+                }
+            }
+        )*
+    };
+}
+
+value_from!(
+    u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32, f32 => F32, bool => Bool,
+    String => String, u64 => U64, i64 => I64, f64 => F64,
+);
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Value {
+        Value::String(s.to_string())
+    }
+}
+
+impl<T: Into<Value>> From<Vec<T>> for Value {
+    fn from(v: Vec<T>) -> Value {
+        Value::Array(v.into_iter().map(Into::into).collect())
+    }
+}
+
 /// One entry of the tensor directory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// Dimensions, innermost (row length, ggml's `ne[0]`) first.
     pub dims: Vec<u64>,
+    /// Element type.
     pub ty: GgmlType,
     /// Offset of the data relative to the start of the data section.
     pub offset: u64,
 }
 
 impl TensorInfo {
-    /// Number of values in the tensor.
+    /// Number of values in the tensor (saturating at `u64::MAX`; a parsed tensor never gets near it).
     pub fn n_elements(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 
-    /// Number of bytes the tensor's data takes.
+    /// Number of bytes the tensor's data takes (saturating at `u64::MAX`).
     pub fn n_bytes(&self) -> u64 {
-        self.n_elements() / self.ty.block_len() as u64 * self.ty.block_bytes() as u64
+        (self.n_elements() / self.ty.block_len() as u64).saturating_mul(self.ty.block_bytes() as u64)
     }
 }
 
 /// A borrowed view of one tensor: its type, shape and raw bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
+    /// The tensor's name.
     pub name: &'a str,
+    /// Element type.
     pub ty: GgmlType,
+    /// Dimensions, `ne[0]` first.
     pub dims: &'a [u64],
+    /// The tensor's raw data, exactly [`TensorInfo::n_bytes`] long.
     pub data: &'a [u8],
 }
 
@@ -163,6 +281,10 @@ impl<'a> TensorView<'a> {
     }
 
     /// The raw bytes of row `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= self.n_rows()`.
     pub fn row(&self, i: usize) -> &'a [u8] {
         let rb = self.row_bytes();
         &self.data[i * rb..(i + 1) * rb]
@@ -175,9 +297,9 @@ pub struct Gguf<'a> {
     bytes: &'a [u8],
     /// The file's GGUF version (2 or 3).
     pub version: u32,
-    /// Metadata in file order.
+    /// Metadata in file order. Keys are unique and non-empty.
     pub metadata: Vec<(String, Value)>,
-    /// Tensor directory in file order.
+    /// Tensor directory in file order. Names are unique.
     pub tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     meta_index: HashMap<String, usize>,
@@ -193,17 +315,31 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    fn offset(&self) -> u64 {
+        self.pos as u64
+    }
+
+    fn left(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    fn file_len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// How many of `n` items of at least `min_bytes` each the rest of the file can hold: the most capacity
+    /// worth reserving for them.
+    fn max_items(&self, n: u64, min_bytes: u64) -> usize {
+        n.min(self.left() / min_bytes) as usize
+    }
+
     fn take(&mut self, n: u64) -> Result<&'a [u8], FormatError> {
-        let file_len = self.bytes.len() as u64;
-        let end = (self.pos as u64).checked_add(n).filter(|&e| e <= file_len);
-        match end {
-            Some(end) => {
-                let s = &self.bytes[self.pos..end as usize];
-                self.pos = end as usize;
-                Ok(s)
-            }
-            None => Err(FormatError::Truncated { offset: self.pos as u64, need: n, file_len }),
+        if n > self.left() {
+            return Err(FormatError::Truncated { offset: self.offset(), need: n, file_len: self.file_len() });
         }
+        let s = &self.bytes[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
@@ -227,7 +363,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn count(&mut self, what: &'static str, cap: u64) -> Result<u64, FormatError> {
-        let offset = self.pos as u64;
+        let offset = self.offset();
         let n = self.u64()?;
         if n > cap {
             return Err(FormatError::TooMany { what, count: n, cap, offset });
@@ -237,13 +373,16 @@ impl<'a> Cursor<'a> {
 
     fn string(&mut self) -> Result<String, FormatError> {
         let len = self.count("string length", MAX_STRING_LEN)?;
-        let offset = self.pos as u64;
+        let offset = self.offset();
         let s = self.take(len)?;
-        String::from_utf8(s.to_vec()).map_err(|_| FormatError::BadUtf8 { offset })
+        match std::str::from_utf8(s) {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => Err(FormatError::BadUtf8 { offset }),
+        }
     }
 
-    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, FormatError> {
-        let offset = self.pos as u64;
+    /// Reads a value of type `ty`, whose type id was read at `ty_offset`, nested in `depth` arrays.
+    fn value(&mut self, ty: u32, ty_offset: u64, depth: u32) -> Result<Value, FormatError> {
         Ok(match ty {
             0 => Value::U8(self.u8()?),
             1 => Value::I8(self.u8()? as i8),
@@ -260,31 +399,35 @@ impl<'a> Cursor<'a> {
                         what: "array nesting depth",
                         count: depth as u64 + 1,
                         cap: MAX_ARRAY_DEPTH as u64,
-                        offset,
+                        offset: self.offset(),
                     });
                 }
+                let elem_offset = self.offset();
                 let elem_ty = self.u32()?;
+                // Checked even for an empty array, as llama.cpp does.
+                let min_bytes = min_value_bytes(elem_ty)
+                    .ok_or(FormatError::UnknownValueType { id: elem_ty, offset: elem_offset })?;
                 let n = self.count("array length", MAX_ARRAY_LEN)?;
-                // Each element takes at least one byte: a count beyond the bytes left is corrupt, and checking
-                // it here keeps a crafted count from reserving memory the file cannot back.
-                let left = (self.bytes.len() - self.pos) as u64;
-                if n > left {
+                // Each element takes at least `min_bytes`: a count beyond what the rest of the file can hold is
+                // corrupt, and checking it here keeps a crafted count from reserving memory the file cannot back.
+                let need = n * min_bytes;
+                if need > self.left() {
                     return Err(FormatError::Truncated {
-                        offset: self.pos as u64,
-                        need: n,
-                        file_len: self.bytes.len() as u64,
+                        offset: self.offset(),
+                        need,
+                        file_len: self.file_len(),
                     });
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    v.push(self.value(elem_ty, depth + 1)?);
+                    v.push(self.value(elem_ty, elem_offset, depth + 1)?);
                 }
                 Value::Array(v)
             }
             10 => Value::U64(self.u64()?),
             11 => Value::I64(self.u64()? as i64),
             12 => Value::F64(f64::from_bits(self.u64()?)),
-            id => return Err(FormatError::UnknownValueType { id, offset }),
+            id => return Err(FormatError::UnknownValueType { id, offset: ty_offset }),
         })
     }
 }
@@ -292,7 +435,15 @@ impl<'a> Cursor<'a> {
 impl<'a> Gguf<'a> {
     /// Parses the header, metadata and tensor directory of a GGUF file held in `bytes`.
     ///
-    /// Tensor data is not touched beyond checking that every tensor lies inside `bytes`.
+    /// Tensor data is not touched beyond checking that every tensor lies inside `bytes`. The file is untrusted:
+    /// any content gives either a `Gguf` or a [`FormatError`] naming the offset of the problem, never a panic,
+    /// and memory reserved while parsing is bounded by a small multiple of `bytes.len()`.
+    ///
+    /// Besides the GGUF format itself, this enforces what llama.cpp's `gguf.cpp` does (unique, non-empty keys;
+    /// unique tensor names; `general.alignment` a power-of-two u32; at most 4 dimensions; whole blocks per row)
+    /// plus pinion's caps (`MAX_*`). It is more lenient than llama.cpp in two ways: tensor names may be longer
+    /// than 63 bytes, and tensor data need not be packed in directory order. It is stricter in one: a tensor
+    /// must hold at least one value.
     pub fn parse(bytes: &'a [u8]) -> Result<Gguf<'a>, FormatError> {
         let file_len = bytes.len() as u64;
         let mut c = Cursor { bytes, pos: 0 };
@@ -307,32 +458,49 @@ impl<'a> Gguf<'a> {
         let n_tensors = c.count("tensor count", MAX_TENSORS)?;
         let n_kv = c.count("metadata count", MAX_KV)?;
 
-        let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut meta_index = HashMap::with_capacity(n_kv as usize);
+        let cap = c.max_items(n_kv, MIN_KV_BYTES);
+        let mut metadata = Vec::with_capacity(cap);
+        let mut meta_index = HashMap::with_capacity(cap);
         for _ in 0..n_kv {
+            let key_offset = c.offset();
             let key = c.string()?;
+            if key.is_empty() {
+                return Err(FormatError::EmptyKey { offset: key_offset });
+            }
+            if meta_index.contains_key(&key) {
+                return Err(FormatError::DuplicateKey { key, offset: key_offset });
+            }
+            let ty_offset = c.offset();
             let ty = c.u32()?;
-            let value = c.value(ty, 0)?;
+            let value = c.value(ty, ty_offset, 0)?;
             meta_index.insert(key.clone(), metadata.len());
             metadata.push((key, value));
         }
 
-        let alignment = match meta_index.get("general.alignment") {
-            Some(&i) => metadata[i].1.as_u64().unwrap_or(0),
+        let alignment = match meta_index.get(ALIGNMENT_KEY) {
+            Some(&i) => alignment_from(&metadata[i].1)?,
             None => DEFAULT_ALIGNMENT,
         };
-        if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
-            return Err(FormatError::BadAlignment { alignment });
-        }
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut index = HashMap::with_capacity(n_tensors as usize);
+        let cap = c.max_items(n_tensors, MIN_TENSOR_BYTES);
+        let mut tensors = Vec::with_capacity(cap);
+        let mut index = HashMap::with_capacity(cap);
         for _ in 0..n_tensors {
-            let entry_offset = c.pos as u64;
+            let entry_offset = c.offset();
             let name = c.string()?;
-            let n_dims_offset = c.pos as u64;
+            if index.contains_key(&name) {
+                return Err(FormatError::DuplicateTensor { name, offset: entry_offset });
+            }
+            let n_dims_offset = c.offset();
             let n_dims = c.u32()?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
+            if n_dims == 0 {
+                return Err(FormatError::BadTensorShape {
+                    name,
+                    offset: entry_offset,
+                    why: "it has no dimensions".to_string(),
+                });
+            }
+            if n_dims > MAX_DIMS {
                 return Err(FormatError::TooMany {
                     what: "tensor dimension count",
                     count: n_dims as u64,
@@ -344,48 +512,32 @@ impl<'a> Gguf<'a> {
             for _ in 0..n_dims {
                 dims.push(c.u64()?);
             }
-            let ty_offset = c.pos as u64;
+            let ty_offset = c.offset();
             let ty_id = c.u32()?;
-            let ty = GgmlType::from_id(ty_id).ok_or_else(|| FormatError::UnknownTensorType {
-                name: name.clone(),
-                id: ty_id,
-                offset: ty_offset,
-            })?;
+            let Some(ty) = GgmlType::from_id(ty_id) else {
+                return Err(FormatError::UnknownTensorType { name, id: ty_id, offset: ty_offset });
+            };
             let offset = c.u64()?;
-            let bad_shape =
-                |why: String| FormatError::BadTensorShape { name: name.clone(), offset: entry_offset, why };
-            let n_elements = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|&n| n <= file_len.saturating_mul(8))
-                .ok_or_else(|| {
-                    bad_shape(format!("dimensions {dims:?} hold more values than the file can"))
-                })?;
-            if dims[0] % ty.block_len() as u64 != 0 {
-                return Err(bad_shape(format!(
-                    "row length {} is not a multiple of {ty}'s block of {}",
-                    dims[0],
-                    ty.block_len()
-                )));
-            }
-            if n_elements == 0 {
-                return Err(bad_shape(format!("dimensions {dims:?} hold no values")));
+            if let Err(why) = tensor_n_bytes(ty, &dims) {
+                let why = format!("{why} (type {ty}, dimensions {dims:?})");
+                return Err(FormatError::BadTensorShape { name, offset: entry_offset, why });
             }
             if offset % alignment != 0 {
-                return Err(bad_shape(format!("data offset {offset} is not aligned to {alignment}")));
+                let why = format!("data offset {offset} is not aligned to {alignment}");
+                return Err(FormatError::BadTensorShape { name, offset: entry_offset, why });
             }
-            if index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(FormatError::DuplicateTensor { name, offset: entry_offset });
-            }
+            index.insert(name.clone(), tensors.len());
             tensors.push(TensorInfo { name, dims, ty, offset });
         }
 
-        let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+        // The data section starts at the next multiple of the alignment. With no tensors the padding may be
+        // absent, as llama.cpp allows.
+        let data_offset = c.offset().div_ceil(alignment) * alignment;
         for t in &tensors {
             let start = data_offset.checked_add(t.offset);
             let end = start.and_then(|s| s.checked_add(t.n_bytes()));
-            match (start, end) {
-                (Some(start), Some(end)) if end <= file_len => {}
+            match end {
+                Some(end) if end <= file_len => {}
                 _ => {
                     return Err(FormatError::TensorOutOfBounds {
                         name: t.name.clone(),
@@ -519,15 +671,27 @@ impl<'a> Gguf<'a> {
 
     /// The directory entry of a tensor, if present.
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        self.index.get(name).and_then(|&i| self.tensors.get(i))
     }
 
     /// A borrowed view of a tensor's data.
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, FormatError> {
         let t =
             self.tensor_info(name).ok_or_else(|| FormatError::MissingTensor { name: name.to_string() })?;
-        let start = (self.data_offset + t.offset) as usize;
-        let end = start + t.n_bytes() as usize;
-        Ok(TensorView { name: &t.name, ty: t.ty, dims: &t.dims, data: &self.bytes[start..end] })
+        Ok(TensorView { name: &t.name, ty: t.ty, dims: &t.dims, data: self.tensor_data(t)? })
+    }
+
+    /// The raw data of a tensor of this file's directory.
+    ///
+    /// `parse` checked every tensor's bounds; checking again here keeps a caller who edits the public
+    /// `tensors` field from turning a bad entry into a panic.
+    pub fn tensor_data(&self, t: &TensorInfo) -> Result<&'a [u8], FormatError> {
+        let file_len = self.bytes.len() as u64;
+        let start = self.data_offset.saturating_add(t.offset);
+        let end = start.saturating_add(t.n_bytes());
+        if end > file_len {
+            return Err(FormatError::TensorOutOfBounds { name: t.name.clone(), start, end, file_len });
+        }
+        Ok(&self.bytes[start as usize..end as usize])
     }
 }

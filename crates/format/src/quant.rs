@@ -4,6 +4,8 @@
 //! in a GGUF file can be viewed as a slice of blocks without copying (see [`blocks`]). The arithmetic of the
 //! quantizers follows ggml's `quantize_row_*_ref` so that a row quantized here matches llama.cpp's.
 
+use std::borrow::Cow;
+
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
@@ -18,15 +20,25 @@ pub const QK_K: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum GgmlType {
+    /// 32-bit float (id 0).
     F32,
+    /// IEEE half float (id 1).
     F16,
+    /// [`BlockQ4_0`] (id 2).
     Q4_0,
+    /// [`BlockQ4_1`] (id 3).
     Q4_1,
+    /// [`BlockQ8_0`] (id 8).
     Q8_0,
+    /// [`BlockQ8_1`] (id 9).
     Q8_1,
+    /// [`BlockQ4K`] (id 12).
     Q4K,
+    /// [`BlockQ6K`] (id 14).
     Q6K,
+    /// [`BlockQ8K`] (id 15).
     Q8K,
+    /// bfloat16 (id 30).
     BF16,
 }
 
@@ -125,6 +137,7 @@ impl std::fmt::Display for GgmlType {
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ4_0 {
+    /// Scale.
     pub d: f16,
     /// Low nibbles hold values 0..16, high nibbles values 16..32.
     pub qs: [u8; QK / 2],
@@ -135,8 +148,11 @@ const _: () = assert!(size_of::<BlockQ4_0>() == 18);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ4_1 {
+    /// Scale.
     pub d: f16,
+    /// Minimum (offset).
     pub m: f16,
+    /// Low nibbles hold values 0..16, high nibbles values 16..32.
     pub qs: [u8; QK / 2],
 }
 const _: () = assert!(size_of::<BlockQ4_1>() == 20);
@@ -145,7 +161,9 @@ const _: () = assert!(size_of::<BlockQ4_1>() == 20);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ8_0 {
+    /// Scale.
     pub d: f16,
+    /// Quantized values.
     pub qs: [i8; QK],
 }
 const _: () = assert!(size_of::<BlockQ8_0>() == 34);
@@ -154,8 +172,11 @@ const _: () = assert!(size_of::<BlockQ8_0>() == 34);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ8_1 {
+    /// Scale.
     pub d: f16,
+    /// `d * sum(qs)`.
     pub s: f16,
+    /// Quantized values.
     pub qs: [i8; QK],
 }
 const _: () = assert!(size_of::<BlockQ8_1>() == 36);
@@ -164,9 +185,13 @@ const _: () = assert!(size_of::<BlockQ8_1>() == 36);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ4K {
+    /// Super-block scale of the sub-block scales.
     pub d: f16,
+    /// Super-block scale of the sub-block minimums.
     pub dmin: f16,
+    /// Eight 6-bit scales and eight 6-bit minimums, packed as ggml's `get_scale_min_k4` reads them.
     pub scales: [u8; 12],
+    /// 4-bit values: each 32 bytes hold 64 values, low nibbles first.
     pub qs: [u8; QK_K / 2],
 }
 const _: () = assert!(size_of::<BlockQ4K>() == 144);
@@ -175,9 +200,13 @@ const _: () = assert!(size_of::<BlockQ4K>() == 144);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ6K {
+    /// Low 4 bits of the values.
     pub ql: [u8; QK_K / 2],
+    /// High 2 bits of the values.
     pub qh: [u8; QK_K / 4],
+    /// Signed 8-bit scales of the 16 sub-blocks.
     pub scales: [i8; QK_K / 16],
+    /// Super-block scale.
     pub d: f16,
 }
 const _: () = assert!(size_of::<BlockQ6K>() == 210);
@@ -186,8 +215,11 @@ const _: () = assert!(size_of::<BlockQ6K>() == 210);
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
 pub struct BlockQ8K {
+    /// Scale.
     pub d: f32,
+    /// Quantized values.
     pub qs: [i8; QK_K],
+    /// Sums of each 16 consecutive `qs`.
     pub bsums: [i16; QK_K / 16],
 }
 const _: () = assert!(size_of::<BlockQ8K>() == 292);
@@ -378,9 +410,19 @@ pub fn dequantize_row_q6k(blocks: &[BlockQ6K], out: &mut [f32]) {
     }
 }
 
+/// Dequantizes Q8_K blocks into `out`, as ggml's `dequantize_row_q8_K`.
+pub fn dequantize_row_q8k(blocks: &[BlockQ8K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q8k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        for (o, &q) in y.iter_mut().zip(&b.qs) {
+            *o = b.d * q as f32;
+        }
+    }
+}
+
 /// Dequantizes one row of raw tensor bytes of type `ty` into `out`.
 ///
-/// `bytes` must hold exactly `out.len()` values of `ty`.
+/// `bytes` must hold exactly `out.len()` values of `ty`, else this returns an error; it need not be aligned.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     let need = ty.row_bytes(out.len())?;
     if bytes.len() != need {
@@ -406,20 +448,23 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
                 *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        GgmlType::Q4_0 => dequantize_row_q4_0(blocks(bytes)?, out),
-        GgmlType::Q4_1 => dequantize_row_q4_1(blocks(bytes)?, out),
-        GgmlType::Q8_0 => dequantize_row_q8_0(blocks(bytes)?, out),
-        GgmlType::Q8_1 => dequantize_row_q8_1(blocks(bytes)?, out),
-        GgmlType::Q4K => dequantize_row_q4k(blocks(bytes)?, out),
-        GgmlType::Q6K => dequantize_row_q6k(blocks(bytes)?, out),
-        GgmlType::Q8K => {
-            let bs: &[BlockQ8K] = blocks(bytes)?;
-            for (b, y) in bs.iter().zip(out.chunks_exact_mut(QK_K)) {
-                for (o, &q) in y.iter_mut().zip(&b.qs) {
-                    *o = q as f32 * b.d;
-                }
-            }
-        }
+        GgmlType::Q4_0 => dequantize_row_q4_0(&blocks_or_copy(bytes), out),
+        GgmlType::Q4_1 => dequantize_row_q4_1(&blocks_or_copy(bytes), out),
+        GgmlType::Q8_0 => dequantize_row_q8_0(&blocks_or_copy(bytes), out),
+        GgmlType::Q8_1 => dequantize_row_q8_1(&blocks_or_copy(bytes), out),
+        GgmlType::Q4K => dequantize_row_q4k(&blocks_or_copy(bytes), out),
+        GgmlType::Q6K => dequantize_row_q6k(&blocks_or_copy(bytes), out),
+        GgmlType::Q8K => dequantize_row_q8k(&blocks_or_copy(bytes), out),
     }
     Ok(())
+}
+
+/// `bytes` (a whole number of blocks) as blocks: borrowed when aligned for `B`, else copied into an aligned
+/// buffer. Tensor data inside a mapped GGUF file is aligned, but a row handed over from elsewhere (a `Vec<u8>`,
+/// an `include_bytes!`, an odd offset) need not be.
+fn blocks_or_copy<B: Pod>(bytes: &[u8]) -> Cow<'_, [B]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(b) => Cow::Borrowed(b),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
 }

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Writes the reference fixtures of pinion-format's tests from gguf-py, an implementation independent of ours.
+
+Run from anywhere:  python3 crates/format/tests/data/gen_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+Needs `pip install gguf numpy` (checked with gguf 0.17, numpy 2.x). Output, next to this script:
+
+- dequant_<type>.bin / dequant_<type>.f32: deterministic pseudo-random blocks (sane f16 scales, random quant
+  bytes) and gguf-py's dequantization of them (little-endian f32);
+- quant_input.f32 and quant_<type>.bin: pseudo-random rows and gguf-py's quantization of them;
+- smollm2_digest.txt (only if the model is found): for a few rows of real tensors, the first 64 dequantized
+  values and digests of the whole row, as gguf-py dequantizes them.
+
+Everything is little-endian; the generator is seeded, so rerunning it reproduces the files.
+"""
+
+import os
+import sys
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize, quantize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+rng = np.random.default_rng(20240607)
+
+
+def f16_bytes(values):
+    return np.asarray(values, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+
+
+EDGES = (0.0, -0.0, 6.1e-5, -3.0e-7, 1.0, 65504.0 / 256)  # zeros, smallest normal, subnormal, one, large
+
+
+def sane_scales(n, lo=-4.0, hi=0.0, edges=EDGES):
+    """n f16 scales with random sign and magnitude 10^[lo, hi), the first ones replaced by `edges`."""
+    mags = 10.0 ** rng.uniform(lo, hi, n)
+    signs = rng.choice([-1.0, 1.0], n)
+    s = (mags * signs).astype(np.float16)
+    s[: len(edges)] = np.array(edges, dtype=np.float16)
+    return s
+
+
+def random_bytes(n_blocks, n):
+    return rng.integers(0, 256, size=(n_blocks, n), dtype=np.uint8)
+
+
+def blocks_q4_0(n):
+    return np.concatenate([f16_bytes(sane_scales(n)), random_bytes(n, 16)], axis=1)
+
+
+def blocks_q4_1(n):
+    return np.concatenate([f16_bytes(sane_scales(n)), f16_bytes(sane_scales(n, -3, 1)), random_bytes(n, 16)], axis=1)
+
+
+def blocks_q8_0(n):
+    return np.concatenate([f16_bytes(sane_scales(n)), random_bytes(n, 32)], axis=1)
+
+
+def blocks_q4_k(n):
+    # d and dmin are non-negative in files made by ggml, but the format does not require it: test both signs.
+    return np.concatenate(
+        [
+            f16_bytes(sane_scales(n, -5, -1, edges=(0.0, -3.0e-7))),
+            f16_bytes(sane_scales(n, -5, -1, edges=(1.0e-3, 0.0))),
+            random_bytes(n, 12),
+            random_bytes(n, 128),
+        ],
+        axis=1,
+    )
+
+
+def blocks_q6_k(n):
+    return np.concatenate([random_bytes(n, 128), random_bytes(n, 64), random_bytes(n, 16), f16_bytes(sane_scales(n, -5, -1, edges=(-3.0e-7,)))], axis=1)
+
+
+def half_words(n):
+    """Random 16-bit patterns (every class: zeros, subnormals, normals, inf, NaN) with the specials up front."""
+    w = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
+    return w.view(np.uint8).reshape(-1, 2)
+
+
+def f16_patterns(n):
+    w = half_words(n).view(np.uint16).reshape(-1)
+    w[:8] = [0x0000, 0x8000, 0x0001, 0x83FF, 0x7C00, 0xFC00, 0x7E00, 0x7BFF]
+    return w.view(np.uint8).reshape(-1, 2)
+
+
+def bf16_patterns(n):
+    w = half_words(n).view(np.uint16).reshape(-1)
+    w[:8] = [0x0000, 0x8000, 0x0001, 0x807F, 0x7F80, 0xFF80, 0x7FC0, 0x7F7F]
+    return w.view(np.uint8).reshape(-1, 2)
+
+
+DEQUANT = {
+    "q4_0": (T.Q4_0, blocks_q4_0, 16),
+    "q4_1": (T.Q4_1, blocks_q4_1, 16),
+    "q8_0": (T.Q8_0, blocks_q8_0, 16),
+    "q4_k": (T.Q4_K, blocks_q4_k, 8),
+    "q6_k": (T.Q6_K, blocks_q6_k, 8),
+    "f16": (T.F16, f16_patterns, 512),
+    "bf16": (T.BF16, bf16_patterns, 512),
+}
+
+
+def write(name, data):
+    with open(os.path.join(HERE, name), "wb") as f:
+        f.write(np.ascontiguousarray(data).tobytes())
+
+
+def gen_dequant():
+    for name, (qtype, make, n) in DEQUANT.items():
+        raw = make(n)
+        with np.errstate(all="ignore"):
+            out = dequantize(raw.reshape(-1), qtype).astype("<f4")
+        write(f"dequant_{name}.bin", raw)
+        write(f"dequant_{name}.f32", out)
+
+
+def gen_quant():
+    # 16 rows of 64 values: varied magnitudes, a zero block, a constant block, a block with a lone outlier, and
+    # exact ties (k + 0.5) * 2^-3 that exercise rounding.
+    rows = rng.standard_normal((16, 64)).astype(np.float32) * (10.0 ** rng.uniform(-3, 3, (16, 1))).astype(np.float32)
+    rows[1, :32] = 0.0
+    rows[2, :32] = 0.75
+    rows[3, :32] = 1e-3
+    rows[3, 7] = 40.0
+    rows[4, :32] = (np.arange(32, dtype=np.float32) - 16.0 + 0.5) / 8.0
+    rows[5, :32] = -rows[4, :32]
+    rows = rows.astype("<f4")
+    write("quant_input.f32", rows)
+    for name, qtype in [("q4_0", T.Q4_0), ("q4_1", T.Q4_1), ("q8_0", T.Q8_0)]:
+        write(f"quant_{name}.bin", quantize(rows, qtype))
+
+
+def gen_model_digest(path):
+    r = GGUFReader(path)
+    by_name = {t.name: t for t in r.tensors}
+    picks = [
+        ("token_embd.weight", [0, 1, 100, 49151]),
+        ("blk.0.attn_q.weight", [0, 575]),
+        ("blk.0.ffn_down.weight", [0, 575]),
+        ("blk.29.ffn_up.weight", [1535]),
+        ("output_norm.weight", [0]),
+    ]
+    lines = [
+        "# gguf-py dequantization of rows of SmolLM2-135M-Instruct.Q4_1.gguf, written by gen_reference.py.",
+        "# tensor row type n sum_f64 bits_sum_u64 first_64_values_as_f32_bit_patterns...",
+        "# bits_sum_u64 is the wrapping sum of the f32 bit patterns of the whole row, so it checks every value.",
+    ]
+    for name, rows in picks:
+        t = by_name[name]
+        deq = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))
+        for row in rows:
+            v = np.ascontiguousarray(deq[row], dtype="<f4")
+            bits = v.view(np.uint32).astype(np.uint64)
+            bits_sum = int(bits.sum(dtype=np.uint64))
+            s = float(v.astype(np.float64).sum())
+            head = " ".join(f"{b:08x}" for b in v[:64].view(np.uint32))
+            lines.append(f"{name} {row} {t.tensor_type.name} {v.size} {s!r} {bits_sum} {head}")
+    with open(os.path.join(HERE, "smollm2_digest.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    gen_dequant()
+    gen_quant()
+    model = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PINION_MODEL")
+    if not model:
+        model = os.path.join(HERE, "../../../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    if os.path.exists(model):
+        gen_model_digest(model)
+    else:
+        print(f"model not found at {model}: smollm2_digest.txt not regenerated", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+//! Integration tests of `pinion-format`, built as one binary (`autotests = false`).
+//!
+//! Fixtures in `tests/data/` come from `tests/data/gen_reference.py`, which runs gguf-py, an implementation of
+//! GGUF and the GGML quants independent of this crate.
+
+mod errors;
+mod fuzz_corpus;
+mod quant_props;
+mod real_model;
+mod reference;
+mod roundtrip;
+mod util;
