@@ -96,16 +96,13 @@ pub fn attention_with(
         SCORES.with(|s| {
             let mut s = s.borrow_mut();
             s.clear();
-            for j in 0..n_seen {
-                let kr = &k[j * kv_dim + kv_off..j * kv_dim + kv_off + head_dim];
-                s.push(kernels::dot_f32_f16(path, qh, kr) * scale);
+            s.resize(n_seen, 0.0);
+            kernels::scores_f16(path, qh, &k[kv_off..], kv_dim, &mut s);
+            for x in s.iter_mut() {
+                *x *= scale;
             }
             softmax(&mut s);
-            o.fill(0.0);
-            for (j, &p) in s.iter().enumerate() {
-                let vr = &v[j * kv_dim + kv_off..j * kv_dim + kv_off + head_dim];
-                kernels::axpy_f16(path, o, p, vr);
-            }
+            kernels::wsum_f16(path, &s, &v[kv_off..], kv_dim, o);
         });
     };
     if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {

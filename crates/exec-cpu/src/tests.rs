@@ -518,8 +518,8 @@ fn naive_attention(
 fn attention_matches_naive_reference() {
     let mut rng = Rng::new(11);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for &(n_heads, n_kv_heads, hd) in &[(9, 3, 64), (4, 4, 20), (6, 1, 8)] {
-        for &(n_tokens, first_pos) in &[(1, 0), (1, 13), (5, 0), (4, 9)] {
+    for &(n_heads, n_kv_heads, hd) in &[(9, 3, 64), (4, 4, 20), (6, 1, 8), (2, 1, 136)] {
+        for &(n_tokens, first_pos) in &[(1, 0), (1, 13), (5, 0), (4, 9), (3, 40)] {
             let n_ctx = first_pos + n_tokens + 3;
             let kvd = n_kv_heads * hd;
             let q: Vec<f32> = (0..n_tokens * n_heads * hd).map(|_| rng.f()).collect();
@@ -531,6 +531,7 @@ fn attention_matches_naive_reference() {
             }
             let scale = 1.0 / (hd as f32).sqrt();
             let want = naive_attention(&q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale);
+            let mut first: Option<Vec<f32>> = None;
             for path in KernelPath::ALL.into_iter().filter(|p| p.is_supported()) {
                 let mut out = vec![0.0; q.len()];
                 pool.install(|| {
@@ -543,6 +544,11 @@ fn attention_matches_naive_reference() {
                         (g as f64 - w).abs() <= 1e-5,
                         "{path} heads {n_heads}/{n_kv_heads} t {n_tokens}@{first_pos} [{i}]: {g} vs {w}"
                     );
+                }
+                // Every path gives the scalar path's bits.
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert_eq!(f, &out, "{path} differs from scalar"),
                 }
             }
         }

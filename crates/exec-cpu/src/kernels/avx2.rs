@@ -362,25 +362,82 @@ pub(crate) unsafe fn dot_f32_f16(x: &[f32], y: &[f16]) -> f32 {
     s
 }
 
-/// `y += a * x` with `x` in f16 (same bits as [`super::scalar::axpy_f16`]).
+/// Attention scores `out[j] = dot(q, k[j * stride..][..q.len()])` for `j < out.len()`, four keys at a time
+/// (independent FMA chains); each dot is computed as [`dot_f32_f16`] computes it (same bits).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
-    assert_eq!(x.len(), y.len());
-    let n8 = x.len() / 8 * 8;
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i < n8 {
-        // SAFETY: `i + 8 <= n8 <= len` of both slices.
-        unsafe {
-            let p = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_fmadd_ps(av, load_f16x8(x.as_ptr().add(i)), _mm256_loadu_ps(p)));
+pub(crate) unsafe fn scores_f16(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let n = out.len();
+    assert!(n == 0 || k.len() >= (n - 1) * stride + hd);
+    let n8 = hd / 8 * 8;
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: `i + 8 <= hd` and key `j + u < n` starts at `(j + u) * stride`, within `k` (checked).
+            unsafe {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, load_f16x8(k.as_ptr().add((j + u) * stride + i)), *a);
+                }
+            }
+            i += 8;
         }
-        i += 8;
+        for (u, a) in acc.iter().enumerate() {
+            let mut s = hsum8(*a);
+            let kr = &k[(j + u) * stride..(j + u) * stride + hd];
+            for (x, y) in q[n8..].iter().zip(&kr[n8..]) {
+                s = x.mul_add(f16_to_f32(*y), s);
+            }
+            out[j + u] = s;
+        }
+        j += 4;
     }
-    for (o, v) in y[n8..].iter_mut().zip(&x[n8..]) {
-        *o = a.mul_add(f16_to_f32(*v), *o);
+    while j < n {
+        // SAFETY: the features are enabled here.
+        out[j] = unsafe { dot_f32_f16(q, &k[j * stride..j * stride + hd]) };
+        j += 1;
+    }
+}
+
+/// Attention output `out = sum_j p[j] * v[j * stride..][..out.len()]`, accumulated over `j` in order with one
+/// fused multiply-add per element, as repeated [`super::scalar::axpy_f16`] from zero (same bits), but with the output held in
+/// registers 64 values at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn wsum_f16(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    let n = p.len();
+    assert!(n == 0 || v.len() >= (n - 1) * stride + hd);
+    let n8 = hd / 8 * 8;
+    let mut d0 = 0;
+    while d0 < n8 {
+        let w = ((n8 - d0) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            for (u, a) in acc.iter_mut().enumerate().take(w) {
+                // SAFETY: `d0 + 8 * u + 8 <= n8 <= hd` and row `j < n` lies within `v` (checked).
+                *a = _mm256_fmadd_ps(pv, unsafe { load_f16x8(v.as_ptr().add(j * stride + d0 + 8 * u)) }, *a);
+            }
+        }
+        for (u, a) in acc.iter().enumerate().take(w) {
+            // SAFETY: `d0 + 8 * u + 8 <= hd = out.len()`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * u), *a) };
+        }
+        d0 += 8 * w;
+    }
+    for d in n8..hd {
+        let mut s = 0.0f32;
+        for (j, &pj) in p.iter().enumerate() {
+            s = pj.mul_add(f16_to_f32(v[j * stride + d]), s);
+        }
+        out[d] = s;
     }
 }

@@ -128,6 +128,23 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
             }
         }
     }
+    // The `m * s` sums of the batched case, eight activations per vector, all rows' chains interleaved.
+    let mut sv = [[_mm256_setzero_ps(); 2]; P];
+    if C != 1 {
+        for b in 0..nb {
+            // SAFETY: `b * t_pad + c0 + 8 <= nb * t_pad <= s_t.len()` (checked above); the rows hold `nb`
+            // blocks; FMA/AVX are enabled here.
+            unsafe {
+                let st = _mm256_loadu_ps(s_t.as_ptr().add(b * t_pad + c0));
+                for p in 0..P {
+                    for i in 0..2 {
+                        let m = _mm256_set1_ps(f16_to_f32(w[p][i].get_unchecked(b).m));
+                        sv[p][i] = _mm256_fmadd_ps(m, st, sv[p][i]);
+                    }
+                }
+            }
+        }
+    }
     let mut out = [[[0.0f32; C]; 2]; P];
     for p in 0..P {
         let mut summs = [[0.0f32; C]; 2];
@@ -135,18 +152,9 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
             summs[0][0] = summs1[p][0];
             summs[1][0] = summs1[p][1];
         } else {
-            for (i, s) in summs.iter_mut().enumerate() {
-                // SAFETY: `b * t_pad + c0 + 8 <= nb * t_pad <= s_t.len()` (checked above); the rows hold `nb`
-                // blocks; FMA/AVX are enabled here.
-                unsafe {
-                    let mut sv = _mm256_setzero_ps();
-                    for b in 0..nb {
-                        let m = f16_to_f32(w[p][i].get_unchecked(b).m);
-                        let st = _mm256_loadu_ps(s_t.as_ptr().add(b * t_pad + c0));
-                        sv = _mm256_fmadd_ps(_mm256_set1_ps(m), st, sv);
-                    }
-                    _mm256_storeu_ps(s.as_mut_ptr(), sv);
-                }
+            for (s, v) in summs.iter_mut().zip(&sv[p]) {
+                // SAFETY: `s` holds `C == 8` floats; AVX is enabled here.
+                unsafe { _mm256_storeu_ps(s.as_mut_ptr(), *v) };
             }
         }
         for c in 0..C {

@@ -207,26 +207,26 @@ pub(crate) fn vec_dot_f16(path: KernelPath, x: &[f16], y: &[f16]) -> f32 {
     }
 }
 
-/// f32 x f16 dot product (all paths give the same bits).
-pub(crate) fn dot_f32_f16(path: KernelPath, x: &[f32], y: &[f16]) -> f32 {
+/// Attention scores against `out.len()` keys of stride `stride` (all paths give the same bits).
+pub(crate) fn scores_f16(path: KernelPath, q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
     match path {
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 | KernelPath::Avx512 => {
             // SAFETY: callers pass only supported paths (`check`), and both imply AVX2, FMA and F16C.
-            unsafe { avx2::dot_f32_f16(x, y) }
+            unsafe { avx2::scores_f16(q, k, stride, out) }
         }
-        _ => scalar::dot_f32_f16(x, y),
+        _ => scalar::scores_f16(q, k, stride, out),
     }
 }
 
-/// `y += a * x` with `x` in f16 (all paths give the same bits).
-pub(crate) fn axpy_f16(path: KernelPath, y: &mut [f32], a: f32, x: &[f16]) {
+/// Probability-weighted sum of `p.len()` value rows of stride `stride` (all paths give the same bits).
+pub(crate) fn wsum_f16(path: KernelPath, p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
     match path {
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 | KernelPath::Avx512 => {
             // SAFETY: callers pass only supported paths (`check`), and both imply AVX2, FMA and F16C.
-            unsafe { avx2::axpy_f16(y, a, x) }
+            unsafe { avx2::wsum_f16(p, v, stride, out) }
         }
-        _ => scalar::axpy_f16(y, a, x),
+        _ => scalar::wsum_f16(p, v, stride, out),
     }
 }

@@ -217,6 +217,22 @@ pub(crate) fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     }
 }
 
+/// Attention scores `out[j] = dot_f32_f16(q, k[j * stride..][..q.len()])`.
+pub(crate) fn scores_f16(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_f16(q, &k[j * stride..j * stride + q.len()]);
+    }
+}
+
+/// Attention output `out = sum_j p[j] * v[j * stride..][..out.len()]`, one fused multiply-add per element
+/// and key, keys in order.
+pub(crate) fn wsum_f16(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_f16(out, pj, &v[j * stride..j * stride + out.len()]);
+    }
+}
+
 /// Unpacks the 6-bit scales and mins of a Q4_K block as ggml's `utmp` shuffle does: `(scales, mins)`.
 fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];

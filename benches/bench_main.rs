@@ -1,0 +1,5 @@
+//! Criterion entry point: one binary running every benchmark module (`cargo bench -p pinion-benches`).
+
+mod benchmarks;
+
+criterion::criterion_main!(benchmarks::kernels::benches);

@@ -1,0 +1,82 @@
+//! CPU kernels of `pinion-exec-cpu` on SmolLM2-135M shapes: Q4_1 FFN matrices at decode (1 activation row)
+//! and prefill (512 rows), and the Q8_0 tied output matrix (49152 x 576) at decode, scalar against the
+//! dispatched SIMD path, on a 2-thread rayon pool (the machine's core count, as llama-bench `-t 2`).
+//!
+//! Decode groups report weight bytes per second (the matvec is bound by memory bandwidth); prefill groups
+//! report multiply-accumulates per second.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use pinion_exec_cpu::{KernelPath, QMatrix, QuantizedActs, cpu_features, matmul_rows_with};
+use pinion_format::GgmlType;
+use pinion_format::quant::{BlockQ4_1, BlockQ8_0, quantize_row_q4_1, quantize_row_q8_0};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Weight bytes of a random matrix of `ty` (Q4_1 or Q8_0).
+fn weights(ty: GgmlType, n_rows: usize, n_cols: usize) -> Vec<u8> {
+    let x = values(n_rows * n_cols, 7);
+    match ty {
+        GgmlType::Q4_1 => {
+            let mut b = vec![BlockQ4_1 { d: half::f16::ZERO, m: half::f16::ZERO, qs: [0; 16] }; x.len() / 32];
+            quantize_row_q4_1(&x, &mut b);
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q8_0 => {
+            let mut b = vec![BlockQ8_0 { d: half::f16::ZERO, qs: [0; 32] }; x.len() / 32];
+            quantize_row_q8_0(&x, &mut b);
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("rayon pool");
+    let simd = cpu_features().path;
+    eprintln!("{}", cpu_features());
+    let shapes: [(GgmlType, usize, usize, &[usize]); 3] = [
+        (GgmlType::Q4_1, 1536, 576, &[1, 512]),
+        (GgmlType::Q4_1, 576, 1536, &[1, 512]),
+        (GgmlType::Q8_0, 49152, 576, &[1]),
+    ];
+    for (ty, n_rows, n_cols, batches) in shapes {
+        let data = weights(ty, n_rows, n_cols);
+        let w = QMatrix::new(ty, n_rows, n_cols, &data).expect("matrix");
+        for &n_t in batches {
+            let x = values(n_t * n_cols, 11);
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, n_cols);
+            let mut out = vec![0.0f32; n_t * n_rows];
+            let mut group = c.benchmark_group(format!("matmul/{ty}/{n_rows}x{n_cols}/t{n_t}"));
+            if n_t == 1 {
+                group.throughput(Throughput::Bytes(data.len() as u64));
+            } else {
+                group.throughput(Throughput::Elements((n_rows * n_cols * n_t) as u64));
+                group.sample_size(10);
+            }
+            let mut paths = vec![simd];
+            if simd != KernelPath::Scalar {
+                paths.push(KernelPath::Scalar);
+            }
+            for path in paths {
+                group.bench_function(BenchmarkId::from_parameter(path), |b| {
+                    b.iter(|| pool.install(|| matmul_rows_with(path, &w, &acts, 0, n_rows, &mut out)))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench_matmul);

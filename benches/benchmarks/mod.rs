@@ -1,0 +1,3 @@
+//! Benchmark modules, one per topic.
+
+pub(crate) mod kernels;
