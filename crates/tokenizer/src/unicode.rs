@@ -1,10 +1,11 @@
 //! Unicode facts the pre-tokenizers need: per-codepoint category flags and GPT-2's byte-to-character mapping.
 //!
-//! llama.cpp classifies codepoints with a table generated from Python's `regex` module (`\p{L}`, `\p{N}`, `\p{P}`,
-//! `\s`). This module builds the same classification once per process from the `regex` crate's Unicode tables,
-//! so the two agree except where the Unicode versions behind them differ (newly assigned codepoints).
-//! Whitespace is the Unicode `White_Space` property, which is what both Python's `regex` `\s` and
-//! [`char::is_whitespace`] implement.
+//! llama.cpp classifies codepoints with a table (`unicode-data.cpp`) generated from Python's `regex` module
+//! (`\p{L}`, `\p{N}`, `\p{P}`, `\s`) at Unicode 15.1: codepoints assigned later are "undefined" there. This
+//! module builds the same classification once per process from the `regex` crate's Unicode tables, restricted
+//! to codepoints assigned by Unicode 15.1 (`\p{Age=V15_1}`), so that a letter added in Unicode 16 is not a
+//! letter here either. Whitespace is the Unicode `White_Space` property, which is what both Python's `regex`
+//! `\s` and [`char::is_whitespace`] implement.
 
 use std::sync::OnceLock;
 
@@ -39,7 +40,11 @@ fn build_table() -> Box<[u8]> {
     }
     // Runs of each class are found with one pass of the regex engine over a string holding every codepoint,
     // which is far faster than matching codepoints one at a time.
-    for (pattern, bit) in [(r"\p{L}+", LETTER), (r"\p{N}+", NUMBER), (r"\p{P}+", PUNCT)] {
+    for (pattern, bit) in [
+        (r"[\p{L}&&\p{Age=V15_1}]+", LETTER),
+        (r"[\p{N}&&\p{Age=V15_1}]+", NUMBER),
+        (r"[\p{P}&&\p{Age=V15_1}]+", PUNCT),
+    ] {
         let re = Regex::new(pattern).expect("constant Unicode class pattern compiles");
         for m in re.find_iter(&all) {
             for c in m.as_str().chars() {
@@ -110,6 +115,11 @@ mod tests {
         assert_eq!(flags('\u{3000}'), WHITESPACE);
         assert_eq!(flags('\u{1c}'), 0, "U+001C is not White_Space");
         assert_eq!(flags('\u{301}'), 0, "combining marks are \\p{{M}}, not letters");
+        // llama.cpp's table is Unicode 15.1: CJK Extension I (15.1) is in, Unicode 16's additions are not.
+        assert_eq!(flags('\u{2EBF0}'), LETTER);
+        assert_eq!(flags('\u{1C89}'), 0, "Cyrillic TJE, new in Unicode 16");
+        assert_eq!(flags('\u{1FBF0}'), NUMBER);
+        assert_eq!(flags('\u{1CCF0}'), 0, "outlined digit zero, new in Unicode 16");
     }
 
     #[test]

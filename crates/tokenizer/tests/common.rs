@@ -38,7 +38,10 @@ pub(crate) fn smollm() -> Option<&'static Tokenizer> {
         }
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let gguf = Gguf::parse(&bytes).expect("model parses as GGUF");
-        Some(Tokenizer::from_gguf(&gguf).expect("SmolLM2 tokenizer loads"))
+        let start = std::time::Instant::now();
+        let tok = Tokenizer::from_gguf(&gguf).expect("SmolLM2 tokenizer loads");
+        eprintln!("SmolLM2 tokenizer built in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
+        Some(tok)
     })
     .as_ref()
 }

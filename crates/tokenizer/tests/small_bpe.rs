@@ -282,3 +282,10 @@ proptest! {
         prop_assert_eq!(streamed, text);
     }
 }
+
+#[test]
+fn tokenizer_and_decoder_are_shareable() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<StreamDecoder>();
+}
