@@ -10,6 +10,21 @@
 //! It is not a general Hugging Face `tokenizers` replacement: there is no `tokenizer.json` loading, no WordPiece
 //! or Unigram model, and no normalizers beyond what llama.cpp applies. It does no I/O; callers hand it a parsed
 //! [`pinion_format::Gguf`].
+//!
+//! ```
+//! use pinion_tokenizer::{Tokenizer, TokenizerParts, VocabKind};
+//!
+//! // A SentencePiece vocabulary small enough to write out; real ones come from `Tokenizer::from_gguf`.
+//! // Pieces grow by merging neighbours whose concatenation is a token: "▁" + "h", then "▁h" + "i".
+//! let tokens = ["<unk>", "<s>", "</s>", "\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi"];
+//! let parts = TokenizerParts::new(VocabKind::Spm, tokens.map(String::from).to_vec());
+//! let tok = Tokenizer::from_parts(parts)?;
+//! let ids = tok.encode("hi hi", true, false);
+//! assert_eq!(ids, [1, 7, 7]); // BOS, "▁hi", "▁hi"
+//! assert_eq!(tok.decode(&ids[1..]), "hi hi");
+//! assert!(tok.is_eog(2));
+//! # Ok::<(), pinion_tokenizer::TokenizerError>(())
+//! ```
 #![forbid(unsafe_code)]
 
 mod bpe;
