@@ -290,6 +290,53 @@ fn streams_a_tensor_larger_than_4_gib_with_a_small_buffer() {
     }
 }
 
+/// A file written by gguf-py (an independent writer): our reader gets its content, and our writer reproduces
+/// it byte for byte.
+#[test]
+fn gguf_py_file_reads_and_rewrites_byte_for_byte() {
+    let bytes = include_bytes!("data/gguf_py_sample.gguf");
+    let g = Gguf::parse(bytes).unwrap();
+    assert_eq!((g.version, g.alignment, g.metadata.len(), g.tensors.len()), (3, 32, 17, 5));
+    let expected: Vec<(&str, Value)> = [("general.architecture", Value::from("llama"))]
+        .into_iter()
+        .chain(every_value().into_iter().filter(|(k, _)| {
+            !["t.bool_false", "t.empty_string", "t.nan", "t.empty", "t.nested", "t.nested_strings"]
+                .contains(k)
+                && !k.ends_with('s')
+        }))
+        .chain([
+            ("t.strings", Value::from(vec!["<s>", "</s>", "Ġthe"])),
+            ("t.ints", Value::from(vec![1i32, -2, 3])),
+            ("t.floats", Value::from(vec![0.5f32, -0.25])),
+            ("t.bools", Value::from(vec![true, false])),
+        ])
+        .collect();
+    let expected: Vec<(String, Value)> = expected.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_metadata(&g, &expected);
+
+    let f32s: Vec<f32> =
+        g.tensor("f32").unwrap().data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(f32s, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    let dims: Vec<(&str, GgmlType, &[u64])> =
+        g.tensors.iter().map(|t| (t.name.as_str(), t.ty, t.dims.as_slice())).collect();
+    assert_eq!(
+        dims,
+        [
+            ("f32", GgmlType::F32, [3u64, 2].as_slice()),
+            ("f16", GgmlType::F16, &[5]),
+            ("q8_0", GgmlType::Q8_0, &[64, 2]),
+            ("q4_1", GgmlType::Q4_1, &[64, 2]),
+            ("bf16", GgmlType::BF16, &[3]),
+        ]
+    );
+    let mut row = vec![0.0f32; 64];
+    pinion_format::quant::dequantize_row(GgmlType::Q8_0, g.tensor("q8_0").unwrap().row(1), &mut row).unwrap();
+    assert!((row[63] - 1.0).abs() < 1e-2 && (row[0] - 1.0 / 127.0).abs() < 1e-2, "{row:?}");
+
+    let again = GgufWriter::from_gguf(&g).unwrap().to_bytes().unwrap();
+    assert!(again == bytes, "our writer lays the file out as gguf-py does");
+}
+
 #[test]
 fn small_file_rewrites_to_identical_bytes() {
     let bytes = small_file();

@@ -8,6 +8,8 @@ Needs `pip install gguf numpy` (checked with gguf 0.17, numpy 2.x). Output, next
 - dequant_<type>.bin / dequant_<type>.f32: deterministic pseudo-random blocks (sane f16 scales, random quant
   bytes) and gguf-py's dequantization of them (little-endian f32);
 - quant_input.f32 and quant_<type>.bin: pseudo-random rows and gguf-py's quantization of them;
+- gguf_py_sample.gguf: a small file written by gguf-py's GGUFWriter, to check our reader on it and our writer's
+  layout against it;
 - smollm2_digest.txt (only if the model is found): for a few rows of real tensors, the first 64 dequantized
   values and digests of the whole row, as gguf-py dequantizes them.
 
@@ -19,7 +21,7 @@ import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,6 +136,39 @@ def gen_quant():
         write(f"quant_{name}.bin", quantize(rows, qtype))
 
 
+def gen_gguf_sample():
+    """A small GGUF file written by gguf-py's GGUFWriter: metadata of every scalar type and arrays, tensors of
+    several types and sizes that need padding."""
+    path = os.path.join(HERE, "gguf_py_sample.gguf")
+    w = GGUFWriter(path, "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -100)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4000000000)
+    w.add_int32("t.i32", -2000000000)
+    w.add_float32("t.f32", -1.25e-3)
+    w.add_bool("t.bool", True)
+    w.add_string("t.string", "héllo ✓")
+    w.add_uint64("t.u64", 2**64 - 2)
+    w.add_int64("t.i64", -(2**63) + 1)
+    w.add_float64("t.f64", 3.141592653589793)
+    w.add_array("t.strings", ["<s>", "</s>", "Ġthe"])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -0.25])
+    w.add_array("t.bools", [True, False])
+    w.add_tensor("f32", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.add_tensor("f16", np.arange(5, dtype=np.float16))
+    x = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
+    w.add_tensor("q8_0", quantize(x, T.Q8_0), raw_dtype=T.Q8_0)
+    w.add_tensor("q4_1", quantize(x, T.Q4_1), raw_dtype=T.Q4_1)
+    w.add_tensor("bf16", quantize(np.arange(3, dtype=np.float32), T.BF16), raw_dtype=T.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def gen_model_digest(path):
     r = GGUFReader(path)
     by_name = {t.name: t for t in r.tensors}
@@ -166,6 +201,7 @@ def gen_model_digest(path):
 def main():
     gen_dequant()
     gen_quant()
+    gen_gguf_sample()
     model = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PINION_MODEL")
     if not model:
         model = os.path.join(HERE, "../../../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
