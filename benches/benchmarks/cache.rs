@@ -59,7 +59,9 @@ fn bench_cache(c: &mut Criterion) {
 
         // Misses: keys cycle over twice as many neurons as fit, so every lookup evicts the least recently used
         // neuron and reuses its buffer.
-        for (name, policy) in [("miss_evict", Policy::Segmented), ("miss_evict_window", Policy::SlidingWindow { tokens: 4 })] {
+        for (name, policy) in
+            [("miss_evict", Policy::Segmented), ("miss_evict_window", Policy::SlidingWindow { tokens: 4 })]
+        {
             let miss_cache = filled(n, policy);
             let mut k = n - 1;
             g.bench_function(BenchmarkId::new(name, n), |b| {

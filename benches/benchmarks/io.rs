@@ -44,7 +44,8 @@ fn bench_io(c: &mut Criterion) {
         for read_size in [4usize << 10, 64 << 10, 1 << 20] {
             for queue_depth in [1usize, 8, 32] {
                 g.throughput(Throughput::Bytes(read_size as u64));
-                let id = BenchmarkId::new(format!("{name}/bs{}k", read_size >> 10), format!("qd{queue_depth}"));
+                let id =
+                    BenchmarkId::new(format!("{name}/bs{}k", read_size >> 10), format!("qd{queue_depth}"));
                 g.bench_function(id, |b| {
                     b.iter_custom(|iters| {
                         let cfg = BenchConfig {

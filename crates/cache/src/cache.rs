@@ -259,6 +259,9 @@ struct Inner {
     regions: [RegionState; 3],
     token: u64,
     policy: Policy,
+    /// Threads blocked in [`Waiter::wait`]; the condition variable is signalled only when there are some (a
+    /// futex wake is a system call).
+    n_waiting: usize,
 }
 
 struct Shared {
@@ -267,6 +270,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Wakes waiters if there are any; consumes the guard so the lock is released first.
+    fn wake(&self, inner: MutexGuard<'_, Inner>) {
+        let any = inner.n_waiting > 0;
+        drop(inner);
+        if any {
+            self.loaded.notify_all();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every mutation below keeps the bookkeeping consistent at each step where it could panic (allocation
         // failure aside), so a poisoned lock is taken over rather than propagated to every compute thread.
@@ -320,8 +332,7 @@ impl Drop for Slot {
         if let Some(data) = self.data.take() {
             let mut inner = self.shared.lock();
             inner.abort(self.idx, self.generation, data);
-            drop(inner);
-            self.shared.loaded.notify_all();
+            self.shared.wake(inner);
         }
     }
 }
@@ -353,7 +364,11 @@ impl Waiter {
         loop {
             match self.poll(&inner) {
                 Some(r) => return r,
-                None => inner = self.shared.loaded.wait(inner).unwrap_or_else(|e| e.into_inner()),
+                None => {
+                    inner.n_waiting += 1;
+                    inner = self.shared.loaded.wait(inner).unwrap_or_else(|e| e.into_inner());
+                    inner.n_waiting -= 1;
+                }
             }
         }
     }
@@ -418,6 +433,7 @@ impl SegmentedCache {
                     ],
                     token: 0,
                     policy,
+                    n_waiting: 0,
                 }),
                 loaded: Condvar::new(),
             }),
@@ -487,8 +503,7 @@ impl SegmentedCache {
         let data = slot.data.take().expect("a live slot holds its buffer");
         let mut inner = slot.shared.lock();
         inner.publish(slot.idx, data.clone());
-        drop(inner);
-        slot.shared.loaded.notify_all();
+        slot.shared.wake(inner);
         Handle { data, key: slot.key }
     }
 

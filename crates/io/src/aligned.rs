@@ -128,6 +128,8 @@ struct PoolState {
     free: BTreeMap<usize, Vec<AlignedBuf>>,
     free_bytes: usize,
     stats: PoolStats,
+    /// Threads waiting for a buffer; returns signal the condition variable only when there are some.
+    n_waiting: usize,
 }
 
 struct PoolShared {
@@ -170,6 +172,7 @@ impl BufferPool {
                     free: BTreeMap::new(),
                     free_bytes: 0,
                     stats: PoolStats { budget, ..PoolStats::default() },
+                    n_waiting: 0,
                 }),
                 returned: Condvar::new(),
             }),
@@ -235,7 +238,11 @@ impl BufferPool {
                     let mut st = self.shared.lock();
                     st.stats.allocated -= cap;
                     st.stats.in_use -= cap;
-                    self.shared.returned.notify_all();
+                    let wake = st.n_waiting > 0;
+                    drop(st);
+                    if wake {
+                        self.shared.returned.notify_all();
+                    }
                     return Err(PoolError::AllocFailed { bytes: cap });
                 };
                 return Ok(Some(PoolBuf { buf: Some(buf), pool: self.shared.clone() }));
@@ -246,7 +253,9 @@ impl BufferPool {
                 Some(_) => return Ok(None),
                 None => Duration::from_secs(3600),
             };
+            st.n_waiting += 1;
             st = self.shared.returned.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+            st.n_waiting -= 1;
         }
     }
 }
@@ -313,8 +322,11 @@ impl Drop for PoolBuf {
             st.stats.in_use -= cap;
             st.free_bytes += cap;
             st.free.entry(cap).or_default().push(buf);
+            let wake = st.n_waiting > 0;
             drop(st);
-            self.pool.returned.notify_all();
+            if wake {
+                self.pool.returned.notify_all();
+            }
         }
     }
 }
