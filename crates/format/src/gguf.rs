@@ -436,8 +436,10 @@ impl<'a> Gguf<'a> {
     /// Parses the header, metadata and tensor directory of a GGUF file held in `bytes`.
     ///
     /// Tensor data is not touched beyond checking that every tensor lies inside `bytes`. The file is untrusted:
-    /// any content gives either a `Gguf` or a [`FormatError`] naming the offset of the problem, never a panic,
-    /// and memory reserved while parsing is bounded by a small multiple of `bytes.len()`.
+    /// any content gives either a `Gguf` or a [`FormatError`] naming the offset of the problem, never a panic.
+    /// Memory allocated while parsing is bounded by the file's size: every count is checked against the bytes
+    /// left before anything is reserved, and the parsed form of a value takes at most 32 bytes per byte it
+    /// takes in the file (the worst case being an array of u8).
     ///
     /// Besides the GGUF format itself, this enforces what llama.cpp's `gguf.cpp` does (unique, non-empty keys;
     /// unique tensor names; `general.alignment` a power-of-two u32; at most 4 dimensions; whole blocks per row)
@@ -693,5 +695,38 @@ impl<'a> Gguf<'a> {
             return Err(FormatError::TensorOutOfBounds { name: t.name.clone(), start, end, file_len });
         }
         Ok(&self.bytes[start as usize..end as usize])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_values_take_at_most_32_bytes_per_file_byte() {
+        // The bound `Gguf::parse` documents: one `Value` per element, and an element takes at least one byte.
+        assert!(size_of::<Value>() <= 32);
+        for id in 0..=12 {
+            assert!(min_value_bytes(id).is_some_and(|n| n >= 1));
+        }
+        assert_eq!(min_value_bytes(13), None);
+    }
+
+    #[test]
+    fn min_value_bytes_matches_what_the_reader_consumes() {
+        // Parse the smallest value of each scalar type and check how far the cursor moved.
+        for (id, bytes) in
+            [(0u32, 1usize), (1, 1), (2, 2), (3, 2), (4, 4), (5, 4), (6, 4), (7, 1), (8, 8), (10, 8)]
+        {
+            let buf = vec![0u8; 16];
+            let mut c = Cursor { bytes: &buf, pos: 0 };
+            c.value(id, 0, 0).unwrap();
+            assert_eq!(c.pos, bytes, "type {id}");
+            assert_eq!(min_value_bytes(id), Some(bytes as u64), "type {id}");
+        }
+        let buf = vec![0u8; 16];
+        let mut c = Cursor { bytes: &buf, pos: 0 };
+        c.value(9, 0, 0).unwrap();
+        assert_eq!(c.pos as u64, min_value_bytes(9).unwrap(), "empty array");
     }
 }

@@ -312,17 +312,23 @@ impl<'a> GgufWriter<'a> {
     /// [`add_tensor_data`](Self::add_tensor_data), else this fails with [`FormatError::TensorDataMissing`]
     /// before writing anything.
     pub fn write_to<W: Write>(self, out: W) -> Result<W, FormatError> {
-        if let Some(t) = self.tensors.iter().find(|t| t.data.is_none()) {
-            return Err(FormatError::TensorDataMissing { name: t.name.clone() });
-        }
+        self.check_all_data()?;
         self.begin(out)?.finish()
     }
 
     /// The whole file as bytes; see [`write_to`](Self::write_to).
     pub fn to_bytes(self) -> Result<Vec<u8>, FormatError> {
-        // A capacity hint only: the length is not known to fit in memory.
-        let hint = self.file_len().unwrap_or(0).min(1 << 30) as usize;
+        self.check_all_data()?;
+        // Every tensor is in memory already, so the file fits too (the cap only guards a bad estimate).
+        let hint = self.file_len()?.min(1 << 32) as usize;
         self.write_to(Vec::with_capacity(hint))
+    }
+
+    fn check_all_data(&self) -> Result<(), FormatError> {
+        match self.tensors.iter().find(|t| t.data.is_none()) {
+            Some(t) => Err(FormatError::TensorDataMissing { name: t.name.clone() }),
+            None => Ok(()),
+        }
     }
 }
 
