@@ -1,6 +1,7 @@
 //! CPU kernels of `pinion-exec-cpu` on SmolLM2-135M shapes: Q4_1 FFN matrices at decode (1 activation row)
 //! and prefill (512 rows), and the Q8_0 tied output matrix (49152 x 576) at decode, scalar against the
-//! dispatched SIMD path, on a 2-thread rayon pool (the machine's core count, as llama-bench `-t 2`).
+//! dispatched SIMD path, on a 2-thread rayon pool (the machine's core count, as llama-bench `-t 2`); decode
+//! also on one thread.
 //!
 //! Decode groups report weight bytes per second (the matvec is bound by memory bandwidth); prefill groups
 //! report multiply-accumulates per second.
@@ -43,6 +44,7 @@ fn weights(ty: GgmlType, n_rows: usize, n_cols: usize) -> Vec<u8> {
 
 fn bench_matmul(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("rayon pool");
+    let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool");
     let simd = cpu_features().path;
     eprintln!("{}", cpu_features());
     let shapes: [(GgmlType, usize, usize, &[usize]); 3] = [
@@ -72,6 +74,11 @@ fn bench_matmul(c: &mut Criterion) {
             for path in paths {
                 group.bench_function(BenchmarkId::from_parameter(path), |b| {
                     b.iter(|| pool.install(|| matmul_rows_with(path, &w, &acts, 0, n_rows, &mut out)))
+                });
+            }
+            if n_t == 1 {
+                group.bench_function(BenchmarkId::from_parameter(format!("{simd}-1thread")), |b| {
+                    b.iter(|| pool1.install(|| matmul_rows_with(simd, &w, &acts, 0, n_rows, &mut out)))
                 });
             }
             group.finish();

@@ -38,6 +38,8 @@ pub struct QuantizedActs {
     /// For Q8_1 with several rows: `s` of every block as f32, block-major, rows padded to a multiple of 8
     /// with zeros (`q8_1_s[b * t_pad + t]`), for the batched Q4_1 kernel.
     pub(crate) q8_1_s: Vec<f32>,
+    /// For Q8_0 and Q8_1 with several rows: `d` of every block as f32, laid out as `q8_1_s`.
+    pub(crate) d_t: Vec<f32>,
     pub(crate) q8k: Vec<BlockQ8K>,
 }
 
@@ -119,6 +121,10 @@ impl QuantizedActs {
                 } else {
                     x.chunks(xs).zip(self.q8_0.chunks_mut(outs)).for_each(f);
                 }
+                if n_rows > 1 {
+                    let t_pad = self.t_pad();
+                    transpose_into(&mut self.d_t, &self.q8_0, nb, t_pad, |b| b.d.to_f32());
+                }
             }
             GgmlType::Q8_1 => {
                 let nb = n_cols / QK;
@@ -136,13 +142,8 @@ impl QuantizedActs {
                 }
                 if n_rows > 1 {
                     let t_pad = self.t_pad();
-                    self.q8_1_s.clear();
-                    self.q8_1_s.resize(nb * t_pad, 0.0);
-                    for (t, row) in self.q8_1.chunks_exact(nb).enumerate() {
-                        for (b, blk) in row.iter().enumerate() {
-                            self.q8_1_s[b * t_pad + t] = blk.s.to_f32();
-                        }
-                    }
+                    transpose_into(&mut self.d_t, &self.q8_1, nb, t_pad, |b| b.d.to_f32());
+                    transpose_into(&mut self.q8_1_s, &self.q8_1, nb, t_pad, |b| b.s.to_f32());
                 }
             }
             GgmlType::Q8K => {
@@ -153,6 +154,18 @@ impl QuantizedActs {
                 }
             }
             _ => unreachable!("vec_dot_type returned {ty}"),
+        }
+    }
+}
+
+/// Writes `f` of every block of `blocks` (rows of `nb` blocks) block-major into `out[b * t_pad + t]`, zero
+/// padded.
+fn transpose_into<B>(out: &mut Vec<f32>, blocks: &[B], nb: usize, t_pad: usize, f: impl Fn(&B) -> f32) {
+    out.clear();
+    out.resize(nb * t_pad, 0.0);
+    for (t, row) in blocks.chunks_exact(nb).enumerate() {
+        for (b, blk) in row.iter().enumerate() {
+            out[b * t_pad + t] = f(blk);
         }
     }
 }

@@ -11,6 +11,8 @@ use pinion_format::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, Block
 use rayon::prelude::*;
 
 use crate::acts::{QuantizedActs, vec_dot_type};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::avx512::BlockMajor;
 use crate::kernels::{self, KernelPath, scalar};
 use crate::matrix::QMatrix;
 
@@ -134,6 +136,13 @@ fn flat<const P: usize, const C: usize, const R: usize>(res: [[[f32; C]; 2]; P])
     std::array::from_fn(|i| res[i / 2][i % 2])
 }
 
+/// The block-major activation scales of a batched tile starting at activation `c0`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn block_major(acts: &QuantizedActs, c0: usize) -> BlockMajor<'_> {
+    BlockMajor { d_t: &acts.d_t, s_t: &acts.q8_1_s, t_pad: acts.t_pad(), c0 }
+}
+
 /// Computes the outputs of weight rows `[r0, r1)` for all activation rows.
 ///
 /// # Safety
@@ -154,32 +163,25 @@ unsafe fn compute(
         #[cfg(target_arch = "x86_64")]
         (Weights::Q4_1(m), KernelPath::Avx512) => {
             let a = &acts.q8_1[..];
-            if n_t >= 8 {
-                let (s_t, t_pad) = (&acts.q8_1_s[..], acts.t_pad());
-                // SAFETY: see above.
-                unsafe {
+            // SAFETY: see above.
+            unsafe {
+                if n_t >= 8 {
                     drive::<4, 8>(r0, r1, n_t, dest, |rs, cs| {
-                        let k = kernels::avx512::tile_q4_1::<2, 8>(
+                        let bm = block_major(acts, cs[0]);
+                        flat(kernels::avx512::tile_q4_1::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
-                            s_t,
-                            t_pad,
-                            cs[0],
+                            bm,
                             nb,
-                        );
-                        flat(k)
+                        ))
                     })
-                }
-            } else {
-                // SAFETY: see above.
-                unsafe {
+                } else {
                     drive::<8, 1>(r0, r1, n_t, dest, |rs, cs| {
+                        let bm = BlockMajor::NONE;
                         flat(kernels::avx512::tile_q4_1::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
-                            &[],
-                            0,
-                            0,
+                            bm,
                             nb,
                         ))
                     })
@@ -196,6 +198,7 @@ unsafe fn compute(
                         flat(kernels::avx512::tile_q4_0::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
+                            block_major(acts, cs[0]),
                             nb,
                         ))
                     })
@@ -204,6 +207,7 @@ unsafe fn compute(
                         flat(kernels::avx512::tile_q4_0::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
+                            BlockMajor::NONE,
                             nb,
                         ))
                     })
@@ -220,6 +224,7 @@ unsafe fn compute(
                         flat(kernels::avx512::tile_q8_0::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
+                            block_major(acts, cs[0]),
                             nb,
                         ))
                     })
@@ -228,6 +233,7 @@ unsafe fn compute(
                         flat(kernels::avx512::tile_q8_0::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
+                            BlockMajor::NONE,
                             nb,
                         ))
                     })

@@ -1,16 +1,18 @@
 //! AVX-512 (F, BW, VL) + VNNI kernels (x86-64).
 //!
-//! One 512-bit register holds the 8-lane accumulators of a *pair* of weight rows, so each `vpdpbusd`,
-//! conversion and FMA serves two rows while every (row, activation) pair keeps exactly the per-lane arithmetic
-//! of ggml's AVX2 code (and of [`super::scalar`]): the same integer lanes, the same `fma(d_x * d_y, lane, acc)`
+//! One 512-bit register holds the 8-lane accumulators of a *pair* of weight rows `(r0, r1)`: bytes
+//! `[r0 0..32, r1 0..32]` meet the activation block broadcast to `[y, y]`, so each `vpdpbusd`, conversion and
+//! FMA serves two rows, while every (row, activation) pair keeps exactly the per-lane arithmetic of ggml's
+//! AVX2 code (and of [`super::scalar`]): the same integer lanes, the same `fma(d_x * d_y, lane, acc)`
 //! sequence, the same final reduction. `vpdpbusd` multiplies unsigned by signed bytes, so signed weights are
 //! offset into u8 (`+8` for Q4_0, `+128` for Q8_0) and the offset times the per-lane activation sum, computed
 //! once per activation block, is subtracted: the integer lanes are identical.
 //!
-//! Two byte layouts are used for a pair `(r0, r1)` of 32-value blocks (128-bit chunks):
-//! - 4-bit weights: `[r0 0..16, r1 0..16, r0 16..32, r1 16..32]`, which falls out of the nibble unpacking,
-//!   with the activation permuted to `[y 0..16, y 0..16, y 16..32, y 16..32]`;
-//! - 8-bit weights: `[r0 0..32, r1 0..32]` with the activation broadcast to `[y, y]`.
+//! The f16 scales (and Q4_1 minimums) of all rows of a tile are converted together: the first four bytes of
+//! each row's block are gathered into one vector and converted with one `vcvtph2ps`, giving `[d, m]` per row.
+//!
+//! Tiles with `C == 1` (decode) take the activation's scales from its blocks; tiles with `C == 8` (batches)
+//! read them from the block-major f32 copies kept by `QuantizedActs` (`d_t`, `s_t`, `[b * t_pad + t]`).
 
 use std::arch::x86_64::*;
 
@@ -18,69 +20,124 @@ use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 
 use super::avx2::{f16_to_f32, hsum_halves};
 
-/// Lane mask of `r1` in the 4-bit layout (chunks 1 and 3).
-const MASK_Q4: __mmask16 = 0xF0F0;
-/// Lane mask of `r1` in the 8-bit layout (chunks 2 and 3).
-const MASK_Q8: __mmask16 = 0xFF00;
+/// Most pairs per tile (the `[d, m]` gather holds eight rows).
+const MAX_PAIRS: usize = 4;
 
-/// Unpacks the nibbles of two Q4 blocks into the 4-bit pair layout.
+/// Block-major f32 copies of the activations' `d` (and for Q8_1 `s`) for batched tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockMajor<'a> {
+    pub(crate) d_t: &'a [f32],
+    pub(crate) s_t: &'a [f32],
+    pub(crate) t_pad: usize,
+    /// First activation of the tile.
+    pub(crate) c0: usize,
+}
+
+impl BlockMajor<'_> {
+    /// No batched data (for `C == 1` tiles).
+    pub(crate) const NONE: BlockMajor<'static> = BlockMajor { d_t: &[], s_t: &[], t_pad: 0, c0: 0 };
+}
+
+/// Unpacks the nibbles of two 4-bit blocks to `[r0 0..32, r1 0..32]` (low nibbles are elements 0..16).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 #[inline]
 fn nibbles_pair(q0: &[u8; 16], q1: &[u8; 16]) -> __m512i {
     // SAFETY: each reference is 16 readable bytes; loads are unaligned.
     let (a, b) = unsafe { (_mm_loadu_si128(q0.as_ptr().cast()), _mm_loadu_si128(q1.as_ptr().cast())) };
     let t = _mm256_set_m128i(b, a);
-    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(t), _mm256_srli_epi16::<4>(t));
+    let u = _mm256_srli_epi16::<4>(t);
+    // Quadwords [t0 t1 u0 u1 t2 t3 u2 u3]: r0's low and high nibbles, then r1's.
+    let idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    let z = _mm512_permutex2var_epi64(_mm512_castsi256_si512(t), idx, _mm512_castsi256_si512(u));
     _mm512_and_si512(z, _mm512_set1_epi8(0x0F))
 }
 
-/// Loads an activation block in the 4-bit pair layout.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+/// Loads two 8-bit blocks as `[r0 0..32, r1 0..32]`.
+#[target_feature(enable = "avx512f,avx2")]
 #[inline]
-fn act_q4_layout(q: &[i8; 32]) -> __m512i {
-    // SAFETY: `q` is 32 readable bytes; the load is unaligned.
-    let y = unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
-    _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_castsi256_si512(y))
+fn bytes_pair(q0: &[i8; 32], q1: &[i8; 32]) -> __m512i {
+    // SAFETY: each reference is 32 readable bytes; loads are unaligned.
+    let (a, b) = unsafe { (_mm256_loadu_si256(q0.as_ptr().cast()), _mm256_loadu_si256(q1.as_ptr().cast())) };
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
 }
 
-/// Loads an activation block in the 8-bit pair layout.
+/// An activation block broadcast to `[y, y]`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn act_q8_layout(q: &[i8; 32]) -> __m512i {
+fn act_pair(q: &[i8; 32]) -> __m512i {
     // SAFETY: `q` is 32 readable bytes; the load is unaligned.
     _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(q.as_ptr().cast()) })
 }
 
-/// Reduces the accumulators of one pair and activation to `(r0, r1)` sums in the 4-bit layout.
+/// Reduces the accumulators of one pair and activation to the `(r0, r1)` sums, as `hsum_float_8` each.
 #[target_feature(enable = "avx512f,sse3")]
 #[inline]
-fn reduce_q4(v: __m512) -> (f32, f32) {
-    let r0 = hsum_halves(_mm512_extractf32x4_ps::<0>(v), _mm512_extractf32x4_ps::<2>(v));
-    let r1 = hsum_halves(_mm512_extractf32x4_ps::<1>(v), _mm512_extractf32x4_ps::<3>(v));
-    (r0, r1)
-}
-
-/// Reduces the accumulators of one pair and activation to `(r0, r1)` sums in the 8-bit layout.
-#[target_feature(enable = "avx512f,sse3")]
-#[inline]
-fn reduce_q8(v: __m512) -> (f32, f32) {
+fn reduce_pair(v: __m512) -> (f32, f32) {
     let r0 = hsum_halves(_mm512_extractf32x4_ps::<0>(v), _mm512_extractf32x4_ps::<1>(v));
     let r1 = hsum_halves(_mm512_extractf32x4_ps::<2>(v), _mm512_extractf32x4_ps::<3>(v));
     (r0, r1)
 }
 
-/// Per-lane weight scales of a pair: `d0` in the lanes of `r0`, `d1` in those of `r1`.
+/// Converts the two f16 at the start of block `b` of every row: lane `2k` holds row `k`'s `d`, lane `2k + 1`
+/// its next f16 (`m` for Q4_1, unused otherwise). Row `k` is `w[k / 2][k % 2]`.
+///
+/// # Safety
+/// The CPU must support AVX-512F/VL, AVX2 and F16C; every row must hold more than `b` blocks.
+#[target_feature(enable = "avx512f,avx512vl,avx2,f16c")]
+#[inline]
+unsafe fn head_f16x2<B, const P: usize>(w: &[[&[B]; 2]; P], b: usize) -> __m512 {
+    const { assert!(P <= MAX_PAIRS && size_of::<B>() >= 4) };
+    let mut v = [0i32; 2 * MAX_PAIRS];
+    for (k, x) in v.iter_mut().enumerate().take(2 * P) {
+        // SAFETY: the caller guarantees block `b` exists; blocks are at least 4 bytes; the read is unaligned.
+        *x = unsafe { w[k / 2][k % 2].as_ptr().add(b).cast::<i32>().read_unaligned() };
+    }
+    let lo = _mm_setr_epi32(v[0], v[1], v[2], v[3]);
+    let hi = _mm_setr_epi32(v[4], v[5], v[6], v[7]);
+    _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
+}
+
+/// Permutation indices giving, for pair `p`, `d` of row `2p` in lanes 0..8 and of row `2p + 1` in lanes 8..16.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn pair_scales(mask: __mmask16, d0: f32, d1: f32) -> __m512 {
-    _mm512_mask_blend_ps(mask, _mm512_set1_ps(d0), _mm512_set1_ps(d1))
+fn pair_scale_idx<const P: usize>() -> [__m512i; P] {
+    let mut idx = [_mm512_setzero_si512(); P];
+    for (p, x) in idx.iter_mut().enumerate() {
+        let (a, b) = (4 * p as i32, 4 * p as i32 + 2);
+        *x = _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+    }
+    idx
+}
+
+/// The activation's scale for block `b` of activation `c` as a vector.
+///
+/// # Safety
+/// The CPU must support AVX-512F and F16C. With `C > 1`, `bm` must cover block `b` and activations
+/// `bm.c0..bm.c0 + C`; with `C == 1`, `d` must be the activation block's scale.
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn act_scale<const C: usize>(bm: &BlockMajor, b: usize, c: usize, d: half::f16) -> __m512 {
+    if C == 1 {
+        _mm512_set1_ps(f16_to_f32(d))
+    } else {
+        // SAFETY: in bounds by the caller's guarantee.
+        _mm512_set1_ps(unsafe { *bm.d_t.get_unchecked(b * bm.t_pad + bm.c0 + c) })
+    }
+}
+
+/// Checks a batched tile's block-major data.
+fn check_block_major<const C: usize>(bm: &BlockMajor, nb: usize, need_s: bool) {
+    if C > 1 {
+        assert!(bm.c0 + C <= bm.t_pad && bm.d_t.len() >= nb * bm.t_pad);
+        assert!(!need_s || bm.s_t.len() >= nb * bm.t_pad);
+    }
 }
 
 /// Q4_1 x Q8_1 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks.
 ///
-/// With `C == 1` the `m * s` terms are summed in scalar code. With `C == 8`, they are summed eight activations
-/// at a time from `s_t`, the activations' `s` values in block-major order (`s_t[b * t_pad + t]`), starting at
-/// activation `c0`; each lane still computes ggml's sequential `summs = fma(m, s, summs)`.
+/// The `m * s` terms are summed per row in vector lanes, each lane computing ggml's sequential
+/// `summs = fma(m, s, summs)`: for `C == 1` in the odd lanes of the `[d, m]` vector, for `C == 8` eight
+/// activations per vector from `bm.s_t`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
@@ -88,39 +145,47 @@ fn pair_scales(mask: __mmask16, d0: f32, d1: f32) -> __m512 {
 pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
     w: [[&[BlockQ4_1]; 2]; P],
     a: [&[BlockQ8_1]; C],
-    s_t: &[f32],
-    t_pad: usize,
-    c0: usize,
+    bm: BlockMajor,
     nb: usize,
 ) -> [[[f32; C]; 2]; P] {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
-    assert!(C == 1 || (C == 8 && c0 + 8 <= t_pad && s_t.len() >= nb * t_pad));
+    assert!(C == 1 || C == 8);
+    check_block_major::<C>(&bm, nb, true);
+    let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
-    let mut summs1 = [[0.0f32; 2]; P];
+    let mut sums1 = _mm512_setzero_ps();
+    let mut sums8 = [[_mm256_setzero_ps(); 2]; P];
     for b in 0..nb {
-        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
-        // the features the caller guarantees.
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
+        // intrinsics need the features the caller guarantees.
         unsafe {
             let mut qy = [_mm512_setzero_si512(); C];
             let mut dy = [_mm512_setzero_ps(); C];
-            let mut sy = 0.0f32;
             for c in 0..C {
                 let by = a[c].get_unchecked(b);
-                qy[c] = act_q4_layout(&by.qs);
-                dy[c] = _mm512_set1_ps(f16_to_f32(by.d));
-                if C == 1 {
-                    sy = f16_to_f32(by.s);
+                qy[c] = act_pair(&by.qs);
+                dy[c] = act_scale::<C>(&bm, b, c, by.d);
+            }
+            let dm = head_f16x2(&w, b);
+            if C == 1 {
+                let sy = _mm512_set1_ps(f16_to_f32(a[0].get_unchecked(b).s));
+                sums1 = _mm512_fmadd_ps(dm, sy, sums1);
+            } else {
+                let st = _mm256_loadu_ps(bm.s_t.as_ptr().add(b * bm.t_pad + bm.c0));
+                let dm_lo = _mm512_castps512_ps256(dm);
+                let dm_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(dm)));
+                for (p, s) in sums8.iter_mut().enumerate() {
+                    for (i, s) in s.iter_mut().enumerate() {
+                        let k = 2 * (2 * p + i) + 1;
+                        let half = if k < 8 { dm_lo } else { dm_hi };
+                        let m = _mm256_permutevar8x32_ps(half, _mm256_set1_epi32((k % 8) as i32));
+                        *s = _mm256_fmadd_ps(m, st, *s);
+                    }
                 }
             }
             for p in 0..P {
-                let b0 = w[p][0].get_unchecked(b);
-                let b1 = w[p][1].get_unchecked(b);
-                let z = nibbles_pair(&b0.qs, &b1.qs);
-                let wd = pair_scales(MASK_Q4, f16_to_f32(b0.d), f16_to_f32(b1.d));
-                if C == 1 {
-                    summs1[p][0] = f16_to_f32(b0.m).mul_add(sy, summs1[p][0]);
-                    summs1[p][1] = f16_to_f32(b1.m).mul_add(sy, summs1[p][1]);
-                }
+                let z = nibbles_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
+                let wd = _mm512_permutexvar_ps(idx[p], dm);
                 for c in 0..C {
                     let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), z, qy[c]));
                     acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
@@ -128,39 +193,23 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
             }
         }
     }
-    // The `m * s` sums of the batched case, eight activations per vector, all rows' chains interleaved.
-    let mut sv = [[_mm256_setzero_ps(); 2]; P];
-    if C != 1 {
-        for b in 0..nb {
-            // SAFETY: `b * t_pad + c0 + 8 <= nb * t_pad <= s_t.len()` (checked above); the rows hold `nb`
-            // blocks; FMA/AVX are enabled here.
-            unsafe {
-                let st = _mm256_loadu_ps(s_t.as_ptr().add(b * t_pad + c0));
-                for p in 0..P {
-                    for i in 0..2 {
-                        let m = _mm256_set1_ps(f16_to_f32(w[p][i].get_unchecked(b).m));
-                        sv[p][i] = _mm256_fmadd_ps(m, st, sv[p][i]);
-                    }
-                }
-            }
-        }
-    }
+    let mut s1 = [0.0f32; 16];
+    // SAFETY: `s1` holds 16 floats.
+    unsafe { _mm512_storeu_ps(s1.as_mut_ptr(), sums1) };
     let mut out = [[[0.0f32; C]; 2]; P];
     for p in 0..P {
-        let mut summs = [[0.0f32; C]; 2];
-        if C == 1 {
-            summs[0][0] = summs1[p][0];
-            summs[1][0] = summs1[p][1];
-        } else {
-            for (s, v) in summs.iter_mut().zip(&sv[p]) {
-                // SAFETY: `s` holds `C == 8` floats; AVX is enabled here.
-                unsafe { _mm256_storeu_ps(s.as_mut_ptr(), *v) };
+        for i in 0..2 {
+            let mut summs = [0.0f32; 8];
+            if C == 1 {
+                summs[0] = s1[2 * (2 * p + i) + 1];
+            } else {
+                // SAFETY: `summs` holds 8 floats.
+                unsafe { _mm256_storeu_ps(summs.as_mut_ptr(), sums8[p][i]) };
             }
-        }
-        for c in 0..C {
-            let (r0, r1) = reduce_q4(acc[p][c]);
-            out[p][0][c] = r0 + summs[0][c];
-            out[p][1][c] = r1 + summs[1][c];
+            for c in 0..C {
+                let (r0, r1) = reduce_pair(acc[p][c]);
+                out[p][i][c] = if i == 0 { r0 } else { r1 } + summs[c];
+            }
         }
     }
     out
@@ -174,29 +223,31 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
 pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
     w: [[&[BlockQ4_0]; 2]; P],
     a: [&[BlockQ8_0]; C],
+    bm: BlockMajor,
     nb: usize,
 ) -> [[[f32; C]; 2]; P] {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    check_block_major::<C>(&bm, nb, false);
+    let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
     for b in 0..nb {
-        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
-        // the features the caller guarantees.
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
+        // intrinsics need the features the caller guarantees.
         unsafe {
             let mut qy = [_mm512_setzero_si512(); C];
             let mut negb = [_mm512_setzero_si512(); C];
             let mut dy = [_mm512_setzero_ps(); C];
             for c in 0..C {
                 let by = a[c].get_unchecked(b);
-                qy[c] = act_q4_layout(&by.qs);
+                qy[c] = act_pair(&by.qs);
                 let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), qy[c]);
                 negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-                dy[c] = _mm512_set1_ps(f16_to_f32(by.d));
+                dy[c] = act_scale::<C>(&bm, b, c, by.d);
             }
+            let dm = head_f16x2(&w, b);
             for p in 0..P {
-                let b0 = w[p][0].get_unchecked(b);
-                let b1 = w[p][1].get_unchecked(b);
-                let z = nibbles_pair(&b0.qs, &b1.qs);
-                let wd = pair_scales(MASK_Q4, f16_to_f32(b0.d), f16_to_f32(b1.d));
+                let z = nibbles_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
+                let wd = _mm512_permutexvar_ps(idx[p], dm);
                 for c in 0..C {
                     let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
                     acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
@@ -204,15 +255,7 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
             }
         }
     }
-    let mut out = [[[0.0f32; C]; 2]; P];
-    for p in 0..P {
-        for c in 0..C {
-            let (r0, r1) = reduce_q4(acc[p][c]);
-            out[p][0][c] = r0;
-            out[p][1][c] = r1;
-        }
-    }
-    out
+    finish(&acc)
 }
 
 /// Q8_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks.
@@ -223,33 +266,33 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
 pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
     w: [[&[BlockQ8_0]; 2]; P],
     a: [&[BlockQ8_0]; C],
+    bm: BlockMajor,
     nb: usize,
 ) -> [[[f32; C]; 2]; P] {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    check_block_major::<C>(&bm, nb, false);
+    let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
     for b in 0..nb {
-        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
-        // the features the caller guarantees.
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
+        // intrinsics need the features the caller guarantees.
         unsafe {
             let mut qy = [_mm512_setzero_si512(); C];
             let mut negb = [_mm512_setzero_si512(); C];
             let mut dy = [_mm512_setzero_ps(); C];
             for c in 0..C {
                 let by = a[c].get_unchecked(b);
-                qy[c] = act_q8_layout(&by.qs);
+                qy[c] = act_pair(&by.qs);
                 let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), qy[c]);
                 negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-                dy[c] = _mm512_set1_ps(f16_to_f32(by.d));
+                dy[c] = act_scale::<C>(&bm, b, c, by.d);
             }
+            let dm = head_f16x2(&w, b);
             for p in 0..P {
-                let b0 = w[p][0].get_unchecked(b);
-                let b1 = w[p][1].get_unchecked(b);
-                let x0 = _mm256_loadu_si256(b0.qs.as_ptr().cast());
-                let x1 = _mm256_loadu_si256(b1.qs.as_ptr().cast());
-                let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x1);
+                let z = bytes_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
                 // x + 128 as an unsigned byte.
                 let z = _mm512_xor_si512(z, _mm512_set1_epi8(-128));
-                let wd = pair_scales(MASK_Q8, f16_to_f32(b0.d), f16_to_f32(b1.d));
+                let wd = _mm512_permutexvar_ps(idx[p], dm);
                 for c in 0..C {
                     let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
                     acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
@@ -257,10 +300,17 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
             }
         }
     }
+    finish(&acc)
+}
+
+/// Reduces every pair's accumulators.
+#[target_feature(enable = "avx512f,sse3")]
+#[inline]
+fn finish<const P: usize, const C: usize>(acc: &[[__m512; C]; P]) -> [[[f32; C]; 2]; P] {
     let mut out = [[[0.0f32; C]; 2]; P];
     for p in 0..P {
         for c in 0..C {
-            let (r0, r1) = reduce_q8(acc[p][c]);
+            let (r0, r1) = reduce_pair(acc[p][c]);
             out[p][0][c] = r0;
             out[p][1][c] = r1;
         }
