@@ -95,8 +95,9 @@ unsafe fn drive<const R: usize, const C: usize>(
     r1: usize,
     n_t: usize,
     dest: &Dest,
-    mut tile: impl FnMut([usize; R], [usize; C]) -> [[f32; C]; R],
+    mut tile: impl FnMut([usize; R], [usize; C], &mut [[f32; C]; R]),
 ) {
+    let mut res = [[0.0f32; C]; R];
     let mut r = r0;
     while r < r1 {
         let nr = R.min(r1 - r);
@@ -105,7 +106,7 @@ unsafe fn drive<const R: usize, const C: usize>(
         while t < n_t {
             let nc = C.min(n_t - t);
             let cols: [usize; C] = std::array::from_fn(|j| t + j.min(nc - 1));
-            let res = tile(rows, cols);
+            tile(rows, cols, &mut res);
             for (i, row) in res.iter().enumerate().take(nr) {
                 for (j, &v) in row.iter().enumerate().take(nc) {
                     // SAFETY: row `r + i` is in `[r0, r1)`, which the caller owns exclusively.
@@ -128,12 +129,6 @@ fn row<B>(m: &[B], nb: usize, i: usize) -> &[B] {
 #[inline(always)]
 fn pairs<'a, B, const P: usize>(m: &'a [B], nb: usize, rows: &[usize]) -> [[&'a [B]; 2]; P] {
     std::array::from_fn(|p| [row(m, nb, rows[2 * p]), row(m, nb, rows[2 * p + 1])])
-}
-
-/// Flattens a pair-kernel result to one row per entry.
-#[inline(always)]
-fn flat<const P: usize, const C: usize, const R: usize>(res: [[[f32; C]; 2]; P]) -> [[f32; C]; R] {
-    std::array::from_fn(|i| res[i / 2][i % 2])
 }
 
 /// The block-major activation scales of a batched tile starting at activation `c0`.
@@ -166,24 +161,26 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 8 {
-                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs| {
+                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs, res| {
                         let bm = block_major(acts, cs[0]);
-                        flat(kernels::avx512::tile_q4_1::<2, 8>(
+                        kernels::avx512::tile_q4_1::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             bm,
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 } else {
-                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs| {
+                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
                         let bm = BlockMajor::NONE;
-                        flat(kernels::avx512::tile_q4_1::<4, 1>(
+                        kernels::avx512::tile_q4_1::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             bm,
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 }
             }
@@ -194,22 +191,24 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 8 {
-                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs| {
-                        flat(kernels::avx512::tile_q4_0::<2, 8>(
+                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q4_0::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             block_major(acts, cs[0]),
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 } else {
-                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs| {
-                        flat(kernels::avx512::tile_q4_0::<4, 1>(
+                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q4_0::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             BlockMajor::NONE,
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 }
             }
@@ -220,22 +219,24 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 8 {
-                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs| {
-                        flat(kernels::avx512::tile_q8_0::<2, 8>(
+                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q8_0::<2, 8>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             block_major(acts, cs[0]),
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 } else {
-                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs| {
-                        flat(kernels::avx512::tile_q8_0::<4, 1>(
+                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q8_0::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             BlockMajor::NONE,
                             nb,
-                        ))
+                            res,
+                        )
                     })
                 }
             }
@@ -246,12 +247,22 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 2 {
-                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q4_1(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q4_1(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 } else {
-                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q4_1(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q4_1(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 }
             }
@@ -262,12 +273,22 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 2 {
-                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q4_0(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q4_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 } else {
-                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q4_0(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q4_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 }
             }
@@ -278,12 +299,22 @@ unsafe fn compute(
             // SAFETY: see above.
             unsafe {
                 if n_t >= 2 {
-                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q8_0(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q8_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 } else {
-                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs| {
-                        kernels::avx2::tile_q8_0(rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb)
+                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q8_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
                     })
                 }
             }
@@ -292,8 +323,8 @@ unsafe fn compute(
             let a = &acts.q8_1[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[scalar::vec_dot_q4_1_q8_1(row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = scalar::vec_dot_q4_1_q8_1(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -301,8 +332,8 @@ unsafe fn compute(
             let a = &acts.q8_0[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[scalar::vec_dot_q4_0_q8_0(row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = scalar::vec_dot_q4_0_q8_0(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -310,8 +341,8 @@ unsafe fn compute(
             let a = &acts.q8_0[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[scalar::vec_dot_q8_0_q8_0(row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = scalar::vec_dot_q8_0_q8_0(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -319,8 +350,8 @@ unsafe fn compute(
             let a: &[BlockQ8K] = &acts.q8k[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[scalar::vec_dot_q4k_q8k(row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = scalar::vec_dot_q4k_q8k(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -328,8 +359,8 @@ unsafe fn compute(
             let a: &[BlockQ8K] = &acts.q8k[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[scalar::vec_dot_q6k_q8k(row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = scalar::vec_dot_q6k_q8k(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -337,8 +368,8 @@ unsafe fn compute(
             let a = &acts.f32s[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[kernels::vec_dot_f32(path, row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = kernels::vec_dot_f32(path, row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -346,8 +377,8 @@ unsafe fn compute(
             let a = &acts.f16s[..];
             // SAFETY: see above.
             unsafe {
-                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c]| {
-                    [[kernels::vec_dot_f16(path, row(m, nb, r), row(a, nb, c))]]
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = kernels::vec_dot_f16(path, row(m, nb, r), row(a, nb, c));
                 })
             }
         }

@@ -59,7 +59,7 @@ fn load32(q: &[i8; 32]) -> __m256i {
     unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
 }
 
-/// Q4_1 x Q8_1 dot products of `R` weight rows with `C` activation rows over `nb` blocks.
+/// Q4_1 x Q8_1 dot products of `R` weight rows with `C` activation rows over `nb` blocks, into `out[r][c]`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
@@ -68,7 +68,8 @@ pub(crate) unsafe fn tile_q4_1<const R: usize, const C: usize>(
     w: [&[BlockQ4_1]; R],
     a: [&[BlockQ8_1]; C],
     nb: usize,
-) -> [[f32; C]; R] {
+    out: &mut [[f32; C]; R],
+) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut summs = [[0.0f32; C]; R];
@@ -98,16 +99,14 @@ pub(crate) unsafe fn tile_q4_1<const R: usize, const C: usize>(
             }
         }
     }
-    let mut out = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
             out[r][c] = hsum8(acc[r][c]) + summs[r][c];
         }
     }
-    out
 }
 
-/// Q4_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks.
+/// Q4_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks, into `out[r][c]`.
 ///
 /// The weights enter `maddubs` unsigned (0..16) and `8 * sum(y)` is subtracted per lane, which gives the same
 /// integer lanes as ggml's signed `(q - 8) * y`.
@@ -119,7 +118,8 @@ pub(crate) unsafe fn tile_q4_0<const R: usize, const C: usize>(
     w: [&[BlockQ4_0]; R],
     a: [&[BlockQ8_0]; C],
     nb: usize,
-) -> [[f32; C]; R] {
+    out: &mut [[f32; C]; R],
+) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     for b in 0..nb {
@@ -147,13 +147,11 @@ pub(crate) unsafe fn tile_q4_0<const R: usize, const C: usize>(
             }
         }
     }
-    let mut out = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
             out[r][c] = hsum8(acc[r][c]);
         }
     }
-    out
 }
 
 /// Q8_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks, with ggml's
@@ -166,7 +164,8 @@ pub(crate) unsafe fn tile_q8_0<const R: usize, const C: usize>(
     w: [&[BlockQ8_0]; R],
     a: [&[BlockQ8_0]; C],
     nb: usize,
-) -> [[f32; C]; R] {
+    out: &mut [[f32; C]; R],
+) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     for b in 0..nb {
@@ -193,13 +192,11 @@ pub(crate) unsafe fn tile_q8_0<const R: usize, const C: usize>(
             }
         }
     }
-    let mut out = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
             out[r][c] = hsum8(acc[r][c]);
         }
     }
-    out
 }
 
 /// Quantizes one block of 32 values: returns the rounded, converted integers and `(amax, d)`.

@@ -133,7 +133,8 @@ fn check_block_major<const C: usize>(bm: &BlockMajor, nb: usize, need_s: bool) {
     }
 }
 
-/// Q4_1 x Q8_1 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks.
+/// Q4_1 x Q8_1 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks, into
+/// `out[2p + i][c]` for row `i` of pair `p`.
 ///
 /// The `m * s` terms are summed per row in vector lanes, each lane computing ggml's sequential
 /// `summs = fma(m, s, summs)`: for `C == 1` in the odd lanes of the `[d, m]` vector, for `C == 8` eight
@@ -147,7 +148,8 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
     a: [&[BlockQ8_1]; C],
     bm: BlockMajor,
     nb: usize,
-) -> [[[f32; C]; 2]; P] {
+    out: &mut [[f32; C]],
+) {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     assert!(C == 1 || C == 8);
     check_block_major::<C>(&bm, nb, true);
@@ -193,10 +195,10 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
             }
         }
     }
+    assert!(out.len() >= 2 * P);
     let mut s1 = [0.0f32; 16];
     // SAFETY: `s1` holds 16 floats.
     unsafe { _mm512_storeu_ps(s1.as_mut_ptr(), sums1) };
-    let mut out = [[[0.0f32; C]; 2]; P];
     for p in 0..P {
         for i in 0..2 {
             let mut summs = [0.0f32; 8];
@@ -208,14 +210,14 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
             }
             for c in 0..C {
                 let (r0, r1) = reduce_pair(acc[p][c]);
-                out[p][i][c] = if i == 0 { r0 } else { r1 } + summs[c];
+                out[2 * p + i][c] = if i == 0 { r0 } else { r1 } + summs[c];
             }
         }
     }
-    out
 }
 
-/// Q4_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks.
+/// Q4_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks, into
+/// `out[2p + i][c]` for row `i` of pair `p`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
@@ -225,7 +227,8 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
     a: [&[BlockQ8_0]; C],
     bm: BlockMajor,
     nb: usize,
-) -> [[[f32; C]; 2]; P] {
+    out: &mut [[f32; C]],
+) {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     check_block_major::<C>(&bm, nb, false);
     let idx = pair_scale_idx::<P>();
@@ -255,10 +258,11 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
             }
         }
     }
-    finish(&acc)
+    finish(&acc, out)
 }
 
-/// Q8_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks.
+/// Q8_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks, into
+/// `out[2p + i][c]` for row `i` of pair `p`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
@@ -268,7 +272,8 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
     a: [&[BlockQ8_0]; C],
     bm: BlockMajor,
     nb: usize,
-) -> [[[f32; C]; 2]; P] {
+    out: &mut [[f32; C]],
+) {
     assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     check_block_major::<C>(&bm, nb, false);
     let idx = pair_scale_idx::<P>();
@@ -300,20 +305,19 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
             }
         }
     }
-    finish(&acc)
+    finish(&acc, out)
 }
 
-/// Reduces every pair's accumulators.
+/// Reduces every pair's accumulators into `out[2p + i]` (row `i` of pair `p`).
 #[target_feature(enable = "avx512f,sse3")]
 #[inline]
-fn finish<const P: usize, const C: usize>(acc: &[[__m512; C]; P]) -> [[[f32; C]; 2]; P] {
-    let mut out = [[[0.0f32; C]; 2]; P];
+fn finish<const P: usize, const C: usize>(acc: &[[__m512; C]; P], out: &mut [[f32; C]]) {
+    assert!(out.len() >= 2 * P);
     for p in 0..P {
         for c in 0..C {
             let (r0, r1) = reduce_pair(acc[p][c]);
-            out[p][0][c] = r0;
-            out[p][1][c] = r1;
+            out[2 * p][c] = r0;
+            out[2 * p + 1][c] = r1;
         }
     }
-    out
 }
