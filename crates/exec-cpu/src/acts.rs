@@ -24,7 +24,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Activation rows quantized for one weight type: a reusable buffer that does not allocate once grown.
 ///
-/// Quantize once per activation matrix, then pass it to [`crate::matmul`] for every weight matrix of the same
+/// Quantize once per activation matrix, then pass it to [`crate::matmul()`] for every weight matrix of the same
 /// `vec_dot_type` and width (for example Q, K and V, or gate and up).
 #[derive(Default)]
 pub struct QuantizedActs {

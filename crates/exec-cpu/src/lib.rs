@@ -4,7 +4,7 @@
 //! The arithmetic mirrors ggml's x86 CPU backend so that pinion reproduces llama.cpp's greedy tokens:
 //! activations are quantized once per row to the weight type's `vec_dot_type` ([`QuantizedActs`]), and each
 //! dot product sums integer products per block and accumulates per block in f32 in ggml's order. Weights are
-//! borrowed in place as a [`QMatrix`] (usually from an mmap); [`matmul`] multiplies it with a batch of
+//! borrowed in place as a [`QMatrix`] (usually from an mmap); [`matmul()`] multiplies it with a batch of
 //! quantized activation rows on the current rayon pool, reusing each weight block across the batch.
 //! Kernels exist for Q4_0, Q4_1 and Q8_0 (scalar, AVX2 and AVX-512 VNNI, chosen once at run time, see
 //! [`cpu_features`]), F32 and F16 (scalar, AVX2), and Q4_K and Q6_K (scalar for now).
