@@ -16,6 +16,7 @@
 mod acts;
 mod attention;
 mod error;
+mod ggml_exact;
 mod kernels;
 mod matmul;
 mod matrix;
@@ -24,6 +25,9 @@ mod ops;
 pub use crate::acts::{QuantizedActs, vec_dot_type};
 pub use crate::attention::{attention, attention_with};
 pub use crate::error::ExecError;
+pub use crate::ggml_exact::{
+    GGML_FA_TILE_Q, attention_f16acc, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,
+};
 pub use crate::kernels::{CpuFeatures, KernelPath, cpu_features};
 pub use crate::matmul::{matmul, matmul_rows, matmul_rows_with};
 pub use crate::matrix::QMatrix;

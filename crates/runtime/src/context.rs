@@ -242,7 +242,9 @@ fn forward(
             }
         }
         let attn = &mut s.attn[..n * qd];
-        exec::attention(
+        // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones.
+        let attention = if n < exec::GGML_FA_TILE_Q { exec::attention_f16acc } else { exec::attention };
+        attention(
             &s.q[..n * qd],
             n,
             n_past,
@@ -272,7 +274,7 @@ fn forward(
             s.acts.quantize(wu.ty, xn, d);
         }
         exec::matmul(&wu, &s.acts, &mut s.up[..n * ff]);
-        exec::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        exec::swiglu_ggml(&mut s.gate[..n * ff], &s.up[..n * ff]);
         s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
         exec::matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
         add_assign(x, &s.tmp[..n * d]);

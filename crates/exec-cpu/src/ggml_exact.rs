@@ -1,0 +1,312 @@
+//! Arithmetic that reproduces ggml's CPU backend bit for bit where rounding differences change results:
+//! flash attention for short batches and the SIMD SiLU used by SwiGLU. Small models amplify last-bit
+//! differences (a flipped rounding of an activation before Q8 quantization moves a layer's output), so pinion
+//! mirrors these to reproduce llama.cpp's logits and greedy tokens.
+//!
+//! llama.cpp's default CPU attention (`flash_attn = auto`) takes one of two paths per batch of queries:
+//! - fewer than 64 queries (decode, short prompts): `ggml_compute_forward_flash_attn_ext_f16_one_chunk`. The
+//!   query is rounded to f16, each score is an f16·f16 dot product accumulated in f32, and the softmax is
+//!   online, with the value accumulator *stored in f16* after every key (`ggml_vec_mad_f16`,
+//!   `ggml_vec_scale_f16`), converted to f32 and divided by the sum at the end;
+//! - 64 queries or more (long prompts): a tiled path in f32 throughout, which [`crate::attention`] matches.
+//!
+//! The f16 accumulator loses about three decimal digits, and small models amplify such differences into
+//! different greedy tokens, so pinion mirrors the first path exactly, including the order of the additions
+//! of ggml's AVX-512 f16 dot product.
+
+use std::cell::RefCell;
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Batches of at least this many queries use f32 attention (ggml's `GGML_FA_TILE_Q`).
+pub const GGML_FA_TILE_Q: usize = 64;
+
+thread_local! {
+    static SCRATCH: RefCell<(Vec<f16>, Vec<f16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Causal grouped-query attention with the arithmetic of ggml's `one_chunk` flash-attention path.
+///
+/// Arguments as [`crate::attention`]. Runs on the current rayon pool, parallel over (token, head).
+///
+/// # Panics
+/// On inconsistent shapes, as [`crate::attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f16acc(
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+        "attention: {n_heads} heads over {n_kv_heads}"
+    );
+    let q_dim = n_heads * head_dim;
+    let kv_dim = n_kv_heads * head_dim;
+    let n_kv = first_pos + n_tokens;
+    assert_eq!(q.len(), n_tokens * q_dim, "attention: q length");
+    assert_eq!(out.len(), n_tokens * q_dim, "attention: out length");
+    assert!(
+        k.len() >= n_kv * kv_dim && v.len() >= n_kv * kv_dim,
+        "attention: KV cache shorter than {n_kv} rows"
+    );
+    let group = n_heads / n_kv_heads;
+
+    let one = |(idx, o): (usize, &mut [f32])| {
+        let (t, h) = (idx / n_heads, idx % n_heads);
+        let kv_off = (h / group) * head_dim;
+        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+        let n_seen = first_pos + t + 1;
+        SCRATCH.with(|s| {
+            let (q16, acc) = &mut *s.borrow_mut();
+            q16.clear();
+            q16.extend(qh.iter().map(|&x| f16::from_f32(x)));
+            acc.clear();
+            acc.resize(head_dim, f16::ZERO);
+            let mut m = f32::NEG_INFINITY;
+            let mut sum = 0.0f32;
+            for pos in 0..n_seen {
+                let row = pos * kv_dim + kv_off;
+                let s = dot_f16_ggml(&k[row..row + head_dim], q16) * scale;
+                let mut ms = 1.0f32;
+                let mut vs = 1.0f32;
+                if s > m {
+                    let m_old = m;
+                    m = s;
+                    ms = (m_old - m).exp();
+                    for a in acc.iter_mut() {
+                        *a = f16::from_f32(a.to_f32() * ms);
+                    }
+                } else {
+                    vs = (s - m).exp();
+                }
+                for (a, &x) in acc.iter_mut().zip(&v[row..row + head_dim]) {
+                    *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
+                }
+                // GCC contracts `S*ms + vs` into one fused multiply-add (-ffp-contract=fast), so ggml does too.
+                sum = sum.mul_add(ms, vs);
+            }
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            for (o, a) in o.iter_mut().zip(acc.iter()) {
+                *o = a.to_f32() * inv;
+            }
+        });
+    };
+    if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {
+        out.par_chunks_mut(head_dim).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(head_dim).enumerate().for_each(one);
+    }
+}
+
+/// `dot(x, y)` of f16 vectors in f32, in the order of ggml's AVX-512 `ggml_vec_dot_f16`: four 16-lane FMA
+/// accumulators over steps of 64 elements, reduced pairwise (0+2, 1+3, then 0+1), then across lanes as a tree,
+/// then a scalar tail.
+pub fn dot_f16_ggml(x: &[f16], y: &[f16]) -> f32 {
+    debug_assert_eq!(x.len(), y.len());
+    let n = x.len();
+    let np = n & !63;
+    let mut acc = [[0.0f32; 16]; 4];
+    for base in (0..np).step_by(64) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, lane) in a.iter_mut().enumerate() {
+                let i = base + j * 16 + l;
+                *lane = x[i].to_f32().mul_add(y[i].to_f32(), *lane);
+            }
+        }
+    }
+    let mut sum = 0.0f64;
+    if np > 0 {
+        let mut r = [0.0f32; 16];
+        for l in 0..16 {
+            let a02 = acc[0][l] + acc[2][l];
+            let a13 = acc[1][l] + acc[3][l];
+            r[l] = a02 + a13;
+        }
+        sum = reduce16(&r) as f64;
+    }
+    for i in np..n {
+        sum += (x[i].to_f32() * y[i].to_f32()) as f64;
+    }
+    sum as f32
+}
+
+/// `exp(x)` as ggml's AVX-512 `ggml_v_expf` computes it (an ARM optimized-routines polynomial, at most 1.5 ulp
+/// from the true value), lane by lane: the same fused multiply-adds in the same order.
+pub fn expf_ggml(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // 0x1.715476p+0 = log2(e)
+    let n = z - r;
+    // b = x - n * ln2_hi - n * ln2_lo, as two fnmadds.
+    let b = (-n).mul_add(f32::from_bits(0x35bf_be8e), (-n).mul_add(f32::from_bits(0x3f31_7200), x));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let p1 = f32::from_bits(0x3c07_2010).mul_add(b, f32::from_bits(0x3d2b_9f17)); // 0x1.0e4020p-7, 0x1.573e2ep-5
+    let p2 = f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)); // 0x1.555e66p-3, 0x1.fffdb6p-2
+    let p3 = f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0); // 0x1.ffffecp-1
+    let j = p1.mul_add(u, p2).mul_add(u, p3);
+    scalef(j, n)
+}
+
+/// `j * 2^n` for integral `n`, as `_mm512_scalef_ps` (one rounding, into the subnormals if need be).
+fn scalef(j: f32, n: f32) -> f32 {
+    let n = n as i32;
+    if (-126..=127).contains(&n) {
+        j * f32::from_bits(((n + 127) as u32) << 23)
+    } else {
+        (j as f64 * 2f64.powi(n)) as f32
+    }
+}
+
+/// SiLU as ggml's AVX-512 `ggml_v_silu`: `x / (1 + expf_ggml(-x))`.
+pub fn silu_ggml(x: f32) -> f32 {
+    x / (1.0 + expf_ggml(0.0 - x))
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`, as ggml's `ggml_vec_swiglu_f32` on an AVX-512 machine: the SIMD SiLU
+/// for whole groups of 16, and the scalar `ggml_silu_f32` (libm `expf`) for the tail.
+pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "swiglu: lengths");
+    let body = gate.len() & !15;
+    for (g, &u) in gate[..body].iter_mut().zip(&up[..body]) {
+        *g = silu_ggml(*g) * u;
+    }
+    for (g, &u) in gate[body..].iter_mut().zip(&up[body..]) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Tree reduction of 16 lanes as `_mm512_reduce_add_ps`: halves added until one lane is left.
+fn reduce16(r: &[f32; 16]) -> f32 {
+    let mut v = *r;
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+    }
+    v[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn ggml_constants_are_the_hex_floats_of_the_source() {
+        // Each bit pattern above must be the f32 of the C hex-float literal in ggml's vec.h, 0x1.<frac>p<exp>.
+        let hexf = |frac: &str, exp: i32| {
+            let m = u64::from_str_radix(frac, 16).unwrap() as f64 / 16f64.powi(frac.len() as i32);
+            ((1.0 + m) * 2f64.powi(exp)) as f32
+        };
+        let table = [
+            (0x4b40_0000, "8", 23),
+            (0x3fb8_aa3b, "715476", 0),
+            (0x3f31_7200, "62e4", -1),
+            (0x35bf_be8e, "7f7d1c", -20),
+            (0x3c07_2010, "0e4020", -7),
+            (0x3d2b_9f17, "573e2e", -5),
+            (0x3e2a_af33, "555e66", -3),
+            (0x3eff_fedb, "fffdb6", -2),
+            (0x3f7f_fff6, "ffffec", -1),
+        ];
+        for (bits, frac, exp) in table {
+            assert_eq!(f32::from_bits(bits), hexf(frac, exp), "0x1.{frac}p{exp}");
+        }
+    }
+
+    #[test]
+    fn expf_ggml_is_within_two_ulp_of_exp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = expf_ggml(x) as f64;
+            let ulp = f32::EPSILON as f64 * want;
+            assert!((got - want).abs() <= 2.0 * ulp, "exp({x}) = {got}, want {want}");
+            x += 0.037;
+        }
+        assert_eq!(expf_ggml(0.0), 1.0);
+        assert_eq!(expf_ggml(-200.0), 0.0);
+        assert_eq!(expf_ggml(200.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn swiglu_ggml_matches_the_formula() {
+        let mut st = 3;
+        let gate: Vec<f32> = (0..37).map(|_| lcg(&mut st) * 8.0).collect();
+        let up: Vec<f32> = (0..37).map(|_| lcg(&mut st)).collect();
+        let mut got = gate.clone();
+        swiglu_ggml(&mut got, &up);
+        for i in 0..37 {
+            let g = gate[i] as f64;
+            let want = g / (1.0 + (-g).exp()) * up[i] as f64;
+            assert!((got[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", got[i]);
+        }
+    }
+
+    #[test]
+    fn dot_matches_f64_within_f32_rounding() {
+        let mut st = 1;
+        for n in [1, 7, 63, 64, 65, 128, 200] {
+            let x: Vec<f16> = (0..n).map(|_| f16::from_f32(lcg(&mut st))).collect();
+            let y: Vec<f16> = (0..n).map(|_| f16::from_f32(lcg(&mut st))).collect();
+            let want: f64 = x.iter().zip(&y).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+            let got = dot_f16_ggml(&x, &y) as f64;
+            assert!((got - want).abs() < 1e-5 * n as f64, "n {n}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn f16_accumulating_attention_is_close_to_exact_attention() {
+        let (n_heads, n_kv_heads, hd, first_pos, n_tokens) = (4, 2, 64, 5, 3);
+        let n_kv = first_pos + n_tokens;
+        let mut st = 7;
+        let q: Vec<f32> = (0..n_tokens * n_heads * hd).map(|_| lcg(&mut st) * 2.0).collect();
+        let k: Vec<f16> = (0..n_kv * n_kv_heads * hd).map(|_| f16::from_f32(lcg(&mut st))).collect();
+        let v: Vec<f16> = (0..n_kv * n_kv_heads * hd).map(|_| f16::from_f32(lcg(&mut st))).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut got = vec![0.0; q.len()];
+        attention_f16acc(&q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale, &mut got);
+        // Exact reference in f64, causal, grouped.
+        let kvd = n_kv_heads * hd;
+        for t in 0..n_tokens {
+            for h in 0..n_heads {
+                let kh = h / (n_heads / n_kv_heads);
+                let qv = &q[(t * n_heads + h) * hd..][..hd];
+                let seen = first_pos + t + 1;
+                let scores: Vec<f64> = (0..seen)
+                    .map(|p| {
+                        let kr = &k[p * kvd + kh * hd..][..hd];
+                        qv.iter().zip(kr).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for d in 0..hd {
+                    let want: f64 =
+                        (0..seen).map(|p| w[p] * v[p * kvd + kh * hd + d].to_f64()).sum::<f64>() / z;
+                    let g = got[(t * n_heads + h) * hd + d] as f64;
+                    // f16 accumulation: a few units of f16 precision (2^-11) relative to the magnitudes summed.
+                    assert!((g - want).abs() < 4e-3, "t {t} h {h} d {d}: {g} vs {want}");
+                }
+            }
+        }
+    }
+}
