@@ -106,7 +106,8 @@ impl LowRankPredictor {
     pub fn predict(&self, x: &[f32], hidden: &mut [f32], logits: &mut [f32], active: &mut Vec<u32>) {
         self.logits(x, hidden, logits);
         active.clear();
-        active.extend(logits.iter().enumerate().filter(|&(_, &l)| l >= self.threshold).map(|(i, _)| i as u32));
+        active
+            .extend(logits.iter().enumerate().filter(|&(_, &l)| l >= self.threshold).map(|(i, _)| i as u32));
     }
 }
 
@@ -120,7 +121,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        let e = LowRankPredictor::new(2, 1, 3, vec![0.0; 2], vec![0.0], vec![0.0; 2], vec![0.0; 3]).unwrap_err();
+        let e =
+            LowRankPredictor::new(2, 1, 3, vec![0.0; 2], vec![0.0], vec![0.0; 2], vec![0.0; 3]).unwrap_err();
         assert_eq!(e, PredictorError::Shape { what: "w2", got: 2, expected: 3 });
         let e = LowRankPredictor::new(0, 1, 3, vec![], vec![0.0], vec![0.0; 3], vec![0.0; 3]).unwrap_err();
         assert!(matches!(e, PredictorError::Empty { .. }));
