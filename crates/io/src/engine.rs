@@ -523,20 +523,19 @@ impl IoEngine {
             fallback.get_or_insert(FallbackReason::Requested);
         }
         if fallback.is_none() {
-            let ring = match cfg.simulate_setup_failure {
+            let started = match cfg.simulate_setup_failure {
                 Some(errno) => Err(FallbackReason::IoUringSetup { errno }),
-                None => crate::uring::setup(cfg.queue_depth),
+                None => crate::uring::spawn(shared.clone(), ops_rx.clone(), done_tx.clone(), cfg.queue_depth)
+                    .map_err(|e| match e {
+                        crate::uring::SpawnError::Setup(reason) => reason,
+                        crate::uring::SpawnError::Thread(source) => FallbackReason::ThreadSpawn {
+                            errno: source.raw_os_error().unwrap_or(libc::EAGAIN),
+                        },
+                    }),
             };
-            match ring {
-                Ok((ring, w)) => {
-                    let (sh, rx, tx, depth) =
-                        (shared.clone(), ops_rx.clone(), done_tx.clone(), cfg.queue_depth);
-                    let wk = w.clone();
+            match started {
+                Ok((t, w)) => {
                     waker = Some(w);
-                    let t = std::thread::Builder::new()
-                        .name("pinion-io-uring".into())
-                        .spawn(move || crate::uring::run(ring, sh, wk, rx, tx, depth))
-                        .map_err(|source| OpenError::Spawn { source })?;
                     threads.push(t);
                     backend = Backend::IoUring;
                 }

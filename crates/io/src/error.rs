@@ -162,6 +162,11 @@ pub enum FallbackReason {
     },
     /// The ring was created but does not support `IORING_OP_READ` (kernel older than 5.6).
     ReadOpUnsupported,
+    /// The io_uring submission thread could not be started.
+    ThreadSpawn {
+        /// Raw OS error number.
+        errno: i32,
+    },
     /// The file system refused O_DIRECT (for example tmpfs: EINVAL); reads go through the page cache.
     DirectIoRefused {
         /// Raw OS error number.
@@ -177,6 +182,9 @@ impl fmt::Display for FallbackReason {
                 write!(f, "io_uring setup failed: {}", io::Error::from_raw_os_error(*errno))
             }
             FallbackReason::ReadOpUnsupported => write!(f, "io_uring does not support IORING_OP_READ"),
+            FallbackReason::ThreadSpawn { errno } => {
+                write!(f, "cannot start the io_uring thread: {}", io::Error::from_raw_os_error(*errno))
+            }
             FallbackReason::DirectIoRefused { errno } => write!(
                 f,
                 "O_DIRECT refused by the file system ({}); reading through the page cache",

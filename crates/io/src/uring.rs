@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{IoUring, Probe, opcode, types};
@@ -61,10 +62,20 @@ impl Waker {
 }
 
 /// Creates a ring with room for `depth` reads and the wake-up poll, and checks that it supports reads.
-pub(crate) fn setup(depth: usize) -> Result<(IoUring, Arc<Waker>), FallbackReason> {
+///
+/// It asks for cooperative task work (Linux 5.19: completions are not signalled to the thread by interrupting
+/// it), falling back to no flags. `IORING_SETUP_DEFER_TASKRUN` was measured and rejected: on the 2-vCPU VM of
+/// docs/perf.md it cost 15-20% of 4 KiB random-read IOPS at depth 32, as completions then wait for this thread
+/// to enter the kernel.
+fn setup(depth: usize) -> Result<(IoUring, Arc<Waker>), FallbackReason> {
     let setup_err =
-        |e: std::io::Error| FallbackReason::IoUringSetup { errno: e.raw_os_error().unwrap_or(libc::ENOSYS) };
-    let ring = IoUring::new(depth as u32 + 1).map_err(setup_err)?;
+        |e: &std::io::Error| FallbackReason::IoUringSetup { errno: e.raw_os_error().unwrap_or(libc::ENOSYS) };
+    let entries = depth as u32 + 1;
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+        .map_err(|e| setup_err(&e))?;
     let mut probe = Probe::new();
     // Kernels without the probe interface (before 5.6) also lack IORING_OP_READ.
     if ring.submitter().register_probe(&mut probe).is_err()
@@ -73,8 +84,50 @@ pub(crate) fn setup(depth: usize) -> Result<(IoUring, Arc<Waker>), FallbackReaso
     {
         return Err(FallbackReason::ReadOpUnsupported);
     }
-    let waker = Waker::new().map_err(setup_err)?;
+    let waker = Waker::new().map_err(|e| setup_err(&e))?;
     Ok((ring, Arc::new(waker)))
+}
+
+/// Why [`spawn`] failed.
+pub(crate) enum SpawnError {
+    /// The ring could not be set up (so the pread backend should be used).
+    Setup(FallbackReason),
+    /// The thread could not be started.
+    Thread(std::io::Error),
+}
+
+/// Starts the submission thread, which sets up its ring (so that the ring's single issuer is that thread) and
+/// reports the outcome before serving requests.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    rx: Receiver<ReadOp>,
+    tx: Sender<Completion>,
+    depth: usize,
+) -> Result<(JoinHandle<()>, Arc<Waker>), SpawnError> {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let t = std::thread::Builder::new()
+        .name("pinion-io-uring".into())
+        .spawn(move || match setup(depth) {
+            Ok((ring, waker)) => {
+                let _ = ready_tx.send(Ok(waker.clone()));
+                run(ring, shared, waker, rx, tx, depth);
+            }
+            Err(reason) => {
+                let _ = ready_tx.send(Err(reason));
+            }
+        })
+        .map_err(SpawnError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(waker)) => Ok((t, waker)),
+        Ok(Err(reason)) => {
+            let _ = t.join();
+            Err(SpawnError::Setup(reason))
+        }
+        Err(_) => {
+            let _ = t.join();
+            Err(SpawnError::Setup(FallbackReason::IoUringSetup { errno: libc::EFAULT }))
+        }
+    }
 }
 
 /// Arms the poll on the wake-up eventfd.
@@ -136,7 +189,7 @@ fn submit(ring: &mut IoUring, want: usize) -> std::io::Result<()> {
 }
 
 /// The submission thread's loop; returns when the request channel is closed and nothing is in flight.
-pub(crate) fn run(
+fn run(
     mut ring: IoUring,
     shared: Arc<Shared>,
     waker: Arc<Waker>,
@@ -151,6 +204,7 @@ pub(crate) fn run(
     let mut pending: VecDeque<ReadOp> = VecDeque::new();
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(depth * 2);
     let mut open = true;
+    let wake_below = (depth / 4).max(1);
     loop {
         // Gather requests, blocking only when there is nothing else to do.
         if free.len() == depth && pending.is_empty() {
@@ -216,9 +270,12 @@ pub(crate) fn run(
 
         if fatal.is_none() && free.len() < depth {
             let mut want = 1;
-            if !pool_blocked && !free.is_empty() {
-                // Free slots and buffers: sleep only if no request is waiting, and announce it first (see
-                // `Waker`).
+            let in_flight = depth - free.len();
+            if !pool_blocked && !free.is_empty() && in_flight < wake_below {
+                // Free slots and buffers, and few reads in flight: sleep only if no request is waiting, and
+                // announce it first (see `Waker`). With many reads in flight the next completion comes soon
+                // and new requests are picked up then, which saves submitters a system call and this thread a
+                // wake-up per request.
                 waker.sleeping.store(true, Ordering::SeqCst);
                 fence(Ordering::SeqCst);
                 if !pending.is_empty() || !rx.is_empty() {
