@@ -60,6 +60,7 @@ pub fn attention_f16acc(
     );
     let group = n_heads / n_kv_heads;
 
+    let simd = head_dim.is_multiple_of(64) && avx512_ok();
     let one = |(idx, o): (usize, &mut [f32])| {
         let (t, h) = (idx / n_heads, idx % n_heads);
         let kv_off = (h / group) * head_dim;
@@ -68,42 +69,180 @@ pub fn attention_f16acc(
         SCRATCH.with(|s| {
             let (q16, acc) = &mut *s.borrow_mut();
             q16.clear();
-            q16.extend(qh.iter().map(|&x| f16::from_f32(x)));
+            q16.resize(head_dim, f16::ZERO);
             acc.clear();
             acc.resize(head_dim, f16::ZERO);
-            let mut m = f32::NEG_INFINITY;
-            let mut sum = 0.0f32;
-            for pos in 0..n_seen {
-                let row = pos * kv_dim + kv_off;
-                let s = dot_f16_ggml(&k[row..row + head_dim], q16) * scale;
-                let mut ms = 1.0f32;
-                let mut vs = 1.0f32;
-                if s > m {
-                    let m_old = m;
-                    m = s;
-                    ms = (m_old - m).exp();
-                    for a in acc.iter_mut() {
-                        *a = f16::from_f32(a.to_f32() * ms);
-                    }
-                } else {
-                    vs = (s - m).exp();
-                }
-                for (a, &x) in acc.iter_mut().zip(&v[row..row + head_dim]) {
-                    *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
-                }
-                // GCC contracts `S*ms + vs` into one fused multiply-add (-ffp-contract=fast), so ggml does too.
-                sum = sum.mul_add(ms, vs);
+            let head = Head { q: qh, k, v, kv_dim, kv_off, n_seen, scale };
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `avx512_ok` confirmed AVX-512F, F16C and FMA at run time; `head_dim` is a multiple
+                // of 64; the shape assertions above guarantee every row `pos * kv_dim + kv_off + head_dim`
+                // for `pos < n_seen` lies inside `k` and `v`, and `q16`, `acc`, `o` have `head_dim` values.
+                unsafe { avx512::head(&head, q16, acc, o) };
+                return;
             }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            for (o, a) in o.iter_mut().zip(acc.iter()) {
-                *o = a.to_f32() * inv;
-            }
+            let _ = simd;
+            head_scalar(&head, q16, acc, o);
         });
     };
     if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {
         out.par_chunks_mut(head_dim).enumerate().for_each(one);
     } else {
         out.chunks_mut(head_dim).enumerate().for_each(one);
+    }
+}
+
+/// One query head's view of the inputs.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f16],
+    v: &'a [f16],
+    kv_dim: usize,
+    kv_off: usize,
+    n_seen: usize,
+    scale: f32,
+}
+
+/// ggml's one-chunk loop for one query head, in portable Rust.
+fn head_scalar(h: &Head<'_>, q16: &mut [f16], acc: &mut [f16], out: &mut [f32]) {
+    let hd = h.q.len();
+    for (d, &x) in q16.iter_mut().zip(h.q) {
+        *d = f16::from_f32(x);
+    }
+    let mut m = f32::NEG_INFINITY;
+    let mut sum = 0.0f32;
+    for pos in 0..h.n_seen {
+        let row = pos * h.kv_dim + h.kv_off;
+        let s = dot_f16_ggml(&h.k[row..row + hd], q16) * h.scale;
+        let mut ms = 1.0f32;
+        let mut vs = 1.0f32;
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            for a in acc.iter_mut() {
+                *a = f16::from_f32(a.to_f32() * ms);
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        for (a, &x) in acc.iter_mut().zip(&h.v[row..row + hd]) {
+            *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
+        }
+        // GCC contracts `S*ms + vs` into one fused multiply-add (-ffp-contract=fast), so ggml does too.
+        sum = sum.mul_add(ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a.to_f32() * inv;
+    }
+}
+
+/// Whether the AVX-512 head kernel can run here (checked once).
+fn avx512_ok() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var("PINION_KERNELS").map_or(true, |k| k == "avx512")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{Head, reduce16};
+
+    /// ggml's one-chunk loop for one query head with AVX-512, in ggml's lane order (bit-identical to
+    /// [`super::head_scalar`]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, F16C and FMA. `h.q.len()` (the head size) must be a multiple of 64 and
+    /// equal the lengths of `q16`, `acc` and `out`; for every `pos < h.n_seen`, `pos * h.kv_dim + h.kv_off +
+    /// h.q.len()` must not exceed the lengths of `h.k` and `h.v`.
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    pub(super) unsafe fn head(h: &Head<'_>, q16: &mut [f16], acc: &mut [f16], out: &mut [f32]) {
+        let hd = h.q.len();
+        let (qp, q16p, accp) = (h.q.as_ptr(), q16.as_mut_ptr() as *mut u16, acc.as_mut_ptr() as *mut u16);
+        // SAFETY (all blocks below): each access reads or writes 16 lanes at an offset `i < hd` stepping by
+        // 16, inside slices of `hd` values (the caller's contract), or inside the K/V row of `hd` values that
+        // starts at `row`, which the caller guarantees lies inside `k` and `v`.
+        for i in (0..hd).step_by(16) {
+            unsafe {
+                let x = _mm512_loadu_ps(qp.add(i));
+                _mm256_storeu_si256(
+                    q16p.add(i) as *mut __m256i,
+                    _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x),
+                );
+            }
+        }
+        let load16 = |p: *const u16| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) };
+        let (kp, vp) = (h.k.as_ptr() as *const u16, h.v.as_ptr() as *const u16);
+        let mut m = f32::NEG_INFINITY;
+        let mut sum = 0.0f32;
+        for pos in 0..h.n_seen {
+            let row = pos * h.kv_dim + h.kv_off;
+            // Score: four accumulators of 16 lanes over steps of 64, as ggml_vec_dot_f16.
+            let mut a = [_mm512_setzero_ps(); 4];
+            for base in (0..hd).step_by(64) {
+                for (j, aj) in a.iter_mut().enumerate() {
+                    let off = base + j * 16;
+                    unsafe {
+                        let x = load16(kp.add(row + off));
+                        let y = load16(q16p.add(off));
+                        *aj = _mm512_fmadd_ps(x, y, *aj);
+                    }
+                }
+            }
+            let r = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let mut lanes = [0.0f32; 16];
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), r) };
+            let s = reduce16(&lanes) * h.scale;
+            let mut vs = 1.0f32;
+            if s > m {
+                let m_old = m;
+                m = s;
+                let ms = (m_old - m).exp();
+                let msv = _mm512_set1_ps(ms);
+                for i in (0..hd).step_by(16) {
+                    unsafe {
+                        let y = _mm512_mul_ps(load16(accp.add(i)), msv);
+                        _mm256_storeu_si256(
+                            accp.add(i) as *mut __m256i,
+                            _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y),
+                        );
+                    }
+                }
+                sum = sum.mul_add(ms, vs);
+            } else {
+                vs = (s - m).exp();
+                sum = sum.mul_add(1.0, vs);
+            }
+            let vsv = _mm512_set1_ps(vs);
+            for i in (0..hd).step_by(16) {
+                unsafe {
+                    let y = _mm512_fmadd_ps(load16(vp.add(row + i)), vsv, load16(accp.add(i)));
+                    _mm256_storeu_si256(
+                        accp.add(i) as *mut __m256i,
+                        _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y),
+                    );
+                }
+            }
+        }
+        let inv = _mm512_set1_ps(if sum == 0.0 { 0.0 } else { 1.0 / sum });
+        let op = out.as_mut_ptr();
+        for i in (0..hd).step_by(16) {
+            unsafe { _mm512_storeu_ps(op.add(i), _mm512_mul_ps(load16(accp.add(i)), inv)) };
+        }
     }
 }
 
@@ -257,6 +396,28 @@ mod tests {
             let g = gate[i] as f64;
             let want = g / (1.0 + (-g).exp()) * up[i] as f64;
             assert!((got[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", got[i]);
+        }
+    }
+
+    #[test]
+    fn avx512_head_is_bit_identical_to_scalar() {
+        if !avx512_ok() {
+            eprintln!("note: no AVX-512 here; the SIMD head kernel is not tested");
+            return;
+        }
+        let mut st = 11;
+        for (hd, kv_dim, n_seen) in [(64, 192, 1), (64, 192, 37), (128, 256, 300)] {
+            let q: Vec<f32> = (0..hd).map(|_| lcg(&mut st) * 3.0).collect();
+            let k: Vec<f16> = (0..n_seen * kv_dim).map(|_| f16::from_f32(lcg(&mut st))).collect();
+            let v: Vec<f16> = (0..n_seen * kv_dim).map(|_| f16::from_f32(lcg(&mut st))).collect();
+            let h = Head { q: &q, k: &k, v: &v, kv_dim, kv_off: kv_dim - hd, n_seen, scale: 0.125 };
+            let (mut q16, mut acc, mut want) = (vec![f16::ZERO; hd], vec![f16::ZERO; hd], vec![0.0f32; hd]);
+            head_scalar(&h, &mut q16, &mut acc, &mut want);
+            let (mut q16, mut acc, mut got) = (vec![f16::ZERO; hd], vec![f16::ZERO; hd], vec![0.0f32; hd]);
+            // SAFETY: avx512_ok() checked the CPU; hd is a multiple of 64 and the rows fit (built above).
+            unsafe { avx512::head(&h, &mut q16, &mut acc, &mut got) };
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "hd {hd} n_seen {n_seen}");
         }
     }
 
