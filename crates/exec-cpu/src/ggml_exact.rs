@@ -173,10 +173,11 @@ mod avx512 {
     pub(super) unsafe fn head(h: &Head<'_>, q16: &mut [f16], acc: &mut [f16], out: &mut [f32]) {
         let hd = h.q.len();
         let (qp, q16p, accp) = (h.q.as_ptr(), q16.as_mut_ptr() as *mut u16, acc.as_mut_ptr() as *mut u16);
-        // SAFETY (all blocks below): each access reads or writes 16 lanes at an offset `i < hd` stepping by
-        // 16, inside slices of `hd` values (the caller's contract), or inside the K/V row of `hd` values that
-        // starts at `row`, which the caller guarantees lies inside `k` and `v`.
+        // Every access below reads or writes 16 lanes at an offset `i < hd` stepping by 16, inside slices of
+        // `hd` values (the caller's contract), or inside the K/V row of `hd` values that starts at `row`, which
+        // the caller guarantees lies inside `k` and `v`.
         for i in (0..hd).step_by(16) {
+            // SAFETY: `i + 16 <= hd` (hd is a multiple of 16), inside `q` and `q16`.
             unsafe {
                 let x = _mm512_loadu_ps(qp.add(i));
                 _mm256_storeu_si256(
@@ -185,7 +186,10 @@ mod avx512 {
                 );
             }
         }
-        let load16 = |p: *const u16| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) };
+        let load16 = |p: *const u16| {
+            // SAFETY: every call site passes a pointer to 16 readable f16 values (see above).
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        };
         let (kp, vp) = (h.k.as_ptr() as *const u16, h.v.as_ptr() as *const u16);
         let mut m = f32::NEG_INFINITY;
         let mut sum = 0.0f32;
@@ -196,6 +200,7 @@ mod avx512 {
             for base in (0..hd).step_by(64) {
                 for (j, aj) in a.iter_mut().enumerate() {
                     let off = base + j * 16;
+                    // SAFETY: `off + 16 <= hd`: inside the K row at `row` and inside `q16`.
                     unsafe {
                         let x = load16(kp.add(row + off));
                         let y = load16(q16p.add(off));
@@ -205,6 +210,7 @@ mod avx512 {
             }
             let r = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
             let mut lanes = [0.0f32; 16];
+            // SAFETY: `lanes` holds 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), r) };
             let s = reduce16(&lanes) * h.scale;
             let mut vs = 1.0f32;
@@ -214,6 +220,7 @@ mod avx512 {
                 let ms = (m_old - m).exp();
                 let msv = _mm512_set1_ps(ms);
                 for i in (0..hd).step_by(16) {
+                    // SAFETY: `i + 16 <= hd`, inside `acc`.
                     unsafe {
                         let y = _mm512_mul_ps(load16(accp.add(i)), msv);
                         _mm256_storeu_si256(
@@ -229,6 +236,7 @@ mod avx512 {
             }
             let vsv = _mm512_set1_ps(vs);
             for i in (0..hd).step_by(16) {
+                // SAFETY: `i + 16 <= hd`, inside the V row at `row` and inside `acc`.
                 unsafe {
                     let y = _mm512_fmadd_ps(load16(vp.add(row + i)), vsv, load16(accp.add(i)));
                     _mm256_storeu_si256(
@@ -241,6 +249,7 @@ mod avx512 {
         let inv = _mm512_set1_ps(if sum == 0.0 { 0.0 } else { 1.0 / sum });
         let op = out.as_mut_ptr();
         for i in (0..hd).step_by(16) {
+            // SAFETY: `i + 16 <= hd`, inside `acc` and `out`.
             unsafe { _mm512_storeu_ps(op.add(i), _mm512_mul_ps(load16(accp.add(i)), inv)) };
         }
     }
