@@ -300,3 +300,105 @@ proptest! {
         fuzz::check_ops(&data);
     }
 }
+
+#[test]
+fn handles_and_slots_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SegmentedCache>();
+    send_sync::<Handle>();
+    send::<Slot>();
+    send::<Waiter>();
+}
+
+/// The intended use: compute threads look neurons up, and misses go to one I/O thread that reads them with
+/// `pinion-io` and completes the slots; concurrent lookups of a neuron being read wait instead of reading again.
+#[test]
+fn io_thread_fills_slots_from_a_file() {
+    use pinion_io::{IoEngineBuilder, ReadRequest};
+
+    const BUNDLE: usize = 8192;
+    let n_neurons = 64u32;
+    let path = std::env::temp_dir().join(format!("pinion-cache-io-{}.bin", std::process::id()));
+    let data: Vec<u8> =
+        (0..n_neurons as usize * BUNDLE).map(|i| (i / BUNDLE) as u8 ^ (i % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let engine = IoEngineBuilder::new(&path).queue_depth(8).build().unwrap();
+    let c = cache(1, 1, 16 * 2, Policy::Segmented); // room for 16 bundles of 8 KiB
+    let (to_io, io_rx) = crossbeam_channel::unbounded::<Slot>();
+    let n_reads = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let (c2, engine, n_reads) = (&c, &engine, &n_reads);
+        s.spawn(move || {
+            // The I/O thread: submit each slot's bundle, complete slots as reads finish.
+            let mut waiting: std::collections::HashMap<u64, Slot> = std::collections::HashMap::new();
+            let mut next_tag = 0;
+            let mut closed = false;
+            let complete = |done: pinion_io::Completion,
+                            waiting: &mut std::collections::HashMap<u64, Slot>| {
+                let slot = waiting.remove(&done.tag).unwrap();
+                c2.complete(slot, &done.result.unwrap()).unwrap();
+            };
+            while !(closed && waiting.is_empty()) {
+                if closed {
+                    complete(engine.completions().recv().unwrap(), &mut waiting);
+                    continue;
+                }
+                crossbeam_channel::select! {
+                    recv(io_rx) -> slot => match slot {
+                        Ok(slot) => {
+                            let Key::Neuron { neuron, .. } = slot.key() else { unreachable!() };
+                            let offset = u64::from(neuron) * BUNDLE as u64;
+                            engine.submit(ReadRequest { offset, len: BUNDLE, tag: next_tag }).unwrap();
+                            waiting.insert(next_tag, slot);
+                            next_tag += 1;
+                            n_reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => closed = true,
+                    },
+                    recv(engine.completions()) -> done => complete(done.unwrap(), &mut waiting),
+                }
+            }
+        });
+        let workers: Vec<_> = (0..3u32)
+            .map(|t| {
+                let (c, to_io, data) = (&c, to_io.clone(), &data);
+                s.spawn(move || {
+                    for step in 0..300u32 {
+                        let neuron = (step * 7 + t * 13) % n_neurons;
+                        let key = Key::Neuron { layer: 0, neuron };
+                        let h = loop {
+                            match c.lookup_or_reserve(key, BUNDLE) {
+                                Ok(Lookup::Hit(h)) => break h,
+                                Ok(Lookup::Reserved(slot)) => {
+                                    to_io.send(slot).unwrap();
+                                }
+                                Ok(Lookup::InFlight(w)) => {
+                                    if let Ok(h) = w.wait() {
+                                        break h;
+                                    }
+                                }
+                                Err(CacheError::RegionFull { .. }) => std::thread::yield_now(),
+                                Err(e) => panic!("{e}"),
+                            }
+                        };
+                        let off = neuron as usize * BUNDLE;
+                        assert!(h.bytes() == &data[off..off + BUNDLE], "neuron {neuron}");
+                    }
+                })
+            })
+            .collect();
+        drop(to_io);
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    let s = c.stats().cold;
+    assert_eq!(
+        s.misses as usize,
+        n_reads.load(Ordering::Relaxed),
+        "every miss read once, no duplicate reads"
+    );
+    assert!(s.bytes_allocated <= s.budget);
+    std::fs::remove_file(&path).unwrap();
+}

@@ -430,7 +430,8 @@ impl Shared {
 ///
 /// Submit [`ReadRequest`]s with [`submit`](Self::submit) or [`submit_batch`](Self::submit_batch) from any thread;
 /// receive [`Completion`]s, in the order the reads finish, from [`completions`](Self::completions) (the receiver
-/// can be cloned to several threads). Dropping the engine waits for reads in flight and stops its threads.
+/// can be cloned to several threads). Dropping the engine waits for reads in flight and stops its threads;
+/// requests that had not started yet may then end without a completion.
 pub struct IoEngine {
     shared: Arc<Shared>,
     path: PathBuf,
@@ -630,8 +631,8 @@ impl IoEngine {
         self.submit_batch(std::slice::from_ref(&req))
     }
 
-    /// Queues several reads at once, merging adjacent ones (see [`IoEngineBuilder::coalesce_limit`]). Either all
-    /// requests are queued or, on error, none is.
+    /// Queues several reads at once, merging adjacent ones (see [`IoEngineBuilder::coalesce_limit`]). All
+    /// requests are checked first: if one is invalid, none is queued.
     pub fn submit_batch(&self, reqs: &[ReadRequest]) -> Result<(), SubmitError> {
         let tx = self.ops_tx.as_ref().ok_or(SubmitError::Closed)?;
         let mut bytes = 0u64;
