@@ -2,6 +2,7 @@
 
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use proptest::prelude::*;
 
@@ -325,7 +326,7 @@ fn io_thread_fills_slots_from_a_file() {
     std::fs::write(&path, &data).unwrap();
     let engine = IoEngineBuilder::new(&path).queue_depth(8).build().unwrap();
     let c = cache(1, 1, 16 * 2, Policy::Segmented); // room for 16 bundles of 8 KiB
-    let (to_io, io_rx) = crossbeam_channel::unbounded::<Slot>();
+    let (to_io, io_rx) = std::sync::mpsc::channel::<Slot>();
     let n_reads = AtomicUsize::new(0);
     std::thread::scope(|s| {
         let (c2, engine, n_reads) = (&c, &engine, &n_reads);
@@ -333,30 +334,28 @@ fn io_thread_fills_slots_from_a_file() {
             // The I/O thread: submit each slot's bundle, complete slots as reads finish.
             let mut waiting: std::collections::HashMap<u64, Slot> = std::collections::HashMap::new();
             let mut next_tag = 0;
-            let mut closed = false;
-            let complete = |done: pinion_io::Completion,
-                            waiting: &mut std::collections::HashMap<u64, Slot>| {
-                let slot = waiting.remove(&done.tag).unwrap();
-                c2.complete(slot, &done.result.unwrap()).unwrap();
-            };
-            while !(closed && waiting.is_empty()) {
-                if closed {
-                    complete(engine.completions().recv().unwrap(), &mut waiting);
+            loop {
+                // New slots first (blocking only when no read is outstanding), then completions.
+                let slot = if waiting.is_empty() {
+                    match io_rx.recv() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => return,
+                    }
+                } else {
+                    io_rx.try_recv().ok()
+                };
+                if let Some(slot) = slot {
+                    let Key::Neuron { neuron, .. } = slot.key() else { unreachable!() };
+                    let offset = u64::from(neuron) * BUNDLE as u64;
+                    engine.submit(ReadRequest { offset, len: BUNDLE, tag: next_tag }).unwrap();
+                    waiting.insert(next_tag, slot);
+                    next_tag += 1;
+                    n_reads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                crossbeam_channel::select! {
-                    recv(io_rx) -> slot => match slot {
-                        Ok(slot) => {
-                            let Key::Neuron { neuron, .. } = slot.key() else { unreachable!() };
-                            let offset = u64::from(neuron) * BUNDLE as u64;
-                            engine.submit(ReadRequest { offset, len: BUNDLE, tag: next_tag }).unwrap();
-                            waiting.insert(next_tag, slot);
-                            next_tag += 1;
-                            n_reads.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => closed = true,
-                    },
-                    recv(engine.completions()) -> done => complete(done.unwrap(), &mut waiting),
+                if let Ok(done) = engine.completions().recv_timeout(Duration::from_millis(1)) {
+                    let slot = waiting.remove(&done.tag).unwrap();
+                    c2.complete(slot, &done.result.unwrap()).unwrap();
                 }
             }
         });
