@@ -1,0 +1,167 @@
+//! End-to-end tests of the `pinion` binary: exit codes, error messages, and machine-readable output.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn pinion(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pinion")).args(args).output().expect("run pinion")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn model() -> Option<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let p = std::env::var_os("PINION_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.is_file() {
+        return Some(p.to_string_lossy().into_owned());
+    }
+    assert!(
+        std::env::var_os("PINION_REQUIRE_MODEL").is_none(),
+        "model required but missing at {}",
+        p.display()
+    );
+    eprintln!("note: {} is absent; skipping", p.display());
+    None
+}
+
+fn temp(name: &str, bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("pinion-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn missing_model_fails_cleanly() {
+    let o = pinion(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("error:") && e.contains("not found"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn corrupt_and_truncated_models_fail_cleanly() {
+    let bad = temp("bad.gguf", b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff");
+    let o = pinion(&["run", "-m", &bad, "-p", "hi"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("error:") && e.contains("offset"), "{e}");
+    let wrong = temp("wrong.gguf", b"this is not a model at all");
+    let e = stderr(&pinion(&["tokenize", "-m", &wrong, "-p", "hi"]));
+    assert!(e.contains("magic"), "{e}");
+    if let Some(m) = model() {
+        let bytes = std::fs::read(&m).unwrap();
+        let cut = temp("cut.gguf", &bytes[..bytes.len() / 3]);
+        let o = pinion(&["run", "-m", &cut, "-p", "hi", "-n", "2"]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("error:") && !e.contains("panicked"), "{e}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_context_fails_with_the_numbers() {
+    let Some(m) = model() else { return };
+    let o = pinion(&[
+        "run",
+        "-m",
+        &m,
+        "-c",
+        "16",
+        "-n",
+        "8",
+        "-p",
+        "one two three four five six seven eight nine ten",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("context overflow") && e.contains("context size 16"), "{e}");
+    assert!(o.stdout.is_empty() || !String::from_utf8_lossy(&o.stdout).contains("eleven"));
+}
+
+#[test]
+fn json_output_holds_the_reference_tokens() {
+    let Some(m) = model() else { return };
+    let o = pinion(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "16",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+        "--output-format",
+        "json",
+        "--ignore-eos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ids("prompt_tokens"), [504, 3575, 282, 4649, 314]);
+    // The first 16 greedy ids of llama.cpp for this prompt (../shared/reference/greedy.tsv).
+    assert_eq!(
+        ids("tokens"),
+        [7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33]
+    );
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris."), "{v}");
+    assert_eq!(v["timings"]["predicted_n"], 16);
+    assert!(v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn tokenize_ids_prints_one_line() {
+    let Some(m) = model() else { return };
+    let o = pinion(&["tokenize", "-m", &m, "-p", "Hello world", "--ids"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), "[19556, 905]\n");
+}
+
+#[test]
+fn bench_json_reports_speeds() {
+    let Some(m) = model() else { return };
+    let o = pinion(&["bench", "-m", &m, "-p", "16", "-n", "4", "-r", "2", "-t", "1", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tests = v["tests"].as_array().unwrap();
+    assert_eq!(tests.len(), 2);
+    assert_eq!(tests[0]["test"], "pp16");
+    assert_eq!(tests[1]["test"], "tg4");
+    for t in tests {
+        assert_eq!(t["samples_tps"].as_array().unwrap().len(), 2);
+        assert!(t["mean_tps"].as_f64().unwrap() > 0.0);
+    }
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+#[test]
+fn perplexity_ends_with_the_final_estimate() {
+    let Some(m) = model() else { return };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/eval.txt");
+    let text = std::fs::read_to_string(root).expect("../shared/corpus/eval.txt");
+    let f = temp("ppl.txt", text[..6000].as_bytes());
+    let o = pinion(&["perplexity", "-m", &m, "-f", &f, "-c", "128", "-t", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let last = out.trim().lines().last().unwrap();
+    let rest = last.strip_prefix("Final estimate: PPL = ").unwrap_or_else(|| panic!("{last}"));
+    let (ppl, err) = rest.split_once(" ± ").unwrap();
+    let (ppl, err): (f64, f64) = (ppl.parse().unwrap(), err.parse().unwrap());
+    // King James Gospels at 128 tokens of context: a small model scores around 10-30 here.
+    assert!((3.0..60.0).contains(&ppl) && err > 0.0 && err < ppl, "{last}");
+    // Too little text for two chunks is an error, not a bogus figure.
+    let short = temp("short.txt", b"In the beginning.");
+    let o = pinion(&["perplexity", "-m", &m, "-f", &short, "-c", "128"]);
+    assert!(!o.status.success() && stderr(&o).contains("needs at least"), "{}", stderr(&o));
+}
