@@ -150,7 +150,7 @@ fn perplexity_ends_with_the_final_estimate() {
     let Some(m) = model() else { return };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/eval.txt");
     let text = std::fs::read_to_string(root).expect("../shared/corpus/eval.txt");
-    let f = temp("ppl.txt", text[..6000].as_bytes());
+    let f = temp("ppl.txt", &text.as_bytes()[..6000]);
     let o = pinion(&["perplexity", "-m", &m, "-f", &f, "-c", "128", "-t", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8(o.stdout).unwrap();
