@@ -332,6 +332,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             },
             "threads": a.model.threads,
             "n_ctx": a.ctx_size,
+            "model_size_bytes": model.file_size(),
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         writeln!(stdout, "{obj}")?;
     } else {

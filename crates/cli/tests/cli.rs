@@ -119,6 +119,34 @@ fn json_output_holds_the_reference_tokens() {
     assert!(v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0);
 }
 
+/// Peak RSS of a 128-token generation stays within the model file plus 64 MiB (the foundation issue's bound):
+/// weights are mapped, not copied, and the KV cache of the default 4096-token context is only backed where used.
+#[test]
+fn generation_peak_rss_is_bounded_by_the_model_size() {
+    let Some(m) = model() else { return };
+    let o = pinion(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "128",
+        "--ignore-eos",
+        "-t",
+        "2",
+        "--output-format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let rss = v["peak_rss_bytes"].as_u64().unwrap();
+    let size = v["model_size_bytes"].as_u64().unwrap();
+    assert!(rss <= size + (64 << 20), "peak RSS {} MiB > model {} MiB + 64 MiB", rss >> 20, size >> 20);
+    assert!(rss > size / 2, "peak RSS {rss} is implausibly small: the weights were not read");
+}
+
 #[test]
 fn tokenize_ids_prints_one_line() {
     let Some(m) = model() else { return };
