@@ -19,6 +19,8 @@ use std::cell::RefCell;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::pool::SpinPool;
+
 /// Batches of at least this many queries use f32 attention (ggml's `GGML_FA_TILE_Q`).
 pub const GGML_FA_TILE_Q: usize = 64;
 
@@ -34,6 +36,80 @@ thread_local! {
 /// On inconsistent shapes, as [`crate::attention`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_f16acc(
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    attention_f16acc_impl(None, q, n_tokens, first_pos, n_heads, n_kv_heads, head_dim, k, v, scale, out);
+}
+
+/// [`attention_f16acc`] on a [`SpinPool`], each thread taking every `n`-th (token, head): for decode, where
+/// the work is too short for a work-stealing pool's wake-ups.
+///
+/// # Panics
+/// As [`attention_f16acc`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f16acc_on(
+    pool: &SpinPool,
+    q: &[f32],
+    n_tokens: usize,
+    first_pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    attention_f16acc_impl(
+        Some(pool),
+        q,
+        n_tokens,
+        first_pos,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        k,
+        v,
+        scale,
+        out,
+    );
+}
+
+/// Output rows shared by the threads of a [`SpinPool`] job, each writing distinct rows.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: used only inside one `SpinPool::run` call whose threads write pairwise distinct rows of the
+// `&mut [f32]` it was made from, which stays borrowed until `run` returns.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Row `row` of `width` values.
+    ///
+    /// # Safety
+    /// No other thread may access the row while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, row: usize, width: usize) -> &mut [f32] {
+        assert!((row + 1) * width <= self.len, "row {row} out of bounds");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(row * width), width) }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_f16acc_impl(
+    pool: Option<&SpinPool>,
     q: &[f32],
     n_tokens: usize,
     first_pos: usize,
@@ -85,10 +161,22 @@ pub fn attention_f16acc(
             head_scalar(&head, q16, acc, o);
         });
     };
-    if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {
-        out.par_chunks_mut(head_dim).enumerate().for_each(one);
-    } else {
-        out.chunks_mut(head_dim).enumerate().for_each(one);
+    let n_rows = n_tokens * n_heads;
+    match pool {
+        Some(pool) if pool.n_threads() > 1 && n_rows > 1 => {
+            let shared = SharedOut { ptr: out.as_mut_ptr(), len: out.len() };
+            pool.run(&|idx, n| {
+                for row in (idx..n_rows).step_by(n) {
+                    // SAFETY: thread `idx` alone handles rows `idx, idx + n, ...`, so no two threads touch the
+                    // same row, and `out` outlives the `run` call.
+                    one((row, unsafe { shared.row(row, head_dim) }));
+                }
+            });
+        }
+        None if rayon::current_num_threads() > 1 && n_rows > 1 => {
+            out.par_chunks_mut(head_dim).enumerate().for_each(one);
+        }
+        _ => out.chunks_mut(head_dim).enumerate().for_each(one),
     }
 }
 

@@ -21,17 +21,19 @@ mod kernels;
 mod matmul;
 mod matrix;
 mod ops;
+mod pool;
 
 pub use crate::acts::{QuantizedActs, vec_dot_type};
 pub use crate::attention::{attention, attention_with};
 pub use crate::error::ExecError;
 pub use crate::ggml_exact::{
-    GGML_FA_TILE_Q, attention_f16acc, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,
+    GGML_FA_TILE_Q, attention_f16acc, attention_f16acc_on, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,
 };
 pub use crate::kernels::{CpuFeatures, KernelPath, cpu_features};
-pub use crate::matmul::{matmul, matmul_rows, matmul_rows_with};
+pub use crate::matmul::{matmul, matmul_on, matmul_rows, matmul_rows_with};
 pub use crate::matrix::QMatrix;
 pub use crate::ops::{MAX_ROT, RopeMode, geglu, gelu, reglu, relu, rms_norm, rope, silu, softmax, swiglu};
+pub use crate::pool::{SpinPool, split_range};
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@ use crate::acts::{QuantizedActs, vec_dot_type};
 use crate::kernels::avx512::BlockMajor;
 use crate::kernels::{self, KernelPath, scalar};
 use crate::matrix::QMatrix;
+use crate::pool::{SpinPool, split_range};
 
 /// Weights viewed as typed rows.
 enum Weights<'a> {
@@ -421,6 +422,40 @@ pub fn matmul_rows_with(
     row_end: usize,
     out: &mut [f32],
 ) {
+    let Some((weights, nb, dest)) = prepare(path, w, acts, row_start, row_end, out) else { return };
+    let n_out = row_end - row_start;
+    let n_t = acts.n_rows();
+    let work_per_row = w.n_cols * n_t;
+    let n_threads = rayon::current_num_threads();
+    let run = |r0: usize, r1: usize| {
+        // SAFETY: `path` was checked above; each call gets a distinct row range (below).
+        unsafe { compute(path, &weights, acts, nb, r0, r1, &dest) }
+    };
+    if n_threads <= 1 || n_out * work_per_row < MIN_PARALLEL_WORK {
+        run(row_start, row_end);
+        return;
+    }
+    // About four tasks per thread, each a multiple of 8 rows (the tallest tile) and not too small.
+    let by_count = n_out.div_ceil(4 * n_threads);
+    let by_work = MIN_TASK_WORK.div_ceil(work_per_row);
+    let chunk = by_count.max(by_work).div_ceil(8) * 8;
+    let n_chunks = n_out.div_ceil(chunk);
+    (0..n_chunks).into_par_iter().for_each(|ci| {
+        let r0 = row_start + ci * chunk;
+        run(r0, (r0 + chunk).min(row_end));
+    });
+}
+
+/// Checks a call's shapes and builds the typed weights, block count and output placement; `None` if there
+/// is nothing to compute.
+fn prepare<'a>(
+    path: KernelPath,
+    w: &QMatrix<'a>,
+    acts: &QuantizedActs,
+    row_start: usize,
+    row_end: usize,
+    out: &mut [f32],
+) -> Option<(Weights<'a>, usize, Dest)> {
     kernels::check(path);
     assert!(
         row_start <= row_end && row_end <= w.n_rows,
@@ -440,29 +475,35 @@ pub fn matmul_rows_with(
     let n_t = acts.n_rows();
     assert_eq!(out.len(), n_out * n_t, "output length");
     if n_out == 0 || n_t == 0 {
-        return;
+        return None;
     }
     let weights = Weights::new(w);
     let nb = w.n_cols / w.ty.block_len();
     let dest = Dest { out: OutPtr { ptr: out.as_mut_ptr(), len: out.len() }, row_start, n_out };
+    Some((weights, nb, dest))
+}
 
-    let work_per_row = w.n_cols * n_t;
-    let n_threads = rayon::current_num_threads();
-    let run = |r0: usize, r1: usize| {
-        // SAFETY: `path` was checked above; each call gets a distinct row range (below).
-        unsafe { compute(path, &weights, acts, nb, r0, r1, &dest) }
-    };
-    if n_threads <= 1 || n_out * work_per_row < MIN_PARALLEL_WORK {
-        run(row_start, row_end);
+/// [`matmul`] on a [`SpinPool`]: the weight rows are split into one contiguous part per thread (on multiples
+/// of 8 rows, the tallest tile). Meant for decode, where a matrix-vector product is too short for a
+/// work-stealing pool's wake-ups.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_on(pool: &SpinPool, w: &QMatrix, acts: &QuantizedActs, out: &mut [f32]) {
+    let path = kernels::chosen();
+    let Some((weights, nb, dest)) = prepare(path, w, acts, 0, w.n_rows, out) else { return };
+    let work = w.n_rows * w.n_cols * acts.n_rows();
+    if pool.n_threads() == 1 || work < MIN_PARALLEL_WORK {
+        // SAFETY: `path` was checked by `prepare`; one call covers all rows.
+        unsafe { compute(path, &weights, acts, nb, 0, w.n_rows, &dest) };
         return;
     }
-    // About four tasks per thread, each a multiple of 8 rows (the tallest tile) and not too small.
-    let by_count = n_out.div_ceil(4 * n_threads);
-    let by_work = MIN_TASK_WORK.div_ceil(work_per_row);
-    let chunk = by_count.max(by_work).div_ceil(8) * 8;
-    let n_chunks = n_out.div_ceil(chunk);
-    (0..n_chunks).into_par_iter().for_each(|ci| {
-        let r0 = row_start + ci * chunk;
-        run(r0, (r0 + chunk).min(row_end));
+    pool.run(&|idx, n| {
+        let r = split_range(w.n_rows, idx, n, 8);
+        if !r.is_empty() {
+            // SAFETY: `path` was checked by `prepare`; `split_range` gives each thread a distinct row range,
+            // so the output elements written are disjoint, and `out` is borrowed until `run` returns.
+            unsafe { compute(path, &weights, acts, nb, r.start, r.end, &dest) };
+        }
     });
 }

@@ -1,7 +1,7 @@
 //! The inference context: KV cache, scratch buffers, thread pool, and the dense forward pass.
 
 use half::f16;
-use pinion_exec_cpu::{self as exec, QuantizedActs, RopeMode};
+use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
 
 use crate::error::RuntimeError;
 use crate::model::Model;
@@ -61,7 +61,10 @@ pub struct Context<'m> {
     v_cache: Vec<Vec<f16>>,
     n_past: usize,
     scratch: Scratch,
+    /// Work-stealing pool for batches (prefill, perplexity).
     pool: rayon::ThreadPool,
+    /// Spinning pool for single-token steps (decode), whose operations are too short for rayon's wake-ups.
+    spin: SpinPool,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -91,6 +94,8 @@ impl<'m> Context<'m> {
             .thread_name(|i| format!("pinion-compute-{i}"))
             .build()
             .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
+        let spin = SpinPool::new(params.n_threads)
+            .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
         let ub = params.n_ubatch.clamp(1, params.n_ctx);
         let params = ContextParams { n_ubatch: ub, ..params };
         let kv = params.n_ctx * c.kv_dim();
@@ -119,6 +124,7 @@ impl<'m> Context<'m> {
             n_past: 0,
             scratch,
             pool,
+            spin,
         })
     }
 
@@ -176,11 +182,17 @@ impl<'m> Context<'m> {
                 Logits::Last if i + 1 == n_chunks => Some(0),
                 Logits::Last => None,
             };
-            let pool = &self.pool;
             let model = self.model;
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
-            pool.install(|| forward(model, scratch, k_cache, v_cache, chunk, n_past, which, want))?;
+            if chunk.len() == 1 {
+                let par = Par::Spin(&self.spin);
+                forward(model, par, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
+            } else {
+                self.pool.install(|| {
+                    forward(model, Par::Rayon, scratch, k_cache, v_cache, chunk, n_past, which, want)
+                })?;
+            }
             self.n_past += chunk.len();
         }
         Ok(match which {
@@ -190,9 +202,28 @@ impl<'m> Context<'m> {
     }
 }
 
+/// Which pool a forward pass runs its parallel operations on.
+#[derive(Clone, Copy)]
+enum Par<'a> {
+    /// The rayon pool the pass was installed on.
+    Rayon,
+    /// A spinning pool, driven from the calling thread.
+    Spin(&'a SpinPool),
+}
+
+impl Par<'_> {
+    fn matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) {
+        match self {
+            Par::Rayon => exec::matmul(w, acts, out),
+            Par::Spin(p) => exec::matmul_on(p, w, acts, out),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward(
     model: &Model,
+    par: Par<'_>,
     s: &mut Scratch,
     k_cache: &mut [Vec<f16>],
     v_cache: &mut [Vec<f16>],
@@ -217,15 +248,15 @@ fn forward(
         }
         let (wq, wk, wv) = (model.matrix(&layer.wq), model.matrix(&layer.wk), model.matrix(&layer.wv));
         s.acts.quantize(wq.ty, xn, d);
-        exec::matmul(&wq, &s.acts, &mut s.q[..n * qd]);
+        par.matmul(&wq, &s.acts, &mut s.q[..n * qd]);
         if wk.ty != wq.ty {
             s.acts.quantize(wk.ty, xn, d);
         }
-        exec::matmul(&wk, &s.acts, &mut s.k[..n * kvd]);
+        par.matmul(&wk, &s.acts, &mut s.k[..n * kvd]);
         if wv.ty != wk.ty {
             s.acts.quantize(wv.ty, xn, d);
         }
-        exec::matmul(&wv, &s.acts, &mut s.v[..n * kvd]);
+        par.matmul(&wv, &s.acts, &mut s.v[..n * kvd]);
         for t in 0..n {
             let pos = n_past + t;
             let q = &mut s.q[t * qd..(t + 1) * qd];
@@ -243,22 +274,18 @@ fn forward(
         }
         let attn = &mut s.attn[..n * qd];
         // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones.
-        let attention = if n < exec::GGML_FA_TILE_Q { exec::attention_f16acc } else { exec::attention };
-        attention(
-            &s.q[..n * qd],
-            n,
-            n_past,
-            c.n_heads,
-            c.n_kv_heads,
-            c.head_dim,
-            &k_cache[l],
-            &v_cache[l],
-            scale,
-            attn,
-        );
+        let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        match par {
+            Par::Spin(p) => exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
+            Par::Rayon if n < exec::GGML_FA_TILE_Q => {
+                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn)
+            }
+            Par::Rayon => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
+        }
         let wo = model.matrix(&layer.wo);
         s.acts.quantize(wo.ty, attn, qd);
-        exec::matmul(&wo, &s.acts, &mut s.tmp[..n * d]);
+        par.matmul(&wo, &s.acts, &mut s.tmp[..n * d]);
         add_assign(x, &s.tmp[..n * d]);
 
         // Feed-forward.
@@ -269,14 +296,14 @@ fn forward(
         let (wg, wu, wd) =
             (model.matrix(&layer.w_gate), model.matrix(&layer.w_up), model.matrix(&layer.w_down));
         s.acts.quantize(wg.ty, xn, d);
-        exec::matmul(&wg, &s.acts, &mut s.gate[..n * ff]);
+        par.matmul(&wg, &s.acts, &mut s.gate[..n * ff]);
         if wu.ty != wg.ty {
             s.acts.quantize(wu.ty, xn, d);
         }
-        exec::matmul(&wu, &s.acts, &mut s.up[..n * ff]);
+        par.matmul(&wu, &s.acts, &mut s.up[..n * ff]);
         exec::swiglu_ggml(&mut s.gate[..n * ff], &s.up[..n * ff]);
         s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
-        exec::matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
+        par.matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
         add_assign(x, &s.tmp[..n * d]);
     }
 
@@ -293,7 +320,7 @@ fn forward(
     }
     let wout = model.matrix(&model.output);
     s.acts.quantize(wout.ty, xn, d);
-    exec::matmul(&wout, &s.acts, &mut s.logits[offset..offset + n_out * c.n_vocab]);
+    par.matmul(&wout, &s.acts, &mut s.logits[offset..offset + n_out * c.n_vocab]);
     Ok(())
 }
 
