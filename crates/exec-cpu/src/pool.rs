@@ -16,8 +16,22 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Spins before a worker blocks (about a millisecond on current CPUs).
+/// Busy spins before a waiting thread starts yielding its core at each check. Pure spinning is fastest when
+/// every thread has a core; when the machine is oversubscribed (a build running beside pinion) a spinning
+/// waiter would hold a core that the thread it waits for needs, so after this it calls `sched_yield`.
+const SPINS_BEFORE_YIELD: u32 = 1 << 10;
+/// Checks (spins, then yields) before a worker blocks on the condition variable.
 const SPINS_BEFORE_SLEEP: u32 = 1 << 16;
+
+/// One step of waiting: a spin hint while `spins` is small, a yield of the core after that.
+#[inline]
+fn backoff(spins: u32) {
+    if spins < SPINS_BEFORE_YIELD {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
 
 type Job = dyn Fn(usize, usize) + Sync;
 
@@ -115,8 +129,10 @@ impl SpinPool {
             s.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0, s.n_threads)));
+        let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < s.n_threads - 1 {
-            std::hint::spin_loop();
+            backoff(spins);
+            spins = spins.saturating_add(1);
         }
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -138,7 +154,7 @@ fn worker(s: &Shared, idx: usize) {
             }
             spins += 1;
             if spins < SPINS_BEFORE_SLEEP {
-                std::hint::spin_loop();
+                backoff(spins);
                 continue;
             }
             let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
