@@ -240,7 +240,7 @@ fn pool_budget_bounds_memory(mode: Mode) {
         (0..256u64).map(|i| ReadRequest { offset: (i * 16384) % (1 << 20), len: 16384, tag: i }).collect();
     e.submit_batch(&reqs).unwrap();
     for _ in 0..reqs.len() {
-        let c = e.completions().recv().unwrap();
+        let c = e.completions().recv_timeout(std::time::Duration::from_secs(30)).expect("completion arrives");
         let r = &reqs[c.tag as usize];
         check_bytes(&f, r, &c.result.unwrap());
         let p = e.pool().stats();

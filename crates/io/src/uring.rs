@@ -145,6 +145,9 @@ fn arm_wake(ring: &mut IoUring, waker: &Waker) -> std::io::Result<()> {
     }
 }
 
+/// How a reaped read ended: its buffer, or where and why it failed.
+type Outcome = Result<PoolBuf, (u64, ReadErrorKind)>;
+
 /// A read the kernel may be writing into. Its buffer must stay alive, and untouched, until the read's
 /// completion has been reaped.
 struct Slot {
@@ -203,11 +206,15 @@ fn run(
     let mut free: Vec<usize> = (0..depth).rev().collect();
     let mut pending: VecDeque<ReadOp> = VecDeque::new();
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(depth * 2);
+    // Reads reaped but not yet delivered: they are delivered after the freed slots have been refilled and
+    // submitted, so the device queue is topped up before this thread wakes a consumer (which may then take
+    // this CPU).
+    let mut finished: Vec<(ReadOp, Outcome)> = Vec::with_capacity(depth);
     let mut open = true;
     let wake_below = (depth / 4).max(1);
     loop {
         // Gather requests, blocking only when there is nothing else to do.
-        if free.len() == depth && pending.is_empty() {
+        if free.len() == depth && pending.is_empty() && finished.is_empty() {
             if !open {
                 return;
             }
@@ -232,8 +239,9 @@ fn run(
         while let (Some(&idx), Some(op)) = (free.last(), pending.front()) {
             let buf = match shared.pool.try_acquire(op.len) {
                 Ok(Some(b)) => b,
-                Ok(None) if free.len() < depth => {
-                    // Completions will return buffers (once the caller drops them); wait for those instead.
+                Ok(None) if free.len() < depth || !finished.is_empty() => {
+                    // Completions will return buffers (once the caller drops them); wait for those, or deliver
+                    // the finished reads first, instead of blocking here while holding their buffers.
                     pool_blocked = true;
                     break;
                 }
@@ -269,7 +277,7 @@ fn run(
         }
 
         if fatal.is_none() && free.len() < depth {
-            let mut want = 1;
+            let mut want = usize::from(finished.is_empty());
             let in_flight = depth - free.len();
             if !pool_blocked && !free.is_empty() && in_flight < wake_below {
                 // Free slots and buffers, and few reads in flight: sleep only if no request is waiting, and
@@ -289,6 +297,9 @@ fn run(
             // The ring is unusable. Fail every read it holds and leak their buffers: the kernel may still own
             // some of them, and freeing memory it could write into would be unsound.
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            for (op, outcome) in finished.drain(..) {
+                shared.finish(op, outcome, &tx);
+            }
             for slot in slots.iter_mut().filter_map(Option::take) {
                 let Slot { op, buf } = slot;
                 std::mem::forget(buf);
@@ -301,6 +312,9 @@ fn run(
                 shared.finish(op, Err((at, ReadErrorKind::Os { errno })), &tx);
             }
             return;
+        }
+        for (op, outcome) in finished.drain(..) {
+            shared.finish(op, outcome, &tx);
         }
         if free.len() == depth {
             continue;
@@ -330,21 +344,21 @@ fn run(
                         free.push(idx);
                         shared.stats.retire();
                         let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                        shared.finish(op, Err((at, ReadErrorKind::Os { errno })), &tx);
+                        finished.push((op, Err((at, ReadErrorKind::Os { errno }))));
                     }
                 }
                 Step::Done => {
                     let Slot { op, buf } = slots[idx].take().expect("occupied");
                     free.push(idx);
                     shared.stats.retire();
-                    shared.finish(op, Ok(buf), &tx);
+                    finished.push((op, Ok(buf)));
                 }
                 Step::Failed(at, kind) => {
                     let Slot { op, buf } = slots[idx].take().expect("occupied");
                     drop(buf);
                     free.push(idx);
                     shared.stats.retire();
-                    shared.finish(op, Err((at, kind)), &tx);
+                    finished.push((op, Err((at, kind))));
                 }
             }
         }
