@@ -2,4 +2,4 @@
 
 mod benchmarks;
 
-criterion::criterion_main!(benchmarks::kernels::benches);
+criterion::criterion_main!(benchmarks::kernels::benches, benchmarks::cache::benches, benchmarks::io::benches);

@@ -1,3 +1,5 @@
 //! Benchmark modules, one per topic.
 
+pub(crate) mod cache;
+pub(crate) mod io;
 pub(crate) mod kernels;
