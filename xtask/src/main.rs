@@ -5,6 +5,7 @@
 //! Offline model work (fetch; later profile, train, pack, plan, synth) lives here as thin drivers over library
 //! functions; nothing depends on this crate.
 
+mod iobench;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ enum Cmd {
     Tidy,
     /// Check that crates depend only on the crates below them (docs/architecture.md).
     CheckLayering,
+    /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
+    IoBench(iobench::IoBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -49,6 +52,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&root, &args)?,
         Cmd::Tidy => tidy::tidy(&root)?,
         Cmd::CheckLayering => tidy::check_layering(&root)?,
+        Cmd::IoBench(args) => iobench::io_bench(&args)?,
     }
     Ok(())
 }
