@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use pinion_io::{ALIGN, AlignedBuf};
 
 use crate::error::CacheError;
-use crate::fxhash::FxBuildHasher;
+use rustc_hash::FxBuildHasher;
 
 /// What a cache entry holds, and so which region it lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

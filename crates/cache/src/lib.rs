@@ -42,7 +42,6 @@
 mod cache;
 mod error;
 pub mod fuzz;
-mod fxhash;
 #[cfg(test)]
 mod tests;
 

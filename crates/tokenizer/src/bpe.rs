@@ -8,8 +8,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use crate::fxhash::FxHashMap;
 use crate::unicode;
+use rustc_hash::FxHashMap;
 
 /// The merge table of a byte-level BPE vocabulary.
 #[derive(Debug)]

@@ -30,7 +30,6 @@
 mod bpe;
 mod chat;
 mod error;
-mod fxhash;
 mod pretok;
 mod spm;
 mod stream;
