@@ -102,16 +102,35 @@ enum OutputFormat {
     Json,
 }
 
+/// Where the input text comes from.
 #[derive(Args, Debug)]
-struct RunArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+struct PromptArgs {
     /// Prompt text.
     #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(short = 'f', long = "file")]
     file: Option<PathBuf>,
+}
+
+impl PromptArgs {
+    fn read(&self) -> Result<String> {
+        match (&self.prompt, &self.file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))
+            }
+            (None, None) => bail!("no prompt: give -p TEXT or -f FILE"),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    input: PromptArgs,
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     n_predict: usize,
@@ -194,12 +213,8 @@ struct PerplexityArgs {
 struct TokenizeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Text to tokenize.
-    #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
-    prompt: Option<String>,
-    /// Read the text from a file.
-    #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    #[command(flatten)]
+    input: PromptArgs,
     /// Print only the ids, on one line.
     #[arg(long = "ids")]
     ids: bool,
@@ -278,18 +293,8 @@ fn load(args: &ModelArgs) -> Result<Model> {
     Ok(model)
 }
 
-fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
-    match (prompt, file) {
-        (Some(p), _) => Ok(p.clone()),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))
-        }
-        (None, None) => bail!("no prompt: give -p TEXT or -f FILE"),
-    }
-}
-
 fn cmd_run(a: RunArgs) -> Result<()> {
-    let prompt = read_prompt(&a.prompt, &a.file)?;
+    let prompt = a.input.read()?;
     let model = load(&a.model)?;
     let tok = model.tokenizer();
     let prompt_tokens = tok.encode(&prompt, true, true);
@@ -537,7 +542,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
-    let text = read_prompt(&a.prompt, &a.file)?;
+    let text = a.input.read()?;
     let model = load(&a.model)?;
     let tok = model.tokenizer();
     let ids = tok.encode(&text, a.add_special, !a.no_parse_special);

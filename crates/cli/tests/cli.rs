@@ -7,6 +7,14 @@ fn pinion(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pinion")).args(args).output().expect("run pinion")
 }
 
+/// Runs pinion, asserts it succeeded, and parses the last line of its stdout as JSON.
+fn pinion_json(args: &[&str]) -> serde_json::Value {
+    let o = pinion(args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    serde_json::from_str(stdout.trim().lines().last().expect("some output")).unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -88,7 +96,7 @@ fn prompt_longer_than_context_fails_with_the_numbers() {
 #[test]
 fn json_output_holds_the_reference_tokens() {
     let Some(m) = model() else { return };
-    let o = pinion(&[
+    let v = pinion_json(&[
         "run",
         "-m",
         &m,
@@ -104,9 +112,6 @@ fn json_output_holds_the_reference_tokens() {
         "json",
         "--ignore-eos",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let stdout = String::from_utf8(o.stdout).unwrap();
-    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect::<Vec<_>>();
     assert_eq!(ids("prompt_tokens"), [504, 3575, 282, 4649, 314]);
     // The first 16 greedy ids of llama.cpp for this prompt (../shared/reference/greedy.tsv).
@@ -124,7 +129,7 @@ fn json_output_holds_the_reference_tokens() {
 #[test]
 fn generation_peak_rss_is_bounded_by_the_model_size() {
     let Some(m) = model() else { return };
-    let o = pinion(&[
+    let v = pinion_json(&[
         "run",
         "-m",
         &m,
@@ -138,9 +143,6 @@ fn generation_peak_rss_is_bounded_by_the_model_size() {
         "--output-format",
         "json",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let stdout = String::from_utf8(o.stdout).unwrap();
-    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     let rss = v["peak_rss_bytes"].as_u64().unwrap();
     let size = v["model_size_bytes"].as_u64().unwrap();
     assert!(rss <= size + (64 << 20), "peak RSS {} MiB > model {} MiB + 64 MiB", rss >> 20, size >> 20);
