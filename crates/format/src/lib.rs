@@ -36,6 +36,7 @@ mod error;
 pub mod fuzz;
 mod gguf;
 pub mod quant;
+pub mod synth;
 mod writer;
 
 pub use crate::error::FormatError;

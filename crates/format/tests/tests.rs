@@ -9,4 +9,5 @@ mod quant_props;
 mod real_model;
 mod reference;
 mod roundtrip;
+mod synth;
 mod util;

@@ -1,0 +1,601 @@
+//! Synthetic llama-style GGUF models with random weights and planted activation skew, for testing and
+//! benchmarking the sparse FFN path without downloading a model.
+//!
+//! [`write_model`] streams a model described by a [`SynthConfig`] to any `impl Write`, tensor by tensor and
+//! row by row, so that the 7B shape (about 3.8 GB in Q4_0) is written with a buffer of one row. The file has
+//! the metadata, tokenizer and tensor names llama.cpp's `llama` loader expects, so llama.cpp loads and runs it.
+//! llama.cpp ignores the custom key `pinion.ffn_activation` (`relu`, `drelu` or `silu`) and always runs a llama
+//! model with SiLU: its output is then meaningless, but its speed is that of a real model of the same shape,
+//! which is what the file is for.
+//!
+//! # The planted skew
+//!
+//! Real ReLU models (TurboSparse, ProSparse) show a power law of neuron activation frequency: a few hot neurons
+//! fire for most tokens, most neurons rarely. The construction plants that, in closed form:
+//!
+//! * Dimension 0 of the residual stream is a constant *bias channel*: every token embedding has the value
+//!   `B = bias_scale · √d` in dimension 0 and independent uniform values of variance 1 in the others. After
+//!   RMSNorm (norm weights are 1) a token's input is `x = e / rms(e)`, with `x₀ = B / rms(e)`.
+//! * The output projections (`attn_output`, `ffn_down`) are small (standard deviation `out_scale / √fan_in`),
+//!   so each layer adds little to the residual and the bias channel survives RMSNorm through the layers.
+//! * Each layer (and each expert) has target frequencies `f_i = min(f_max, c · (rank_i + 1)^-alpha)`, where
+//!   `rank` is a random permutation of the neuron ids and `c` is solved for so that the mean of `f` is
+//!   `density` (the planted fraction of active neurons).
+//! * Gate row `i` is random (uniform, standard deviation `σ = 1/√d`) except for its weight on dimension 0,
+//!   `w_i0 = σ · √(d-1) · Φ⁻¹(f_i) / B`. For a random token, `Σ_{j≥1} w_ij x_j` is close to normal with standard
+//!   deviation `σ √(d-1) / rms(e)`, and `w_i0 x₀ = σ √(d-1) Φ⁻¹(f_i) / rms(e)`: the `rms` cancels and
+//!   `P(gate_i · x > 0) = Φ(Φ⁻¹(f_i)) = f_i`. ([`probit`] is `Φ⁻¹`.)
+//! * ReLU: neuron `i` is active when `gate_i · x > 0`, with frequency `f_i`. dReLU (`relu(gate) · relu(up)`):
+//!   gate and up rows are both planted with `√f_i`, so that both are positive with frequency about `f_i`.
+//!   SiLU: the gate is planted the same way, so `|silu(gate_i · x)|` is large for the hot neurons and small
+//!   for the cold ones, a skew a threshold (CATS) can exploit.
+//!
+//! The exact frequencies are perturbed by Q4_0 quantization and, beyond layer 0, by what the layers add to the
+//! residual stream; tests measure layer 0 against the targets.
+
+use std::io::{self, Write};
+
+use crate::error::FormatError;
+use crate::quant::{self, BlockQ4_0, GgmlType};
+use crate::writer::GgufWriter;
+
+/// Why a [`SynthConfig`] cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    /// The configuration is inconsistent (a zero dimension, heads that do not divide the width, ...).
+    #[error("invalid synthetic model config: {0}")]
+    Config(String),
+    /// Writing the GGUF file failed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// The FFN activation the synthetic model is meant to be run with (stored as `pinion.ffn_activation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `down · (relu(gate · x) ⊙ (up · x))`.
+    Relu,
+    /// dReLU (TurboSparse): `down · (relu(gate · x) ⊙ relu(up · x))`.
+    Drelu,
+    /// `down · (silu(gate · x) ⊙ (up · x))`, the llama default.
+    Silu,
+}
+
+impl Activation {
+    /// The name stored in the file: `relu`, `drelu` or `silu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Drelu => "drelu",
+            Activation::Silu => "silu",
+        }
+    }
+
+    /// Parses [`name`](Self::name).
+    pub fn from_name(s: &str) -> Option<Activation> {
+        match s {
+            "relu" => Some(Activation::Relu),
+            "drelu" => Some(Activation::Drelu),
+            "silu" => Some(Activation::Silu),
+            _ => None,
+        }
+    }
+}
+
+/// The custom metadata key holding the planted activation.
+pub const ACTIVATION_KEY: &str = "pinion.ffn_activation";
+
+/// The number of special and byte tokens at the start of the vocabulary: `<unk>`, `<s>`, `</s>` and the 256
+/// byte tokens `<0x00>`..`<0xFF>`.
+pub const N_BASE_TOKENS: usize = 3 + 256;
+
+/// A synthetic model's shape, weight type and planted skew.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthConfig {
+    /// `general.name`.
+    pub name: String,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Residual stream width.
+    pub d_model: usize,
+    /// FFN neurons per layer (per expert for MoE).
+    pub n_ff: usize,
+    /// Attention heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Vocabulary size, at least [`N_BASE_TOKENS`] + 1.
+    pub n_vocab: usize,
+    /// `llama.context_length`.
+    pub n_ctx: usize,
+    /// The planted activation.
+    pub act: Activation,
+    /// Experts per layer; 0 for a dense model.
+    pub n_experts: usize,
+    /// Experts each token is routed to (MoE only).
+    pub n_experts_used: usize,
+    /// Weight type of the matrices: `Q4_0` or `F32` (norms and the MoE router are always F32).
+    pub ty: GgmlType,
+    /// Seed of every random choice; the same config writes the same bytes.
+    pub seed: u64,
+    /// Power-law exponent of the activation frequencies.
+    pub alpha: f64,
+    /// Planted mean activation frequency (fraction of active neurons per token), in (0, f_max).
+    pub density: f64,
+    /// Frequency of the hottest neurons, in (0, 1).
+    pub f_max: f64,
+    /// Bias channel value as a multiple of `√d_model`.
+    pub bias_scale: f64,
+    /// Scale of the output projections relative to a unit-variance init.
+    pub out_scale: f64,
+}
+
+impl SynthConfig {
+    /// The preset shapes: `tiny` (4 layers, d 256, about 3 MB in Q4_0), `small` (12 layers, d 1024, about
+    /// 100 MB in Q4_0) and `7b` (LLaMA-2-7B's shape, about 3.8 GB in Q4_0). ReLU, dense, Q4_0, seed 0.
+    pub fn preset(shape: &str) -> Option<SynthConfig> {
+        let (n_layers, d_model, n_ff, n_heads, n_kv_heads, n_vocab, n_ctx) = match shape {
+            "tiny" => (4, 256, 1024, 4, 4, 512, 2048),
+            "small" => (12, 1024, 2816, 16, 16, 8000, 2048),
+            "7b" => (32, 4096, 11008, 32, 32, 32000, 4096),
+            _ => return None,
+        };
+        Some(SynthConfig {
+            name: format!("pinion-synth-{shape}"),
+            n_layers,
+            d_model,
+            n_ff,
+            n_heads,
+            n_kv_heads,
+            n_vocab,
+            n_ctx,
+            act: Activation::Relu,
+            n_experts: 0,
+            n_experts_used: 0,
+            ty: GgmlType::Q4_0,
+            seed: 0,
+            alpha: 1.0,
+            density: 0.15,
+            f_max: 0.95,
+            bias_scale: 0.5,
+            out_scale: 0.1,
+        })
+    }
+
+    /// Checks the configuration; every error is [`SynthError::Config`].
+    pub fn validate(&self) -> Result<(), SynthError> {
+        let bad = |m: String| Err(SynthError::Config(m));
+        for (what, v) in [
+            ("n_layers", self.n_layers),
+            ("d_model", self.d_model),
+            ("n_ff", self.n_ff),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("n_ctx", self.n_ctx),
+        ] {
+            if v == 0 {
+                return bad(format!("{what} is 0"));
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return bad(format!("n_heads {} does not divide d_model {}", self.n_heads, self.d_model));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("n_kv_heads {} does not divide n_heads {}", self.n_kv_heads, self.n_heads));
+        }
+        if (self.d_model / self.n_heads) % 2 != 0 {
+            return bad(format!("head dimension {} is odd (RoPE needs pairs)", self.d_model / self.n_heads));
+        }
+        if !matches!(self.ty, GgmlType::Q4_0 | GgmlType::F32) {
+            return bad(format!("weight type {} is not q4_0 or f32", self.ty.name()));
+        }
+        let block = self.ty.block_len();
+        if self.d_model % block != 0 || self.n_ff % block != 0 {
+            return bad(format!("d_model and n_ff must be multiples of {block} for {}", self.ty.name()));
+        }
+        if self.d_model < 2 {
+            return bad("d_model must be at least 2 (dimension 0 is the bias channel)".into());
+        }
+        if self.n_vocab <= N_BASE_TOKENS {
+            return bad(format!(
+                "n_vocab {} must exceed {N_BASE_TOKENS} (special and byte tokens)",
+                self.n_vocab
+            ));
+        }
+        if self.n_experts == 1 {
+            return bad("n_experts is 1 (use 0 for a dense model)".into());
+        }
+        if self.n_experts > 0 && (self.n_experts_used == 0 || self.n_experts_used > self.n_experts) {
+            return bad(format!("n_experts_used {} must be in 1..={}", self.n_experts_used, self.n_experts));
+        }
+        let unit = |x: f64| x > 0.0 && x < 1.0;
+        if !unit(self.f_max) || !unit(self.density) || self.density >= self.f_max {
+            return bad(format!("need 0 < density ({}) < f_max ({}) < 1", self.density, self.f_max));
+        }
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            return bad(format!("alpha {} is not a finite non-negative number", self.alpha));
+        }
+        if !(self.bias_scale > 0.0 && self.bias_scale.is_finite()) {
+            return bad(format!("bias_scale {} is not positive", self.bias_scale));
+        }
+        if !(self.out_scale >= 0.0 && self.out_scale.is_finite()) {
+            return bad(format!("out_scale {} is negative", self.out_scale));
+        }
+        Ok(())
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// The bias channel value `B` of every token embedding.
+    pub fn bias_value(&self) -> f64 {
+        self.bias_scale * (self.d_model as f64).sqrt()
+    }
+}
+
+/// One tensor of the model: its name, type and dims (ggml order, `ne[0]` first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Tensor name as llama.cpp expects it.
+    pub name: String,
+    /// Element type.
+    pub ty: GgmlType,
+    /// Dimensions, `ne[0]` (the row length) first.
+    pub dims: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Embed,
+    Norm,
+    Plain,
+    Out,
+    Router,
+    Gate,
+    Up,
+}
+
+/// The tensors of a model, in file order.
+pub fn tensor_specs(cfg: &SynthConfig) -> Vec<TensorSpec> {
+    specs(cfg).into_iter().map(|(s, _)| s).collect()
+}
+
+fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
+    let (d, ff, v) = (cfg.d_model as u64, cfg.n_ff as u64, cfg.n_vocab as u64);
+    let kv = (cfg.head_dim() * cfg.n_kv_heads) as u64;
+    let ty = cfg.ty;
+    let t =
+        |name: String, ty: GgmlType, dims: &[u64], k: Kind| (TensorSpec { name, ty, dims: dims.to_vec() }, k);
+    let mut out = vec![t("token_embd.weight".into(), ty, &[d, v], Kind::Embed)];
+    for l in 0..cfg.n_layers {
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        out.push(t(b("attn_norm"), GgmlType::F32, &[d], Kind::Norm));
+        out.push(t(b("attn_q"), ty, &[d, d], Kind::Plain));
+        out.push(t(b("attn_k"), ty, &[d, kv], Kind::Plain));
+        out.push(t(b("attn_v"), ty, &[d, kv], Kind::Plain));
+        out.push(t(b("attn_output"), ty, &[d, d], Kind::Out));
+        out.push(t(b("ffn_norm"), GgmlType::F32, &[d], Kind::Norm));
+        if cfg.n_experts == 0 {
+            out.push(t(b("ffn_gate"), ty, &[d, ff], Kind::Gate));
+            out.push(t(b("ffn_up"), ty, &[d, ff], Kind::Up));
+            out.push(t(b("ffn_down"), ty, &[ff, d], Kind::Out));
+        } else {
+            let e = cfg.n_experts as u64;
+            out.push(t(b("ffn_gate_inp"), GgmlType::F32, &[d, e], Kind::Router));
+            out.push(t(b("ffn_gate_exps"), ty, &[d, ff, e], Kind::Gate));
+            out.push(t(b("ffn_up_exps"), ty, &[d, ff, e], Kind::Up));
+            out.push(t(b("ffn_down_exps"), ty, &[ff, d, e], Kind::Out));
+        }
+    }
+    out.push(t("output_norm.weight".into(), GgmlType::F32, &[d], Kind::Norm));
+    out.push(t("output.weight".into(), ty, &[d, v], Kind::Plain));
+    out
+}
+
+/// The declared writer: metadata and tensor directory, no data yet.
+fn declare(cfg: &SynthConfig) -> Result<GgufWriter<'static>, SynthError> {
+    cfg.validate()?;
+    let u = |x: usize| x as u32;
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", "llama")?;
+    w.add_metadata("general.name", cfg.name.as_str())?;
+    w.add_metadata("general.file_type", if cfg.ty == GgmlType::F32 { 0u32 } else { 2u32 })?;
+    w.add_metadata("llama.vocab_size", u(cfg.n_vocab))?;
+    w.add_metadata("llama.context_length", u(cfg.n_ctx))?;
+    w.add_metadata("llama.embedding_length", u(cfg.d_model))?;
+    w.add_metadata("llama.block_count", u(cfg.n_layers))?;
+    w.add_metadata("llama.feed_forward_length", u(cfg.n_ff))?;
+    w.add_metadata("llama.attention.head_count", u(cfg.n_heads))?;
+    w.add_metadata("llama.attention.head_count_kv", u(cfg.n_kv_heads))?;
+    w.add_metadata("llama.rope.dimension_count", u(cfg.head_dim()))?;
+    w.add_metadata("llama.rope.freq_base", 10000.0f32)?;
+    w.add_metadata("llama.attention.layer_norm_rms_epsilon", 1e-5f32)?;
+    if cfg.n_experts > 0 {
+        w.add_metadata("llama.expert_count", u(cfg.n_experts))?;
+        w.add_metadata("llama.expert_used_count", u(cfg.n_experts_used))?;
+    }
+    w.add_metadata(ACTIVATION_KEY, cfg.act.name())?;
+    w.add_metadata("pinion.synth.seed", cfg.seed)?;
+    w.add_metadata("pinion.synth.density", cfg.density as f32)?;
+    w.add_metadata("pinion.synth.alpha", cfg.alpha as f32)?;
+
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    for i in tokens.len()..cfg.n_vocab {
+        tokens.push(format!("\u{2581}t{i}"));
+        types.push(1);
+    }
+    let scores: Vec<f32> =
+        (0..cfg.n_vocab).map(|i| if i < N_BASE_TOKENS { 0.0 } else { -(i as f32) }).collect();
+    w.add_metadata("tokenizer.ggml.model", "llama")?;
+    w.add_metadata("tokenizer.ggml.tokens", tokens)?;
+    w.add_metadata("tokenizer.ggml.scores", scores)?;
+    w.add_metadata("tokenizer.ggml.token_type", types)?;
+    w.add_metadata("tokenizer.ggml.unknown_token_id", 0u32)?;
+    w.add_metadata("tokenizer.ggml.bos_token_id", 1u32)?;
+    w.add_metadata("tokenizer.ggml.eos_token_id", 2u32)?;
+    w.add_metadata("tokenizer.ggml.add_bos_token", true)?;
+    w.add_metadata("tokenizer.ggml.add_eos_token", false)?;
+
+    for (s, _) in specs(cfg) {
+        w.add_tensor(&s.name, s.ty, &s.dims)?;
+    }
+    Ok(w)
+}
+
+/// The size in bytes of the file [`write_model`] writes for `cfg`.
+pub fn file_len(cfg: &SynthConfig) -> Result<u64, SynthError> {
+    Ok(declare(cfg)?.file_len()?)
+}
+
+/// Writes the model described by `cfg` to `out` and returns `out`, calling `progress(done, total)` (bytes of
+/// the file) after the header and after each tensor. Memory use is bounded by one row of the widest tensor.
+///
+/// Wrap a file in a `std::io::BufWriter`: data is written one row at a time.
+pub fn write_model<W: Write>(
+    cfg: &SynthConfig,
+    out: W,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<W, SynthError> {
+    let w = declare(cfg)?;
+    let total = w.file_len()?;
+    let mut done = w.data_offset();
+    let align = w.alignment();
+    let mut stream = w.begin(out)?;
+    progress(done, total);
+    for (spec, kind) in specs(cfg) {
+        stream.write_tensor_with(&spec.name, |w| write_tensor(cfg, &spec, kind, w))?;
+        let n = spec.ty.row_bytes(spec.dims[0] as usize)? as u64 * spec.dims[1..].iter().product::<u64>();
+        done += n.div_ceil(align) * align;
+        progress(done.min(total), total);
+    }
+    Ok(stream.finish()?)
+}
+
+/// The planted activation frequency of each FFN neuron of layer `layer` (expert `expert`, 0 for a dense
+/// model), indexed by neuron id. For dReLU this is the joint frequency; gate and up are each planted with its
+/// square root.
+pub fn target_frequencies(cfg: &SynthConfig, layer: usize, expert: usize) -> Vec<f64> {
+    let n = cfg.n_ff;
+    let mut rng = Rng::new(cfg.seed, &format!("perm.{layer}.{expert}"));
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    let by_rank = power_law(n, cfg.alpha, cfg.density, cfg.f_max);
+    let mut f = vec![0.0; n];
+    for (neuron, &rank) in perm.iter().enumerate() {
+        f[neuron] = by_rank[rank];
+    }
+    f
+}
+
+/// `min(f_max, c · (r+1)^-alpha)` for ranks `r` in `0..n`, with `c` chosen so that the mean is `density`.
+fn power_law(n: usize, alpha: f64, density: f64, f_max: f64) -> Vec<f64> {
+    let raw: Vec<f64> = (0..n).map(|r| ((r + 1) as f64).powf(-alpha)).collect();
+    let mean = |c: f64| raw.iter().map(|&p| (c * p).min(f_max)).sum::<f64>() / n as f64;
+    // mean(c) is continuous and non-decreasing, from 0 to f_max > density: bisect on c.
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while mean(hi) < density && hi < 1e30 {
+        hi *= 2.0;
+    }
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if mean(mid) < density {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    raw.iter().map(|&p| (hi * p).min(f_max)).collect()
+}
+
+/// Writes one tensor's data, row by row.
+fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Write) -> io::Result<()> {
+    let row_len = spec.dims[0] as usize;
+    let n_rows: usize = spec.dims[1..].iter().product::<u64>() as usize;
+    let mut rng = Rng::new(cfg.seed, &spec.name);
+    let mut row = vec![0.0f32; row_len];
+    let mut blocks = vec![BlockQ4_0 { d: half::f16::ZERO, qs: [0; 16] }; row_len / 32];
+    let d = cfg.d_model as f64;
+    let sigma = 1.0 / (row_len as f64).sqrt();
+    let b = cfg.bias_value();
+    // Planted frequencies of the current expert (rows of a gate/up tensor are neurons, n_ff per expert).
+    let mut freqs: Vec<f64> = Vec::new();
+    for r in 0..n_rows {
+        match kind {
+            Kind::Norm => row.fill(1.0),
+            Kind::Embed => {
+                rng.fill_uniform(&mut row, 1.0);
+                row[0] = b as f32;
+            }
+            Kind::Plain | Kind::Router => rng.fill_uniform(&mut row, sigma),
+            Kind::Out => rng.fill_uniform(&mut row, sigma * cfg.out_scale),
+            Kind::Gate | Kind::Up => {
+                let (expert, neuron) = (r / cfg.n_ff, r % cfg.n_ff);
+                if neuron == 0 {
+                    let layer = layer_of(&spec.name);
+                    freqs = target_frequencies(cfg, layer, expert);
+                }
+                rng.fill_uniform(&mut row, sigma);
+                let f = match (kind, cfg.act) {
+                    (_, Activation::Drelu) => Some(freqs[neuron].sqrt()),
+                    (Kind::Gate, _) => Some(freqs[neuron]),
+                    _ => None,
+                };
+                row[0] = match f {
+                    Some(f) => (sigma * (d - 1.0).sqrt() * probit(f) / b) as f32,
+                    None => 0.0,
+                };
+            }
+        }
+        if spec.ty == GgmlType::F32 {
+            for v in &row {
+                w.write_all(&v.to_le_bytes())?;
+            }
+        } else {
+            quant::quantize_row_q4_0(&row, &mut blocks);
+            w.write_all(bytemuck::cast_slice(&blocks))?;
+        }
+    }
+    Ok(())
+}
+
+/// The layer number of a `blk.N.…` tensor name (0 otherwise).
+fn layer_of(name: &str) -> usize {
+    name.strip_prefix("blk.").and_then(|s| s.split('.').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// The standard normal quantile function `Φ⁻¹(p)` for `p` in (0, 1) (Acklam's rational approximation, relative
+/// error below 1.2e-9). Returns ±infinity at 0 and 1 and NaN outside [0, 1].
+pub fn probit(p: f64) -> f64 {
+    if p.is_nan() || !(0.0..=1.0).contains(&p) {
+        return f64::NAN;
+    }
+    if p == 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p == 1.0 {
+        return f64::INFINITY;
+    }
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] =
+        [7.784_695_709_041_462e-3, 3.224_671_290_700_398e-1, 2.445_134_137_142_996, 3.754_408_661_907_416];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    let p_low = 0.02425;
+    if p < p_low {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - p_low {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+/// xoshiro256++ seeded through SplitMix64 from the model seed and a tensor name, so each tensor's values
+/// depend only on the seed and its name.
+struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    fn new(seed: u64, name: &str) -> Rng {
+        // FNV-1a of the name, mixed with the seed.
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut x = seed ^ h.rotate_left(17);
+        let mut split = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        Rng { s: [split(), split(), split(), split()] }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Fills `out` with independent uniform values of mean 0 and standard deviation `sd`.
+    fn fill_uniform(&mut self, out: &mut [f32], sd: f64) {
+        let a = (sd * 3f64.sqrt()) as f32;
+        for v in out {
+            // 24 random bits to [-1, 1).
+            let u = (self.next_u64() >> 40) as f32 * (1.0 / (1u32 << 23) as f32) - 1.0;
+            *v = u * a;
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn probit_inverts_the_normal_cdf() {
+        for &(p, x) in &[
+            (0.5, 0.0),
+            (0.975, 1.959_963_984_540_054),
+            (0.01, -2.326_347_874_040_841),
+            (0.9, 1.281_551_565_544_6),
+        ] {
+            assert!((probit(p) - x).abs() < 1e-8, "probit({p}) = {} not {x}", probit(p));
+        }
+    }
+
+    #[test]
+    fn power_law_has_the_asked_mean() {
+        let f = power_law(1000, 1.0, 0.15, 0.95);
+        let mean = f.iter().sum::<f64>() / 1000.0;
+        assert!((mean - 0.15).abs() < 1e-6);
+        assert!(f[0] == 0.95 && f[999] < 0.05);
+    }
+}
