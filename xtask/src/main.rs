@@ -5,6 +5,7 @@
 //! Offline model work (fetch; later profile, train, pack, plan, synth) lives here as thin drivers over library
 //! functions; nothing depends on this crate.
 
+mod calibrate;
 mod iobench;
 mod tidy;
 
@@ -39,6 +40,8 @@ enum Cmd {
     Tidy,
     /// Check that crates depend only on the crates below them (docs/architecture.md).
     CheckLayering,
+    /// Profile FFN activations over a calibration text and write per-layer CATS thresholds.
+    Calibrate(calibrate::CalibrateArgs),
     /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
     IoBench(iobench::IoBenchArgs),
 }
@@ -53,6 +56,7 @@ fn main() -> Result<()> {
         Cmd::Tidy => tidy::tidy(&root)?,
         Cmd::CheckLayering => tidy::check_layering(&root)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
+        Cmd::Calibrate(args) => calibrate::calibrate(&args)?,
     }
     Ok(())
 }

@@ -50,6 +50,28 @@ struct ModelArgs {
     /// Compute threads.
     #[arg(short = 't', long = "threads", default_value_t = default_threads())]
     threads: usize,
+    /// Threshold sparsity: a thresholds file from `cargo xtask calibrate` (FFN neurons with small activations
+    /// are skipped).
+    #[arg(long = "thresholds")]
+    thresholds: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// A context for `model`, with this run's thresholds applied.
+    fn context<'m>(&self, model: &'m Model, n_ctx: usize) -> Result<Context<'m>> {
+        let mut ctx = Context::new(model, ContextParams::new(n_ctx, self.threads))?;
+        if let Some(p) = &self.thresholds {
+            let t = pinion_runtime::sparsity::Thresholds::load(p)?;
+            eprintln!(
+                "pinion: threshold sparsity {:.2} from {} ({} layers)",
+                t.target_sparsity,
+                p.display(),
+                t.layers.len()
+            );
+            ctx.set_ffn_thresholds(Some(t.values()))?;
+        }
+        Ok(ctx)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -298,7 +320,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = model.tokenizer();
     let prompt_tokens = tok.encode(&prompt, true, true);
-    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let mut ctx = a.model.context(&model, a.ctx_size)?;
     let params = GenerateParams {
         n_predict: a.n_predict,
         ignore_eos: a.ignore_eos,
@@ -373,7 +395,7 @@ fn stop_reason_name(r: &StopReason) -> &'static str {
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = model.tokenizer();
-    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let mut ctx = a.model.context(&model, a.ctx_size)?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage { role: "system".into(), content: s.clone() });
@@ -436,7 +458,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
     });
     let n_ctx = n_ctx.max().unwrap_or(512);
-    let mut ctx = Context::new(&model, ContextParams::new(n_ctx, a.model.threads))?;
+    let mut ctx = a.model.context(&model, n_ctx)?;
     let c = model.config();
     let size = format!("{:.2} MiB", model.file_size() as f64 / (1 << 20) as f64);
     let params = format!("{:.2} M", model.n_params() as f64 / 1e6);
@@ -512,7 +534,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     }
     let n_chunks = a.chunks.map_or(tokens.len() / a.ctx_size, |c| c.min(tokens.len() / a.ctx_size));
     eprintln!("perplexity: calculating perplexity over {n_chunks} chunks, n_ctx={}", a.ctx_size);
-    let mut ctx = Context::new(&model, ContextParams::new(a.ctx_size, a.model.threads))?;
+    let mut ctx = a.model.context(&model, a.ctx_size)?;
     let bos = if tok.add_bos() { tok.bos_id() } else { None };
     let t = Instant::now();
     let mut stderr = std::io::stderr().lock();

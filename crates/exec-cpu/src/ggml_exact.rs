@@ -422,6 +422,25 @@ pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Threshold-sparse SwiGLU (CATS): `gate[i] = silu(gate[i]) * up[i]` where `|silu(gate[i])| >= t`, else 0.
+///
+/// The SiLU is [`silu_ggml`], so with `t = 0` this equals [`swiglu_ggml`] on AVX-512 machines up to the tail.
+/// Returns how many neurons were active.
+pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
+    assert_eq!(gate.len(), up.len(), "swiglu: lengths");
+    let mut active = 0;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let a = silu_ggml(*g);
+        if a.abs() >= t {
+            *g = a * u;
+            active += 1;
+        } else {
+            *g = 0.0;
+        }
+    }
+    active
+}
+
 /// Tree reduction of 16 lanes as `_mm512_reduce_add_ps`: halves added until one lane is left.
 fn reduce16(r: &[f32; 16]) -> f32 {
     let mut v = *r;
@@ -494,6 +513,24 @@ mod tests {
             let want = g / (1.0 + (-g).exp()) * up[i] as f64;
             assert!((got[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", got[i]);
         }
+    }
+
+    #[test]
+    fn swiglu_threshold_zeroes_small_activations_only() {
+        let gate = [-6.0f32, -0.1, 0.05, 0.3, 4.0, 0.0];
+        let up = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let t = 0.1;
+        let mut got = gate;
+        let active = swiglu_threshold(&mut got, &up, t);
+        for i in 0..gate.len() {
+            let a = silu_ggml(gate[i]);
+            let want = if a.abs() >= t { a * up[i] } else { 0.0 };
+            assert_eq!(got[i], want, "{i}");
+        }
+        // silu(-6) = -0.0148, silu(-0.1) = -0.0475, silu(0.05) = 0.0256, silu(0) = 0: only 0.3 and 4.0 pass.
+        assert_eq!(active, 2);
+        let mut all = gate;
+        assert_eq!(swiglu_threshold(&mut all, &up, 0.0), gate.len());
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub use crate::attention::{attention, attention_with};
 pub use crate::error::ExecError;
 pub use crate::ggml_exact::{
     GGML_FA_TILE_Q, attention_f16acc, attention_f16acc_on, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,
+    swiglu_threshold,
 };
 pub use crate::kernels::{CpuFeatures, KernelPath, cpu_features};
 pub use crate::matmul::{matmul, matmul_on, matmul_rows, matmul_rows_with};

@@ -8,9 +8,11 @@
 #![forbid(unsafe_code)]
 
 mod metrics;
+mod profile;
 mod threshold;
 
 pub use crate::metrics::Metrics;
+pub use crate::profile::ActivationProfile;
 pub use crate::threshold::calibrate_threshold;
 
 /// What can go wrong building a predictor.

@@ -2,6 +2,7 @@
 
 use half::f16;
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
+use pinion_predictor::ActivationProfile;
 
 use crate::error::RuntimeError;
 use crate::model::Model;
@@ -65,6 +66,8 @@ pub struct Context<'m> {
     pool: rayon::ThreadPool,
     /// Spinning pool for single-token steps (decode), whose operations are too short for rayon's wake-ups.
     spin: SpinPool,
+    /// Per-layer CATS thresholds: FFN neurons with `|silu(gate)|` below are skipped. `None`: dense.
+    thresholds: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -125,6 +128,7 @@ impl<'m> Context<'m> {
             scratch,
             pool,
             spin,
+            thresholds: None,
         })
     }
 
@@ -148,6 +152,36 @@ impl<'m> Context<'m> {
         self.n_past
     }
 
+    /// Sets per-layer threshold sparsity (CATS): in layer `l`, FFN neurons whose `|silu(gate · x)|` is below
+    /// `thresholds[l]` contribute nothing. `None` runs the FFN densely.
+    pub fn set_ffn_thresholds(&mut self, thresholds: Option<Vec<f32>>) -> Result<(), RuntimeError> {
+        let n_layers = self.model.config().n_layers;
+        if let Some(t) = &thresholds {
+            if t.len() != n_layers || t.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                return Err(RuntimeError::BadThresholds { got: t.len(), n_layers });
+            }
+        }
+        self.thresholds = thresholds;
+        Ok(())
+    }
+
+    /// Evaluates `tokens` densely (whatever thresholds are set) and records every layer's gate activations
+    /// into `profile`, for calibrating sparsity. The tokens are appended to the cache like [`Context::eval`].
+    pub fn eval_profile(
+        &mut self,
+        tokens: &[u32],
+        profile: &mut ActivationProfile,
+    ) -> Result<(), RuntimeError> {
+        let c = self.model.config();
+        if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
+            return Err(RuntimeError::BadThresholds { got: profile.n_layers(), n_layers: c.n_layers });
+        }
+        let saved = self.thresholds.take();
+        let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());
+        self.thresholds = saved;
+        res
+    }
+
     /// Forgets all tokens after the first `n` (keeps the KV rows before them).
     pub fn truncate(&mut self, n: usize) {
         self.n_past = self.n_past.min(n);
@@ -156,6 +190,15 @@ impl<'m> Context<'m> {
     /// Evaluates `tokens` at positions `n_past..` and returns logits: the last token's (`n_vocab` values) or all
     /// tokens' (`tokens.len() * n_vocab` values, token-major).
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32], RuntimeError> {
+        self.eval_with(tokens, which, None)
+    }
+
+    fn eval_with(
+        &mut self,
+        tokens: &[u32],
+        which: Logits,
+        mut profile: Option<&mut ActivationProfile>,
+    ) -> Result<&[f32], RuntimeError> {
         let n_vocab = self.model.config().n_vocab;
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
@@ -185,12 +228,13 @@ impl<'m> Context<'m> {
             let model = self.model;
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
+            let ffn = Ffn { thresholds: self.thresholds.as_deref(), profile: profile.as_deref_mut() };
             if chunk.len() == 1 {
                 let par = Par::Spin(&self.spin);
-                forward(model, par, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
+                forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
             } else {
                 self.pool.install(|| {
-                    forward(model, Par::Rayon, scratch, k_cache, v_cache, chunk, n_past, which, want)
+                    forward(model, Par::Rayon, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)
                 })?;
             }
             self.n_past += chunk.len();
@@ -220,10 +264,17 @@ impl Par<'_> {
     }
 }
 
+/// How the FFN runs: densely, or with per-layer thresholds; and whether its activations are recorded.
+struct Ffn<'a> {
+    thresholds: Option<&'a [f32]>,
+    profile: Option<&'a mut ActivationProfile>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward(
     model: &Model,
     par: Par<'_>,
+    mut ffn: Ffn<'_>,
     s: &mut Scratch,
     k_cache: &mut [Vec<f16>],
     v_cache: &mut [Vec<f16>],
@@ -301,7 +352,15 @@ fn forward(
             s.acts.quantize(wu.ty, xn, d);
         }
         par.matmul(&wu, &s.acts, &mut s.up[..n * ff]);
-        exec::swiglu_ggml(&mut s.gate[..n * ff], &s.up[..n * ff]);
+        if let Some(p) = ffn.profile.as_deref_mut() {
+            p.record(l, &s.gate[..n * ff], &exec::silu_ggml);
+        }
+        match ffn.thresholds {
+            Some(t) => {
+                exec::swiglu_threshold(&mut s.gate[..n * ff], &s.up[..n * ff], t[l]);
+            }
+            None => exec::swiglu_ggml(&mut s.gate[..n * ff], &s.up[..n * ff]),
+        }
         s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
         par.matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
         add_assign(x, &s.tmp[..n * d]);

@@ -35,6 +35,12 @@ pub enum RuntimeError {
     EmptyPrompt,
     #[error("cannot start {n} threads: {why}")]
     Threads { n: usize, why: String },
+    #[error(
+        "sparsity thresholds: got {got} layers, the model has {n_layers} (and each must be finite, >= 0)"
+    )]
+    BadThresholds { got: usize, n_layers: usize },
+    #[error("{path}: {why}")]
+    BadThresholdsFile { path: PathBuf, why: String },
     #[error("fetching model '{name}': {why}")]
     Fetch { name: String, why: String },
 }

@@ -16,6 +16,7 @@ mod model;
 mod perplexity;
 pub mod registry;
 mod sampler;
+pub mod sparsity;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::ModelConfig;
@@ -25,4 +26,5 @@ pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, gener
 pub use crate::model::Model;
 pub use crate::perplexity::{PerplexityStats, perplexity};
 pub use crate::sampler::{Sampler, SamplerParams, argmax};
+pub use pinion_predictor::ActivationProfile;
 pub use pinion_tokenizer::{ChatMessage, Tokenizer};

@@ -4,3 +4,4 @@
 mod common;
 mod errors;
 mod reference;
+mod sparsity;

@@ -1,0 +1,48 @@
+//! Threshold sparsity (CATS) in the forward pass, and activation profiling.
+
+use pinion_runtime::{ActivationProfile, Context, ContextParams, Logits, Model, RuntimeError};
+
+use crate::common::model_path;
+
+#[test]
+fn thresholds_select_neurons_and_profiles_record_activations() {
+    let Some(path) = model_path() else { return };
+    let model = Model::load(&path).unwrap();
+    let c = model.config().clone();
+    let toks = model.tokenizer().encode("The capital of France is", true, true);
+    let mut ctx = Context::new(&model, ContextParams::new(64, 2)).unwrap();
+    let dense = ctx.eval(&toks, Logits::Last).unwrap().to_vec();
+
+    // Threshold 0 keeps every neuron: the same logits, bit for bit.
+    let mut zero = Context::new(&model, ContextParams::new(64, 2)).unwrap();
+    zero.set_ffn_thresholds(Some(vec![0.0; c.n_layers])).unwrap();
+    assert_eq!(zero.eval(&toks, Logits::Last).unwrap(), &dense[..]);
+
+    // A huge threshold removes every FFN: the logits change.
+    let mut off = Context::new(&model, ContextParams::new(64, 2)).unwrap();
+    off.set_ffn_thresholds(Some(vec![1e9; c.n_layers])).unwrap();
+    let no_ffn = off.eval(&toks, Logits::Last).unwrap().to_vec();
+    let diff = dense.iter().zip(&no_ffn).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff > 1.0, "removing the FFN changed logits by only {diff}");
+
+    // Wrong shapes are refused.
+    let e = zero.set_ffn_thresholds(Some(vec![0.0; c.n_layers - 1])).unwrap_err();
+    assert!(matches!(e, RuntimeError::BadThresholds { .. }), "{e}");
+    assert!(zero.set_ffn_thresholds(Some(vec![f32::NAN; c.n_layers])).is_err());
+
+    // Profiling records every layer of every token, and runs densely even with thresholds set.
+    let mut profile = ActivationProfile::new(c.n_layers, c.n_ff, 4096);
+    off.truncate(0);
+    off.eval_profile(&toks, &mut profile).unwrap();
+    assert_eq!(profile.n_tokens(), toks.len() as u64);
+    // The thresholds are back in force afterwards.
+    off.truncate(0);
+    assert_eq!(off.eval(&toks, Logits::Last).unwrap(), &no_ffn[..]);
+    for l in 0..c.n_layers {
+        assert_eq!(profile.samples(l).len(), (toks.len() * c.n_ff).min(4096));
+    }
+    // Calibrated at 50%, about half of the sampled magnitudes fall below each layer's threshold.
+    for (t, achieved) in profile.thresholds(0.5) {
+        assert!(t > 0.0 && (achieved - 0.5).abs() < 0.01, "threshold {t} achieved {achieved}");
+    }
+}
