@@ -7,6 +7,7 @@
 
 mod calibrate;
 mod iobench;
+mod synth;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ enum Cmd {
     Calibrate(calibrate::CalibrateArgs),
     /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
     IoBench(iobench::IoBenchArgs),
+    /// Write a synthetic llama-style GGUF model with random weights and planted activation skew.
+    Synth(synth::SynthArgs),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         Cmd::Tidy => tidy::tidy(&root)?,
         Cmd::CheckLayering => tidy::check_layering(&root)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
+        Cmd::Synth(args) => synth::synth(&args)?,
         Cmd::Calibrate(args) => calibrate::calibrate(&args)?,
     }
     Ok(())
