@@ -154,29 +154,55 @@ fn bad_configs_are_typed_errors() {
     }
 }
 
-/// Measured firing frequency of each layer-0 gate neuron over the rms-normalized embeddings of `tokens`.
-fn measured_frequencies(g: &Gguf, tokens: impl Iterator<Item = usize>) -> (Vec<f64>, usize) {
+/// The rms-normalized embeddings of `tokens` (norm weights are 1), each `d` long, concatenated.
+fn normalized_embeddings(g: &Gguf, tokens: impl Iterator<Item = usize>) -> Vec<f32> {
     let e = g.tensor("token_embd.weight").unwrap();
-    let gate = g.tensor("blk.0.ffn_gate.weight").unwrap();
     let d = e.row_len();
-    let mut w = vec![0.0f32; gate.n_rows() * d];
-    for (i, row) in w.chunks_mut(d).enumerate() {
-        quant::dequantize_row(gate.ty, gate.row(i), row).unwrap();
-    }
-    let mut fired = vec![0usize; gate.n_rows()];
+    let mut xs = Vec::new();
     let mut x = vec![0.0f32; d];
-    let mut n = 0;
     for t in tokens {
         quant::dequantize_row(e.ty, e.row(t), &mut x).unwrap();
         let rms = (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + 1e-5).sqrt();
-        x.iter_mut().for_each(|v| *v /= rms);
-        for (f, row) in fired.iter_mut().zip(w.chunks(d)) {
-            let dot: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-            *f += (dot > 0.0) as usize;
-        }
-        n += 1;
+        xs.extend(x.iter().map(|v| v / rms));
     }
-    (fired.iter().map(|&f| f as f64 / n as f64).collect(), n)
+    xs
+}
+
+/// For each token (row of `xs`) and each of `n` rows of `tensor` from `first`: is the row's dot product with the
+/// token positive? Token-major.
+fn positive(g: &Gguf, tensor: &str, first: usize, n: usize, xs: &[f32]) -> Vec<bool> {
+    let t = g.tensor(tensor).unwrap();
+    let d = t.row_len();
+    let mut w = vec![0.0f32; n * d];
+    for (i, row) in w.chunks_mut(d).enumerate() {
+        quant::dequantize_row(t.ty, t.row(first + i), row).unwrap();
+    }
+    let mut out = Vec::with_capacity(xs.len() / d * n);
+    for x in xs.chunks(d) {
+        out.extend(w.chunks(d).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() > 0.0));
+    }
+    out
+}
+
+/// Per-neuron frequency of `fired` (token-major, `n` neurons).
+fn frequencies(fired: &[bool], n: usize) -> Vec<f64> {
+    let n_tokens = fired.len() / n;
+    let mut f = vec![0.0; n];
+    for tok in fired.chunks(n) {
+        for (f, &b) in f.iter_mut().zip(tok) {
+            *f += b as u8 as f64 / n_tokens as f64;
+        }
+    }
+    f
+}
+
+/// Measured firing frequency of each layer-0 gate neuron over the rms-normalized embeddings of `tokens`.
+fn measured_frequencies(g: &Gguf, tokens: impl Iterator<Item = usize>) -> (Vec<f64>, usize) {
+    let xs = normalized_embeddings(g, tokens);
+    let gate = g.tensor("blk.0.ffn_gate.weight").unwrap();
+    let n = gate.n_rows();
+    let fired = positive(g, "blk.0.ffn_gate.weight", 0, n, &xs);
+    (frequencies(&fired, n), xs.len() / gate.row_len())
 }
 
 fn pearson(a: &[f64], b: &[f64]) -> f64 {
@@ -217,4 +243,39 @@ fn planted_skew_shows_in_layer_0() {
     // correlation is not an artefact by comparing against a different seed's targets.
     let other = synth::target_frequencies(&SynthConfig { seed: 8, ..cfg.clone() }, 0, 0);
     assert!(pearson(&measured, &other).abs() < 0.3);
+}
+
+#[test]
+fn drelu_gate_and_up_fire_jointly_with_the_planted_frequency() {
+    let cfg = SynthConfig { n_layers: 1, n_vocab: 2000, act: Activation::Drelu, seed: 11, ..tiny() };
+    let bytes = write(&cfg);
+    let g = Gguf::parse(&bytes).unwrap();
+    let xs = normalized_embeddings(&g, 0..cfg.n_vocab);
+    let gate = positive(&g, "blk.0.ffn_gate.weight", 0, cfg.n_ff, &xs);
+    let up = positive(&g, "blk.0.ffn_up.weight", 0, cfg.n_ff, &xs);
+    let both: Vec<bool> = gate.iter().zip(&up).map(|(a, b)| *a && *b).collect();
+    let measured = frequencies(&both, cfg.n_ff);
+    let target = synth::target_frequencies(&cfg, 0, 0);
+    let r = pearson(&measured, &target);
+    let density = measured.iter().sum::<f64>() / measured.len() as f64;
+    eprintln!("drelu layer 0: pearson {r:.4}, joint density {density:.4} (planted {})", cfg.density);
+    assert!(r > 0.9, "pearson {r}");
+    assert!((density - cfg.density).abs() < 0.03, "joint density {density}");
+}
+
+#[test]
+fn each_moe_expert_has_its_own_planted_skew() {
+    let cfg = SynthConfig { n_layers: 1, n_vocab: 2000, n_experts: 2, n_experts_used: 1, ..tiny() };
+    let bytes = write(&cfg);
+    let g = Gguf::parse(&bytes).unwrap();
+    let xs = normalized_embeddings(&g, 0..cfg.n_vocab);
+    let t0 = synth::target_frequencies(&cfg, 0, 0);
+    let t1 = synth::target_frequencies(&cfg, 0, 1);
+    for (expert, target, other) in [(0, &t0, &t1), (1, &t1, &t0)] {
+        let fired = positive(&g, "blk.0.ffn_gate_exps.weight", expert * cfg.n_ff, cfg.n_ff, &xs);
+        let measured = frequencies(&fired, cfg.n_ff);
+        let r = pearson(&measured, target);
+        assert!(r > 0.95, "expert {expert}: pearson {r}");
+        assert!(pearson(&measured, other).abs() < 0.3, "expert {expert} follows the other expert's targets");
+    }
 }
