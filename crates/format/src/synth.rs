@@ -6,7 +6,9 @@
 //! the metadata, tokenizer and tensor names llama.cpp's `llama` loader expects, so llama.cpp loads and runs it.
 //! llama.cpp ignores the custom key `pinion.ffn_activation` (`relu`, `drelu` or `silu`) and always runs a llama
 //! model with SiLU: its output is then meaningless, but its speed is that of a real model of the same shape,
-//! which is what the file is for.
+//! which is what the file is for. Checked with llama.cpp build 0c1e570 (`llama-bench -p 16 -n 16`,
+//! `llama-completion -p hello -n 8`): the tiny, small and 7b shapes, Q4_0 and F32, dense and MoE all load and run
+//! (7b is reported as `llama 7B Q4_0`, 6.74 B parameters).
 //!
 //! # The planted skew
 //!
