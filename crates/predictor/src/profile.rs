@@ -57,12 +57,7 @@ impl ActivationProfile {
     /// Records one layer's activations for a batch: `pre` holds gate pre-activations (`tokens x n_ff`), and
     /// `act` maps a pre-activation to the activation whose magnitude is sampled (SiLU, GELU, ReLU ...).
     pub fn record(&mut self, layer: usize, pre: &[f32], act: &dyn Fn(f32) -> f32) {
-        assert!(
-            pre.len() % self.n_ff == 0,
-            "profile: {} values are not rows of {}",
-            pre.len(),
-            self.n_ff
-        );
+        assert!(pre.len() % self.n_ff == 0, "profile: {} values are not rows of {}", pre.len(), self.n_ff);
         if layer == 0 {
             self.n_tokens += (pre.len() / self.n_ff) as u64;
         }
