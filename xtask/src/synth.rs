@@ -73,16 +73,30 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
         args.out.display(),
         total as f64 / 1e6
     );
-    let file = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // Written under a temporary name and renamed into place, so a failed run never leaves a half-written model.
+    let tmp = args.out.with_extension("gguf.partial");
+    let res = write_to(&cfg, &tmp);
+    match res {
+        Ok(()) => std::fs::rename(&tmp, &args.out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("writing {}", args.out.display())));
+        }
+    }
+    Ok(())
+}
+
+fn write_to(cfg: &SynthConfig, path: &std::path::Path) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut last = 0u64;
-    let out = synth::write_model(&cfg, BufWriter::with_capacity(1 << 20, file), &mut |done, total| {
+    let out = synth::write_model(cfg, BufWriter::with_capacity(1 << 20, file), &mut |done, total| {
         let pct = done * 100 / total.max(1);
         if pct >= last + 5 || done == total {
             eprintln!("xtask synth: {pct:3}% ({:.1} / {:.1} MB)", done as f64 / 1e6, total as f64 / 1e6);
             last = pct;
         }
-    })
-    .with_context(|| format!("writing {}", args.out.display()))?;
+    })?;
     let file = out.into_inner().context("flushing the output")?;
     file.sync_all().context("syncing the output")?;
     Ok(())
