@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use pinion_io::BackendChoice;
-use pinion_io::bench::{BenchConfig, Limit, Pattern, run};
+use pinion_io::bench::{BenchConfig, Limit, Pattern, parse_size, run};
 
 #[derive(Args)]
 pub(crate) struct IoBenchArgs {
@@ -36,14 +36,7 @@ pub(crate) struct IoBenchArgs {
 }
 
 fn bytes(s: &str) -> Result<u64, String> {
-    let (digits, shift) = match s.strip_suffix(['K', 'k']) {
-        Some(d) => (d, 10),
-        None => match s.strip_suffix(['M', 'm']) {
-            Some(d) => (d, 20),
-            None => s.strip_suffix(['G', 'g']).map_or((s, 0), |d| (d, 30)),
-        },
-    };
-    digits.parse::<u64>().map(|n| n << shift).map_err(|e| format!("{s:?}: {e}"))
+    parse_size(s).ok_or_else(|| format!("{s:?} is not a byte count (e.g. 4096, 4K, 1M, 4G)"))
 }
 
 pub(crate) fn io_bench(a: &IoBenchArgs) -> Result<()> {

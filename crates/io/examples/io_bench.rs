@@ -7,17 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use pinion_io::BackendChoice;
-use pinion_io::bench::{BenchConfig, Limit, Pattern, run};
-
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mul) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mul)
-}
+use pinion_io::bench::{BenchConfig, Limit, Pattern, parse_size, run};
 
 fn parse(args: &[String]) -> Result<BenchConfig, String> {
     let mut it = args.iter();

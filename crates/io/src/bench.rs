@@ -138,6 +138,18 @@ impl Rng {
     }
 }
 
+/// Parses a byte count with an optional binary suffix (`4096`, `4K`, `64k`, `1M`, `4G`), as the benchmark
+/// drivers take them; `None` for anything else or on overflow.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, mul) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
 /// Runs the benchmark described by `cfg`.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     if cfg.read_size == 0 || cfg.queue_depth == 0 {
@@ -226,4 +238,22 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         pool_peak_bytes: engine.pool().stats().peak_allocated,
         stats: engine.stats(),
     })
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4K"), Some(4096));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("4G"), Some(4 << 30));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("K"), None);
+        assert_eq!(parse_size("1.5M"), None);
+        assert_eq!(parse_size("18446744073709551615K"), None, "overflow is refused, not wrapped");
+    }
 }
