@@ -174,7 +174,10 @@ impl<'m> Context<'m> {
     ) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
-            return Err(RuntimeError::BadThresholds { got: profile.n_layers(), n_layers: c.n_layers });
+            return Err(RuntimeError::ProfileShape {
+                got: (profile.n_layers(), profile.n_ff()),
+                want: (c.n_layers, c.n_ff),
+            });
         }
         let saved = self.thresholds.take();
         let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());

@@ -39,6 +39,8 @@ pub enum RuntimeError {
         "sparsity thresholds: got {got} layers, the model has {n_layers} (and each must be finite, >= 0)"
     )]
     BadThresholds { got: usize, n_layers: usize },
+    #[error("activation profile has (layers, neurons) = {got:?}, the model has {want:?}")]
+    ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("{path}: {why}")]
     BadThresholdsFile { path: PathBuf, why: String },
     #[error("fetching model '{name}': {why}")]

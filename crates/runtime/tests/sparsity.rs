@@ -30,6 +30,11 @@ fn thresholds_select_neurons_and_profiles_record_activations() {
     assert!(matches!(e, RuntimeError::BadThresholds { .. }), "{e}");
     assert!(zero.set_ffn_thresholds(Some(vec![f32::NAN; c.n_layers])).is_err());
 
+    // A profile of the wrong shape is refused.
+    let mut wrong = ActivationProfile::new(c.n_layers, c.n_ff + 1, 16);
+    let e = off.eval_profile(&toks, &mut wrong).unwrap_err();
+    assert!(matches!(e, RuntimeError::ProfileShape { .. }), "{e}");
+
     // Profiling records every layer of every token, and runs densely even with thresholds set.
     let mut profile = ActivationProfile::new(c.n_layers, c.n_ff, 4096);
     off.truncate(0);
