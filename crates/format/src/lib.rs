@@ -35,6 +35,7 @@
 mod error;
 pub mod fuzz;
 mod gguf;
+pub mod packed;
 pub mod quant;
 pub mod synth;
 mod writer;

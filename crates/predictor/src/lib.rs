@@ -10,6 +10,7 @@
 mod metrics;
 mod profile;
 mod threshold;
+pub mod train;
 
 pub use crate::metrics::Metrics;
 pub use crate::profile::ActivationProfile;

@@ -10,10 +10,12 @@
 mod bench;
 mod config;
 mod context;
+pub mod device;
 mod error;
 mod generate;
 mod model;
 mod perplexity;
+pub mod plan;
 pub mod registry;
 mod sampler;
 pub mod sparsity;

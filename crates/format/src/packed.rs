@@ -1,0 +1,1 @@
+//! The packed neuron-cluster model format (version 1). In progress.

@@ -1,0 +1,1 @@
+//! Training low-rank activation predictors. In progress.

@@ -1,0 +1,1 @@
+//! The device profile: measured read throughput, memory bandwidth and kernel speed. In progress.
