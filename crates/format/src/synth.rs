@@ -23,7 +23,11 @@
 //! * Each layer (and each expert) has target frequencies `f_i = min(f_max, c · (rank_i + 1)^-alpha)`, where
 //!   `rank` is a random permutation of the neuron ids and `c` is solved for so that the mean of `f` is
 //!   `density` (the planted fraction of active neurons).
-//! * Gate row `i` is random (uniform, standard deviation `σ = 1/√d`) except for its weight on dimension 0,
+//! * Gate row `i` is random except for its weight on dimension 0: off the bias channel it is a random
+//!   combination of `gate_rank` directions shared by the layer plus a little independent noise (`gate_noise` of
+//!   the squared norm), scaled to the norm of a uniform row of standard deviation `σ = 1/√d`. The low rank is
+//!   the learnable structure: a predictor that sees those few directions knows the gates, as real models'
+//!   activations are predictable from a low-rank projection (Deja Vu, PowerInfer). Its weight on dimension 0 is
 //!   `w_i0 = σ · √(d-1) · Φ⁻¹(f_i) / B`. For a random token, `Σ_{j≥1} w_ij x_j` is close to normal with standard
 //!   deviation `σ √(d-1) / rms(e)`, and `w_i0 x₀ = σ √(d-1) Φ⁻¹(f_i) / rms(e)`: the `rms` cancels and
 //!   `P(gate_i · x > 0) = Φ(Φ⁻¹(f_i)) = f_i`. ([`probit`] is `Φ⁻¹`.)
@@ -128,6 +132,11 @@ pub struct SynthConfig {
     pub f_max: f64,
     /// Bias channel value as a multiple of `√d_model`.
     pub bias_scale: f64,
+    /// Rank of the random part of gate (and, for dReLU, up) rows: each row's weights off the bias channel are a
+    /// combination of `gate_rank` directions shared by the layer, plus noise. 0: independent random rows.
+    pub gate_rank: usize,
+    /// Share of a gate row's random part (in squared norm) that is independent noise rather than low-rank.
+    pub gate_noise: f64,
     /// Scale of the output projections relative to a unit-variance init.
     pub out_scale: f64,
 }
@@ -161,6 +170,8 @@ impl SynthConfig {
             f_max: 0.95,
             bias_scale: 0.5,
             out_scale: 0.1,
+            gate_rank: 16,
+            gate_noise: 0.02,
         })
     }
 
@@ -216,6 +227,12 @@ impl SynthConfig {
         }
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
             return bad(format!("alpha {} is not a finite non-negative number", self.alpha));
+        }
+        if !(0.0..=1.0).contains(&self.gate_noise) {
+            return bad(format!("gate_noise {} is not in [0, 1]", self.gate_noise));
+        }
+        if self.gate_rank >= self.d_model {
+            return bad(format!("gate_rank {} must be below d_model {}", self.gate_rank, self.d_model));
         }
         if !(self.bias_scale > 0.0 && self.bias_scale.is_finite()) {
             return bad(format!("bias_scale {} is not positive", self.bias_scale));
@@ -431,6 +448,9 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
     let b = cfg.bias_value();
     // Planted frequencies of the current expert (rows of a gate/up tensor are neurons, n_ff per expert).
     let mut freqs: Vec<f64> = Vec::new();
+    // The layer's shared directions of gate rows (`gate_rank` rows of `d_model`), and a noise row.
+    let mut dirs: Vec<f32> = Vec::new();
+    let mut noise = vec![0.0f32; row_len];
     for r in 0..n_rows {
         match kind {
             Kind::Norm => row.fill(1.0),
@@ -445,8 +465,9 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
                 if neuron == 0 {
                     let layer = layer_of(&spec.name);
                     freqs = target_frequencies(cfg, layer, expert);
+                    dirs = directions(cfg, layer, expert);
                 }
-                rng.fill_uniform(&mut row, sigma);
+                planted_random_part(cfg, &dirs, &mut rng, sigma, &mut row, &mut noise);
                 let f = match (kind, cfg.act) {
                     (_, Activation::Drelu) => Some(freqs[neuron].sqrt()),
                     (Kind::Gate, _) => Some(freqs[neuron]),
@@ -468,6 +489,57 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
         }
     }
     Ok(())
+}
+
+/// The `gate_rank` shared directions of a layer's (expert's) gate and up rows, row-major, zero on the bias
+/// channel. Gate and up share them, so that one low-rank predictor can see both (dReLU).
+fn directions(cfg: &SynthConfig, layer: usize, expert: usize) -> Vec<f32> {
+    let mut rng = Rng::new(cfg.seed, &format!("dirs.{layer}.{expert}"));
+    let mut dirs = vec![0.0f32; cfg.gate_rank * cfg.d_model];
+    for dir in dirs.chunks_exact_mut(cfg.d_model) {
+        rng.fill_uniform(dir, 1.0);
+        dir[0] = 0.0;
+    }
+    dirs
+}
+
+/// Fills `row` with a gate row's random part: a random combination of the shared directions plus independent
+/// noise (`gate_noise` of the squared norm), scaled so the squared norm off the bias channel is `(d-1)·σ²`,
+/// that of an independent uniform row of standard deviation `σ`, on which the frequency planting relies.
+/// `row[0]` is left 0 for the caller.
+fn planted_random_part(
+    cfg: &SynthConfig,
+    dirs: &[f32],
+    rng: &mut Rng,
+    sigma: f64,
+    row: &mut [f32],
+    noise: &mut [f32],
+) {
+    let d = row.len();
+    if cfg.gate_rank == 0 {
+        rng.fill_uniform(row, sigma);
+        row[0] = 0.0;
+        return;
+    }
+    let mut coef = vec![0.0f32; cfg.gate_rank];
+    rng.fill_uniform(&mut coef, 1.0);
+    row.fill(0.0);
+    for (c, dir) in coef.iter().zip(dirs.chunks_exact(d)) {
+        for (r, &v) in row.iter_mut().zip(dir) {
+            *r += c * v;
+        }
+    }
+    rng.fill_uniform(noise, 1.0);
+    row[0] = 0.0;
+    noise[0] = 0.0;
+    let norm2 = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    let target = (d as f64 - 1.0) * sigma * sigma;
+    let (low, high) = (norm2(row), norm2(noise));
+    let a = if low > 0.0 { ((1.0 - cfg.gate_noise) * target / low).sqrt() } else { 0.0 };
+    let b = if high > 0.0 { (cfg.gate_noise * target / high).sqrt() } else { 0.0 };
+    for (r, &n) in row.iter_mut().zip(noise.iter()) {
+        *r = (a * *r as f64 + b * n as f64) as f32;
+    }
 }
 
 /// The layer number of a `blk.N.…` tensor name (0 otherwise).

@@ -24,10 +24,99 @@ pub struct ModelConfig {
     pub n_vocab: usize,
     /// The context length the model was trained for.
     pub n_ctx_train: usize,
+    /// The FFN's gated activation.
+    pub ffn_act: FfnActivation,
+}
+
+/// The gated activation of a llama-style FFN: `down · (act(gate · x) ⊙ up · x)`.
+///
+/// Read from the key `pinion.ffn_activation` (written by pinion's synthetic models; absent means SiLU, which is
+/// what llama.cpp runs for every `llama` model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// SwiGLU: `silu(gate) ⊙ up`. Dense; sparsity comes from thresholds (CATS).
+    Silu,
+    /// ReGLU: `relu(gate) ⊙ up`. A neuron is active when its gate is positive.
+    Relu,
+    /// dReLU (TurboSparse): `relu(gate) ⊙ relu(up)`. Active when both are positive.
+    Drelu,
+}
+
+impl FfnActivation {
+    /// The name used in files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnActivation::Silu => "silu",
+            FfnActivation::Relu => "relu",
+            FfnActivation::Drelu => "drelu",
+        }
+    }
+
+    /// Parses [`FfnActivation::name`].
+    pub fn from_name(s: &str) -> Option<FfnActivation> {
+        match s {
+            "silu" => Some(FfnActivation::Silu),
+            "relu" => Some(FfnActivation::Relu),
+            "drelu" => Some(FfnActivation::Drelu),
+            _ => None,
+        }
+    }
+
+    /// Whether the activation is exactly zero for most inputs (ReLU family): then a neuron is active when its
+    /// score is above 0 and needs no calibrated threshold.
+    pub fn is_relu_family(self) -> bool {
+        !matches!(self, FfnActivation::Silu)
+    }
+
+    /// A neuron's *score* for gate and up pre-activations `g`, `u`: the magnitude a threshold is compared with.
+    /// SiLU: `|silu(g)|`; ReLU: `relu(g)`; dReLU: `relu(min(g, u))` (zero unless both are positive).
+    #[inline]
+    pub fn score(self, g: f32, u: f32) -> f32 {
+        match self {
+            FfnActivation::Silu => pinion_exec_cpu::silu_ggml(g).abs(),
+            FfnActivation::Relu => g.max(0.0),
+            FfnActivation::Drelu => g.min(u).max(0.0),
+        }
+    }
+
+    /// Whether a neuron with score `s` is active under threshold `t`: `s >= t` for SiLU (CATS), `s > t` for the
+    /// ReLU family (so that `t = 0` is the activation's own sparsity).
+    #[inline]
+    pub fn is_active(self, s: f32, t: f32) -> bool {
+        if self.is_relu_family() { s > t } else { s >= t }
+    }
+
+    /// Applies the gated activation in place (`gate` becomes the FFN's hidden activations), zeroing neurons
+    /// that are not active under threshold `t` (`None`: dense). Returns the number of active neurons.
+    pub fn apply(self, gate: &mut [f32], up: &[f32], t: Option<f32>) -> usize {
+        match (self, t) {
+            (FfnActivation::Silu, None) => {
+                pinion_exec_cpu::swiglu_ggml(gate, up);
+                gate.len()
+            }
+            (FfnActivation::Silu, Some(t)) => pinion_exec_cpu::swiglu_threshold(gate, up, t),
+            (act, t) => {
+                let t = t.unwrap_or(0.0);
+                let mut active = 0;
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    if act.is_active(act.score(*g, u), t) {
+                        *g = g.max(0.0) * if act == FfnActivation::Drelu { u.max(0.0) } else { u };
+                        active += 1;
+                    } else {
+                        *g = 0.0;
+                    }
+                }
+                active
+            }
+        }
+    }
 }
 
 /// Architectures whose tensors and hyper-parameters follow llama's names.
 const LLAMA_LIKE: &[&str] = &["llama", "mistral", "smollm", "granite"];
+
+/// The metadata key naming the FFN activation (see [`FfnActivation`]).
+pub const FFN_ACTIVATION_KEY: &str = pinion_format::synth::ACTIVATION_KEY;
 
 /// Upper bounds on hyper-parameters, so a corrupt file cannot ask for absurd allocations.
 const MAX_LAYERS: u64 = 1024;
@@ -79,6 +168,19 @@ impl ModelConfig {
         };
         let n_ctx_train = bounded("context_length", 1 << 24)?;
         let name = g.get_str("general.name").ok().map(str::to_string);
+        let ffn_act = match g.get(FFN_ACTIVATION_KEY) {
+            None => FfnActivation::Silu,
+            Some(_) => {
+                let s = g.get_str(FFN_ACTIVATION_KEY)?;
+                FfnActivation::from_name(s).ok_or_else(|| RuntimeError::BadHyperParameter {
+                    key: FFN_ACTIVATION_KEY.into(),
+                    value: format!("{s:?} (expected silu, relu or drelu)"),
+                })?
+            }
+        };
+        if g.get(&key("expert_count")).is_some() {
+            return Err(RuntimeError::UnsupportedArchitecture { arch: format!("{arch} with experts (MoE)") });
+        }
         Ok(ModelConfig {
             arch,
             name,
@@ -93,6 +195,7 @@ impl ModelConfig {
             rms_eps,
             n_vocab,
             n_ctx_train,
+            ffn_act,
         })
     }
 

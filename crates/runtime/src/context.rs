@@ -358,12 +358,7 @@ fn forward(
         if let Some(p) = ffn.profile.as_deref_mut() {
             p.record(l, &s.gate[..n * ff], &exec::silu_ggml);
         }
-        match ffn.thresholds {
-            Some(t) => {
-                exec::swiglu_threshold(&mut s.gate[..n * ff], &s.up[..n * ff], t[l]);
-            }
-            None => exec::swiglu_ggml(&mut s.gate[..n * ff], &s.up[..n * ff]),
-        }
+        c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], ffn.thresholds.map(|t| t[l]));
         s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
         par.matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
         add_assign(x, &s.tmp[..n * d]);

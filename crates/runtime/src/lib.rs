@@ -21,7 +21,7 @@ mod sampler;
 pub mod sparsity;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
-pub use crate::config::ModelConfig;
+pub use crate::config::{FFN_ACTIVATION_KEY, FfnActivation, ModelConfig};
 pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits};
 pub use crate::error::RuntimeError;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
