@@ -2,11 +2,11 @@
 //!
 //! This is the rust-analyzer pattern: a binary in the workspace, run through the alias in `.cargo/config.toml`,
 //! so that tooling is written in Rust, versioned with the code and needs nothing installed beyond the toolchain.
-//! Offline model work (fetch; later profile, train, pack, plan, synth) lives here as thin drivers over library
+//! Offline model work (fetch, synth, and the preparation steps profile, calibrate, train, pack, plan, prepare) lives here as thin drivers over library
 //! functions; nothing depends on this crate.
 
-mod calibrate;
 mod iobench;
+mod prepare;
 mod synth;
 mod tidy;
 
@@ -41,8 +41,10 @@ enum Cmd {
     Tidy,
     /// Check that crates depend only on the crates below them (docs/architecture.md).
     CheckLayering,
-    /// Profile FFN activations over a calibration text and write per-layer CATS thresholds.
-    Calibrate(calibrate::CalibrateArgs),
+    /// Profile FFN activations over a calibration text: firing counts, score samples, token samples.
+    Profile(prepare::ProfileCmd),
+    /// Per-layer CATS thresholds for target sparsities, from a profile (or profiling first).
+    Calibrate(prepare::CalibrateCmd),
     /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
     IoBench(iobench::IoBenchArgs),
     /// Write a synthetic llama-style GGUF model with random weights and planted activation skew.
@@ -60,7 +62,8 @@ fn main() -> Result<()> {
         Cmd::CheckLayering => tidy::check_layering(&root)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
         Cmd::Synth(args) => synth::synth(&args)?,
-        Cmd::Calibrate(args) => calibrate::calibrate(&args)?,
+        Cmd::Profile(args) => prepare::profile(&args)?,
+        Cmd::Calibrate(args) => prepare::calibrate(&args)?,
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ mod threshold;
 pub mod train;
 
 pub use crate::metrics::Metrics;
-pub use crate::profile::ActivationProfile;
+pub use crate::profile::{ActivationProfile, PROFILE_MAGIC, PROFILE_VERSION};
 pub use crate::threshold::calibrate_threshold;
 
 /// What can go wrong building a predictor.
@@ -22,6 +22,8 @@ pub use crate::threshold::calibrate_threshold;
 pub enum PredictorError {
     #[error("{what} has {got} values, expected {expected}")]
     Shape { what: &'static str, got: usize, expected: usize },
+    #[error("activation profile, at byte {offset}: {why}")]
+    BadProfile { offset: u64, why: String },
     #[error("predictor dimensions must be non-zero (d_in {d_in}, rank {rank}, n_out {n_out})")]
     Empty { d_in: usize, rank: usize, n_out: usize },
 }

@@ -1,42 +1,89 @@
-//! [`ActivationProfile`]: what a dense run over a calibration text records about each FFN layer.
+//! [`ActivationProfile`]: what a dense run over a calibration text records about each FFN layer, and its
+//! versioned file format.
 
+use std::io::{Read, Write};
+
+use half::f16;
+
+use crate::PredictorError;
 use crate::threshold::calibrate_threshold;
 
-/// Per-layer statistics of FFN activations `act(gate · x)` over a calibration run.
+/// Magic bytes of a profile file.
+pub const PROFILE_MAGIC: [u8; 8] = *b"PINIONPF";
+/// The profile file version written, and the only one read.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// Upper bounds on a profile file's dimensions, so a corrupt file cannot ask for absurd allocations.
+const MAX_LAYERS: u32 = 1024;
+const MAX_WIDTH: u32 = 1 << 20;
+const MAX_SAMPLES: u32 = 1 << 24;
+
+/// Per-layer statistics of FFN activations over a calibration run.
 ///
-/// For each layer it keeps a uniform random sample of activation magnitudes (reservoir sampling with a fixed
-/// seed, bounded at `max_samples` values, so memory does not grow with the corpus) and, per neuron, how many
-/// tokens gave it a positive gate pre-activation (its firing count for ReLU-family models).
-#[derive(Clone, Debug)]
+/// Every recorded value is a neuron's *score*: the activation magnitude a sparsity threshold is compared with
+/// (`|silu(g)|` for SwiGLU, `relu(g)` for ReGLU, `relu(min(g, u))` for dReLU; the runtime computes it). For each
+/// layer the profile keeps:
+///
+/// * a uniform random sample of scores (reservoir sampling with a fixed seed, at most `max_samples`), from
+///   which CATS thresholds are calibrated;
+/// * per neuron, how many tokens gave it a positive score (its firing count, meaningful for ReLU-family
+///   models, where a score of 0 means "off");
+/// * optionally, *token samples* for predictor training: for up to `max_tokens` tokens chosen uniformly at
+///   random (the same tokens in every layer), the FFN input `x` and every neuron's score, both stored as f16.
+///   From them, [`ActivationProfile::sample_masks`] gives the (x, active-mask) pairs for any threshold.
+///
+/// Memory is bounded by the caps, not by the corpus length.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ActivationProfile {
     n_ff: usize,
+    d_in: usize,
     max_samples: usize,
+    max_tokens: usize,
     layers: Vec<LayerProfile>,
     n_tokens: u64,
     rng: u64,
+    /// Token samples: tokens seen so far (on layer 0), and where each row of the current batch is stored.
+    tokens_seen: u64,
+    n_token_samples: usize,
+    slots: Vec<Option<usize>>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct LayerProfile {
     samples: Vec<f32>,
     seen: u64,
     positive: Vec<u32>,
+    /// `n_token_samples x d_in`, f16.
+    x: Vec<f16>,
+    /// `n_token_samples x n_ff`, f16.
+    scores: Vec<f16>,
 }
 
 impl ActivationProfile {
-    /// An empty profile of `n_layers` layers of `n_ff` neurons, keeping at most `max_samples` magnitudes per
-    /// layer.
+    /// An empty profile of `n_layers` layers of `n_ff` neurons, keeping at most `max_samples` scores per layer
+    /// and no token samples.
     pub fn new(n_layers: usize, n_ff: usize, max_samples: usize) -> ActivationProfile {
-        let layers = (0..n_layers)
-            .map(|_| LayerProfile { samples: Vec::new(), seen: 0, positive: vec![0; n_ff] })
-            .collect();
+        let layers =
+            (0..n_layers).map(|_| LayerProfile { positive: vec![0; n_ff], ..LayerProfile::default() }).collect();
         ActivationProfile {
             n_ff,
+            d_in: 0,
             max_samples: max_samples.max(1),
+            max_tokens: 0,
             layers,
             n_tokens: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
+            tokens_seen: 0,
+            n_token_samples: 0,
+            slots: Vec::new(),
         }
+    }
+
+    /// Also keeps up to `max_tokens` token samples of the FFN input (width `d_in`) and all scores.
+    pub fn with_token_samples(mut self, d_in: usize, max_tokens: usize) -> ActivationProfile {
+        self.d_in = d_in;
+        self.max_tokens = if d_in == 0 { 0 } else { max_tokens };
+        self
     }
 
     /// Number of layers.
@@ -49,53 +96,149 @@ impl ActivationProfile {
         self.n_ff
     }
 
+    /// Width of the sampled FFN inputs (0 without token samples).
+    pub fn d_in(&self) -> usize {
+        self.d_in
+    }
+
     /// Tokens recorded (counted on layer 0).
     pub fn n_tokens(&self) -> u64 {
         self.n_tokens
     }
 
-    /// Records one layer's activations for a batch: `pre` holds gate pre-activations (`tokens x n_ff`), and
-    /// `act` maps a pre-activation to the activation whose magnitude is sampled (SiLU, GELU, ReLU ...).
-    pub fn record(&mut self, layer: usize, pre: &[f32], act: &dyn Fn(f32) -> f32) {
-        assert!(pre.len() % self.n_ff == 0, "profile: {} values are not rows of {}", pre.len(), self.n_ff);
+    /// Token samples held (the same tokens in every layer).
+    pub fn n_token_samples(&self) -> usize {
+        self.n_token_samples
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Records one layer's scores for a batch of tokens: `scores` is `tokens x n_ff`, and `x` the FFN inputs
+    /// (`tokens x d_in`; ignored, and may be empty, without token samples). Layers must be recorded in order
+    /// 0, 1, ... for each batch, since layer 0 decides which tokens of the batch are sampled.
+    ///
+    /// # Panics
+    /// If the slices are not whole rows, or a layer after 0 sees a batch of another size than layer 0 did.
+    pub fn record_scores(&mut self, layer: usize, x: &[f32], scores: &[f32]) {
+        assert!(scores.len() % self.n_ff == 0, "profile: {} scores are not rows of {}", scores.len(), self.n_ff);
+        let n = scores.len() / self.n_ff;
         if layer == 0 {
-            self.n_tokens += (pre.len() / self.n_ff) as u64;
-        }
-        let max = self.max_samples;
-        let lp = &mut self.layers[layer];
-        for row in pre.chunks_exact(self.n_ff) {
-            for (count, &g) in lp.positive.iter_mut().zip(row) {
-                *count += u32::from(g > 0.0);
+            self.n_tokens += n as u64;
+            self.slots.clear();
+            for _ in 0..n {
+                let slot = if self.max_tokens == 0 {
+                    None
+                } else if self.n_token_samples < self.max_tokens {
+                    self.n_token_samples += 1;
+                    Some(self.n_token_samples - 1)
+                } else {
+                    let j = self.next_random() % (self.tokens_seen + 1);
+                    (j < self.max_tokens as u64).then_some(j as usize)
+                };
+                self.tokens_seen += 1;
+                self.slots.push(slot);
             }
-            for &g in row {
-                let a = act(g).abs();
-                lp.seen += 1;
-                if lp.samples.len() < max {
-                    lp.samples.push(a);
+        }
+        if self.max_tokens > 0 {
+            assert_eq!(self.slots.len(), n, "profile: layer {layer} batch size differs from layer 0's");
+            assert_eq!(x.len(), n * self.d_in, "profile: inputs are not {n} rows of {}", self.d_in);
+        }
+        let (max, n_ff, d_in) = (self.max_samples, self.n_ff, self.d_in);
+        for (t, row) in scores.chunks_exact(n_ff).enumerate() {
+            if let Some(slot) = self.slots.get(t).copied().flatten() {
+                let lp = &mut self.layers[layer];
+                let xs = x[t * d_in..(t + 1) * d_in].iter().map(|&v| f16::from_f32(v));
+                let ss = row.iter().map(|&v| f16::from_f32(v));
+                if slot * d_in == lp.x.len() {
+                    lp.x.extend(xs);
+                    lp.scores.extend(ss);
+                } else {
+                    for (dst, v) in lp.x[slot * d_in..(slot + 1) * d_in].iter_mut().zip(xs) {
+                        *dst = v;
+                    }
+                    for (dst, v) in lp.scores[slot * n_ff..(slot + 1) * n_ff].iter_mut().zip(ss) {
+                        *dst = v;
+                    }
+                }
+            }
+            for (count, &s) in self.layers[layer].positive.iter_mut().zip(row) {
+                *count += u32::from(s > 0.0);
+            }
+            for &a in row {
+                self.layers[layer].seen += 1;
+                let seen = self.layers[layer].seen;
+                if self.layers[layer].samples.len() < max {
+                    self.layers[layer].samples.push(a);
                 } else {
                     // Reservoir sampling: keep each new value with probability max / seen.
-                    self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    let mut z = self.rng;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    let j = (z ^ (z >> 31)) % lp.seen;
+                    let j = self.next_random() % seen;
                     if (j as usize) < max {
-                        lp.samples[j as usize] = a;
+                        self.layers[layer].samples[j as usize] = a;
                     }
                 }
             }
         }
     }
 
-    /// The sampled activation magnitudes of a layer.
+    /// Records one layer's gate pre-activations `pre` (`tokens x n_ff`), scoring each with `act` (its
+    /// magnitude is the score), without token samples.
+    pub fn record(&mut self, layer: usize, pre: &[f32], act: &dyn Fn(f32) -> f32) {
+        let scores: Vec<f32> = pre.iter().map(|&g| act(g).abs()).collect();
+        self.record_scores(layer, &[], &scores);
+    }
+
+    /// The sampled scores of a layer.
     pub fn samples(&self, layer: usize) -> &[f32] {
         &self.layers[layer].samples
     }
 
-    /// How often each neuron of a layer had a positive gate pre-activation, as a share of tokens.
+    /// How often each neuron of a layer had a positive score, as a share of tokens.
     pub fn firing_frequency(&self, layer: usize) -> Vec<f64> {
         let n = self.n_tokens.max(1) as f64;
         self.layers[layer].positive.iter().map(|&c| c as f64 / n).collect()
+    }
+
+    /// The sampled FFN inputs of a layer, `n_token_samples x d_in`, as f32.
+    pub fn sample_inputs(&self, layer: usize) -> Vec<f32> {
+        self.layers[layer].x.iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// The sampled scores of a layer, `n_token_samples x n_ff`.
+    pub fn sample_scores(&self, layer: usize) -> &[f16] {
+        &self.layers[layer].scores
+    }
+
+    /// The active masks of a layer's token samples under threshold `t`: row `r` (a token), bit `i` (a neuron)
+    /// is set when `active(score, t)`. Rows are `n_ff.div_ceil(64)` words.
+    pub fn sample_masks(&self, layer: usize, t: f32, active: impl Fn(f32, f32) -> bool) -> Vec<u64> {
+        let words = self.n_ff.div_ceil(64);
+        let mut out = vec![0u64; self.n_token_samples * words];
+        for (r, row) in self.layers[layer].scores.chunks_exact(self.n_ff).enumerate() {
+            for (i, s) in row.iter().enumerate() {
+                if active(s.to_f32(), t) {
+                    out[r * words + i / 64] |= 1 << (i % 64);
+                }
+            }
+        }
+        out
+    }
+
+    /// How often each neuron of a layer is active under threshold `t`, on the token samples.
+    pub fn sample_frequency(&self, layer: usize, t: f32, active: impl Fn(f32, f32) -> bool) -> Vec<f64> {
+        let mut count = vec![0u32; self.n_ff];
+        for row in self.layers[layer].scores.chunks_exact(self.n_ff) {
+            for (c, s) in count.iter_mut().zip(row) {
+                *c += u32::from(active(s.to_f32(), t));
+            }
+        }
+        let n = self.n_token_samples.max(1) as f64;
+        count.iter().map(|&c| c as f64 / n).collect()
     }
 
     /// Per-layer CATS thresholds for a target `sparsity`, with the sparsity each achieves on the samples.
@@ -110,6 +253,159 @@ impl ActivationProfile {
             })
             .collect()
     }
+
+    /// Writes the profile in the versioned binary format documented in docs/format.md ("Activation profile"):
+    /// a header, then per layer its score samples, firing counts and token samples, then a CRC-32 of all
+    /// preceding bytes.
+    pub fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        let mut w = CrcWriter { inner: w, crc: crc32fast::Hasher::new() };
+        w.put(&PROFILE_MAGIC)?;
+        w.put(&PROFILE_VERSION.to_le_bytes())?;
+        for v in [self.layers.len(), self.n_ff, self.d_in, self.n_token_samples, self.max_samples, self.max_tokens] {
+            w.put(&(v as u32).to_le_bytes())?;
+        }
+        w.put(&self.n_tokens.to_le_bytes())?;
+        for lp in &self.layers {
+            w.put(&(lp.samples.len() as u32).to_le_bytes())?;
+            w.put(&lp.seen.to_le_bytes())?;
+            w.put(bytemuck::cast_slice(&lp.samples))?;
+            w.put(bytemuck::cast_slice(&lp.positive))?;
+            w.put(bytemuck::cast_slice(&lp.x))?;
+            w.put(bytemuck::cast_slice(&lp.scores))?;
+        }
+        let crc = w.crc.clone().finalize();
+        w.inner.write_all(&crc.to_le_bytes())
+    }
+
+    /// Reads a profile written by [`ActivationProfile::write_to`]. Every size is checked against its cap before
+    /// anything is allocated; a wrong magic, version or checksum, or a short file, is a typed error.
+    pub fn read_from(r: &mut dyn Read) -> Result<ActivationProfile, PredictorError> {
+        let mut r = CrcReader { inner: r, crc: crc32fast::Hasher::new(), offset: 0 };
+        let mut magic = [0u8; 8];
+        r.get(&mut magic)?;
+        if magic != PROFILE_MAGIC {
+            return Err(PredictorError::BadProfile { offset: 0, why: "not a pinion activation profile".into() });
+        }
+        let version = r.u32()?;
+        if version != PROFILE_VERSION {
+            return Err(PredictorError::BadProfile {
+                offset: 8,
+                why: format!("version {version} (this pinion reads {PROFILE_VERSION})"),
+            });
+        }
+        let n_layers = r.bounded(MAX_LAYERS, "layer count")?;
+        let n_ff = r.bounded(MAX_WIDTH, "n_ff")?;
+        let d_in = r.bounded(MAX_WIDTH, "d_in")?;
+        let n_token_samples = r.bounded(MAX_SAMPLES, "token samples")?;
+        let max_samples = r.bounded(MAX_SAMPLES, "score sample cap")?;
+        let max_tokens = r.bounded(MAX_SAMPLES, "token sample cap")?;
+        if n_token_samples > max_tokens || (n_token_samples > 0 && d_in == 0) {
+            return Err(PredictorError::BadProfile { offset: r.offset, why: "inconsistent token samples".into() });
+        }
+        let n_tokens = r.u64()?;
+        let mut layers = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
+            let n_samples = r.bounded(max_samples as u32, "score samples")?;
+            let seen = r.u64()?;
+            let lp = LayerProfile {
+                samples: r.vec(n_samples)?,
+                seen,
+                positive: r.vec(n_ff)?,
+                x: r.vec(n_token_samples * d_in)?,
+                scores: r.vec(n_token_samples * n_ff)?,
+            };
+            layers.push(lp);
+        }
+        let expected = r.crc.clone().finalize();
+        let at = r.offset;
+        let mut crc = [0u8; 4];
+        r.get(&mut crc)?;
+        if u32::from_le_bytes(crc) != expected {
+            return Err(PredictorError::BadProfile { offset: at, why: "checksum mismatch".into() });
+        }
+        Ok(ActivationProfile {
+            n_ff,
+            d_in,
+            max_samples,
+            max_tokens,
+            layers,
+            n_tokens,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            tokens_seen: n_token_samples as u64,
+            n_token_samples,
+            slots: Vec::new(),
+        })
+    }
+}
+
+struct CrcWriter<'a> {
+    inner: &'a mut dyn Write,
+    crc: crc32fast::Hasher,
+}
+
+impl CrcWriter<'_> {
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.crc.update(b);
+        self.inner.write_all(b)
+    }
+}
+
+struct CrcReader<'a> {
+    inner: &'a mut dyn Read,
+    crc: crc32fast::Hasher,
+    offset: u64,
+}
+
+impl CrcReader<'_> {
+    fn get(&mut self, b: &mut [u8]) -> Result<(), PredictorError> {
+        self.inner.read_exact(b).map_err(|e| PredictorError::BadProfile {
+            offset: self.offset,
+            why: if e.kind() == std::io::ErrorKind::UnexpectedEof { "truncated".into() } else { e.to_string() },
+        })?;
+        self.crc.update(b);
+        self.offset += b.len() as u64;
+        Ok(())
+    }
+
+    /// Reads `n` values. The buffer grows as bytes arrive, so a corrupt count on a short file fails at the end
+    /// of the file rather than allocating what the count asks for.
+    fn vec<T: bytemuck::Pod>(&mut self, n: usize) -> Result<Vec<T>, PredictorError> {
+        let len = n.checked_mul(size_of::<T>()).ok_or(PredictorError::BadProfile {
+            offset: self.offset,
+            why: format!("{n} values overflow"),
+        })?;
+        let mut buf = Vec::new();
+        let got = (&mut self.inner).take(len as u64).read_to_end(&mut buf).map_err(|e| {
+            PredictorError::BadProfile { offset: self.offset, why: e.to_string() }
+        })?;
+        if got != len {
+            return Err(PredictorError::BadProfile { offset: self.offset + got as u64, why: "truncated".into() });
+        }
+        self.crc.update(&buf);
+        self.offset += len as u64;
+        Ok(bytemuck::pod_collect_to_vec(&buf))
+    }
+
+    fn u32(&mut self) -> Result<u32, PredictorError> {
+        let mut b = [0u8; 4];
+        self.get(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, PredictorError> {
+        let mut b = [0u8; 8];
+        self.get(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn bounded(&mut self, cap: u32, what: &str) -> Result<usize, PredictorError> {
+        let at = self.offset;
+        let v = self.u32()?;
+        if v > cap {
+            return Err(PredictorError::BadProfile { offset: at, why: format!("{what} {v} exceeds {cap}") });
+        }
+        Ok(v as usize)
+    }
 }
 
 #[cfg(test)]
@@ -122,13 +418,12 @@ mod tests {
         // 8 tokens: neuron 0 always positive, neuron 1 never, neuron 2 every other token.
         for t in 0..8 {
             let row = [1.0 + t as f32, -1.0, if t % 2 == 0 { 0.5 } else { -0.5 }];
-            p.record(0, &row, &|x| x);
+            p.record(0, &row, &|x| x.max(0.0));
             p.record(1, &row, &|x| x.max(0.0));
         }
         assert_eq!(p.n_tokens(), 8);
         assert_eq!(p.firing_frequency(0), vec![1.0, 0.0, 0.5]);
         assert_eq!(p.samples(0).len(), 10, "reservoir is bounded");
-        // Layer 1 recorded relu magnitudes: 2/3 of all values are 0 or positive-half.
         let th = p.thresholds(0.5);
         assert_eq!(th.len(), 2);
         for (t, achieved) in th {
@@ -148,5 +443,80 @@ mod tests {
         // The 50% threshold splits the population near its median.
         let (t, _) = p.thresholds(0.5)[0];
         assert!((t - 50_000.0).abs() < 3_000.0, "median estimate {t}");
+    }
+
+    /// A profile of 2 layers, 4 neurons, inputs of width 3, where token `k` has input `[k, k, k]` and, in layer
+    /// `l`, scores `[k + l, 0, k % 2, 100]`.
+    fn recorded(max_tokens: usize, n_tokens: usize, batch: usize) -> ActivationProfile {
+        let mut p = ActivationProfile::new(2, 4, 64).with_token_samples(3, max_tokens);
+        let toks: Vec<usize> = (0..n_tokens).collect();
+        for b in toks.chunks(batch) {
+            for l in 0..2 {
+                let x: Vec<f32> = b.iter().flat_map(|&k| [k as f32; 3]).collect();
+                let s: Vec<f32> =
+                    b.iter().flat_map(|&k| [(k + l) as f32, 0.0, (k % 2) as f32, 100.0]).collect();
+                p.record_scores(l, &x, &s);
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn token_samples_are_the_same_tokens_in_every_layer() {
+        let p = recorded(16, 200, 7);
+        assert_eq!(p.n_token_samples(), 16);
+        let (x, s0, s1) = (p.sample_inputs(0), p.sample_scores(0), p.sample_scores(1));
+        let mut ks: Vec<usize> = Vec::new();
+        for r in 0..16 {
+            let k = x[r * 3] as usize;
+            assert_eq!(&x[r * 3..r * 3 + 3], &[k as f32; 3]);
+            assert_eq!(p.sample_inputs(1)[r * 3], k as f32, "layer 1 sampled the same token");
+            assert_eq!(s0[r * 4].to_f32(), f16::from_f32(k as f32).to_f32());
+            assert_eq!(s1[r * 4].to_f32(), f16::from_f32((k + 1) as f32).to_f32());
+            ks.push(k);
+        }
+        // A uniform sample of 200 tokens, not just the first 16.
+        assert!(ks.iter().any(|&k| k >= 100), "{ks:?}");
+        ks.sort_unstable();
+        ks.dedup();
+        assert_eq!(ks.len(), 16, "no token sampled twice");
+        // Masks and frequencies at threshold 0.5 (strictly above): neuron 0 when k + l > 0.5, neuron 2 for odd
+        // k, neuron 3 always, neuron 1 never.
+        let masks = p.sample_masks(0, 0.5, |s, t| s > t);
+        let freq = p.sample_frequency(0, 0.5, |s, t| s > t);
+        let odd = ks.iter().filter(|&&k| k % 2 == 1).count() as f64 / 16.0;
+        assert_eq!(freq[1], 0.0);
+        assert_eq!(freq[3], 1.0);
+        assert!((freq[2] - odd).abs() < 1e-12);
+        for r in 0..16 {
+            let k = x[r * 3] as usize;
+            assert_eq!(masks[r] & 0b1111, u64::from(k > 0) | (((k % 2) as u64) << 2) | 0b1000, "token {k}");
+        }
+    }
+
+    #[test]
+    fn file_round_trip_and_corruption() {
+        let p = recorded(8, 40, 5);
+        let mut bytes = Vec::new();
+        p.write_to(&mut bytes).unwrap();
+        let q = ActivationProfile::read_from(&mut bytes.as_slice()).unwrap();
+        assert_eq!(q.sample_scores(1), p.sample_scores(1));
+        assert_eq!(q.sample_inputs(0), p.sample_inputs(0));
+        assert_eq!(q.samples(1), p.samples(1));
+        assert_eq!(q.firing_frequency(0), p.firing_frequency(0));
+        assert_eq!((q.n_tokens(), q.n_token_samples(), q.d_in()), (40, 8, 3));
+        // Every truncation and every flipped byte is an error, never a panic or a silent misread.
+        for cut in 0..bytes.len() {
+            assert!(ActivationProfile::read_from(&mut &bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(ActivationProfile::read_from(&mut b.as_slice()).is_err(), "flipped byte {i}");
+        }
+        let mut b = bytes.clone();
+        b[8] = 2;
+        let e = ActivationProfile::read_from(&mut b.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("version 2"), "{e}");
     }
 }

@@ -165,15 +165,17 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    /// Evaluates `tokens` densely (whatever thresholds are set) and records every layer's gate activations
-    /// into `profile`, for calibrating sparsity. The tokens are appended to the cache like [`Context::eval`].
+    /// Evaluates `tokens` densely (whatever thresholds are set) and records every layer's FFN scores (see
+    /// [`crate::FfnActivation::score`]) and FFN inputs into `profile`, for calibrating sparsity and training
+    /// predictors. The tokens are appended to the cache like [`Context::eval`].
     pub fn eval_profile(
         &mut self,
         tokens: &[u32],
         profile: &mut ActivationProfile,
     ) -> Result<(), RuntimeError> {
         let c = self.model.config();
-        if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
+        let d_in_ok = profile.d_in() == 0 || profile.d_in() == c.d_model;
+        if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff || !d_in_ok {
             return Err(RuntimeError::ProfileShape {
                 got: (profile.n_layers(), profile.n_ff()),
                 want: (c.n_layers, c.n_ff),
@@ -356,7 +358,10 @@ fn forward(
         }
         par.matmul(&wu, &s.acts, &mut s.up[..n * ff]);
         if let Some(p) = ffn.profile.as_deref_mut() {
-            p.record(l, &s.gate[..n * ff], &exec::silu_ggml);
+            let act = c.ffn_act;
+            let scores: Vec<f32> =
+                s.gate[..n * ff].iter().zip(&s.up[..n * ff]).map(|(&g, &u)| act.score(g, u)).collect();
+            p.record_scores(l, &s.xn[..n * d], &scores);
         }
         c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], ffn.thresholds.map(|t| t[l]));
         s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);

@@ -43,6 +43,10 @@ pub enum RuntimeError {
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("{path}: {why}")]
     BadThresholdsFile { path: PathBuf, why: String },
+    #[error("{path}: {why}")]
+    BadProfileFile { path: PathBuf, why: String },
+    #[error("the calibration text has {tokens} tokens; at least {needed} are needed")]
+    CalibrationTooShort { tokens: usize, needed: usize },
     #[error("fetching model '{name}': {why}")]
     Fetch { name: String, why: String },
 }

@@ -16,6 +16,7 @@ mod generate;
 mod model;
 mod perplexity;
 pub mod plan;
+pub mod prepare;
 pub mod registry;
 mod sampler;
 pub mod sparsity;

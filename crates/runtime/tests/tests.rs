@@ -3,5 +3,6 @@
 
 mod common;
 mod errors;
+mod prepare;
 mod reference;
 mod sparsity;
