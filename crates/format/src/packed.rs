@@ -636,7 +636,7 @@ fn parse_layer(
     if offset != expected_offset {
         return Err(corrupt(offset_at, format!("layer {l} starts at {offset}, expected {expected_offset}")));
     }
-    let per_neuron = (gate_row_bytes + up_row_bytes + down_col_bytes) as u64;
+    let per_neuron = gate_row_bytes as u64 + up_row_bytes as u64 + down_col_bytes as u64;
     let full = cluster_neurons.min(n_ff) as u64;
     let last = (n_ff - (n_clusters - 1) * cluster_neurons) as u64;
     let want_stride = per_neuron.checked_mul(full).and_then(round_up);
