@@ -36,6 +36,37 @@
 //! I/O instead parses the header page with [`PackedHeader::parse`] and the index bytes with [`parse_index`],
 //! then checks each block it reads with [`PackedLayer::verify_gate_block`] and
 //! [`PackedLayer::verify_bundle`]. [`pack`] writes a file, holding at most one layer's FFN in memory.
+//!
+//! ```
+//! use pinion_format::Gguf;
+//! use pinion_format::packed::{PackOptions, PackedFile, pack, page_span};
+//! use pinion_format::synth::{SynthConfig, write_model};
+//!
+//! let mut cfg = SynthConfig::preset("tiny").unwrap();
+//! (cfg.n_layers, cfg.d_model, cfg.n_ff, cfg.n_vocab) = (1, 64, 96, 300);
+//! let src_bytes = write_model(&cfg, Vec::new(), &mut |_, _| {})?;
+//! let src = Gguf::parse(&src_bytes)?;
+//!
+//! // Hottest neurons first: here simply reversed.
+//! let opts = PackOptions { order: Some(vec![(0..96).rev().collect()]), ..PackOptions::default() };
+//! let mut out = std::io::Cursor::new(Vec::new());
+//! pack(&src, &opts, &mut out, &mut |p| assert_eq!(p.n_layers, 1))?;
+//! let bytes = out.into_inner();
+//!
+//! let f = PackedFile::parse(&bytes)?;
+//! let layer = f.layer(0);
+//! assert_eq!((layer.n_clusters(), layer.cluster_len(2)), (3, 32));
+//! // Original neuron 95 is at position 0: its gate row is the first row of the first record.
+//! assert_eq!(layer.position_of(95), 0);
+//! let gate = src.tensor("blk.0.ffn_gate.weight")?;
+//! assert_eq!(&f.gate_block(0, 0)[..layer.gate_row_bytes()], gate.row(95));
+//! // A cold read of neuron 95's bundle: the pages around it.
+//! let r = layer.bundle_range(0);
+//! assert!(page_span(r.clone()).start <= r.start && r.end <= page_span(r).end);
+//! layer.verify_bundle(0, f.bundle(0, 0))?;
+//! Gguf::parse(f.resident())?.tensor("token_embd.weight")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::HashSet;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -389,14 +420,16 @@ impl PackedLayer {
         self.position[neuron as usize] as usize
     }
 
-    /// Checks the bytes of cluster `k`'s gate block against the recorded CRC.
+    /// Checks the bytes of cluster `k`'s gate block against the recorded CRC: a mismatch is
+    /// [`FormatError::Checksum`], a slice of the wrong length [`FormatError::BadBlockView`].
     pub fn verify_gate_block(&self, k: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.gate_block_range(k);
         check_len(&format!("layer {} gate block {k}", self.index), r.clone(), bytes)?;
         check_crc(&format!("layer {} gate block {k}", self.index), r.start, self.gate_crc[k], bytes)
     }
 
-    /// Checks the bytes of the bundle at position `pos` against the recorded CRC.
+    /// Checks the bytes of the bundle at position `pos` against the recorded CRC (errors as
+    /// [`verify_gate_block`](Self::verify_gate_block)).
     pub fn verify_bundle(&self, pos: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.bundle_range(pos);
         check_len(&format!("layer {} bundle {pos}", self.index), r.clone(), bytes)?;
