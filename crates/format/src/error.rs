@@ -120,6 +120,42 @@ pub enum FormatError {
         alignment: u64,
     },
 
+    // === Reading: packed files ===
+    /// The first eight bytes are not `PINIONPK`.
+    #[error("not a pinion packed file: magic is {found:02x?} at offset 0 (expected \"PINIONPK\")")]
+    BadPackedMagic {
+        /// The eight bytes found.
+        found: [u8; 8],
+    },
+    /// The packed format version (offset 8) is not one this build reads.
+    #[error("unsupported packed format version {version} at offset 8 (pinion reads version 1)")]
+    UnsupportedPackedVersion {
+        /// The version found.
+        version: u32,
+    },
+    /// A field of a packed file's header or index is inconsistent with the rest of the file.
+    #[error("corrupt packed file: {why} (at offset {offset})")]
+    CorruptPacked {
+        /// Where the field was read (absolute file offset).
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// Bytes do not match the CRC-32 the file records for them.
+    #[error(
+        "checksum mismatch in {what} at offset {offset}: recorded {expected:#010x}, computed {found:#010x}"
+    )]
+    Checksum {
+        /// What was checked (e.g. `layer 3 bundle 17`).
+        what: String,
+        /// Absolute file offset of the checked bytes.
+        offset: u64,
+        /// The CRC-32 recorded in the file.
+        expected: u32,
+        /// The CRC-32 of the bytes given.
+        found: u32,
+    },
+
     // === Reading: lookups by the caller ===
     /// A metadata key the caller asked for is absent.
     #[error("metadata key '{key}' is missing")]
@@ -174,6 +210,21 @@ pub enum FormatError {
         len: usize,
         /// Bytes per block.
         block: usize,
+        /// What is wrong.
+        why: String,
+    },
+
+    // === Packing ===
+    /// The model cannot be packed (e.g. a mixture-of-experts FFN, or a shape the down type cannot hold).
+    #[error("cannot pack: {what}")]
+    Unsupported {
+        /// What is not supported.
+        what: String,
+    },
+    /// [`crate::packed::PackOptions`] are invalid for the model (zero cluster size, an order that is not a
+    /// permutation, a frequency list of the wrong length, ...).
+    #[error("invalid pack options: {why}")]
+    InvalidPackOptions {
         /// What is wrong.
         why: String,
     },

@@ -3,7 +3,10 @@
 //! The fuzz targets in the top-level `fuzz/` crate are a few lines calling these, and the integration tests run
 //! them over a deterministic corpus, so the invariants are exercised in CI without a fuzzer.
 
+use std::ops::Range;
+
 use crate::gguf::{Gguf, Value};
+use crate::packed::{HEADER_CRC_AT, PAGE, PackedFile, PackedHeader, parse_index};
 use crate::quant::dequantize_row;
 use crate::writer::GgufWriter;
 
@@ -72,4 +75,98 @@ pub fn same_value(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
+}
+
+/// Parses `data` as a packed file, twice: as given, and with its header, index and resident checksums
+/// recomputed by [`reseal_packed`] (so that a fuzzer's mutations reach the checks behind the checksums). For
+/// each parse that succeeds, checks that:
+///
+/// - [`PackedHeader::parse`] and [`parse_index`] on the header page and index bytes give the same layers;
+/// - every layer lies in the FFN section, after the previous one; every record is page aligned, inside its
+///   layer, and after the previous record; every position's gate row lies in its cluster's gate block, which
+///   lies in the record, and its bundle lies in the record after the gate block and after the previous bundle;
+/// - `position_of` inverts `order`; the in-memory accessors return slices of the ranges' lengths;
+/// - [`PackedFile::verify_all`] returns (an error is not a failure).
+///
+/// # Panics
+///
+/// When one of these invariants does not hold. Parse errors are not failures.
+pub fn check_packed_parse(data: &[u8]) {
+    check_packed(data);
+    let mut sealed = data.to_vec();
+    if reseal_packed(&mut sealed) {
+        check_packed(&sealed);
+    }
+}
+
+/// Recomputes the resident and index checksums and then the header checksum of a packed file, from the
+/// header's (unchecked) offsets and lengths. Returns `false`, leaving `bytes` unchanged, when the file is
+/// shorter than a page or a section lies outside it. For tests and fuzzing: it makes corrupted content look
+/// sealed, so that the structural checks behind the checksums can be exercised.
+pub fn reseal_packed(bytes: &mut [u8]) -> bool {
+    if (bytes.len() as u64) < PAGE {
+        return false;
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let section = |b: &[u8], at: usize| -> Option<Range<usize>> {
+        let (off, len) = (u64_at(b, at), u64_at(b, at + 8));
+        let end = off.checked_add(len)?;
+        (end <= b.len() as u64).then_some(off as usize..end as usize)
+    };
+    let (Some(resident), Some(index)) = (section(bytes, 16), section(bytes, 48)) else { return false };
+    let resident_crc = crc32fast::hash(&bytes[resident]);
+    let index_crc = crc32fast::hash(&bytes[index]);
+    bytes[68..72].copy_from_slice(&resident_crc.to_le_bytes());
+    bytes[72..76].copy_from_slice(&index_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&bytes[..HEADER_CRC_AT]);
+    bytes[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&header_crc.to_le_bytes());
+    true
+}
+
+fn check_packed(data: &[u8]) {
+    let Ok(f) = PackedFile::parse(data) else { return };
+    let h = f.header();
+    let h2 = PackedHeader::parse(data).expect("the header of a parsed file must parse");
+    assert_eq!(&h2, h);
+    let index = &data[h.index_offset as usize..h.file_len() as usize];
+    let layers = parse_index(h, index, data.len() as u64).expect("the index of a parsed file must parse");
+    assert!(layers == f.layers(), "parse_index disagrees with PackedFile::parse");
+    assert_eq!(f.n_layers(), h.n_layers as usize);
+    assert_eq!(f.resident().len() as u64, h.resident_len);
+    assert!(Gguf::parse(f.resident()).is_ok(), "the resident section must parse");
+
+    let mut prev_end = h.ffn_offset;
+    for (l, layer) in f.layers().iter().enumerate() {
+        let lr = layer.layer_range();
+        assert_eq!(lr.start, prev_end, "layer {l} must follow the previous one");
+        assert!(lr.end <= h.ffn_offset + h.ffn_len, "layer {l} must lie in the FFN section");
+        prev_end = lr.end;
+        let mut rec_end = lr.start;
+        for k in 0..layer.n_clusters() {
+            let r = layer.record_range(k);
+            assert_eq!(r.start % PAGE, 0, "record must be page aligned");
+            assert_eq!(r.end % PAGE, 0, "record must be padded to a page multiple");
+            assert!(r.start >= rec_end && r.end <= lr.end, "records must be disjoint and inside the layer");
+            rec_end = r.end;
+            let gb = layer.gate_block_range(k);
+            assert!(r.start == gb.start && gb.end <= r.end);
+            assert_eq!(f.gate_block(l, k).len() as u64, gb.end - gb.start);
+            let first = k * layer.cluster_neurons;
+            let mut bundle_end = gb.end;
+            for pos in first..first + layer.cluster_len(k) {
+                let g = layer.gate_row_range(pos);
+                assert!(gb.start <= g.start && g.end <= gb.end, "gate row must lie in its gate block");
+                let b = layer.bundle_range(pos);
+                assert!(
+                    b.start >= bundle_end && b.end <= r.end,
+                    "bundles must be disjoint and in the record"
+                );
+                bundle_end = b.end;
+                assert_eq!(f.bundle(l, pos).len(), layer.bundle_bytes());
+                assert_eq!(layer.position_of(layer.order[pos]), pos);
+            }
+        }
+    }
+    assert_eq!(prev_end, h.ffn_offset + h.ffn_len, "layers must fill the FFN section");
+    let _ = f.verify_all();
 }

@@ -1,5 +1,5 @@
-//! Model file formats for pinion: GGUF reading and writing, GGML's quantized block types, and (later) pinion's
-//! packed neuron-cluster format.
+//! Model file formats for pinion: GGUF reading and writing, GGML's quantized block types, and pinion's packed
+//! neuron-cluster format ([`packed`]).
 //!
 //! This crate parses from byte slices and writes to `impl Write`; it does no file I/O of its own, starts no
 //! threads and holds no unsafe code. Callers map the file (see `pinion-io`) and hand the bytes to [`Gguf::parse`],

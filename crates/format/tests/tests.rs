@@ -5,6 +5,7 @@
 
 mod errors;
 mod fuzz_corpus;
+mod packed;
 mod quant_props;
 mod real_model;
 mod reference;

@@ -3,10 +3,12 @@
 //! Two sources, as in PowerInfer-2: a trained low-rank predictor `logits = W2 · relu(W1 · x)` for ReLU-family
 //! models ([`LowRankPredictor`], the main type), and threshold sparsity for SiLU/GELU-gated models (CATS: a
 //! neuron is off when `|act(gate · x)|` is below a per-layer threshold, [`calibrate_threshold`]). [`Metrics`]
-//! scores a prediction against the true active set. This crate does inference and calibration on plain f32
-//! data; it does no file or cache work, and training lives in later modules.
+//! scores a prediction against the true active set. [`train::train_layer`] fits one layer's predictor from
+//! recorded (input, active-mask) pairs ([`train::Masks`]), choosing its rank and decision threshold on a
+//! held-out split. This crate works on plain f32 data; it does no file or cache work.
 #![forbid(unsafe_code)]
 
+mod gemm;
 mod metrics;
 mod profile;
 mod threshold;
@@ -15,6 +17,7 @@ pub mod train;
 pub use crate::metrics::Metrics;
 pub use crate::profile::{ActivationProfile, PROFILE_MAGIC, PROFILE_VERSION};
 pub use crate::threshold::calibrate_threshold;
+pub use crate::train::{LayerReport, Masks, TrainConfig, evaluate, holdout_split, train_layer};
 
 /// What can go wrong building a predictor.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -26,6 +29,14 @@ pub enum PredictorError {
     BadProfile { offset: u64, why: String },
     #[error("predictor dimensions must be non-zero (d_in {d_in}, rank {rank}, n_out {n_out})")]
     Empty { d_in: usize, rank: usize, n_out: usize },
+    #[error("training needs at least {needed} samples, got {got}")]
+    TooFewSamples { got: usize, needed: usize },
+    #[error("target recall {0} is outside (0, 1]")]
+    TargetRecall(f64),
+    #[error("invalid training config: {what}")]
+    Config { what: &'static str },
+    #[error("mask row {row} has bits set past column {n_cols}")]
+    MaskPadding { row: usize, n_cols: usize },
 }
 
 /// A per-layer activation predictor: a two-layer MLP with a ReLU in between and a low-rank hidden layer.
@@ -82,6 +93,26 @@ impl LowRankPredictor {
     /// Number of neurons predicted.
     pub fn n_out(&self) -> usize {
         self.n_out
+    }
+
+    /// First-layer weights, `rank x d_in`, row-major.
+    pub fn w1(&self) -> &[f32] {
+        &self.w1
+    }
+
+    /// First-layer biases (`rank`).
+    pub fn b1(&self) -> &[f32] {
+        &self.b1
+    }
+
+    /// Second-layer weights, `n_out x rank`, row-major.
+    pub fn w2(&self) -> &[f32] {
+        &self.w2
+    }
+
+    /// Second-layer biases (`n_out`).
+    pub fn b2(&self) -> &[f32] {
+        &self.b2
     }
 
     /// The decision threshold on logits (default 0).

@@ -1,0 +1,150 @@
+//! Times `train_layer` on synthetic data of a given layer shape (default: SmolLM2-135M, d_in 576, n_out 1536,
+//! 4096 samples, ranks 32/64/128) and prints seconds per layer and the report.
+//!
+//! Usage: `cargo run --release -p pinion-predictor --example train_speed -- [d_in n_out n_samples] [--all-ranks]
+//! [--threads N] [--lr X] [--epochs N] [--batch N] [--ranks A,B,..] [--k N] [--wd X] [--target X]`. With `--all-ranks` every rank is trained (the rank search never stops early), which is the
+//! worst case.
+//!
+//! The data is planted and learnable: neuron `i` fires when `g_i · x > 0`, with `g_i` a bias (giving a
+//! power-law firing frequency, mean ~0.15) plus a rank-`k` (default 32) shared part plus noise; a few input dimensions are
+//! huge outliers, as in LLM residual streams.
+
+use std::time::Instant;
+
+use pinion_predictor::{Masks, TrainConfig, train_layer};
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn normal(&mut self) -> f64 {
+        let u = 1.0 - (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let v = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Inverse of the standard normal CDF by bisection.
+fn probit(p: f64) -> f64 {
+    let cdf = |x: f64| 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let (mut lo, mut hi) = (-10.0, 10.0);
+    for _ in 0..80 {
+        let mid = 0.5 * (lo + hi);
+        if cdf(mid) < p { lo = mid } else { hi = mid }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Abramowitz-Stegun 7.1.26.
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let y = 1.0
+        - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t
+            + 0.254_829_592)
+            * t
+            * (-x * x).exp();
+    if x >= 0.0 { y } else { -y }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all_ranks = args.iter().any(|a| a == "--all-ranks");
+    let mut threads = 0;
+    let mut k = 32;
+    let mut cfg = TrainConfig { ranks: vec![32, 64, 128], ..TrainConfig::default() };
+    let mut nums = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--threads" {
+            threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N");
+        } else if a == "--k" {
+            k = it.next().and_then(|v| v.parse().ok()).expect("--k N");
+        } else if a == "--wd" {
+            cfg.weight_decay = it.next().and_then(|v| v.parse().ok()).expect("--wd X");
+        } else if a == "--target" {
+            cfg.target_recall = it.next().and_then(|v| v.parse().ok()).expect("--target X");
+        } else if a == "--lr" {
+            cfg.lr = it.next().and_then(|v| v.parse().ok()).expect("--lr X");
+        } else if a == "--epochs" {
+            cfg.epochs = it.next().and_then(|v| v.parse().ok()).expect("--epochs N");
+        } else if a == "--batch" {
+            cfg.batch = it.next().and_then(|v| v.parse().ok()).expect("--batch N");
+        } else if a == "--ranks" {
+            let v = it.next().expect("--ranks A,B,..");
+            cfg.ranks = v.split(',').map(|r| r.parse().expect("rank")).collect();
+        } else if let Ok(v) = a.parse::<usize>() {
+            nums.push(v);
+        }
+    }
+    let (d, n_out, n) = match nums[..] {
+        [d, o, s, ..] => (d, o, s),
+        _ => (576, 1536, 4096),
+    };
+    let mut rng = SplitMix(42);
+    // Inputs: dimension 0 is a constant 1 (the planted bias rides on it), a few dimensions are huge outliers.
+    let scale: Vec<f64> = (0..d)
+        .map(|j| {
+            if j == 0 {
+                0.0
+            } else if j % 97 == 1 {
+                40.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let offset: Vec<f64> = (0..d)
+        .map(|j| {
+            if j == 0 {
+                1.0
+            } else if j % 97 == 1 {
+                8.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let basis: Vec<f64> = (0..k * d).map(|_| rng.normal()).collect();
+    let mut gates = vec![0.0f64; n_out * d];
+    for (i, g) in gates.chunks_exact_mut(d).enumerate() {
+        let u: Vec<f64> = (0..k).map(|_| rng.normal()).collect();
+        for (j, gj) in g.iter_mut().enumerate().skip(1) {
+            let low: f64 = (0..k).map(|t| u[t] * basis[t * d + j]).sum::<f64>() / (k as f64).sqrt();
+            *gj = (low + 0.05 * rng.normal()) / scale[j];
+        }
+        let mean: f64 = g.iter().zip(&offset).skip(1).map(|(a, b)| a * b).sum();
+        let sd: f64 = g.iter().zip(&scale).skip(1).map(|(a, s)| (a * s) * (a * s)).sum::<f64>().sqrt();
+        // Power-law firing frequency with mean ~0.15.
+        let f = (0.6 * ((i % 1000) as f64 + 1.0).powf(-0.45)).clamp(0.01, 0.9);
+        g[0] = sd * probit(f) - mean;
+    }
+    let mut x = vec![0.0f32; n * d];
+    let mut masks = Masks::new(n, n_out);
+    for (r, row) in x.chunks_exact_mut(d).enumerate() {
+        let xr: Vec<f64> = (0..d).map(|j| offset[j] + scale[j] * rng.normal()).collect();
+        for (o, v) in row.iter_mut().zip(&xr) {
+            *o = *v as f32;
+        }
+        for (i, g) in gates.chunks_exact(d).enumerate() {
+            let z: f64 = g.iter().zip(&xr).map(|(a, b)| a * b).sum();
+            masks.set(r, i, z > 0.0);
+        }
+    }
+    cfg.threads = threads;
+    if all_ranks {
+        cfg.max_density_ratio = 1e-9;
+    }
+    println!("shape d_in {d} n_out {n_out} samples {n} density {:.3} ranks {:?}", masks.density(), cfg.ranks);
+    let t0 = Instant::now();
+    let (p, report) = train_layer(&x, d, &masks, &cfg).expect("training");
+    let secs = t0.elapsed().as_secs_f64();
+    println!("seconds per layer: {secs:.2} (rank chosen {})", p.rank());
+    println!("{report:#?}");
+}
