@@ -2,10 +2,11 @@
 
 use half::f16;
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
-use pinion_predictor::ActivationProfile;
+use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::error::RuntimeError;
-use crate::model::Model;
+use crate::ffn::{PackedScratch, Selection, packed_ffn};
+use crate::model::{FfnWeights, Model};
 
 /// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
 pub const DEFAULT_UBATCH: usize = 512;
@@ -49,6 +50,7 @@ struct Scratch {
     up: Vec<f32>,
     acts: QuantizedActs,
     logits: Vec<f32>,
+    packed: PackedScratch,
 }
 
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
@@ -66,8 +68,10 @@ pub struct Context<'m> {
     pool: rayon::ThreadPool,
     /// Spinning pool for single-token steps (decode), whose operations are too short for rayon's wake-ups.
     spin: SpinPool,
-    /// Per-layer CATS thresholds: FFN neurons with `|silu(gate)|` below are skipped. `None`: dense.
+    /// Per-layer thresholds on neuron scores (CATS for SiLU): neurons below are skipped. `None`: dense.
     thresholds: Option<Vec<f32>>,
+    /// Per-layer predictors (packed models only): neurons they do not mark are skipped.
+    predictors: Option<Vec<LowRankPredictor>>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -116,6 +120,7 @@ impl<'m> Context<'m> {
             up: vec![0.0; ub * c.n_ff],
             acts: QuantizedActs::new(),
             logits: vec![0.0; c.n_vocab],
+            packed: PackedScratch::default(),
         };
         Ok(Context {
             model,
@@ -128,7 +133,11 @@ impl<'m> Context<'m> {
             scratch,
             pool,
             spin,
-            thresholds: None,
+            thresholds: model.sparsity().thresholds.clone(),
+            predictors: match c.ffn_act.is_relu_family() {
+                true => model.sparsity().predictors.clone(),
+                false => None,
+            },
         })
     }
 
@@ -165,6 +174,24 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
+    /// Uses (or, with `false`, stops using) the model's trained predictors to choose FFN neurons. They are on by
+    /// default for ReLU-family packed models; on SiLU models they predict "above threshold" and skip the rest.
+    /// Returns whether the model has predictors.
+    pub fn use_predictors(&mut self, on: bool) -> bool {
+        self.predictors = if on { self.model.sparsity().predictors.clone() } else { None };
+        self.model.sparsity().predictors.is_some()
+    }
+
+    /// Whether predictors choose the FFN neurons.
+    pub fn uses_predictors(&self) -> bool {
+        self.predictors.is_some()
+    }
+
+    /// The per-layer thresholds in force.
+    pub fn ffn_thresholds(&self) -> Option<&[f32]> {
+        self.thresholds.as_deref()
+    }
+
     /// Evaluates `tokens` densely (whatever thresholds are set) and records every layer's FFN scores (see
     /// [`crate::FfnActivation::score`]) and FFN inputs into `profile`, for calibrating sparsity and training
     /// predictors. The tokens are appended to the cache like [`Context::eval`].
@@ -174,6 +201,9 @@ impl<'m> Context<'m> {
         profile: &mut ActivationProfile,
     ) -> Result<(), RuntimeError> {
         let c = self.model.config();
+        if self.model.is_packed() {
+            return Err(RuntimeError::ProfilePacked);
+        }
         let d_in_ok = profile.d_in() == 0 || profile.d_in() == c.d_model;
         if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff || !d_in_ok {
             return Err(RuntimeError::ProfileShape {
@@ -181,9 +211,9 @@ impl<'m> Context<'m> {
                 want: (c.n_layers, c.n_ff),
             });
         }
-        let saved = self.thresholds.take();
+        let saved = (self.thresholds.take(), self.predictors.take());
         let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());
-        self.thresholds = saved;
+        (self.thresholds, self.predictors) = saved;
         res
     }
 
@@ -233,7 +263,11 @@ impl<'m> Context<'m> {
             let model = self.model;
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
-            let ffn = Ffn { thresholds: self.thresholds.as_deref(), profile: profile.as_deref_mut() };
+            let ffn = Ffn {
+                thresholds: self.thresholds.as_deref(),
+                predictors: self.predictors.as_deref(),
+                profile: profile.as_deref_mut(),
+            };
             if chunk.len() == 1 {
                 let par = Par::Spin(&self.spin);
                 forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
@@ -272,6 +306,7 @@ impl Par<'_> {
 /// How the FFN runs: densely, or with per-layer thresholds; and whether its activations are recorded.
 struct Ffn<'a> {
     thresholds: Option<&'a [f32]>,
+    predictors: Option<&'a [LowRankPredictor]>,
     profile: Option<&'a mut ActivationProfile>,
 }
 
@@ -349,8 +384,20 @@ fn forward(
         for t in 0..n {
             exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
         }
-        let (wg, wu, wd) =
-            (model.matrix(&layer.w_gate), model.matrix(&layer.w_up), model.matrix(&layer.w_down));
+        let (wg, wu, wd) = match &layer.ffn {
+            FfnWeights::Dense { gate, up, down } => (model.matrix(gate), model.matrix(up), model.matrix(down)),
+            FfnWeights::Packed(pl) => {
+                let sel = Selection {
+                    act: c.ffn_act,
+                    threshold: ffn.thresholds.map(|t| t[l]),
+                    predictor: ffn.predictors.map(|p| &p[l]),
+                };
+                let parallel = matches!(par, Par::Rayon);
+                packed_ffn(model, pl, sel, parallel, xn, &mut s.acts, &mut s.packed, &mut s.tmp[..n * d]);
+                add_assign(x, &s.tmp[..n * d]);
+                continue;
+            }
+        };
         s.acts.quantize(wg.ty, xn, d);
         par.matmul(&wg, &s.acts, &mut s.gate[..n * ff]);
         if wu.ty != wg.ty {

@@ -43,6 +43,8 @@ pub enum RuntimeError {
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("{path}: {why}")]
     BadThresholdsFile { path: PathBuf, why: String },
+    #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
+    ProfilePacked,
     #[error("{path}: {why}")]
     BadProfileFile { path: PathBuf, why: String },
     #[error("the calibration text has {tokens} tokens; at least {needed} are needed")]

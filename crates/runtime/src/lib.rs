@@ -12,6 +12,7 @@ mod config;
 mod context;
 pub mod device;
 mod error;
+mod ffn;
 mod generate;
 mod model;
 mod perplexity;
@@ -26,7 +27,10 @@ pub use crate::config::{FFN_ACTIVATION_KEY, FfnActivation, ModelConfig};
 pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits};
 pub use crate::error::RuntimeError;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
-pub use crate::model::Model;
+pub use crate::model::{
+    Model, ModelSparsity, PACKED_FILE_NAME, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
+    predictor_tensor_names,
+};
 pub use crate::perplexity::{PerplexityStats, perplexity};
 pub use crate::sampler::{Sampler, SamplerParams, argmax};
 pub use pinion_predictor::ActivationProfile;

@@ -5,8 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pinion_exec_cpu::QMatrix;
+use pinion_format::packed::{PACKED_MAGIC, PackedFile, PackedLayer};
 use pinion_format::{GgmlType, Gguf, quant};
 use pinion_io::MappedFile;
+use pinion_predictor::LowRankPredictor;
 use pinion_tokenizer::Tokenizer;
 
 use crate::config::ModelConfig;
@@ -30,9 +32,42 @@ pub(crate) struct LayerWeights {
     pub(crate) wv: WeightRef,
     pub(crate) wo: WeightRef,
     pub(crate) ffn_norm: Vec<f32>,
-    pub(crate) w_gate: WeightRef,
-    pub(crate) w_up: WeightRef,
-    pub(crate) w_down: WeightRef,
+    pub(crate) ffn: FfnWeights,
+}
+
+/// Where a layer's FFN weights are.
+#[derive(Debug)]
+pub(crate) enum FfnWeights {
+    /// The three matrices of a GGUF file.
+    Dense { gate: WeightRef, up: WeightRef, down: WeightRef },
+    /// Neuron-major records of a packed file (see `pinion_format::packed`); positions are in hotness order.
+    Packed(PackedLayer),
+}
+
+/// The name of the packed model file inside a prepared directory.
+pub const PACKED_FILE_NAME: &str = "model.pinion";
+
+/// Metadata key of a packed model's per-layer CATS thresholds (array of f32).
+pub const THRESHOLDS_KEY: &str = "pinion.sparsity.thresholds";
+/// Metadata key of the target sparsity the thresholds were calibrated for (f32).
+pub const TARGET_SPARSITY_KEY: &str = "pinion.sparsity.target";
+/// Metadata key of the predictors' per-layer logit thresholds (array of f32).
+pub const PREDICTOR_THRESHOLDS_KEY: &str = "pinion.predictor.thresholds";
+
+/// The names of layer `l`'s predictor tensors: `W1` (`[d_in, rank]`), `b1`, `W2` (`[rank, n_ff]`), `b2`, F32.
+pub fn predictor_tensor_names(l: usize) -> [String; 4] {
+    ["w1", "b1", "w2", "b2"].map(|p| format!("blk.{l}.ffn_pred_{p}"))
+}
+
+/// The sparsity a prepared model carries: calibrated thresholds and trained predictors.
+#[derive(Clone, Debug, Default)]
+pub struct ModelSparsity {
+    /// Per-layer thresholds on neuron scores (see [`crate::FfnActivation::is_active`]).
+    pub thresholds: Option<Vec<f32>>,
+    /// The sparsity the thresholds were calibrated for.
+    pub target_sparsity: Option<f32>,
+    /// Per-layer predictors whose outputs are in the packed (position) order, with their logit thresholds set.
+    pub predictors: Option<Vec<LowRankPredictor>>,
 }
 
 /// A loaded model: config, tokenizer, and weights viewed in place in the mapped file.
@@ -48,46 +83,113 @@ pub struct Model {
     pub(crate) output_norm: Vec<f32>,
     pub(crate) output: WeightRef,
     pub(crate) layers: Vec<LayerWeights>,
+    sparsity: ModelSparsity,
+    packed: bool,
 }
 
 impl Model {
-    /// Maps and loads a GGUF model.
+    /// Maps and loads a model: a GGUF file, a packed file (`pinion_format::packed`), or a directory prepared by
+    /// `cargo xtask prepare` (its [`PACKED_FILE_NAME`]).
     pub fn load(path: &Path) -> Result<Model, RuntimeError> {
+        let path = &if path.is_dir() { path.join(PACKED_FILE_NAME) } else { path.to_path_buf() };
         if !path.exists() {
             return Err(RuntimeError::ModelNotFound { path: path.to_path_buf(), hint: None });
         }
         let file =
             MappedFile::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
         let file = Arc::new(file);
-        let gguf =
-            Gguf::parse(&file).map_err(|source| RuntimeError::Format { path: path.to_path_buf(), source })?;
-        let config = ModelConfig::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let c = &config;
+        let format_err = |source| RuntimeError::Format { path: path.to_path_buf(), source };
+        if file.get(..8) == Some(&PACKED_MAGIC[..]) {
+            let packed = PackedFile::parse(&file).map_err(format_err)?;
+            let base = packed.resident_offset() as usize;
+            let layers = packed.layers().to_vec();
+            let mut model = Model::from_gguf(&file, packed.resident_gguf(), base, Some(layers))?;
+            model.sparsity = read_sparsity(packed.resident_gguf(), &model)?;
+            return Ok(model);
+        }
+        let gguf = Gguf::parse(&file).map_err(format_err)?;
+        Model::from_gguf(&file, &gguf, 0, None)
+    }
 
-        let tok_embd = matrix_ref(&gguf, "token_embd.weight", c.d_model, c.n_vocab)?;
+    /// Assembles a model from a GGUF (at byte `base` of `file`), with the FFN of a packed file if given.
+    fn from_gguf(
+        file: &Arc<MappedFile>,
+        gguf: &Gguf<'_>,
+        base: usize,
+        packed: Option<Vec<PackedLayer>>,
+    ) -> Result<Model, RuntimeError> {
+        let config = ModelConfig::from_gguf(gguf)?;
+        let tokenizer = Tokenizer::from_gguf(gguf)?;
+        let c = &config;
+        let matrix_ref = |name: &str, n_cols, n_rows| matrix_ref(gguf, base, name, n_cols, n_rows);
+
+        let tok_embd = matrix_ref("token_embd.weight", c.d_model, c.n_vocab)?;
         let output = match gguf.tensor_info("output.weight") {
-            Some(_) => matrix_ref(&gguf, "output.weight", c.d_model, c.n_vocab)?,
+            Some(_) => matrix_ref("output.weight", c.d_model, c.n_vocab)?,
             None => tok_embd.clone(),
         };
-        let output_norm = vector(&gguf, "output_norm.weight", c.d_model)?;
+        let output_norm = vector(gguf, "output_norm.weight", c.d_model)?;
+        let is_packed = packed.is_some();
+        let mut packed = packed.map(Vec::into_iter);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
+            let ffn = match packed.as_mut() {
+                Some(it) => {
+                    let pl = it.next().ok_or_else(|| RuntimeError::BadTensor {
+                        name: format!("blk.{i}.ffn"),
+                        why: "the packed file has fewer FFN layers than the model".into(),
+                    })?;
+                    if pl.n_ff != c.n_ff || pl.d_model != c.d_model {
+                        return Err(RuntimeError::BadTensor {
+                            name: format!("blk.{i}.ffn"),
+                            why: format!("packed layer is {}x{}, expected {}x{}", pl.n_ff, pl.d_model, c.n_ff, c.d_model),
+                        });
+                    }
+                    FfnWeights::Packed(pl)
+                }
+                None => FfnWeights::Dense {
+                    gate: matrix_ref(&name("ffn_gate"), c.d_model, c.n_ff)?,
+                    up: matrix_ref(&name("ffn_up"), c.d_model, c.n_ff)?,
+                    down: matrix_ref(&name("ffn_down"), c.n_ff, c.d_model)?,
+                },
+            };
             layers.push(LayerWeights {
-                attn_norm: vector(&gguf, &name("attn_norm"), c.d_model)?,
-                wq: matrix_ref(&gguf, &name("attn_q"), c.d_model, c.n_heads * c.head_dim)?,
-                wk: matrix_ref(&gguf, &name("attn_k"), c.d_model, c.kv_dim())?,
-                wv: matrix_ref(&gguf, &name("attn_v"), c.d_model, c.kv_dim())?,
-                wo: matrix_ref(&gguf, &name("attn_output"), c.n_heads * c.head_dim, c.d_model)?,
-                ffn_norm: vector(&gguf, &name("ffn_norm"), c.d_model)?,
-                w_gate: matrix_ref(&gguf, &name("ffn_gate"), c.d_model, c.n_ff)?,
-                w_up: matrix_ref(&gguf, &name("ffn_up"), c.d_model, c.n_ff)?,
-                w_down: matrix_ref(&gguf, &name("ffn_down"), c.n_ff, c.d_model)?,
+                attn_norm: vector(gguf, &name("attn_norm"), c.d_model)?,
+                wq: matrix_ref(&name("attn_q"), c.d_model, c.n_heads * c.head_dim)?,
+                wk: matrix_ref(&name("attn_k"), c.d_model, c.kv_dim())?,
+                wv: matrix_ref(&name("attn_v"), c.d_model, c.kv_dim())?,
+                wo: matrix_ref(&name("attn_output"), c.n_heads * c.head_dim, c.d_model)?,
+                ffn_norm: vector(gguf, &name("ffn_norm"), c.d_model)?,
+                ffn,
             });
         }
-        drop(gguf);
-        Ok(Model { file, config, tokenizer, tok_embd, output_norm, output, layers })
+        Ok(Model {
+            file: Arc::clone(file),
+            config,
+            tokenizer,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            sparsity: ModelSparsity::default(),
+            packed: is_packed,
+        })
+    }
+
+    /// The sparsity a prepared (packed) model carries; empty for a GGUF.
+    pub fn sparsity(&self) -> &ModelSparsity {
+        &self.sparsity
+    }
+
+    /// Whether the FFN is in the packed neuron-major layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// The bytes of the mapped file in `range`.
+    pub(crate) fn bytes(&self, range: Range<u64>) -> &[u8] {
+        &self.file[range.start as usize..range.end as usize]
     }
 
     /// The model's hyper-parameters.
@@ -132,7 +234,13 @@ impl Model {
     }
 }
 
-fn matrix_ref(g: &Gguf<'_>, name: &str, n_cols: usize, n_rows: usize) -> Result<WeightRef, RuntimeError> {
+fn matrix_ref(
+    g: &Gguf<'_>,
+    base: usize,
+    name: &str,
+    n_cols: usize,
+    n_rows: usize,
+) -> Result<WeightRef, RuntimeError> {
     let info =
         g.tensor_info(name).ok_or_else(|| pinion_format::FormatError::MissingTensor { name: name.into() })?;
     let expected = [n_cols as u64, n_rows as u64];
@@ -142,7 +250,7 @@ fn matrix_ref(g: &Gguf<'_>, name: &str, n_cols: usize, n_rows: usize) -> Result<
             why: format!("shape {:?}, expected {:?}", info.dims, expected),
         });
     }
-    let start = (g.data_offset + info.offset) as usize;
+    let start = base + (g.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
     Ok(WeightRef { ty: info.ty, n_rows, n_cols, range })
 }
@@ -158,4 +266,72 @@ fn vector(g: &Gguf<'_>, name: &str, n: usize) -> Result<Vec<f32>, RuntimeError> 
     let mut out = vec![0.0; n];
     quant::dequantize_row(t.ty, t.data, &mut out)?;
     Ok(out)
+}
+
+/// Reads a packed model's thresholds and predictors from its resident GGUF, putting predictor outputs in the
+/// packed (position) order.
+fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeError> {
+    let c = &model.config;
+    let f32_array = |key: &str| -> Result<Option<Vec<f32>>, RuntimeError> {
+        if g.get(key).is_none() {
+            return Ok(None);
+        }
+        let bad = || RuntimeError::BadHyperParameter { key: key.into(), value: format!("not {} finite f32 values", c.n_layers) };
+        let values = g.get_array(key)?;
+        let v: Vec<f32> = values
+            .iter()
+            .map(|v| match v {
+                pinion_format::Value::F32(x) if x.is_finite() => Ok(*x),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?;
+        if v.len() != c.n_layers {
+            return Err(bad());
+        }
+        Ok(Some(v))
+    };
+    let thresholds = f32_array(THRESHOLDS_KEY)?;
+    let target_sparsity = match g.get(TARGET_SPARSITY_KEY) {
+        Some(_) => Some(g.get_f32(TARGET_SPARSITY_KEY)?),
+        None => None,
+    };
+    let predictors = match f32_array(PREDICTOR_THRESHOLDS_KEY)? {
+        None => None,
+        Some(logit_t) => {
+            let mut out = Vec::with_capacity(c.n_layers);
+            for (l, &t) in logit_t.iter().enumerate() {
+                let [w1, b1, w2, b2] = predictor_tensor_names(l).map(|n| g.tensor(&n).map(|t| (n, t)));
+                let (w1n, w1) = w1?;
+                let rank = w1.dims.get(1).copied().unwrap_or(0) as usize;
+                let f32s = |(name, t): (String, pinion_format::TensorView<'_>)| -> Result<Vec<f32>, RuntimeError> {
+                    if t.ty != GgmlType::F32 {
+                        return Err(RuntimeError::BadTensor { name, why: format!("type {:?}, expected F32", t.ty) });
+                    }
+                    Ok(bytemuck::pod_collect_to_vec(t.data))
+                };
+                let (w1, b1, w2, b2) = (f32s((w1n, w1))?, f32s(b1?)?, f32s(w2?)?, f32s(b2?)?);
+                // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
+                let order = match &model.layers[l].ffn {
+                    FfnWeights::Packed(pl) => pl.order.clone(),
+                    FfnWeights::Dense { .. } => (0..c.n_ff as u32).collect(),
+                };
+                let (mut w2p, mut b2p) = (Vec::with_capacity(w2.len()), Vec::with_capacity(b2.len()));
+                for &n in &order {
+                    let n = n as usize;
+                    if rank == 0 || (n + 1) * rank > w2.len() || n >= b2.len() {
+                        break;
+                    }
+                    w2p.extend_from_slice(&w2[n * rank..(n + 1) * rank]);
+                    b2p.push(b2[n]);
+                }
+                let mut p = LowRankPredictor::new(c.d_model, rank, c.n_ff, w1, b1, w2p, b2p).map_err(|e| {
+                    RuntimeError::BadTensor { name: format!("blk.{l}.ffn_pred"), why: e.to_string() }
+                })?;
+                p.set_threshold(t);
+                out.push(p);
+            }
+            Some(out)
+        }
+    };
+    Ok(ModelSparsity { thresholds, target_sparsity, predictors })
 }

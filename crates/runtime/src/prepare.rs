@@ -4,11 +4,16 @@
 
 use std::path::Path;
 
-use pinion_predictor::ActivationProfile;
+use pinion_format::packed::{ExtraTensor, PackOptions, PackSummary, pack};
+use pinion_format::{GgmlType, Gguf, Value};
+use pinion_io::MappedFile;
+use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::context::{Context, ContextParams};
 use crate::error::RuntimeError;
-use crate::model::Model;
+use crate::model::{
+    Model, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
+};
 use crate::sparsity::Thresholds;
 
 /// Settings of [`profile_activations`].
@@ -119,4 +124,108 @@ pub fn partial_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     path.with_file_name(name)
+}
+
+/// Settings of [`pack_model`].
+#[derive(Clone, Debug)]
+pub struct PackStepOptions {
+    /// Neurons per packed record.
+    pub cluster_neurons: usize,
+    /// Type of the transposed down columns.
+    pub down_type: GgmlType,
+}
+
+impl Default for PackStepOptions {
+    fn default() -> PackStepOptions {
+        PackStepOptions { cluster_neurons: 32, down_type: GgmlType::Q8_0 }
+    }
+}
+
+/// Per layer, each neuron's activation frequency under the calibrated thresholds: on all profiled tokens for
+/// the ReLU family (threshold 0), on the token samples for SiLU (whose thresholds come after profiling).
+pub fn activation_frequencies(
+    model: &Model,
+    profile: &ActivationProfile,
+    thresholds: &Thresholds,
+) -> Result<Vec<Vec<f64>>, RuntimeError> {
+    check_shape(model, profile)?;
+    let act = model.config().ffn_act;
+    Ok((0..profile.n_layers())
+        .map(|l| match act.is_relu_family() {
+            true => profile.firing_frequency(l),
+            false => profile.sample_frequency(l, thresholds.layers[l].0, |s, t| act.is_active(s, t)),
+        })
+        .collect())
+}
+
+/// Packs the GGUF at `src` into the neuron-cluster format at `out` (written to a temporary name and renamed):
+/// neurons ordered by activation frequency (hottest first), the thresholds and predictors carried in the
+/// resident section. `progress(layer, n_layers)` is called after each layer.
+pub fn pack_model(
+    src: &Path,
+    out: &Path,
+    frequencies: &[Vec<f64>],
+    thresholds: &Thresholds,
+    predictors: Option<&[LowRankPredictor]>,
+    opts: &PackStepOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PackSummary, RuntimeError> {
+    let file = MappedFile::open(src).map_err(|source| RuntimeError::Io { path: src.to_path_buf(), source })?;
+    let format_err = |source| RuntimeError::Format { path: src.to_path_buf(), source };
+    let gguf = Gguf::parse(&file).map_err(format_err)?;
+    let order: Vec<Vec<u32>> = frequencies
+        .iter()
+        .map(|f| {
+            let mut ids: Vec<u32> = (0..f.len() as u32).collect();
+            ids.sort_by(|&a, &b| f[b as usize].total_cmp(&f[a as usize]).then(a.cmp(&b)));
+            ids
+        })
+        .collect();
+    let mut metadata = vec![
+        (THRESHOLDS_KEY.to_string(), Value::Array(thresholds.values().into_iter().map(Value::F32).collect())),
+    ];
+    if thresholds.target_sparsity.is_finite() {
+        metadata.push((TARGET_SPARSITY_KEY.to_string(), Value::F32(thresholds.target_sparsity as f32)));
+    }
+    let mut extra_tensors = Vec::new();
+    if let Some(ps) = predictors {
+        let logit_t = ps.iter().map(|p| Value::F32(p.threshold())).collect();
+        metadata.push((PREDICTOR_THRESHOLDS_KEY.to_string(), Value::Array(logit_t)));
+        for (l, p) in ps.iter().enumerate() {
+            let (d, r, n) = (p.d_in() as u64, p.rank() as u64, p.n_out() as u64);
+            let [w1, b1, w2, b2] = predictor_tensor_names(l);
+            for (name, dims, data) in
+                [(w1, vec![d, r], p.w1()), (b1, vec![r], p.b1()), (w2, vec![r, n], p.w2()), (b2, vec![n], p.b2())]
+            {
+                let data = bytemuck::cast_slice(data).to_vec();
+                extra_tensors.push(ExtraTensor { name, ty: GgmlType::F32, dims, data });
+            }
+        }
+    }
+    let frequency = Some(frequencies.iter().map(|f| f.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect()).collect());
+    let popts = PackOptions {
+        cluster_neurons: opts.cluster_neurons,
+        down_type: opts.down_type,
+        order: Some(order),
+        frequency,
+        metadata,
+        extra_tensors,
+    };
+    let io = |source| RuntimeError::Io { path: out.to_path_buf(), source };
+    let tmp = partial_path(out);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+    let summary = pack(&gguf, &popts, &mut w, &mut |p| progress(p.layer + 1, p.n_layers))
+        .map_err(|source| RuntimeError::Format { path: out.to_path_buf(), source });
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            drop(w);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::io::Write::flush(&mut w).map_err(io)?;
+    drop(w);
+    std::fs::rename(&tmp, out).map_err(io)?;
+    Ok(summary)
 }

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
+use pinion_format::GgmlType;
 use pinion_format::synth::{self, Activation, SynthConfig};
-use pinion_runtime::prepare::{self, ProfileOptions};
-use pinion_runtime::{FfnActivation, Model, RuntimeError};
+use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+use pinion_runtime::{Context, ContextParams, FfnActivation, Logits, Model, PACKED_FILE_NAME, RuntimeError};
 
 /// A temporary directory removed when dropped.
 pub(crate) struct TempDir(pub(crate) PathBuf);
@@ -118,4 +119,48 @@ fn a_short_calibration_text_is_an_error() {
     let model = Model::load(&synth_model(&dir, "m", &cfg)).unwrap();
     let e = prepare::profile_activations(&model, "alpha", &ProfileOptions::default(), &mut |_, _| {}).unwrap_err();
     assert!(matches!(e, RuntimeError::CalibrationTooShort { .. }), "{e}");
+}
+
+#[test]
+fn a_packed_relu_model_computes_what_the_gguf_computes() {
+    let dir = TempDir::new("prep-pack");
+    let cfg = SynthConfig { n_layers: 2, ..SynthConfig::preset("tiny").unwrap() };
+    let src = synth_model(&dir, "relu", &cfg);
+    let model = Model::load(&src).unwrap();
+    let opts = ProfileOptions { max_tokens: 1024, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
+    let profile = prepare::profile_activations(&model, &calib_text(2000), &opts, &mut |_, _| {}).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
+    let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
+    let out = dir.0.join("prepared");
+    std::fs::create_dir_all(&out).unwrap();
+    let popts = PackStepOptions { cluster_neurons: 16, down_type: GgmlType::F32 };
+    let mut layers_done = Vec::new();
+    prepare::pack_model(&src, &out.join(PACKED_FILE_NAME), &freq, &th, None, &popts, &mut |l, n| {
+        layers_done.push((l, n))
+    })
+    .unwrap();
+    assert_eq!(layers_done, vec![(1, 2), (2, 2)]);
+    assert!(!out.join(format!("{PACKED_FILE_NAME}.partial")).exists());
+
+    // Loaded from the directory: hot neurons first, thresholds carried.
+    let packed = Model::load(&out).unwrap();
+    assert!(packed.is_packed());
+    assert_eq!(packed.sparsity().thresholds.as_deref(), Some(&[0.0, 0.0][..]));
+    let tokens = packed.tokenizer().encode("some text to run through both models", true, false);
+    let mut a = Context::new(&model, ContextParams::new(128, 2)).unwrap();
+    let mut b = Context::new(&packed, ContextParams::new(128, 2)).unwrap();
+    // Prefill (batched) and decode (one token) both agree with the dense GGUF. The dense path quantizes the
+    // hidden activations to Q8_0 for the down matmul; the packed path uses f32 columns: close, not equal.
+    let la = a.eval(&tokens, Logits::All).unwrap().to_vec();
+    let lb = b.eval(&tokens, Logits::All).unwrap().to_vec();
+    let scale = la.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = la.iter().zip(&lb).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff < 0.01 * scale, "max diff {diff} for logits up to {scale}");
+    let da = a.eval(&[5], Logits::Last).unwrap().to_vec();
+    let db = b.eval(&[5], Logits::Last).unwrap().to_vec();
+    let diff = da.iter().zip(&db).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff < 0.01 * scale, "decode: max diff {diff}");
+    // A packed model is not profiled again.
+    let mut p = pinion_runtime::ActivationProfile::new(2, cfg.n_ff, 16);
+    assert!(matches!(b.eval_profile(&tokens, &mut p), Err(RuntimeError::ProfilePacked)));
 }

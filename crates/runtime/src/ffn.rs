@@ -1,0 +1,203 @@
+//! The sparse FFN over a packed (neuron-major) layer, computed from memory: the semantics the offloaded
+//! pipeline must reproduce.
+//!
+//! For each token, a neuron (a *position* in the packed hotness order) takes part when the predictor, if any,
+//! marks it, and its score passes the threshold (see [`FfnActivation::is_active`]). Gates are computed per
+//! cluster (the gate rows of a cluster are contiguous), up rows only for neurons whose gate passed, and down as
+//! an axpy of each active neuron's (transposed) down column into the output. Buffers are position-major
+//! (`[position][token]`), so that clusters write disjoint ranges and run in parallel.
+
+use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs};
+use pinion_format::packed::PackedLayer;
+use pinion_format::quant;
+use pinion_predictor::LowRankPredictor;
+use rayon::prelude::*;
+
+use crate::config::FfnActivation;
+use crate::model::Model;
+
+/// Reusable buffers of [`packed_ffn`].
+#[derive(Default)]
+pub(crate) struct PackedScratch {
+    /// Gate pre-activations, then hidden activations, `[position][token]`.
+    gate: Vec<f32>,
+    /// Up pre-activations, `[position][token]`.
+    up: Vec<f32>,
+    /// Whether (position, token) is a candidate after the gate phase, then whether it is active.
+    mask: Vec<bool>,
+    /// Predictor scratch.
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    acts_up: QuantizedActs,
+}
+
+/// How a packed FFN layer chooses its neurons.
+#[derive(Clone, Copy)]
+pub(crate) struct Selection<'a> {
+    pub(crate) act: FfnActivation,
+    /// Score threshold; `None`: the activation's own (0 for the ReLU family, dense for SiLU).
+    pub(crate) threshold: Option<f32>,
+    /// A predictor whose outputs are in position order.
+    pub(crate) predictor: Option<&'a LowRankPredictor>,
+}
+
+/// Computes the FFN of `n` tokens (`xn`: their normalized inputs, `n x d`) over packed layer `pl`, writing the
+/// FFN outputs to `out` (`n x d`, token-major). Returns the number of active (neuron, token) pairs.
+pub(crate) fn packed_ffn(
+    model: &Model,
+    pl: &PackedLayer,
+    sel: Selection<'_>,
+    parallel: bool,
+    xn: &[f32],
+    acts: &mut QuantizedActs,
+    s: &mut PackedScratch,
+    out: &mut [f32],
+) -> usize {
+    let (d, ff) = (pl.d_model, pl.n_ff);
+    let n = xn.len() / d;
+    s.gate.resize(ff * n, 0.0);
+    s.up.resize(ff * n, 0.0);
+    s.mask.resize(ff * n, false);
+
+    // Gate, cluster by cluster: a cluster's gate rows are one contiguous block.
+    acts.quantize(pl.gate_ty, xn, d);
+    let c = pl.cluster_neurons;
+    let acts_g = &*acts;
+    let gate_cluster = |k: usize, g: &mut [f32], tmp: &mut Vec<f32>| {
+        let rows = pl.cluster_len(k);
+        let w = QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.bytes(pl.gate_block_range(k)) };
+        tmp.resize(rows * n, 0.0);
+        exec::matmul(&w, acts_g, tmp);
+        // `tmp` is [token][row]; `g` is [row][token].
+        for t in 0..n {
+            for r in 0..rows {
+                g[r * n + t] = tmp[t * rows + r];
+            }
+        }
+    };
+    if parallel {
+        s.gate.par_chunks_mut(c * n).enumerate().for_each_init(Vec::new, |tmp, (k, g)| gate_cluster(k, g, tmp));
+    } else {
+        let mut tmp = Vec::new();
+        for (k, g) in s.gate.chunks_mut(c * n).enumerate() {
+            gate_cluster(k, g, &mut tmp);
+        }
+    }
+
+    // Candidates: predicted (if a predictor is used) and passing the gate phase of the threshold.
+    let t = sel.threshold.unwrap_or(0.0);
+    let dense_silu = sel.act == FfnActivation::Silu && sel.threshold.is_none();
+    for (m, &g) in s.mask.iter_mut().zip(&s.gate) {
+        *m = match sel.act {
+            // dReLU also needs up > 0, checked after the up phase.
+            FfnActivation::Drelu => g > 0.0,
+            act => dense_silu || act.is_active(act.score(g, 0.0), t),
+        };
+    }
+    if let Some(p) = sel.predictor {
+        s.hidden.resize(p.rank(), 0.0);
+        s.logits.resize(p.n_out(), 0.0);
+        for tok in 0..n {
+            p.logits(&xn[tok * d..(tok + 1) * d], &mut s.hidden, &mut s.logits);
+            for (pos, &l) in s.logits.iter().enumerate() {
+                if l < p.threshold() {
+                    s.mask[pos * n + tok] = false;
+                }
+            }
+        }
+    }
+
+    // Up rows of the neurons with a candidate token, then the activation.
+    if pl.up_ty != pl.gate_ty {
+        s.acts_up.quantize(pl.up_ty, xn, d);
+    }
+    let acts_u = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
+    let up_row_bytes = pl.up_row_bytes();
+    let (act, mask) = (sel.act, &mut s.mask);
+    let up_neuron = |pos: usize, g: &mut [f32], u: &mut [f32], m: &mut [bool]| -> usize {
+        if !m.iter().any(|&x| x) {
+            g.fill(0.0);
+            return 0;
+        }
+        let bundle = model.bytes(pl.bundle_range(pos));
+        let w = QMatrix { ty: pl.up_ty, n_rows: 1, n_cols: d, data: &bundle[..up_row_bytes] };
+        exec::matmul_rows(&w, acts_u, 0, 1, u);
+        let mut active = 0;
+        for ((g, &u), m) in g.iter_mut().zip(u.iter()).zip(m.iter_mut()) {
+            if act == FfnActivation::Drelu && u <= t {
+                *m = false;
+            }
+            if *m {
+                *g = match act {
+                    FfnActivation::Silu => exec::silu_ggml(*g) * u,
+                    FfnActivation::Relu => g.max(0.0) * u,
+                    FfnActivation::Drelu => g.max(0.0) * u.max(0.0),
+                };
+                active += 1;
+            } else {
+                *g = 0.0;
+            }
+        }
+        active
+    };
+    let active: usize = if parallel {
+        (s.gate.par_chunks_mut(n), s.up.par_chunks_mut(n), mask.par_chunks_mut(n))
+            .into_par_iter()
+            .enumerate()
+            .map(|(pos, (g, u, m))| up_neuron(pos, g, u, m))
+            .sum()
+    } else {
+        s.gate
+            .chunks_mut(n)
+            .zip(s.up.chunks_mut(n))
+            .zip(mask.chunks_mut(n))
+            .enumerate()
+            .map(|(pos, ((g, u), m))| up_neuron(pos, g, u, m))
+            .sum()
+    };
+
+    // Down: each active neuron adds its hidden activation times its down column.
+    let down_ty = pl.down_ty;
+    let down_at = up_row_bytes;
+    let hidden = &s.gate;
+    let add_neurons = |range: std::ops::Range<usize>, acc: &mut [f32], col: &mut Vec<f32>| {
+        col.resize(d, 0.0);
+        for pos in range {
+            let h = &hidden[pos * n..(pos + 1) * n];
+            if h.iter().all(|&v| v == 0.0) {
+                continue;
+            }
+            let bundle = model.bytes(pl.bundle_range(pos));
+            quant::dequantize_row(down_ty, &bundle[down_at..], col).expect("packed down columns are whole blocks");
+            for (tok, &a) in h.iter().enumerate() {
+                if a != 0.0 {
+                    for (o, &v) in acc[tok * d..(tok + 1) * d].iter_mut().zip(col.iter()) {
+                        *o += a * v;
+                    }
+                }
+            }
+        }
+    };
+    out.fill(0.0);
+    if parallel {
+        let parts = rayon::current_num_threads() * 4;
+        let sums = (0..parts)
+            .into_par_iter()
+            .map(|i| {
+                let mut acc = vec![0.0f32; n * d];
+                let mut col = Vec::new();
+                add_neurons(exec::split_range(ff, i, parts, 1), &mut acc, &mut col);
+                acc
+            })
+            .collect::<Vec<_>>();
+        for acc in sums {
+            for (o, v) in out.iter_mut().zip(acc) {
+                *o += v;
+            }
+        }
+    } else {
+        let mut col = Vec::new();
+        add_neurons(0..ff, out, &mut col);
+    }
+    active
+}
