@@ -26,11 +26,28 @@ pub(crate) fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: u
         return;
     }
     let n_panels = n.div_ceil(NR);
-    let mut packed = vec![0.0f32; n_panels * k * NR];
+    let len = n_panels * k * NR;
+    // The packing buffer is reused across calls on this thread (training calls this a few times per step). A
+    // rayon worker waiting inside one product may steal a task that starts another; that one gets its own.
+    PACKED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut packed) => {
+            packed.resize(len, 0.0);
+            gemm_packed(a, b, c, &mut packed, m, n, k);
+        }
+        Err(_) => gemm_packed(a, b, c, &mut vec![0.0; len], m, n, k),
+    });
+}
+
+thread_local! {
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn gemm_packed(a: &[f32], b: &[f32], c: &mut [f32], packed: &mut [f32], m: usize, n: usize, k: usize) {
     let pack = |(p, panel): (usize, &mut [f32])| {
         let (j0, w) = (p * NR, NR.min(n - p * NR));
         for (l, dst) in panel.chunks_exact_mut(NR).enumerate() {
             dst[..w].copy_from_slice(&b[l * n + j0..l * n + j0 + w]);
+            dst[w..].fill(0.0);
         }
     };
     let threads = rayon::current_num_threads().max(1);
@@ -39,16 +56,17 @@ pub(crate) fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: u
     } else {
         packed.chunks_mut(k * NR).enumerate().for_each(pack);
     }
+    let packed = &*packed;
     // Enough tasks for load balance, each a multiple of MR rows and at least ~64k multiply-adds.
     let min_rows = (65_536 / (n * k)).max(1);
     let rows = m.div_ceil(threads * 4).max(min_rows).div_ceil(MR) * MR;
     if rows >= m {
-        gemm_serial(a, &packed, c, n, k);
+        gemm_serial(a, packed, c, n, k);
         return;
     }
     c.par_chunks_mut(rows * n)
         .zip(a.par_chunks(rows * k))
-        .for_each(|(c_blk, a_blk)| gemm_serial(a_blk, &packed, c_blk, n, k));
+        .for_each(|(c_blk, a_blk)| gemm_serial(a_blk, packed, c_blk, n, k));
 }
 
 fn gemm_serial(a: &[f32], packed: &[f32], c: &mut [f32], n: usize, k: usize) {

@@ -616,6 +616,32 @@ fn bce(z: f32, y: bool, pos_weight: f32) -> f64 {
     if y { f64::from(pos_weight) * (f64::from((-z).max(0.0)) + tail) } else { f64::from(z.max(0.0)) + tail }
 }
 
+/// `ln(1 + e^z)` in f32, branch-free so that loops over it vectorize (absolute error about 1e-6).
+#[inline(always)]
+fn softplus(z: f32) -> f32 {
+    let e = exp_nonpositive(-z.abs());
+    // ln(1 + e) for e in (0, 1] as 2 atanh(s) with s = e / (2 + e) <= 1/3.
+    let s = e / (2.0 + e);
+    let s2 = s * s;
+    let ln1p = 2.0
+        * s
+        * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 / 11.0)))));
+    z.max(0.0) + ln1p
+}
+
+/// Sum with eight independent accumulators.
+fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The logistic function, branch-free so that loops over it vectorize.
 #[inline(always)]
 fn sigmoid(z: f32) -> f32 {
@@ -651,15 +677,24 @@ fn heldout_loss(dims: &Dims, params: &[f32], data: &Data, s: &mut Scratch, block
         let rows = xb.len() / dims.d;
         forward(&w, xb, rows, s);
         let parts: Vec<f64> = s.z[..rows * dims.n]
-            .par_chunks(dims.n)
+            .par_chunks_mut(dims.n)
             .enumerate()
             .map(|(i, z)| {
-                let words = data.m_held.row_words(blk * block + i);
-                z.iter()
-                    .zip(&data.pos_weight)
-                    .enumerate()
-                    .map(|(j, (&v, &pw))| bce(v, words[j / 64] >> (j % 64) & 1 == 1, pw))
-                    .sum()
+                // The set bits, a small share, first add their positive-minus-negative loss difference; then
+                // every neuron's negative-label loss is summed in a vectorized pass.
+                let mut pos = 0.0f64;
+                for (wi, &w) in data.m_held.row_words(blk * block + i).iter().enumerate() {
+                    let mut w = w;
+                    while w != 0 {
+                        let j = wi * 64 + w.trailing_zeros() as usize;
+                        pos += bce(z[j], true, data.pos_weight[j]) - bce(z[j], false, 1.0);
+                        w &= w - 1;
+                    }
+                }
+                for v in z.iter_mut() {
+                    *v = softplus(*v);
+                }
+                pos + f64::from(sum_f32(z))
             })
             .collect();
         total += parts.iter().sum::<f64>();

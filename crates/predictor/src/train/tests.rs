@@ -184,7 +184,7 @@ fn folded_standardization_gives_the_explicit_logits() {
 }
 
 #[test]
-fn fast_sigmoid_matches_the_exact_one() {
+fn fast_sigmoid_and_softplus_match_the_exact_ones() {
     for i in -2000..=2000 {
         let z = i as f32 * 0.05;
         let exact = 1.0 / (1.0 + (-f64::from(z)).exp());
@@ -194,6 +194,13 @@ fn fast_sigmoid_matches_the_exact_one() {
     assert_eq!(sigmoid(f32::INFINITY), 1.0);
     assert!(sigmoid(-200.0) < 1e-37);
     assert!((f64::from(exp_nonpositive(-1.0)) - (-1.0f64).exp()).abs() < 1e-6);
+    for i in -2000..=2000 {
+        let z = i as f32 * 0.05;
+        let exact = bce(z, false, 1.0);
+        let got = f64::from(softplus(z));
+        assert!((got - exact).abs() <= 2e-6 * (1.0 + exact), "softplus({z}) = {got}, want {exact}");
+    }
+    assert_eq!(sum_f32(&[1.0; 19]), 19.0);
 }
 
 #[test]
