@@ -53,6 +53,15 @@ fn erf(x: f64) -> f64 {
     if x >= 0.0 { y } else { -y }
 }
 
+/// CPU seconds (user + system) used by this process so far, from /proc (0 where unavailable).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesized command: state is field 3, utime 14, stime 15 (clock ticks, 100 Hz).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    if f.len() > 12 { (f[11] + f[12]) / 100.0 } else { 0.0 }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all_ranks = args.iter().any(|a| a == "--all-ranks");
@@ -142,9 +151,9 @@ fn main() {
         cfg.max_density_ratio = 1e-9;
     }
     println!("shape d_in {d} n_out {n_out} samples {n} density {:.3} ranks {:?}", masks.density(), cfg.ranks);
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), cpu_seconds());
     let (p, report) = train_layer(&x, d, &masks, &cfg).expect("training");
-    let secs = t0.elapsed().as_secs_f64();
-    println!("seconds per layer: {secs:.2} (rank chosen {})", p.rank());
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    println!("seconds per layer: {secs:.2} wall, {cpu:.2} cpu (rank chosen {})", p.rank());
     println!("{report:#?}");
 }

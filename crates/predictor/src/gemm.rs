@@ -1,22 +1,23 @@
-//! Small f32 matrix kernels for predictor training: `C = A · Bᵀ` over row-major slices, and a transpose.
+//! Small f32 matrix kernels for predictor training: `C = A · B` over row-major slices, and a transpose.
 //!
-//! Every product is written in the "dot" form (both operands row-major with the shared dimension contiguous),
-//! so the inner loop runs over contiguous slices that LLVM vectorizes at the baseline ISA. Rows of `C` are split
-//! over rayon tasks in fixed chunks, and each element is always summed in the same order, so results do not
-//! depend on the number of threads.
+//! `B` is packed into panels of [`NR`] columns, and a register tile of [`MR`] x [`NR`] accumulators sweeps each
+//! panel: every step broadcasts one value of each of the `MR` rows of `A` against `NR` contiguous values of the
+//! panel, a pattern LLVM vectorizes at the baseline ISA. Every element of `C` is the plain sequential sum over
+//! the shared dimension, whichever path computes it, and rows of `C` are split over rayon tasks, so results do
+//! not depend on shapes of the tiling or on the number of threads.
 
 use rayon::prelude::*;
 
-/// Rows of `A` handled together by the micro-kernel.
+/// Rows of `A` per register tile.
 const MR: usize = 4;
-/// Bytes of `B` kept hot while a block of `A` rows sweeps over it.
-const B_TILE_BYTES: usize = 96 * 1024;
+/// Columns of `B` per panel (two SSE registers per row of the tile).
+const NR: usize = 8;
 
-/// `c[i * n + j] = sum_l a[i * k + l] * b[j * k + l]` for `a: m x k`, `b: n x k`, `c: m x n`.
-pub(crate) fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
-    assert_eq!(a.len(), m * k, "gemm_nt: a");
-    assert_eq!(b.len(), n * k, "gemm_nt: b");
-    assert_eq!(c.len(), m * n, "gemm_nt: c");
+/// `c[i * n + j] = sum_l a[i * k + l] * b[l * n + j]` for `a: m x k`, `b: k x n`, `c: m x n`.
+pub(crate) fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
+    assert_eq!(a.len(), m * k, "gemm: a");
+    assert_eq!(b.len(), k * n, "gemm: b");
+    assert_eq!(c.len(), m * n, "gemm: c");
     if m == 0 || n == 0 {
         return;
     }
@@ -24,137 +25,134 @@ pub(crate) fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k
         c.fill(0.0);
         return;
     }
-    // Enough tasks for load balance, each a multiple of MR rows; at least ~64k multiply-adds per task.
+    let n_panels = n.div_ceil(NR);
+    let len = n_panels * k * NR;
+    // The packing buffer is reused across calls on this thread (training calls this a few times per step). A
+    // rayon worker waiting inside one product may steal a task that starts another; that one gets its own.
+    PACKED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut packed) => {
+            packed.resize(len, 0.0);
+            gemm_packed(a, b, c, &mut packed, m, n, k);
+        }
+        Err(_) => gemm_packed(a, b, c, &mut vec![0.0; len], m, n, k),
+    });
+}
+
+thread_local! {
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn gemm_packed(a: &[f32], b: &[f32], c: &mut [f32], packed: &mut [f32], m: usize, n: usize, k: usize) {
+    let pack = |(p, panel): (usize, &mut [f32])| {
+        let (j0, w) = (p * NR, NR.min(n - p * NR));
+        for (l, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            dst[..w].copy_from_slice(&b[l * n + j0..l * n + j0 + w]);
+            dst[w..].fill(0.0);
+        }
+    };
     let threads = rayon::current_num_threads().max(1);
-    let min_rows = (65_536 / (n * k).max(1)).max(1);
+    if threads > 1 && k * n >= 1 << 16 {
+        packed.par_chunks_mut(k * NR).enumerate().for_each(pack);
+    } else {
+        packed.chunks_mut(k * NR).enumerate().for_each(pack);
+    }
+    let packed = &*packed;
+    // Enough tasks for load balance, each a multiple of MR rows and at least ~64k multiply-adds.
+    let min_rows = (65_536 / (n * k)).max(1);
     let rows = m.div_ceil(threads * 4).max(min_rows).div_ceil(MR) * MR;
     if rows >= m {
-        gemm_nt_serial(a, b, c, n, k);
+        gemm_serial(a, packed, c, n, k);
         return;
     }
     c.par_chunks_mut(rows * n)
         .zip(a.par_chunks(rows * k))
-        .for_each(|(c_blk, a_blk)| gemm_nt_serial(a_blk, b, c_blk, n, k));
+        .for_each(|(c_blk, a_blk)| gemm_serial(a_blk, packed, c_blk, n, k));
 }
 
-fn gemm_nt_serial(a: &[f32], b: &[f32], c: &mut [f32], n: usize, k: usize) {
+fn gemm_serial(a: &[f32], packed: &[f32], c: &mut [f32], n: usize, k: usize) {
     let m = a.len() / k;
-    let tile = (B_TILE_BYTES / (4 * k)).max(2);
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = (j0 + tile).min(n);
+    for (p, panel) in packed.chunks_exact(k * NR).enumerate() {
+        let (j0, w) = (p * NR, NR.min(n - p * NR));
         let mut i = 0;
         while i + MR <= m {
-            let ar = [
-                &a[i * k..(i + 1) * k],
-                &a[(i + 1) * k..(i + 2) * k],
-                &a[(i + 2) * k..(i + 3) * k],
-                &a[(i + 3) * k..(i + 4) * k],
-            ];
-            let mut j = j0;
-            while j + 2 <= j1 {
-                let r = kernel_4x2(ar, &b[j * k..(j + 1) * k], &b[(j + 1) * k..(j + 2) * k]);
-                for (t, rt) in r.iter().enumerate() {
-                    c[(i + t) * n + j] = rt[0];
-                    c[(i + t) * n + j + 1] = rt[1];
-                }
-                j += 2;
-            }
-            if j < j1 {
-                let bj = &b[j * k..(j + 1) * k];
-                for (t, at) in ar.iter().enumerate() {
-                    c[(i + t) * n + j] = dot(at, bj);
-                }
+            let t = tile_4(&a[i * k..(i + MR) * k], panel, k);
+            for (r, row) in t.iter().enumerate() {
+                c[(i + r) * n + j0..(i + r) * n + j0 + w].copy_from_slice(&row[..w]);
             }
             i += MR;
         }
         while i < m {
-            let ai = &a[i * k..(i + 1) * k];
-            for j in j0..j1 {
-                c[i * n + j] = dot(ai, &b[j * k..(j + 1) * k]);
-            }
+            let t = tile_1(&a[i * k..(i + 1) * k], panel);
+            c[i * n + j0..i * n + j0 + w].copy_from_slice(&t[..w]);
             i += 1;
         }
-        j0 = j1;
     }
 }
 
-/// Four rows of `A` against two rows of `B`: eight dot products sharing their loads.
 #[inline(always)]
-fn kernel_4x2(a: [&[f32]; 4], b0: &[f32], b1: &[f32]) -> [[f32; 2]; 4] {
-    const L: usize = 4;
-    let k = b0.len();
-    let kl = k / L * L;
-    let mut acc = [[[0.0f32; L]; 2]; 4];
-    let (a0, a1, a2, a3) = (&a[0][..kl], &a[1][..kl], &a[2][..kl], &a[3][..kl]);
-    let (p0, p1) = (&b0[..kl], &b1[..kl]);
-    for (((((x0, x1), x2), x3), y0), y1) in a0
-        .chunks_exact(L)
-        .zip(a1.chunks_exact(L))
-        .zip(a2.chunks_exact(L))
-        .zip(a3.chunks_exact(L))
-        .zip(p0.chunks_exact(L))
-        .zip(p1.chunks_exact(L))
-    {
-        for t in 0..L {
-            acc[0][0][t] += x0[t] * y0[t];
-            acc[0][1][t] += x0[t] * y1[t];
-            acc[1][0][t] += x1[t] * y0[t];
-            acc[1][1][t] += x1[t] * y1[t];
-            acc[2][0][t] += x2[t] * y0[t];
-            acc[2][1][t] += x2[t] * y1[t];
-            acc[3][0][t] += x3[t] * y0[t];
-            acc[3][1][t] += x3[t] * y1[t];
-        }
-    }
-    let mut out = [[0.0f32; 2]; 4];
-    for (r, (o, ar)) in out.iter_mut().zip(acc.iter()).enumerate() {
-        for (s, (ov, lanes)) in o.iter_mut().zip(ar.iter()).enumerate() {
-            let bs = if s == 0 { b0 } else { b1 };
-            let mut v = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
-            for l in kl..k {
-                v += a[r][l] * bs[l];
-            }
-            *ov = v;
-        }
-    }
-    out
+fn lanes(c: &[f32]) -> &[f32; NR] {
+    c.try_into().expect("panel rows of NR")
 }
 
-/// Dot product with the same four-lane accumulation and reduction order as [`kernel_4x2`], so every element of a
-/// product is bitwise the same whichever path computed it.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 4;
-    let k = a.len().min(b.len());
-    let kl = k / L * L;
-    let mut acc = [0.0f32; L];
-    for (x, y) in a[..kl].chunks_exact(L).zip(b[..kl].chunks_exact(L)) {
-        for t in 0..L {
-            acc[t] += x[t] * y[t];
+/// Four rows of `A` (`4 x k`) times one panel (`k x NR`).
+#[inline(always)]
+fn tile_4(a: &[f32], panel: &[f32], k: usize) -> [[f32; NR]; MR] {
+    let (a0, rest) = a.split_at(k);
+    let (a1, rest) = rest.split_at(k);
+    let (a2, a3) = rest.split_at(k);
+    let (mut c0, mut c1, mut c2, mut c3) = ([0.0f32; NR], [0.0f32; NR], [0.0f32; NR], [0.0f32; NR]);
+    for ((((bl, &x0), &x1), &x2), &x3) in panel.chunks_exact(NR).zip(a0).zip(a1).zip(a2).zip(a3) {
+        let bl = lanes(bl);
+        for t in 0..NR {
+            c0[t] += x0 * bl[t];
+            c1[t] += x1 * bl[t];
+            c2[t] += x2 * bl[t];
+            c3[t] += x3 * bl[t];
         }
     }
-    let mut v = (acc[0] + acc[2]) + (acc[1] + acc[3]);
-    for l in kl..k {
-        v += a[l] * b[l];
-    }
-    v
+    [c0, c1, c2, c3]
 }
 
-/// Writes the transpose of `a` (`rows x cols`) into `out` (`cols x rows`).
+/// One row of `A` times one panel, in the same order as [`tile_4`].
+#[inline(always)]
+fn tile_1(a: &[f32], panel: &[f32]) -> [f32; NR] {
+    let mut c0 = [0.0f32; NR];
+    for (bl, &x0) in panel.chunks_exact(NR).zip(a) {
+        let bl = lanes(bl);
+        for t in 0..NR {
+            c0[t] += x0 * bl[t];
+        }
+    }
+    c0
+}
+
+/// Writes the transpose of `a` (`rows x cols`) into `out` (`cols x rows`), in parallel over blocks of output
+/// rows when the matrix is large.
 pub(crate) fn transpose(a: &[f32], out: &mut [f32], rows: usize, cols: usize) {
     assert_eq!(a.len(), rows * cols, "transpose: a");
     assert_eq!(out.len(), rows * cols, "transpose: out");
     const T: usize = 32;
-    for i0 in (0..rows).step_by(T) {
-        let i1 = (i0 + T).min(rows);
-        for j0 in (0..cols).step_by(T) {
-            let j1 = (j0 + T).min(cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    // One block holds output rows j0..j0 + T, that is input columns j0..j0 + T.
+    let block = |(bi, blk): (usize, &mut [f32])| {
+        let j0 = bi * T;
+        let j1 = j0 + blk.len() / rows;
+        for i0 in (0..rows).step_by(T) {
+            let i1 = (i0 + T).min(rows);
             for i in i0..i1 {
-                for j in j0..j1 {
-                    out[j * rows + i] = a[i * cols + j];
+                let src = &a[i * cols + j0..i * cols + j1];
+                for (jj, &v) in src.iter().enumerate() {
+                    blk[jj * rows + i] = v;
                 }
             }
         }
+    };
+    if rows * cols >= 1 << 15 && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(T * rows).enumerate().for_each(block);
+    } else {
+        out.chunks_mut(T * rows).enumerate().for_each(block);
     }
 }
 
@@ -167,19 +165,19 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 c[i * n + j] =
-                    (0..k).map(|l| f64::from(a[i * k + l]) * f64::from(b[j * k + l])).sum::<f64>() as f32;
+                    (0..k).map(|l| f64::from(a[i * k + l]) * f64::from(b[l * n + j])).sum::<f64>() as f32;
             }
         }
         c
     }
 
     #[test]
-    fn gemm_nt_matches_naive_on_ragged_shapes() {
+    fn gemm_matches_naive_on_ragged_shapes() {
         for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (9, 17, 13), (64, 130, 33), (300, 7, 9), (4, 2, 0)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let b: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
             let mut c = vec![f32::NAN; m * n];
-            gemm_nt(&a, &b, &mut c, m, n, k);
+            gemm(&a, &b, &mut c, m, n, k);
             let want = naive(&a, &b, m, n, k);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{n}x{k}: {x} vs {y}");
@@ -193,11 +191,19 @@ mod tests {
         let a: Vec<f32> = (0..13 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let b: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0).collect();
         let mut full = vec![0.0; 13 * n];
-        gemm_nt(&a, &b, &mut full, 13, n, k);
+        gemm(&a, &b, &mut full, 13, n, k);
         for i in 0..13 {
             let mut one = vec![0.0; n];
-            gemm_nt(&a[i * k..(i + 1) * k], &b, &mut one, 1, n, k);
+            gemm(&a[i * k..(i + 1) * k], &b, &mut one, 1, n, k);
             assert_eq!(one, full[i * n..(i + 1) * n], "row {i}");
+            // The plain sequential sum, exactly.
+            let mut want = vec![0.0f32; n];
+            for (j, w) in want.iter_mut().enumerate() {
+                for l in 0..k {
+                    *w += a[i * k + l] * b[l * n + j];
+                }
+            }
+            assert_eq!(one, want, "row {i}");
         }
     }
 

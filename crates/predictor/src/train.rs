@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::gemm::{gemm_nt, transpose};
+use crate::gemm::{gemm, transpose};
 use crate::{LowRankPredictor, Metrics, PredictorError};
 
 /// A row-major bit matrix: row `r` holds the active mask of sample `r`, one bit per neuron.
@@ -168,7 +168,7 @@ impl Default for TrainConfig {
             epochs: 24,
             batch: 64,
             lr: 1e-2,
-            weight_decay: 1e-2,
+            weight_decay: 0.3,
             holdout: 0.2,
             target_recall: 0.95,
             max_density_ratio: 1.5,
@@ -299,6 +299,7 @@ pub fn evaluate(p: &LowRankPredictor, x: &[f32], masks: &Masks) -> Result<Metric
         Weights { d: p.d_in(), r: p.rank(), n: p.n_out(), w1: p.w1(), b1: p.b1(), w2: p.w2(), b2: p.b2() };
     let mut m = Metrics::default();
     let mut s = Scratch::new(&w.dims(), EVAL_BLOCK);
+    s.load(&w);
     for (blk, xb) in x.chunks(EVAL_BLOCK * w.d).enumerate() {
         let rows = xb.len() / w.d;
         forward(&w, xb, rows, &mut s);
@@ -552,54 +553,56 @@ fn split_flat_mut<'a>(dims: &Dims, p: &'a mut [f32]) -> [&'a mut [f32]; 4] {
 
 /// Work buffers for a batch of up to `rows` samples.
 struct Scratch {
+    w1t: Vec<f32>,
+    w2t: Vec<f32>,
     h: Vec<f32>,
     z: Vec<f32>,
     gt: Vec<f32>,
-    ht: Vec<f32>,
-    w2t: Vec<f32>,
     dh: Vec<f32>,
     dht: Vec<f32>,
-    xt: Vec<f32>,
 }
 
 impl Scratch {
     fn new(dims: &Dims, rows: usize) -> Scratch {
         Scratch {
+            w1t: vec![0.0; dims.d * dims.r],
+            w2t: vec![0.0; dims.r * dims.n],
             h: vec![0.0; rows * dims.r],
             z: vec![0.0; rows * dims.n],
             gt: Vec::new(),
-            ht: Vec::new(),
-            w2t: Vec::new(),
             dh: Vec::new(),
             dht: Vec::new(),
-            xt: Vec::new(),
         }
     }
 
     fn with_backward(dims: &Dims, rows: usize) -> Scratch {
         Scratch {
             gt: vec![0.0; rows * dims.n],
-            ht: vec![0.0; rows * dims.r],
-            w2t: vec![0.0; dims.r * dims.n],
             dh: vec![0.0; rows * dims.r],
             dht: vec![0.0; rows * dims.r],
-            xt: vec![0.0; rows * dims.d],
             ..Scratch::new(dims, rows)
         }
     }
+
+    /// Stores the transposed weight matrices that [`forward`] multiplies by.
+    fn load(&mut self, w: &Weights<'_>) {
+        transpose(w.w1, &mut self.w1t, w.r, w.d);
+        transpose(w.w2, &mut self.w2t, w.n, w.r);
+    }
 }
 
-/// Logits of `rows` inputs `x` into `s.z[..rows * n]` (hidden activations in `s.h`).
+/// Logits of `rows` inputs `x` into `s.z[..rows * n]` (hidden activations in `s.h`), with the weights last
+/// given to [`Scratch::load`].
 fn forward(w: &Weights<'_>, x: &[f32], rows: usize, s: &mut Scratch) {
     let h = &mut s.h[..rows * w.r];
-    gemm_nt(x, w.w1, h, rows, w.r, w.d);
+    gemm(x, &s.w1t, h, rows, w.r, w.d);
     for row in h.chunks_exact_mut(w.r) {
         for (v, b) in row.iter_mut().zip(w.b1) {
             *v = (*v + b).max(0.0);
         }
     }
     let z = &mut s.z[..rows * w.n];
-    gemm_nt(h, w.w2, z, rows, w.n, w.r);
+    gemm(h, &s.w2t, z, rows, w.n, w.r);
     for row in z.chunks_exact_mut(w.n) {
         for (v, b) in row.iter_mut().zip(w.b2) {
             *v += b;
@@ -613,31 +616,85 @@ fn bce(z: f32, y: bool, pos_weight: f32) -> f64 {
     if y { f64::from(pos_weight) * (f64::from((-z).max(0.0)) + tail) } else { f64::from(z.max(0.0)) + tail }
 }
 
-/// d bce / d z, scaled by `scale`.
-fn bce_grad(z: f32, y: bool, pos_weight: f32, scale: f32) -> f32 {
-    let e = (-z.abs()).exp();
-    let sig = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-    if y { pos_weight * (sig - 1.0) * scale } else { sig * scale }
+/// `ln(1 + e^z)` in f32, branch-free so that loops over it vectorize (absolute error about 1e-6).
+#[inline(always)]
+fn softplus(z: f32) -> f32 {
+    let e = exp_nonpositive(-z.abs());
+    // ln(1 + e) for e in (0, 1] as 2 atanh(s) with s = e / (2 + e) <= 1/3.
+    let s = e / (2.0 + e);
+    let s2 = s * s;
+    let ln1p = 2.0
+        * s
+        * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 / 11.0)))));
+    z.max(0.0) + ln1p
+}
+
+/// Sum with eight independent accumulators.
+fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The logistic function, branch-free so that loops over it vectorize.
+#[inline(always)]
+fn sigmoid(z: f32) -> f32 {
+    let e = exp_nonpositive(-z.abs());
+    let r = 1.0 / (1.0 + e);
+    if z >= 0.0 { r } else { e * r }
+}
+
+/// `exp(x)` for `x <= 0` (relative error about 1e-6; flushes below `2^-126` to that value), written with
+/// integer bit tricks instead of a libm call so that it vectorizes.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    // Truncation rounds toward zero, so for t <= 0 the fraction f = t - i lies in (-1, 0].
+    let i = t as i32;
+    let u = (t - i as f32) * std::f32::consts::LN_2;
+    // e^u for u in (-ln 2, 0], Taylor to degree 7.
+    let p = 1.0
+        + u * (1.0
+            + u * (1.0 / 2.0
+                + u * (1.0 / 6.0
+                    + u * (1.0 / 24.0 + u * (1.0 / 120.0 + u * (1.0 / 720.0 + u * (1.0 / 5040.0)))))));
+    f32::from_bits(((i + 127) as u32) << 23) * p
 }
 
 /// Held-out loss per (sample, neuron) of the flat parameters.
 fn heldout_loss(dims: &Dims, params: &[f32], data: &Data, s: &mut Scratch, block: usize) -> f64 {
     let w = Weights::from_flat(dims, params);
+    s.load(&w);
     let n_rows = data.m_held.n_rows();
     let mut total = 0.0;
     for (blk, xb) in data.x_held.chunks(block * dims.d).enumerate() {
         let rows = xb.len() / dims.d;
         forward(&w, xb, rows, s);
         let parts: Vec<f64> = s.z[..rows * dims.n]
-            .par_chunks(dims.n)
+            .par_chunks_mut(dims.n)
             .enumerate()
             .map(|(i, z)| {
-                let words = data.m_held.row_words(blk * block + i);
-                z.iter()
-                    .zip(&data.pos_weight)
-                    .enumerate()
-                    .map(|(j, (&v, &pw))| bce(v, words[j / 64] >> (j % 64) & 1 == 1, pw))
-                    .sum()
+                // The set bits, a small share, first add their positive-minus-negative loss difference; then
+                // every neuron's negative-label loss is summed in a vectorized pass.
+                let mut pos = 0.0f64;
+                for (wi, &w) in data.m_held.row_words(blk * block + i).iter().enumerate() {
+                    let mut w = w;
+                    while w != 0 {
+                        let j = wi * 64 + w.trailing_zeros() as usize;
+                        pos += bce(z[j], true, data.pos_weight[j]) - bce(z[j], false, 1.0);
+                        w &= w - 1;
+                    }
+                }
+                for v in z.iter_mut() {
+                    *v = softplus(*v);
+                }
+                pos + f64::from(sum_f32(z))
             })
             .collect();
         total += parts.iter().sum::<f64>();
@@ -661,6 +718,7 @@ fn loss_grad(
     let Dims { d, r, n } = *dims;
     let rows = labels.len();
     let w = Weights::from_flat(dims, params);
+    s.load(&w);
     forward(&w, x, rows, s);
     let scale = 1.0 / rows as f32;
     // Logits become dL/dz in place.
@@ -670,12 +728,23 @@ fn loss_grad(
         .zip(labels.par_iter())
         .map(|(z, words)| {
             let mut loss = 0.0;
-            for (j, (v, &pw)) in z.iter_mut().zip(pos_weight).enumerate() {
-                let y = words[j / 64] >> (j % 64) & 1 == 1;
-                if want_loss {
-                    loss += bce(*v, y, pw);
+            if want_loss {
+                for (j, (&v, &pw)) in z.iter().zip(pos_weight).enumerate() {
+                    loss += bce(v, words[j / 64] >> (j % 64) & 1 == 1, pw);
                 }
-                *v = bce_grad(*v, y, pw, scale);
+            }
+            // Every neuron gets the negative-label gradient sigmoid(z) (a branch-free, vectorized pass), then
+            // the set bits, a small share, are turned into the positive-label gradient w * (sigmoid(z) - 1).
+            for v in z.iter_mut() {
+                *v = sigmoid(*v) * scale;
+            }
+            for (wi, &w) in words.iter().enumerate() {
+                let mut w = w;
+                while w != 0 {
+                    let j = wi * 64 + w.trailing_zeros() as usize;
+                    z[j] = pos_weight[j] * (z[j] - scale);
+                    w &= w - 1;
+                }
             }
             loss
         })
@@ -689,13 +758,10 @@ fn loss_grad(
     }
     let h = &s.h[..rows * r];
     let gt = &mut s.gt[..rows * n];
-    let ht = &mut s.ht[..rows * r];
     transpose(g, gt, rows, n);
-    transpose(h, ht, rows, r);
-    gemm_nt(gt, ht, gw2, n, r, rows);
-    transpose(w.w2, &mut s.w2t, n, r);
+    gemm(gt, h, gw2, n, r, rows);
     let dh = &mut s.dh[..rows * r];
-    gemm_nt(g, &s.w2t, dh, rows, r, n);
+    gemm(g, w.w2, dh, rows, r, n);
     for (v, hv) in dh.iter_mut().zip(h) {
         if *hv <= 0.0 {
             *v = 0.0;
@@ -708,10 +774,8 @@ fn loss_grad(
         }
     }
     let dht = &mut s.dht[..rows * r];
-    let xt = &mut s.xt[..rows * d];
     transpose(dh, dht, rows, r);
-    transpose(x, xt, rows, d);
-    gemm_nt(dht, xt, gw1, r, d, rows);
+    gemm(dht, x, gw1, r, d, rows);
     parts.iter().sum::<f64>() / rows as f64
 }
 
@@ -863,6 +927,7 @@ fn batch_logits(p: &LowRankPredictor, x: &[f32]) -> Vec<f32> {
     let rows = x.len() / w.d;
     let mut out = vec![0.0f32; rows * w.n];
     let mut s = Scratch::new(&w.dims(), EVAL_BLOCK);
+    s.load(&w);
     for (xb, ob) in x.chunks(EVAL_BLOCK * w.d).zip(out.chunks_mut(EVAL_BLOCK * w.n)) {
         let r = xb.len() / w.d;
         forward(&w, xb, r, &mut s);

@@ -346,6 +346,9 @@ pub struct ProbeOptions {
     pub seconds_per_point: f64,
     /// Largest thread count of the kernel benchmark.
     pub max_threads: usize,
+    /// Bytes the memory-bandwidth and kernel benchmarks stream through: more than the last-level cache, so
+    /// that they measure memory as a large model's decode sees it.
+    pub working_set_bytes: u64,
 }
 
 impl ProbeOptions {
@@ -359,8 +362,32 @@ impl ProbeOptions {
             queue_depths: vec![1, 4, 16, 32, 64],
             seconds_per_point: 0.5,
             max_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            working_set_bytes: default_working_set(),
         }
     }
+}
+
+/// Twice the last-level cache (from sysfs), at least 256 MiB and at most 1 GiB.
+fn default_working_set() -> u64 {
+    let llc = (0..8)
+        .filter_map(|i| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok()
+        })
+        .filter_map(|s| parse_cache_size(s.trim()))
+        .max()
+        .unwrap_or(0);
+    (2 * llc).clamp(256 << 20, 1 << 30)
+}
+
+/// Parses a sysfs cache size such as `32768K` or `260M`.
+fn parse_cache_size(s: &str) -> Option<u64> {
+    let (num, mul) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1u64 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
 /// Progress callback of [`measure`]: `(step, done, total)`.
@@ -407,8 +434,8 @@ pub fn measure(opts: &ProbeOptions, progress: Progress<'_>) -> Result<DeviceProf
     }
     progress("reads", n_cells, n_cells);
     drop(scratch);
-    let mem_bw_gb_per_s = memory_bandwidth(opts.max_threads, progress);
-    let kernels = kernel_speeds(opts.max_threads, progress)?;
+    let mem_bw_gb_per_s = memory_bandwidth(opts.working_set_bytes, opts.max_threads, progress);
+    let kernels = kernel_speeds(opts.working_set_bytes, opts.max_threads, progress)?;
     Ok(DeviceProfile {
         cpu: cpu_name(),
         n_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -432,6 +459,9 @@ fn check_options(opts: &ProbeOptions) -> Result<(), DeviceError> {
     let largest = opts.block_sizes.iter().copied().max().unwrap_or(0);
     if opts.file_bytes < largest.saturating_mul(16) {
         return bad(format!("a scratch file of {} B is too small for reads of {largest} B", opts.file_bytes));
+    }
+    if !(1 << 20..=16 << 30).contains(&opts.working_set_bytes) {
+        return bad(format!("a working set of {} B is not between 1 MiB and 16 GiB", opts.working_set_bytes));
     }
     if opts.queue_depths.contains(&0) || opts.max_threads == 0 {
         return bad("queue depths and thread counts must be positive".into());
@@ -487,12 +517,13 @@ impl Drop for ScratchFile {
     }
 }
 
-/// Streaming read bandwidth in GB/s: `n_threads` threads each sum their share of a 256 MiB buffer; the best
-/// of five passes.
-fn memory_bandwidth(n_threads: usize, progress: Progress<'_>) -> f64 {
-    const BYTES: usize = 256 << 20;
+/// Streaming read bandwidth in GB/s: `n_threads` threads each sum their share of a buffer of `bytes`; the
+/// best of five passes.
+fn memory_bandwidth(bytes: u64, n_threads: usize, progress: Progress<'_>) -> f64 {
     const PASSES: usize = 5;
-    let buf: Vec<u64> = (0..BYTES / 8).map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1).collect();
+    let n_words = (bytes / 8) as usize;
+    let total_bytes = n_words as f64 * 8.0;
+    let buf: Vec<u64> = (0..n_words).map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1).collect();
     let n_threads = n_threads.max(1);
     let part = buf.len().div_ceil(n_threads);
     let mut best = 0.0f64;
@@ -505,7 +536,7 @@ fn memory_bandwidth(n_threads: usize, progress: Progress<'_>) -> f64 {
         });
         let secs = t0.elapsed().as_secs_f64();
         std::hint::black_box(total);
-        best = best.max(BYTES as f64 / 1e9 / secs.max(1e-9));
+        best = best.max(total_bytes / 1e9 / secs.max(1e-9));
     }
     progress("memory bandwidth", PASSES, PASSES);
     best
@@ -526,12 +557,14 @@ fn sum_words(words: &[u64]) -> u64 {
 
 /// Side of the square Q4_0 matrices of the kernel benchmark.
 const KERNEL_DIM: usize = 4096;
-/// Copies of the matrix cycled through, so that the weights stream from memory rather than the last-level
-/// cache (8 x 9 MiB, as a model's layers would).
-const KERNEL_COPIES: usize = 8;
-
-/// Q4_0 matrix-vector throughput for 1 to `max_threads` threads: weight bytes over the median time.
-fn kernel_speeds(max_threads: usize, progress: Progress<'_>) -> Result<Vec<KernelPoint>, DeviceError> {
+/// Q4_0 matrix-vector throughput for 1 to `max_threads` threads: weight bytes over the median time. Copies
+/// of the matrix filling `working_set` bytes are cycled through, so that the weights stream from memory
+/// rather than the last-level cache, as a large model's layers would.
+fn kernel_speeds(
+    working_set: u64,
+    max_threads: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<KernelPoint>, DeviceError> {
     let kerr = |why: String| DeviceError::Kernel { why };
     let blocks_per_row = KERNEL_DIM / QK;
     let mut state = 0x1234_5678_9abc_def1u64;
@@ -547,7 +580,8 @@ fn kernel_speeds(max_threads: usize, progress: Progress<'_>) -> Result<Vec<Kerne
         quantize_row_q4_0(&row, out);
     }
     let one: &[u8] = bytemuck::cast_slice(&blocks);
-    let data: Vec<Vec<u8>> = (0..KERNEL_COPIES).map(|_| one.to_vec()).collect();
+    let n_copies = (working_set / one.len() as u64).max(2) as usize;
+    let data: Vec<Vec<u8>> = (0..n_copies).map(|_| one.to_vec()).collect();
     let mats = data
         .iter()
         .map(|d| QMatrix::new(GgmlType::Q4_0, KERNEL_DIM, KERNEL_DIM, d))
@@ -566,7 +600,9 @@ fn kernel_speeds(max_threads: usize, progress: Progress<'_>) -> Result<Vec<Kerne
         }
         let mut times = Vec::new();
         let t_start = Instant::now();
-        while times.len() < 16 || (t_start.elapsed() < Duration::from_millis(300) && times.len() < 2000) {
+        while times.len() < 2 * n_copies
+            || (t_start.elapsed() < Duration::from_millis(300) && times.len() < 4000)
+        {
             let m = &mats[times.len() % mats.len()];
             let t0 = Instant::now();
             matmul_on(&pool, m, &acts, &mut out);
@@ -728,6 +764,15 @@ mod tests {
     }
 
     #[test]
+    fn cache_sizes_from_sysfs() {
+        assert_eq!(parse_cache_size("32768K"), Some(32 << 20));
+        assert_eq!(parse_cache_size("260M"), Some(260 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("M"), None);
+        assert_eq!(parse_cache_size("12Q"), None);
+    }
+
+    #[test]
     fn bad_probe_options_are_typed_errors() {
         let mut o = ProbeOptions::new(std::env::temp_dir());
         o.block_sizes = vec![6000];
@@ -748,6 +793,7 @@ mod tests {
             queue_depths: vec![1, 4],
             seconds_per_point: 0.02,
             max_threads: 1,
+            working_set_bytes: 32 << 20,
         };
         let mut steps = Vec::new();
         let d = measure(&o, &mut |s, _, _| steps.push(s.to_string())).unwrap();

@@ -169,7 +169,9 @@ fn folded_standardization_gives_the_explicit_logits() {
     let p = fold(&params, &dims, &st).unwrap();
     let folded = batch_logits(&p, &x);
     let mut s = Scratch::new(&dims, n);
-    forward(&Weights::from_flat(&dims, &params), &xs, n, &mut s);
+    let w = Weights::from_flat(&dims, &params);
+    s.load(&w);
+    forward(&w, &xs, n, &mut s);
     for (a, b) in folded.iter().zip(&s.z[..n * n_out]) {
         assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
     }
@@ -179,6 +181,26 @@ fn folded_standardization_gives_the_explicit_logits() {
     for (a, b) in l.iter().zip(&folded[..n_out]) {
         assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
     }
+}
+
+#[test]
+fn fast_sigmoid_and_softplus_match_the_exact_ones() {
+    for i in -2000..=2000 {
+        let z = i as f32 * 0.05;
+        let exact = 1.0 / (1.0 + (-f64::from(z)).exp());
+        let got = f64::from(sigmoid(z));
+        assert!((got - exact).abs() <= 1e-5 * exact + 1e-30, "sigmoid({z}) = {got}, want {exact}");
+    }
+    assert_eq!(sigmoid(f32::INFINITY), 1.0);
+    assert!(sigmoid(-200.0) < 1e-37);
+    assert!((f64::from(exp_nonpositive(-1.0)) - (-1.0f64).exp()).abs() < 1e-6);
+    for i in -2000..=2000 {
+        let z = i as f32 * 0.05;
+        let exact = bce(z, false, 1.0);
+        let got = f64::from(softplus(z));
+        assert!((got - exact).abs() <= 2e-6 * (1.0 + exact), "softplus({z}) = {got}, want {exact}");
+    }
+    assert_eq!(sum_f32(&[1.0; 19]), 19.0);
 }
 
 #[test]
