@@ -682,7 +682,18 @@ impl Plan {
             let _ = writeln!(s, "  {name:<20} {:>10.1} MiB", mib(b));
         }
         let pinned: usize = self.hot_neurons.iter().sum();
-        let _ = writeln!(s, "  pinned neurons per layer: {:?} ({pinned} in all)", self.hot_neurons);
+        if self.hot_neurons.len() <= 16 {
+            let _ = writeln!(s, "  pinned neurons per layer: {:?} ({pinned} in all)", self.hot_neurons);
+        } else {
+            let min = self.hot_neurons.iter().min().copied().unwrap_or(0);
+            let max = self.hot_neurons.iter().max().copied().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "  pinned neurons per layer: {min} to {max}, {:.0} on average over {} layers ({pinned} in all)",
+                pinned as f64 / self.hot_neurons.len() as f64,
+                self.hot_neurons.len()
+            );
+        }
         let _ = writeln!(
             s,
             "  grain {} neurons, {} compute threads, I/O depth {}, reads of {} KiB",
@@ -1074,5 +1085,8 @@ mod tests {
         assert!(r.contains(&format!("  {:<20} {:>10.1} MiB", "KV cache", mib(p.kv_bytes))), "{r}");
         assert!(r.contains("reasoning:") && r.contains("minimum:"), "{r}");
         assert_eq!(r.matches("\n  - ").count(), p.reasoning.len());
+        assert!(r.contains(&format!("pinned neurons per layer: {:?}", p.hot_neurons)), "{r}");
+        let many = Plan { hot_neurons: (0..32).collect(), ..p };
+        assert!(many.render().contains("0 to 31, 16 on average over 32 layers (496 in all)"));
     }
 }
