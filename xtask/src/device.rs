@@ -136,9 +136,10 @@ fn print_profile(p: &DeviceProfile) {
     println!();
     println!("memory read bandwidth: {:.1} GB/s", p.mem_bw_gb_per_s);
     println!();
-    println!("| threads | Q4_0 matvec GB/s |");
-    println!("|---:|---:|");
+    println!("| threads | Q4_0 matvec GB/s, from memory | in cache (LLC {} MiB) |", p.llc_bytes >> 20);
+    println!("|---:|---:|---:|");
     for k in &p.kernels {
-        println!("| {} | {:.1} |", k.threads, k.weight_gb_per_s);
+        let cached = p.kernels_in_cache.iter().find(|c| c.threads == k.threads).map(|c| c.weight_gb_per_s);
+        println!("| {} | {:.1} | {:.1} |", k.threads, k.weight_gb_per_s, cached.unwrap_or(f64::NAN));
     }
 }

@@ -603,7 +603,18 @@ pub fn plan(
 
     // Time per token.
     let compute_threads = threads.max(1).min(device.n_cpus.max(1));
-    let kernel = device.kernel_gb_per_s(compute_threads);
+    // Weights kept in memory all fit in the last-level cache: the kernel runs at its in-cache speed.
+    let in_memory_weights = input.resident_bytes + fixed_bytes + hot_bytes + cold_bytes;
+    let kernel = device.kernel_gb_per_s_for(compute_threads, in_memory_weights);
+    let cache_note = if kernel != device.kernel_gb_per_s(compute_threads) {
+        format!(
+            " (in-cache speed: the {:.1} MiB of weights in memory fit in the {:.0} MiB last-level cache)",
+            mib(in_memory_weights),
+            mib(device.llc_bytes)
+        )
+    } else {
+        " (weights streamed from memory)".to_string()
+    };
     let compute_bytes = input.resident_bytes as f64 + compute_ffn;
     let compute_s = compute_bytes / (kernel * 1e9);
     // Depth is bounded by the reads a layer actually has in flight.
@@ -623,7 +634,7 @@ pub fn plan(
     let token_s = compute_s.max(io_s) + fill_s;
     why.push(format!(
         "threads: {compute_threads} compute (of {threads} asked, {} CPUs) plus one I/O submission thread; the \
-         kernel processes {kernel:.1} GB/s of Q4 weights",
+         kernel processes {kernel:.1} GB/s of Q4 weights{cache_note}",
         device.n_cpus
     ));
     why.push(format!(
@@ -999,6 +1010,18 @@ mod tests {
         let p = plan(&input(2, 64, true), &sample_profile(), Budget::Percent(50.0), 64).unwrap();
         assert_eq!(p.compute_threads, 4);
         assert!(p.render().contains("4 compute threads"));
+    }
+
+    #[test]
+    fn models_that_fit_in_the_last_level_cache_use_the_in_cache_kernel_speed() {
+        let inp = input(2, 256, true);
+        let small = DeviceProfile { llc_bytes: 1 << 30, ..sample_profile() };
+        let big = DeviceProfile { llc_bytes: 4096, ..sample_profile() };
+        let a = plan(&inp, &small, Budget::Percent(100.0), 2).unwrap();
+        let b = plan(&inp, &big, Budget::Percent(100.0), 2).unwrap();
+        let ratio = a.predicted_in_memory_tokens_per_s / b.predicted_in_memory_tokens_per_s;
+        assert!((ratio - 40.0 / 18.0).abs() < 1e-9, "{ratio}");
+        assert!(a.reasoning.iter().any(|r| r.contains("in-cache speed")), "{:?}", a.reasoning);
     }
 
     #[test]
