@@ -5,7 +5,7 @@
 //! measured points as tables and writes the profile (format in docs/format.md) to `--out`. `--quick` measures
 //! a few points on a 64 MiB file, for tests.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -76,8 +76,14 @@ pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
         opts.working_set_bytes >> 20,
         opts.max_threads
     );
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "xtask profile-device: warning: this is a debug build, so kernel speeds are several times too low; \
+             for a profile to plan with, run `cargo run --release -p pinion-xtask -- profile-device`"
+        );
+    }
     let t0 = Instant::now();
-    let mut bar = Bar::default();
+    let mut bar = Bar { step: String::new(), tty: std::io::stderr().is_terminal() };
     let profile = measure(&opts, &mut |step, done, total| bar.draw(step, done, total))?;
     bar.finish();
     eprintln!("xtask profile-device: measured in {:.1} s", t0.elapsed().as_secs_f64());
@@ -87,10 +93,10 @@ pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
-/// A one-line progress bar on stderr, redrawn in place.
-#[derive(Default)]
+/// A one-line progress bar on stderr, redrawn in place on a terminal; elsewhere one line per finished step.
 struct Bar {
     step: String,
+    tty: bool,
 }
 
 impl Bar {
@@ -99,6 +105,9 @@ impl Bar {
             eprintln!();
         }
         self.step = step.to_string();
+        if !self.tty && done < total {
+            return;
+        }
         let width = 30;
         let filled = (done * width).checked_div(total).map_or(width, |f| f.min(width));
         eprint!("\r  {step:<18} [{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(width - filled));
@@ -136,9 +145,10 @@ fn print_profile(p: &DeviceProfile) {
     println!();
     println!("memory read bandwidth: {:.1} GB/s", p.mem_bw_gb_per_s);
     println!();
-    println!("| threads | Q4_0 matvec GB/s |");
-    println!("|---:|---:|");
+    println!("| threads | Q4_0 matvec GB/s, from memory | in cache (LLC {} MiB) |", p.llc_bytes >> 20);
+    println!("|---:|---:|---:|");
     for k in &p.kernels {
-        println!("| {} | {:.1} |", k.threads, k.weight_gb_per_s);
+        let cached = p.kernels_in_cache.iter().find(|c| c.threads == k.threads).map(|c| c.weight_gb_per_s);
+        println!("| {} | {:.1} | {:.1} |", k.threads, k.weight_gb_per_s, cached.unwrap_or(f64::NAN));
     }
 }

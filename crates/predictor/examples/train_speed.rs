@@ -2,12 +2,12 @@
 //! 4096 samples, ranks 32/64/128) and prints seconds per layer and the report.
 //!
 //! Usage: `cargo run --release -p pinion-predictor --example train_speed -- [d_in n_out n_samples] [--all-ranks]
-//! [--threads N] [--lr X] [--epochs N] [--batch N] [--ranks A,B,..] [--k N] [--wd X] [--target X]`. With `--all-ranks` every rank is trained (the rank search never stops early), which is the
-//! worst case.
+//! [--threads N] [--lr X] [--epochs N] [--batch N] [--ranks A,B,..] [--k N] [--wd X] [--target X]`. With
+//! `--all-ranks` every rank is trained (the rank search never stops early), which is the worst case.
 //!
-//! The data is planted and learnable: neuron `i` fires when `g_i · x > 0`, with `g_i` a bias (giving a
-//! power-law firing frequency, mean ~0.15) plus a rank-`k` (default 32) shared part plus noise; a few input dimensions are
-//! huge outliers, as in LLM residual streams.
+//! The data is planted and learnable: neuron `i` fires when a bias (giving a power-law firing frequency, mean
+//! ~0.15) plus a linear function of the input through a rank-`k` (default 32) shared basis, plus a little
+//! per-sample noise, is positive; a few input dimensions are huge outliers, as in LLM residual streams.
 
 use std::time::Instant;
 
@@ -120,30 +120,40 @@ fn main() {
             }
         })
         .collect();
-    let basis: Vec<f64> = (0..k * d).map(|_| rng.normal()).collect();
-    let mut gates = vec![0.0f64; n_out * d];
-    for (i, g) in gates.chunks_exact_mut(d).enumerate() {
-        let u: Vec<f64> = (0..k).map(|_| rng.normal()).collect();
-        for (j, gj) in g.iter_mut().enumerate().skip(1) {
-            let low: f64 = (0..k).map(|t| u[t] * basis[t * d + j]).sum::<f64>() / (k as f64).sqrt();
-            *gj = (low + 0.05 * rng.normal()) / scale[j];
-        }
-        let mean: f64 = g.iter().zip(&offset).skip(1).map(|(a, b)| a * b).sum();
-        let sd: f64 = g.iter().zip(&scale).skip(1).map(|(a, s)| (a * s) * (a * s)).sum::<f64>().sqrt();
+    // Neuron i fires when c_i + u_i · (B z) / sqrt(k) + noise > 0, where z = (x - offset) / scale is the
+    // standardized input: a linear function of x through a rank-k basis B (k x d, column 0 unused).
+    let basis: Vec<f64> = (0..k * d).map(|t| if t % d == 0 { 0.0 } else { rng.normal() }).collect();
+    let gram: Vec<f64> = (0..k * k)
+        .map(|ab| {
+            let (a, b) = (ab / k, ab % k);
+            (0..d).map(|j| basis[a * d + j] * basis[b * d + j]).sum()
+        })
+        .collect();
+    let noise_sd = 0.05 * (d as f64).sqrt();
+    let mut coef = vec![0.0f64; n_out * k];
+    let mut bias = vec![0.0f64; n_out];
+    for (i, (u, c)) in coef.chunks_exact_mut(k).zip(bias.iter_mut()).enumerate() {
+        u.iter_mut().for_each(|v| *v = rng.normal() / (k as f64).sqrt());
+        let var: f64 = (0..k * k).map(|ab| u[ab / k] * gram[ab] * u[ab % k]).sum();
+        let sd = (var + noise_sd * noise_sd).sqrt();
         // Power-law firing frequency with mean ~0.15.
-        let f = (0.6 * ((i % 1000) as f64 + 1.0).powf(-0.45)).clamp(0.01, 0.9);
-        g[0] = sd * probit(f) - mean;
+        let f = (0.9 * ((i % 1000) as f64 + 1.0).powf(-0.3)).clamp(0.01, 0.9);
+        *c = sd * probit(f);
     }
     let mut x = vec![0.0f32; n * d];
     let mut masks = Masks::new(n, n_out);
+    let mut z = vec![0.0f64; d];
     for (r, row) in x.chunks_exact_mut(d).enumerate() {
-        let xr: Vec<f64> = (0..d).map(|j| offset[j] + scale[j] * rng.normal()).collect();
-        for (o, v) in row.iter_mut().zip(&xr) {
-            *o = *v as f32;
+        for (j, (zj, o)) in z.iter_mut().zip(row.iter_mut()).enumerate() {
+            *zj = if j == 0 { 0.0 } else { rng.normal() };
+            *o = (offset[j] + scale[j] * *zj) as f32;
         }
-        for (i, g) in gates.chunks_exact(d).enumerate() {
-            let z: f64 = g.iter().zip(&xr).map(|(a, b)| a * b).sum();
-            masks.set(r, i, z > 0.0);
+        let proj: Vec<f64> =
+            basis.chunks_exact(d).map(|b| b.iter().zip(&z).map(|(p, q)| p * q).sum()).collect();
+        for (i, (u, c)) in coef.chunks_exact(k).zip(&bias).enumerate() {
+            let logit: f64 =
+                c + u.iter().zip(&proj).map(|(p, q)| p * q).sum::<f64>() + noise_sd * rng.normal();
+            masks.set(r, i, logit > 0.0);
         }
     }
     cfg.threads = threads;

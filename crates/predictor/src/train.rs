@@ -650,15 +650,16 @@ fn sigmoid(z: f32) -> f32 {
     if z >= 0.0 { r } else { e * r }
 }
 
-/// `exp(x)` for `x <= 0` (relative error about 1e-6; flushes below `2^-126` to that value), written with
-/// integer bit tricks instead of a libm call so that it vectorizes.
+/// `exp(x)` for `x <= 0` (relative error about 1e-6 for moderate `x`; values below `2^-126` become that),
+/// written with float bit tricks instead of a libm call or an int conversion so that loops over it vectorize.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     let t = (x * std::f32::consts::LOG2_E).max(-126.0);
-    // Truncation rounds toward zero, so for t <= 0 the fraction f = t - i lies in (-1, 0].
-    let i = t as i32;
-    let u = (t - i as f32) * std::f32::consts::LN_2;
-    // e^u for u in (-ln 2, 0], Taylor to degree 7.
+    let r = t + MAGIC;
+    let i = r.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let u = (t - (r - MAGIC)) * std::f32::consts::LN_2;
+    // e^u for u in [-ln 2 / 2, ln 2 / 2], Taylor to degree 7.
     let p = 1.0
         + u * (1.0
             + u * (1.0 / 2.0

@@ -120,8 +120,13 @@ pub struct DeviceProfile {
     pub reads: Vec<ReadPoint>,
     /// Streaming memory read bandwidth, GB/s.
     pub mem_bw_gb_per_s: f64,
-    /// Kernel speed by thread count.
+    /// Kernel speed by thread count, weights streamed from memory (a working set larger than the last-level
+    /// cache).
     pub kernels: Vec<KernelPoint>,
+    /// Size of the largest CPU cache, bytes (0 if unknown).
+    pub llc_bytes: u64,
+    /// Kernel speed by thread count with the weights in the last-level cache (a few MiB of them).
+    pub kernels_in_cache: Vec<KernelPoint>,
 }
 
 impl DeviceProfile {
@@ -160,14 +165,16 @@ impl DeviceProfile {
     /// fewer threads' (extra threads beyond the measured ones are assumed to add nothing), or below the
     /// smallest measured count, that count's speed scaled by the thread ratio. 0 when nothing was measured.
     pub fn kernel_gb_per_s(&self, threads: usize) -> f64 {
-        let threads = threads.max(1);
-        let below = self.kernels.iter().filter(|k| k.threads <= threads).max_by_key(|k| k.threads);
-        if let Some(k) = below {
-            return k.weight_gb_per_s;
-        }
-        match self.kernels.iter().min_by_key(|k| k.threads) {
-            Some(k) => k.weight_gb_per_s * threads as f64 / k.threads.max(1) as f64,
-            None => 0.0,
+        kernel_lookup(&self.kernels, threads)
+    }
+
+    /// Kernel throughput for a model whose in-memory weights take `working_set_bytes`: the in-cache speed if
+    /// they fit in the last-level cache (and it was measured), else [`DeviceProfile::kernel_gb_per_s`].
+    pub fn kernel_gb_per_s_for(&self, threads: usize, working_set_bytes: u64) -> f64 {
+        if working_set_bytes <= self.llc_bytes && !self.kernels_in_cache.is_empty() {
+            kernel_lookup(&self.kernels_in_cache, threads)
+        } else {
+            self.kernel_gb_per_s(threads)
         }
     }
 
@@ -215,6 +222,11 @@ impl DeviceProfile {
             .iter()
             .map(|k| json!({"threads": k.threads, "weight_gb_per_s": k.weight_gb_per_s}))
             .collect();
+        let kernels_in_cache: Vec<Value> = self
+            .kernels_in_cache
+            .iter()
+            .map(|k| json!({"threads": k.threads, "weight_gb_per_s": k.weight_gb_per_s}))
+            .collect();
         let v = json!({
             "format": DEVICE_FORMAT,
             "version": DEVICE_VERSION,
@@ -226,6 +238,8 @@ impl DeviceProfile {
             "mem_bw_gb_per_s": self.mem_bw_gb_per_s,
             "reads": reads,
             "kernels": kernels,
+            "llc_bytes": self.llc_bytes,
+            "kernels_in_cache": kernels_in_cache,
         });
         write_json_atomic(path, &v).map_err(|(path, source)| DeviceError::Io { path, source })
     }
@@ -261,16 +275,20 @@ impl DeviceProfile {
             })
             .collect::<Result<Vec<_>, String>>()
             .map_err(&bad)?;
-        let kernels = f
-            .array("kernels")
-            .map_err(&bad)?
-            .iter()
-            .map(|k| {
-                let k = Fields(k);
-                Ok(KernelPoint { threads: k.usize("threads")?, weight_gb_per_s: k.f64("weight_gb_per_s")? })
-            })
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(&bad)?;
+        let kernel_points = |name: &str| {
+            f.array(name)?
+                .iter()
+                .map(|k| {
+                    let k = Fields(k);
+                    Ok(KernelPoint {
+                        threads: k.usize("threads")?,
+                        weight_gb_per_s: k.f64("weight_gb_per_s")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let kernels = kernel_points("kernels").map_err(&bad)?;
+        let kernels_in_cache = kernel_points("kernels_in_cache").map_err(&bad)?;
         Ok(DeviceProfile {
             cpu: f.str("cpu").map_err(&bad)?,
             n_cpus: f.usize("n_cpus").map_err(&bad)?,
@@ -280,7 +298,22 @@ impl DeviceProfile {
             reads,
             mem_bw_gb_per_s: f.f64("mem_bw_gb_per_s").map_err(&bad)?,
             kernels,
+            llc_bytes: f.u64("llc_bytes").map_err(&bad)?,
+            kernels_in_cache,
         })
+    }
+}
+
+/// See [`DeviceProfile::kernel_gb_per_s`].
+fn kernel_lookup(points: &[KernelPoint], threads: usize) -> f64 {
+    let threads = threads.max(1);
+    let below = points.iter().filter(|k| k.threads <= threads).max_by_key(|k| k.threads);
+    if let Some(k) = below {
+        return k.weight_gb_per_s;
+    }
+    match points.iter().min_by_key(|k| k.threads) {
+        Some(k) => k.weight_gb_per_s * threads as f64 / k.threads.max(1) as f64,
+        None => 0.0,
     }
 }
 
@@ -367,16 +400,20 @@ impl ProbeOptions {
     }
 }
 
-/// Twice the last-level cache (from sysfs), at least 256 MiB and at most 1 GiB.
+/// Twice the last-level cache, at least 256 MiB and at most 1 GiB.
 fn default_working_set() -> u64 {
-    let llc = (0..8)
+    (2 * llc_size()).clamp(256 << 20, 1 << 30)
+}
+
+/// The largest cache of CPU 0 (from sysfs), bytes; 0 if unknown.
+fn llc_size() -> u64 {
+    (0..8)
         .filter_map(|i| {
             std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok()
         })
         .filter_map(|s| parse_cache_size(s.trim()))
         .max()
-        .unwrap_or(0);
-    (2 * llc).clamp(256 << 20, 1 << 30)
+        .unwrap_or(0)
 }
 
 /// Parses a sysfs cache size such as `32768K` or `260M`.
@@ -435,7 +472,9 @@ pub fn measure(opts: &ProbeOptions, progress: Progress<'_>) -> Result<DeviceProf
     progress("reads", n_cells, n_cells);
     drop(scratch);
     let mem_bw_gb_per_s = memory_bandwidth(opts.working_set_bytes, opts.max_threads, progress);
-    let kernels = kernel_speeds(opts.working_set_bytes, opts.max_threads, progress)?;
+    let kernels = kernel_speeds(KERNEL_DIM, opts.working_set_bytes, opts.max_threads, "kernels", progress)?;
+    // Two 1024 x 4096 matrices (4.5 MiB): in the last-level cache of most CPUs.
+    let kernels_in_cache = kernel_speeds(1024, 0, opts.max_threads, "kernels (in cache)", progress)?;
     Ok(DeviceProfile {
         cpu: cpu_name(),
         n_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -445,6 +484,8 @@ pub fn measure(opts: &ProbeOptions, progress: Progress<'_>) -> Result<DeviceProf
         reads,
         mem_bw_gb_per_s,
         kernels,
+        llc_bytes: llc_size(),
+        kernels_in_cache,
     })
 }
 
@@ -555,21 +596,24 @@ fn sum_words(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |a, &w| a.wrapping_add(w))
 }
 
-/// Side of the square Q4_0 matrices of the kernel benchmark.
+/// Width (and height) of the Q4_0 matrices of the kernel benchmark.
 const KERNEL_DIM: usize = 4096;
-/// Q4_0 matrix-vector throughput for 1 to `max_threads` threads: weight bytes over the median time. Copies
-/// of the matrix filling `working_set` bytes are cycled through, so that the weights stream from memory
-/// rather than the last-level cache, as a large model's layers would.
+/// Q4_0 matrix-vector throughput of `n_rows x 4096` matrices for 1 to `max_threads` threads: weight bytes
+/// over the median time. Copies of the matrix filling `working_set` bytes (at least two) are cycled through,
+/// so that with a working set larger than the last-level cache the weights stream from memory, as a large
+/// model's layers would.
 fn kernel_speeds(
+    n_rows: usize,
     working_set: u64,
     max_threads: usize,
+    step: &str,
     progress: Progress<'_>,
 ) -> Result<Vec<KernelPoint>, DeviceError> {
     let kerr = |why: String| DeviceError::Kernel { why };
     let blocks_per_row = KERNEL_DIM / QK;
     let mut state = 0x1234_5678_9abc_def1u64;
     let mut row = vec![0f32; KERNEL_DIM];
-    let mut blocks = vec![BlockQ4_0 { d: half::f16::ZERO, qs: [0; QK / 2] }; blocks_per_row * KERNEL_DIM];
+    let mut blocks = vec![BlockQ4_0 { d: half::f16::ZERO, qs: [0; QK / 2] }; blocks_per_row * n_rows];
     for out in blocks.chunks_exact_mut(blocks_per_row) {
         for x in &mut row {
             state ^= state << 13;
@@ -584,16 +628,16 @@ fn kernel_speeds(
     let data: Vec<Vec<u8>> = (0..n_copies).map(|_| one.to_vec()).collect();
     let mats = data
         .iter()
-        .map(|d| QMatrix::new(GgmlType::Q4_0, KERNEL_DIM, KERNEL_DIM, d))
+        .map(|d| QMatrix::new(GgmlType::Q4_0, n_rows, KERNEL_DIM, d))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| kerr(e.to_string()))?;
     let x: Vec<f32> = (0..KERNEL_DIM).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut acts = QuantizedActs::new();
     acts.quantize(GgmlType::Q4_0, &x, KERNEL_DIM);
-    let mut out = vec![0f32; KERNEL_DIM];
+    let mut out = vec![0f32; n_rows];
     let mut points = Vec::new();
     for threads in 1..=max_threads.max(1) {
-        progress("kernels", threads - 1, max_threads);
+        progress(step, threads - 1, max_threads);
         let pool = SpinPool::new(threads).map_err(|e| kerr(format!("starting {threads} threads: {e}")))?;
         for m in &mats {
             matmul_on(&pool, m, &acts, &mut out);
@@ -613,7 +657,7 @@ fn kernel_speeds(
         let median = times[times.len() / 2].max(1e-9);
         points.push(KernelPoint { threads, weight_gb_per_s: one.len() as f64 / 1e9 / median });
     }
-    progress("kernels", max_threads, max_threads);
+    progress(step, max_threads, max_threads);
     Ok(points)
 }
 
@@ -676,6 +720,11 @@ pub(crate) fn sample_profile() -> DeviceProfile {
             KernelPoint { threads: 1, weight_gb_per_s: 10.0 },
             KernelPoint { threads: 2, weight_gb_per_s: 18.0 },
         ],
+        llc_bytes: 32 << 20,
+        kernels_in_cache: vec![
+            KernelPoint { threads: 1, weight_gb_per_s: 20.0 },
+            KernelPoint { threads: 2, weight_gb_per_s: 40.0 },
+        ],
     }
 }
 
@@ -732,6 +781,11 @@ mod tests {
             ..sample_profile()
         };
         assert_eq!(two.kernel_gb_per_s(1), 9.0);
+        // In the last-level cache (32 MiB) the in-cache points apply.
+        assert_eq!(d.kernel_gb_per_s_for(2, 32 << 20), 40.0);
+        assert_eq!(d.kernel_gb_per_s_for(2, (32 << 20) + 1), 18.0);
+        let unknown = DeviceProfile { kernels_in_cache: vec![], ..sample_profile() };
+        assert_eq!(unknown.kernel_gb_per_s_for(1, 1), 10.0);
     }
 
     #[test]
@@ -800,6 +854,7 @@ mod tests {
         assert_eq!(d.reads.len(), 4);
         assert!(d.reads.iter().all(|r| r.mb_per_s > 0.0 && r.iops > 0.0));
         assert_eq!(d.kernels.len(), 1);
+        assert_eq!(d.kernels_in_cache.len(), 1);
         assert!(d.kernels[0].weight_gb_per_s > 0.0 && d.mem_bw_gb_per_s > 0.0);
         assert!(steps.iter().any(|s| s == "reads") && steps.iter().any(|s| s == "kernels"));
         // The scratch file is gone.

@@ -603,7 +603,18 @@ pub fn plan(
 
     // Time per token.
     let compute_threads = threads.max(1).min(device.n_cpus.max(1));
-    let kernel = device.kernel_gb_per_s(compute_threads);
+    // Weights kept in memory all fit in the last-level cache: the kernel runs at its in-cache speed.
+    let in_memory_weights = input.resident_bytes + fixed_bytes + hot_bytes + cold_bytes;
+    let kernel = device.kernel_gb_per_s_for(compute_threads, in_memory_weights);
+    let cache_note = if kernel != device.kernel_gb_per_s(compute_threads) {
+        format!(
+            " (in-cache speed: the {:.1} MiB of weights in memory fit in the {:.0} MiB last-level cache)",
+            mib(in_memory_weights),
+            mib(device.llc_bytes)
+        )
+    } else {
+        " (weights streamed from memory)".to_string()
+    };
     let compute_bytes = input.resident_bytes as f64 + compute_ffn;
     let compute_s = compute_bytes / (kernel * 1e9);
     // Depth is bounded by the reads a layer actually has in flight.
@@ -623,7 +634,7 @@ pub fn plan(
     let token_s = compute_s.max(io_s) + fill_s;
     why.push(format!(
         "threads: {compute_threads} compute (of {threads} asked, {} CPUs) plus one I/O submission thread; the \
-         kernel processes {kernel:.1} GB/s of Q4 weights",
+         kernel processes {kernel:.1} GB/s of Q4 weights{cache_note}",
         device.n_cpus
     ));
     why.push(format!(
@@ -682,7 +693,18 @@ impl Plan {
             let _ = writeln!(s, "  {name:<20} {:>10.1} MiB", mib(b));
         }
         let pinned: usize = self.hot_neurons.iter().sum();
-        let _ = writeln!(s, "  pinned neurons per layer: {:?} ({pinned} in all)", self.hot_neurons);
+        if self.hot_neurons.len() <= 16 {
+            let _ = writeln!(s, "  pinned neurons per layer: {:?} ({pinned} in all)", self.hot_neurons);
+        } else {
+            let min = self.hot_neurons.iter().min().copied().unwrap_or(0);
+            let max = self.hot_neurons.iter().max().copied().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "  pinned neurons per layer: {min} to {max}, {:.0} on average over {} layers ({pinned} in all)",
+                pinned as f64 / self.hot_neurons.len() as f64,
+                self.hot_neurons.len()
+            );
+        }
         let _ = writeln!(
             s,
             "  grain {} neurons, {} compute threads, I/O depth {}, reads of {} KiB",
@@ -991,6 +1013,18 @@ mod tests {
     }
 
     #[test]
+    fn models_that_fit_in_the_last_level_cache_use_the_in_cache_kernel_speed() {
+        let inp = input(2, 256, true);
+        let small = DeviceProfile { llc_bytes: 1 << 30, ..sample_profile() };
+        let big = DeviceProfile { llc_bytes: 4096, ..sample_profile() };
+        let a = plan(&inp, &small, Budget::Percent(100.0), 2).unwrap();
+        let b = plan(&inp, &big, Budget::Percent(100.0), 2).unwrap();
+        let ratio = a.predicted_in_memory_tokens_per_s / b.predicted_in_memory_tokens_per_s;
+        assert!((ratio - 40.0 / 18.0).abs() < 1e-9, "{ratio}");
+        assert!(a.reasoning.iter().any(|r| r.contains("in-cache speed")), "{:?}", a.reasoning);
+    }
+
+    #[test]
     fn small_records_get_a_coarser_grain_when_large_reads_are_faster() {
         // 16 neurons x 1728 B = 27 KiB, rounded to 28 KiB; 3 of them are 84 KiB at 1000 vs about 700 MB/s.
         let p = plan(&input(2, 256, true), &sample_profile(), Budget::Percent(50.0), 2).unwrap();
@@ -1074,5 +1108,8 @@ mod tests {
         assert!(r.contains(&format!("  {:<20} {:>10.1} MiB", "KV cache", mib(p.kv_bytes))), "{r}");
         assert!(r.contains("reasoning:") && r.contains("minimum:"), "{r}");
         assert_eq!(r.matches("\n  - ").count(), p.reasoning.len());
+        assert!(r.contains(&format!("pinned neurons per layer: {:?}", p.hot_neurons)), "{r}");
+        let many = Plan { hot_neurons: (0..32).collect(), ..p };
+        assert!(many.render().contains("0 to 31, 16 on average over 32 layers (496 in all)"));
     }
 }
