@@ -5,7 +5,6 @@
 //! measured points as tables and writes the profile (format in docs/format.md) to `--out`. `--quick` measures
 //! a few points on a 64 MiB file, for tests.
 
-use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,6 +12,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use pinion_runtime::device::{DeviceProfile, ProbeOptions, measure};
 use pinion_runtime::plan::{Budget, parse_budget};
+
+use crate::progress::Progress;
 
 #[derive(Args)]
 pub(crate) struct DeviceArgs {
@@ -83,9 +84,7 @@ pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
         );
     }
     let t0 = Instant::now();
-    let mut bar = Bar { step: String::new(), tty: std::io::stderr().is_terminal() };
-    let profile = measure(&opts, &mut |step, done, total| bar.draw(step, done, total))?;
-    bar.finish();
+    let profile = measure_with_progress(&opts)?;
     eprintln!("xtask profile-device: measured in {:.1} s", t0.elapsed().as_secs_f64());
     print_profile(&profile);
     profile.save(&out)?;
@@ -93,33 +92,28 @@ pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
-/// A one-line progress bar on stderr, redrawn in place on a terminal; elsewhere one line per finished step.
-struct Bar {
-    step: String,
-    tty: bool,
+/// Measures the device with one progress line or bar per measurement step.
+pub(crate) fn measure_with_progress(opts: &ProbeOptions) -> Result<DeviceProfile> {
+    let mut bar: Option<(String, Progress)> = None;
+    let profile = measure(opts, &mut |step, done, total| {
+        if bar.as_ref().is_none_or(|(s, _)| s != step) {
+            if let Some((_, p)) = bar.take() {
+                p.finish("done");
+            }
+            bar = Some((step.to_string(), Progress::new(step, "points")));
+        }
+        if let Some((_, p)) = bar.as_mut() {
+            p.update(done as u64, total as u64, "");
+        }
+    })?;
+    if let Some((_, p)) = bar.take() {
+        p.finish("done");
+    }
+    Ok(profile)
 }
 
-impl Bar {
-    fn draw(&mut self, step: &str, done: usize, total: usize) {
-        if step != self.step && !self.step.is_empty() {
-            eprintln!();
-        }
-        self.step = step.to_string();
-        if !self.tty && done < total {
-            return;
-        }
-        let width = 30;
-        let filled = (done * width).checked_div(total).map_or(width, |f| f.min(width));
-        eprint!("\r  {step:<18} [{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(width - filled));
-        let _ = std::io::stderr().flush();
-    }
-
-    fn finish(&self) {
-        eprintln!();
-    }
-}
-
-fn print_profile(p: &DeviceProfile) {
+/// Prints the measured points as markdown tables.
+pub(crate) fn print_profile(p: &DeviceProfile) {
     println!(
         "{} ({} CPUs, {:.1} GiB), backend {}, O_DIRECT {}",
         p.cpu,

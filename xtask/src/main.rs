@@ -5,8 +5,10 @@
 //! Offline model work (fetch, synth, and the preparation steps profile, calibrate, train, pack, plan, prepare) lives here as thin drivers over library
 //! functions; nothing depends on this crate.
 
+mod device;
 mod iobench;
 mod prepare;
+mod progress;
 mod synth;
 mod tidy;
 
@@ -45,6 +47,12 @@ enum Cmd {
     Profile(prepare::ProfileCmd),
     /// Per-layer CATS thresholds for target sparsities, from a profile (or profiling first).
     Calibrate(prepare::CalibrateCmd),
+    /// Train per-layer activation predictors on a profile's token samples.
+    Train(prepare::TrainCmd),
+    /// Profile, calibrate, train, pack and plan a model into a directory `pinion -m DIR` runs (resumable).
+    Prepare(prepare::PrepareCmd),
+    /// Measure this machine for the planner: reads by size and depth, memory bandwidth, kernel speed.
+    ProfileDevice(device::DeviceArgs),
     /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
     IoBench(iobench::IoBenchArgs),
     /// Write a synthetic llama-style GGUF model with random weights and planted activation skew.
@@ -60,10 +68,13 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&root, &args)?,
         Cmd::Tidy => tidy::tidy(&root)?,
         Cmd::CheckLayering => tidy::check_layering(&root)?,
+        Cmd::ProfileDevice(args) => device::run(&args)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
         Cmd::Synth(args) => synth::synth(&args)?,
         Cmd::Profile(args) => prepare::profile(&args)?,
         Cmd::Calibrate(args) => prepare::calibrate(&args)?,
+        Cmd::Train(args) => prepare::train(&args)?,
+        Cmd::Prepare(args) => prepare::prepare_all(&args)?,
     }
     Ok(())
 }

@@ -3,24 +3,20 @@
 //! show progress and print reports.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use pinion_runtime::prepare::{self, ProfileOptions};
+use pinion_format::GgmlType;
+use pinion_predictor::LowRankPredictor;
+use pinion_predictor::train::{LayerReport, TrainConfig};
+use pinion_runtime::device::{DeviceProfile, ProbeOptions};
+use pinion_runtime::plan::{self, Budget, parse_budget};
+use pinion_runtime::prepare::{self, Manifest, PackStepOptions, ProfileOptions, step_key};
 use pinion_runtime::sparsity::Thresholds;
-use pinion_runtime::{Model, registry};
+use pinion_runtime::{ContextParams, Model, PACKED_FILE_NAME, registry};
 
-/// A progress bar on stderr for `len` units of work.
-pub(crate) fn bar(len: u64, what: &str, unit: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    let template = format!("{{prefix:>10}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{elapsed}}, eta {{eta}}) {{msg}}");
-    pb.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
-    pb.set_prefix(what.to_string());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
-}
+use crate::progress::Progress;
 
 fn load_model(path: &Option<PathBuf>) -> Result<(PathBuf, Model)> {
     let path = path.clone().unwrap_or_else(registry::default_model_path);
@@ -65,19 +61,11 @@ impl ProfileArgs {
 /// Profiles `model` over the calibration text, with a progress bar.
 fn run_profile(model: &Model, a: &ProfileArgs) -> Result<pinion_runtime::ActivationProfile> {
     let text = std::fs::read_to_string(&a.calib).with_context(|| format!("reading {}", a.calib.display()))?;
-    let t0 = Instant::now();
-    let pb = bar(0, "profile", "tokens");
+    let mut pb = Progress::new("profile", "tokens");
     let profile = prepare::profile_activations(model, &text, &a.options(), &mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
+        pb.update(done as u64, total as u64, "");
     })?;
-    pb.finish_and_clear();
-    eprintln!(
-        "profile: {} tokens in {:.1} s, {} token samples",
-        profile.n_tokens(),
-        t0.elapsed().as_secs_f64(),
-        profile.n_token_samples()
-    );
+    pb.finish(&format!("{} tokens, {} token samples", profile.n_tokens(), profile.n_token_samples()));
     Ok(profile)
 }
 
@@ -156,8 +144,328 @@ pub(crate) fn check_sparsity(s: &[f64]) -> Result<()> {
 }
 
 pub(crate) fn print_thresholds(th: &Thresholds) {
-    println!("\nsparsity {:.2}: layer, threshold, achieved sparsity on the calibration samples", th.target_sparsity);
+    println!(
+        "\nsparsity {:.2}: layer, threshold, achieved sparsity on the calibration samples",
+        th.target_sparsity
+    );
     for (l, (t, got)) in th.layers.iter().enumerate() {
         println!("  {l:>3}  {t:>10.6}  {got:.4}");
     }
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct TrainArgs {
+    /// Micro recall the predictor must reach on held-out tokens.
+    #[arg(long, default_value_t = 0.95)]
+    pub(crate) target_recall: f64,
+    /// Candidate predictor ranks, comma-separated (the smallest meeting the density goal is kept).
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    pub(crate) ranks: Vec<usize>,
+    /// Most training epochs per rank.
+    #[arg(long, default_value_t = 24)]
+    pub(crate) epochs: usize,
+}
+
+impl TrainArgs {
+    pub(crate) fn config(&self, threads: usize) -> TrainConfig {
+        TrainConfig {
+            target_recall: self.target_recall,
+            ranks: self.ranks.clone(),
+            epochs: self.epochs,
+            threads,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct TrainCmd {
+    /// Model (GGUF) the profile was made on; default: the SmolLM2 model in models/.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// A profile written by `cargo xtask profile`.
+    #[arg(long)]
+    from_profile: PathBuf,
+    /// Target sparsity of the thresholds whose "above threshold" the predictors learn (SiLU models).
+    #[arg(long, default_value_t = 0.5)]
+    sparsity: f64,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Compute threads.
+    #[arg(long, short = 't', default_value_t = 2)]
+    threads: usize,
+    /// Output predictors file (GGUF).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+/// `cargo xtask train`: one predictor per layer from a profile's token samples.
+pub(crate) fn train(a: &TrainCmd) -> Result<()> {
+    check_sparsity(&[a.sparsity])?;
+    let (_, model) = load_model(&a.model)?;
+    let profile = prepare::load_profile(&a.from_profile)?;
+    let th = prepare::calibrate(&model, &profile, a.sparsity)?;
+    let trained = run_train(&model, &profile, &th, &a.train.config(a.threads))?;
+    let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
+    prepare::save_predictors(&ps, &a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Trains the predictors with a progress bar and prints the per-layer report.
+pub(crate) fn run_train(
+    model: &Model,
+    profile: &pinion_runtime::ActivationProfile,
+    th: &Thresholds,
+    cfg: &TrainConfig,
+) -> Result<Vec<(LowRankPredictor, LayerReport)>> {
+    let mut pb = Progress::new("train", "layers");
+    let trained = prepare::train_predictors(model, profile, th, cfg, &mut |done, total, r| {
+        pb.update(done as u64, total as u64, &format!("last: rank {}, recall {:.3}", r.rank, r.recall));
+    })?;
+    pb.finish(&format!("{} predictors", trained.len()));
+    println!(
+        "\npredictors (held-out {} of {} token samples, target recall {}): layer, rank, recall, precision, predicted density, true density",
+        trained[0].1.n_heldout,
+        profile.n_token_samples(),
+        cfg.target_recall
+    );
+    for (l, (_, r)) in trained.iter().enumerate() {
+        println!(
+            "  {l:>3}  {:>4}  {:.4}  {:.4}  {:.4}  {:.4}",
+            r.rank, r.recall, r.precision, r.predicted_density, r.true_density
+        );
+    }
+    let n = trained.len() as f64;
+    let mean = |f: &dyn Fn(&LayerReport) -> f64| trained.iter().map(|(_, r)| f(r)).sum::<f64>() / n;
+    println!(
+        "  mean  recall {:.4}, predicted density {:.4}, true density {:.4}",
+        mean(&|r| r.recall),
+        mean(&|r| r.predicted_density),
+        mean(&|r| r.true_density),
+    );
+    Ok(trained)
+}
+
+/// `--down-type`: the type of the packed (transposed) down columns.
+fn down_type(s: &str) -> Result<GgmlType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "q8_0" => Ok(GgmlType::Q8_0),
+        "f16" => Ok(GgmlType::F16),
+        "f32" => Ok(GgmlType::F32),
+        _ => Err(format!("{s:?}: expected q8_0, f16 or f32")),
+    }
+}
+
+/// A memory budget as bytes of the whole process: a size, or a percentage of the model file.
+fn budget_bytes(s: &str, model_bytes: u64) -> Result<u64> {
+    Ok(match parse_budget(s)? {
+        Budget::Bytes(b) => b,
+        Budget::Percent(p) => (model_bytes as f64 * p / 100.0) as u64,
+    })
+}
+
+#[derive(Args)]
+pub(crate) struct PrepareCmd {
+    #[command(flatten)]
+    profile: ProfileArgs,
+    /// Output directory (default: models/NAME.prepared beside the model).
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+    /// Target sparsity of the CATS thresholds (SiLU models; ReLU models keep their own).
+    #[arg(long, default_value_t = 0.5)]
+    sparsity: f64,
+    /// Memory budget of the plan: bytes (48MiB, 1.5GiB) or a share of the model file (50%), for the whole
+    /// process (weights, KV cache, scratch, neuron cache).
+    #[arg(long, default_value = "50%")]
+    mem_budget: String,
+    /// Context size the plan reserves a KV cache for.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Skip predictor training (threshold sparsity only).
+    #[arg(long)]
+    no_predictors: bool,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Neurons per packed record.
+    #[arg(long, default_value_t = 32)]
+    cluster: usize,
+    /// Type of the transposed down columns: q8_0, f16 or f32.
+    #[arg(long, default_value = "q8_0", value_parser = down_type)]
+    down_type: GgmlType,
+    /// A device profile from `cargo xtask profile-device`; default: measure into DIR/device.json.
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// Redo every step, even those already done.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `cargo xtask prepare`: profile, calibrate, train, pack, measure the device and plan, resuming from the steps
+/// a previous run finished.
+pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
+    check_sparsity(&[a.sparsity])?;
+    let t0 = Instant::now();
+    let (path, model) = load_model(&a.profile.model)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        path.with_file_name(format!("{stem}.prepared"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut manifest = if a.force { Manifest::default() } else { prepare::Manifest::load(&out)? };
+    let source_bytes = std::fs::metadata(&path)?.len();
+    let act = model.config().ffn_act;
+    let budget = budget_bytes(&a.mem_budget, source_bytes)?;
+    eprintln!(
+        "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
+        path.display(),
+        model.config().name.as_deref().unwrap_or("?"),
+        model.config().n_layers,
+        act.name(),
+        source_bytes as f64 / (1 << 20) as f64,
+        out.display()
+    );
+    let skip = |step: &str| eprintln!("{step}: up to date, skipped");
+
+    // 1. Profile.
+    let f_profile = out.join("profile.bin");
+    let o = a.profile.options();
+    let k_profile = step_key(&[
+        &prepare::file_identity(&path)?,
+        &prepare::file_identity(&a.profile.calib)?,
+        &format!("{} {} {} {}", o.max_tokens, o.chunk, o.score_samples, o.token_samples),
+    ]);
+    let mut profile = None;
+    if manifest.is_done("profile", &k_profile, &[&f_profile]) {
+        skip("profile");
+    } else {
+        let p = run_profile(&model, &a.profile)?;
+        prepare::save_profile(&p, &f_profile)?;
+        manifest.mark(&out, "profile", &k_profile)?;
+        profile = Some(p);
+    }
+    let profile = match profile {
+        Some(p) => p,
+        None => prepare::load_profile(&f_profile)?,
+    };
+    print_firing(&model, &profile);
+
+    // 2. Thresholds.
+    let f_thresholds = out.join("thresholds.json");
+    let k_thresholds = step_key(&[&k_profile, &a.sparsity.to_string()]);
+    let th = prepare::calibrate(&model, &profile, a.sparsity)?;
+    if manifest.is_done("calibrate", &k_thresholds, &[&f_thresholds]) {
+        skip("calibrate");
+    } else {
+        th.save(&f_thresholds)?;
+        manifest.mark(&out, "calibrate", &k_thresholds)?;
+    }
+    print_thresholds(&th);
+
+    // 3. Predictors.
+    let f_pred = out.join("predictors.gguf");
+    let f_pred_report = out.join("predictors.json");
+    let cfg = a.train.config(a.profile.threads);
+    let k_train = step_key(&[&k_thresholds, &format!("{cfg:?}")]);
+    let predictors = if a.no_predictors {
+        None
+    } else if manifest.is_done("train", &k_train, &[&f_pred, &f_pred_report]) {
+        skip("train");
+        Some(prepare::load_predictors(&f_pred)?)
+    } else {
+        let trained = run_train(&model, &profile, &th, &cfg)?;
+        let report: Vec<_> = trained
+            .iter()
+            .map(|(_, r)| {
+                serde_json::json!({"rank": r.rank, "recall": r.recall, "precision": r.precision,
+                    "predicted_density": r.predicted_density, "true_density": r.true_density,
+                    "threshold": r.threshold, "n_train": r.n_train, "n_heldout": r.n_heldout})
+            })
+            .collect();
+        let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
+        prepare::save_predictors(&ps, &f_pred)?;
+        let json = serde_json::json!({"target_recall": cfg.target_recall, "layers": report});
+        std::fs::write(&f_pred_report, serde_json::to_vec_pretty(&json)?)?;
+        manifest.mark(&out, "train", &k_train)?;
+        Some(ps)
+    };
+    drop(profile);
+
+    // 4. Pack.
+    let f_model = out.join(PACKED_FILE_NAME);
+    let k_pack = step_key(&[
+        &k_thresholds,
+        if a.no_predictors { "no predictors" } else { &k_train },
+        &format!("{} {:?}", a.cluster, a.down_type),
+    ]);
+    if manifest.is_done("pack", &k_pack, &[&f_model]) {
+        skip("pack");
+    } else {
+        let profile = prepare::load_profile(&f_profile)?;
+        let freq = prepare::activation_frequencies(&model, &profile, &th)?;
+        drop(profile);
+        let opts = PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type };
+        let mut pb = Progress::new("pack", "layers");
+        let s =
+            prepare::pack_model(&path, &f_model, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
+                pb.update(l as u64, n as u64, "")
+            })?;
+        pb.finish(&format!(
+            "{:.1} MiB ({:.1} MiB resident, {:.1} MiB FFN, {:.1} MiB padding)",
+            mib(s.file_len),
+            mib(s.resident_len),
+            mib(s.ffn_len),
+            mib(s.padding_bytes)
+        ));
+        manifest.mark(&out, "pack", &k_pack)?;
+    }
+    drop(model);
+
+    // 5. Device profile.
+    let f_device = a.device.clone().unwrap_or_else(|| out.join("device.json"));
+    let device = if f_device.exists() {
+        eprintln!("device: using {}", f_device.display());
+        DeviceProfile::load(&f_device)?
+    } else {
+        let d = crate::device::measure_with_progress(&ProbeOptions::new(out.clone()))?;
+        d.save(&f_device)?;
+        d
+    };
+
+    // 6. Plan.
+    let packed = Model::load(&out)?;
+    let uses_predictor = act.is_relu_family() && packed.sparsity().predictors.is_some();
+    let density = layer_density(&th, &f_pred_report, uses_predictor)?;
+    let params = ContextParams { n_ubatch: 32, ..ContextParams::new(a.ctx, a.profile.threads) };
+    let input = prepare::plan_input(&packed, source_bytes, &density, uses_predictor, &params)?;
+    let plan = plan::plan(&input, &device, Budget::Bytes(budget), a.profile.threads)?;
+    println!("\n{}", plan.render());
+    plan.save(&out.join("plan.json"))?;
+    manifest.mark(&out, "plan", &step_key(&[&k_pack, &a.mem_budget, &a.ctx.to_string()]))?;
+    eprintln!(
+        "prepare: done in {:.1} s; run it with `pinion run -m {}`",
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Each layer's share of neurons active per token: the predictors' predicted density when they choose, else
+/// one minus the thresholds' achieved sparsity.
+fn layer_density(th: &Thresholds, report: &std::path::Path, uses_predictor: bool) -> Result<Vec<f64>> {
+    if uses_predictor {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+        let layers = v["layers"].as_array().context("predictors.json has no layers")?;
+        return layers
+            .iter()
+            .map(|l| {
+                l["predicted_density"].as_f64().context("predictors.json: a layer without predicted_density")
+            })
+            .collect();
+    }
+    Ok(th.layers.iter().map(|&(_, s)| 1.0 - s).collect())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
 }

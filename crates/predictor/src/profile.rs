@@ -63,8 +63,9 @@ impl ActivationProfile {
     /// An empty profile of `n_layers` layers of `n_ff` neurons, keeping at most `max_samples` scores per layer
     /// and no token samples.
     pub fn new(n_layers: usize, n_ff: usize, max_samples: usize) -> ActivationProfile {
-        let layers =
-            (0..n_layers).map(|_| LayerProfile { positive: vec![0; n_ff], ..LayerProfile::default() }).collect();
+        let layers = (0..n_layers)
+            .map(|_| LayerProfile { positive: vec![0; n_ff], ..LayerProfile::default() })
+            .collect();
         ActivationProfile {
             n_ff,
             d_in: 0,
@@ -126,7 +127,12 @@ impl ActivationProfile {
     /// # Panics
     /// If the slices are not whole rows, or a layer after 0 sees a batch of another size than layer 0 did.
     pub fn record_scores(&mut self, layer: usize, x: &[f32], scores: &[f32]) {
-        assert!(scores.len() % self.n_ff == 0, "profile: {} scores are not rows of {}", scores.len(), self.n_ff);
+        assert!(
+            scores.len() % self.n_ff == 0,
+            "profile: {} scores are not rows of {}",
+            scores.len(),
+            self.n_ff
+        );
         let n = scores.len() / self.n_ff;
         if layer == 0 {
             self.n_tokens += n as u64;
@@ -261,7 +267,9 @@ impl ActivationProfile {
         let mut w = CrcWriter { inner: w, crc: crc32fast::Hasher::new() };
         w.put(&PROFILE_MAGIC)?;
         w.put(&PROFILE_VERSION.to_le_bytes())?;
-        for v in [self.layers.len(), self.n_ff, self.d_in, self.n_token_samples, self.max_samples, self.max_tokens] {
+        for v in
+            [self.layers.len(), self.n_ff, self.d_in, self.n_token_samples, self.max_samples, self.max_tokens]
+        {
             w.put(&(v as u32).to_le_bytes())?;
         }
         w.put(&self.n_tokens.to_le_bytes())?;
@@ -284,7 +292,10 @@ impl ActivationProfile {
         let mut magic = [0u8; 8];
         r.get(&mut magic)?;
         if magic != PROFILE_MAGIC {
-            return Err(PredictorError::BadProfile { offset: 0, why: "not a pinion activation profile".into() });
+            return Err(PredictorError::BadProfile {
+                offset: 0,
+                why: "not a pinion activation profile".into(),
+            });
         }
         let version = r.u32()?;
         if version != PROFILE_VERSION {
@@ -300,7 +311,10 @@ impl ActivationProfile {
         let max_samples = r.bounded(MAX_SAMPLES, "score sample cap")?;
         let max_tokens = r.bounded(MAX_SAMPLES, "token sample cap")?;
         if n_token_samples > max_tokens || (n_token_samples > 0 && d_in == 0) {
-            return Err(PredictorError::BadProfile { offset: r.offset, why: "inconsistent token samples".into() });
+            return Err(PredictorError::BadProfile {
+                offset: r.offset,
+                why: "inconsistent token samples".into(),
+            });
         }
         let n_tokens = r.u64()?;
         let mut layers = Vec::with_capacity(n_layers);
@@ -360,7 +374,11 @@ impl CrcReader<'_> {
     fn get(&mut self, b: &mut [u8]) -> Result<(), PredictorError> {
         self.inner.read_exact(b).map_err(|e| PredictorError::BadProfile {
             offset: self.offset,
-            why: if e.kind() == std::io::ErrorKind::UnexpectedEof { "truncated".into() } else { e.to_string() },
+            why: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "truncated".into()
+            } else {
+                e.to_string()
+            },
         })?;
         self.crc.update(b);
         self.offset += b.len() as u64;
@@ -370,16 +388,19 @@ impl CrcReader<'_> {
     /// Reads `n` values. The buffer grows as bytes arrive, so a corrupt count on a short file fails at the end
     /// of the file rather than allocating what the count asks for.
     fn vec<T: bytemuck::Pod>(&mut self, n: usize) -> Result<Vec<T>, PredictorError> {
-        let len = n.checked_mul(size_of::<T>()).ok_or(PredictorError::BadProfile {
-            offset: self.offset,
-            why: format!("{n} values overflow"),
-        })?;
+        let len = n
+            .checked_mul(size_of::<T>())
+            .ok_or(PredictorError::BadProfile { offset: self.offset, why: format!("{n} values overflow") })?;
         let mut buf = Vec::new();
-        let got = (&mut self.inner).take(len as u64).read_to_end(&mut buf).map_err(|e| {
-            PredictorError::BadProfile { offset: self.offset, why: e.to_string() }
-        })?;
+        let got = (&mut self.inner)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| PredictorError::BadProfile { offset: self.offset, why: e.to_string() })?;
         if got != len {
-            return Err(PredictorError::BadProfile { offset: self.offset + got as u64, why: "truncated".into() });
+            return Err(PredictorError::BadProfile {
+                offset: self.offset + got as u64,
+                why: "truncated".into(),
+            });
         }
         self.crc.update(&buf);
         self.offset += len as u64;

@@ -27,6 +27,20 @@ impl ContextParams {
     pub fn new(n_ctx: usize, n_threads: usize) -> ContextParams {
         ContextParams { n_ctx, n_threads, n_ubatch: DEFAULT_UBATCH }
     }
+
+    /// Bytes of the KV cache of a full context (f16 keys and values for every layer).
+    pub fn kv_bytes(&self, c: &crate::ModelConfig) -> u64 {
+        (2 * 2 * c.n_layers * self.n_ctx * c.kv_dim()) as u64
+    }
+
+    /// Bytes of the scratch buffers (activations, logits) a context allocates.
+    pub fn scratch_bytes(&self, c: &crate::ModelConfig) -> u64 {
+        let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1));
+        let (d, qd) = (c.d_model, c.n_heads * c.head_dim);
+        let floats = ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab;
+        // f32 values, plus the quantized copy of the widest activation row.
+        (4 * floats + ub * c.n_ff.max(d) * 2) as u64
+    }
 }
 
 /// What [`Context::eval`] returns logits for.
@@ -385,7 +399,9 @@ fn forward(
             exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
         }
         let (wg, wu, wd) = match &layer.ffn {
-            FfnWeights::Dense { gate, up, down } => (model.matrix(gate), model.matrix(up), model.matrix(down)),
+            FfnWeights::Dense { gate, up, down } => {
+                (model.matrix(gate), model.matrix(up), model.matrix(down))
+            }
             FfnWeights::Packed(pl) => {
                 let sel = Selection {
                     act: c.ffn_act,

@@ -43,6 +43,12 @@ pub enum RuntimeError {
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("{path}: {why}")]
     BadThresholdsFile { path: PathBuf, why: String },
+    #[error("training the predictor of layer {layer}: {why}")]
+    Training { layer: usize, why: String },
+    #[error("{path}: {why}")]
+    BadPreparedDir { path: PathBuf, why: String },
+    #[error("this needs a packed model (prepare one with `cargo xtask prepare`)")]
+    NotPacked,
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
     #[error("{path}: {why}")]

@@ -43,6 +43,7 @@ pub(crate) struct Selection<'a> {
 
 /// Computes the FFN of `n` tokens (`xn`: their normalized inputs, `n x d`) over packed layer `pl`, writing the
 /// FFN outputs to `out` (`n x d`, token-major). Returns the number of active (neuron, token) pairs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_ffn(
     model: &Model,
     pl: &PackedLayer,
@@ -65,7 +66,8 @@ pub(crate) fn packed_ffn(
     let acts_g = &*acts;
     let gate_cluster = |k: usize, g: &mut [f32], tmp: &mut Vec<f32>| {
         let rows = pl.cluster_len(k);
-        let w = QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.bytes(pl.gate_block_range(k)) };
+        let w =
+            QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.bytes(pl.gate_block_range(k)) };
         tmp.resize(rows * n, 0.0);
         exec::matmul(&w, acts_g, tmp);
         // `tmp` is [token][row]; `g` is [row][token].
@@ -76,7 +78,10 @@ pub(crate) fn packed_ffn(
         }
     };
     if parallel {
-        s.gate.par_chunks_mut(c * n).enumerate().for_each_init(Vec::new, |tmp, (k, g)| gate_cluster(k, g, tmp));
+        s.gate
+            .par_chunks_mut(c * n)
+            .enumerate()
+            .for_each_init(Vec::new, |tmp, (k, g)| gate_cluster(k, g, tmp));
     } else {
         let mut tmp = Vec::new();
         for (k, g) in s.gate.chunks_mut(c * n).enumerate() {
@@ -168,7 +173,8 @@ pub(crate) fn packed_ffn(
                 continue;
             }
             let bundle = model.bytes(pl.bundle_range(pos));
-            quant::dequantize_row(down_ty, &bundle[down_at..], col).expect("packed down columns are whole blocks");
+            quant::dequantize_row(down_ty, &bundle[down_at..], col)
+                .expect("packed down columns are whole blocks");
             for (tok, &a) in h.iter().enumerate() {
                 if a != 0.0 {
                     for (o, &v) in acc[tok * d..(tok + 1) * d].iter_mut().zip(col.iter()) {

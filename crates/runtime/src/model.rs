@@ -143,7 +143,10 @@ impl Model {
                     if pl.n_ff != c.n_ff || pl.d_model != c.d_model {
                         return Err(RuntimeError::BadTensor {
                             name: format!("blk.{i}.ffn"),
-                            why: format!("packed layer is {}x{}, expected {}x{}", pl.n_ff, pl.d_model, c.n_ff, c.d_model),
+                            why: format!(
+                                "packed layer is {}x{}, expected {}x{}",
+                                pl.n_ff, pl.d_model, c.n_ff, c.d_model
+                            ),
                         });
                     }
                     FfnWeights::Packed(pl)
@@ -185,6 +188,32 @@ impl Model {
     /// Whether the FFN is in the packed neuron-major layout.
     pub fn is_packed(&self) -> bool {
         self.packed
+    }
+
+    /// Bytes of the weights that stay in memory whatever the FFN does: embeddings, output head, attention and
+    /// norms (and, for a GGUF, nothing of the FFN; for a packed model, not its predictors).
+    pub fn resident_weight_bytes(&self) -> u64 {
+        let c = &self.config;
+        let len = |w: &WeightRef| (w.range.end - w.range.start) as u64;
+        let mut total = len(&self.tok_embd) + 4 * c.d_model as u64;
+        if self.output.range != self.tok_embd.range {
+            total += len(&self.output);
+        }
+        for l in &self.layers {
+            total += len(&l.wq) + len(&l.wk) + len(&l.wv) + len(&l.wo) + 8 * c.d_model as u64;
+        }
+        total
+    }
+
+    /// The packed FFN layers (`None` for a GGUF).
+    pub fn packed_layers(&self) -> Option<Vec<&PackedLayer>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnWeights::Packed(pl) => Some(pl),
+                FfnWeights::Dense { .. } => None,
+            })
+            .collect()
     }
 
     /// The bytes of the mapped file in `range`.
@@ -276,7 +305,10 @@ fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeEr
         if g.get(key).is_none() {
             return Ok(None);
         }
-        let bad = || RuntimeError::BadHyperParameter { key: key.into(), value: format!("not {} finite f32 values", c.n_layers) };
+        let bad = || RuntimeError::BadHyperParameter {
+            key: key.into(),
+            value: format!("not {} finite f32 values", c.n_layers),
+        };
         let values = g.get_array(key)?;
         let v: Vec<f32> = values
             .iter()
@@ -303,12 +335,16 @@ fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeEr
                 let [w1, b1, w2, b2] = predictor_tensor_names(l).map(|n| g.tensor(&n).map(|t| (n, t)));
                 let (w1n, w1) = w1?;
                 let rank = w1.dims.get(1).copied().unwrap_or(0) as usize;
-                let f32s = |(name, t): (String, pinion_format::TensorView<'_>)| -> Result<Vec<f32>, RuntimeError> {
-                    if t.ty != GgmlType::F32 {
-                        return Err(RuntimeError::BadTensor { name, why: format!("type {:?}, expected F32", t.ty) });
-                    }
-                    Ok(bytemuck::pod_collect_to_vec(t.data))
-                };
+                let f32s =
+                    |(name, t): (String, pinion_format::TensorView<'_>)| -> Result<Vec<f32>, RuntimeError> {
+                        if t.ty != GgmlType::F32 {
+                            return Err(RuntimeError::BadTensor {
+                                name,
+                                why: format!("type {:?}, expected F32", t.ty),
+                            });
+                        }
+                        Ok(bytemuck::pod_collect_to_vec(t.data))
+                    };
                 let (w1, b1, w2, b2) = (f32s((w1n, w1))?, f32s(b1?)?, f32s(w2?)?, f32s(b2?)?);
                 // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
                 let order = match &model.layers[l].ffn {
@@ -324,9 +360,10 @@ fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeEr
                     w2p.extend_from_slice(&w2[n * rank..(n + 1) * rank]);
                     b2p.push(b2[n]);
                 }
-                let mut p = LowRankPredictor::new(c.d_model, rank, c.n_ff, w1, b1, w2p, b2p).map_err(|e| {
-                    RuntimeError::BadTensor { name: format!("blk.{l}.ffn_pred"), why: e.to_string() }
-                })?;
+                let mut p =
+                    LowRankPredictor::new(c.d_model, rank, c.n_ff, w1, b1, w2p, b2p).map_err(|e| {
+                        RuntimeError::BadTensor { name: format!("blk.{l}.ffn_pred"), why: e.to_string() }
+                    })?;
                 p.set_threshold(t);
                 out.push(p);
             }

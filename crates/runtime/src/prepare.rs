@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use pinion_format::packed::{ExtraTensor, PackOptions, PackSummary, pack};
-use pinion_format::{GgmlType, Gguf, Value};
+use pinion_format::{GgmlType, Gguf, GgufWriter, Value};
 use pinion_io::MappedFile;
+use pinion_predictor::train::{LayerReport, Masks, TrainConfig, train_layer};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::context::{Context, ContextParams};
@@ -14,6 +15,7 @@ use crate::error::RuntimeError;
 use crate::model::{
     Model, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
 };
+use crate::plan::{LayerStats, PlanInput};
 use crate::sparsity::Thresholds;
 
 /// Settings of [`profile_activations`].
@@ -33,7 +35,13 @@ pub struct ProfileOptions {
 
 impl Default for ProfileOptions {
     fn default() -> ProfileOptions {
-        ProfileOptions { max_tokens: 16384, chunk: 512, score_samples: 1 << 20, token_samples: 4096, threads: 2 }
+        ProfileOptions {
+            max_tokens: 16384,
+            chunk: 512,
+            score_samples: 1 << 20,
+            token_samples: 4096,
+            threads: 2,
+        }
     }
 }
 
@@ -49,7 +57,10 @@ pub fn profile_activations(
     let tokens = tok.encode(text, tok.add_bos(), false);
     let chunk = opts.chunk.min(model.config().n_ctx_train).max(1);
     if tokens.len() < chunk.min(opts.max_tokens) || tokens.is_empty() {
-        return Err(RuntimeError::CalibrationTooShort { tokens: tokens.len(), needed: chunk.min(opts.max_tokens) });
+        return Err(RuntimeError::CalibrationTooShort {
+            tokens: tokens.len(),
+            needed: chunk.min(opts.max_tokens),
+        });
     }
     let total = tokens.len().min(opts.max_tokens);
     let c = model.config();
@@ -79,14 +90,19 @@ pub fn save_profile(profile: &ActivationProfile, path: &Path) -> Result<(), Runt
 
 /// Reads a profile file written by [`save_profile`].
 pub fn load_profile(path: &Path) -> Result<ActivationProfile, RuntimeError> {
-    let f = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+    let f =
+        std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
     ActivationProfile::read_from(&mut std::io::BufReader::new(f))
         .map_err(|e| RuntimeError::BadProfileFile { path: path.to_path_buf(), why: e.to_string() })
 }
 
 /// Per-layer thresholds for a target sparsity: calibrated on the profile's score samples for SiLU (CATS), and 0
 /// (the activation's own zeros) for the ReLU family, whose achieved sparsity is then measured, not chosen.
-pub fn calibrate(model: &Model, profile: &ActivationProfile, sparsity: f64) -> Result<Thresholds, RuntimeError> {
+pub fn calibrate(
+    model: &Model,
+    profile: &ActivationProfile,
+    sparsity: f64,
+) -> Result<Thresholds, RuntimeError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
     let layers = if act.is_relu_family() {
@@ -170,7 +186,8 @@ pub fn pack_model(
     opts: &PackStepOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PackSummary, RuntimeError> {
-    let file = MappedFile::open(src).map_err(|source| RuntimeError::Io { path: src.to_path_buf(), source })?;
+    let file =
+        MappedFile::open(src).map_err(|source| RuntimeError::Io { path: src.to_path_buf(), source })?;
     let format_err = |source| RuntimeError::Format { path: src.to_path_buf(), source };
     let gguf = Gguf::parse(&file).map_err(format_err)?;
     let order: Vec<Vec<u32>> = frequencies
@@ -181,9 +198,10 @@ pub fn pack_model(
             ids
         })
         .collect();
-    let mut metadata = vec![
-        (THRESHOLDS_KEY.to_string(), Value::Array(thresholds.values().into_iter().map(Value::F32).collect())),
-    ];
+    let mut metadata = vec![(
+        THRESHOLDS_KEY.to_string(),
+        Value::Array(thresholds.values().into_iter().map(Value::F32).collect()),
+    )];
     if thresholds.target_sparsity.is_finite() {
         metadata.push((TARGET_SPARSITY_KEY.to_string(), Value::F32(thresholds.target_sparsity as f32)));
     }
@@ -192,17 +210,11 @@ pub fn pack_model(
         let logit_t = ps.iter().map(|p| Value::F32(p.threshold())).collect();
         metadata.push((PREDICTOR_THRESHOLDS_KEY.to_string(), Value::Array(logit_t)));
         for (l, p) in ps.iter().enumerate() {
-            let (d, r, n) = (p.d_in() as u64, p.rank() as u64, p.n_out() as u64);
-            let [w1, b1, w2, b2] = predictor_tensor_names(l);
-            for (name, dims, data) in
-                [(w1, vec![d, r], p.w1()), (b1, vec![r], p.b1()), (w2, vec![r, n], p.w2()), (b2, vec![n], p.b2())]
-            {
-                let data = bytemuck::cast_slice(data).to_vec();
-                extra_tensors.push(ExtraTensor { name, ty: GgmlType::F32, dims, data });
-            }
+            extra_tensors.extend(predictor_tensors(l, p));
         }
     }
-    let frequency = Some(frequencies.iter().map(|f| f.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect()).collect());
+    let frequency =
+        Some(frequencies.iter().map(|f| f.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect()).collect());
     let popts = PackOptions {
         cluster_neurons: opts.cluster_neurons,
         down_type: opts.down_type,
@@ -228,4 +240,233 @@ pub fn pack_model(
     drop(w);
     std::fs::rename(&tmp, out).map_err(io)?;
     Ok(summary)
+}
+
+/// Trains one predictor per layer on the profile's token samples: inputs are the FFN inputs, labels the neurons
+/// active under the calibrated thresholds. `progress(layer, n_layers, report)` is called after each layer.
+pub fn train_predictors(
+    model: &Model,
+    profile: &ActivationProfile,
+    thresholds: &Thresholds,
+    cfg: &TrainConfig,
+    progress: &mut dyn FnMut(usize, usize, &LayerReport),
+) -> Result<Vec<(LowRankPredictor, LayerReport)>, RuntimeError> {
+    check_shape(model, profile)?;
+    let c = model.config();
+    if profile.d_in() != c.d_model || profile.n_token_samples() < 2 {
+        return Err(RuntimeError::Training {
+            layer: 0,
+            why: format!(
+                "the profile holds {} token samples of width {} (need at least 2 of width {})",
+                profile.n_token_samples(),
+                profile.d_in(),
+                c.d_model
+            ),
+        });
+    }
+    let act = c.ffn_act;
+    let mut out = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let t = thresholds.layers[l].0;
+        let words = profile.sample_masks(l, t, |s, t| act.is_active(s, t));
+        let masks = Masks::from_words(profile.n_token_samples(), c.n_ff, words)
+            .map_err(|e| RuntimeError::Training { layer: l, why: e.to_string() })?;
+        let x = profile.sample_inputs(l);
+        let (mut p, report) = train_layer(&x, c.d_model, &masks, cfg)
+            .map_err(|e| RuntimeError::Training { layer: l, why: e.to_string() })?;
+        // A layer whose held-out split had no active neuron predicts none: keep the threshold finite.
+        if !p.threshold().is_finite() {
+            p.set_threshold(f32::MAX);
+        }
+        progress(l + 1, c.n_layers, &report);
+        out.push((p, report));
+    }
+    Ok(out)
+}
+
+/// Writes trained predictors as a small GGUF (the tensors of [`predictor_tensor_names`] and the logit
+/// thresholds under [`PREDICTOR_THRESHOLDS_KEY`]), to a temporary name renamed into place.
+pub fn save_predictors(predictors: &[LowRankPredictor], path: &Path) -> Result<(), RuntimeError> {
+    let mut w = GgufWriter::new();
+    let logit_t = predictors.iter().map(|p| Value::F32(p.threshold())).collect();
+    w.add_metadata(PREDICTOR_THRESHOLDS_KEY, Value::Array(logit_t))?;
+    for (l, p) in predictors.iter().enumerate() {
+        for t in predictor_tensors(l, p) {
+            w.add_tensor_data(&t.name, t.ty, &t.dims, t.data)?;
+        }
+    }
+    let bytes = w.to_bytes()?;
+    let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
+    let tmp = partial_path(path);
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Reads predictors written by [`save_predictors`] (outputs in neuron id order).
+pub fn load_predictors(path: &Path) -> Result<Vec<LowRankPredictor>, RuntimeError> {
+    let bytes =
+        std::fs::read(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+    let g =
+        Gguf::parse(&bytes).map_err(|source| RuntimeError::Format { path: path.to_path_buf(), source })?;
+    let bad = |why: String| RuntimeError::BadTensor { name: path.display().to_string(), why };
+    let logit_t = g.get_array(PREDICTOR_THRESHOLDS_KEY)?;
+    let mut out = Vec::with_capacity(logit_t.len());
+    for (l, t) in logit_t.iter().enumerate() {
+        let Value::F32(t) = *t else { return Err(bad(format!("layer {l}: threshold is not f32"))) };
+        let [w1, b1, w2, b2] = predictor_tensor_names(l).map(|n| g.tensor(&n));
+        let (w1, b1, w2, b2) = (w1?, b1?, w2?, b2?);
+        let (d_in, rank) = (w1.dims[0] as usize, w1.dims.get(1).copied().unwrap_or(0) as usize);
+        let n_out = b2.dims[0] as usize;
+        let f32s = |t: &pinion_format::TensorView<'_>| -> Result<Vec<f32>, RuntimeError> {
+            if t.ty != GgmlType::F32 {
+                return Err(bad(format!("layer {l}: predictor tensors must be F32")));
+            }
+            Ok(bytemuck::pod_collect_to_vec(t.data))
+        };
+        let mut p = LowRankPredictor::new(d_in, rank, n_out, f32s(&w1)?, f32s(&b1)?, f32s(&w2)?, f32s(&b2)?)
+            .map_err(|e| bad(format!("layer {l}: {e}")))?;
+        p.set_threshold(t);
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// A predictor's four tensors, as stored in predictor files and packed models.
+pub(crate) fn predictor_tensors(l: usize, p: &LowRankPredictor) -> Vec<ExtraTensor> {
+    let (d, r, n) = (p.d_in() as u64, p.rank() as u64, p.n_out() as u64);
+    let [w1, b1, w2, b2] = predictor_tensor_names(l);
+    [(w1, vec![d, r], p.w1()), (b1, vec![r], p.b1()), (w2, vec![r, n], p.w2()), (b2, vec![n], p.b2())]
+        .into_iter()
+        .map(|(name, dims, data)| ExtraTensor {
+            name,
+            ty: GgmlType::F32,
+            dims,
+            data: bytemuck::cast_slice(data).to_vec(),
+        })
+        .collect()
+}
+
+/// What the planner needs to know about a packed model: its sizes and each layer's activation statistics.
+/// `source_bytes` is the size of the GGUF it was made from (budgets are shares of it); `density` is each layer's
+/// share of neurons active per token (predicted density with predictors, 1 − sparsity with thresholds).
+pub fn plan_input(
+    model: &Model,
+    source_bytes: u64,
+    density: &[f64],
+    uses_predictor: bool,
+    params: &ContextParams,
+) -> Result<PlanInput, RuntimeError> {
+    let c = model.config();
+    let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
+    let predictor_bytes: u64 = match (uses_predictor, &model.sparsity().predictors) {
+        (true, Some(ps)) => {
+            ps.iter().map(|p| 4 * (p.w1().len() + p.b1().len() + p.w2().len() + p.b2().len()) as u64).sum()
+        }
+        _ => 0,
+    };
+    Ok(PlanInput {
+        model: c.name.clone().unwrap_or_default(),
+        file_bytes: source_bytes,
+        resident_bytes: model.resident_weight_bytes() + predictor_bytes,
+        kv_bytes: params.kv_bytes(c),
+        scratch_bytes: params.scratch_bytes(c),
+        cluster_neurons: layers[0].cluster_neurons,
+        d_model: c.d_model,
+        layers: layers
+            .iter()
+            .zip(density)
+            .map(|(pl, &d)| LayerStats {
+                n_ff: pl.n_ff,
+                gate_bytes: pl.gate_row_bytes() as u64,
+                bundle_bytes: pl.bundle_bytes() as u64,
+                frequency: pl.frequency.clone(),
+                predicted_density: d,
+            })
+            .collect(),
+        uses_predictor,
+    })
+}
+
+/// The `format` field of a prepared directory's manifest.
+pub const MANIFEST_FORMAT: &str = "pinion-prepared";
+/// The manifest version written, and the only one read.
+pub const MANIFEST_VERSION: u64 = 1;
+/// The manifest's file name inside a prepared directory.
+pub const MANIFEST_FILE: &str = "prepare.json";
+
+/// The record of which preparation steps a directory holds, so that `cargo xtask prepare` resumes where it
+/// stopped and redoes a step only when its inputs or settings changed.
+///
+/// Each step is recorded with a *key*: a digest of its settings and of the keys of the steps it depends on. A
+/// step is done when its recorded key equals the key asked for and its output files exist.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Manifest {
+    steps: std::collections::BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Reads `dir`'s manifest; an absent one is empty, an unreadable or foreign one is an error.
+    pub fn load(dir: &Path) -> Result<Manifest, RuntimeError> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
+            Err(source) => return Err(RuntimeError::Io { path, source }),
+        };
+        let bad = |why: &str| RuntimeError::BadPreparedDir { path: path.clone(), why: why.into() };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+        if v["format"] != MANIFEST_FORMAT || v["version"].as_u64() != Some(MANIFEST_VERSION) {
+            return Err(bad("not a version 1 pinion-prepared manifest"));
+        }
+        let steps = v["steps"].as_object().ok_or_else(|| bad("no steps"))?;
+        let steps = steps
+            .iter()
+            .map(|(k, v)| {
+                v.as_str()
+                    .map(|s| (k.clone(), s.to_string()))
+                    .ok_or_else(|| bad("a step key is not a string"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Manifest { steps })
+    }
+
+    /// Whether `step` was done with `key` and all its `outputs` exist.
+    pub fn is_done(&self, step: &str, key: &str, outputs: &[&Path]) -> bool {
+        self.steps.get(step).is_some_and(|k| k == key) && outputs.iter().all(|p| p.exists())
+    }
+
+    /// Records `step` as done with `key` and writes the manifest (atomically) into `dir`.
+    pub fn mark(&mut self, dir: &Path, step: &str, key: &str) -> Result<(), RuntimeError> {
+        self.steps.insert(step.to_string(), key.to_string());
+        let v =
+            serde_json::json!({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "steps": self.steps});
+        let path = dir.join(MANIFEST_FILE);
+        let io = |source| RuntimeError::Io { path: path.clone(), source };
+        let tmp = partial_path(&path);
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).expect("JSON values serialize")).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+}
+
+/// A step key: the hex SHA-256 of the parts, in order.
+pub fn step_key(parts: &[&str]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What identifies an input file for a step key: its path, length and modification time.
+pub fn file_identity(path: &Path) -> Result<String, RuntimeError> {
+    let m =
+        std::fs::metadata(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{}:{}:{}", path.display(), m.len(), mtime))
 }

@@ -62,10 +62,12 @@ fn profiling_a_relu_model_finds_the_planted_frequencies() {
     let cfg = SynthConfig { n_layers: 2, ..SynthConfig::preset("tiny").unwrap() };
     let model = Model::load(&synth_model(&dir, "relu", &cfg)).unwrap();
     assert_eq!(model.config().ffn_act, FfnActivation::Relu);
-    let opts = ProfileOptions { max_tokens: 1500, chunk: 256, token_samples: 300, ..ProfileOptions::default() };
+    let opts =
+        ProfileOptions { max_tokens: 1500, chunk: 256, token_samples: 300, ..ProfileOptions::default() };
     let mut calls = Vec::new();
-    let profile = prepare::profile_activations(&model, &calib_text(3000), &opts, &mut |d, t| calls.push((d, t)))
-        .unwrap();
+    let profile =
+        prepare::profile_activations(&model, &calib_text(3000), &opts, &mut |d, t| calls.push((d, t)))
+            .unwrap();
     assert_eq!(profile.n_tokens(), 1500);
     assert_eq!(calls.last(), Some(&(1500, 1500)));
     assert_eq!(calls.len(), 1500usize.div_ceil(256));
@@ -117,7 +119,8 @@ fn a_short_calibration_text_is_an_error() {
     let dir = TempDir::new("prep-short");
     let cfg = SynthConfig { n_layers: 1, ..SynthConfig::preset("tiny").unwrap() };
     let model = Model::load(&synth_model(&dir, "m", &cfg)).unwrap();
-    let e = prepare::profile_activations(&model, "alpha", &ProfileOptions::default(), &mut |_, _| {}).unwrap_err();
+    let e = prepare::profile_activations(&model, "alpha", &ProfileOptions::default(), &mut |_, _| {})
+        .unwrap_err();
     assert!(matches!(e, RuntimeError::CalibrationTooShort { .. }), "{e}");
 }
 
@@ -127,7 +130,8 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
     let cfg = SynthConfig { n_layers: 2, ..SynthConfig::preset("tiny").unwrap() };
     let src = synth_model(&dir, "relu", &cfg);
     let model = Model::load(&src).unwrap();
-    let opts = ProfileOptions { max_tokens: 1024, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
+    let opts =
+        ProfileOptions { max_tokens: 1024, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
     let profile = prepare::profile_activations(&model, &calib_text(2000), &opts, &mut |_, _| {}).unwrap();
     let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
