@@ -792,7 +792,7 @@ fn init_params(dims: &Dims, counts: &[u64], n_train: usize, pos_weight: &[f32], 
     let s1 = (2.0 / dims.d as f64).sqrt();
     w1.iter_mut().for_each(|v| *v = (rng.normal() * s1) as f32);
     b1.fill(0.0);
-    let s2 = (1.0 / dims.r as f64).sqrt();
+    let s2 = 0.1 * (1.0 / dims.r as f64).sqrt();
     w2.iter_mut().for_each(|v| *v = (rng.normal() * s2) as f32);
     // Start every neuron at the loss-optimal constant logit, ln(w * p / (1 - p)).
     for ((b, &c), &pw) in b2.iter_mut().zip(counts).zip(pos_weight) {
@@ -802,11 +802,107 @@ fn init_params(dims: &Dims, counts: &[u64], n_train: usize, pos_weight: &[f32], 
     p
 }
 
+/// Points the first layer at the input directions that carry the labels.
+///
+/// For neuron `c`, `m_c` is the mean standardized input over the training samples where it fired; for
+/// threshold-like neurons it lies along the neuron's gate. The top `rank / 2` right singular vectors of
+/// `M = [m_c]` (found by three rounds of subspace iteration, without forming `M`) become the rows of `W1`, each
+/// once with each sign so that the ReLU passes both halves. Training then starts in the subspace that matters,
+/// which needs far fewer samples than finding it from a random start when `d_in` is large.
+fn spectral_init(data: &Data, counts: &[u64], dims: &Dims, params: &mut [f32], rng: &mut Rng) {
+    let Dims { d, r, n } = *dims;
+    let n_train = data.m_train.n_rows();
+    let p = r / 2;
+    if p == 0 || n_train == 0 {
+        return;
+    }
+    let inv_count: Vec<f32> = counts.iter().map(|&c| if c == 0 { 0.0 } else { 1.0 / c as f32 }).collect();
+    let mut xt = vec![0.0f32; d * n_train];
+    transpose(&data.x_train, &mut xt, n_train, d);
+    // q: d x p, random start.
+    let mut q: Vec<f32> = (0..d * p).map(|_| rng.normal() as f32).collect();
+    orthonormalize_columns(&mut q, d, p);
+    let mut a = vec![0.0f32; n_train * p];
+    let mut z = vec![0.0f32; n * p];
+    let mut w = vec![0.0f32; n_train * p];
+    for _ in 0..3 {
+        // a = X q (N x p); z = diag(1 / count) Y^T a (n x p).
+        gemm(&data.x_train, &q, &mut a, n_train, p, d);
+        z.fill(0.0);
+        for (sidx, arow) in a.chunks_exact(p).enumerate() {
+            for_each_set_bit(data.m_train.row_words(sidx), |c| {
+                for (zv, av) in z[c * p..(c + 1) * p].iter_mut().zip(arow) {
+                    *zv += av;
+                }
+            });
+        }
+        for (zrow, &ic) in z.chunks_exact_mut(p).zip(&inv_count) {
+            zrow.iter_mut().for_each(|v| *v *= ic * ic);
+        }
+        // w = Y z (N x p); q = orth(X^T w) (d x p), so q <- orth(M^T M q).
+        w.par_chunks_mut(p).enumerate().for_each(|(sidx, wrow)| {
+            wrow.fill(0.0);
+            for_each_set_bit(data.m_train.row_words(sidx), |c| {
+                for (wv, zv) in wrow.iter_mut().zip(&z[c * p..(c + 1) * p]) {
+                    *wv += zv;
+                }
+            });
+        });
+        gemm(&xt, &w, &mut q, d, p, n_train);
+        orthonormalize_columns(&mut q, d, p);
+    }
+    let [w1, b1, _, _] = split_flat_mut(dims, params);
+    for k in 0..2 * p {
+        let sign = if k % 2 == 0 { 1.0 } else { -1.0 };
+        for (j, v) in w1[k * d..(k + 1) * d].iter_mut().enumerate() {
+            *v = sign * q[j * p + k / 2];
+        }
+    }
+    b1.fill(0.0);
+}
+
+fn for_each_set_bit(words: &[u64], mut f: impl FnMut(usize)) {
+    for (wi, &w) in words.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            f(wi * 64 + w.trailing_zeros() as usize);
+            w &= w - 1;
+        }
+    }
+}
+
+/// Modified Gram-Schmidt on the `p` columns of `q` (`d x p`, row-major); a column that vanishes is left zero.
+fn orthonormalize_columns(q: &mut [f32], d: usize, p: usize) {
+    let mut cols = vec![0.0f64; d * p];
+    for (j, row) in q.chunks_exact(p).enumerate() {
+        for (k, &v) in row.iter().enumerate() {
+            cols[k * d + j] = f64::from(v);
+        }
+    }
+    for k in 0..p {
+        let (done, rest) = cols.split_at_mut(k * d);
+        let col = &mut rest[..d];
+        for prev in done.chunks_exact(d) {
+            let dotp: f64 = prev.iter().zip(col.iter()).map(|(a, b)| a * b).sum();
+            col.iter_mut().zip(prev).for_each(|(c, a)| *c -= dotp * a);
+        }
+        let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let inv = if norm > 1e-12 { 1.0 / norm } else { 0.0 };
+        col.iter_mut().for_each(|v| *v *= inv);
+    }
+    for (j, row) in q.chunks_exact_mut(p).enumerate() {
+        for (k, v) in row.iter_mut().enumerate() {
+            *v = cols[k * d + j] as f32;
+        }
+    }
+}
+
 fn fit_rank(data: &Data, counts: &[u64], rank: usize, cfg: &TrainConfig) -> Fit {
     let dims = Dims { d: data.d, r: rank, n: data.n };
     let n_train = data.m_train.n_rows();
     let mut rng = Rng::new(cfg.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut params = init_params(&dims, counts, n_train, &data.pos_weight, &mut rng);
+    spectral_init(data, counts, &dims, &mut params, &mut rng);
     let mut grad = vec![0.0f32; dims.len()];
     let mut adam = Adam::new(dims.len());
     let batch = cfg.batch.min(n_train);
