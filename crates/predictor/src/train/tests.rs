@@ -170,7 +170,6 @@ fn folded_standardization_gives_the_explicit_logits() {
     let folded = batch_logits(&p, &x);
     let mut s = Scratch::new(&dims, n);
     let w = Weights::from_flat(&dims, &params);
-    s.load(&w);
     forward(&w, &xs, n, &mut s);
     for (a, b) in folded.iter().zip(&s.z[..n * n_out]) {
         assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
