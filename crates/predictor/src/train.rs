@@ -296,6 +296,9 @@ fn validate(cfg: &TrainConfig) -> Result<(), PredictorError> {
 }
 
 /// Scores `p` at its own threshold on inputs `x` (`masks.n_rows() x p.d_in()`) against `masks`.
+///
+/// The batched logits here are bitwise those of [`LowRankPredictor::logits`] (same summation order), so the
+/// scores hold exactly for the runtime's per-token path.
 pub fn evaluate(p: &LowRankPredictor, x: &[f32], masks: &Masks) -> Result<Metrics, PredictorError> {
     if masks.n_cols() != p.n_out() {
         return Err(PredictorError::Shape { what: "mask columns", got: masks.n_cols(), expected: p.n_out() });
