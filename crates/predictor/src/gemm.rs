@@ -15,6 +15,16 @@ const NR: usize = 8;
 
 /// `c[i * n + j] = sum_l a[i * k + l] * b[l * n + j]` for `a: m x k`, `b: k x n`, `c: m x n`.
 pub(crate) fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
+    gemm_any(a, b, false, c, m, n, k);
+}
+
+/// `c[i * n + j] = sum_l a[i * k + l] * bt[j * k + l]` for `a: m x k`, `bt: n x k` (`B` given transposed),
+/// `c: m x n`; the same arithmetic as [`gemm`] on the transpose of `bt`, without forming it.
+pub(crate) fn gemm_bt(a: &[f32], bt: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
+    gemm_any(a, bt, true, c, m, n, k);
+}
+
+fn gemm_any(a: &[f32], b: &[f32], b_transposed: bool, c: &mut [f32], m: usize, n: usize, k: usize) {
     assert_eq!(a.len(), m * k, "gemm: a");
     assert_eq!(b.len(), k * n, "gemm: b");
     assert_eq!(c.len(), m * n, "gemm: c");
@@ -32,9 +42,9 @@ pub(crate) fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: u
     PACKED.with(|cell| match cell.try_borrow_mut() {
         Ok(mut packed) => {
             packed.resize(len, 0.0);
-            gemm_packed(a, b, c, &mut packed, m, n, k);
+            gemm_packed(a, b, b_transposed, c, &mut packed, m, n, k);
         }
-        Err(_) => gemm_packed(a, b, c, &mut vec![0.0; len], m, n, k),
+        Err(_) => gemm_packed(a, b, b_transposed, c, &mut vec![0.0; len], m, n, k),
     });
 }
 
@@ -42,16 +52,39 @@ thread_local! {
     static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn gemm_packed(a: &[f32], b: &[f32], c: &mut [f32], packed: &mut [f32], m: usize, n: usize, k: usize) {
+#[allow(clippy::too_many_arguments)]
+fn gemm_packed(
+    a: &[f32],
+    b: &[f32],
+    b_transposed: bool,
+    c: &mut [f32],
+    packed: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     let pack = |(p, panel): (usize, &mut [f32])| {
         let (j0, w) = (p * NR, NR.min(n - p * NR));
-        for (l, dst) in panel.chunks_exact_mut(NR).enumerate() {
-            dst[..w].copy_from_slice(&b[l * n + j0..l * n + j0 + w]);
-            dst[w..].fill(0.0);
+        if b_transposed {
+            // Panel column t is row j0 + t of bt.
+            if w < NR {
+                panel.fill(0.0);
+            }
+            for t in 0..w {
+                let src = &b[(j0 + t) * k..(j0 + t + 1) * k];
+                for (dst, &v) in panel.chunks_exact_mut(NR).zip(src) {
+                    dst[t] = v;
+                }
+            }
+        } else {
+            for (l, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..w].copy_from_slice(&b[l * n + j0..l * n + j0 + w]);
+                dst[w..].fill(0.0);
+            }
         }
     };
     let threads = rayon::current_num_threads().max(1);
-    if threads > 1 && k * n >= 1 << 16 {
+    if threads > 1 && k * n >= 1 << 15 {
         packed.par_chunks_mut(k * NR).enumerate().for_each(pack);
     } else {
         packed.chunks_mut(k * NR).enumerate().for_each(pack);
@@ -204,6 +237,20 @@ mod tests {
                 }
             }
             assert_eq!(one, want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn gemm_bt_is_gemm_on_the_transpose() {
+        for &(m, n, k) in &[(5, 3, 7), (9, 17, 13), (64, 130, 33)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
+            let mut b = vec![0.0; n * k];
+            transpose(&bt, &mut b, n, k);
+            let (mut c1, mut c2) = (vec![0.0; m * n], vec![f32::NAN; m * n]);
+            gemm(&a, &b, &mut c1, m, n, k);
+            gemm_bt(&a, &bt, &mut c2, m, n, k);
+            assert_eq!(c1, c2, "{m}x{n}x{k}");
         }
     }
 

@@ -170,16 +170,16 @@ fn folded_standardization_gives_the_explicit_logits() {
     let folded = batch_logits(&p, &x);
     let mut s = Scratch::new(&dims, n);
     let w = Weights::from_flat(&dims, &params);
-    s.load(&w);
     forward(&w, &xs, n, &mut s);
     for (a, b) in folded.iter().zip(&s.z[..n * n_out]) {
         assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
     }
-    // The per-sample path of the predictor agrees too.
+    // The per-sample path of the predictor (what the runtime calls) sums in the same order as the batched one,
+    // so a threshold chosen on batched logits means exactly the same there.
     let (mut h, mut l) = (vec![0.0; 8], vec![0.0; n_out]);
-    p.logits(&x[..d], &mut h, &mut l);
-    for (a, b) in l.iter().zip(&folded[..n_out]) {
-        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+    for r in 0..n {
+        p.logits(&x[r * d..(r + 1) * d], &mut h, &mut l);
+        assert_eq!(l, folded[r * n_out..(r + 1) * n_out], "sample {r}");
     }
 }
 
@@ -380,4 +380,57 @@ fn bad_input_gives_typed_errors() {
         PredictorError::Shape { what: "x", got: d, expected: n * d }
     );
     assert_eq!(holdout_split(1, 0.2, 0).unwrap_err(), PredictorError::TooFewSamples { got: 1, needed: 2 });
+}
+
+#[test]
+fn gram_schmidt_gives_orthonormal_columns() {
+    let (d, p) = (20, 5);
+    let mut rng = Rng::new(4);
+    let mut q: Vec<f32> = (0..d * p).map(|_| rng.normal() as f32).collect();
+    // Make column 3 a copy of column 1: it must come out zero, not NaN.
+    for j in 0..d {
+        q[j * p + 3] = q[j * p + 1];
+    }
+    orthonormalize_columns(&mut q, d, p);
+    for a in 0..p {
+        for b in 0..p {
+            let dot: f32 = (0..d).map(|j| q[j * p + a] * q[j * p + b]).sum();
+            let want = if a == b && a != 3 { 1.0 } else { 0.0 };
+            assert!((dot - want).abs() < 1e-5, "columns {a} {b}: {dot}");
+        }
+    }
+}
+
+#[test]
+fn spectral_init_points_w1_at_the_label_subspace() {
+    // Labels depend on x only through dimensions 1 and 2: W1 rows must start (almost) inside that plane.
+    let (d, n_out, n) = (16, 40, 800);
+    let mut rng = Rng::new(12);
+    let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let mut masks = Masks::new(n, n_out);
+    for r in 0..n {
+        for c in 0..n_out {
+            let a = (c as f32 * 0.7).cos() * x[r * d + 1] + (c as f32 * 0.7).sin() * x[r * d + 2];
+            masks.set(r, c, a > 0.5);
+        }
+    }
+    let rows: Vec<usize> = (0..n).collect();
+    let st = Standardizer::fit(&x, d, &rows);
+    let data = Data {
+        d,
+        n: n_out,
+        x_train: st.apply_rows(&x, d, &rows),
+        m_train: masks.clone(),
+        x_held: Vec::new(),
+        m_held: Masks::new(0, n_out),
+        pos_weight: vec![1.0; n_out],
+    };
+    let dims = Dims { d, r: 4, n: n_out };
+    let mut params = vec![0.0f32; dims.len()];
+    spectral_init(&data, &masks.column_counts(), &dims, &mut params, &mut Rng::new(1));
+    for row in params[..4 * d].chunks_exact(d) {
+        let norm2: f32 = row.iter().map(|v| v * v).sum();
+        let plane = row[1] * row[1] + row[2] * row[2];
+        assert!((norm2 - 1.0).abs() < 1e-4 && plane > 0.9, "row {row:?}");
+    }
 }
