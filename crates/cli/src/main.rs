@@ -44,7 +44,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Model file (GGUF). Default: the SmolLM2-135M model in models/, fetched if missing.
+    /// Model: a GGUF file, or a directory prepared by `cargo xtask prepare` (sparse, neuron-major). Default: the
+    /// SmolLM2-135M model in models/, fetched if missing.
     #[arg(short = 'm', long = "model")]
     model: Option<PathBuf>,
     /// Compute threads.
@@ -54,6 +55,16 @@ struct ModelArgs {
     /// are skipped).
     #[arg(long = "thresholds")]
     thresholds: Option<PathBuf>,
+    /// Prepared models: ignore the trained predictors (use the thresholds alone).
+    #[arg(long = "no-predictors")]
+    no_predictors: bool,
+    /// Prepared models: let the trained predictors choose FFN neurons also on a SiLU model (they predict
+    /// "above threshold"; the default there is thresholds alone).
+    #[arg(long = "predictors", conflicts_with = "no_predictors")]
+    predictors: bool,
+    /// Prepared models: run the FFN densely (no thresholds, no predictors).
+    #[arg(long = "dense", conflicts_with_all = ["thresholds", "predictors"])]
+    dense: bool,
 }
 
 impl ModelArgs {
@@ -69,6 +80,29 @@ impl ModelArgs {
                 t.layers.len()
             );
             ctx.set_ffn_thresholds(Some(t.values()))?;
+        }
+        if self.dense {
+            ctx.set_ffn_thresholds(None)?;
+        }
+        if (self.no_predictors || self.dense) || self.predictors {
+            let has = ctx.use_predictors(self.predictors);
+            if self.predictors && !has {
+                anyhow::bail!(
+                    "--predictors: this model has no trained predictors (prepare it without --no-predictors)"
+                );
+            }
+        }
+        if model.is_packed() {
+            let s = model.sparsity();
+            eprintln!(
+                "pinion: packed FFN; sparsity: {}{}",
+                match (ctx.ffn_thresholds(), s.target_sparsity) {
+                    (None, _) => "dense".to_string(),
+                    (Some(_), Some(t)) => format!("thresholds for {t:.2}"),
+                    (Some(_), None) => "the activation's own zeros".to_string(),
+                },
+                if ctx.uses_predictors() { ", predictors choose neurons" } else { "" }
+            );
         }
         Ok(ctx)
     }

@@ -195,3 +195,68 @@ fn perplexity_ends_with_the_final_estimate() {
     let o = pinion(&["perplexity", "-m", &m, "-f", &short, "-c", "128"]);
     assert!(!o.status.success() && stderr(&o).contains("needs at least"), "{}", stderr(&o));
 }
+
+/// A directory prepared from the real model (threshold sparsity 0.5, no predictors), built once per test run
+/// through the library steps `cargo xtask prepare` drives; with the thresholds file beside it.
+fn prepared_dir() -> Option<(String, PathBuf)> {
+    use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let m = model()?;
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pinion-cli-prepared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = PathBuf::from(&m);
+        let model = pinion_runtime::Model::load(&src).unwrap();
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/calib.txt");
+        let text = std::fs::read_to_string(root).expect("../shared/corpus/calib.txt");
+        let opts = ProfileOptions { max_tokens: 1024, token_samples: 0, ..ProfileOptions::default() };
+        let profile = prepare::profile_activations(&model, &text, &opts, &mut |_, _| {}).unwrap();
+        let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
+        th.save(&dir.join("thresholds.json")).unwrap();
+        let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
+        let out = dir.join(pinion_runtime::PACKED_FILE_NAME);
+        prepare::pack_model(&src, &out, &freq, &th, None, &PackStepOptions::default(), &mut |_, _| {})
+            .unwrap();
+        dir
+    });
+    Some((m, dir.clone()))
+}
+
+#[test]
+fn a_prepared_directory_runs_like_the_gguf_with_its_thresholds() {
+    let Some((m, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let th = dir.join("thresholds.json").to_string_lossy().into_owned();
+    let args = |model: &str| {
+        vec!["run", "-m", model, "-p", "The capital of France is", "-n", "12", "--temp", "0", "-t", "2"]
+            .into_iter()
+            .map(String::from)
+            .chain(["--output-format", "json", "--ignore-eos"].map(String::from))
+            .collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = pinion(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+        (v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect::<Vec<_>>(), stderr(&o))
+    };
+    let (packed, err) = run(args(&d));
+    assert!(err.contains("packed FFN; sparsity: thresholds for 0.50"), "{err}");
+    let mut gguf = args(&m);
+    gguf.extend(["--thresholds".to_string(), th]);
+    let (reference, _) = run(gguf);
+    // Same thresholds, same neurons; the packed down columns are Q8_0 and summed in f32, so the logits differ
+    // in the last digits and a late token may differ: the first ones must not.
+    assert_eq!(packed[..6], reference[..6], "packed {packed:?} vs GGUF {reference:?}");
+    // --dense runs the packed FFN without thresholds: the dense model's answer.
+    let mut dense = args(&d);
+    dense.push("--dense".into());
+    let (dense, err) = run(dense);
+    assert!(err.contains("sparsity: dense"), "{err}");
+    assert_eq!(dense[..6], [7042, 30, 198, 198, 504, 1797], "{dense:?}");
+    // --predictors on a model prepared without them is a clear error.
+    let o = pinion(&["run", "-m", &d, "-p", "hi", "--predictors"]);
+    assert!(!o.status.success() && stderr(&o).contains("no trained predictors"), "{}", stderr(&o));
+}

@@ -196,6 +196,22 @@ impl<'m> Context<'m> {
         self.model.sparsity().predictors.is_some()
     }
 
+    /// Sets per-layer predictors (outputs in the model's packed position order, as in
+    /// [`Model::sparsity`]); `None` stops using predictors.
+    pub fn set_predictors(&mut self, predictors: Option<Vec<LowRankPredictor>>) -> Result<(), RuntimeError> {
+        let c = self.model.config();
+        if let Some(ps) = &predictors {
+            if !self.model.is_packed() {
+                return Err(RuntimeError::NotPacked);
+            }
+            if ps.len() != c.n_layers || ps.iter().any(|p| p.d_in() != c.d_model || p.n_out() != c.n_ff) {
+                return Err(RuntimeError::BadPredictors { got: ps.len(), n_layers: c.n_layers });
+            }
+        }
+        self.predictors = predictors;
+        Ok(())
+    }
+
     /// Whether predictors choose the FFN neurons.
     pub fn uses_predictors(&self) -> bool {
         self.predictors.is_some()

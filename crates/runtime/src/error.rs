@@ -47,6 +47,8 @@ pub enum RuntimeError {
     Training { layer: usize, why: String },
     #[error("{path}: {why}")]
     BadPreparedDir { path: PathBuf, why: String },
+    #[error("predictors: got {got} layers for a model of {n_layers}, or a predictor of the wrong width")]
+    BadPredictors { got: usize, n_layers: usize },
     #[error("this needs a packed model (prepare one with `cargo xtask prepare`)")]
     NotPacked,
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use pinion_format::GgmlType;
 use pinion_format::synth::{self, Activation, SynthConfig};
+use pinion_predictor::train::TrainConfig;
 use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
 use pinion_runtime::{Context, ContextParams, FfnActivation, Logits, Model, PACKED_FILE_NAME, RuntimeError};
 
@@ -167,4 +168,96 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
     // A packed model is not profiled again.
     let mut p = pinion_runtime::ActivationProfile::new(2, cfg.n_ff, 16);
     assert!(matches!(b.eval_profile(&tokens, &mut p), Err(RuntimeError::ProfilePacked)));
+}
+
+#[test]
+fn predictors_trained_on_a_synthetic_relu_model_reach_the_recall_goal() {
+    let dir = TempDir::new("prep-train");
+    let cfg = SynthConfig { n_layers: 2, ..SynthConfig::preset("tiny").unwrap() };
+    let src = synth_model(&dir, "relu", &cfg);
+    let model = Model::load(&src).unwrap();
+    let opts =
+        ProfileOptions { max_tokens: 3000, chunk: 500, token_samples: 2500, ..ProfileOptions::default() };
+    let profile = prepare::profile_activations(&model, &calib_text(6000), &opts, &mut |_, _| {}).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
+    let train =
+        TrainConfig { target_recall: 0.99, ranks: vec![32, 64], threads: 2, ..TrainConfig::default() };
+    let mut seen = 0;
+    let trained = prepare::train_predictors(&model, &profile, &th, &train, &mut |l, n, _| {
+        seen += 1;
+        assert_eq!((l, n), (seen, 2));
+    })
+    .unwrap();
+    // The acceptance goal: recall >= 0.99 on held-out tokens at a predicted density at most 1.5x the true one.
+    for (l, (_, r)) in trained.iter().enumerate() {
+        assert!(r.recall >= 0.99, "layer {l}: recall {}", r.recall);
+        assert!(
+            r.predicted_density <= 1.5 * r.true_density,
+            "layer {l}: {} vs {}",
+            r.predicted_density,
+            r.true_density
+        );
+        assert!((r.true_density - cfg.density).abs() < 0.05, "layer {l}: true density {}", r.true_density);
+    }
+
+    // The predictors file round-trips, and a packed model carries them in position order.
+    let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
+    let file = dir.0.join("predictors.gguf");
+    prepare::save_predictors(&ps, &file).unwrap();
+    assert_eq!(prepare::load_predictors(&file).unwrap(), ps);
+    let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
+    let packed_path = dir.0.join("m.pinion");
+    prepare::pack_model(
+        &src,
+        &packed_path,
+        &freq,
+        &th,
+        Some(&ps),
+        &PackStepOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let packed = Model::load(&packed_path).unwrap();
+    let pp = packed.sparsity().predictors.clone().unwrap();
+    let order = &packed.packed_layers().unwrap()[0].order;
+    let x: Vec<f32> = (0..cfg.d_model).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
+    let (mut h, mut a, mut b) = (vec![0.0; ps[0].rank()], vec![0.0; cfg.n_ff], vec![0.0; cfg.n_ff]);
+    ps[0].logits(&x, &mut h, &mut a);
+    pp[0].logits(&x, &mut h, &mut b);
+    for (pos, &n) in order.iter().enumerate() {
+        assert_eq!(b[pos], a[n as usize], "position {pos} holds neuron {n}");
+    }
+
+    // Predictors are on by default for a ReLU model; one that predicts every neuron changes nothing, one that
+    // predicts none removes the FFN.
+    let tokens = packed.tokenizer().encode("the predictors choose the neurons", true, false);
+    let run = |ps: Option<Vec<pinion_predictor::LowRankPredictor>>| {
+        let mut ctx = Context::new(&packed, ContextParams::new(64, 2)).unwrap();
+        assert!(ctx.uses_predictors());
+        ctx.set_predictors(ps).unwrap();
+        ctx.eval(&tokens, Logits::Last).unwrap().to_vec()
+    };
+    let with_threshold = |t: f32| {
+        pp.iter()
+            .cloned()
+            .map(|mut p| {
+                p.set_threshold(t);
+                p
+            })
+            .collect::<Vec<_>>()
+    };
+    let free = run(None);
+    assert_eq!(run(Some(with_threshold(f32::NEG_INFINITY))), free);
+    let predicted = run(Some(pp.clone()));
+    let none = run(Some(with_threshold(f32::INFINITY)));
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(
+        dist(&none, &free) > 10.0 * dist(&predicted, &free),
+        "{} vs {}",
+        dist(&none, &free),
+        dist(&predicted, &free)
+    );
+    // Wrong shapes are refused.
+    let mut ctx = Context::new(&packed, ContextParams::new(64, 2)).unwrap();
+    assert!(matches!(ctx.set_predictors(Some(pp[..1].to_vec())), Err(RuntimeError::BadPredictors { .. })));
 }
