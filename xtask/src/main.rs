@@ -49,6 +49,10 @@ enum Cmd {
     Calibrate(prepare::CalibrateCmd),
     /// Train per-layer activation predictors on a profile's token samples.
     Train(prepare::TrainCmd),
+    /// Pack a GGUF into the neuron-cluster format from a profile and thresholds (and predictors).
+    Pack(prepare::PackCmd),
+    /// Print the plan of a prepared model for memory budgets.
+    Plan(prepare::PlanCmd),
     /// Profile, calibrate, train, pack and plan a model into a directory `pinion -m DIR` runs (resumable).
     Prepare(prepare::PrepareCmd),
     /// Measure this machine for the planner: reads by size and depth, memory bandwidth, kernel speed.
@@ -75,6 +79,8 @@ fn main() -> Result<()> {
         Cmd::Calibrate(args) => prepare::calibrate(&args)?,
         Cmd::Train(args) => prepare::train(&args)?,
         Cmd::Prepare(args) => prepare::prepare_all(&args)?,
+        Cmd::Pack(args) => prepare::pack_cmd(&args)?,
+        Cmd::Plan(args) => prepare::plan_cmd(&args)?,
     }
     Ok(())
 }

@@ -144,10 +144,11 @@ pub(crate) fn check_sparsity(s: &[f64]) -> Result<()> {
 }
 
 pub(crate) fn print_thresholds(th: &Thresholds) {
-    println!(
-        "\nsparsity {:.2}: layer, threshold, achieved sparsity on the calibration samples",
-        th.target_sparsity
-    );
+    let what = match th.target_sparsity.is_finite() {
+        true => format!("sparsity {:.2}", th.target_sparsity),
+        false => "ReLU-family model, thresholds 0 (the activation's own zeros)".to_string(),
+    };
+    println!("\n{what}: layer, threshold, achieved sparsity on the calibration samples");
     for (l, (t, got)) in th.layers.iter().enumerate() {
         println!("  {l:>3}  {t:>10.6}  {got:.4}");
     }
@@ -159,7 +160,7 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 0.95)]
     pub(crate) target_recall: f64,
     /// Candidate predictor ranks, comma-separated (the smallest meeting the density goal is kept).
-    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     pub(crate) ranks: Vec<usize>,
     /// Most training epochs per rank.
     #[arg(long, default_value_t = 24)]
@@ -276,9 +277,10 @@ pub(crate) struct PrepareCmd {
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
     /// Memory budget of the plan: bytes (48MiB, 1.5GiB) or a share of the model file (50%), for the whole
-    /// process (weights, KV cache, scratch, neuron cache).
-    #[arg(long, default_value = "50%")]
-    mem_budget: String,
+    /// process (weights, KV cache, scratch, neuron cache). Default: 50%, or the smallest budget that works if
+    /// that is less.
+    #[arg(long)]
+    mem_budget: Option<String>,
     /// Context size the plan reserves a KV cache for.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
@@ -315,7 +317,8 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     let mut manifest = if a.force { Manifest::default() } else { prepare::Manifest::load(&out)? };
     let source_bytes = std::fs::metadata(&path)?.len();
     let act = model.config().ffn_act;
-    let budget = budget_bytes(&a.mem_budget, source_bytes)?;
+    let budget_arg = a.mem_budget.as_deref().unwrap_or("50%");
+    let budget = budget_bytes(budget_arg, source_bytes)?;
     eprintln!(
         "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
         path.display(),
@@ -433,20 +436,132 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     };
 
     // 6. Plan.
-    let packed = Model::load(&out)?;
-    let uses_predictor = act.is_relu_family() && packed.sparsity().predictors.is_some();
-    let density = layer_density(&th, &f_pred_report, uses_predictor)?;
-    let params = ContextParams { n_ubatch: 32, ..ContextParams::new(a.ctx, a.profile.threads) };
-    let input = prepare::plan_input(&packed, source_bytes, &density, uses_predictor, &params)?;
-    let plan = plan::plan(&input, &device, Budget::Bytes(budget), a.profile.threads)?;
+    let plan = match make_plan(&out, &th, source_bytes, &device, budget, a.ctx, a.profile.threads) {
+        Err(e) if a.mem_budget.is_none() => match e.downcast_ref::<plan::PlanError>() {
+            Some(&plan::PlanError::BudgetTooSmall { minimum, .. }) => {
+                eprintln!("plan: {e}; planning for that minimum instead (pass --mem-budget to choose)");
+                make_plan(&out, &th, source_bytes, &device, minimum, a.ctx, a.profile.threads)?
+            }
+            _ => return Err(e),
+        },
+        r => r?,
+    };
     println!("\n{}", plan.render());
     plan.save(&out.join("plan.json"))?;
-    manifest.mark(&out, "plan", &step_key(&[&k_pack, &a.mem_budget, &a.ctx.to_string()]))?;
+    manifest.mark(&out, "plan", &step_key(&[&k_pack, budget_arg, &a.ctx.to_string()]))?;
     eprintln!(
         "prepare: done in {:.1} s; run it with `pinion run -m {}`",
         t0.elapsed().as_secs_f64(),
         out.display()
     );
+    Ok(())
+}
+
+/// The plan for the packed model in `dir` under `budget` bytes, with a KV cache of `ctx` tokens.
+fn make_plan(
+    dir: &std::path::Path,
+    th: &Thresholds,
+    source_bytes: u64,
+    device: &DeviceProfile,
+    budget: u64,
+    ctx: usize,
+    threads: usize,
+) -> Result<plan::Plan> {
+    let packed = Model::load(dir)?;
+    let uses_predictor = packed.config().ffn_act.is_relu_family() && packed.sparsity().has_predictors;
+    let density = layer_density(th, &dir.join("predictors.json"), uses_predictor)?;
+    let params = ContextParams { n_ubatch: 32, ..ContextParams::new(ctx, threads) };
+    let input = prepare::plan_input(&packed, source_bytes, &density, uses_predictor, &params)?;
+    Ok(plan::plan(&input, device, Budget::Bytes(budget), threads)?)
+}
+
+#[derive(Args)]
+pub(crate) struct PlanCmd {
+    /// A directory made by `cargo xtask prepare`.
+    #[arg(long, short = 'p')]
+    prepared: PathBuf,
+    /// The GGUF it was prepared from (budgets in % are shares of its size); default: the SmolLM2 model.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Memory budgets, comma-separated: bytes (48MiB) or shares of the model file (50%).
+    #[arg(long, value_delimiter = ',', default_value = "50%")]
+    mem_budget: Vec<String>,
+    /// Context size the plan reserves a KV cache for.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// A device profile; default: DIR/device.json.
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// Compute threads.
+    #[arg(long, short = 't', default_value_t = 2)]
+    threads: usize,
+}
+
+/// `cargo xtask plan`: print the plan for each budget (a budget below the minimum is reported, not fatal,
+/// when several are asked for).
+pub(crate) fn plan_cmd(a: &PlanCmd) -> Result<()> {
+    let src = a.model.clone().unwrap_or_else(registry::default_model_path);
+    let source_bytes = std::fs::metadata(&src).with_context(|| format!("{}", src.display()))?.len();
+    let th = Thresholds::load(&a.prepared.join("thresholds.json"))?;
+    let device = DeviceProfile::load(&a.device.clone().unwrap_or_else(|| a.prepared.join("device.json")))?;
+    let mut failed = None;
+    for b in &a.mem_budget {
+        let budget = budget_bytes(b, source_bytes)?;
+        println!("\n## --mem-budget {b} ({:.1} MiB of a {:.1} MiB model)\n", mib(budget), mib(source_bytes));
+        match make_plan(&a.prepared, &th, source_bytes, &device, budget, a.ctx, a.threads) {
+            Ok(p) => println!("{}", p.render()),
+            Err(e) => {
+                println!("error: {e}");
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) if a.mem_budget.len() == 1 => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct PackCmd {
+    /// Model (GGUF); default: the SmolLM2 model in models/.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// A profile written by `cargo xtask profile` (for the hotness order).
+    #[arg(long)]
+    from_profile: PathBuf,
+    /// A thresholds file written by `cargo xtask calibrate`.
+    #[arg(long)]
+    thresholds: PathBuf,
+    /// A predictors file written by `cargo xtask train`.
+    #[arg(long)]
+    predictors: Option<PathBuf>,
+    /// Neurons per packed record.
+    #[arg(long, default_value_t = 32)]
+    cluster: usize,
+    /// Type of the transposed down columns: q8_0, f16 or f32.
+    #[arg(long, default_value = "q8_0", value_parser = down_type)]
+    down_type: GgmlType,
+    /// Output packed file (or a directory, which gets `model.pinion`).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+/// `cargo xtask pack`: the neuron-cluster file from a GGUF, a profile and thresholds (and predictors).
+pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
+    let (path, model) = load_model(&a.model)?;
+    let profile = prepare::load_profile(&a.from_profile)?;
+    let th = Thresholds::load(&a.thresholds)?;
+    let freq = prepare::activation_frequencies(&model, &profile, &th)?;
+    drop(profile);
+    let predictors = a.predictors.as_deref().map(prepare::load_predictors).transpose()?;
+    let out = if a.out.is_dir() { a.out.join(PACKED_FILE_NAME) } else { a.out.clone() };
+    let opts = PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type };
+    let mut pb = Progress::new("pack", "layers");
+    let s = prepare::pack_model(&path, &out, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
+        pb.update(l as u64, n as u64, "")
+    })?;
+    pb.finish(&format!("{:.1} MiB written to {}", mib(s.file_len), out.display()));
     Ok(())
 }
 

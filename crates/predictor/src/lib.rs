@@ -5,7 +5,9 @@
 //! neuron is off when `|act(gate · x)|` is below a per-layer threshold, [`calibrate_threshold`]). [`Metrics`]
 //! scores a prediction against the true active set. [`train::train_layer`] fits one layer's predictor from
 //! recorded (input, active-mask) pairs ([`train::Masks`]), choosing its rank and decision threshold on a
-//! held-out split. This crate works on plain f32 data; it does no file or cache work.
+//! held-out split. [`ActivationProfile`] records what a calibration run saw (score samples, firing counts and
+//! token samples), and reads and writes its versioned file format through `impl Read`/`impl Write`. This crate
+//! works on plain f32 data; it opens no files and does no cache work.
 #![forbid(unsafe_code)]
 
 mod gemm;

@@ -1,5 +1,7 @@
 //! The inference context: KV cache, scratch buffers, thread pool, and the dense forward pass.
 
+use std::borrow::Cow;
+
 use half::f16;
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
@@ -84,8 +86,9 @@ pub struct Context<'m> {
     spin: SpinPool,
     /// Per-layer thresholds on neuron scores (CATS for SiLU): neurons below are skipped. `None`: dense.
     thresholds: Option<Vec<f32>>,
-    /// Per-layer predictors (packed models only): neurons they do not mark are skipped.
-    predictors: Option<Vec<LowRankPredictor>>,
+    /// Per-layer predictors (packed models only): neurons they do not mark are skipped. Borrowed from the
+    /// model unless set with [`Context::set_predictors`].
+    predictors: Option<Cow<'m, [LowRankPredictor]>>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -149,7 +152,7 @@ impl<'m> Context<'m> {
             spin,
             thresholds: model.sparsity().thresholds.clone(),
             predictors: match c.ffn_act.is_relu_family() {
-                true => model.sparsity().predictors.clone(),
+                true => model.predictors().map(Cow::Borrowed),
                 false => None,
             },
         })
@@ -192,12 +195,12 @@ impl<'m> Context<'m> {
     /// default for ReLU-family packed models; on SiLU models they predict "above threshold" and skip the rest.
     /// Returns whether the model has predictors.
     pub fn use_predictors(&mut self, on: bool) -> bool {
-        self.predictors = if on { self.model.sparsity().predictors.clone() } else { None };
-        self.model.sparsity().predictors.is_some()
+        self.predictors = if on { self.model.predictors().map(Cow::Borrowed) } else { None };
+        self.model.sparsity().has_predictors
     }
 
-    /// Sets per-layer predictors (outputs in the model's packed position order, as in
-    /// [`Model::sparsity`]); `None` stops using predictors.
+    /// Sets per-layer predictors (outputs in the model's packed position order, as
+    /// [`Model::predictors`] gives them); `None` stops using predictors.
     pub fn set_predictors(&mut self, predictors: Option<Vec<LowRankPredictor>>) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if let Some(ps) = &predictors {
@@ -208,7 +211,7 @@ impl<'m> Context<'m> {
                 return Err(RuntimeError::BadPredictors { got: ps.len(), n_layers: c.n_layers });
             }
         }
-        self.predictors = predictors;
+        self.predictors = predictors.map(Cow::Owned);
         Ok(())
     }
 

@@ -1,7 +1,10 @@
 //! The pinion runtime: turns a model file into text. It assembles a llama-style model from a memory-mapped GGUF
-//! file ([`Model`]), holds one sequence's KV cache and scratch buffers ([`Context`], the main type), runs the
-//! forward pass on the CPU kernels of `pinion-exec-cpu`, samples tokens ([`Sampler`]) and drives generation
-//! ([`generate`]), perplexity ([`perplexity()`]) and llama-bench-style speed tests ([`run_bench`]).
+//! file or a packed neuron-major file ([`Model`]), holds one sequence's KV cache and scratch buffers
+//! ([`Context`], the main type), runs the forward pass on the CPU kernels of `pinion-exec-cpu` (a packed FFN
+//! sparsely, choosing neurons by thresholds and predictors), samples tokens ([`Sampler`]) and drives generation
+//! ([`generate`]), perplexity ([`perplexity()`]) and llama-bench-style speed tests ([`run_bench`]). The offline
+//! preparation steps are library functions in [`prepare`], with the device profile ([`device`]) and the
+//! planner ([`plan`]).
 //!
 //! This crate does not parse files (that is `pinion-format`), hold kernels (`pinion-exec-cpu`) or touch the
 //! terminal: the `pinion` binary does the printing. It is the only crate that schedules threads.

@@ -66,8 +66,20 @@ pub struct ModelSparsity {
     pub thresholds: Option<Vec<f32>>,
     /// The sparsity the thresholds were calibrated for.
     pub target_sparsity: Option<f32>,
-    /// Per-layer predictors whose outputs are in the packed (position) order, with their logit thresholds set.
-    pub predictors: Option<Vec<LowRankPredictor>>,
+    /// Whether the model carries trained predictors ([`Model::predictors`]).
+    pub has_predictors: bool,
+}
+
+/// Where a layer's predictor is in the mapped file: the byte ranges of `W1`, `b1`, `W2`, `b2` (F32), its rank
+/// and logit threshold.
+#[derive(Clone, Debug)]
+struct PredictorRef {
+    w1: Range<usize>,
+    b1: Range<usize>,
+    w2: Range<usize>,
+    b2: Range<usize>,
+    rank: usize,
+    threshold: f32,
 }
 
 /// A loaded model: config, tokenizer, and weights viewed in place in the mapped file.
@@ -84,6 +96,9 @@ pub struct Model {
     pub(crate) output: WeightRef,
     pub(crate) layers: Vec<LayerWeights>,
     sparsity: ModelSparsity,
+    predictor_refs: Vec<PredictorRef>,
+    /// The predictors, decoded on first use (a SiLU model that never uses them never pays their memory).
+    predictors: std::sync::OnceLock<Vec<LowRankPredictor>>,
     packed: bool,
 }
 
@@ -104,7 +119,7 @@ impl Model {
             let base = packed.resident_offset() as usize;
             let layers = packed.layers().to_vec();
             let mut model = Model::from_gguf(&file, packed.resident_gguf(), base, Some(layers))?;
-            model.sparsity = read_sparsity(packed.resident_gguf(), &model)?;
+            (model.sparsity, model.predictor_refs) = read_sparsity(packed.resident_gguf(), base, &model)?;
             return Ok(model);
         }
         let gguf = Gguf::parse(&file).map_err(format_err)?;
@@ -176,6 +191,8 @@ impl Model {
             output,
             layers,
             sparsity: ModelSparsity::default(),
+            predictor_refs: Vec::new(),
+            predictors: std::sync::OnceLock::new(),
             packed: is_packed,
         })
     }
@@ -183,6 +200,43 @@ impl Model {
     /// The sparsity a prepared (packed) model carries; empty for a GGUF.
     pub fn sparsity(&self) -> &ModelSparsity {
         &self.sparsity
+    }
+
+    /// The trained predictors of a packed model, one per layer, outputs in the packed (position) order and
+    /// logit thresholds set; decoded from the file on the first call. `None` when the model has none.
+    pub fn predictors(&self) -> Option<&[LowRankPredictor]> {
+        if self.predictor_refs.is_empty() {
+            return None;
+        }
+        let c = &self.config;
+        let built = self.predictors.get_or_init(|| {
+            let f32s = |r: &Range<usize>| -> Vec<f32> { bytemuck::pod_collect_to_vec(&self.file[r.clone()]) };
+            self.predictor_refs
+                .iter()
+                .zip(&self.layers)
+                .map(|(pr, layer)| {
+                    let (w2, b2) = (f32s(&pr.w2), f32s(&pr.b2));
+                    // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
+                    let order: Vec<u32> = match &layer.ffn {
+                        FfnWeights::Packed(pl) => pl.order.clone(),
+                        FfnWeights::Dense { .. } => (0..c.n_ff as u32).collect(),
+                    };
+                    let r = pr.rank;
+                    let w2p: Vec<f32> = order
+                        .iter()
+                        .flat_map(|&n| &w2[n as usize * r..(n as usize + 1) * r])
+                        .copied()
+                        .collect();
+                    let b2p: Vec<f32> = order.iter().map(|&n| b2[n as usize]).collect();
+                    let mut p =
+                        LowRankPredictor::new(c.d_model, r, c.n_ff, f32s(&pr.w1), f32s(&pr.b1), w2p, b2p)
+                            .expect("predictor shapes were checked at load");
+                    p.set_threshold(pr.threshold);
+                    p
+                })
+                .collect()
+        });
+        Some(built)
     }
 
     /// Whether the FFN is in the packed neuron-major layout.
@@ -297,9 +351,13 @@ fn vector(g: &Gguf<'_>, name: &str, n: usize) -> Result<Vec<f32>, RuntimeError> 
     Ok(out)
 }
 
-/// Reads a packed model's thresholds and predictors from its resident GGUF, putting predictor outputs in the
-/// packed (position) order.
-fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeError> {
+/// Reads a packed model's thresholds, and finds and checks its predictor tensors (`base`: the resident GGUF's
+/// offset in the file).
+fn read_sparsity(
+    g: &Gguf<'_>,
+    base: usize,
+    model: &Model,
+) -> Result<(ModelSparsity, Vec<PredictorRef>), RuntimeError> {
     let c = &model.config;
     let f32_array = |key: &str| -> Result<Option<Vec<f32>>, RuntimeError> {
         if g.get(key).is_none() {
@@ -309,8 +367,8 @@ fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeEr
             key: key.into(),
             value: format!("not {} finite f32 values", c.n_layers),
         };
-        let values = g.get_array(key)?;
-        let v: Vec<f32> = values
+        let v: Vec<f32> = g
+            .get_array(key)?
             .iter()
             .map(|v| match v {
                 pinion_format::Value::F32(x) if x.is_finite() => Ok(*x),
@@ -327,48 +385,30 @@ fn read_sparsity(g: &Gguf<'_>, model: &Model) -> Result<ModelSparsity, RuntimeEr
         Some(_) => Some(g.get_f32(TARGET_SPARSITY_KEY)?),
         None => None,
     };
-    let predictors = match f32_array(PREDICTOR_THRESHOLDS_KEY)? {
-        None => None,
-        Some(logit_t) => {
-            let mut out = Vec::with_capacity(c.n_layers);
-            for (l, &t) in logit_t.iter().enumerate() {
-                let [w1, b1, w2, b2] = predictor_tensor_names(l).map(|n| g.tensor(&n).map(|t| (n, t)));
-                let (w1n, w1) = w1?;
-                let rank = w1.dims.get(1).copied().unwrap_or(0) as usize;
-                let f32s =
-                    |(name, t): (String, pinion_format::TensorView<'_>)| -> Result<Vec<f32>, RuntimeError> {
-                        if t.ty != GgmlType::F32 {
-                            return Err(RuntimeError::BadTensor {
-                                name,
-                                why: format!("type {:?}, expected F32", t.ty),
-                            });
-                        }
-                        Ok(bytemuck::pod_collect_to_vec(t.data))
-                    };
-                let (w1, b1, w2, b2) = (f32s((w1n, w1))?, f32s(b1?)?, f32s(w2?)?, f32s(b2?)?);
-                // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
-                let order = match &model.layers[l].ffn {
-                    FfnWeights::Packed(pl) => pl.order.clone(),
-                    FfnWeights::Dense { .. } => (0..c.n_ff as u32).collect(),
-                };
-                let (mut w2p, mut b2p) = (Vec::with_capacity(w2.len()), Vec::with_capacity(b2.len()));
-                for &n in &order {
-                    let n = n as usize;
-                    if rank == 0 || (n + 1) * rank > w2.len() || n >= b2.len() {
-                        break;
-                    }
-                    w2p.extend_from_slice(&w2[n * rank..(n + 1) * rank]);
-                    b2p.push(b2[n]);
+    let mut refs = Vec::new();
+    if let Some(logit_t) = f32_array(PREDICTOR_THRESHOLDS_KEY)? {
+        for (l, &threshold) in logit_t.iter().enumerate() {
+            let names = predictor_tensor_names(l);
+            let rank = g.tensor_info(&names[0]).and_then(|t| t.dims.get(1).copied()).unwrap_or(0) as usize;
+            let (d, n, r) = (c.d_model as u64, c.n_ff as u64, rank as u64);
+            let mut ranges = Vec::with_capacity(4);
+            for (name, dims) in names.iter().zip([vec![d, r], vec![r], vec![r, n], vec![n]]) {
+                let info = g
+                    .tensor_info(name)
+                    .ok_or_else(|| pinion_format::FormatError::MissingTensor { name: name.clone() })?;
+                if info.ty != GgmlType::F32 || info.dims != dims || rank == 0 {
+                    return Err(RuntimeError::BadTensor {
+                        name: name.clone(),
+                        why: format!("{:?} {:?}, expected F32 {dims:?} (rank > 0)", info.ty, info.dims),
+                    });
                 }
-                let mut p =
-                    LowRankPredictor::new(c.d_model, rank, c.n_ff, w1, b1, w2p, b2p).map_err(|e| {
-                        RuntimeError::BadTensor { name: format!("blk.{l}.ffn_pred"), why: e.to_string() }
-                    })?;
-                p.set_threshold(t);
-                out.push(p);
+                let start = base + (g.data_offset + info.offset) as usize;
+                ranges.push(start..start + info.n_bytes() as usize);
             }
-            Some(out)
+            let [w1, b1, w2, b2] = <[Range<usize>; 4]>::try_from(ranges).expect("four ranges");
+            refs.push(PredictorRef { w1, b1, w2, b2, rank, threshold });
         }
-    };
-    Ok(ModelSparsity { thresholds, target_sparsity, predictors })
+    }
+    let sparsity = ModelSparsity { thresholds, target_sparsity, has_predictors: !refs.is_empty() };
+    Ok((sparsity, refs))
 }

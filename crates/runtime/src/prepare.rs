@@ -358,7 +358,7 @@ pub fn plan_input(
 ) -> Result<PlanInput, RuntimeError> {
     let c = model.config();
     let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
-    let predictor_bytes: u64 = match (uses_predictor, &model.sparsity().predictors) {
+    let predictor_bytes: u64 = match (uses_predictor, model.predictors()) {
         (true, Some(ps)) => {
             ps.iter().map(|p| 4 * (p.w1().len() + p.b1().len() + p.w2().len() + p.b2().len()) as u64).sum()
         }

@@ -218,7 +218,8 @@ fn predictors_trained_on_a_synthetic_relu_model_reach_the_recall_goal() {
     )
     .unwrap();
     let packed = Model::load(&packed_path).unwrap();
-    let pp = packed.sparsity().predictors.clone().unwrap();
+    let pp = packed.predictors().unwrap().to_vec();
+    assert!(packed.sparsity().has_predictors);
     let order = &packed.packed_layers().unwrap()[0].order;
     let x: Vec<f32> = (0..cfg.d_model).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
     let (mut h, mut a, mut b) = (vec![0.0; ps[0].rank()], vec![0.0; cfg.n_ff], vec![0.0; cfg.n_ff]);
