@@ -470,3 +470,52 @@ pub fn file_identity(path: &Path) -> Result<String, RuntimeError> {
         .map_or(0, |d| d.as_nanos());
     Ok(format!("{}:{}:{}", path.display(), m.len(), mtime))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_records_steps_and_resumes_only_matching_ones() {
+        let dir = std::env::temp_dir().join(format!("pinion-manifest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("profile.bin");
+        let mut m = Manifest::load(&dir).unwrap();
+        assert_eq!(m, Manifest::default(), "no manifest yet");
+        let key = step_key(&["model:1:2", "calib", "16384 512"]);
+        assert!(!m.is_done("profile", &key, &[&out]));
+        m.mark(&dir, "profile", &key).unwrap();
+        // Recorded, but the output is missing: not done.
+        assert!(!m.is_done("profile", &key, &[&out]));
+        std::fs::write(&out, b"x").unwrap();
+        let again = Manifest::load(&dir).unwrap();
+        assert!(again.is_done("profile", &key, &[&out]));
+        // Another setting or another step is not done.
+        assert!(!again.is_done("profile", &step_key(&["model:1:2", "calib", "8192 512"]), &[&out]));
+        assert!(!again.is_done("pack", &key, &[&out]));
+        // Keys separate their parts: ["ab", "c"] is not ["a", "bc"].
+        assert_ne!(step_key(&["ab", "c"]), step_key(&["a", "bc"]));
+        // A foreign or corrupt manifest is a typed error, not an empty one.
+        std::fs::write(dir.join(MANIFEST_FILE), br#"{"format": "other", "version": 1, "steps": {}}"#)
+            .unwrap();
+        assert!(matches!(Manifest::load(&dir), Err(RuntimeError::BadPreparedDir { .. })));
+        std::fs::write(dir.join(MANIFEST_FILE), b"{").unwrap();
+        assert!(matches!(Manifest::load(&dir), Err(RuntimeError::BadPreparedDir { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_identity_changes_with_the_file() {
+        let dir = std::env::temp_dir().join(format!("pinion-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.txt");
+        std::fs::write(&f, b"one").unwrap();
+        let a = file_identity(&f).unwrap();
+        std::fs::write(&f, b"three").unwrap();
+        assert_ne!(file_identity(&f).unwrap(), a);
+        assert!(matches!(file_identity(&dir.join("missing")), Err(RuntimeError::Io { .. })));
+        assert_eq!(partial_path(&f), dir.join("a.txt.partial"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
