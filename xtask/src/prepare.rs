@@ -338,6 +338,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         &prepare::file_identity(&a.profile.calib)?,
         &format!("{} {} {} {}", o.max_tokens, o.chunk, o.score_samples, o.token_samples),
     ]);
+    // The profile is large (hundreds of MB): loaded only by the steps that run.
     let mut profile = None;
     if manifest.is_done("profile", &k_profile, &[&f_profile]) {
         skip("profile");
@@ -345,24 +346,23 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         let p = run_profile(&model, &a.profile)?;
         prepare::save_profile(&p, &f_profile)?;
         manifest.mark(&out, "profile", &k_profile)?;
+        print_firing(&model, &p);
         profile = Some(p);
     }
-    let profile = match profile {
-        Some(p) => p,
-        None => prepare::load_profile(&f_profile)?,
-    };
-    print_firing(&model, &profile);
+    let mut profile = LazyProfile { path: f_profile.clone(), profile };
 
     // 2. Thresholds.
     let f_thresholds = out.join("thresholds.json");
     let k_thresholds = step_key(&[&k_profile, &a.sparsity.to_string()]);
-    let th = prepare::calibrate(&model, &profile, a.sparsity)?;
-    if manifest.is_done("calibrate", &k_thresholds, &[&f_thresholds]) {
+    let th = if manifest.is_done("calibrate", &k_thresholds, &[&f_thresholds]) {
         skip("calibrate");
+        Thresholds::load(&f_thresholds)?
     } else {
+        let th = prepare::calibrate(&model, profile.get()?, a.sparsity)?;
         th.save(&f_thresholds)?;
         manifest.mark(&out, "calibrate", &k_thresholds)?;
-    }
+        th
+    };
     print_thresholds(&th);
 
     // 3. Predictors.
@@ -376,7 +376,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         skip("train");
         Some(prepare::load_predictors(&f_pred)?)
     } else {
-        let trained = run_train(&model, &profile, &th, &cfg)?;
+        let trained = run_train(&model, profile.get()?, &th, &cfg)?;
         let report: Vec<_> = trained
             .iter()
             .map(|(_, r)| {
@@ -388,11 +388,12 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
         prepare::save_predictors(&ps, &f_pred)?;
         let json = serde_json::json!({"target_recall": cfg.target_recall, "layers": report});
-        std::fs::write(&f_pred_report, serde_json::to_vec_pretty(&json)?)?;
+        let tmp = prepare::partial_path(&f_pred_report);
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
+        std::fs::rename(&tmp, &f_pred_report)?;
         manifest.mark(&out, "train", &k_train)?;
         Some(ps)
     };
-    drop(profile);
 
     // 4. Pack.
     let f_model = out.join(PACKED_FILE_NAME);
@@ -404,9 +405,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     if manifest.is_done("pack", &k_pack, &[&f_model]) {
         skip("pack");
     } else {
-        let profile = prepare::load_profile(&f_profile)?;
-        let freq = prepare::activation_frequencies(&model, &profile, &th)?;
-        drop(profile);
+        let freq = prepare::activation_frequencies(&model, profile.get()?, &th)?;
         let opts = PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type };
         let mut pb = Progress::new("pack", "layers");
         let s =
@@ -422,7 +421,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         ));
         manifest.mark(&out, "pack", &k_pack)?;
     }
-    drop(model);
+    drop((model, profile));
 
     // 5. Device profile.
     let f_device = a.device.clone().unwrap_or_else(|| out.join("device.json"));
@@ -563,6 +562,21 @@ pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
     })?;
     pb.finish(&format!("{:.1} MiB written to {}", mib(s.file_len), out.display()));
     Ok(())
+}
+
+/// A profile file read on first use.
+struct LazyProfile {
+    path: PathBuf,
+    profile: Option<pinion_runtime::ActivationProfile>,
+}
+
+impl LazyProfile {
+    fn get(&mut self) -> Result<&pinion_runtime::ActivationProfile> {
+        if self.profile.is_none() {
+            self.profile = Some(prepare::load_profile(&self.path)?);
+        }
+        Ok(self.profile.as_ref().expect("just loaded"))
+    }
 }
 
 /// Each layer's share of neurons active per token: the predictors' predicted density when they choose, else
