@@ -38,7 +38,7 @@ impl Default for ProfileOptions {
         ProfileOptions {
             max_tokens: 16384,
             chunk: 512,
-            score_samples: 1 << 20,
+            score_samples: 1 << 18,
             token_samples: 4096,
             threads: 2,
         }
