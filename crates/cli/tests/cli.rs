@@ -245,11 +245,30 @@ fn a_prepared_directory_runs_like_the_gguf_with_its_thresholds() {
     let (packed, err) = run(args(&d));
     assert!(err.contains("packed FFN; sparsity: thresholds for 0.50"), "{err}");
     let mut gguf = args(&m);
-    gguf.extend(["--thresholds".to_string(), th]);
+    gguf.extend(["--thresholds".to_string(), th.clone()]);
     let (reference, _) = run(gguf);
-    // Same thresholds, same neurons; the packed down columns are Q8_0 and summed in f32, so the logits differ
-    // in the last digits and a late token may differ: the first ones must not.
-    assert_eq!(packed[..6], reference[..6], "packed {packed:?} vs GGUF {reference:?}");
+    // Same thresholds, same neurons; but the packed down columns are Q8_0 and summed in f32, which moves the
+    // neurons sitting right at a threshold, and at 50% sparsity this small model's greedy text is fragile
+    // after a few tokens. The answer must agree; the perplexities must agree closely.
+    assert_eq!(packed[..2], reference[..2], "packed {packed:?} vs GGUF {reference:?}");
+    let eval = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/eval.txt");
+    let text = std::fs::read_to_string(eval).expect("../shared/corpus/eval.txt");
+    let f = temp("ppl-prepared.txt", &text.as_bytes()[..10000]);
+    let ppl = |extra: &[&str]| {
+        let mut a = vec!["perplexity", "-f", &f, "-c", "256", "-t", "2"];
+        a.extend_from_slice(extra);
+        let o = pinion(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8(o.stdout).unwrap();
+        let last = out.trim().lines().last().unwrap().to_string();
+        let v = last.strip_prefix("Final estimate: PPL = ").and_then(|r| r.split(' ').next());
+        v.and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{last}"))
+    };
+    let (p_packed, p_gguf, p_dense) =
+        (ppl(&["-m", &d]), ppl(&["-m", &m, "--thresholds", &th]), ppl(&["-m", &m]));
+    assert!((p_packed / p_gguf - 1.0).abs() < 0.05, "packed {p_packed} vs GGUF with thresholds {p_gguf}");
+    // And sparsity costs something: the thresholds are in force on the packed model.
+    assert!(p_packed > p_dense * 1.1, "packed {p_packed} vs dense {p_dense}");
     // --dense runs the packed FFN without thresholds: the dense model's answer.
     let mut dense = args(&d);
     dense.push("--dense".into());

