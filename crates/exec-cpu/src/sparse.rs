@@ -53,6 +53,46 @@ fn typed_group<'a, B: Pod>(ty: GgmlType, rows: &[&'a [u8]], nb: usize) -> [&'a [
     })
 }
 
+/// Dot products of the `n <= GROUP` rows `w` (padded) with activation row `a` on AVX-512, in as few row pairs
+/// as cover `n` rows.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx512_tile {
+    ($tile:ident, $w:expr, $a:expr, $nb:expr, $n:expr, $out:expr) => {{
+        let (w, a, nb, n, out) = ($w, $a, $nb, $n, $out);
+        let mut res = [[0.0f32; 1]; GROUP];
+        let bm = BlockMajor::NONE;
+        // SAFETY: the path is AVX-512 and supported (every caller of `dot_group` checked it), every row holds
+        // `nb` blocks (`typed_group`), and `res` holds `2 * P` outputs.
+        unsafe {
+            match n.div_ceil(2) {
+                1 => kernels::avx512::$tile::<1, 1>([[w[0], w[1]]], [a], bm, nb, &mut res),
+                2 => kernels::avx512::$tile::<2, 1>(
+                    std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]),
+                    [a],
+                    bm,
+                    nb,
+                    &mut res,
+                ),
+                3 => kernels::avx512::$tile::<3, 1>(
+                    std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]),
+                    [a],
+                    bm,
+                    nb,
+                    &mut res,
+                ),
+                _ => kernels::avx512::$tile::<4, 1>(
+                    std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]),
+                    [a],
+                    bm,
+                    nb,
+                    &mut res,
+                ),
+            }
+        }
+        (0..n).for_each(|i| out[i] = res[i][0]);
+    }};
+}
+
 /// `out[i] = dot(rows[i], token)` for `rows.len() <= GROUP` rows of type `ty` (checked by the caller against
 /// `acts`), with the kernels of [`crate::matmul()`].
 fn dot_group(
@@ -78,11 +118,7 @@ fn dot_group(
             match path {
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx512 => {
-                    let mut res = [[0.0f32; 1]; GROUP];
-                    let pairs = std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]);
-                    // SAFETY: `path` is supported (checked by every caller); every row holds `nb` blocks.
-                    unsafe { kernels::avx512::tile_q4_1::<4, 1>(pairs, [a], BlockMajor::NONE, nb, &mut res) };
-                    (0..n).for_each(|i| out[i] = res[i][0]);
+                    avx512_tile!(tile_q4_1, w, a, nb, n, out);
                 }
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx2 => {
@@ -103,11 +139,7 @@ fn dot_group(
             match path {
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx512 => {
-                    let mut res = [[0.0f32; 1]; GROUP];
-                    let pairs = std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]);
-                    // SAFETY: as for Q4_1.
-                    unsafe { kernels::avx512::tile_q4_0::<4, 1>(pairs, [a], BlockMajor::NONE, nb, &mut res) };
-                    (0..n).for_each(|i| out[i] = res[i][0]);
+                    avx512_tile!(tile_q4_0, w, a, nb, n, out);
                 }
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx2 => {
@@ -128,11 +160,7 @@ fn dot_group(
             match path {
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx512 => {
-                    let mut res = [[0.0f32; 1]; GROUP];
-                    let pairs = std::array::from_fn(|p| [w[2 * p], w[2 * p + 1]]);
-                    // SAFETY: as for Q4_1.
-                    unsafe { kernels::avx512::tile_q8_0::<4, 1>(pairs, [a], BlockMajor::NONE, nb, &mut res) };
-                    (0..n).for_each(|i| out[i] = res[i][0]);
+                    avx512_tile!(tile_q8_0, w, a, nb, n, out);
                 }
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx2 => {
@@ -548,16 +576,53 @@ fn up_down<'b>(
         }
         dot_group(path, spec.up_ty, &rows[..k], acts.up, acts.token, &mut gates.up[j0..j0 + k]);
     }
+    // Down columns in neuron order, `AXPY_BATCH` at a time (the same bits as one by one).
     let mut active = 0;
+    let mut hs = [0.0f32; AXPY_BATCH];
+    let mut cols: [&[u8]; AXPY_BATCH] = [&[]; AXPY_BATCH];
+    let mut k = 0;
     for j in 0..n {
         if let Some(h) = spec.hidden(gates.gate[j], gates.up[j]) {
             let col = bundle(j).down;
             assert_eq!(col.len(), db, "down column bytes");
-            axpy_column_with(path, spec.down_ty, h, col, slot);
+            (hs[k], cols[k]) = (h, col);
+            k += 1;
+            if k == AXPY_BATCH {
+                axpy_columns(path, spec.down_ty, &hs, &cols, slot);
+                k = 0;
+            }
             active += 1;
         }
     }
+    axpy_columns(path, spec.down_ty, &hs[..k], &cols[..k], slot);
     active
+}
+
+/// Down columns added in one pass over the slot.
+const AXPY_BATCH: usize = 4;
+
+/// `slot += a[i] * cols[i]` for `i` in order (each column checked by the caller): the same bits as
+/// [`axpy_column_with`] column by column, since every value sees the same chain of FMAs.
+fn axpy_columns(path: KernelPath, ty: GgmlType, a: &[f32], cols: &[&[u8]], slot: &mut [f32]) {
+    match (ty, path, a.len()) {
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q8_0, KernelPath::Avx512, AXPY_BATCH) => {
+            let (a, c) = (std::array::from_fn(|i| a[i]), std::array::from_fn(|i| cols[i]));
+            // SAFETY: the path is supported (checked by every caller) and implies AVX-512F, AVX2, FMA, F16C.
+            unsafe { kernels::avx512::axpy_q8_0_n::<AXPY_BATCH>(slot, a, c) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q8_0, KernelPath::Avx2, AXPY_BATCH) => {
+            let (a, c) = (std::array::from_fn(|i| a[i]), std::array::from_fn(|i| cols[i]));
+            // SAFETY: the path is supported (checked by every caller) and implies AVX2, FMA and F16C.
+            unsafe { kernels::avx2::axpy_q8_0_n::<AXPY_BATCH>(slot, a, c) }
+        }
+        _ => {
+            for (&a, col) in a.iter().zip(cols) {
+                axpy_column_with(path, ty, a, col, slot);
+            }
+        }
+    }
 }
 
 /// One cluster's whole sparse FFN for one token: [`cluster_gates`] then the up/down phase with the bundles
