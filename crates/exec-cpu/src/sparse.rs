@@ -816,10 +816,10 @@ pub fn sparse_ffn_on(
     assert_eq!(sums.n_clusters(), clusters.len(), "one slot per cluster");
     assert_eq!(sums.d_model(), spec.d_model, "slot width");
     let rb = spec.gate_row_bytes();
-    let lens: Vec<usize> = clusters.iter().map(|c| c.gate.len() / rb).collect();
-    let c0 = lens.first().copied().unwrap_or(0);
+    let len = |k: usize| clusters[k].gate.len() / rb;
+    let c0 = if clusters.is_empty() { 0 } else { len(0) };
     if let Some(m) = mask {
-        assert_eq!(m.len(), lens.iter().sum::<usize>(), "mask length");
+        assert_eq!(m.len(), (0..clusters.len()).map(len).sum::<usize>(), "mask length");
     }
     let n_threads = pool.n_threads();
     scratch.per_thread.resize_with(n_threads, || Mutex::new(ClusterGates::new()));
@@ -832,7 +832,7 @@ pub fn sparse_ffn_on(
             let mut gates = per_thread[idx].lock().unwrap_or_else(|e| e.into_inner());
             let mut mine = 0;
             for k in split_range(clusters.len(), idx, n, 1) {
-                let m = mask.map(|m| &m[k * c0..k * c0 + lens[k]]);
+                let m = mask.map(|m| &m[k * c0..k * c0 + len(k)]);
                 if m.is_some_and(|m| !m.contains(&true)) {
                     continue;
                 }
