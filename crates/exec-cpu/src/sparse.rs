@@ -25,7 +25,6 @@
 //! neurons with `relu(g) > t` (necessary for `relu(min(g, u)) > t`); dReLU's up test comes after the up row.
 //! The hidden activation is `silu(g) * u`, `relu(g) * u` or `relu(g) * relu(u)`.
 
-use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -671,21 +670,16 @@ pub fn sparse_ffn_cluster_with(
 #[derive(Debug)]
 pub struct ClusterSums {
     d_model: usize,
-    data: UnsafeCell<Vec<f32>>,
+    data: Vec<f32>,
     taken: Vec<AtomicBool>,
 }
-
-// SAFETY: `data` is only accessed through `&mut self`, or through a `SharedSlots` (which borrows `self`
-// mutably for its lifetime) that hands out each slot at most once, claimed with an atomic swap, so no two
-// threads ever access the same slot.
-unsafe impl Sync for ClusterSums {}
 
 impl ClusterSums {
     /// Slots for `n_clusters` clusters of output width `d_model`, none taken.
     pub fn new(n_clusters: usize, d_model: usize) -> Self {
         ClusterSums {
             d_model,
-            data: UnsafeCell::new(vec![0.0; n_clusters * d_model]),
+            data: vec![0.0; n_clusters * d_model],
             taken: (0..n_clusters).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -714,7 +708,7 @@ impl ClusterSums {
     pub fn slot(&mut self, k: usize) -> &mut [f32] {
         let d = self.d_model;
         let first = !std::mem::replace(self.taken[k].get_mut(), true);
-        let s = &mut self.data.get_mut()[k * d..(k + 1) * d];
+        let s = &mut self.data[k * d..(k + 1) * d];
         if first {
             s.fill(0.0);
         }
@@ -723,7 +717,8 @@ impl ClusterSums {
 
     /// A handle giving each slot once to whichever thread claims it first.
     pub fn shared(&mut self) -> SharedSlots<'_> {
-        SharedSlots { sums: self, _not_send_mut: PhantomData }
+        let (ptr, len) = (self.data.as_mut_ptr(), self.data.len());
+        SharedSlots { taken: &self.taken, d_model: self.d_model, ptr, len, _borrow: PhantomData }
     }
 
     /// Whether cluster `k`'s slot was taken in this round.
@@ -738,10 +733,7 @@ impl ClusterSums {
     pub fn reduce_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.d_model, "output length");
         out.fill(0.0);
-        // SAFETY: `&self` excludes `&mut self` methods and any live `SharedSlots` (which borrows mutably), so
-        // nothing writes `data` now.
-        let data = unsafe { &*self.data.get() };
-        for (k, s) in data.chunks_exact(self.d_model.max(1)).enumerate() {
+        for (k, s) in self.data.chunks_exact(self.d_model.max(1)).enumerate() {
             if self.taken[k].load(Ordering::Acquire) {
                 for (o, &v) in out.iter_mut().zip(s) {
                     *o += v;
@@ -752,29 +744,35 @@ impl ClusterSums {
 }
 
 /// Slots of a [`ClusterSums`] claimed concurrently: each at most once per handle, from any thread.
+///
+/// It holds the slot vector's pointer, taken once from `&mut ClusterSums` and borrowed mutably for `'a`, so no
+/// reference to the vector exists while slots are handed out: each claim makes a reference to its own slot
+/// only.
 pub struct SharedSlots<'a> {
-    sums: &'a ClusterSums,
-    _not_send_mut: PhantomData<&'a mut ClusterSums>,
+    taken: &'a [AtomicBool],
+    d_model: usize,
+    ptr: *mut f32,
+    len: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
 }
+
+// SAFETY: the pointer is only used by `claim`, which gives each disjoint slot to exactly one caller (an atomic
+// swap decides), so sharing the handle between threads creates no aliasing `&mut`; `f32` is `Send`.
+unsafe impl Sync for SharedSlots<'_> {}
 
 impl<'a> SharedSlots<'a> {
     /// Claims cluster `k`'s slot, zeroed.
     ///
     /// # Panics
     /// If `k` is out of range or its slot was already taken in this round.
-    #[allow(clippy::mut_from_ref)]
     pub fn claim(&self, k: usize) -> &'a mut [f32] {
-        let s = self.sums;
-        assert!(!s.taken[k].swap(true, Ordering::AcqRel), "cluster {k} claimed twice in one round");
-        let d = s.d_model;
-        // SAFETY: the swap above succeeded for exactly one caller per round, and the round cannot end
-        // (`reset` needs `&mut ClusterSums`) while this handle borrows the sums, so this is the only reference
-        // to slot `k` for `'a`; slots are disjoint ranges of the vector, whose length does not change.
-        let slot = unsafe {
-            let v = &mut *s.data.get();
-            assert!((k + 1) * d <= v.len());
-            std::slice::from_raw_parts_mut(v.as_mut_ptr().add(k * d), d)
-        };
+        assert!(!self.taken[k].swap(true, Ordering::AcqRel), "cluster {k} claimed twice in one round");
+        let d = self.d_model;
+        assert!((k + 1) * d <= self.len, "slot {k} out of range");
+        // SAFETY: `ptr..ptr + len` is the slot vector, mutably borrowed for `'a` by this handle (so neither
+        // resized nor read elsewhere); the swap above succeeded for exactly one caller, so this is the only
+        // reference to the disjoint range `k * d..(k + 1) * d`, which the assert keeps in bounds.
+        let slot = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(k * d), d) };
         slot.fill(0.0);
         slot
     }
