@@ -2,4 +2,9 @@
 
 mod benchmarks;
 
-criterion::criterion_main!(benchmarks::kernels::benches, benchmarks::cache::benches, benchmarks::io::benches);
+criterion::criterion_main!(
+    benchmarks::kernels::benches,
+    benchmarks::cache::benches,
+    benchmarks::io::benches,
+    benchmarks::sparse::benches
+);

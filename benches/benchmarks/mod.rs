@@ -3,3 +3,4 @@
 pub(crate) mod cache;
 pub(crate) mod io;
 pub(crate) mod kernels;
+pub(crate) mod sparse;

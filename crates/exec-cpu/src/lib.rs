@@ -9,6 +9,9 @@
 //! Kernels exist for Q4_0, Q4_1 and Q8_0 (scalar, AVX2 and AVX-512 VNNI, chosen once at run time, see
 //! [`cpu_features`]), F32 and F16 (scalar, AVX2), and Q4_K and Q6_K (scalar for now).
 //!
+//! [`sparse`] holds the CPU side of PowerInfer-2's sparse FFN: per-row dots, down-column axpys, cluster-wise
+//! gate / up / down for one decode token, and a per-cluster accumulator reduced in cluster order.
+//!
 //! This crate is not a model: it knows nothing about layers, KV-cache management, files or threads pools
 //! (callers install the rayon pool), and it allocates nothing sized to the model except the reusable
 //! buffers it is handed or keeps per thread.
@@ -22,6 +25,7 @@ mod matmul;
 mod matrix;
 mod ops;
 mod pool;
+pub mod sparse;
 
 pub use crate::acts::{QuantizedActs, vec_dot_type};
 pub use crate::attention::{attention, attention_with};
@@ -35,6 +39,10 @@ pub use crate::matmul::{matmul, matmul_on, matmul_rows, matmul_rows_with};
 pub use crate::matrix::QMatrix;
 pub use crate::ops::{MAX_ROT, RopeMode, geglu, gelu, reglu, relu, rms_norm, rope, silu, softmax, swiglu};
 pub use crate::pool::{SpinPool, split_range};
+pub use crate::sparse::{
+    ClusterGates, ClusterRows, ClusterSums, SharedSlots, SparseAct, SparseFfn, SparseScratch, TokenActs,
+    UpDown, axpy_column, cluster_gates, cluster_up_down, row_dot, sparse_ffn_cluster, sparse_ffn_on,
+};
 
 #[cfg(test)]
 mod tests;

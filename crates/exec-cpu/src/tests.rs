@@ -554,3 +554,482 @@ fn attention_matches_naive_reference() {
         }
     }
 }
+
+// === Sparse FFN ===
+
+mod sparse_ffn {
+    use super::*;
+    use crate::sparse::{
+        ClusterGates, ClusterRows, ClusterSums, SparseAct, SparseFfn, SparseScratch, TokenActs, UpDown,
+        axpy_column_with, cluster_gates_with, cluster_up_down_with, row_dot_with, sparse_ffn_cluster_with,
+        sparse_ffn_on,
+    };
+    use crate::{SpinPool, silu_ggml};
+
+    fn all_paths() -> Vec<KernelPath> {
+        KernelPath::ALL.into_iter().filter(|p| p.is_supported()).collect()
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Down column bytes of `vals` in type `ty`.
+    fn column(ty: GgmlType, vals: &[f32], rng: &mut Rng) -> Vec<u8> {
+        match ty {
+            GgmlType::Q8_0 => {
+                let b: Vec<BlockQ8_0> = (0..vals.len() / QK)
+                    .map(|_| BlockQ8_0 {
+                        d: f16::from_f32(rng.f().abs() * 0.01 + 1e-4),
+                        qs: std::array::from_fn(|_| rng.next_u64() as i8),
+                    })
+                    .collect();
+                bytemuck::cast_slice(&b).to_vec()
+            }
+            GgmlType::F16 => vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+            GgmlType::F32 => vals.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// A packed-like layer: per cluster a gate block and bundles at a stride, plus the dequantized weights.
+    struct Layer {
+        spec: SparseFfn,
+        n_ff: usize,
+        gate: Owned,
+        up: Owned,
+        /// Per cluster: (gate block, bundles).
+        records: Vec<(Owned, Owned)>,
+        stride: usize,
+        /// Dequantized down columns, neuron-major.
+        down_f: Vec<f32>,
+    }
+
+    impl Layer {
+        fn new(spec: SparseFfn, n_ff: usize, cluster: usize, seed: u64) -> Layer {
+            let mut rng = Rng::new(seed);
+            let d = spec.d_model;
+            let gate = random_weights(spec.gate_ty, n_ff, d, &mut rng);
+            let up = random_weights(spec.up_ty, n_ff, d, &mut rng);
+            let (grb, urb, db) = (spec.gate_row_bytes(), spec.up_row_bytes(), spec.down_col_bytes());
+            let stride = (urb + db + 8).next_multiple_of(8);
+            let mut down_f = vec![0.0; n_ff * d];
+            let mut cols = Vec::new();
+            for i in 0..n_ff {
+                let vals: Vec<f32> = (0..d).map(|_| rng.f() * 0.3).collect();
+                let c = column(spec.down_ty, &vals, &mut rng);
+                quant::dequantize_row(spec.down_ty, &c, &mut down_f[i * d..(i + 1) * d]).unwrap();
+                cols.push(c);
+            }
+            let mut records = Vec::new();
+            for c0 in (0..n_ff).step_by(cluster) {
+                let c1 = (c0 + cluster).min(n_ff);
+                let g = gate.bytes()[c0 * grb..c1 * grb].to_vec();
+                let mut b = vec![0xAAu8; (c1 - c0) * stride];
+                for (i, col) in cols[c0..c1].iter().enumerate() {
+                    let (at, n) = (i * stride, c0 + i);
+                    b[at..at + urb].copy_from_slice(&up.bytes()[n * urb..(n + 1) * urb]);
+                    b[at + urb..at + urb + db].copy_from_slice(col);
+                }
+                records.push((Owned::from_bytes(&g), Owned::from_bytes(&b)));
+            }
+            Layer { spec, n_ff, gate, up, records, stride, down_f }
+        }
+
+        fn clusters(&self) -> Vec<ClusterRows<'_>> {
+            self.records
+                .iter()
+                .map(|(g, b)| ClusterRows { gate: g.bytes(), bundles: b.bytes(), bundle_stride: self.stride })
+                .collect()
+        }
+
+        /// Dense gate and up pre-activations from `matmul` (scalar path).
+        fn gate_up(&self, acts: &TokenActs) -> (Vec<f32>, Vec<f32>) {
+            let d = self.spec.d_model;
+            let mut out = Vec::new();
+            for (ty, w, a) in
+                [(self.spec.gate_ty, &self.gate, acts.gate), (self.spec.up_ty, &self.up, acts.up)]
+            {
+                let m = QMatrix::new(ty, self.n_ff, d, w.bytes()).unwrap();
+                let mut all = vec![0.0; a.n_rows() * self.n_ff];
+                crate::matmul_rows_with(KernelPath::Scalar, &m, a, 0, self.n_ff, &mut all);
+                out.push(all[acts.token * self.n_ff..(acts.token + 1) * self.n_ff].to_vec());
+            }
+            let u = out.pop().unwrap();
+            (out.pop().unwrap(), u)
+        }
+
+        /// The straightforward reference: dense gate/up, the selection rule written out, f64 sum of `h * down`.
+        /// Returns (output, active count, sum of |h * down| per output for the tolerance).
+        fn reference(&self, acts: &TokenActs, mask: Option<&[bool]>) -> (Vec<f64>, usize, Vec<f64>) {
+            let d = self.spec.d_model;
+            let t = self.spec.threshold;
+            let (g, u) = self.gate_up(acts);
+            let mut out = vec![0.0f64; d];
+            let mut mag = vec![0.0f64; d];
+            let mut active = 0;
+            for i in 0..self.n_ff {
+                if mask.is_some_and(|m| !m[i]) {
+                    continue;
+                }
+                let (g, u) = (g[i], u[i]);
+                let h = match self.spec.act {
+                    SparseAct::Silu if silu_ggml(g).abs() >= t => silu_ggml(g) * u,
+                    SparseAct::Relu if g.max(0.0) > t => g.max(0.0) * u,
+                    SparseAct::Drelu if g.min(u).max(0.0) > t => g.max(0.0) * u.max(0.0),
+                    _ => continue,
+                };
+                active += 1;
+                for j in 0..d {
+                    out[j] += h as f64 * self.down_f[i * d + j] as f64;
+                    mag[j] += (h as f64 * self.down_f[i * d + j] as f64).abs();
+                }
+            }
+            (out, active, mag)
+        }
+
+        /// Runs every cluster on `path` in the order `order`, into a fresh `ClusterSums`, and reduces.
+        fn run_in_order(&self, path: KernelPath, acts: &TokenActs, order: &[usize]) -> (Vec<f32>, usize) {
+            let cl = self.clusters();
+            let mut sums = ClusterSums::new(cl.len(), self.spec.d_model);
+            let mut gates = ClusterGates::new();
+            let mut active = 0;
+            for &k in order {
+                let slot = sums.slot(k);
+                active += sparse_ffn_cluster_with(path, &self.spec, acts, &cl[k], None, &mut gates, slot);
+            }
+            let mut out = vec![f32::NAN; self.spec.d_model];
+            sums.reduce_into(&mut out);
+            (out, active)
+        }
+    }
+
+    fn spec(
+        act: SparseAct,
+        threshold: f32,
+        tys: (GgmlType, GgmlType, GgmlType),
+        d_model: usize,
+    ) -> SparseFfn {
+        SparseFfn { act, threshold, d_model, gate_ty: tys.0, up_ty: tys.1, down_ty: tys.2 }
+    }
+
+    const TYPE_SETS: [(GgmlType, GgmlType, GgmlType); 4] = [
+        (GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q8_0),
+        (GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::F16),
+        (GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::F32),
+        (GgmlType::F16, GgmlType::Q6K, GgmlType::Q8_0),
+    ];
+
+    /// Quantized activations of `n_t` tokens for the spec's gate and up types.
+    fn quantized(spec: &SparseFfn, n_t: usize, rng: &mut Rng) -> (QuantizedActs, QuantizedActs) {
+        let x = rng.acts(n_t * spec.d_model);
+        let (mut g, mut u) = (QuantizedActs::new(), QuantizedActs::new());
+        g.quantize_with(KernelPath::Scalar, spec.gate_ty, &x, spec.d_model);
+        u.quantize_with(KernelPath::Scalar, spec.up_ty, &x, spec.d_model);
+        (g, u)
+    }
+
+    #[test]
+    fn row_dot_equals_matmul_bit_for_bit() {
+        let mut rng = Rng::new(40);
+        for ty in ALL_TYPES {
+            let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+            let (n_rows, k, n_t) = (11, 3 * bl, 3);
+            let w = random_weights(ty, n_rows, k, &mut rng);
+            let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+            let x = rng.acts(n_t * k);
+            let mut a = QuantizedActs::new();
+            a.quantize_with(KernelPath::Scalar, ty, &x, k);
+            let mut want = vec![0.0; n_t * n_rows];
+            crate::matmul_rows_with(KernelPath::Scalar, &m, &a, 0, n_rows, &mut want);
+            for path in all_paths() {
+                for t in 0..n_t {
+                    for r in 0..n_rows {
+                        let got = row_dot_with(path, ty, m.row(r), &a, t);
+                        assert_eq!(got.to_bits(), want[t * n_rows + r].to_bits(), "{path} {ty} t={t} r={r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn axpy_column_paths_agree_and_follow_dequant_then_fma() {
+        let mut rng = Rng::new(41);
+        for ty in [GgmlType::Q8_0, GgmlType::F16, GgmlType::F32] {
+            let lens: &[usize] = if ty == GgmlType::Q8_0 { &[32, 96, 576] } else { &[1, 7, 17, 40, 576] };
+            for &d in lens {
+                let vals: Vec<f32> = (0..d).map(|_| rng.f()).collect();
+                let col = column(ty, &vals, &mut rng);
+                let mut deq = vec![0.0; d];
+                quant::dequantize_row(ty, &col, &mut deq).unwrap();
+                let base: Vec<f32> = (0..d).map(|_| rng.f() * 3.0).collect();
+                let a = rng.f() * 5.0;
+                let want: Vec<f32> = base.iter().zip(&deq).map(|(&o, &v)| a.mul_add(v, o)).collect();
+                // Also at an odd byte offset: columns need no alignment.
+                let mut shifted = vec![0u8; col.len() + 1];
+                shifted[1..].copy_from_slice(&col);
+                for path in all_paths() {
+                    for c in [&col[..], &shifted[1..]] {
+                        let mut got = base.clone();
+                        axpy_column_with(path, ty, a, c, &mut got);
+                        assert_eq!(bits(&got), bits(&want), "{path} {ty} d={d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_layer_matches_f32_reference() {
+        let mut rng = Rng::new(42);
+        for (si, tys) in TYPE_SETS.into_iter().enumerate() {
+            let d = if tys.1 == GgmlType::Q6K { 256 } else { 96 };
+            for (act, t) in [
+                (SparseAct::Silu, 0.0),
+                (SparseAct::Silu, 0.2),
+                (SparseAct::Relu, 0.0),
+                (SparseAct::Relu, 0.3),
+                (SparseAct::Drelu, 0.0),
+                (SparseAct::Drelu, 0.1),
+            ] {
+                let sp = spec(act, t, tys, d);
+                let layer = Layer::new(sp, 75, 16, 100 + si as u64);
+                let (ag, au) = quantized(&sp, 2, &mut rng);
+                for token in 0..2 {
+                    let acts = TokenActs { gate: &ag, up: &au, token };
+                    let (want, want_active, mag) = layer.reference(&acts, None);
+                    let order: Vec<usize> = (0..layer.records.len()).collect();
+                    let (got, active) = layer.run_in_order(KernelPath::Scalar, &acts, &order);
+                    assert_eq!(active, want_active, "{act:?} t={t} {tys:?}");
+                    assert!(active > 0 && (active < 75 || t == 0.0), "{act:?} t={t}: {active} active");
+                    if act == SparseAct::Silu && t == 0.0 {
+                        assert_eq!(active, 75, "SiLU at threshold 0 is dense");
+                    }
+                    for j in 0..d {
+                        let err = (got[j] as f64 - want[j]).abs();
+                        assert!(
+                            err <= 1e-5 * mag[j] + 1e-6,
+                            "{act:?} t={t} {tys:?} j={j}: {} vs {}",
+                            got[j],
+                            want[j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel path, thread count and cluster order gives the same bits.
+    #[test]
+    fn sparse_layer_is_bit_identical_across_paths_threads_and_orders() {
+        let mut rng = Rng::new(43);
+        for tys in &TYPE_SETS[..3] {
+            for act in [SparseAct::Silu, SparseAct::Relu, SparseAct::Drelu] {
+                let t = if act == SparseAct::Silu { 0.05 } else { 0.0 };
+                let sp = spec(act, t, *tys, 128);
+                let layer = Layer::new(sp, 100, 8, 7);
+                let (ag, au) = quantized(&sp, 1, &mut rng);
+                let acts = TokenActs { gate: &ag, up: &au, token: 0 };
+                let n_cl = layer.records.len();
+                let order: Vec<usize> = (0..n_cl).collect();
+                let (want, want_active) = layer.run_in_order(KernelPath::Scalar, &acts, &order);
+                assert!(want.iter().any(|&v| v != 0.0));
+                for path in all_paths() {
+                    for shuffle_seed in 0..3 {
+                        let mut ord = order.clone();
+                        let mut r = Rng::new(shuffle_seed);
+                        for i in (1..ord.len()).rev() {
+                            ord.swap(i, r.below(i + 1));
+                        }
+                        let (got, active) = layer.run_in_order(path, &acts, &ord);
+                        assert_eq!(bits(&got), bits(&want), "{path} {act:?} order {ord:?}");
+                        assert_eq!(active, want_active);
+                    }
+                }
+                // Threads claiming clusters in interleaved, reversed order through `shared`.
+                let cl = layer.clusters();
+                let mut sums = ClusterSums::new(n_cl, sp.d_model);
+                {
+                    let slots = sums.shared();
+                    std::thread::scope(|s| {
+                        for w in 0..3usize {
+                            let (slots, cl, sp, acts) = (&slots, &cl, &sp, &acts);
+                            s.spawn(move || {
+                                let mut gates = ClusterGates::new();
+                                for k in (0..n_cl).rev().filter(|k| k % 3 == w) {
+                                    let slot = slots.claim(k);
+                                    sparse_ffn_cluster(sp, acts, &cl[k], None, &mut gates, slot);
+                                }
+                            });
+                        }
+                    });
+                }
+                let mut got = vec![0.0; sp.d_model];
+                sums.reduce_into(&mut got);
+                assert_eq!(bits(&got), bits(&want), "scoped threads {act:?}");
+                // The spin pool with 1, 2 and 3 threads.
+                for n_threads in [1, 2, 3] {
+                    let pool = SpinPool::new(n_threads).unwrap();
+                    let mut sums = ClusterSums::new(n_cl, sp.d_model);
+                    let mut scratch = SparseScratch::new();
+                    let mut got = vec![f32::NAN; sp.d_model];
+                    for _round in 0..2 {
+                        let active =
+                            sparse_ffn_on(&pool, &sp, &acts, &cl, None, &mut sums, &mut scratch, &mut got);
+                        assert_eq!(bits(&got), bits(&want), "{n_threads} threads {act:?}");
+                        assert_eq!(active, want_active);
+                    }
+                }
+            }
+        }
+    }
+
+    use crate::sparse::sparse_ffn_cluster;
+
+    #[test]
+    fn threshold_semantics() {
+        let mut rng = Rng::new(44);
+        let tys = (GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q8_0);
+        let base = spec(SparseAct::Relu, 0.0, tys, 64);
+        let layer = Layer::new(base, 40, 40, 9);
+        let (ag, au) = quantized(&base, 1, &mut rng);
+        let acts = TokenActs { gate: &ag, up: &au, token: 0 };
+        let (g, u) = layer.gate_up(&acts);
+        let cl = layer.clusters();
+        let count = |sp: &SparseFfn| {
+            let mut gates = ClusterGates::new();
+            let mut slot = vec![0.0; 64];
+            sparse_ffn_cluster(sp, &acts, &cl[0], None, &mut gates, &mut slot)
+        };
+        let passed = |sp: &SparseFfn| {
+            let mut gates = ClusterGates::new();
+            crate::sparse::cluster_gates(sp, &acts, cl[0].gate, None, &mut gates);
+            gates.passed().to_vec()
+        };
+        // ReLU at t = 0: exactly the positive gates.
+        let pos: Vec<u32> = (0..40).filter(|&i| g[i as usize] > 0.0).collect();
+        assert!(!pos.is_empty() && pos.len() < 40);
+        assert_eq!(passed(&base), pos);
+        assert_eq!(count(&base), pos.len());
+        // A score exactly at the threshold: excluded for ReLU (`>`), included for SiLU (`>=`).
+        let i0 = pos[0] as usize;
+        let relu_at = SparseFfn { threshold: g[i0], ..base };
+        assert!(!passed(&relu_at).contains(&(i0 as u32)));
+        let s0 = silu_ggml(g[3]).abs();
+        let silu_at = SparseFfn { act: SparseAct::Silu, threshold: s0, ..base };
+        assert!(passed(&silu_at).contains(&3));
+        let silu_above = SparseFfn { threshold: f32::from_bits(s0.to_bits() + 1), ..silu_at };
+        assert!(!passed(&silu_above).contains(&3));
+        // dReLU needs both gate and up above the threshold.
+        let drelu = SparseFfn { act: SparseAct::Drelu, ..base };
+        let both = (0..40).filter(|&i| g[i] > 0.0 && u[i] > 0.0).count();
+        assert!(both > 0 && both < pos.len(), "the test needs neurons with g > 0 >= u");
+        assert_eq!(passed(&drelu), pos, "the gate phase keeps every positive gate");
+        assert_eq!(count(&drelu), both);
+    }
+
+    #[test]
+    fn two_phase_equals_one_shot() {
+        let mut rng = Rng::new(45);
+        for act in [SparseAct::Silu, SparseAct::Relu, SparseAct::Drelu] {
+            let t = if act == SparseAct::Silu { 0.1 } else { 0.0 };
+            let sp = spec(act, t, TYPE_SETS[0], 96);
+            let layer = Layer::new(sp, 50, 25, 11);
+            let (ag, au) = quantized(&sp, 1, &mut rng);
+            let acts = TokenActs { gate: &ag, up: &au, token: 0 };
+            let mask: Vec<bool> = (0..25).map(|i| i % 3 != 1).collect();
+            for path in all_paths() {
+                for (k, c) in layer.clusters().iter().enumerate() {
+                    for m in [None, Some(&mask[..])] {
+                        let mut gates = ClusterGates::new();
+                        let mut one = vec![0.5; 96];
+                        let n1 = sparse_ffn_cluster_with(path, &sp, &acts, c, m, &mut gates, &mut one);
+                        let mut gates = ClusterGates::new();
+                        let n_pass = cluster_gates_with(path, &sp, &acts, c.gate, m, &mut gates);
+                        assert_eq!(n_pass, gates.passed().len());
+                        if let Some(m) = m {
+                            assert!(gates.passed().iter().all(|&i| m[i as usize]));
+                        }
+                        // Only the passing neurons' bundles, copied elsewhere as an offloaded read would.
+                        let reads: Vec<Vec<u8>> = gates
+                            .passed()
+                            .iter()
+                            .map(|&i| {
+                                let ud = c.up_down(&sp, i as usize);
+                                [ud.up, ud.down].concat()
+                            })
+                            .collect();
+                        let ub = sp.up_row_bytes();
+                        let bundles: Vec<UpDown> =
+                            reads.iter().map(|r| UpDown { up: &r[..ub], down: &r[ub..] }).collect();
+                        let mut two = vec![0.5; 96];
+                        let n2 = cluster_up_down_with(path, &sp, &acts, &mut gates, &bundles, &mut two);
+                        assert_eq!(n1, n2, "{path} {act:?} cluster {k}");
+                        assert_eq!(bits(&one), bits(&two), "{path} {act:?} cluster {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masks_select_neurons_and_empty_inputs_give_zero() {
+        let mut rng = Rng::new(46);
+        let sp = spec(SparseAct::Silu, 0.0, TYPE_SETS[0], 64);
+        let layer = Layer::new(sp, 48, 16, 12);
+        let (ag, au) = quantized(&sp, 1, &mut rng);
+        let acts = TokenActs { gate: &ag, up: &au, token: 0 };
+        let cl = layer.clusters();
+        let pool = SpinPool::new(2).unwrap();
+        let mut scratch = SparseScratch::new();
+        // No neuron predicted: no output, nothing active, no slot taken.
+        let none = vec![false; 48];
+        let mut sums = ClusterSums::new(cl.len(), 64);
+        let mut out = vec![f32::NAN; 64];
+        let n = sparse_ffn_on(&pool, &sp, &acts, &cl, Some(&none), &mut sums, &mut scratch, &mut out);
+        assert_eq!(n, 0);
+        assert!(out.iter().all(|&v| v.to_bits() == 0), "{out:?}");
+        assert!((0..cl.len()).all(|k| !sums.is_taken(k)));
+        // A partial mask: the reference restricted to the predicted neurons.
+        let mask: Vec<bool> = (0..48).map(|i| i % 5 < 2 || i >= 40).collect();
+        let n = sparse_ffn_on(&pool, &sp, &acts, &cl, Some(&mask), &mut sums, &mut scratch, &mut out);
+        let (want, want_n, mag) = layer.reference(&acts, Some(&mask));
+        assert_eq!(n, want_n);
+        assert_eq!(n, mask.iter().filter(|&&m| m).count(), "SiLU at 0 keeps every predicted neuron");
+        for j in 0..64 {
+            assert!((out[j] as f64 - want[j]).abs() <= 1e-5 * mag[j] + 1e-6);
+        }
+        // No clusters at all.
+        let mut sums0 = ClusterSums::new(0, 64);
+        let n = sparse_ffn_on(&pool, &sp, &acts, &[], None, &mut sums0, &mut scratch, &mut out);
+        assert_eq!(n, 0);
+        assert!(out.iter().all(|&v| v.to_bits() == 0));
+        // An empty cluster: nothing passes, the slot stays zero.
+        let mut gates = ClusterGates::new();
+        let empty = ClusterRows { gate: &[], bundles: &[], bundle_stride: layer.stride };
+        let mut slot = vec![0.0; 64];
+        assert_eq!(sparse_ffn_cluster(&sp, &acts, &empty, None, &mut gates, &mut slot), 0);
+        assert!(gates.passed().is_empty() && slot.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn cluster_sums_give_each_slot_once_per_round() {
+        let mut sums = ClusterSums::new(3, 4);
+        sums.slot(2).copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+        sums.slot(2)[0] += 1.0; // a second use in the round keeps the values
+        {
+            let slots = sums.shared();
+            slots.claim(0).copy_from_slice(&[0.5; 4]);
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slots.claim(0).len()));
+            assert!(again.is_err(), "a slot is claimed at most once per round");
+        }
+        let mut out = vec![0.0; 4];
+        sums.reduce_into(&mut out);
+        assert_eq!(out, [2.5, 2.5, 3.5, 4.5]);
+        sums.reset();
+        assert_eq!(sums.slot(1), &[0.0; 4]);
+        sums.reduce_into(&mut out);
+        assert_eq!(out, [0.0; 4]);
+    }
+}

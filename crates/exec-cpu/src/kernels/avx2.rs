@@ -438,3 +438,99 @@ pub(crate) unsafe fn wsum_f16(p: &[f32], v: &[f16], stride: usize, out: &mut [f3
         out[d] = s;
     }
 }
+
+/// [`super::scalar::axpy_q8_0`] with AVX2: the same `d * q` then `fma(a, v, out)` per value.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_q8_0(out: &mut [f32], a: f32, col: &[u8]) {
+    use super::scalar::Q8_0_BYTES;
+    assert_eq!(col.len() / Q8_0_BYTES * QK, out.len());
+    let va = _mm256_set1_ps(a);
+    for (blk, o) in col.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = _mm256_set1_ps(f16_to_f32(f16::from_le_bytes([blk[0], blk[1]])));
+        for j in 0..4 {
+            // SAFETY: `blk` holds 34 bytes, so bytes `2 + 8j .. 2 + 8j + 8` are in bounds, and `o` holds 32
+            // floats; unaligned loads and stores; the features are the caller's guarantee.
+            unsafe {
+                let q = _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * j).cast());
+                let v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+                let p = o.as_mut_ptr().add(8 * j);
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(p)));
+            }
+        }
+    }
+}
+
+/// [`super::scalar::axpy_f16_bytes`] with AVX2 and F16C.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 2 * out.len());
+    let va = _mm256_set1_ps(a);
+    let body = out.len() / 8 * 8;
+    for i in (0..body).step_by(8) {
+        // SAFETY: `i + 8 <= out.len()` and `col` holds `2 * out.len()` bytes; unaligned loads and stores.
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(col.as_ptr().add(2 * i).cast()));
+            let p = out.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(p)));
+        }
+    }
+    super::scalar::axpy_f16_bytes(&mut out[body..], a, &col[2 * body..]);
+}
+
+/// [`super::scalar::axpy_f32_bytes`] with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy_f32_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 4 * out.len());
+    let va = _mm256_set1_ps(a);
+    let body = out.len() / 8 * 8;
+    for i in (0..body).step_by(8) {
+        // SAFETY: `i + 8 <= out.len()` and `col` holds `4 * out.len()` bytes; unaligned loads and stores.
+        unsafe {
+            let v = _mm256_loadu_ps(col.as_ptr().add(4 * i).cast());
+            let p = out.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(p)));
+        }
+    }
+    super::scalar::axpy_f32_bytes(&mut out[body..], a, &col[4 * body..]);
+}
+
+/// `N` [`axpy_q8_0`]s in one pass over `out`, with the same per-value chain of FMAs as `N` calls in order.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_q8_0_n<const N: usize>(out: &mut [f32], a: [f32; N], cols: [&[u8]; N]) {
+    use super::scalar::Q8_0_BYTES;
+    let nb = out.len() / QK;
+    assert!(out.len() == nb * QK && cols.iter().all(|c| c.len() == nb * Q8_0_BYTES));
+    let va = a.map(|a| _mm256_set1_ps(a));
+    for b in 0..nb {
+        let d: [__m256; N] = std::array::from_fn(|i| {
+            let blk = &cols[i][b * Q8_0_BYTES..];
+            _mm256_set1_ps(f16_to_f32(f16::from_le_bytes([blk[0], blk[1]])))
+        });
+        for j in 0..4 {
+            // SAFETY: block `b` of every column holds 34 bytes, so bytes `2 + 8j ..+ 8` are in bounds, and `out`
+            // holds `32 * nb` floats; unaligned loads and stores; the features are the caller's guarantee.
+            unsafe {
+                let p = out.as_mut_ptr().add(QK * b + 8 * j);
+                let mut acc = _mm256_loadu_ps(p);
+                for i in 0..N {
+                    let q = _mm_loadl_epi64(cols[i].as_ptr().add(b * Q8_0_BYTES + 2 + 8 * j).cast());
+                    let v = _mm256_mul_ps(d[i], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+                    acc = _mm256_fmadd_ps(va[i], v, acc);
+                }
+                _mm256_storeu_ps(p, acc);
+            }
+        }
+    }
+}

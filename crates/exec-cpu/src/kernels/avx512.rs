@@ -321,3 +321,103 @@ fn finish<const P: usize, const C: usize>(acc: &[[__m512; C]; P], out: &mut [[f3
         }
     }
 }
+
+/// [`super::scalar::axpy_q8_0`] with AVX-512F: the same `d * q` then `fma(a, v, out)` per value, 16 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_q8_0(out: &mut [f32], a: f32, col: &[u8]) {
+    use super::scalar::Q8_0_BYTES;
+    assert_eq!(col.len() / Q8_0_BYTES * 32, out.len());
+    let va = _mm512_set1_ps(a);
+    for (blk, o) in col.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
+        let d = _mm512_set1_ps(f16_to_f32(half::f16::from_le_bytes([blk[0], blk[1]])));
+        for j in 0..2 {
+            // SAFETY: `blk` holds 34 bytes, so bytes `2 + 16j .. 2 + 16j + 16` are in bounds, and `o` holds 32
+            // floats; unaligned loads and stores; the features are the caller's guarantee.
+            unsafe {
+                let q = _mm_loadu_si128(blk.as_ptr().add(2 + 16 * j).cast());
+                let v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+                let p = o.as_mut_ptr().add(16 * j);
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(va, v, _mm512_loadu_ps(p)));
+            }
+        }
+    }
+}
+
+/// [`super::scalar::axpy_f16_bytes`] with AVX-512F, 16 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 2 * out.len());
+    let va = _mm512_set1_ps(a);
+    let body = out.len() / 16 * 16;
+    for i in (0..body).step_by(16) {
+        // SAFETY: `i + 16 <= out.len()` and `col` holds `2 * out.len()` bytes; unaligned loads and stores.
+        unsafe {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(col.as_ptr().add(2 * i).cast()));
+            let p = out.as_mut_ptr().add(i);
+            _mm512_storeu_ps(p, _mm512_fmadd_ps(va, v, _mm512_loadu_ps(p)));
+        }
+    }
+    // SAFETY: the caller guarantees AVX2, FMA and F16C.
+    unsafe { super::avx2::axpy_f16_bytes(&mut out[body..], a, &col[2 * body..]) };
+}
+
+/// [`super::scalar::axpy_f32_bytes`] with AVX-512F, 16 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn axpy_f32_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 4 * out.len());
+    let va = _mm512_set1_ps(a);
+    let body = out.len() / 16 * 16;
+    for i in (0..body).step_by(16) {
+        // SAFETY: `i + 16 <= out.len()` and `col` holds `4 * out.len()` bytes; unaligned loads and stores.
+        unsafe {
+            let v = _mm512_loadu_ps(col.as_ptr().add(4 * i).cast());
+            let p = out.as_mut_ptr().add(i);
+            _mm512_storeu_ps(p, _mm512_fmadd_ps(va, v, _mm512_loadu_ps(p)));
+        }
+    }
+    // SAFETY: the caller guarantees AVX2 and FMA.
+    unsafe { super::avx2::axpy_f32_bytes(&mut out[body..], a, &col[4 * body..]) };
+}
+
+/// `N` [`axpy_q8_0`]s in one pass over `out`: per value the same chain
+/// `out = fma(a[N-1], v[N-1], ... fma(a[0], v[0], out))` as `N` calls in order, so the same bits, with `out`
+/// loaded and stored once.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_q8_0_n<const N: usize>(out: &mut [f32], a: [f32; N], cols: [&[u8]; N]) {
+    use super::scalar::Q8_0_BYTES;
+    let nb = out.len() / 32;
+    assert!(out.len() == nb * 32 && cols.iter().all(|c| c.len() == nb * Q8_0_BYTES));
+    let va = a.map(|a| _mm512_set1_ps(a));
+    for b in 0..nb {
+        let d: [__m512; N] = std::array::from_fn(|i| {
+            let blk = &cols[i][b * Q8_0_BYTES..];
+            _mm512_set1_ps(f16_to_f32(half::f16::from_le_bytes([blk[0], blk[1]])))
+        });
+        for j in 0..2 {
+            // SAFETY: block `b` of every column holds 34 bytes, so bytes `2 + 16j ..+ 16` are in bounds, and
+            // `out` holds `32 * nb` floats; unaligned loads and stores; the features are the caller's guarantee.
+            unsafe {
+                let p = out.as_mut_ptr().add(32 * b + 16 * j);
+                let mut acc = _mm512_loadu_ps(p);
+                for i in 0..N {
+                    let q = _mm_loadu_si128(cols[i].as_ptr().add(b * Q8_0_BYTES + 2 + 16 * j).cast());
+                    let v = _mm512_mul_ps(d[i], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+                    acc = _mm512_fmadd_ps(va[i], v, acc);
+                }
+                _mm512_storeu_ps(p, acc);
+            }
+        }
+    }
+}

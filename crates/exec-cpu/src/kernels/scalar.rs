@@ -327,3 +327,34 @@ pub(crate) fn vec_dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     }
     sumf
 }
+
+/// Bytes of a Q8_0 block (f16 scale, 32 signed bytes).
+pub(crate) const Q8_0_BYTES: usize = 2 + QK;
+
+/// `out += a * dequant(col)` for a Q8_0 column given as raw little-endian bytes (no alignment needed): per
+/// value `v = d * q` (exact in f32: an 8-bit integer times an f16) and `out = fma(a, v, out)`.
+pub(crate) fn axpy_q8_0(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len() / Q8_0_BYTES * QK, out.len());
+    for (blk, o) in col.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        for (o, &q) in o.iter_mut().zip(&blk[2..]) {
+            *o = a.mul_add(d * f32::from(q as i8), *o);
+        }
+    }
+}
+
+/// `out += a * col` for an F16 column given as raw little-endian bytes: `out = fma(a, f32(v), out)`.
+pub(crate) fn axpy_f16_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 2 * out.len());
+    for (o, v) in out.iter_mut().zip(col.chunks_exact(2)) {
+        *o = a.mul_add(f16::from_le_bytes([v[0], v[1]]).to_f32(), *o);
+    }
+}
+
+/// `out += a * col` for an F32 column given as raw little-endian bytes: `out = fma(a, v, out)`.
+pub(crate) fn axpy_f32_bytes(out: &mut [f32], a: f32, col: &[u8]) {
+    assert_eq!(col.len(), 4 * out.len());
+    for (o, v) in out.iter_mut().zip(col.chunks_exact(4)) {
+        *o = a.mul_add(f32::from_le_bytes([v[0], v[1], v[2], v[3]]), *o);
+    }
+}
