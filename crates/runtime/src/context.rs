@@ -427,8 +427,12 @@ fn forward(
                     threshold: ffn.thresholds.map(|t| t[l]),
                     predictor: ffn.predictors.map(|p| &p[l]),
                 };
-                let parallel = matches!(par, Par::Rayon);
-                packed_ffn(model, pl, sel, parallel, xn, &mut s.acts, &mut s.packed, &mut s.tmp[..n * d]);
+                let (parallel, spin) = match par {
+                    Par::Rayon => (true, None),
+                    Par::Spin(p) => (false, Some(p)),
+                };
+                let out = &mut s.tmp[..n * d];
+                packed_ffn(model, pl, sel, parallel, spin, xn, &mut s.acts, &mut s.packed, out);
                 add_assign(x, &s.tmp[..n * d]);
                 continue;
             }

@@ -7,7 +7,10 @@
 //! an axpy of each active neuron's (transposed) down column into the output. Buffers are position-major
 //! (`[position][token]`), so that clusters write disjoint ranges and run in parallel.
 
-use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs};
+use pinion_exec_cpu::sparse::{
+    ClusterRows, ClusterSums, SparseAct, SparseFfn, SparseScratch, TokenActs, sparse_ffn_on,
+};
+use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
 use pinion_format::quant;
 use pinion_predictor::LowRankPredictor;
@@ -29,6 +32,10 @@ pub(crate) struct PackedScratch {
     hidden: Vec<f32>,
     logits: Vec<f32>,
     acts_up: QuantizedActs,
+    /// Decode: one partial output per cluster, and the kernels' per-thread state.
+    sums: Option<ClusterSums>,
+    sparse: SparseScratch,
+    predicted: Vec<bool>,
 }
 
 /// How a packed FFN layer chooses its neurons.
@@ -42,13 +49,16 @@ pub(crate) struct Selection<'a> {
 }
 
 /// Computes the FFN of `n` tokens (`xn`: their normalized inputs, `n x d`) over packed layer `pl`, writing the
-/// FFN outputs to `out` (`n x d`, token-major). Returns the number of active (neuron, token) pairs.
+/// FFN outputs to `out` (`n x d`, token-major). Returns the number of active (neuron, token) pairs. One token
+/// on a spin pool (decode) runs the cluster kernels of `pinion_exec_cpu::sparse`, whose result does not
+/// depend on thread timing; batches run here, on rayon when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_ffn(
     model: &Model,
     pl: &PackedLayer,
     sel: Selection<'_>,
     parallel: bool,
+    spin: Option<&SpinPool>,
     xn: &[f32],
     acts: &mut QuantizedActs,
     s: &mut PackedScratch,
@@ -56,6 +66,9 @@ pub(crate) fn packed_ffn(
 ) -> usize {
     let (d, ff) = (pl.d_model, pl.n_ff);
     let n = xn.len() / d;
+    if let (Some(pool), 1) = (spin, n) {
+        return decode_ffn(model, pl, sel, pool, xn, acts, s, out);
+    }
     s.gate.resize(ff * n, 0.0);
     s.up.resize(ff * n, 0.0);
     s.mask.resize(ff * n, false);
@@ -206,4 +219,63 @@ pub(crate) fn packed_ffn(
         add_neurons(0..ff, out, &mut col);
     }
     active
+}
+
+/// One token's FFN over a packed layer with the cluster kernels: the predictor's mask (if any), then per cluster
+/// gates, threshold, up and down into the cluster's own partial sum, reduced in cluster order.
+#[allow(clippy::too_many_arguments)]
+fn decode_ffn(
+    model: &Model,
+    pl: &PackedLayer,
+    sel: Selection<'_>,
+    pool: &SpinPool,
+    xn: &[f32],
+    acts: &mut QuantizedActs,
+    s: &mut PackedScratch,
+    out: &mut [f32],
+) -> usize {
+    let (d, ff) = (pl.d_model, pl.n_ff);
+    let spec = SparseFfn {
+        act: match sel.act {
+            FfnActivation::Silu => SparseAct::Silu,
+            FfnActivation::Relu => SparseAct::Relu,
+            FfnActivation::Drelu => SparseAct::Drelu,
+        },
+        threshold: sel.threshold.unwrap_or(0.0),
+        d_model: d,
+        gate_ty: pl.gate_ty,
+        up_ty: pl.up_ty,
+        down_ty: pl.down_ty,
+    };
+    acts.quantize(pl.gate_ty, xn, d);
+    if pl.up_ty != pl.gate_ty {
+        s.acts_up.quantize(pl.up_ty, xn, d);
+    }
+    let acts_up = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
+    let token = TokenActs { gate: acts, up: acts_up, token: 0 };
+    let mask = match sel.predictor {
+        Some(p) => {
+            s.hidden.resize(p.rank(), 0.0);
+            s.logits.resize(p.n_out(), 0.0);
+            p.logits(xn, &mut s.hidden, &mut s.logits);
+            s.predicted.clear();
+            s.predicted.extend(s.logits.iter().map(|&l| l >= p.threshold()));
+            Some(&s.predicted[..ff])
+        }
+        None => None,
+    };
+    let stride = pl.bundle_bytes();
+    let clusters: Vec<ClusterRows<'_>> = (0..pl.n_clusters())
+        .map(|k| {
+            let gate = model.bytes(pl.gate_block_range(k));
+            let first = pl.bundle_range(k * pl.cluster_neurons);
+            let last = pl.bundle_range(k * pl.cluster_neurons + pl.cluster_len(k) - 1);
+            ClusterRows { gate, bundles: model.bytes(first.start..last.end), bundle_stride: stride }
+        })
+        .collect();
+    if s.sums.as_ref().is_none_or(|c| c.n_clusters() != clusters.len() || c.d_model() != d) {
+        s.sums = Some(ClusterSums::new(clusters.len(), d));
+    }
+    let sums = s.sums.as_mut().expect("just made");
+    sparse_ffn_on(pool, &spec, &token, &clusters, mask, sums, &mut s.sparse, out)
 }
