@@ -107,8 +107,8 @@ pub(crate) fn packed_ffn(
     let dense_silu = sel.act == FfnActivation::Silu && sel.threshold.is_none();
     for (m, &g) in s.mask.iter_mut().zip(&s.gate) {
         *m = match sel.act {
-            // dReLU also needs up > 0, checked after the up phase.
-            FfnActivation::Drelu => g > 0.0,
+            // dReLU: active when relu(min(g, u)) > t; up is checked after the up phase.
+            FfnActivation::Drelu => g > t,
             act => dense_silu || act.is_active(act.score(g, 0.0), t),
         };
     }
