@@ -388,9 +388,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
         prepare::save_predictors(&ps, &f_pred)?;
         let json = serde_json::json!({"target_recall": cfg.target_recall, "layers": report});
-        let tmp = prepare::partial_path(&f_pred_report);
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
-        std::fs::rename(&tmp, &f_pred_report)?;
+        prepare::write_atomic(&f_pred_report, &serde_json::to_vec_pretty(&json)?)?;
         manifest.mark(&out, "train", &k_train)?;
         Some(ps)
     };

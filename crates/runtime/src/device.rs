@@ -356,9 +356,7 @@ impl Fields<'_> {
 
 /// Writes `v` as pretty JSON to `path.partial` and renames it to `path`; on error, the path that failed.
 pub(crate) fn write_json_atomic(path: &Path, v: &Value) -> Result<(), (PathBuf, std::io::Error)> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
+    let tmp = crate::prepare::partial_path(path);
     let text = serde_json::to_vec_pretty(v).map_err(|e| (tmp.clone(), std::io::Error::other(e)))?;
     std::fs::write(&tmp, text).map_err(|e| (tmp.clone(), e))?;
     std::fs::rename(&tmp, path).map_err(|e| (path.to_path_buf(), e))

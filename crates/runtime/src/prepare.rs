@@ -135,6 +135,15 @@ fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), Runtime
     Ok(())
 }
 
+/// Writes `bytes` to `path` through a temporary file ([`partial_path`]) renamed into place, so that `path` is
+/// never half-written.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
+    let tmp = partial_path(path);
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 /// `path` with `.partial` appended to its file name: where a file is written before it is renamed into place.
 pub fn partial_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -295,11 +304,7 @@ pub fn save_predictors(predictors: &[LowRankPredictor], path: &Path) -> Result<(
             w.add_tensor_data(&t.name, t.ty, &t.dims, t.data)?;
         }
     }
-    let bytes = w.to_bytes()?;
-    let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
-    let tmp = partial_path(path);
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_atomic(path, &w.to_bytes()?)
 }
 
 /// Reads predictors written by [`save_predictors`] (outputs in neuron id order).
@@ -440,11 +445,7 @@ impl Manifest {
         self.steps.insert(step.to_string(), key.to_string());
         let v =
             serde_json::json!({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "steps": self.steps});
-        let path = dir.join(MANIFEST_FILE);
-        let io = |source| RuntimeError::Io { path: path.clone(), source };
-        let tmp = partial_path(&path);
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).expect("JSON values serialize")).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&v).expect("JSON values serialize"))
     }
 }
 

@@ -46,10 +46,7 @@ impl Thresholds {
             "calib_tokens": self.calib_tokens,
             "layers": layers,
         });
-        let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).expect("JSON values serialize")).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        crate::prepare::write_atomic(path, &serde_json::to_vec_pretty(&v).expect("JSON values serialize"))
     }
 
     /// Reads a file written by [`Thresholds::save`].
