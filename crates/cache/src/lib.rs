@@ -13,6 +13,10 @@
 //! present bytes, a [`Slot`] that makes the caller the one loader of absent bytes, or a [`Waiter`] for bytes
 //! another thread is loading, so that several compute threads and an I/O thread never load the same bytes twice.
 //!
+//! [`NeuronCache`] is the compact alternative for single neurons of one FFN layer: entries of exactly
+//! `entry_len` bytes (a 972-byte bundle takes 972 bytes, not a 4 KiB buffer), CLOCK or sliding-window
+//! replacement, and guards that keep an entry in place while compute threads read it.
+//!
 //! This crate is not an I/O layer and not a planner: it does no I/O, reads no clock (time is the token counter
 //! the caller advances), and takes its budgets from the caller. That keeps it deterministic, so policies can be
 //! property-tested against a reference model and fuzzed ([`fuzz::check_ops`]).
@@ -42,6 +46,7 @@
 mod cache;
 mod error;
 pub mod fuzz;
+mod neuron;
 #[cfg(test)]
 mod tests;
 
@@ -50,3 +55,4 @@ pub use crate::cache::{
     Slot, Waiter, entry_bytes,
 };
 pub use crate::error::CacheError;
+pub use crate::neuron::{NeuronCache, NeuronCacheStats, NeuronRef};
