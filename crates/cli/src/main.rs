@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pinion_runtime::{
-    BenchTest, ChatMessage, Context, ContextParams, GenerateParams, Model, SamplerParams, StopReason,
-    registry,
+    BenchTest, CachePolicy, ChatMessage, Context, ContextParams, GenerateParams, Model, OffloadOptions,
+    SamplerParams, StopReason, registry,
 };
 
 #[derive(Parser, Debug)]
@@ -65,12 +65,116 @@ struct ModelArgs {
     /// Prepared models: run the FFN densely (no thresholds, no predictors).
     #[arg(long = "dense", conflicts_with_all = ["thresholds", "predictors"])]
     dense: bool,
+    /// Prepared models: run under this memory budget (bytes with an optional K/M/G/KiB/MiB/GiB suffix, or a
+    /// percentage of the model's weights as packed, like 50%). Weights that do not fit are read from storage
+    /// as needed; the whole process (weights, KV cache, buffers) stays within the budget.
+    #[arg(long = "mem-budget")]
+    mem_budget: Option<String>,
+    /// Offloaded runs: read a neuron's up row and down column separately (no bundles).
+    #[arg(long = "no-bundle", requires = "mem_budget")]
+    no_bundle: bool,
+    /// Offloaded runs: keep no FFN neuron in memory (read every one every token).
+    #[arg(long = "no-cache", requires = "mem_budget")]
+    no_cache: bool,
+    /// Offloaded runs: read everything a layer needs, then compute (no overlap of reads and compute).
+    #[arg(long = "no-pipeline", requires = "mem_budget")]
+    no_pipeline: bool,
+    /// Offloaded runs: the neuron cache policy: powerinfer2 (hot neurons pinned, plus an LRU) or llmflash
+    /// (LLM in a Flash: nothing pinned, a sliding window of the last 5 tokens' neurons).
+    #[arg(long = "policy", value_enum, default_value_t = PolicyArg::Powerinfer2, requires = "mem_budget")]
+    policy: PolicyArg,
+    /// llama.cpp's approach, for comparison: the FFN dense over the memory-mapped file, the page cache as the
+    /// only cache (a budget is then not enforced by pinion: run it under a cgroup memory limit).
+    #[arg(long = "mmap-dense", conflicts_with_all = ["mem_budget", "thresholds", "predictors"])]
+    mmap_dense: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum PolicyArg {
+    Powerinfer2,
+    Llmflash,
+}
+
+/// Parses a memory budget: bytes (with a K/M/G or KiB/MiB/GiB suffix) or a percentage of `model_bytes`.
+fn parse_budget(s: &str, model_bytes: u64) -> Result<u64> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let v: f64 = p.trim().parse().with_context(|| format!("--mem-budget {s}: not a percentage"))?;
+        if !(v > 0.0 && v.is_finite()) {
+            bail!("--mem-budget {s}: the percentage must be positive");
+        }
+        return Ok((model_bytes as f64 * v / 100.0) as u64);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().with_context(|| format!("--mem-budget {s}: not a size (try 64MiB or 50%)"))?;
+    let mul: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        u => bail!("--mem-budget {s}: unknown unit '{u}' (use B, K, M, G, KiB, MiB, GiB or %)"),
+    };
+    let b = v * mul;
+    if !(b >= 1.0 && b.is_finite()) {
+        bail!("--mem-budget {s}: the budget must be positive");
+    }
+    Ok(b as u64)
 }
 
 impl ModelArgs {
     /// A context for `model`, with this run's thresholds applied.
     fn context<'m>(&self, model: &'m Model, n_ctx: usize) -> Result<Context<'m>> {
-        let mut ctx = Context::new(model, ContextParams::new(n_ctx, self.threads))?;
+        self.context_with(model, n_ctx, self.mem_budget.as_deref())
+    }
+
+    /// The offload options of this run under `budget` bytes.
+    fn offload_options(&self, budget: u64) -> OffloadOptions {
+        OffloadOptions {
+            bundle: !self.no_bundle,
+            cache: !self.no_cache,
+            pipeline: !self.no_pipeline,
+            policy: match self.policy {
+                PolicyArg::Powerinfer2 => CachePolicy::PowerInfer2,
+                PolicyArg::Llmflash => CachePolicy::LlmFlash { window: 5 },
+            },
+            ..OffloadOptions::new(budget)
+        }
+    }
+
+    /// A context for `model` under memory budget `budget` (as given on the command line), if any.
+    fn context_with<'m>(&self, model: &'m Model, n_ctx: usize, budget: Option<&str>) -> Result<Context<'m>> {
+        let params = ContextParams::new(n_ctx, self.threads);
+        let mut ctx = match budget {
+            Some(b) => {
+                if !model.is_packed() {
+                    bail!("--mem-budget needs a prepared model (cargo xtask prepare), not a GGUF file");
+                }
+                let bytes = parse_budget(b, model.weight_bytes())?;
+                let ctx = Context::new_offloaded(model, params, self.offload_options(bytes))?;
+                if let Some(plan) = ctx.memory_plan() {
+                    eprintln!("pinion: {}", plan.render());
+                }
+                if let Some(b) = ctx.offload_backend() {
+                    eprintln!("pinion: FFN and output head streamed from storage with {b}");
+                }
+                ctx
+            }
+            None => Context::new(model, params)?,
+        };
+        if self.mmap_dense {
+            if !model.is_packed() {
+                bail!("--mmap-dense needs a prepared model; a GGUF already runs dense over mmap");
+            }
+            ctx.set_ffn_thresholds(None)?;
+            ctx.use_predictors(false);
+            eprintln!(
+                "pinion: --mmap-dense: dense FFN over the memory-mapped file; the page cache is the only cache"
+            );
+        }
         if let Some(p) = &self.thresholds {
             let t = pinion_runtime::sparsity::Thresholds::load(p)?;
             eprintln!(

@@ -306,7 +306,33 @@ impl PackedHeader {
 
     /// Checks the resident GGUF's bytes against [`resident_crc`](Self::resident_crc).
     pub fn verify_resident(&self, resident: &[u8]) -> Result<(), FormatError> {
-        check_crc("resident section", self.resident_offset, self.resident_crc, resident)
+        self.verify_resident_chunked(resident, usize::MAX, |_| {})
+    }
+
+    /// [`verify_resident`](Self::verify_resident) `chunk` bytes at a time, calling `done` with each chunk's
+    /// range (relative to `resident`) once it is hashed, so a caller reading through a memory map can drop the
+    /// pages it no longer needs while it checks a large section.
+    pub fn verify_resident_chunked(
+        &self,
+        resident: &[u8],
+        chunk: usize,
+        mut done: impl FnMut(Range<usize>),
+    ) -> Result<(), FormatError> {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut at = 0;
+        while at < resident.len() {
+            let end = resident.len().min(at.saturating_add(chunk.max(1)));
+            hasher.update(&resident[at..end]);
+            done(at..end);
+            at = end;
+        }
+        let found = hasher.finalize();
+        if found != self.resident_crc {
+            let (what, offset, expected) =
+                ("resident section".to_string(), self.resident_offset, self.resident_crc);
+            return Err(FormatError::Checksum { what, offset, expected, found });
+        }
+        Ok(())
     }
 }
 
@@ -443,6 +469,9 @@ impl PackedLayer {
     }
 }
 
+/// A check of the resident section's bytes against the header (see [`PackedFile::parse_checking`]).
+pub type ResidentCheck<'c> = dyn FnMut(&PackedHeader, &[u8]) -> Result<(), FormatError> + 'c;
+
 /// A packed file held in memory (typically mapped by the caller), checked by [`parse`](Self::parse).
 #[derive(Debug)]
 pub struct PackedFile<'a> {
@@ -459,6 +488,16 @@ impl<'a> PackedFile<'a> {
     /// [`PACKED_VERSION_KEY`]. Gate blocks and bundles are not checked here: see
     /// [`verify_all`](Self::verify_all). Any content gives a [`FormatError`], never a panic.
     pub fn parse(bytes: &'a [u8]) -> Result<PackedFile<'a>, FormatError> {
+        Self::parse_checking(bytes, &mut |h: &PackedHeader, resident: &[u8]| h.verify_resident(resident))
+    }
+
+    /// [`parse`](Self::parse) with the resident CRC checked by `verify` (given the header and the resident
+    /// section's bytes) instead, e.g. with [`PackedHeader::verify_resident_chunked`] to bound the pages a memory
+    /// map keeps resident while checking.
+    pub fn parse_checking(
+        bytes: &'a [u8],
+        verify: &mut ResidentCheck<'_>,
+    ) -> Result<PackedFile<'a>, FormatError> {
         let header = PackedHeader::parse(bytes)?;
         let file_len = bytes.len() as u64;
         let end = header.file_len();
@@ -476,7 +515,7 @@ impl<'a> PackedFile<'a> {
         let layers = parse_index(&header, index, file_len)?;
         let resident_end = header.resident_offset + header.resident_len;
         let resident_bytes = &bytes[header.resident_offset as usize..resident_end as usize];
-        header.verify_resident(resident_bytes)?;
+        verify(&header, resident_bytes)?;
         let resident = Gguf::parse(resident_bytes).map_err(|e| {
             corrupt(header.resident_offset, format!("the resident section is not a valid GGUF file: {e}"))
         })?;

@@ -45,6 +45,25 @@ impl MappedFile {
     pub fn advise_random(&self) -> io::Result<()> {
         self.map.advise(memmap2::Advice::Random)
     }
+
+    /// Drops the pages of `range` (clamped to the file, widened to whole pages) from this process's resident
+    /// set (`madvise(MADV_DONTNEED)`): a later read of them faults them in again from the file, with the same
+    /// bytes. This is how a caller that had to read a large part of the map once (to check a checksum, say)
+    /// keeps it from counting against its memory budget afterwards. The page cache is not touched.
+    pub fn release(&self, range: std::ops::Range<usize>) -> io::Result<()> {
+        let end = range.end.min(self.map.len());
+        let page = 4096;
+        let start = range.start / page * page;
+        if start >= end {
+            return Ok(());
+        }
+        // SAFETY: the map is a read-only, shared mapping of a file (`MmapOptions::map`), never written through.
+        // For such a mapping MADV_DONTNEED only unmaps the pages: the next access faults them in again from the
+        // file, so every outstanding `&[u8]` into the map keeps reading the same bytes (the file is not modified
+        // while mapped: the contract on this type). The range is inside the map (clamped above; `start` is
+        // rounded down to a page, which the mapping's page-aligned start keeps inside it).
+        unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) }
+    }
 }
 
 impl Deref for MappedFile {
@@ -69,6 +88,48 @@ mod tests {
         std::fs::write(dir.join("empty"), b"").unwrap();
         assert_eq!(MappedFile::open(&dir.join("empty")).unwrap().len(), 0);
         assert_eq!(MappedFile::open(&dir.join("missing")).unwrap_err().kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Pages of the map resident in this process (from /proc/self/smaps), in KiB.
+    fn mapped_rss_kib(m: &MappedFile) -> u64 {
+        let start = m.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, _)) = range.split_once('-') {
+                    if let Ok(a) = usize::from_str_radix(a, 16) {
+                        inside = a == start;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("Rss:") {
+                    return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("map not found in smaps")
+    }
+
+    #[test]
+    fn release_drops_pages_from_the_resident_set_and_keeps_the_bytes() {
+        let dir = std::env::temp_dir().join(format!("pinion-io-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.bin");
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let m = MappedFile::open(&p).unwrap();
+        assert_eq!(&m[..], &data[..]);
+        let before = mapped_rss_kib(&m);
+        assert!(before >= 1000, "{before} KiB resident after reading 1 MiB");
+        m.release(100..m.len() + 5).unwrap();
+        let after = mapped_rss_kib(&m);
+        assert!(after <= 4, "{after} KiB resident after release");
+        assert_eq!(&m[..], &data[..], "bytes after release");
+        m.release(10..10).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

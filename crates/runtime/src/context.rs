@@ -7,8 +7,9 @@ use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::error::RuntimeError;
-use crate::ffn::{PackedScratch, Selection, packed_ffn};
+use crate::ffn::{PackedScratch, Selection, decode_inputs, packed_ffn, sparse_spec};
 use crate::model::{FfnWeights, Model};
+use crate::offload::{MemoryPlan, Offload, OffloadOptions, OffloadStats};
 
 /// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
 pub const DEFAULT_UBATCH: usize = 512;
@@ -67,6 +68,8 @@ struct Scratch {
     acts: QuantizedActs,
     logits: Vec<f32>,
     packed: PackedScratch,
+    /// Streamed output head rows of a batch.
+    head_tmp: Vec<f32>,
 }
 
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
@@ -89,6 +92,8 @@ pub struct Context<'m> {
     /// Per-layer predictors (packed models only): neurons they do not mark are skipped. Borrowed from the
     /// model unless set with [`Context::set_predictors`].
     predictors: Option<Cow<'m, [LowRankPredictor]>>,
+    /// An offloaded run: the FFN streamed from storage under a memory budget.
+    offload: Option<Offload>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -138,6 +143,7 @@ impl<'m> Context<'m> {
             acts: QuantizedActs::new(),
             logits: vec![0.0; c.n_vocab],
             packed: PackedScratch::default(),
+            head_tmp: Vec::new(),
         };
         Ok(Context {
             model,
@@ -155,7 +161,60 @@ impl<'m> Context<'m> {
                 true => model.predictors().map(Cow::Borrowed),
                 false => None,
             },
+            offload: None,
         })
+    }
+
+    /// Makes a context that runs packed `model` under a memory budget (see `OffloadOptions`): weights that do
+    /// not fit are read from storage as needed. Refuses a budget below what the run needs in any case
+    /// ([`RuntimeError::BudgetTooSmall`], with the minimum). Batches are capped at 64 tokens to bound scratch.
+    pub fn new_offloaded(
+        model: &'m Model,
+        params: ContextParams,
+        opts: OffloadOptions,
+    ) -> Result<Context<'m>, RuntimeError> {
+        if !model.is_packed() {
+            return Err(RuntimeError::NotPacked);
+        }
+        let params = ContextParams { n_ubatch: params.n_ubatch.min(64), ..params };
+        let mut ctx = Context::new(model, params)?;
+        ctx.offload = Some(Offload::new(model, &ctx.params, opts, ctx.predictor_bytes())?);
+        Ok(ctx)
+    }
+
+    fn predictor_bytes(&self) -> u64 {
+        self.predictors.as_ref().map_or(0, |ps| {
+            ps.iter()
+                .map(|p| (4 * (p.d_in() * p.rank() + p.rank() + p.rank() * p.n_out() + p.n_out())) as u64)
+                .sum()
+        })
+    }
+
+    /// How an offloaded context spends its budget (`None` when the model runs from memory).
+    pub fn memory_plan(&self) -> Option<&MemoryPlan> {
+        self.offload.as_ref().map(Offload::plan)
+    }
+
+    /// The offloaded run's options (`None` when the model runs from memory).
+    pub fn offload_options(&self) -> Option<&OffloadOptions> {
+        self.offload.as_ref().map(Offload::options)
+    }
+
+    /// Counters of an offloaded run's decode tokens since the last reset.
+    pub fn offload_stats(&self) -> Option<&OffloadStats> {
+        self.offload.as_ref().map(Offload::stats)
+    }
+
+    /// Zeroes the offload counters.
+    pub fn reset_offload_stats(&mut self) {
+        if let Some(o) = &mut self.offload {
+            o.reset_stats();
+        }
+    }
+
+    /// The I/O backend of an offloaded run, for display.
+    pub fn offload_backend(&self) -> Option<String> {
+        self.offload.as_ref().map(Offload::backend)
     }
 
     /// The model this context runs.
@@ -196,6 +255,9 @@ impl<'m> Context<'m> {
     /// Returns whether the model has predictors.
     pub fn use_predictors(&mut self, on: bool) -> bool {
         self.predictors = if on { self.model.predictors().map(Cow::Borrowed) } else { None };
+        if let Some(o) = &mut self.offload {
+            o.set_predicting(self.predictors.is_some());
+        }
         self.model.sparsity().has_predictors
     }
 
@@ -212,6 +274,9 @@ impl<'m> Context<'m> {
             }
         }
         self.predictors = predictors.map(Cow::Owned);
+        if let Some(o) = &mut self.offload {
+            o.set_predicting(self.predictors.is_some());
+        }
         Ok(())
     }
 
@@ -296,14 +361,21 @@ impl<'m> Context<'m> {
             let model = self.model;
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
+            if let (Some(o), 1) = (self.offload.as_mut(), chunk.len()) {
+                o.begin_token();
+            }
             let ffn = Ffn {
                 thresholds: self.thresholds.as_deref(),
                 predictors: self.predictors.as_deref(),
                 profile: profile.as_deref_mut(),
+                offload: self.offload.as_mut(),
             };
             if chunk.len() == 1 {
                 let par = Par::Spin(&self.spin);
                 forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
+                if let Some(o) = self.offload.as_mut() {
+                    o.end_token();
+                }
             } else {
                 self.pool.install(|| {
                     forward(model, Par::Rayon, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)
@@ -341,6 +413,7 @@ struct Ffn<'a> {
     thresholds: Option<&'a [f32]>,
     predictors: Option<&'a [LowRankPredictor]>,
     profile: Option<&'a mut ActivationProfile>,
+    offload: Option<&'a mut Offload>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -361,10 +434,17 @@ fn forward(
     let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
     let x = &mut s.x[..n * d];
     for (t, &tok) in tokens.iter().enumerate() {
-        model.embed(tok, &mut x[t * d..(t + 1) * d])?;
+        match ffn.offload.as_deref_mut() {
+            Some(o) => o.embed(model, tok, &mut x[t * d..(t + 1) * d])?,
+            None => model.embed(tok, &mut x[t * d..(t + 1) * d])?,
+        }
     }
     let scale = 1.0 / (c.head_dim as f32).sqrt();
     for (l, layer) in model.layers.iter().enumerate() {
+        // An offloaded decode step reads this layer's gates while its attention runs.
+        if let (Some(o), 1) = (ffn.offload.as_deref_mut(), n) {
+            o.prefetch_gates(model, l)?;
+        }
         // Attention.
         let xn = &mut s.xn[..n * d];
         for t in 0..n {
@@ -432,7 +512,30 @@ fn forward(
                     Par::Spin(p) => (false, Some(p)),
                 };
                 let out = &mut s.tmp[..n * d];
-                packed_ffn(model, pl, sel, parallel, spin, xn, &mut s.acts, &mut s.packed, out);
+                match (ffn.offload.as_deref_mut(), spin) {
+                    (Some(o), Some(pool)) if n == 1 => {
+                        let spec = sparse_spec(pl, sel);
+                        let (token, mask) = decode_inputs(pl, sel, xn, &mut s.acts, &mut s.packed.inputs);
+                        o.decode_ffn(model, l, &spec, &token, mask, pool, out)?;
+                    }
+                    (Some(o), _) => {
+                        let bytes = o.stage_layer(model, l)?;
+                        packed_ffn(bytes, pl, sel, parallel, spin, xn, &mut s.acts, &mut s.packed, out);
+                    }
+                    (None, _) => {
+                        packed_ffn(
+                            model.ffn_bytes(),
+                            pl,
+                            sel,
+                            parallel,
+                            spin,
+                            xn,
+                            &mut s.acts,
+                            &mut s.packed,
+                            out,
+                        );
+                    }
+                }
                 add_assign(x, &s.tmp[..n * d]);
                 continue;
             }
@@ -468,7 +571,11 @@ fn forward(
     }
     let wout = model.matrix(&model.output);
     s.acts.quantize(wout.ty, xn, d);
-    par.matmul(&wout, &s.acts, &mut s.logits[offset..offset + n_out * c.n_vocab]);
+    let logits = &mut s.logits[offset..offset + n_out * c.n_vocab];
+    match ffn.offload {
+        Some(o) => o.head(model, &|w, a, out| par.matmul(w, a, out), &s.acts, logits, &mut s.head_tmp)?,
+        None => par.matmul(&wout, &s.acts, logits),
+    }
     Ok(())
 }
 

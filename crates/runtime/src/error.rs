@@ -6,6 +6,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
+    #[error(
+        "memory budget {} is too small: this model needs at least {} ({detail}); raise --mem-budget to {} or more",
+        mib(*budget), mib(*minimum), mib(*minimum)
+    )]
+    BudgetTooSmall { budget: u64, minimum: u64, detail: String },
+    #[error("offloaded run: {0}")]
+    Offload(String),
     #[error("model file {path} not found{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
     ModelNotFound { path: PathBuf, hint: Option<String> },
     #[error("cannot read {path}: {source}")]
@@ -59,4 +66,9 @@ pub enum RuntimeError {
     CalibrationTooShort { tokens: usize, needed: usize },
     #[error("fetching model '{name}': {why}")]
     Fetch { name: String, why: String },
+}
+
+/// `bytes` in MiB with one decimal, for messages.
+pub(crate) fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }

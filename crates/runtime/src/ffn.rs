@@ -17,7 +17,21 @@ use pinion_predictor::LowRankPredictor;
 use rayon::prelude::*;
 
 use crate::config::FfnActivation;
-use crate::model::Model;
+
+/// Where a packed layer's bytes are: `bytes` holds the file's bytes from offset `base` on (the whole mapped file
+/// with `base` 0, or one layer's records read into a staging buffer).
+#[derive(Clone, Copy)]
+pub(crate) struct FfnBytes<'a> {
+    pub(crate) base: u64,
+    pub(crate) bytes: &'a [u8],
+}
+
+impl<'a> FfnBytes<'a> {
+    /// The bytes of file range `r`.
+    pub(crate) fn get(&self, r: std::ops::Range<u64>) -> &'a [u8] {
+        &self.bytes[(r.start - self.base) as usize..(r.end - self.base) as usize]
+    }
+}
 
 /// Reusable buffers of [`packed_ffn`].
 #[derive(Default)]
@@ -28,13 +42,20 @@ pub(crate) struct PackedScratch {
     up: Vec<f32>,
     /// Whether (position, token) is a candidate after the gate phase, then whether it is active.
     mask: Vec<bool>,
-    /// Predictor scratch.
-    hidden: Vec<f32>,
-    logits: Vec<f32>,
-    acts_up: QuantizedActs,
+    /// The up activations and the predictor's buffers.
+    pub(crate) inputs: TokenInputs,
     /// Decode: one partial output per cluster, and the kernels' per-thread state.
     sums: Option<ClusterSums>,
     sparse: SparseScratch,
+}
+
+/// Reusable buffers of a token's inputs to a packed layer: its activations quantized for the up type, and the
+/// predictor's hidden layer, logits and mask.
+#[derive(Default)]
+pub(crate) struct TokenInputs {
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    acts_up: QuantizedActs,
     predicted: Vec<bool>,
 }
 
@@ -54,7 +75,7 @@ pub(crate) struct Selection<'a> {
 /// depend on thread timing; batches run here, on rayon when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_ffn(
-    model: &Model,
+    model: FfnBytes<'_>,
     pl: &PackedLayer,
     sel: Selection<'_>,
     parallel: bool,
@@ -79,8 +100,7 @@ pub(crate) fn packed_ffn(
     let acts_g = &*acts;
     let gate_cluster = |k: usize, g: &mut [f32], tmp: &mut Vec<f32>| {
         let rows = pl.cluster_len(k);
-        let w =
-            QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.bytes(pl.gate_block_range(k)) };
+        let w = QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.get(pl.gate_block_range(k)) };
         tmp.resize(rows * n, 0.0);
         exec::matmul(&w, acts_g, tmp);
         // `tmp` is [token][row]; `g` is [row][token].
@@ -113,11 +133,11 @@ pub(crate) fn packed_ffn(
         };
     }
     if let Some(p) = sel.predictor {
-        s.hidden.resize(p.rank(), 0.0);
-        s.logits.resize(p.n_out(), 0.0);
+        s.inputs.hidden.resize(p.rank(), 0.0);
+        s.inputs.logits.resize(p.n_out(), 0.0);
         for tok in 0..n {
-            p.logits(&xn[tok * d..(tok + 1) * d], &mut s.hidden, &mut s.logits);
-            for (pos, &l) in s.logits.iter().enumerate() {
+            p.logits(&xn[tok * d..(tok + 1) * d], &mut s.inputs.hidden, &mut s.inputs.logits);
+            for (pos, &l) in s.inputs.logits.iter().enumerate() {
                 if l < p.threshold() {
                     s.mask[pos * n + tok] = false;
                 }
@@ -127,9 +147,9 @@ pub(crate) fn packed_ffn(
 
     // Up rows of the neurons with a candidate token, then the activation.
     if pl.up_ty != pl.gate_ty {
-        s.acts_up.quantize(pl.up_ty, xn, d);
+        s.inputs.acts_up.quantize(pl.up_ty, xn, d);
     }
-    let acts_u = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
+    let acts_u = if pl.up_ty != pl.gate_ty { &s.inputs.acts_up } else { &*acts };
     let up_row_bytes = pl.up_row_bytes();
     let (act, mask) = (sel.act, &mut s.mask);
     let up_neuron = |pos: usize, g: &mut [f32], u: &mut [f32], m: &mut [bool]| -> usize {
@@ -137,7 +157,7 @@ pub(crate) fn packed_ffn(
             g.fill(0.0);
             return 0;
         }
-        let bundle = model.bytes(pl.bundle_range(pos));
+        let bundle = model.get(pl.bundle_range(pos));
         let w = QMatrix { ty: pl.up_ty, n_rows: 1, n_cols: d, data: &bundle[..up_row_bytes] };
         exec::matmul_rows(&w, acts_u, 0, 1, u);
         let mut active = 0;
@@ -185,7 +205,7 @@ pub(crate) fn packed_ffn(
             if h.iter().all(|&v| v == 0.0) {
                 continue;
             }
-            let bundle = model.bytes(pl.bundle_range(pos));
+            let bundle = model.get(pl.bundle_range(pos));
             quant::dequantize_row(down_ty, &bundle[down_at..], col)
                 .expect("packed down columns are whole blocks");
             for (tok, &a) in h.iter().enumerate() {
@@ -221,11 +241,56 @@ pub(crate) fn packed_ffn(
     active
 }
 
+/// The cluster kernels' description of layer `pl` under selection `sel`.
+pub(crate) fn sparse_spec(pl: &PackedLayer, sel: Selection<'_>) -> SparseFfn {
+    SparseFfn {
+        act: match sel.act {
+            FfnActivation::Silu => SparseAct::Silu,
+            FfnActivation::Relu => SparseAct::Relu,
+            FfnActivation::Drelu => SparseAct::Drelu,
+        },
+        threshold: sel.threshold.unwrap_or(0.0),
+        d_model: pl.d_model,
+        gate_ty: pl.gate_ty,
+        up_ty: pl.up_ty,
+        down_ty: pl.down_ty,
+    }
+}
+
+/// One decode token's inputs to the cluster kernels: its activations quantized for the gate and up types (into
+/// `acts` and the scratch), and the predictor's mask of positions, if a predictor is used.
+pub(crate) fn decode_inputs<'s>(
+    pl: &PackedLayer,
+    sel: Selection<'_>,
+    xn: &[f32],
+    acts: &'s mut QuantizedActs,
+    s: &'s mut TokenInputs,
+) -> (TokenActs<'s>, Option<&'s [bool]>) {
+    let d = pl.d_model;
+    acts.quantize(pl.gate_ty, xn, d);
+    if pl.up_ty != pl.gate_ty {
+        s.acts_up.quantize(pl.up_ty, xn, d);
+    }
+    let acts_up = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
+    let mask = match sel.predictor {
+        Some(p) => {
+            s.hidden.resize(p.rank(), 0.0);
+            s.logits.resize(p.n_out(), 0.0);
+            p.logits(xn, &mut s.hidden, &mut s.logits);
+            s.predicted.clear();
+            s.predicted.extend(s.logits.iter().map(|&l| l >= p.threshold()));
+            Some(&s.predicted[..pl.n_ff])
+        }
+        None => None,
+    };
+    (TokenActs { gate: acts, up: acts_up, token: 0 }, mask)
+}
+
 /// One token's FFN over a packed layer with the cluster kernels: the predictor's mask (if any), then per cluster
 /// gates, threshold, up and down into the cluster's own partial sum, reduced in cluster order.
 #[allow(clippy::too_many_arguments)]
 fn decode_ffn(
-    model: &Model,
+    model: FfnBytes<'_>,
     pl: &PackedLayer,
     sel: Selection<'_>,
     pool: &SpinPool,
@@ -234,43 +299,16 @@ fn decode_ffn(
     s: &mut PackedScratch,
     out: &mut [f32],
 ) -> usize {
-    let (d, ff) = (pl.d_model, pl.n_ff);
-    let spec = SparseFfn {
-        act: match sel.act {
-            FfnActivation::Silu => SparseAct::Silu,
-            FfnActivation::Relu => SparseAct::Relu,
-            FfnActivation::Drelu => SparseAct::Drelu,
-        },
-        threshold: sel.threshold.unwrap_or(0.0),
-        d_model: d,
-        gate_ty: pl.gate_ty,
-        up_ty: pl.up_ty,
-        down_ty: pl.down_ty,
-    };
-    acts.quantize(pl.gate_ty, xn, d);
-    if pl.up_ty != pl.gate_ty {
-        s.acts_up.quantize(pl.up_ty, xn, d);
-    }
-    let acts_up = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
-    let token = TokenActs { gate: acts, up: acts_up, token: 0 };
-    let mask = match sel.predictor {
-        Some(p) => {
-            s.hidden.resize(p.rank(), 0.0);
-            s.logits.resize(p.n_out(), 0.0);
-            p.logits(xn, &mut s.hidden, &mut s.logits);
-            s.predicted.clear();
-            s.predicted.extend(s.logits.iter().map(|&l| l >= p.threshold()));
-            Some(&s.predicted[..ff])
-        }
-        None => None,
-    };
+    let d = pl.d_model;
+    let spec = sparse_spec(pl, sel);
+    let (token, mask) = decode_inputs(pl, sel, xn, acts, &mut s.inputs);
     let stride = pl.bundle_bytes();
     let clusters: Vec<ClusterRows<'_>> = (0..pl.n_clusters())
         .map(|k| {
-            let gate = model.bytes(pl.gate_block_range(k));
+            let gate = model.get(pl.gate_block_range(k));
             let first = pl.bundle_range(k * pl.cluster_neurons);
             let last = pl.bundle_range(k * pl.cluster_neurons + pl.cluster_len(k) - 1);
-            ClusterRows { gate, bundles: model.bytes(first.start..last.end), bundle_stride: stride }
+            ClusterRows { gate, bundles: model.get(first.start..last.end), bundle_stride: stride }
         })
         .collect();
     if s.sums.as_ref().is_none_or(|c| c.n_clusters() != clusters.len() || c.d_model() != d) {

@@ -18,6 +18,7 @@ mod error;
 mod ffn;
 mod generate;
 mod model;
+pub mod offload;
 mod perplexity;
 pub mod plan;
 pub mod prepare;
@@ -34,6 +35,7 @@ pub use crate::model::{
     Model, ModelSparsity, PACKED_FILE_NAME, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
     predictor_tensor_names,
 };
+pub use crate::offload::{CachePolicy, MemoryPlan, OffloadOptions, OffloadStats};
 pub use crate::perplexity::{PerplexityStats, perplexity};
 pub use crate::sampler::{Sampler, SamplerParams, argmax};
 pub use pinion_predictor::ActivationProfile;

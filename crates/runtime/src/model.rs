@@ -115,11 +115,23 @@ impl Model {
         let file = Arc::new(file);
         let format_err = |source| RuntimeError::Format { path: path.to_path_buf(), source };
         if file.get(..8) == Some(&PACKED_MAGIC[..]) {
-            let packed = PackedFile::parse(&file).map_err(format_err)?;
+            // The resident section is checked 4 MiB at a time, each chunk's pages dropped from the resident set
+            // once hashed: a run under a memory budget must not peak at the whole section (mostly an embedding
+            // table it may never keep in memory) while loading.
+            let release = |r: Range<usize>| {
+                let _ = file.release(r);
+            };
+            let packed = PackedFile::parse_checking(&file, &mut |h, resident| {
+                let base = h.resident_offset as usize;
+                h.verify_resident_chunked(resident, 4 << 20, |r| release(base + r.start..base + r.end))
+            })
+            .map_err(format_err)?;
             let base = packed.resident_offset() as usize;
             let layers = packed.layers().to_vec();
             let mut model = Model::from_gguf(&file, packed.resident_gguf(), base, Some(layers))?;
             (model.sparsity, model.predictor_refs) = read_sparsity(packed.resident_gguf(), base, &model)?;
+            // Everything read so far (header, index, metadata) was copied out; weights fault in on first use.
+            let _ = file.release(0..file.len());
             return Ok(model);
         }
         let gguf = Gguf::parse(&file).map_err(format_err)?;
@@ -259,6 +271,22 @@ impl Model {
         total
     }
 
+    /// Bytes of the model's weights as stored: [`resident_weight_bytes`](Self::resident_weight_bytes) plus the
+    /// FFN (gate rows, up rows, down columns; without a packed file's padding and predictors). A memory budget
+    /// given as a percentage is a percentage of this.
+    pub fn weight_bytes(&self) -> u64 {
+        let len = |w: &WeightRef| (w.range.end - w.range.start) as u64;
+        let ffn: u64 = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnWeights::Packed(pl) => (pl.n_ff * (pl.gate_row_bytes() + pl.bundle_bytes())) as u64,
+                FfnWeights::Dense { gate, up, down } => len(gate) + len(up) + len(down),
+            })
+            .sum();
+        self.resident_weight_bytes() + ffn
+    }
+
     /// The packed FFN layers (`None` for a GGUF).
     pub fn packed_layers(&self) -> Option<Vec<&PackedLayer>> {
         self.layers
@@ -270,9 +298,14 @@ impl Model {
             .collect()
     }
 
-    /// The bytes of the mapped file in `range`.
-    pub(crate) fn bytes(&self, range: Range<u64>) -> &[u8] {
-        &self.file[range.start as usize..range.end as usize]
+    /// The whole mapped file as the packed FFN's byte source.
+    pub(crate) fn ffn_bytes(&self) -> crate::ffn::FfnBytes<'_> {
+        crate::ffn::FfnBytes { base: 0, bytes: &self.file }
+    }
+
+    /// The mapped file.
+    pub(crate) fn file(&self) -> &MappedFile {
+        &self.file
     }
 
     /// The model's hyper-parameters.
