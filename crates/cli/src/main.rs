@@ -3,6 +3,10 @@
 //! Generated text goes to stdout; progress, timings and diagnostics go to stderr, so that stdout can be piped.
 //! Errors print one `error: ...` line and exit non-zero.
 
+// Wired in by `bench --sweep-budget`; unused until then.
+#[allow(dead_code)]
+mod plot;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
