@@ -3,8 +3,6 @@
 //! Generated text goes to stdout; progress, timings and diagnostics go to stderr, so that stdout can be piped.
 //! Errors print one `error: ...` line and exit non-zero.
 
-// Wired in by `bench --sweep-budget`; unused until then.
-#[allow(dead_code)]
 mod plot;
 
 use std::io::{BufRead, Write};
@@ -350,6 +348,13 @@ struct BenchArgs {
     /// Output format: md prints a llama-bench table; json one object.
     #[arg(short = 'o', long = "output-format", value_enum, default_value_t = BenchFormat::Md)]
     output_format: BenchFormat,
+    /// Measure generation speed at each of these memory budgets (comma-separated sizes or percentages, like
+    /// 30%,50%,75%,100%) and print tokens/s against the budget (PowerInfer-2's Figure 10), with a PNG plot.
+    #[arg(long = "sweep-budget", value_delimiter = ',', conflicts_with = "mem_budget")]
+    sweep_budget: Vec<String>,
+    /// Where --sweep-budget writes its plot.
+    #[arg(long = "sweep-plot", default_value = "sweep-budget.png")]
+    sweep_plot: PathBuf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -600,21 +605,27 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
     });
     let n_ctx = n_ctx.max().unwrap_or(512);
+    if !a.sweep_budget.is_empty() {
+        return bench_sweep(&a, &model, n_ctx);
+    }
     let mut ctx = a.model.context(&model, n_ctx)?;
     let c = model.config();
     let size = format!("{:.2} MiB", model.file_size() as f64 / (1 << 20) as f64);
     let params = format!("{:.2} M", model.n_params() as f64 / 1e6);
     let name = format!("{} {}", c.arch, c.name.as_deref().unwrap_or(""));
+    let backend = if ctx.memory_plan().is_some() { "CPU+flash" } else { "CPU" };
     let mut results = Vec::new();
+    let mut offload = None;
     if a.output_format == BenchFormat::Md {
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     }
     for test in tests {
+        ctx.reset_offload_stats();
         let r = pinion_runtime::run_bench(&mut ctx, test, a.repetitions.max(1))?;
         if a.output_format == BenchFormat::Md {
             println!(
-                "| {} | {size} | {params} | CPU | {} | {} | {:.2} ± {:.2} |",
+                "| {} | {size} | {params} | {backend} | {} | {} | {:.2} ± {:.2} |",
                 name.trim(),
                 a.model.threads,
                 r.test,
@@ -622,7 +633,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 r.stdev()
             );
         }
+        if matches!(test, BenchTest::Generate(_)) {
+            offload = ctx.offload_stats().cloned();
+        }
         results.push(r);
+    }
+    let peak = peak_rss_bytes();
+    let budget = ctx.memory_plan().map(|p| p.budget);
+    if a.output_format == BenchFormat::Md {
+        if let Some(st) = &offload {
+            println!();
+            print!("{}", render_offload_stats(st, budget, peak));
+        }
     }
     if a.output_format == BenchFormat::Json {
         let tests: Vec<_> = results
@@ -635,14 +657,138 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             })
             .collect();
         let tg = results.iter().rev().find(|r| matches!(r.test, BenchTest::Generate(_)));
-        let obj = serde_json::json!({
+        let mut obj = serde_json::json!({
             "model": name.trim(), "model_size_bytes": model.file_size(), "threads": a.model.threads,
-            "tokens_per_s": tg.map(|r| r.mean()),
-            "peak_rss_bytes": peak_rss_bytes(),
+            "tokens_per_s": tg.map(|r| r.median()),
+            "peak_rss_bytes": peak,
+            "mem_budget_bytes": budget,
             "tests": tests,
         });
+        if let (Some(st), Some(map)) = (&offload, obj.as_object_mut()) {
+            map.extend(offload_json(st));
+        }
         println!("{obj}");
     }
+    Ok(())
+}
+
+/// The offload counters of a generation test as JSON fields.
+fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, serde_json::Value> {
+    let uses = (st.pinned_hits + st.lru_hits + st.misses).max(1) as f64;
+    let per_tok = |b: u64| b as f64 / 1e6 / st.tokens.max(1) as f64;
+    let v = serde_json::json!({
+        "mb_read_per_token": st.mb_read_per_token(),
+        "io_stall_share": st.io_stall_share(),
+        "hit_rate": st.hit_rate(),
+        "hit_rate_pinned": st.pinned_hits as f64 / uses,
+        "hit_rate_lru": st.lru_hits as f64 / uses,
+        "gate_hit_rate": st.gate_hits as f64 / (st.gate_hits + st.gate_misses).max(1) as f64,
+        "mb_read_per_token_gates": per_tok(st.gate_bytes),
+        "mb_read_per_token_bundles": per_tok(st.bundle_bytes),
+        "mb_read_per_token_head": per_tok(st.head_bytes),
+        "mb_read_per_token_embeddings": per_tok(st.embd_bytes),
+        "latency_ms_p50": st.latency_quantile(0.5) * 1e3,
+        "latency_ms_p90": st.latency_quantile(0.9) * 1e3,
+        "latency_ms_p99": st.latency_quantile(0.99) * 1e3,
+        "decode_tokens": st.tokens,
+        "neurons_per_layer": st.neurons_per_layer.iter().map(|&n| n as f64 / st.tokens.max(1) as f64).collect::<Vec<_>>(),
+    });
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("a JSON object"),
+    }
+}
+
+/// The offload counters of a generation test, for the terminal.
+fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, peak: Option<u64>) -> String {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let uses = (st.pinned_hits + st.lru_hits + st.misses).max(1) as f64;
+    let per_tok = |b: u64| b as f64 / 1e6 / st.tokens.max(1) as f64;
+    let n = st.neurons_per_layer.len().max(1);
+    let per_layer: Vec<f64> =
+        st.neurons_per_layer.iter().map(|&x| x as f64 / st.tokens.max(1) as f64).collect();
+    let (lo, hi) = per_layer.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    let mut out = String::new();
+    out += &format!(
+        "offloaded: budget {:.1} MiB, peak RSS {:.1} MiB, {} decode tokens\n",
+        budget.map_or(0.0, mib),
+        peak.map_or(0.0, mib),
+        st.tokens
+    );
+    out += &format!(
+        "  latency per token: P50 {:.2} ms, P90 {:.2} ms, P99 {:.2} ms; I/O stall {:.1}% of token time\n",
+        st.latency_quantile(0.5) * 1e3,
+        st.latency_quantile(0.9) * 1e3,
+        st.latency_quantile(0.99) * 1e3,
+        100.0 * st.io_stall_share()
+    );
+    out += &format!(
+        "  read per token: {:.2} MB (gates {:.2}, bundles {:.2}, output head {:.2}, embeddings {:.3})\n",
+        st.mb_read_per_token(),
+        per_tok(st.gate_bytes),
+        per_tok(st.bundle_bytes),
+        per_tok(st.head_bytes),
+        per_tok(st.embd_bytes)
+    );
+    out += &format!(
+        "  neuron hit rate {:.1}% (pinned {:.1}%, LRU {:.1}%); gate blocks in memory {:.1}%\n",
+        100.0 * st.hit_rate(),
+        100.0 * st.pinned_hits as f64 / uses,
+        100.0 * st.lru_hits as f64 / uses,
+        100.0 * st.gate_hits as f64 / (st.gate_hits + st.gate_misses).max(1) as f64
+    );
+    out += &format!(
+        "  neurons computed per layer per token: mean {:.0} (min {:.0}, max {:.0})\n",
+        per_layer.iter().sum::<f64>() / n as f64,
+        if per_layer.is_empty() { 0.0 } else { lo },
+        hi
+    );
+    out
+}
+
+/// `bench --sweep-budget`: generation speed at each budget, as a table and a PNG plot.
+fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
+    let n_gen = a.n_gen.iter().copied().filter(|&n| n > 0).max().unwrap_or(64);
+    let weights = model.weight_bytes();
+    let mut points = Vec::new();
+    for b in &a.sweep_budget {
+        let bytes = parse_budget(b, weights)?;
+        let mut ctx = match a.model.context_with(model, n_ctx.max(n_gen), Some(b)) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                eprintln!("pinion: budget {b}: {e:#}; skipped");
+                continue;
+            }
+        };
+        ctx.reset_offload_stats();
+        let r = pinion_runtime::run_bench(&mut ctx, BenchTest::Generate(n_gen), a.repetitions.max(1))?;
+        let st = ctx.offload_stats().cloned().unwrap_or_default();
+        eprintln!("pinion: budget {b}: tg{n_gen} {:.2} t/s", r.median());
+        points.push(plot::SweepPoint {
+            budget_bytes: bytes,
+            budget_share: bytes as f64 / weights as f64,
+            tokens_per_s: r.median(),
+            mb_read_per_token: st.mb_read_per_token(),
+            hit_rate: st.hit_rate(),
+            io_stall_share: st.io_stall_share(),
+        });
+    }
+    if points.is_empty() {
+        bail!("--sweep-budget: no budget could run (each was below the minimum)");
+    }
+    let c = model.config();
+    let title = format!(
+        "{} tg{n_gen}, {} threads: tokens/s against memory budget",
+        c.name.as_deref().unwrap_or(&c.arch),
+        a.model.threads
+    );
+    if a.output_format == BenchFormat::Json {
+        println!("{}", serde_json::json!({ "model_weight_bytes": weights, "sweep": points }));
+    } else {
+        print!("{}", plot::render_sweep_table(&points));
+    }
+    plot::write_sweep_png(&a.sweep_plot, &title, &points, &[])?;
+    eprintln!("pinion: plot written to {}", a.sweep_plot.display());
     Ok(())
 }
 

@@ -94,6 +94,8 @@ const LRU_ENTRY_OVERHEAD: u64 = 64;
 const LRU_SHARE: f64 = 0.15;
 /// Largest read of a staged layer or a streamed head chunk.
 const CHUNK: usize = 512 << 10;
+/// Expected share of active neurons among a layer's unpinned ones above which its records are read whole.
+const WHOLE_RECORD_DENSITY: f32 = 0.25;
 
 /// How an offloaded run spends its memory budget.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -403,6 +405,10 @@ struct LayerStore {
     bundles: Vec<u8>,
     n_bundles: usize,
     lru: Option<NeuronCache>,
+    /// Read whole records (gate rows and bundles in one read, before the gates are known) for clusters not
+    /// pinned: with thresholds and a dense enough layer, two dependent reads per cluster cost more than the
+    /// bundles of the neurons that turn out inactive.
+    whole: bool,
 }
 
 // Completion tags: kind in the top bits, then the layer, then an index.
@@ -489,7 +495,10 @@ impl Offload {
             }
             let lru = (plan.lru_entries[l] > 0)
                 .then(|| NeuronCache::new(p.bundle_bytes(), plan.lru_entries[l], p.n_ff, policy));
-            stores.push(LayerStore { gates, n_gate_clusters: g, bundles, n_bundles: nb, lru });
+            let rest = &p.frequency[nb.min(p.n_ff)..];
+            let density = rest.iter().sum::<f32>() / rest.len().max(1) as f32;
+            let whole = predictor_bytes == 0 && opts.bundle && density >= WHOLE_RECORD_DENSITY;
+            stores.push(LayerStore { gates, n_gate_clusters: g, bundles, n_bundles: nb, lru, whole });
         }
         let n_layers = layers.len();
         Ok(Offload {
@@ -612,13 +621,9 @@ impl Offload {
             return Ok(());
         }
         let pl = packed(model, l);
-        let first = self.layers[l].n_gate_clusters;
-        let reqs: Vec<ReadRequest> = (first..pl.n_clusters())
-            .map(|k| {
-                let r = pl.gate_block_range(k);
-                ReadRequest { offset: r.start, len: (r.end - r.start) as usize, tag: tag(KIND_GATE, l, k) }
-            })
-            .collect();
+        let store = &self.layers[l];
+        let reqs: Vec<ReadRequest> =
+            (store.n_gate_clusters..pl.n_clusters()).map(|k| gate_request(pl, store, l, k)).collect();
         if !reqs.is_empty() {
             self.engine.submit_batch(&reqs).map_err(|e| self.fail(format!("submitting gate reads: {e}")))?;
         }
@@ -771,6 +776,7 @@ impl Offload {
                     bundle_pending: 0,
                     read: Vec::new(),
                     lru_hit: Vec::new(),
+                    full: false,
                 })
             })
             .collect();
@@ -808,41 +814,29 @@ impl Offload {
                 continue;
             }
             counters.gate_misses.fetch_add(1, Ordering::Relaxed);
-            if prefetched {
+            let gb = pl.gate_block_range(k).end - pl.gate_block_range(k).start;
+            if mask.is_none() {
+                let req = gate_request(pl, store, l, k);
+                counters.gate_bytes.fetch_add(gb, Ordering::Relaxed);
+                counters.bundle_bytes.fetch_add(req.len as u64 - gb, Ordering::Relaxed);
+                cl.full = store.whole;
                 cl.gate_pending = 1;
-                counters
-                    .gate_bytes
-                    .fetch_add(pl.gate_block_range(k).end - pl.gate_block_range(k).start, Ordering::Relaxed);
+                if !prefetched {
+                    gate_reqs.push(req);
+                }
                 continue;
             }
-            match mask {
-                None => {
-                    let r = pl.gate_block_range(k);
-                    gate_reqs.push(ReadRequest {
-                        offset: r.start,
-                        len: (r.end - r.start) as usize,
-                        tag: tag(KIND_GATE, l, k),
-                    });
-                }
-                Some(m) => {
-                    for i in 0..pl.cluster_len(k) {
-                        if m[k * c + i] {
-                            let r = pl.gate_row_range(k * c + i);
-                            gate_reqs.push(ReadRequest {
-                                offset: r.start,
-                                len: (r.end - r.start) as usize,
-                                tag: tag(KIND_GATE, l, k),
-                            });
-                            cl.gate_pending += 1;
-                        }
-                    }
-                    continue;
+            // With a predictor: the predicted rows only.
+            let m = mask.expect("checked above");
+            for i in 0..pl.cluster_len(k) {
+                if m[k * c + i] {
+                    let r = pl.gate_row_range(k * c + i);
+                    let len = (r.end - r.start) as usize;
+                    gate_reqs.push(ReadRequest { offset: r.start, len, tag: tag(KIND_GATE, l, k) });
+                    counters.gate_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    cl.gate_pending += 1;
                 }
             }
-            cl.gate_pending = 1;
-        }
-        for r in &gate_reqs {
-            counters.gate_bytes.fetch_add(r.len as u64, Ordering::Relaxed);
         }
         if !gate_reqs.is_empty() {
             engine
@@ -882,6 +876,16 @@ impl Offload {
         self.stall_ns += counters.stall_ns.load(Ordering::Relaxed);
         Ok(active)
     }
+}
+
+/// The read of cluster `k`'s gate block, or of its whole record (gate rows and bundles) for a layer read whole.
+fn gate_request(pl: &PackedLayer, store: &LayerStore, l: usize, k: usize) -> ReadRequest {
+    let start = pl.gate_block_range(k).start;
+    let end = match store.whole {
+        true => pl.bundle_range(k * pl.cluster_neurons + pl.cluster_len(k) - 1).end,
+        false => pl.gate_block_range(k).end,
+    };
+    ReadRequest { offset: start, len: (end - start) as usize, tag: tag(KIND_GATE, l, k) }
 }
 
 fn packed(model: &Model, l: usize) -> &PackedLayer {
@@ -936,6 +940,8 @@ struct Cl<'a> {
     read: Vec<u32>,
     /// Positions in the cluster served by the LRU (copied into the record).
     lru_hit: Vec<u32>,
+    /// The whole record was read: every bundle is in `rec`.
+    full: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1031,7 +1037,7 @@ impl LayerRun<'_, '_> {
         cl.read.clear();
         cl.lru_hit.clear();
         let mut reqs = Vec::new();
-        let (mut pinned, mut lru_hits) = (0u64, 0u64);
+        let (mut pinned, mut lru_hits, mut full_reads) = (0u64, 0u64, 0u64);
         for &i in cl.gates.passed() {
             let pos = k * c + i as usize;
             if pos < store.n_bundles {
@@ -1039,6 +1045,10 @@ impl LayerRun<'_, '_> {
                 continue;
             }
             let r = pl.bundle_range(pos);
+            if cl.full {
+                full_reads += 1;
+                continue;
+            }
             if let Some(lru) = &store.lru {
                 if let Some(b) = lru.get(pos as u32) {
                     let at = self.in_rec(k, &r);
@@ -1072,7 +1082,7 @@ impl LayerRun<'_, '_> {
         let ctr = self.counters;
         ctr.pinned.fetch_add(pinned, Ordering::Relaxed);
         ctr.lru.fetch_add(lru_hits, Ordering::Relaxed);
-        ctr.misses.fetch_add(cl.read.len() as u64, Ordering::Relaxed);
+        ctr.misses.fetch_add(cl.read.len() as u64 + full_reads, Ordering::Relaxed);
         ctr.bundle_bytes.fetch_add(reqs.iter().map(|r| r.len as u64).sum(), Ordering::Relaxed);
         if reqs.is_empty() {
             return Ok(Some(Task::UpDown(k)));
