@@ -55,6 +55,14 @@ enum Cmd {
     Plan(prepare::PlanCmd),
     /// Profile, calibrate, train, pack and plan a model into a directory `pinion -m DIR` runs (resumable).
     Prepare(prepare::PrepareCmd),
+    /// The main job: fetch the default model if absent, prepare it if needed (thresholds at sparsity 0.5, no
+    /// predictors: SmolLM2 is a SiLU model, where thresholds alone do best), then `pinion run` it under a memory
+    /// budget smaller than the model (default --mem-budget 70% -c 512) with the arguments given.
+    Run {
+        /// Arguments for `pinion run` (a prompt with -p, -n, --mem-budget, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Measure this machine for the planner: reads by size and depth, memory bandwidth, kernel speed.
     ProfileDevice(device::DeviceArgs),
     /// Read throughput of the io crate by read size and queue depth, for both backends (O_DIRECT).
@@ -79,8 +87,52 @@ fn main() -> Result<()> {
         Cmd::Calibrate(args) => prepare::calibrate(&args)?,
         Cmd::Train(args) => prepare::train(&args)?,
         Cmd::Prepare(args) => prepare::prepare_all(&args)?,
+        Cmd::Run { args } => run_main_job(&root, &args)?,
         Cmd::Pack(args) => prepare::pack_cmd(&args)?,
         Cmd::Plan(args) => prepare::plan_cmd(&args)?,
+    }
+    Ok(())
+}
+
+/// `cargo xtask run`: prepare the default model (resuming: a finished preparation is only checked) and run it
+/// under a memory budget with the release `pinion` binary.
+fn run_main_job(root: &Path, args: &[String]) -> Result<()> {
+    #[derive(Parser)]
+    struct Prep {
+        #[command(flatten)]
+        cmd: prepare::PrepareCmd,
+    }
+    let model = fetch(registry::SMOLLM2_135M.name)?;
+    let dir = model.with_file_name(format!(
+        "{}.prepared",
+        model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let prep = Prep::parse_from([
+        "prepare".into(),
+        "--model".into(),
+        model.to_string_lossy().into_owned(),
+        "--no-predictors".into(),
+        "--out".into(),
+        dir.to_string_lossy().into_owned(),
+    ]);
+    prepare::prepare_all(&prep.cmd)?;
+    let mut run: Vec<String> = vec!["run".into(), "-m".into(), dir.to_string_lossy().into_owned()];
+    if !args.iter().any(|a| a == "--mem-budget" || a.starts_with("--mem-budget=")) {
+        run.extend(["--mem-budget".into(), "70%".into()]);
+    }
+    if !args.iter().any(|a| a == "-c" || a == "--ctx-size" || a.starts_with("--ctx-size=")) {
+        run.extend(["-c".into(), "512".into()]);
+    }
+    run.extend(args.iter().cloned());
+    eprintln!("xtask run: pinion {}", run.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["run", "--quiet", "--release", "--package", "pinion-cli", "--bin", "pinion", "--"])
+        .args(&run)
+        .status()
+        .context("starting cargo run")?;
+    if !status.success() {
+        bail!("pinion run failed ({status})");
     }
     Ok(())
 }

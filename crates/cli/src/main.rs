@@ -508,7 +508,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "n_ctx": a.ctx_size,
             "model_size_bytes": model.file_size(),
             "peak_rss_bytes": peak_rss_bytes(),
+            "mem_budget_bytes": ctx.memory_plan().map(|p| p.budget),
         });
+        let mut obj = obj;
+        if let (Some(st), Some(map)) = (ctx.offload_stats(), obj.as_object_mut()) {
+            map.extend(offload_json(st));
+        }
         writeln!(stdout, "{obj}")?;
     } else {
         writeln!(stdout)?;
@@ -527,6 +532,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         t.generation_tps(),
         stop_reason_name(&result.stop_reason)
     );
+    if let Some(st) = ctx.offload_stats() {
+        eprint!("{}", render_offload_stats(st, ctx.memory_plan().map(|p| p.budget), peak_rss_bytes()));
+    }
     Ok(())
 }
 
