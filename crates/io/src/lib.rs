@@ -35,7 +35,7 @@ mod stats;
 mod tests;
 mod uring;
 
-pub use crate::aligned::{ALIGN, AlignedBuf, BufferPool, PoolBuf, PoolStats};
+pub use crate::aligned::{ALIGN, AlignedBuf, BufferPool, PoolBuf, PoolStats, bound_heap_retention};
 pub use crate::engine::{
     Backend, BackendChoice, Completion, DEFAULT_COALESCE_LIMIT, DEFAULT_POOL_BYTES, DEFAULT_QUEUE_DEPTH,
     IoEngine, IoEngineBuilder, ReadBuf, ReadRequest,

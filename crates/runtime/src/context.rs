@@ -177,6 +177,7 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::NotPacked);
         }
         let params = ContextParams { n_ubatch: params.n_ubatch.min(64), ..params };
+        pinion_io::bound_heap_retention();
         let mut ctx = Context::new(model, params)?;
         ctx.offload = Some(Offload::new(model, &ctx.params, opts, ctx.predictor_bytes())?);
         Ok(ctx)
