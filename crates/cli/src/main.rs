@@ -761,6 +761,7 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
     let mut points = Vec::new();
     for b in &a.sweep_budget {
         let bytes = parse_budget(b, weights)?;
+        model.release_pages();
         let mut ctx = match a.model.context_with(model, n_ctx.max(n_gen), Some(b)) {
             Ok(ctx) => ctx,
             Err(e) => {

@@ -331,6 +331,24 @@ impl Drop for PoolBuf {
     }
 }
 
+/// Makes the C allocator return large freed blocks to the system at once: blocks of 64 KiB and more are mapped
+/// and unmapped on their own (glibc's `M_MMAP_THRESHOLD`, which glibc otherwise raises as the program frees
+/// large blocks, after which they are carved from a heap that keeps its pages). A run under a memory budget
+/// calls this so that I/O and staging buffers freed once do not stay in its resident set. Returns whether the
+/// setting was applied (only on glibc).
+pub fn bound_heap_retention() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes a tuning parameter of glibc's allocator; it is thread-safe (it takes the
+        // allocator's own locks) and does not touch any memory the program holds.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,23 +399,5 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         drop(held);
         assert_eq!(t.join().unwrap().unwrap(), ALIGN);
-    }
-}
-
-/// Makes the C allocator return large freed blocks to the system at once: blocks of 64 KiB and more are mapped
-/// and unmapped on their own (glibc's `M_MMAP_THRESHOLD`, which glibc otherwise raises as the program frees
-/// large blocks, after which they are carved from a heap that keeps its pages). A run under a memory budget
-/// calls this so that I/O and staging buffers freed once do not stay in its resident set. Returns whether the
-/// setting was applied (only on glibc).
-pub fn bound_heap_retention() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes a tuning parameter of glibc's allocator; it is thread-safe (it takes the
-        // allocator's own locks) and does not touch any memory the program holds.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) == 1 }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
     }
 }

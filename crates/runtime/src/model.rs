@@ -303,6 +303,12 @@ impl Model {
         crate::ffn::FfnBytes { base: 0, bytes: &self.file }
     }
 
+    /// Drops the model file's mapped pages from the resident set (they fault in again when used): between
+    /// runs under different memory budgets in one process, so one run's pages do not count against the next.
+    pub fn release_pages(&self) {
+        let _ = self.file.release(0..self.file.len());
+    }
+
     /// The mapped file.
     pub(crate) fn file(&self) -> &MappedFile {
         &self.file
