@@ -785,12 +785,7 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
     if points.is_empty() {
         bail!("--sweep-budget: no budget could run (each was below the minimum)");
     }
-    let c = model.config();
-    let title = format!(
-        "{} tg{n_gen}, {} threads: tokens/s against memory budget",
-        c.name.as_deref().unwrap_or(&c.arch),
-        a.model.threads
-    );
+    let title = format!("tokens/s against memory budget (tg{n_gen}, {} threads)", a.model.threads);
     if a.output_format == BenchFormat::Json {
         println!("{}", serde_json::json!({ "model_weight_bytes": weights, "sweep": points }));
     } else {

@@ -200,7 +200,7 @@ fn render_png(title: &str, pinion: &[(f64, f64)], others: &[Series]) -> Result<V
             .map_err(|e| backend(&e))?;
         chart
             .configure_mesh()
-            .x_desc("memory budget (% of model file)")
+            .x_desc("memory budget (% of the model weights)")
             .y_desc("decode speed (tokens/s)")
             .x_label_formatter(&|x| format!("{x:.x_decimals$}%"))
             .y_label_formatter(&|y| format!("{y:.y_decimals$}"))
