@@ -2,7 +2,7 @@
 """Run one command under a memory limit, from a cold page cache, and report what happened as JSON.
 
     scripts/under-limit.py [--limit SIZE] [--drop-cache FILE]... [--label NAME]
-                           [--timeout SECONDS] [--cgroup-parent DIR] -- CMD ARGS...
+                           [--timeout SECONDS] [--tail-chars N] [--cgroup-parent DIR] -- CMD ARGS...
 
 What it measures, and why it is set up this way:
 
@@ -310,8 +310,8 @@ def run(args):
     report["oom_killed"] = bool(report.get("cgroup_oom_kills"))
     report["timed_out"] = timed_out
     report["interrupted"] = interrupted
-    report["stdout"] = out.decode("utf-8", "replace")[-TAIL_CHARS:]
-    report["stderr"] = err.decode("utf-8", "replace")[-TAIL_CHARS:]
+    report["stdout"] = out.decode("utf-8", "replace")[-args.tail_chars:]
+    report["stderr"] = err.decode("utf-8", "replace")[-args.tail_chars:]
     return report
 
 
@@ -326,6 +326,8 @@ def main():
     p.add_argument("--label", default=None, help="a name copied into the report")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the command (SIGINT, then SIGKILL 10 s later) after this long")
+    p.add_argument("--tail-chars", type=int, default=TAIL_CHARS, metavar="N",
+                   help=f"keep the last N characters of stdout and stderr (default {TAIL_CHARS})")
     p.add_argument("--cgroup-parent", default=None, metavar="DIR",
                    help="where to create the pinion-<pid> group (default: this process's own memory cgroup)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
