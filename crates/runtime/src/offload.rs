@@ -302,7 +302,13 @@ pub(crate) fn plan_memory(
         if pos != next[l] {
             continue; // keep each layer a prefix of its order
         }
-        let cost = (p.bundle_bytes() + if predicting { p.gate_row_bytes() } else { 0 }) as u64;
+        // With predictors a neuron's gate row comes with it, and gate blocks are pinned whole: the first
+        // neuron of a cluster pays for the cluster's block.
+        let gate_cost = match (predicting, pos % p.cluster_neurons) {
+            (true, 0) => (p.cluster_len(pos / p.cluster_neurons) * p.gate_row_bytes()) as u64,
+            _ => 0,
+        };
+        let cost = p.bundle_bytes() as u64 + gate_cost;
         if cost > pin {
             break;
         }
@@ -319,8 +325,7 @@ pub(crate) fn plan_memory(
         }
     }
     // The LRU gets its share plus what pinning left over, split evenly over the layers.
-    let lru_total =
-        (avail - plan.pinned_gates - plan.pinned_bundles.min(avail - plan.pinned_gates)).min(avail);
+    let lru_total = avail.saturating_sub(plan.pinned_gates + plan.pinned_bundles);
     for (l, p) in layers.iter().enumerate() {
         let per_layer = lru_total / n_layers as u64;
         let entries = (per_layer / (p.bundle_bytes() as u64 + LRU_ENTRY_OVERHEAD)) as usize;
