@@ -29,7 +29,7 @@ The two tools alternate --repetitions times (llama.cpp, pinion, llama.cpp, pinio
 the machine (another build, thermal state) hits both alike. The result is a markdown table: tokens/s median
 (and each run), peak RSS, major faults, bytes read from disk (GNU time's file system inputs, which include
 readahead), the cgroup's peak usage (page cache included) and its file refaults, and the ratio of the medians,
-followed by the load average after each run. Failed runs (OOM kill, timeout, non-zero exit) are counted and
+followed by the load average before each run. Failed runs (OOM kill, timeout, non-zero exit) are counted and
 shown, not hidden. How much a major fault on the mmap'd model reads is set by the disk's read-ahead
 (/sys/block/DEV/queue/read_ahead_kb; 8 MiB on the machine this was written on), so under a tight limit
 "read from disk" can exceed the model size per token: read-around brings in pages that are evicted unused.
@@ -95,13 +95,14 @@ def under_limit(label, cmd, limit, drop, timeout):
         argv += ["--timeout", str(timeout)]
     argv += ["--"] + cmd
     print(f"[run] {label}: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    with open("/proc/loadavg") as f:
+        load_before = f.read().split()[0]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
         sys.exit(f"llamacpp-vs-pinion: under-limit.py failed (status {proc.returncode}): {proc.stderr.strip()}")
-    with open("/proc/loadavg") as f:
-        report["loadavg_after"] = f.read().split()[0]
+    report["loadavg_before"] = load_before
     return report
 
 
@@ -191,14 +192,14 @@ def main():
         runs["llama.cpp"].append(r)
         print(f"[res] llama.cpp#{rep + 1}: {r['tokens_per_s']} t/s, rss {mib(r.get('peak_rss_bytes'))}, "
               f"majflt {r.get('major_faults')}, cgroup max {mib(r.get('cgroup_max_usage_bytes'))}, "
-              f"wall {r.get('wall_s')} s, load {r['loadavg_after']}", file=sys.stderr, flush=True)
+              f"wall {r.get('wall_s')} s, load before {r['loadavg_before']}", file=sys.stderr, flush=True)
         if pinion_cmd:
             r = under_limit(f"pinion#{rep + 1}", pinion_cmd, args.limit, pinion_drop, args.timeout)
             r["tokens_per_s"] = pinion_tokens_per_s(r)
             runs["pinion"].append(r)
             print(f"[res] pinion#{rep + 1}: {r['tokens_per_s']} t/s, rss {mib(r.get('peak_rss_bytes'))}, "
                   f"majflt {r.get('major_faults')}, cgroup max {mib(r.get('cgroup_max_usage_bytes'))}, "
-                  f"wall {r.get('wall_s')} s, load {r['loadavg_after']}", file=sys.stderr, flush=True)
+                  f"wall {r.get('wall_s')} s, load before {r['loadavg_before']}", file=sys.stderr, flush=True)
 
     if args.save:
         with open(args.save, "w") as f:
@@ -219,9 +220,9 @@ def main():
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    loads = [(name, r["loadavg_after"]) for i in range(args.repetitions) for name in runs if i < len(runs[name])
+    loads = [(name, r["loadavg_before"]) for i in range(args.repetitions) for name in runs if i < len(runs[name])
              for r in [runs[name][i]]]
-    print("\n1-minute load average after each run (2 would mean both cores busy): "
+    print("\n1-minute load average before each run (the previous run's own load decays into it): "
           + ", ".join(f"{name} {load}" for name, load in loads))
     if pinion_cmd:
         if medians["llama.cpp"] and medians["pinion"]:
