@@ -27,8 +27,12 @@ default the --gguf file).
 
 The two tools alternate --repetitions times (llama.cpp, pinion, llama.cpp, pinion, ...) so that slow drift of
 the machine (another build, thermal state) hits both alike. The result is a markdown table: tokens/s median
-(and each run), peak RSS, major faults, the cgroup's peak usage (page cache included), and the ratio of the
-medians. Failed runs (OOM kill, timeout, non-zero exit) are counted and shown, not hidden.
+(and each run), peak RSS, major faults, bytes read from disk (GNU time's file system inputs, which include
+readahead), the cgroup's peak usage (page cache included) and its file refaults, and the ratio of the medians,
+followed by the load average before each run. Failed runs (OOM kill, timeout, non-zero exit) are counted and
+shown, not hidden. How much a major fault on the mmap'd model reads is set by the disk's read-ahead
+(/sys/block/DEV/queue/read_ahead_kb; 8 MiB on the machine this was written on), so under a tight limit
+"read from disk" can exceed the model size per token: read-around brings in pages that are evicted unused.
 
 Python 3 standard library only; needs root for the cgroup (see under-limit.py).
 """
@@ -91,13 +95,14 @@ def under_limit(label, cmd, limit, drop, timeout):
         argv += ["--timeout", str(timeout)]
     argv += ["--"] + cmd
     print(f"[run] {label}: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    with open("/proc/loadavg") as f:
+        load_before = f.read().split()[0]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
         sys.exit(f"llamacpp-vs-pinion: under-limit.py failed (status {proc.returncode}): {proc.stderr.strip()}")
-    with open("/proc/loadavg") as f:
-        report["loadavg_after"] = f.read().split()[0]
+    report["loadavg_before"] = load_before
     return report
 
 
@@ -140,10 +145,12 @@ def summary_row(tool, limit, runs):
 
     each = ", ".join(f"{s:.2f}" for s in speeds) + ("; " if speeds and failures else "") + ", ".join(failures)
     faults = middle("major_faults")
+    disk = middle("fs_inputs_512b")
     refaults = worst("cgroup_refaults_file")
     row = [tool, mib(limit) if limit is not None else "none",
            f"**{median:.2f}**" if median is not None else "-", each,
            mib(worst("peak_rss_bytes")), "-" if faults is None else f"{faults:.0f}",
+           "-" if disk is None else mib(disk * 512),
            mib(worst("cgroup_max_usage_bytes")), "-" if refaults is None else str(refaults),
            f"{statistics.median(r['wall_s'] for r in runs if r.get('wall_s') is not None):.1f}"
            if any(r.get("wall_s") is not None for r in runs) else "-"]
@@ -185,14 +192,14 @@ def main():
         runs["llama.cpp"].append(r)
         print(f"[res] llama.cpp#{rep + 1}: {r['tokens_per_s']} t/s, rss {mib(r.get('peak_rss_bytes'))}, "
               f"majflt {r.get('major_faults')}, cgroup max {mib(r.get('cgroup_max_usage_bytes'))}, "
-              f"wall {r.get('wall_s')} s, load {r['loadavg_after']}", file=sys.stderr, flush=True)
+              f"wall {r.get('wall_s')} s, load before {r['loadavg_before']}", file=sys.stderr, flush=True)
         if pinion_cmd:
             r = under_limit(f"pinion#{rep + 1}", pinion_cmd, args.limit, pinion_drop, args.timeout)
             r["tokens_per_s"] = pinion_tokens_per_s(r)
             runs["pinion"].append(r)
             print(f"[res] pinion#{rep + 1}: {r['tokens_per_s']} t/s, rss {mib(r.get('peak_rss_bytes'))}, "
                   f"majflt {r.get('major_faults')}, cgroup max {mib(r.get('cgroup_max_usage_bytes'))}, "
-                  f"wall {r.get('wall_s')} s, load {r['loadavg_after']}", file=sys.stderr, flush=True)
+                  f"wall {r.get('wall_s')} s, load before {r['loadavg_before']}", file=sys.stderr, flush=True)
 
     if args.save:
         with open(args.save, "w") as f:
@@ -200,7 +207,7 @@ def main():
                       indent=1)
 
     header = ["tool", "limit", "tokens/s (median)", "each run", "peak RSS (max)", "major faults (median)",
-              "cgroup max usage", "file refaults (max)", "wall s (median)"]
+              "read from disk (median)", "cgroup max usage", "file refaults (max)", "wall s (median)"]
     rows = []
     medians = {}
     row, medians["llama.cpp"] = summary_row("llama.cpp (llama-bench tg%d)" % args.n, llama_limit,
@@ -213,6 +220,10 @@ def main():
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    loads = [(name, r["loadavg_before"]) for i in range(args.repetitions) for name in runs if i < len(runs[name])
+             for r in [runs[name][i]]]
+    print("\n1-minute load average before each run (the previous run's own load decays into it): "
+          + ", ".join(f"{name} {load}" for name, load in loads))
     if pinion_cmd:
         if medians["llama.cpp"] and medians["pinion"]:
             print(f"\npinion / llama.cpp (ratio of medians): **{medians['pinion'] / medians['llama.cpp']:.2f}x**")

@@ -261,6 +261,35 @@ def parse_time_v(text):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def children(pid):
+    """Direct children of a process (from /proc/PID/task/*/children)."""
+    pids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def stop(child):
+    """Stop the command so that GNU time still writes its report: SIGINT to the process group (time ignores
+    SIGINT while it waits), then SIGTERM to time's child, then SIGKILL to the whole group."""
+    steps = [(lambda: os.killpg(child.pid, signal.SIGINT), 5),
+             (lambda: [os.kill(pid, signal.SIGTERM) for pid in children(child.pid)], 5),
+             (lambda: os.killpg(child.pid, signal.SIGKILL), None)]
+    for send, grace in steps:
+        try:
+            send()
+        except ProcessLookupError:
+            pass
+        try:
+            return child.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run(args):
     if not os.access(GNU_TIME, os.X_OK):
         raise Fail(f"{GNU_TIME} is missing; install GNU time first (Debian: apt-get install -y time)")
@@ -291,12 +320,7 @@ def run(args):
         except KeyboardInterrupt:
             interrupted = True
         if timed_out or interrupted:
-            os.killpg(child.pid, signal.SIGINT)
-            try:
-                out, err = child.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                out, err = child.communicate()
+            out, err = stop(child)
         report["exit_code"] = child.returncode
         report["harness_wall_s"] = round(time.monotonic() - started, 3)
         report.update(parse_time_v(read_text(time_report.name)))
@@ -325,7 +349,7 @@ def main():
                    help="evict FILE from the page cache before the run (repeatable)")
     p.add_argument("--label", default=None, help="a name copied into the report")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop the command (SIGINT, then SIGKILL 10 s later) after this long")
+                   help="stop the command after this long (SIGINT, SIGTERM 5 s later, SIGKILL 5 s after that)")
     p.add_argument("--tail-chars", type=int, default=TAIL_CHARS, metavar="N",
                    help=f"keep the last N characters of stdout and stderr (default {TAIL_CHARS})")
     p.add_argument("--cgroup-parent", default=None, metavar="DIR",
