@@ -23,6 +23,18 @@ pub(crate) struct WeightRef {
     pub(crate) range: Range<usize>,
 }
 
+impl WeightRef {
+    /// Bytes of the matrix in the file.
+    pub(crate) fn n_bytes(&self) -> u64 {
+        (self.range.end - self.range.start) as u64
+    }
+
+    /// Bytes of one row.
+    pub(crate) fn row_bytes(&self) -> usize {
+        (self.range.end - self.range.start) / self.n_rows
+    }
+}
+
 /// The weights of one transformer block.
 #[derive(Debug)]
 pub(crate) struct LayerWeights {
@@ -260,7 +272,7 @@ impl Model {
     /// norms (and, for a GGUF, nothing of the FFN; for a packed model, not its predictors).
     pub fn resident_weight_bytes(&self) -> u64 {
         let c = &self.config;
-        let len = |w: &WeightRef| (w.range.end - w.range.start) as u64;
+        let len = WeightRef::n_bytes;
         let mut total = len(&self.tok_embd) + 4 * c.d_model as u64;
         if self.output.range != self.tok_embd.range {
             total += len(&self.output);
@@ -275,7 +287,7 @@ impl Model {
     /// FFN (gate rows, up rows, down columns; without a packed file's padding and predictors). A memory budget
     /// given as a percentage is a percentage of this.
     pub fn weight_bytes(&self) -> u64 {
-        let len = |w: &WeightRef| (w.range.end - w.range.start) as u64;
+        let len = WeightRef::n_bytes;
         let ffn: u64 = self
             .layers
             .iter()

@@ -39,7 +39,7 @@ use pinion_io::{BackendChoice, Completion, IoEngine, IoEngineBuilder, ReadReques
 
 use crate::context::ContextParams;
 use crate::error::{RuntimeError, mib};
-use crate::model::{Model, WeightRef};
+use crate::model::Model;
 
 /// Which cache policy the neuron cache follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,10 +201,6 @@ pub fn current_rss() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn weight_bytes(w: &WeightRef) -> u64 {
-    (w.range.end - w.range.start) as u64
-}
-
 /// Plans the budget of an offloaded run of `model` (see the module documentation). `process` is the resident
 /// set already used; `predictor_bytes` the decoded predictors' size (0 when none are used).
 pub(crate) fn plan_memory(
@@ -217,11 +213,8 @@ pub(crate) fn plan_memory(
     let c = model.config();
     let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
     let n_layers = layers.len();
-    let attention: u64 = model
-        .layers
-        .iter()
-        .map(|l| weight_bytes(&l.wq) + weight_bytes(&l.wk) + weight_bytes(&l.wv) + weight_bytes(&l.wo))
-        .sum();
+    let attention: u64 =
+        model.layers.iter().map(|l| l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes()).sum();
     let max_clusters = layers.iter().map(|p| p.n_clusters()).max().unwrap_or(0);
     let max_c = layers.iter().map(|p| p.cluster_neurons).max().unwrap_or(0);
     let scratch = params.scratch_bytes(c)
@@ -234,7 +227,7 @@ pub(crate) fn plan_memory(
     let io_buffers = (gates_per_layer + (opts.queue_depth * 128 * 1024) as u64).clamp(4 << 20, 64 << 20);
     let ffn_total: u64 =
         layers.iter().map(|p| (p.n_ff * (p.gate_row_bytes() + p.bundle_bytes())) as u64).sum();
-    let head_total = weight_bytes(&model.output);
+    let head_total = model.output.n_bytes();
     let mut plan = MemoryPlan {
         budget: opts.budget,
         process,
@@ -605,7 +598,7 @@ impl Offload {
             return Err(RuntimeError::BadToken { id: token, n_vocab });
         }
         let w = &model.tok_embd;
-        let rb = (w.range.end - w.range.start) / w.n_rows;
+        let rb = w.row_bytes();
         let start = (w.range.start + token as usize * rb) as u64;
         let t0 = Instant::now();
         let mut row = vec![0u8; rb];
@@ -670,7 +663,7 @@ impl Offload {
         let w = &model.output;
         let n_vocab = w.n_rows;
         let n = acts.n_rows();
-        let rb = (w.range.end - w.range.start) / n_vocab;
+        let rb = w.row_bytes();
         let resident = self.plan.head_rows;
         let rows_into = |data: &[u8], row0: usize, rows: usize, out: &mut [f32], tmp: &mut Vec<f32>| {
             let m = QMatrix { ty: w.ty, n_rows: rows, n_cols: w.n_cols, data };
@@ -1112,9 +1105,10 @@ impl LayerRun<'_, '_> {
         let mut guard = lock(&self.cls[k]);
         let cl = &mut *guard;
         let rec_start = pl.record_range(k).start;
-        let passed: Vec<u32> = cl.gates.passed().to_vec();
         let rec: &[u8] = cl.rec;
-        let bundles: Vec<UpDown<'_>> = passed
+        let bundles: Vec<UpDown<'_>> = cl
+            .gates
+            .passed()
             .iter()
             .map(|&i| {
                 let pos = k * c + i as usize;
