@@ -682,24 +682,22 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 /// The offload counters of a generation test as JSON fields.
 fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, serde_json::Value> {
-    let uses = (st.pinned_hits + st.lru_hits + st.misses).max(1) as f64;
-    let per_tok = |b: u64| b as f64 / 1e6 / st.tokens.max(1) as f64;
     let v = serde_json::json!({
         "mb_read_per_token": st.mb_read_per_token(),
         "io_stall_share": st.io_stall_share(),
         "hit_rate": st.hit_rate(),
-        "hit_rate_pinned": st.pinned_hits as f64 / uses,
-        "hit_rate_lru": st.lru_hits as f64 / uses,
-        "gate_hit_rate": st.gate_hits as f64 / (st.gate_hits + st.gate_misses).max(1) as f64,
-        "mb_read_per_token_gates": per_tok(st.gate_bytes),
-        "mb_read_per_token_bundles": per_tok(st.bundle_bytes),
-        "mb_read_per_token_head": per_tok(st.head_bytes),
-        "mb_read_per_token_embeddings": per_tok(st.embd_bytes),
+        "hit_rate_pinned": st.pinned_hit_rate(),
+        "hit_rate_lru": st.lru_hit_rate(),
+        "gate_hit_rate": st.gate_hit_rate(),
+        "mb_read_per_token_gates": st.mb_per_token(st.gate_bytes),
+        "mb_read_per_token_bundles": st.mb_per_token(st.bundle_bytes),
+        "mb_read_per_token_head": st.mb_per_token(st.head_bytes),
+        "mb_read_per_token_embeddings": st.mb_per_token(st.embd_bytes),
         "latency_ms_p50": st.latency_quantile(0.5) * 1e3,
         "latency_ms_p90": st.latency_quantile(0.9) * 1e3,
         "latency_ms_p99": st.latency_quantile(0.99) * 1e3,
         "decode_tokens": st.tokens,
-        "neurons_per_layer": st.neurons_per_layer.iter().map(|&n| n as f64 / st.tokens.max(1) as f64).collect::<Vec<_>>(),
+        "neurons_per_layer": st.neurons_per_layer_per_token(),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -710,11 +708,7 @@ fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, se
 /// The offload counters of a generation test, for the terminal.
 fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, peak: Option<u64>) -> String {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let uses = (st.pinned_hits + st.lru_hits + st.misses).max(1) as f64;
-    let per_tok = |b: u64| b as f64 / 1e6 / st.tokens.max(1) as f64;
-    let n = st.neurons_per_layer.len().max(1);
-    let per_layer: Vec<f64> =
-        st.neurons_per_layer.iter().map(|&x| x as f64 / st.tokens.max(1) as f64).collect();
+    let per_layer = st.neurons_per_layer_per_token();
     let (lo, hi) = per_layer.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
     let mut out = String::new();
     out += &format!(
@@ -733,21 +727,21 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, 
     out += &format!(
         "  read per token: {:.2} MB (gates {:.2}, bundles {:.2}, output head {:.2}, embeddings {:.3})\n",
         st.mb_read_per_token(),
-        per_tok(st.gate_bytes),
-        per_tok(st.bundle_bytes),
-        per_tok(st.head_bytes),
-        per_tok(st.embd_bytes)
+        st.mb_per_token(st.gate_bytes),
+        st.mb_per_token(st.bundle_bytes),
+        st.mb_per_token(st.head_bytes),
+        st.mb_per_token(st.embd_bytes)
     );
     out += &format!(
         "  neuron hit rate {:.1}% (pinned {:.1}%, LRU {:.1}%); gate blocks in memory {:.1}%\n",
         100.0 * st.hit_rate(),
-        100.0 * st.pinned_hits as f64 / uses,
-        100.0 * st.lru_hits as f64 / uses,
-        100.0 * st.gate_hits as f64 / (st.gate_hits + st.gate_misses).max(1) as f64
+        100.0 * st.pinned_hit_rate(),
+        100.0 * st.lru_hit_rate(),
+        100.0 * st.gate_hit_rate()
     );
     out += &format!(
         "  neurons computed per layer per token: mean {:.0} (min {:.0}, max {:.0})\n",
-        per_layer.iter().sum::<f64>() / n as f64,
+        per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64,
         if per_layer.is_empty() { 0.0 } else { lo },
         hi
     );

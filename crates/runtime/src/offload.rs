@@ -369,13 +369,37 @@ impl OffloadStats {
 
     /// Megabytes (10^6) read per decode token.
     pub fn mb_read_per_token(&self) -> f64 {
-        self.bytes_read() as f64 / 1e6 / self.tokens.max(1) as f64
+        self.mb_per_token(self.bytes_read())
     }
 
     /// Share of neuron uses served from memory (pinned or LRU).
     pub fn hit_rate(&self) -> f64 {
-        let all = self.pinned_hits + self.lru_hits + self.misses;
-        if all == 0 { 0.0 } else { (self.pinned_hits + self.lru_hits) as f64 / all as f64 }
+        self.pinned_hit_rate() + self.lru_hit_rate()
+    }
+
+    /// Share of neuron uses served by the pinned store.
+    pub fn pinned_hit_rate(&self) -> f64 {
+        self.pinned_hits as f64 / (self.pinned_hits + self.lru_hits + self.misses).max(1) as f64
+    }
+
+    /// Share of neuron uses served by the LRU.
+    pub fn lru_hit_rate(&self) -> f64 {
+        self.lru_hits as f64 / (self.pinned_hits + self.lru_hits + self.misses).max(1) as f64
+    }
+
+    /// Share of needed gate blocks that were in memory.
+    pub fn gate_hit_rate(&self) -> f64 {
+        self.gate_hits as f64 / (self.gate_hits + self.gate_misses).max(1) as f64
+    }
+
+    /// `bytes` in MB (10^6) per decode token.
+    pub fn mb_per_token(&self, bytes: u64) -> f64 {
+        bytes as f64 / 1e6 / self.tokens.max(1) as f64
+    }
+
+    /// Neurons computed per token in each layer.
+    pub fn neurons_per_layer_per_token(&self) -> Vec<f64> {
+        self.neurons_per_layer.iter().map(|&n| n as f64 / self.tokens.max(1) as f64).collect()
     }
 
     /// Share of decode time the compute threads stalled on I/O.
