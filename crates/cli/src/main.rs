@@ -97,34 +97,19 @@ enum PolicyArg {
     Llmflash,
 }
 
-/// Parses a memory budget: bytes (with a K/M/G or KiB/MiB/GiB suffix) or a percentage of `model_bytes`.
+/// Parses a memory budget: a byte size in the planner's grammar (`pinion_runtime::plan::parse_size`: `64MiB`,
+/// `64M` and `64K` binary, `64MB` decimal) or a percentage of `model_bytes` (over 100% allowed: the budget is the
+/// whole process, not only the weights).
 fn parse_budget(s: &str, model_bytes: u64) -> Result<u64> {
-    let t = s.trim();
-    if let Some(p) = t.strip_suffix('%') {
-        let v: f64 = p.trim().parse().with_context(|| format!("--mem-budget {s}: not a percentage"))?;
-        if !(v > 0.0 && v.is_finite()) {
-            bail!("--mem-budget {s}: the percentage must be positive");
-        }
-        return Ok((model_bytes as f64 * v / 100.0) as u64);
-    }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().with_context(|| format!("--mem-budget {s}: not a size (try 64MiB or 50%)"))?;
-    let mul: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1048576.0,
-        "gib" => 1073741824.0,
-        u => bail!("--mem-budget {s}: unknown unit '{u}' (use B, K, M, G, KiB, MiB, GiB or %)"),
+    let Some(p) = s.trim().strip_suffix('%') else {
+        return pinion_runtime::plan::parse_size(s)
+            .with_context(|| format!("--mem-budget {s} (try 64MiB or 50%)"));
     };
-    let b = v * mul;
-    if !(b >= 1.0 && b.is_finite()) {
-        bail!("--mem-budget {s}: the budget must be positive");
+    let v: f64 = p.trim().parse().with_context(|| format!("--mem-budget {s}: not a percentage"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("--mem-budget {s}: the percentage must be positive");
     }
-    Ok(b as u64)
+    Ok((model_bytes as f64 * v / 100.0) as u64)
 }
 
 impl ModelArgs {

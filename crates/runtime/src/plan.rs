@@ -162,6 +162,17 @@ pub fn parse_budget(s: &str) -> Result<Budget, PlanError> {
         }
         return Ok(Budget::Percent(p));
     }
+    parse_size(t).map(Budget::Bytes).map_err(|e| match e {
+        PlanError::BadBudget { why, .. } => bad(&why),
+        other => other,
+    })
+}
+
+/// Parses a byte size, the non-percentage half of [`parse_budget`]'s grammar: a positive count with an
+/// optional suffix (`K`/`M`/`G`/`T` and `KiB`..`TiB` binary, `KB`..`TB` decimal, `B`).
+pub fn parse_size(s: &str) -> Result<u64, PlanError> {
+    let bad = |why: &str| PlanError::BadBudget { input: s.to_string(), why: why.to_string() };
+    let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
     if num.is_empty() {
@@ -192,7 +203,7 @@ pub fn parse_budget(s: &str) -> Result<Budget, PlanError> {
     if bytes == 0 {
         return Err(bad("a budget must be positive"));
     }
-    Ok(Budget::Bytes(bytes))
+    Ok(bytes)
 }
 
 /// Byte sizes of the three segments of the neuron cache (`pinion_cache::CacheConfig`).
