@@ -79,6 +79,8 @@ struct Scratch {
 pub struct Context<'m> {
     model: &'m Model,
     params: ContextParams,
+    /// Most tokens in one forward pass: `params.n_ubatch`, or less for an offloaded run (see [`Context::chunks`]).
+    chunk_cap: usize,
     k_cache: Vec<Vec<f16>>,
     v_cache: Vec<Vec<f16>>,
     n_past: usize,
@@ -105,6 +107,15 @@ impl std::fmt::Debug for Context<'_> {
 impl<'m> Context<'m> {
     /// Makes a context for `model`.
     pub fn new(model: &'m Model, params: ContextParams) -> Result<Context<'m>, RuntimeError> {
+        Context::with_chunk_cap(model, params, usize::MAX)
+    }
+
+    /// [`Context::new`] with forward passes of at most `chunk_cap` tokens.
+    fn with_chunk_cap(
+        model: &'m Model,
+        params: ContextParams,
+        chunk_cap: usize,
+    ) -> Result<Context<'m>, RuntimeError> {
         let c = model.config();
         if params.n_ctx == 0 {
             return Err(RuntimeError::BadContextSize { n_ctx: 0, why: "it must be at least 1".into() });
@@ -125,8 +136,8 @@ impl<'m> Context<'m> {
             .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
         let spin = SpinPool::new(params.n_threads)
             .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
-        let ub = params.n_ubatch.clamp(1, params.n_ctx);
-        let params = ContextParams { n_ubatch: ub, ..params };
+        let params = ContextParams { n_ubatch: params.n_ubatch.clamp(1, params.n_ctx), ..params };
+        let ub = params.n_ubatch.min(chunk_cap.max(3));
         let kv = params.n_ctx * c.kv_dim();
         let d = c.d_model;
         let qd = c.n_heads * c.head_dim;
@@ -152,6 +163,7 @@ impl<'m> Context<'m> {
             k_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
             v_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
             params,
+            chunk_cap: ub,
             n_past: 0,
             scratch,
             pool,
@@ -167,7 +179,8 @@ impl<'m> Context<'m> {
 
     /// Makes a context that runs packed `model` under a memory budget (see `OffloadOptions`): weights that do
     /// not fit are read from storage as needed. Refuses a budget below what the run needs in any case
-    /// ([`RuntimeError::BudgetTooSmall`], with the minimum). Batches are capped at 64 tokens to bound scratch.
+    /// ([`RuntimeError::BudgetTooSmall`], with the minimum). Forward passes are capped at [`OFFLOAD_CHUNK`]
+    /// tokens to bound scratch; the results stay those of `n_ubatch`-token batches (see [`Context::chunks`]).
     pub fn new_offloaded(
         model: &'m Model,
         params: ContextParams,
@@ -176,10 +189,10 @@ impl<'m> Context<'m> {
         if !model.is_packed() {
             return Err(RuntimeError::NotPacked);
         }
-        let params = ContextParams { n_ubatch: params.n_ubatch.min(64), ..params };
         pinion_io::bound_heap_retention();
-        let mut ctx = Context::new(model, params)?;
-        ctx.offload = Some(Offload::new(model, &ctx.params, opts, ctx.predictor_bytes())?);
+        let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
+        let planned = ContextParams { n_ubatch: ctx.chunk_cap, ..ctx.params };
+        ctx.offload = Some(Offload::new(model, &planned, opts, ctx.predictor_bytes())?);
         Ok(ctx)
     }
 
@@ -350,13 +363,12 @@ impl<'m> Context<'m> {
         if which == Logits::All {
             self.scratch.logits.resize(tokens.len() * n_vocab, 0.0);
         }
-        let ub = self.params.n_ubatch;
-        let n_chunks = tokens.len().div_ceil(ub);
-        for (i, chunk) in tokens.chunks(ub).enumerate() {
-            let out_offset = i * ub * n_vocab;
+        let n_tokens = tokens.len();
+        for (start, len, batch) in Context::chunks(n_tokens, self.params.n_ubatch, self.chunk_cap) {
+            let chunk = &tokens[start..start + len];
             let want = match which {
-                Logits::All => Some(out_offset),
-                Logits::Last if i + 1 == n_chunks => Some(0),
+                Logits::All => Some(start * n_vocab),
+                Logits::Last if start + len == n_tokens => Some(0),
                 Logits::Last => None,
             };
             let model = self.model;
@@ -373,13 +385,25 @@ impl<'m> Context<'m> {
             };
             if chunk.len() == 1 {
                 let par = Par::Spin(&self.spin);
-                forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)?;
+                forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, batch, which, want)?;
                 if let Some(o) = self.offload.as_mut() {
                     o.end_token();
                 }
             } else {
                 self.pool.install(|| {
-                    forward(model, Par::Rayon, ffn, scratch, k_cache, v_cache, chunk, n_past, which, want)
+                    forward(
+                        model,
+                        Par::Rayon,
+                        ffn,
+                        scratch,
+                        k_cache,
+                        v_cache,
+                        chunk,
+                        n_past,
+                        batch,
+                        which,
+                        want,
+                    )
                 })?;
             }
             self.n_past += chunk.len();
@@ -387,6 +411,31 @@ impl<'m> Context<'m> {
         Ok(match which {
             Logits::All => &self.scratch.logits[..tokens.len() * n_vocab],
             Logits::Last => &self.scratch.logits[..n_vocab],
+        })
+    }
+}
+
+/// Most tokens in one forward pass of an offloaded context: its scratch is sized for this many.
+pub const OFFLOAD_CHUNK: usize = 64;
+
+impl Context<'_> {
+    /// Splits `n` tokens into forward passes: `(start, len, batch)` where `batch` is the length of the
+    /// `n_ubatch`-token batch the pass belongs to. Batches are `n_ubatch` tokens (the last one shorter), as
+    /// llama.cpp splits them; a batch longer than `cap` (at least 3) is cut into near-equal passes of at most `cap` tokens, each at
+    /// least 2.
+    /// Attention chooses its kernel by `batch`, not by the pass's length, and no pass of a longer batch is a
+    /// single token (that would take the decode path), so the results do not depend on `cap`.
+    fn chunks(n: usize, n_ubatch: usize, cap: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let ub = n_ubatch.max(1);
+        let cap = cap.clamp(3, ub.max(3));
+        (0..n.div_ceil(ub)).flat_map(move |b| {
+            let b_start = b * ub;
+            let batch = ub.min(n - b_start);
+            let parts = batch.div_ceil(cap);
+            (0..parts).map(move |i| {
+                let (lo, hi) = (i * batch / parts, (i + 1) * batch / parts);
+                (b_start + lo, hi - lo, batch)
+            })
         })
     }
 }
@@ -427,6 +476,7 @@ fn forward(
     v_cache: &mut [Vec<f16>],
     tokens: &[u32],
     n_past: usize,
+    batch: usize,
     which: Logits,
     logits_offset: Option<usize>,
 ) -> Result<(), RuntimeError> {
@@ -478,12 +528,13 @@ fn forward(
             }
         }
         let attn = &mut s.attn[..n * qd];
-        // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones.
+        // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones. The
+        // batch is the `n_ubatch` batch this pass is part of (`Context::chunks`).
         let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         match par {
             Par::Spin(p) => exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
-            Par::Rayon if n < exec::GGML_FA_TILE_Q => {
+            Par::Rayon if batch < exec::GGML_FA_TILE_Q => {
                 exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn)
             }
             Par::Rayon => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
@@ -583,5 +634,31 @@ fn forward(
 fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Passes cover the tokens in order, stay within the cap, never cut a batch into a single-token pass, and
+    /// name the `n_ubatch` batch they belong to.
+    #[test]
+    fn chunks_split_batches_without_single_token_passes() {
+        for n in 1..300 {
+            for ub in [1, 2, 3, 5, 64, 65, 128, 512] {
+                for cap in [3, 4, 7, 64, usize::MAX] {
+                    let mut next = 0;
+                    for (start, len, batch) in Context::chunks(n, ub, cap) {
+                        assert_eq!(start, next, "n={n} ub={ub} cap={cap}");
+                        assert!(len >= 1 && len <= cap.max(3).min(ub.max(3)), "n={n} ub={ub} cap={cap}: {len}");
+                        assert_eq!(batch, ub.min(n - start / ub * ub), "n={n} ub={ub} cap={cap} start={start}");
+                        assert!(len > 1 || batch == 1, "n={n} ub={ub} cap={cap}: a one-token pass of a batch");
+                        next += len;
+                    }
+                    assert_eq!(next, n, "n={n} ub={ub} cap={cap}");
+                }
+            }
+        }
     }
 }

@@ -28,7 +28,7 @@ pub mod sparsity;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::{FFN_ACTIVATION_KEY, FfnActivation, ModelConfig};
-pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits};
+pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
 pub use crate::model::{
