@@ -331,17 +331,28 @@ impl Drop for PoolBuf {
     }
 }
 
-/// Makes the C allocator return large freed blocks to the system at once: blocks of 64 KiB and more are mapped
-/// and unmapped on their own (glibc's `M_MMAP_THRESHOLD`, which glibc otherwise raises as the program frees
-/// large blocks, after which they are carved from a heap that keeps its pages). A run under a memory budget
-/// calls this so that I/O and staging buffers freed once do not stay in its resident set. Returns whether the
-/// setting was applied (only on glibc).
+/// Bounds the memory the C allocator keeps for itself, for a run under a memory budget:
+/// - blocks of 64 KiB and more are mapped and unmapped on their own (glibc's `M_MMAP_THRESHOLD`, which glibc
+///   otherwise raises as the program frees large blocks, after which they are carved from a heap that keeps its
+///   pages), so I/O and staging buffers freed once do not stay in the resident set;
+/// - one arena for all threads (`M_ARENA_MAX`): small blocks freed by one worker are reused by the others
+///   instead of each worker's arena keeping its own free pages;
+/// - the free pages the heap holds now (what loading a model allocated and dropped) are given back
+///   (`malloc_trim`), so the resident set measured next is what the run keeps.
+///
+/// Returns whether the settings were applied (only on glibc).
 pub fn bound_heap_retention() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes a tuning parameter of glibc's allocator; it is thread-safe (it takes the
-        // allocator's own locks) and does not touch any memory the program holds.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) == 1 }
+        // SAFETY: mallopt only changes tuning parameters of glibc's allocator and malloc_trim only returns free
+        // pages of its heaps to the system; both are thread-safe (they take the allocator's own locks) and do not
+        // touch any memory the program holds.
+        unsafe {
+            let applied = libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1;
+            libc::malloc_trim(0);
+            applied
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

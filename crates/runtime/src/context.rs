@@ -651,9 +651,19 @@ mod tests {
                     let mut next = 0;
                     for (start, len, batch) in Context::chunks(n, ub, cap) {
                         assert_eq!(start, next, "n={n} ub={ub} cap={cap}");
-                        assert!(len >= 1 && len <= cap.max(3).min(ub.max(3)), "n={n} ub={ub} cap={cap}: {len}");
-                        assert_eq!(batch, ub.min(n - start / ub * ub), "n={n} ub={ub} cap={cap} start={start}");
-                        assert!(len > 1 || batch == 1, "n={n} ub={ub} cap={cap}: a one-token pass of a batch");
+                        assert!(
+                            len >= 1 && len <= cap.max(3).min(ub.max(3)),
+                            "n={n} ub={ub} cap={cap}: {len}"
+                        );
+                        assert_eq!(
+                            batch,
+                            ub.min(n - start / ub * ub),
+                            "n={n} ub={ub} cap={cap} start={start}"
+                        );
+                        assert!(
+                            len > 1 || batch == 1,
+                            "n={n} ub={ub} cap={cap}: a one-token pass of a batch"
+                        );
                         next += len;
                     }
                     assert_eq!(next, n, "n={n} ub={ub} cap={cap}");
