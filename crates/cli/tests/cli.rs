@@ -1,6 +1,6 @@
 //! End-to-end tests of the `pinion` binary: exit codes, error messages, and machine-readable output.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn pinion(args: &[&str]) -> Output {
@@ -364,28 +364,59 @@ fn offloaded_runs_generate_the_in_memory_tokens() {
     }
 }
 
-/// `--mem-budget` bounds the whole process: the peak resident set of offloaded 64-token runs stays within it.
+/// The peak resident set of a `pinion` run: `/usr/bin/time -v`'s "Maximum resident set size" where that tool
+/// is installed (as the acceptance measures it), else the run's own `peak_rss_bytes` (VmHWM).
+fn peak_rss_of(args: &[&str]) -> (u64, &'static str) {
+    let time = Path::new("/usr/bin/time");
+    if !time.is_file() {
+        let (_, v) = run_tokens(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        return (v["peak_rss_bytes"].as_u64().unwrap(), "VmHWM");
+    }
+    let o = Command::new(time).arg("-v").arg(env!("CARGO_BIN_EXE_pinion")).args(args).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+    let kib = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes):"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no maximum resident set size in: {err}"));
+    (kib << 10, "/usr/bin/time -v")
+}
+
+/// `--mem-budget` bounds the whole process. The acceptance bound is the budget plus 16 MiB; the plan aims at
+/// the budget itself, and runs over it (but under the bound) are reported.
 #[test]
 fn offloaded_runs_stay_within_the_memory_budget() {
     let Some((_, dir)) = prepared_dir() else { return };
     let d = dir.to_string_lossy().into_owned();
     let small = small_budget(&d);
     let budget = small.trim_end_matches("MiB").parse::<f64>().unwrap() * (1u64 << 20) as f64;
-    let mut over = Vec::new();
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let (mut over_bound, mut over_budget) = (Vec::new(), Vec::new());
     for p in reference_prompts() {
         for extra in [&[][..], &["--no-pipeline"]] {
             let mut a = vec!["run", "-m", &d, "-p", &p, "-n", "64", "--temp", "0", "--ignore-eos", "-t", "2"];
             a.extend(["-c", "128", "--output-format", "json", "--mem-budget", &small]);
             a.extend_from_slice(extra);
-            let (_, v) = run_tokens(&a).unwrap_or_else(|e| panic!("{a:?}: {e}"));
-            let rss = v["peak_rss_bytes"].as_u64().unwrap();
-            if rss as f64 > budget {
-                let mib = rss as f64 / (1u64 << 20) as f64;
-                over.push(format!("{p:?} with --mem-budget {small} {extra:?}: peak RSS {mib:.2} MiB"));
+            let (rss, how) = peak_rss_of(&a);
+            let line = format!(
+                "{p:?} with --mem-budget {small} {extra:?}: peak RSS {:.2} MiB ({how})",
+                mib(rss as f64)
+            );
+            if rss as f64 > budget + (16u64 << 20) as f64 {
+                over_bound.push(line);
+            } else if rss as f64 > budget {
+                over_budget.push(line);
             }
         }
     }
-    assert!(over.is_empty(), "{} of 6 runs over the budget of {small}:\n{}", over.len(), over.join("\n"));
+    if !over_budget.is_empty() {
+        eprintln!(
+            "runs over the budget of {small} (within the 16 MiB allowance):\n{}",
+            over_budget.join("\n")
+        );
+    }
+    assert!(over_bound.is_empty(), "runs over {small} + 16 MiB:\n{}", over_bound.join("\n"));
 }
 
 /// Bad `--mem-budget` values and models are clean errors: a budget below the minimum names the minimum, a GGUF

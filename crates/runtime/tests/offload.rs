@@ -579,33 +579,30 @@ fn a_damaged_packed_file_is_an_error_at_load() {
     assert!(Model::load(&damaged).is_ok());
 }
 
-/// A prompt longer than the offloaded context's 64-token batches: its prefill logits (and the decode after it)
-/// are those of the in-memory context with the same batches, and should be those of the in-memory context with
-/// its default batches.
+/// A prompt longer than the offloaded context's 64-token passes: its prefill logits (and the decode after it)
+/// are those of the in-memory context with the same `n_ubatch`, whose batches the offloaded context cuts into
+/// passes (100 tokens: one batch in memory, f32 attention; two passes offloaded that must keep that kernel).
 #[test]
 fn a_long_prompt_prefills_as_in_memory() {
     let f = fixture("offload-long", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
     let n_vocab = model.config().n_vocab;
     let mut rng = Rng(77);
-    let p: Vec<u32> = (0..100).map(|_| (rng.next_u64() % n_vocab as u64) as u32).collect();
-    let params = |n_ubatch: usize| ContextParams { n_ubatch, ..ContextParams::new(128, N_THREADS) };
-    let mut off = Context::new_offloaded(&model, params(512), OffloadOptions::new(1 << 40)).unwrap();
-    let got = off.eval(&p, Logits::All).unwrap().to_vec();
-    let got_next = off.eval(&[5], Logits::Last).unwrap().to_vec();
-    let run = |n_ubatch: usize| {
+    let p: Vec<u32> = (0..200).map(|_| (rng.next_u64() % n_vocab as u64) as u32).collect();
+    let params = |n_ubatch: usize| ContextParams { n_ubatch, ..ContextParams::new(256, N_THREADS) };
+    // 100 tokens in one 512 batch; 200 tokens in 128-token batches (128 + 72, cut into 64 + 64 and 36 + 36);
+    // 130 tokens in 65-token batches (each cut into 33 + 32).
+    for (len, n_ubatch) in [(100, 512), (200, 128), (130, 65)] {
+        let p = &p[..len];
+        let mut off = Context::new_offloaded(&model, params(n_ubatch), OffloadOptions::new(1 << 40)).unwrap();
+        let got = off.eval(p, Logits::All).unwrap().to_vec();
+        let got_next = off.eval(&[5], Logits::Last).unwrap().to_vec();
         let mut mem = Context::new(&model, params(n_ubatch)).unwrap();
-        let all = mem.eval(&p, Logits::All).unwrap().to_vec();
-        (all, mem.eval(&[5], Logits::Last).unwrap().to_vec())
-    };
-    let (want64, want64_next) = run(64);
-    assert_eq!(bit_diff(&got, &want64), None, "against 64-token batches in memory");
-    assert_eq!(bit_diff(&got_next, &want64_next), None, "decode after, against 64-token batches in memory");
-    // The in-memory context evaluates the 100 tokens as one batch: f32 attention (>= GGML_FA_TILE_Q queries);
-    // the offloaded one as 64 + 36, the 36 with f16-accumulating attention.
-    let (want, want_next) = run(512);
-    assert_eq!(bit_diff(&got, &want), None, "prefill of 100 tokens against the default in-memory context");
-    assert_eq!(bit_diff(&got_next, &want_next), None, "decode after it");
+        let want = mem.eval(p, Logits::All).unwrap().to_vec();
+        let want_next = mem.eval(&[5], Logits::Last).unwrap().to_vec();
+        assert_eq!(bit_diff(&got, &want), None, "prefill of {len} tokens, n_ubatch {n_ubatch}");
+        assert_eq!(bit_diff(&got_next, &want_next), None, "decode after {len} tokens, n_ubatch {n_ubatch}");
+    }
 }
 
 /// The same logits with one read in flight at a time, and on one and three threads.
