@@ -331,22 +331,26 @@ fn run_greedy(dir: &str, prompt: &str, extra: &[&str]) -> Result<(Vec<u64>, serd
     run_tokens(&a.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// A small budget for the prepared directory: 60 MiB, or, if this machine's minimum is above it, the minimum
-/// the refusal names plus 2 MiB.
-fn small_budget(dir: &str) -> String {
-    match run_greedy(dir, "hi", &["--mem-budget", "60MiB"]) {
-        Ok(_) => "60MiB".to_string(),
+/// A small budget for the prepared directory: half the GGUF file's size (the 50% budget) or, if this
+/// machine's minimum is above it, the minimum the refusal names plus 2 MiB.
+fn small_budget(gguf: &str, dir: &str) -> String {
+    let half = std::fs::metadata(gguf).unwrap().len() as f64 / 2.0 / (1u64 << 20) as f64;
+    let half = format!("{half:.1}MiB");
+    let budget = match run_greedy(dir, "hi", &["--mem-budget", &half]) {
+        Ok(_) => half.clone(),
         Err(e) => format!("{:.1}MiB", named_minimum_mib(&e) + 2.0),
-    }
+    };
+    eprintln!("small budget: {budget} (half the GGUF is {half})");
+    budget
 }
 
 /// Offloaded runs of the prepared directory generate the in-memory run's greedy tokens for each prompt of
 /// llama.cpp's reference, whatever the budget and switches.
 #[test]
 fn offloaded_runs_generate_the_in_memory_tokens() {
-    let Some((_, dir)) = prepared_dir() else { return };
+    let Some((m, dir)) = prepared_dir() else { return };
     let d = dir.to_string_lossy().into_owned();
-    let small = small_budget(&d);
+    let small = small_budget(&m, &d);
     let prompts = reference_prompts();
     assert_eq!(prompts.len(), 3);
     for p in &prompts {
@@ -387,9 +391,9 @@ fn peak_rss_of(args: &[&str]) -> (u64, &'static str) {
 /// the budget itself, and runs over it (but under the bound) are reported.
 #[test]
 fn offloaded_runs_stay_within_the_memory_budget() {
-    let Some((_, dir)) = prepared_dir() else { return };
+    let Some((m, dir)) = prepared_dir() else { return };
     let d = dir.to_string_lossy().into_owned();
-    let small = small_budget(&d);
+    let small = small_budget(&m, &d);
     let budget = small.trim_end_matches("MiB").parse::<f64>().unwrap() * (1u64 << 20) as f64;
     let mib = |b: f64| b / (1u64 << 20) as f64;
     let (mut over_bound, mut over_budget) = (Vec::new(), Vec::new());
