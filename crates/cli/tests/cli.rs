@@ -1,6 +1,6 @@
 //! End-to-end tests of the `pinion` binary: exit codes, error messages, and machine-readable output.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn pinion(args: &[&str]) -> Output {
@@ -284,4 +284,161 @@ fn a_prepared_directory_runs_like_the_gguf_with_its_thresholds() {
     // --predictors on a model prepared without them is a clear error.
     let o = pinion(&["run", "-m", &d, "-p", "hi", "--predictors"]);
     assert!(!o.status.success() && stderr(&o).contains("no trained predictors"), "{}", stderr(&o));
+}
+
+/// `pinion run --output-format json`'s generated ids, or its stderr when it fails.
+fn run_tokens(args: &[&str]) -> Result<(Vec<u64>, serde_json::Value), String> {
+    let o = pinion(args);
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    if !o.status.success() {
+        return Err(err);
+    }
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().expect("some output")).unwrap();
+    Ok((v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect(), v))
+}
+
+/// The minimum a refused `--mem-budget` names ("raise --mem-budget to 57.3 MiB or more"), in MiB.
+fn named_minimum_mib(stderr: &str) -> f64 {
+    let rest = stderr.split("raise --mem-budget to ").nth(1).unwrap_or_else(|| panic!("{stderr}"));
+    let mib = rest.split(" MiB").next().unwrap();
+    mib.parse().unwrap_or_else(|_| panic!("{stderr}"))
+}
+
+/// The prompts of llama.cpp's greedy reference (first column; `\n` is a newline).
+fn reference_prompts() -> Vec<String> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/greedy.tsv");
+    let text = std::fs::read_to_string(p).expect("../shared/reference/greedy.tsv");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split('\t').next().unwrap().replace("\\n", "\n"))
+        .collect()
+}
+
+/// `pinion run` arguments for a greedy 16-token JSON run of `prompt` on `dir`, then `extra`.
+fn greedy_args(dir: &str, prompt: &str, extra: &[&str]) -> Vec<String> {
+    ["run", "-m", dir, "-p", prompt, "-n", "16", "--temp", "0", "--ignore-eos", "-t", "2", "-c", "128"]
+        .into_iter()
+        .chain(["--output-format", "json"])
+        .chain(extra.iter().copied())
+        .map(String::from)
+        .collect()
+}
+
+fn run_greedy(dir: &str, prompt: &str, extra: &[&str]) -> Result<(Vec<u64>, serde_json::Value), String> {
+    let a = greedy_args(dir, prompt, extra);
+    run_tokens(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A small budget for the prepared directory: half the GGUF file's size (the 50% budget) or, if this
+/// machine's minimum is above it, the minimum the refusal names plus 2 MiB.
+fn small_budget(gguf: &str, dir: &str) -> String {
+    let half = std::fs::metadata(gguf).unwrap().len() as f64 / 2.0 / (1u64 << 20) as f64;
+    let half = format!("{half:.1}MiB");
+    let budget = match run_greedy(dir, "hi", &["--mem-budget", &half]) {
+        Ok(_) => half.clone(),
+        Err(e) => format!("{:.1}MiB", named_minimum_mib(&e) + 2.0),
+    };
+    eprintln!("small budget: {budget} (half the GGUF is {half})");
+    budget
+}
+
+/// Offloaded runs of the prepared directory generate the in-memory run's greedy tokens for each prompt of
+/// llama.cpp's reference, whatever the budget and switches.
+#[test]
+fn offloaded_runs_generate_the_in_memory_tokens() {
+    let Some((m, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let small = small_budget(&m, &d);
+    let prompts = reference_prompts();
+    assert_eq!(prompts.len(), 3);
+    for p in &prompts {
+        let (want, _) = run_greedy(&d, p, &[]).unwrap();
+        assert_eq!(want.len(), 16);
+        for extra in [
+            &["--mem-budget", "100%"][..],
+            &["--mem-budget", &small],
+            &["--mem-budget", &small, "--no-pipeline", "--no-bundle"],
+            &["--mem-budget", &small, "--policy", "llmflash"],
+        ] {
+            let (got, _) = run_greedy(&d, p, extra).unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+            assert_eq!(got, want, "{p:?} with {extra:?}");
+        }
+    }
+}
+
+/// The peak resident set of a `pinion` run: `/usr/bin/time -v`'s "Maximum resident set size" where that tool
+/// is installed (as the acceptance measures it), else the run's own `peak_rss_bytes` (VmHWM).
+fn peak_rss_of(args: &[&str]) -> (u64, &'static str) {
+    let time = Path::new("/usr/bin/time");
+    if !time.is_file() {
+        let (_, v) = run_tokens(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        return (v["peak_rss_bytes"].as_u64().unwrap(), "VmHWM");
+    }
+    let o = Command::new(time).arg("-v").arg(env!("CARGO_BIN_EXE_pinion")).args(args).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+    let kib = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes):"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no maximum resident set size in: {err}"));
+    (kib << 10, "/usr/bin/time -v")
+}
+
+/// `--mem-budget` bounds the whole process. The acceptance bound is the budget plus 16 MiB; the plan aims at
+/// the budget itself, and runs over it (but under the bound) are reported.
+#[test]
+fn offloaded_runs_stay_within_the_memory_budget() {
+    let Some((m, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let small = small_budget(&m, &d);
+    let budget = small.trim_end_matches("MiB").parse::<f64>().unwrap() * (1u64 << 20) as f64;
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let (mut over_bound, mut over_budget) = (Vec::new(), Vec::new());
+    for p in reference_prompts() {
+        for extra in [&[][..], &["--no-pipeline"]] {
+            let mut a = vec!["run", "-m", &d, "-p", &p, "-n", "64", "--temp", "0", "--ignore-eos", "-t", "2"];
+            a.extend(["-c", "128", "--output-format", "json", "--mem-budget", &small]);
+            a.extend_from_slice(extra);
+            let (rss, how) = peak_rss_of(&a);
+            let line = format!(
+                "{p:?} with --mem-budget {small} {extra:?}: peak RSS {:.2} MiB ({how})",
+                mib(rss as f64)
+            );
+            if rss as f64 > budget + (16u64 << 20) as f64 {
+                over_bound.push(line);
+            } else if rss as f64 > budget {
+                over_budget.push(line);
+            }
+        }
+    }
+    if !over_budget.is_empty() {
+        eprintln!(
+            "runs over the budget of {small} (within the 16 MiB allowance):\n{}",
+            over_budget.join("\n")
+        );
+    }
+    assert!(over_bound.is_empty(), "runs over {small} + 16 MiB:\n{}", over_bound.join("\n"));
+}
+
+/// Bad `--mem-budget` values and models are clean errors: a budget below the minimum names the minimum, a GGUF
+/// cannot be offloaded, and a budget that is not a size says so.
+#[test]
+fn mem_budget_errors_are_clean() {
+    let Some((m, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let e = run_greedy(&d, "hi", &["--mem-budget", "1MiB"]).unwrap_err();
+    assert!(e.contains("error:") && e.contains("too small") && e.contains("raise --mem-budget"), "{e}");
+    assert!(named_minimum_mib(&e) > 1.0, "{e}");
+    let e = run_greedy(&m, "hi", &["--mem-budget", "50%"]).unwrap_err();
+    assert!(e.contains("error:") && e.contains("needs a prepared model"), "{e}");
+    for bad in ["abc", "", "12parsecs", "0", "0%", "1e400MiB"] {
+        let e = run_greedy(&d, "hi", &["--mem-budget", bad]).unwrap_err();
+        assert!(e.contains("error:") && e.contains("--mem-budget"), "{bad:?}: {e}");
+    }
+    // The switches of an offloaded run need a budget.
+    let e = run_greedy(&d, "hi", &["--no-pipeline"]).unwrap_err();
+    assert!(e.contains("--mem-budget"), "{e}");
 }

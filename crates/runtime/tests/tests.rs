@@ -3,6 +3,7 @@
 
 mod common;
 mod errors;
+mod offload;
 mod prepare;
 mod reference;
 mod sparsity;

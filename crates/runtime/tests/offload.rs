@@ -1,0 +1,666 @@
+//! The offloaded engine (`Context::new_offloaded`) against the in-memory one on the same packed synthetic model:
+//! logits bit-identical in prefill and decode whatever the budget and switches, counters that add up, and the
+//! refusals (a budget below the minimum, a GGUF, a damaged packed file).
+
+use std::path::PathBuf;
+
+use pinion_format::GgmlType;
+use pinion_format::synth::SynthConfig;
+use pinion_predictor::LowRankPredictor;
+use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+use pinion_runtime::{
+    CachePolicy, Context, ContextParams, Logits, MemoryPlan, Model, OffloadOptions, PACKED_FILE_NAME,
+    RuntimeError, argmax,
+};
+
+use crate::prepare::{TempDir, calib_text, synth_model};
+
+const N_CTX: usize = 64;
+const N_THREADS: usize = 2;
+const N_PROMPT: usize = 20;
+const N_DECODE: usize = 12;
+/// How far the bytes left over the minimum may be from what a test asked for (the minimum counts this
+/// process's resident set, which moves between measuring it and making the context).
+const TOLERANCE: u64 = 8 << 10;
+
+fn cfg() -> SynthConfig {
+    SynthConfig { n_layers: 2, ..SynthConfig::preset("tiny").unwrap() }
+}
+
+fn params() -> ContextParams {
+    ContextParams::new(N_CTX, N_THREADS)
+}
+
+/// xorshift64: deterministic pseudo-random numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    fn sym(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// A synthetic ReLU model packed at threshold sparsity 0.5, in its own directory.
+struct Fixture {
+    dir: TempDir,
+    gguf: PathBuf,
+    packed: PathBuf,
+    /// Per layer, FFN inputs sampled while profiling (`n x d_model`).
+    inputs: Vec<Vec<f32>>,
+}
+
+/// Profiles, calibrates and packs a fresh synthetic model; with `packed_predictors`, random predictors (see
+/// [`random_predictors`]) are packed into the file.
+fn fixture(tag: &str, down_type: GgmlType, packed_predictors: bool) -> Fixture {
+    let dir = TempDir::new(tag);
+    let cfg = cfg();
+    let gguf = synth_model(&dir, "relu", &cfg);
+    let model = Model::load(&gguf).unwrap();
+    let opts = ProfileOptions { max_tokens: 768, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
+    let profile = prepare::profile_activations(&model, &calib_text(1500), &opts, &mut |_, _| {}).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
+    let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
+    let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
+    let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));
+    let packed = dir.0.join(PACKED_FILE_NAME);
+    let popts = PackStepOptions { cluster_neurons: 16, down_type };
+    prepare::pack_model(&gguf, &packed, &freq, &th, ps.as_deref(), &popts, &mut |_, _| {}).unwrap();
+    Fixture { dir, gguf, packed, inputs }
+}
+
+/// Rank-8 predictors with pseudo-random weights, each threshold the 70th percentile of its logits over the
+/// sampled FFN inputs: about 30% of the neurons predicted.
+fn random_predictors(inputs: &[Vec<f32>], n_ff: usize, seed: u64) -> Vec<LowRankPredictor> {
+    const RANK: usize = 8;
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(l, xs)| {
+            let d = xs.len() / 64;
+            let mut rng = Rng(seed + l as u64);
+            let w1 = (0..RANK * d).map(|_| rng.sym() / (d as f32).sqrt()).collect();
+            let b1 = (0..RANK).map(|_| 0.1 * rng.sym()).collect();
+            let w2 = (0..n_ff * RANK).map(|_| rng.sym()).collect();
+            let b2 = (0..n_ff).map(|_| 0.3 * rng.sym()).collect();
+            let mut p = LowRankPredictor::new(d, RANK, n_ff, w1, b1, w2, b2).unwrap();
+            let (mut h, mut out, mut all) = (vec![0.0; RANK], vec![0.0; n_ff], Vec::new());
+            for x in xs.chunks_exact(d) {
+                p.logits(x, &mut h, &mut out);
+                all.extend_from_slice(&out);
+            }
+            all.sort_by(f32::total_cmp);
+            p.set_threshold(all[all.len() * 7 / 10]);
+            let share = all.iter().filter(|&&v| v >= p.threshold()).count() as f64 / all.len() as f64;
+            assert!((0.2..0.4).contains(&share), "layer {l}: {share} of the neurons predicted");
+            p
+        })
+        .collect()
+}
+
+/// The prompt: pseudo-random ids over the vocabulary.
+fn prompt(n_vocab: usize) -> Vec<u32> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    (0..N_PROMPT).map(|_| (rng.next_u64() % n_vocab as u64) as u32).collect()
+}
+
+/// The in-memory run: prefill logits of every prompt token, then greedy decode steps (the token fed, the logits).
+struct Trace {
+    prompt: Vec<u32>,
+    prefill: Vec<f32>,
+    steps: Vec<(u32, Vec<f32>)>,
+}
+
+fn reference(model: &Model, predictors: Option<&[LowRankPredictor]>) -> Trace {
+    let mut ctx = Context::new(model, params()).unwrap();
+    if let Some(ps) = predictors {
+        ctx.set_predictors(Some(ps.to_vec())).unwrap();
+    }
+    let n_vocab = model.config().n_vocab;
+    let prompt = prompt(n_vocab);
+    let prefill = ctx.eval(&prompt, Logits::All).unwrap().to_vec();
+    let mut next = argmax(prefill[prefill.len() - n_vocab..].iter().copied());
+    let mut steps = Vec::new();
+    for _ in 0..N_DECODE {
+        let logits = ctx.eval(&[next], Logits::Last).unwrap().to_vec();
+        steps.push((next, logits));
+        next = argmax(steps.last().unwrap().1.iter().copied());
+    }
+    // Not a degenerate trajectory: the greedy tokens move.
+    let mut distinct: Vec<u32> = steps.iter().map(|s| s.0).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() > 2, "greedy tokens {:?}", steps.iter().map(|s| s.0).collect::<Vec<_>>());
+    Trace { prompt, prefill, steps }
+}
+
+/// `None` when every value has the same bits, else what differs.
+fn bit_diff(got: &[f32], want: &[f32]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} logits, {} in memory", got.len(), want.len()));
+    }
+    let diffs: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+    let &first = diffs.first()?;
+    let max = diffs.iter().map(|&i| (got[i] - want[i]).abs()).fold(0.0f32, f32::max);
+    Some(format!(
+        "{} of {} logits differ (first at {first}: {:e} vs {:e} in memory; max |diff| {max:e})",
+        diffs.len(),
+        got.len(),
+        got[first],
+        want[first]
+    ))
+}
+
+/// Runs the trace's tokens through `ctx` (greedy as long as the logits agree, since each fed token is the argmax
+/// of the logits before it); the first step whose logits are not bit-identical, if any.
+fn replay(ctx: &mut Context<'_>, want: &Trace) -> Result<(), String> {
+    let got = ctx.eval(&want.prompt, Logits::All).map_err(|e| format!("prefill: {e}"))?;
+    if let Some(d) = bit_diff(got, &want.prefill) {
+        return Err(format!("prefill: {d}"));
+    }
+    for (i, (tok, logits)) in want.steps.iter().enumerate() {
+        let got = ctx.eval(&[*tok], Logits::Last).map_err(|e| format!("decode step {i}: {e}"))?;
+        if let Some(d) = bit_diff(got, logits) {
+            return Err(format!("decode step {i} (token {tok}): {d}"));
+        }
+    }
+    Ok(())
+}
+
+/// Greedy prefill and decode on `ctx` and `mem` side by side; the first step whose logits differ, if any.
+fn replay_against(ctx: &mut Context<'_>, mem: &mut Context<'_>, n_vocab: usize) -> Result<(), String> {
+    let p = prompt(n_vocab);
+    let want = mem.eval(&p, Logits::All).unwrap().to_vec();
+    let got = ctx.eval(&p, Logits::All).map_err(|e| format!("prefill: {e}"))?;
+    if let Some(d) = bit_diff(got, &want) {
+        return Err(format!("prefill: {d}"));
+    }
+    let mut next = argmax(want[want.len() - n_vocab..].iter().copied());
+    for i in 0..N_DECODE {
+        let want = mem.eval(&[next], Logits::Last).unwrap().to_vec();
+        let got = ctx.eval(&[next], Logits::Last).map_err(|e| format!("decode step {i}: {e}"))?;
+        if let Some(d) = bit_diff(got, &want) {
+            return Err(format!("decode step {i} (token {next}): {d}"));
+        }
+        next = argmax(want.iter().copied());
+    }
+    Ok(())
+}
+
+/// The option sets under test, by name.
+const OPTION_SETS: [&str; 6] = ["default", "no-bundle", "no-cache", "no-pipeline", "llmflash-2", "none"];
+
+fn options(set: &str) -> OffloadOptions {
+    let o = OffloadOptions::new(0);
+    match set {
+        "default" => o,
+        "no-bundle" => OffloadOptions { bundle: false, ..o },
+        "no-cache" => OffloadOptions { cache: false, ..o },
+        "no-pipeline" => OffloadOptions { pipeline: false, ..o },
+        "llmflash-2" => OffloadOptions { policy: CachePolicy::LlmFlash { window: 2 }, ..o },
+        "none" => OffloadOptions { bundle: false, cache: false, pipeline: false, ..o },
+        _ => unreachable!("{set}"),
+    }
+}
+
+/// The smallest budget an offloaded context of `model` under `opts` is accepted with now: the minimum a
+/// refusal of one byte names.
+fn minimum(model: &Model, opts: &OffloadOptions) -> u64 {
+    match Context::new_offloaded(model, params(), OffloadOptions { budget: 1, ..opts.clone() }) {
+        Err(RuntimeError::BudgetTooSmall { budget: 1, minimum, .. }) => minimum,
+        Err(e) => panic!("a budget of 1 byte: {e}"),
+        Ok(_) => panic!("a budget of 1 byte was accepted"),
+    }
+}
+
+/// Bytes of a plan beyond its minimum.
+fn over_minimum(plan: &MemoryPlan) -> u64 {
+    plan.budget - plan.minimum()
+}
+
+/// An offloaded context of `model` with `extra` bytes over its minimum. The minimum counts the resident set of
+/// this process, which other tests running beside this one move: measured again (a refusal names the minimum of
+/// its moment) until the plan made is within [`TOLERANCE`] of `extra`; after many tries, whatever was accepted
+/// last.
+fn offloaded<'m>(model: &'m Model, opts: &OffloadOptions, extra: u64) -> Context<'m> {
+    const TRIES: usize = 50;
+    let mut last = None;
+    let mut min = minimum(model, opts);
+    for _ in 0..TRIES {
+        let budget = min + extra;
+        match Context::new_offloaded(model, params(), OffloadOptions { budget, ..opts.clone() }) {
+            Ok(ctx) => {
+                let plan = ctx.memory_plan().expect("an offloaded context has a plan");
+                check_plan(plan);
+                if over_minimum(plan).abs_diff(extra) <= TOLERANCE {
+                    return ctx;
+                }
+                min = plan.minimum();
+                last = Some(ctx);
+            }
+            Err(RuntimeError::BudgetTooSmall { minimum, .. }) => {
+                min = minimum;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("budget {budget}: {e}"),
+        }
+    }
+    last.unwrap_or_else(|| panic!("{extra} bytes over the minimum were refused {TRIES} times"))
+}
+
+/// What every plan must satisfy.
+fn check_plan(plan: &MemoryPlan) {
+    assert!(
+        plan.total() <= plan.budget,
+        "plan of {} bytes over a budget of {}: {plan:?}",
+        plan.total(),
+        plan.budget
+    );
+    assert!(plan.head <= plan.head_total, "{plan:?}");
+    assert!(plan.pinned_gates + plan.pinned_bundles <= plan.ffn_total, "{plan:?}");
+}
+
+/// The budgets under test, as bytes over the minimum: almost nothing (16 KiB: most of the head streamed, no FFN
+/// cached; the synthetic head is only 72 KiB, so 64 KiB would keep most of it), a quarter and a half of the FFN
+/// and head, and all of it with room to spare.
+fn extras(model: &Model) -> [(&'static str, u64); 4] {
+    let ctx = offloaded(model, &OffloadOptions::new(0), 16 << 10);
+    let plan = ctx.memory_plan().unwrap();
+    let all = plan.ffn_total + plan.head_total;
+    // The smallest budget does stream: the model is big enough for these tiers to mean something.
+    assert!(plan.head_rows < model.config().n_vocab && plan.pinned_bundles == 0, "{plan:?}");
+    [("min+16KiB", 16 << 10), ("min+1/4", all / 4), ("min+1/2", all / 2), ("min+all+1MiB", all + (1 << 20))]
+}
+
+/// Every budget tier and option set against the in-memory trace, `predictors` set on both contexts; returns the
+/// failures, one line each.
+fn sweep(
+    model: &Model,
+    predictors: Option<&[LowRankPredictor]>,
+    tiers: &[(&str, u64)],
+    sets: &[&str],
+    label: &str,
+) -> Vec<String> {
+    let want = reference(model, predictors);
+    let mut failures = Vec::new();
+    for &(tier, extra) in tiers {
+        for &set in sets {
+            let mut ctx = offloaded(model, &options(set), extra);
+            if let Some(ps) = predictors {
+                ctx.set_predictors(Some(ps.to_vec())).unwrap();
+            }
+            assert_eq!(ctx.uses_predictors(), predictors.is_some() || model.predictors().is_some());
+            if let Err(e) = replay(&mut ctx, &want) {
+                let plan = ctx.memory_plan().unwrap();
+                failures.push(format!(
+                    "{label}, budget {tier} ({} over the minimum: head rows {}, pinned gates {} bundles {}, LRU {}), options {set}: {e}",
+                    over_minimum(plan),
+                    plan.head_rows,
+                    plan.pinned_gates,
+                    plan.pinned_bundles,
+                    plan.lru
+                ));
+            }
+        }
+    }
+    failures
+}
+
+fn assert_no_failures(failures: &[String], runs: usize) {
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} offloaded runs differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn offloaded_threshold_decode_is_bit_identical_to_memory() {
+    let f = fixture("offload-thresholds", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    assert_eq!(model.sparsity().thresholds.as_deref(), Some(&[0.0, 0.0][..]));
+    assert!(model.predictors().is_none());
+    let tiers = extras(&model);
+    let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
+    assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+}
+
+#[test]
+fn offloaded_predictor_decode_is_bit_identical_to_memory() {
+    let f = fixture("offload-predictors", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let ps = random_predictors(&f.inputs, cfg().n_ff, 0x51_7cc1);
+    let tiers = extras(&model);
+    let failures = sweep(&model, Some(&ps), &tiers, &OPTION_SETS, "predictors set");
+    assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+}
+
+/// F32 down columns, and predictors packed into the file (on by default, and in the plan): a few tiers and
+/// option sets, with the predictors and with thresholds alone.
+#[test]
+fn offloaded_decode_with_f32_down_and_packed_predictors_is_bit_identical() {
+    let f = fixture("offload-f32", GgmlType::F32, true);
+    let model = Model::load(&f.packed).unwrap();
+    assert!(model.predictors().is_some());
+    let tiers = extras(&model);
+    let tiers = [tiers[0], tiers[1], tiers[3]];
+    let sets = ["default", "llmflash-2", "none"];
+    let mut failures = sweep(&model, None, &tiers, &sets, "packed predictors");
+    // Thresholds alone (the predictors switched off on both contexts).
+    for &(tier, extra) in &tiers {
+        let mut ctx = offloaded(&model, &options("default"), extra);
+        ctx.use_predictors(false);
+        let mut mem = Context::new(&model, params()).unwrap();
+        mem.use_predictors(false);
+        if let Err(e) = replay_against(&mut ctx, &mut mem, model.config().n_vocab) {
+            failures.push(format!("F32 thresholds alone, budget {tier}, options default: {e}"));
+        }
+    }
+    assert_no_failures(&failures, tiers.len() * (sets.len() + 1));
+}
+
+#[test]
+fn offload_counters_add_up() {
+    let f = fixture("offload-stats", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let c = model.config().clone();
+    let layers = model.packed_layers().unwrap();
+    let tiers = extras(&model);
+    let prompt = prompt(c.n_vocab);
+    let decode = |ctx: &mut Context<'_>| {
+        let logits = ctx.eval(&prompt, Logits::Last).unwrap();
+        let mut next = argmax(logits.iter().copied());
+        assert_eq!(ctx.offload_stats().unwrap().tokens, 0, "prefill counts no decode token");
+        for _ in 0..N_DECODE {
+            next = argmax(ctx.eval(&[next], Logits::Last).unwrap().iter().copied());
+        }
+        ctx.offload_stats().unwrap().clone()
+    };
+    // An in-memory context has no counters.
+    let mem = Context::new(&model, params()).unwrap();
+    assert!(mem.offload_stats().is_none() && mem.memory_plan().is_none());
+
+    // Everything in memory: nothing read but the embeddings (this model's are not tied to the head, and the
+    // offloaded run reads every embedding row it uses).
+    let mut ctx = offloaded(&model, &OffloadOptions::new(0), tiers[3].1);
+    let plan = ctx.memory_plan().unwrap().clone();
+    assert_eq!(plan.head_rows, c.n_vocab, "{plan:?}");
+    assert_eq!(plan.pin_bundles, vec![c.n_ff; 2], "{plan:?}");
+    assert_eq!(plan.pinned_gates + plan.pinned_bundles, plan.ffn_total, "{plan:?}");
+    let s = decode(&mut ctx);
+    assert_eq!(s.tokens, N_DECODE as u64);
+    assert_eq!(s.latencies.len(), N_DECODE);
+    assert!(s.token_seconds > 0.0);
+    assert_eq!((s.misses, s.lru_hits, s.gate_misses), (0, 0, 0), "{s:?}");
+    assert!(s.pinned_hits > 0 && s.hit_rate() == 1.0, "{s:?}");
+    assert_eq!((s.gate_bytes, s.bundle_bytes, s.head_bytes), (0, 0, 0), "{s:?}");
+    let embd_row = s.embd_bytes / N_DECODE as u64;
+    assert!(
+        embd_row > 0 && s.embd_bytes == embd_row * N_DECODE as u64 && embd_row <= 4 * c.d_model as u64,
+        "{s:?}"
+    );
+    assert!((s.mb_read_per_token() - embd_row as f64 / 1e6).abs() < 1e-12, "{s:?}");
+    assert_eq!(s.gate_hits, (N_DECODE * layers.iter().map(|p| p.n_clusters()).sum::<usize>()) as u64);
+    // The neurons computed: every pinned hit (with thresholds, each passing neuron is used once), a sparse share.
+    assert_eq!(s.neurons_per_layer.len(), 2);
+    assert_eq!(s.neurons_per_layer.iter().sum::<u64>(), s.pinned_hits, "{s:?}");
+    for (l, &n) in s.neurons_per_layer.iter().enumerate() {
+        let share = n as f64 / (N_DECODE * c.n_ff) as f64;
+        assert!((0.01..0.6).contains(&share), "layer {l}: {share} of the neurons computed");
+    }
+    ctx.reset_offload_stats();
+    let z = ctx.offload_stats().unwrap();
+    assert_eq!((z.tokens, z.bytes_read(), z.misses, z.pinned_hits), (0, 0, 0, 0));
+    assert_eq!(z.neurons_per_layer, vec![0, 0]);
+
+    // Almost nothing in memory: every neuron used is read, its gates with it, and the head partly streamed.
+    let mut ctx = offloaded(&model, &OffloadOptions::new(0), tiers[0].1);
+    let plan = ctx.memory_plan().unwrap().clone();
+    assert!(plan.head_rows < c.n_vocab && plan.pinned_gates + plan.pinned_bundles == 0, "{plan:?}");
+    let s = decode(&mut ctx);
+    assert_eq!(s.tokens, N_DECODE as u64);
+    assert!(s.misses > 0 && s.hit_rate() < 1.0, "{s:?}");
+    assert_eq!(s.pinned_hits, 0, "{s:?}");
+    if plan.lru == 0 {
+        assert_eq!((s.lru_hits, s.hit_rate()), (0, 0.0), "{s:?}");
+    }
+    assert_eq!(s.misses + s.lru_hits, s.neurons_per_layer.iter().sum::<u64>(), "{s:?}");
+    let bundle = layers[0].bundle_bytes() as u64;
+    assert_eq!(s.bundle_bytes, s.misses * bundle, "{s:?}");
+    let gates_per_token: u64 = layers.iter().map(|p| (p.n_ff * p.gate_row_bytes()) as u64).sum();
+    assert_eq!(s.gate_bytes, N_DECODE as u64 * gates_per_token, "{s:?}");
+    let head_row = plan.head_total / c.n_vocab as u64;
+    assert_eq!(s.head_bytes, N_DECODE as u64 * (c.n_vocab - plan.head_rows) as u64 * head_row, "{s:?}");
+    assert!(s.mb_read_per_token() * 1e6 >= (gates_per_token + bundle) as f64, "{s:?}");
+    // Without bundles the same neurons cost the same bytes, in twice the reads.
+    let mut ctx = offloaded(&model, &options("no-bundle"), tiers[0].1);
+    let s2 = decode(&mut ctx);
+    assert_eq!((s2.misses, s2.bundle_bytes), (s.misses, s.bundle_bytes));
+}
+
+/// The plan stays within its budget across budgets, also just past the point where the whole head is in memory
+/// and the first neurons get pinned. With predictors (here packed into the file, so the plan knows of them) a
+/// pinned neuron is paid for with its bundle and one gate row, but its whole cluster's gate block is pinned.
+#[test]
+fn memory_plans_stay_within_the_budget() {
+    let mut failures = Vec::new();
+    for packed_predictors in [false, true] {
+        let tag = if packed_predictors { "offload-plan-p" } else { "offload-plan-t" };
+        let f = fixture(tag, GgmlType::Q8_0, packed_predictors);
+        let model = Model::load(&f.packed).unwrap();
+        let plan = offloaded(&model, &OffloadOptions::new(0), 0).memory_plan().unwrap().clone();
+        let mut extra = vec![0, 4096, plan.head_total - 1, plan.head_total, plan.ffn_total / 3];
+        extra.extend((1..24).map(|i| plan.head_total + 250 * i));
+        for e in extra {
+            for set in ["default", "llmflash-2"] {
+                let opts = options(set);
+                let budget = minimum(&model, &opts) + e;
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Context::new_offloaded(&model, params(), OffloadOptions { budget, ..opts })
+                        .map(|ctx| ctx.memory_plan().unwrap().clone())
+                }));
+                let what =
+                    format!("predictors packed: {packed_predictors}, options {set}, budget minimum + {e}");
+                match made {
+                    Ok(Ok(plan)) if plan.total() > plan.budget => failures.push(format!(
+                        "{what}: plans {} bytes, {} over the budget (head {}, pinned gates {} bundles {}, LRU {})",
+                        plan.total(),
+                        plan.total() - plan.budget,
+                        plan.head,
+                        plan.pinned_gates,
+                        plan.pinned_bundles,
+                        plan.lru
+                    )),
+                    Ok(Ok(_)) | Ok(Err(RuntimeError::BudgetTooSmall { .. })) => {}
+                    Ok(Err(err)) => failures.push(format!("{what}: {err}")),
+                    Err(p) => failures.push(format!(
+                        "{what}: Context::new_offloaded panicked: {}",
+                        p.downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or(p.downcast_ref::<&str>().copied())
+                            .unwrap_or("?")
+                    )),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} plans break their budget:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
+    let f = fixture("offload-refuse", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let e = Context::new_offloaded(&model, params(), OffloadOptions::new(1)).unwrap_err();
+    let RuntimeError::BudgetTooSmall { budget, minimum, ref detail } = e else { panic!("{e}") };
+    assert_eq!(budget, 1);
+    // The process itself (test binary, model metadata) is part of the minimum.
+    assert!(minimum > 2 << 20, "{minimum}");
+    assert!(detail.contains("process") && detail.contains("KV"), "{detail}");
+    let msg = e.to_string();
+    let min_mib = format!("{:.1} MiB", minimum as f64 / (1u64 << 20) as f64);
+    assert!(
+        msg.contains("too small") && msg.contains(&min_mib) && msg.contains("raise --mem-budget"),
+        "{msg}"
+    );
+    // Just under the minimum is refused too, and a few MiB over it is accepted with a plan whose minimum is
+    // the one named.
+    let e = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum / 2)).unwrap_err();
+    assert!(matches!(e, RuntimeError::BudgetTooSmall { .. }), "{e}");
+    let ctx = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum + (8 << 20))).unwrap();
+    let plan = ctx.memory_plan().unwrap();
+    assert!(plan.minimum().abs_diff(minimum) < 8 << 20, "{} vs {minimum}", plan.minimum());
+    assert_eq!(ctx.offload_options().unwrap().budget, minimum + (8 << 20));
+    assert!(plan.render().contains("memory budget"), "{}", plan.render());
+}
+
+#[test]
+fn a_gguf_is_not_offloaded() {
+    let f = fixture("offload-gguf", GgmlType::Q8_0, false);
+    let gguf = Model::load(&f.gguf).unwrap();
+    assert!(!gguf.is_packed());
+    for budget in [1, 1 << 40] {
+        let e = Context::new_offloaded(&gguf, params(), OffloadOptions::new(budget)).unwrap_err();
+        assert!(matches!(e, RuntimeError::NotPacked), "{e}");
+    }
+}
+
+/// Copies of the packed file cut short, grown, or with a byte flipped in the header, the resident section or the
+/// index: each is an error when loaded, never a panic (the FFN section is checked as it is read, not at load).
+#[test]
+fn a_damaged_packed_file_is_an_error_at_load() {
+    let f = fixture("offload-damaged", GgmlType::Q8_0, false);
+    let bytes = std::fs::read(&f.packed).unwrap();
+    let n = bytes.len();
+    let header = pinion_format::packed::PackedHeader::parse(&bytes).unwrap();
+    let (res, index) = (header.resident_offset as usize, header.index_offset as usize);
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for cut in [0, 7, 100, 4095, 4096, res + 100, n / 2, index, n - 1] {
+        cases.push((format!("cut to {cut} bytes"), bytes[..cut].to_vec()));
+    }
+    cases.push(("one byte appended".into(), [&bytes[..], &[0]].concat()));
+    for (what, at) in [
+        ("magic", 0),
+        ("version", 8),
+        ("header field", 24),
+        ("header padding", 1000),
+        ("resident section start", res + 4),
+        ("resident section middle", res + (header.resident_len as usize) / 2),
+        ("index", index + 3),
+        ("last byte", n - 1),
+    ] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x5a;
+        cases.push((format!("{what} (byte {at}) flipped"), b));
+    }
+    let damaged = f.dir.0.join("damaged.pinion");
+    for (what, b) in cases {
+        std::fs::write(&damaged, &b).unwrap();
+        let res = std::panic::catch_unwind(|| Model::load(&damaged).map(|_| ()));
+        match res {
+            Ok(Err(RuntimeError::Format { ref path, .. } | RuntimeError::Io { ref path, .. })) => {
+                assert_eq!(path, &damaged, "{what}");
+            }
+            Ok(Err(e)) => panic!("{what}: an untyped error: {e:?}"),
+            Ok(Ok(())) => panic!("{what}: loaded"),
+            Err(_) => panic!("{what}: panicked"),
+        }
+    }
+    // The undamaged copy loads.
+    std::fs::write(&damaged, &bytes).unwrap();
+    assert!(Model::load(&damaged).is_ok());
+}
+
+/// A prompt longer than the offloaded context's 64-token passes: its prefill logits (and the decode after it)
+/// are those of the in-memory context with the same `n_ubatch`, whose batches the offloaded context cuts into
+/// passes (100 tokens: one batch in memory, f32 attention; two passes offloaded that must keep that kernel).
+#[test]
+fn a_long_prompt_prefills_as_in_memory() {
+    let f = fixture("offload-long", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let n_vocab = model.config().n_vocab;
+    let mut rng = Rng(77);
+    let p: Vec<u32> = (0..200).map(|_| (rng.next_u64() % n_vocab as u64) as u32).collect();
+    let params = |n_ubatch: usize| ContextParams { n_ubatch, ..ContextParams::new(256, N_THREADS) };
+    // 100 tokens in one 512 batch; 200 tokens in 128-token batches (128 + 72, cut into 64 + 64 and 36 + 36);
+    // 130 tokens in 65-token batches (each cut into 33 + 32).
+    for (len, n_ubatch) in [(100, 512), (200, 128), (130, 65)] {
+        let p = &p[..len];
+        let mut off = Context::new_offloaded(&model, params(n_ubatch), OffloadOptions::new(1 << 40)).unwrap();
+        let got = off.eval(p, Logits::All).unwrap().to_vec();
+        let got_next = off.eval(&[5], Logits::Last).unwrap().to_vec();
+        let mut mem = Context::new(&model, params(n_ubatch)).unwrap();
+        let want = mem.eval(p, Logits::All).unwrap().to_vec();
+        let want_next = mem.eval(&[5], Logits::Last).unwrap().to_vec();
+        assert_eq!(bit_diff(&got, &want), None, "prefill of {len} tokens, n_ubatch {n_ubatch}");
+        assert_eq!(bit_diff(&got_next, &want_next), None, "decode after {len} tokens, n_ubatch {n_ubatch}");
+    }
+}
+
+/// The same logits with one read in flight at a time, and on one and three threads.
+#[test]
+fn offloaded_decode_is_bit_identical_with_one_read_in_flight_and_other_thread_counts() {
+    let f = fixture("offload-qd", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let want = reference(&model, None);
+    let mut failures = Vec::new();
+    for set in ["default", "none"] {
+        let opts = OffloadOptions { queue_depth: 1, ..options(set) };
+        let mut ctx = offloaded(&model, &opts, 16 << 10);
+        if let Err(e) = replay(&mut ctx, &want) {
+            failures.push(format!("queue depth 1, options {set}: {e}"));
+        }
+    }
+    for n_threads in [1, 3] {
+        let p = ContextParams::new(N_CTX, n_threads);
+        let mut mem = Context::new(&model, p.clone()).unwrap();
+        let mut off = Context::new_offloaded(&model, p, OffloadOptions::new(1 << 40)).unwrap();
+        off.reset_offload_stats();
+        if let Err(e) = replay_against(&mut off, &mut mem, model.config().n_vocab) {
+            failures.push(format!("{n_threads} threads: {e}"));
+        }
+    }
+    assert_no_failures(&failures, 4);
+}
+
+/// The model file cut short in its FFN section while an offloaded context reads it: the read that fails is an
+/// `Offload` error (in prefill and in decode, whatever the switches), and the context refuses to go on.
+#[test]
+fn a_model_file_cut_short_under_an_open_context_is_an_error() {
+    let f = fixture("offload-cut", GgmlType::Q8_0, false);
+    let copy = f.dir.0.join("copy.pinion");
+    std::fs::copy(&f.packed, &copy).unwrap();
+    let header = pinion_format::packed::PackedHeader::parse(&std::fs::read(&copy).unwrap()).unwrap();
+    // The resident section (attention, norms, head) stays whole: it is memory-mapped.
+    let cut = header.ffn_offset + header.ffn_len / 2;
+    let model = Model::load(&copy).unwrap();
+    let p = prompt(model.config().n_vocab);
+    for set in OPTION_SETS {
+        for decode in [false, true] {
+            std::fs::copy(&f.packed, &copy).unwrap();
+            let mut ctx = offloaded(&model, &options(set), 16 << 10);
+            if decode {
+                ctx.eval(&p, Logits::Last).unwrap();
+            }
+            std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(cut).unwrap();
+            let e = match decode {
+                true => ctx.eval(&[3], Logits::Last).map(|_| ()).unwrap_err(),
+                false => ctx.eval(&p, Logits::Last).map(|_| ()).unwrap_err(),
+            };
+            assert!(
+                matches!(e, RuntimeError::Offload(_)) && e.to_string().contains("end of file"),
+                "{set}: {e}"
+            );
+            let e = ctx.eval(&[4], Logits::Last).map(|_| ()).unwrap_err();
+            assert!(e.to_string().contains("make a new context"), "{set}: {e}");
+        }
+    }
+}
