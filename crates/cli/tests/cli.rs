@@ -203,8 +203,17 @@ fn prepared_dir() -> Option<(String, PathBuf)> {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let m = model()?;
     let dir = DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("pinion-cli-prepared-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // Prepared once per build of this test binary and shared by its processes (nextest runs each test in
+        // its own): built under a private name, then renamed into place; a process that loses the race drops
+        // its copy. Kept under the target directory, not /tmp.
+        let exe = std::fs::metadata(std::env::current_exe().unwrap()).unwrap();
+        let stamp = exe.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-prepared-{stamp}"));
+        if dir.join(pinion_runtime::PACKED_FILE_NAME).is_file() {
+            return dir;
+        }
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
         let src = PathBuf::from(&m);
         let model = pinion_runtime::Model::load(&src).unwrap();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/calib.txt");
@@ -212,11 +221,19 @@ fn prepared_dir() -> Option<(String, PathBuf)> {
         let opts = ProfileOptions { max_tokens: 1024, token_samples: 0, ..ProfileOptions::default() };
         let profile = prepare::profile_activations(&model, &text, &opts, &mut |_, _| {}).unwrap();
         let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
-        th.save(&dir.join("thresholds.json")).unwrap();
+        th.save(&tmp.join("thresholds.json")).unwrap();
         let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
-        let out = dir.join(pinion_runtime::PACKED_FILE_NAME);
+        let out = tmp.join(pinion_runtime::PACKED_FILE_NAME);
         prepare::pack_model(&src, &out, &freq, &th, None, &PackStepOptions::default(), &mut |_, _| {})
             .unwrap();
+        if std::fs::rename(&tmp, &dir).is_err() {
+            assert!(
+                dir.join(pinion_runtime::PACKED_FILE_NAME).is_file(),
+                "could not place {}",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
         dir
     });
     Some((m, dir.clone()))
