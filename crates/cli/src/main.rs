@@ -669,6 +669,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, serde_json::Value> {
     let v = serde_json::json!({
         "mb_read_per_token": st.mb_read_per_token(),
+        "read_mb_per_s": st.read_mb_per_s(),
         "io_stall_share": st.io_stall_share(),
         "hit_rate": st.hit_rate(),
         "hit_rate_pinned": st.pinned_hit_rate(),
@@ -710,12 +711,13 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, 
         100.0 * st.io_stall_share()
     );
     out += &format!(
-        "  read per token: {:.2} MB (gates {:.2}, bundles {:.2}, output head {:.2}, embeddings {:.3})\n",
+        "  read per token: {:.2} MB (gates {:.2}, bundles {:.2}, output head {:.2}, embeddings {:.3}); {:.0} MB/s\n",
         st.mb_read_per_token(),
         st.mb_per_token(st.gate_bytes),
         st.mb_per_token(st.bundle_bytes),
         st.mb_per_token(st.head_bytes),
-        st.mb_per_token(st.embd_bytes)
+        st.mb_per_token(st.embd_bytes),
+        st.read_mb_per_s()
     );
     out += &format!(
         "  neuron hit rate {:.1}% (pinned {:.1}%, LRU {:.1}%); gate blocks in memory {:.1}%\n",

@@ -234,6 +234,13 @@ fn prepared_dir() -> Option<(String, PathBuf)> {
             );
             let _ = std::fs::remove_dir_all(&tmp);
         }
+        // Directories of earlier builds of this binary are stale.
+        for e in std::fs::read_dir(dir.parent().unwrap()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("cli-prepared-") && e.path() != dir && !name.contains(".tmp") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         dir
     });
     Some((m, dir.clone()))
@@ -458,4 +465,84 @@ fn mem_budget_errors_are_clean() {
     // The switches of an offloaded run need a budget.
     let e = run_greedy(&d, "hi", &["--no-pipeline"]).unwrap_err();
     assert!(e.contains("--mem-budget"), "{e}");
+}
+
+/// `pinion bench --mem-budget -o json` reports the issue's per-token metrics, and they agree with each other:
+/// the parts of the bytes read add up, shares are shares, and the peak RSS is within the budget plus 16 MiB.
+#[test]
+fn offloaded_bench_reports_consistent_metrics() {
+    let Some((_, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let v = pinion_json(&[
+        "bench",
+        "-m",
+        &d,
+        "-p",
+        "0",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "-t",
+        "2",
+        "-o",
+        "json",
+        "--mem-budget",
+        "80%",
+    ]);
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"));
+    assert!(f("tokens_per_s") > 0.0, "{v}");
+    let budget = f("mem_budget_bytes");
+    assert!(f("peak_rss_bytes") > 0.0 && f("peak_rss_bytes") <= budget + (16u64 << 20) as f64, "{v}");
+    let parts: f64 =
+        ["gates", "bundles", "head", "embeddings"].iter().map(|p| f(&format!("mb_read_per_token_{p}"))).sum();
+    assert!(f("mb_read_per_token") > 0.0 && (parts - f("mb_read_per_token")).abs() < 1e-6, "{v}");
+    for k in ["io_stall_share", "hit_rate", "hit_rate_pinned", "hit_rate_lru", "gate_hit_rate"] {
+        assert!((0.0..=1.0).contains(&f(k)), "{k}: {v}");
+    }
+    assert!((f("hit_rate") - f("hit_rate_pinned") - f("hit_rate_lru")).abs() < 1e-9, "{v}");
+    // At 80% some FFN bytes are pinned, and reads go at some rate.
+    assert!(f("hit_rate_pinned") > 0.0 && f("read_mb_per_s") > 0.0, "{v}");
+    let (p50, p90, p99) = (f("latency_ms_p50"), f("latency_ms_p90"), f("latency_ms_p99"));
+    assert!(0.0 < p50 && p50 <= p90 && p90 <= p99, "{v}");
+    let per_layer = v["neurons_per_layer"].as_array().unwrap();
+    assert_eq!(per_layer.len(), 30, "{v}");
+    assert!(per_layer.iter().all(|n| n.as_f64().unwrap() > 0.0), "{v}");
+}
+
+/// `pinion bench --sweep-budget` prints one table row per budget and writes a PNG.
+#[test]
+fn budget_sweep_prints_a_table_and_writes_a_png() {
+    let Some((_, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let png = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sweep-{}.png", std::process::id()));
+    let plot = png.to_string_lossy().into_owned();
+    let o = pinion(&[
+        "bench",
+        "-m",
+        &d,
+        "-p",
+        "0",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "-t",
+        "2",
+        "--sweep-budget",
+        "70%,100%",
+        "--sweep-plot",
+        &plot,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.strip_prefix("| ").is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit())))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].contains("| 70.0 |") && rows[1].contains("| 100.0 |"), "{out}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let _ = std::fs::remove_file(&png);
 }

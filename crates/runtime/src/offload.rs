@@ -372,6 +372,12 @@ impl OffloadStats {
         self.mb_per_token(self.bytes_read())
     }
 
+    /// Read throughput over decode time, in MB (10^6) per second: near the disk's sequential rate, a run is
+    /// bound by the bytes it reads, and only reading fewer of them (a larger budget) makes it faster.
+    pub fn read_mb_per_s(&self) -> f64 {
+        if self.token_seconds > 0.0 { self.bytes_read() as f64 / 1e6 / self.token_seconds } else { 0.0 }
+    }
+
     /// Share of neuron uses served from memory (pinned or LRU).
     pub fn hit_rate(&self) -> f64 {
         self.pinned_hit_rate() + self.lru_hit_rate()
