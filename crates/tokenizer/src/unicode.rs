@@ -93,6 +93,10 @@ fn compress(flat: &[u8]) -> Table {
 pub(crate) fn flags(c: char) -> u8 {
     let t = table();
     let cp = c as usize;
+    if cp < BLOCK_LEN {
+        // The first block is stored first: one load for ASCII and Latin-1.
+        return t.blocks[cp];
+    }
     let block = t.index[cp >> BLOCK_SHIFT] as usize;
     t.blocks[block << BLOCK_SHIFT | (cp & (BLOCK_LEN - 1))]
 }
