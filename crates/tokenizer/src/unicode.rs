@@ -31,7 +31,7 @@ const BLOCK_LEN: usize = 1 << BLOCK_SHIFT;
 /// One byte of flags per codepoint, as a two-level table: the 4,352 blocks of 256 codepoints share the 132
 /// distinct contents among them (most blocks are all letters, or unassigned), about 42 KiB where a flat table
 /// takes 1.1 MiB of heap for the whole process.
-struct Table {
+pub(crate) struct Table {
     /// For each block of codepoints, which block of `blocks` holds its flags.
     index: Box<[u16]>,
     /// Distinct blocks of flags, `BLOCK_LEN` bytes each.
@@ -39,7 +39,7 @@ struct Table {
 }
 
 /// The table, built on first use and shared by every tokenizer.
-fn table() -> &'static Table {
+pub(crate) fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| compress(&build_flat_table()))
 }
@@ -88,17 +88,24 @@ fn compress(flat: &[u8]) -> Table {
     Table { index, blocks: blocks.into_boxed_slice() }
 }
 
-/// The category flags of `c`.
-#[inline]
-pub(crate) fn flags(c: char) -> u8 {
-    let t = table();
-    let cp = c as usize;
-    if cp < BLOCK_LEN {
-        // The first block is stored first: one load for ASCII and Latin-1.
-        return t.blocks[cp];
+impl Table {
+    /// The category flags of `c`.
+    #[inline]
+    pub(crate) fn flags(&self, c: char) -> u8 {
+        let cp = c as usize;
+        if cp < BLOCK_LEN {
+            // The first block is stored first: one load for ASCII and Latin-1.
+            return self.blocks[cp];
+        }
+        let block = self.index[cp >> BLOCK_SHIFT] as usize;
+        self.blocks[block << BLOCK_SHIFT | (cp & (BLOCK_LEN - 1))]
     }
-    let block = t.index[cp >> BLOCK_SHIFT] as usize;
-    t.blocks[block << BLOCK_SHIFT | (cp & (BLOCK_LEN - 1))]
+}
+
+/// The category flags of `c`.
+#[cfg(test)]
+fn flags(c: char) -> u8 {
+    table().flags(c)
 }
 
 /// Forces the table to be built now rather than on the first tokenization.
