@@ -6,9 +6,10 @@
 //! token ids themselves.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 use crate::unicode;
+use crate::vocab::{StrArena, StrTable, TooLarge};
 use rustc_hash::FxHashMap;
 
 /// The merge table of a byte-level BPE vocabulary.
@@ -17,7 +18,7 @@ pub(crate) struct BpeModel {
     /// `(left << 32 | right)` to `(rank, merged symbol)`.
     merges: FxHashMap<u64, (u32, u32)>,
     /// Texts of symbols that are not tokens, indexed by `symbol - n_vocab`.
-    extra: Vec<String>,
+    extra: StrArena,
     n_vocab: u32,
     /// The symbol of each raw byte (its GPT-2 character).
     byte_sym: [u32; 256],
@@ -33,26 +34,21 @@ fn pair_key(left: u32, right: u32) -> u64 {
 
 impl BpeModel {
     /// Builds the merge table. `merges` are `"left right"` lines; a line's index is its rank.
-    pub(crate) fn new(token_to_id: &HashMap<String, u32>, n_vocab: u32, merges: &[String]) -> BpeModel {
-        let mut extra_ids: HashMap<String, u32> = HashMap::new();
-        let mut extra: Vec<String> = Vec::new();
-        let mut intern = |s: &str| -> u32 {
-            if let Some(&id) = token_to_id.get(s) {
-                return id;
+    pub(crate) fn new(vocab: &StrTable, merges: &[&str]) -> Result<BpeModel, TooLarge> {
+        let n_vocab = vocab.len() as u32;
+        let mut extra = StrTable::with_capacity(0, 0);
+        let mut intern = |s: &str| -> Result<u32, TooLarge> {
+            if let Some(id) = vocab.id(s) {
+                return Ok(id);
             }
-            if let Some(&id) = extra_ids.get(s) {
-                return id;
-            }
-            let id = n_vocab + extra.len() as u32;
-            extra.push(s.to_string());
-            extra_ids.insert(s.to_string(), id);
-            id
+            let (id, _) = extra.intern(s)?;
+            n_vocab.checked_add(id).filter(|&sym| sym != DEAD).ok_or(TooLarge)
         };
 
         let byte_char = unicode::byte_to_char_table();
         let mut byte_sym = [0u32; 256];
         for (b, sym) in byte_sym.iter_mut().enumerate() {
-            *sym = intern(byte_char[b].encode_utf8(&mut [0u8; 4]));
+            *sym = intern(byte_char[b].encode_utf8(&mut [0u8; 4]))?;
         }
 
         let mut table = FxHashMap::default();
@@ -65,27 +61,39 @@ impl BpeModel {
                 Some(p) => (&line[..p + 1], &line[p + 2..]),
                 None => ("", ""),
             };
-            let l = intern(left);
-            let r = intern(right);
+            let l = intern(left)?;
+            let r = intern(right)?;
             joined.clear();
             joined.push_str(left);
             joined.push_str(right);
-            let m = intern(&joined);
+            let m = intern(&joined)?;
             // The first occurrence of a pair keeps its rank, as `unordered_map::emplace` does.
             table.entry(pair_key(l, r)).or_insert((rank as u32, m));
         }
 
         let mut ascii_token = [None; 128];
         for (b, slot) in ascii_token.iter_mut().enumerate() {
-            *slot = token_to_id.get(char::from(b as u8).encode_utf8(&mut [0u8; 4]) as &str).copied();
+            *slot = vocab.id(char::from(b as u8).encode_utf8(&mut [0u8; 4]));
         }
 
-        BpeModel { merges: table, extra, n_vocab, byte_sym, byte_char, ascii_token }
+        Ok(BpeModel { merges: table, extra: extra.into_arena(), n_vocab, byte_sym, byte_char, ascii_token })
     }
 
     /// Number of merge rules.
     pub(crate) fn n_merges(&self) -> usize {
         self.merges.len()
+    }
+
+    /// Bytes allocated on the heap: the merge table as hashbrown lays it out (a power of two of buckets, at
+    /// most 7/8 full, each an entry and a control byte) and the extra symbols' texts.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let cap = self.merges.capacity();
+        let buckets = match cap {
+            0 => 0,
+            1..8 => (cap + 1).next_power_of_two(),
+            _ => (cap * 8).div_ceil(7).next_power_of_two(),
+        };
+        buckets * (size_of::<(u64, (u32, u32))>() + 1) + self.extra.heap_bytes()
     }
 
     /// Merges the raw bytes of one word and appends the resulting token ids to `out`.
@@ -134,7 +142,7 @@ impl BpeModel {
             } else {
                 // Not a token: llama.cpp looks up each byte of the symbol's text as a one-byte token, which can
                 // only succeed for ASCII bytes.
-                let text = &self.extra[(s.sym - self.n_vocab) as usize];
+                let text = self.extra.get((s.sym - self.n_vocab) as usize).unwrap_or_default();
                 out.extend(
                     text.bytes().filter(|b| b.is_ascii()).filter_map(|b| self.ascii_token[b as usize]),
                 );

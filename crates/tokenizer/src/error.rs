@@ -27,6 +27,9 @@ pub enum TokenizerError {
     /// The same token text appears twice in the vocabulary.
     #[error("duplicate token in vocabulary: '{text}' has ids {first} and {second}")]
     DuplicateToken { text: String, first: u32, second: u32 },
+    /// The vocabulary's texts (or the pieces they render to, or the merge symbols) take more than 4 GiB.
+    #[error("the vocabulary is too large (its texts take more than 4 GiB)")]
+    VocabTooLarge,
     /// A per-token array is shorter than the token list.
     #[error("'{key}' has {found} entries for {expected} tokens")]
     ShortArray { key: &'static str, expected: usize, found: usize },

@@ -35,6 +35,7 @@ mod spm;
 mod stream;
 mod tokenizer;
 mod unicode;
+mod vocab;
 
 pub use crate::chat::{CHATML_TEMPLATE, ChatMessage, render_chat_template};
 pub use crate::error::TokenizerError;

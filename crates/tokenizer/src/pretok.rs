@@ -121,9 +121,10 @@ impl Cps {
         let mut chars = Vec::with_capacity(n);
         let mut flags = Vec::with_capacity(n);
         let mut bytes = Vec::with_capacity(n + 1);
+        let classes = unicode::table();
         for (i, c) in text.char_indices() {
             chars.push(c);
-            flags.push(unicode::flags(c));
+            flags.push(classes.flags(c));
             bytes.push(i);
         }
         bytes.push(n);

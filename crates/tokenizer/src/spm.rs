@@ -2,11 +2,13 @@
 //! repeatedly merge the adjacent pair whose concatenation is the highest-scoring token.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use crate::vocab::StrTable;
 
 /// What the merge loop needs from the vocabulary.
 pub(crate) struct SpmVocab<'a> {
-    pub(crate) token_to_id: &'a HashMap<String, u32>,
+    pub(crate) tokens: &'a StrTable,
     pub(crate) scores: &'a [f32],
     /// The token of each byte for characters that are not tokens: `<0xXX>`, else the byte itself as a token.
     pub(crate) byte_tokens: &'a [Option<u32>; 256],
@@ -68,7 +70,7 @@ pub(crate) fn encode(vocab: &SpmVocab<'_>, text: &str, out: &mut Vec<u32>) {
         }
         let (l, r) = (syms[left], syms[right]);
         let size = l.len + r.len;
-        if let Some(&id) = vocab.token_to_id.get(&text[l.start..l.start + size]) {
+        if let Some(id) = vocab.tokens.id(&text[l.start..l.start + size]) {
             let score = vocab.scores.get(id as usize).copied().unwrap_or(0.0);
             heap.push(Bigram { score, left, right, size });
         }
@@ -99,8 +101,8 @@ pub(crate) fn encode(vocab: &SpmVocab<'_>, text: &str, out: &mut Vec<u32>) {
     while i != NONE {
         let s = syms[i];
         let piece = &text[s.start..s.start + s.len];
-        match vocab.token_to_id.get(piece) {
-            Some(&id) => out.push(id),
+        match vocab.tokens.id(piece) {
+            Some(id) => out.push(id),
             // A merged symbol is always a token, so only a single character can get here; it is spelled out
             // as byte tokens.
             None => out.extend(piece.bytes().filter_map(|b| vocab.byte_tokens[b as usize])),

@@ -2,14 +2,13 @@
 //! `llama-vocab.cpp` (`llama_vocab::impl::load`, `tokenize`, `tokenizer_st_partition`, `token_to_piece`,
 //! `detokenize`).
 
-use std::collections::HashMap;
-
 use pinion_format::{FormatError, Gguf};
 
 use crate::bpe::{self, BpeModel};
 use crate::error::TokenizerError;
 use crate::pretok::{PreConfig, PreTokenizer};
 use crate::spm::{self, SpmVocab};
+use crate::vocab::{ByteArena, StrTable, TooLarge};
 
 /// The kind of tokenizer a vocabulary uses (GGUF `tokenizer.ggml.model`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +138,60 @@ impl TokenizerParts {
 
     /// Reads the `tokenizer.*` metadata of a GGUF file.
     pub fn from_gguf(gguf: &Gguf<'_>) -> Result<TokenizerParts, TokenizerError> {
+        let src = Source::from_gguf(gguf)?;
+        Ok(TokenizerParts {
+            kind: src.kind,
+            pre: src.pre.map(str::to_string),
+            tokens: src.tokens.into_iter().map(str::to_string).collect(),
+            token_types: src.token_types,
+            scores: src.scores,
+            merges: src.merges.map(|m| m.into_iter().map(str::to_string).collect()),
+            special_ids: src.special_ids,
+            add_bos: src.add_bos,
+            add_eos: src.add_eos,
+            add_space_prefix: src.add_space_prefix,
+            chat_template: src.chat_template.map(str::to_string),
+        })
+    }
+}
+
+/// [`TokenizerParts`] with its strings borrowed, from a GGUF file's metadata (so that building a tokenizer
+/// from a file does not copy every token text and merge line into an allocation of its own first) or from a
+/// `TokenizerParts`.
+struct Source<'a> {
+    kind: VocabKind,
+    pre: Option<&'a str>,
+    tokens: Vec<&'a str>,
+    token_types: Option<Vec<TokenType>>,
+    scores: Option<Vec<f32>>,
+    merges: Option<Vec<&'a str>>,
+    special_ids: SpecialIds,
+    add_bos: Option<bool>,
+    add_eos: Option<bool>,
+    add_space_prefix: Option<bool>,
+    chat_template: Option<&'a str>,
+}
+
+impl<'a> Source<'a> {
+    /// Borrows the strings of `parts`, taking its other fields.
+    fn from_parts(parts: &'a mut TokenizerParts) -> Source<'a> {
+        Source {
+            kind: parts.kind,
+            pre: parts.pre.as_deref(),
+            tokens: parts.tokens.iter().map(String::as_str).collect(),
+            token_types: parts.token_types.take(),
+            scores: parts.scores.take(),
+            merges: parts.merges.as_ref().map(|m| m.iter().map(String::as_str).collect()),
+            special_ids: parts.special_ids,
+            add_bos: parts.add_bos,
+            add_eos: parts.add_eos,
+            add_space_prefix: parts.add_space_prefix,
+            chat_template: parts.chat_template.as_deref(),
+        }
+    }
+
+    /// Reads the `tokenizer.*` metadata of a GGUF file.
+    fn from_gguf(gguf: &'a Gguf<'_>) -> Result<Source<'a>, TokenizerError> {
         fn opt<'g, T>(
             gguf: &'g Gguf<'_>,
             key: &'static str,
@@ -165,10 +218,7 @@ impl TokenizerParts {
         let tokens_key = "tokenizer.ggml.tokens";
         let tokens = gguf
             .get_str_array(tokens_key)
-            .map_err(|source| TokenizerError::Metadata { key: tokens_key, source })?
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+            .map_err(|source| TokenizerError::Metadata { key: tokens_key, source })?;
 
         let mut special_ids = SpecialIds {
             bos: id("tokenizer.ggml.bos_token_id")?,
@@ -200,20 +250,19 @@ impl TokenizerParts {
             }
         }
 
-        Ok(TokenizerParts {
+        Ok(Source {
             kind,
-            pre: opt(gguf, "tokenizer.ggml.pre", |g, k| g.get_str(k))?.map(str::to_string),
+            pre: opt(gguf, "tokenizer.ggml.pre", |g, k| g.get_str(k))?,
             tokens,
             token_types: opt(gguf, "tokenizer.ggml.token_type", |g, k| g.get_i64_array(k))?
                 .map(|v| v.into_iter().map(TokenType::from_gguf).collect()),
             scores: opt(gguf, "tokenizer.ggml.scores", |g, k| g.get_f32_array(k))?,
-            merges: opt(gguf, "tokenizer.ggml.merges", |g, k| g.get_str_array(k))?
-                .map(|v| v.into_iter().map(str::to_string).collect()),
+            merges: opt(gguf, "tokenizer.ggml.merges", |g, k| g.get_str_array(k))?,
             special_ids,
             add_bos: opt(gguf, "tokenizer.ggml.add_bos_token", |g, k| g.get_bool(k))?,
             add_eos: opt(gguf, "tokenizer.ggml.add_eos_token", |g, k| g.get_bool(k))?,
             add_space_prefix: opt(gguf, "tokenizer.ggml.add_space_prefix", |g, k| g.get_bool(k))?,
-            chat_template: opt(gguf, "tokenizer.chat_template", |g, k| g.get_str(k))?.map(str::to_string),
+            chat_template: opt(gguf, "tokenizer.chat_template", |g, k| g.get_str(k))?,
         })
     }
 }
@@ -314,10 +363,11 @@ fn is_c_space(b: u8) -> bool {
 pub struct Tokenizer {
     kind: VocabKind,
     pre: Option<PreConfig>,
-    tokens: Vec<String>,
+    /// Token texts, found by id and by text.
+    tokens: StrTable,
     attrs: Vec<u16>,
+    /// Token scores, SentencePiece only (empty for BPE, which does not use them); missing scores are 0.
     scores: Vec<f32>,
-    token_to_id: HashMap<String, u32>,
     bpe: Option<BpeModel>,
     spm_byte_tokens: [Option<u32>; 256],
     special: SpecialIds,
@@ -331,7 +381,7 @@ pub struct Tokenizer {
     /// End-of-generation ids, ascending.
     eog: Vec<u32>,
     /// Each token's piece with special tokens rendered (llama.cpp's `cache_token_to_piece`).
-    pieces: Vec<Box<[u8]>>,
+    pieces: ByteArena,
     pub(crate) chat_template: Option<String>,
     warnings: Vec<String>,
 }
@@ -339,13 +389,17 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     pub fn from_gguf(gguf: &Gguf<'_>) -> Result<Tokenizer, TokenizerError> {
-        Tokenizer::from_parts(TokenizerParts::from_gguf(gguf)?)
+        Tokenizer::build(Source::from_gguf(gguf)?)
     }
 
     /// Builds a tokenizer from its parts, applying llama.cpp's defaults and checks.
-    pub fn from_parts(parts: TokenizerParts) -> Result<Tokenizer, TokenizerError> {
+    pub fn from_parts(mut parts: TokenizerParts) -> Result<Tokenizer, TokenizerError> {
+        Tokenizer::build(Source::from_parts(&mut parts))
+    }
+
+    fn build(src: Source<'_>) -> Result<Tokenizer, TokenizerError> {
         crate::unicode::warm_up();
-        let TokenizerParts {
+        let Source {
             kind,
             pre,
             tokens: raw_tokens,
@@ -357,7 +411,7 @@ impl Tokenizer {
             add_eos,
             add_space_prefix,
             chat_template,
-        } = parts;
+        } = src;
         let n = raw_tokens.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocab);
@@ -373,7 +427,7 @@ impl Tokenizer {
         };
         let (pre_cfg, mut add_bos_v, mut add_space_prefix_v, clean_spaces, ignore_merges) = match kind {
             VocabKind::Bpe => {
-                let cfg = match pre.as_deref() {
+                let cfg = match pre {
                     None => {
                         warnings.push(
                             "missing pre-tokenizer type, using 'default': generation quality will be degraded"
@@ -384,7 +438,7 @@ impl Tokenizer {
                     Some(name) => PreTokenizer::config(name),
                 };
                 let cfg = cfg.ok_or_else(|| TokenizerError::UnknownPreTokenizer {
-                    name: pre.clone().unwrap_or_default(),
+                    name: pre.unwrap_or_default().to_string(),
                 })?;
                 (Some(cfg), cfg.add_bos, false, cfg.clean_spaces, cfg.ignore_merges)
             }
@@ -404,24 +458,36 @@ impl Tokenizer {
         if let Some(t) = &token_types {
             check_len("tokenizer.ggml.token_type", t.len())?;
         }
-        let mut tokens = Vec::with_capacity(n);
-        let mut token_to_id = HashMap::with_capacity(n);
-        for (i, mut text) in raw_tokens.into_iter().enumerate() {
-            if text.is_empty() {
+        let too_large = |_: TooLarge| TokenizerError::VocabTooLarge;
+        let mut tokens = StrTable::with_capacity(n, raw_tokens.iter().map(|t| t.len()).sum());
+        for (i, &raw) in raw_tokens.iter().enumerate() {
+            let placeholder;
+            let text = if raw.is_empty() {
                 warnings.push(format!("empty token at index {i}"));
-                text = format!("[EMPTY_{i}]");
+                placeholder = format!("[EMPTY_{i}]");
+                placeholder.as_str()
+            } else {
+                raw
+            };
+            let (id, added) = tokens.intern(text).map_err(too_large)?;
+            if !added {
+                return Err(TokenizerError::DuplicateToken {
+                    text: text.to_string(),
+                    first: id,
+                    second: i as u32,
+                });
             }
-            if let Some(&first) = token_to_id.get(&text) {
-                return Err(TokenizerError::DuplicateToken { text, first, second: i as u32 });
-            }
-            token_to_id.insert(text.clone(), i as u32);
-            tokens.push(text);
         }
-        let scores = scores.map(|mut s| {
-            s.truncate(n);
-            s
-        });
-        let scores = scores.unwrap_or_else(|| vec![0.0; n]);
+        tokens.shrink_to_fit();
+        drop(raw_tokens);
+        let scores = match (kind, scores) {
+            (VocabKind::Spm, Some(mut s)) => {
+                s.truncate(n);
+                s.shrink_to_fit();
+                s
+            }
+            _ => Vec::new(),
+        };
         let mut attrs: Vec<u16> = match &token_types {
             Some(t) => t[..n].iter().map(|t| t.attr()).collect(),
             None => vec![attr::NORMAL; n],
@@ -430,7 +496,7 @@ impl Tokenizer {
         let bpe = match kind {
             VocabKind::Bpe => {
                 let merges = merges.ok_or(TokenizerError::MissingMerges)?;
-                Some(BpeModel::new(&token_to_id, n as u32, &merges))
+                Some(BpeModel::new(&tokens, &merges).map_err(too_large)?)
             }
             VocabKind::Spm => None,
         };
@@ -494,7 +560,7 @@ impl Tokenizer {
             if *a & attr::CONTROL == 0 {
                 warnings.push(format!(
                     "control-looking token {id} '{}' was not control-type; its type is overridden",
-                    tokens[id as usize]
+                    tokens.text(id)
                 ));
                 *a |= attr::CONTROL;
             }
@@ -510,7 +576,7 @@ impl Tokenizer {
             (&mut special.fim_sep, FIM_SEP_TEXTS),
         ] {
             if slot.is_none() {
-                if let Some(id) = (0..n as u32).find(|&id| texts.contains(&tokens[id as usize].as_str())) {
+                if let Some(id) = (0..n as u32).find(|&id| texts.contains(&tokens.text(id))) {
                     *slot = Some(id);
                     promote(&mut attrs, &mut warnings, id);
                 }
@@ -518,8 +584,8 @@ impl Tokenizer {
         }
 
         // Control tokens whose text says "unused" are unused.
-        for (a, t) in attrs.iter_mut().zip(&tokens) {
-            if *a & attr::CONTROL != 0 && t.contains("unused") {
+        for (id, a) in attrs.iter_mut().enumerate() {
+            if *a & attr::CONTROL != 0 && tokens.text(id as u32).contains("unused") {
                 *a |= attr::UNUSED;
             }
         }
@@ -530,15 +596,15 @@ impl Tokenizer {
         eog.extend(special.fim_rep);
         eog.extend(special.fim_sep);
         for id in 0..n as u32 {
-            if EOG_TEXTS.contains(&tokens[id as usize].as_str()) {
+            if EOG_TEXTS.contains(&tokens.text(id)) {
                 eog.insert(id);
                 promote(&mut attrs, &mut warnings, id);
             }
         }
         // gpt-oss: these are always rendered.
-        for (id, t) in tokens.iter().enumerate() {
-            if matches!(t.as_str(), "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>") {
-                attrs[id] = attr::USER_DEFINED;
+        for id in 0..n as u32 {
+            if matches!(tokens.text(id), "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>") {
+                attrs[id as usize] = attr::USER_DEFINED;
             }
         }
         for id in [special.eos, special.eot, special.eom].into_iter().flatten() {
@@ -548,7 +614,7 @@ impl Tokenizer {
         }
         // o200k_harmony and solar-open: "<|end|>" ends a message, not the generation.
         let eog_has = |eog: &std::collections::BTreeSet<u32>, text: &str| {
-            eog.iter().find(|&&id| tokens[id as usize] == text).copied()
+            eog.iter().find(|&&id| tokens.text(id) == text).copied()
         };
         let has_call = eog_has(&eog, "<|call|>").or(eog_has(&eog, "<|calls|>")).is_some();
         if let Some(end_id) = eog_has(&eog, "<|end|>") {
@@ -568,17 +634,17 @@ impl Tokenizer {
         let mut special_cache: Vec<u32> = (0..n as u32)
             .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
             .collect();
-        special_cache.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()));
+        special_cache.sort_by_key(|&id| std::cmp::Reverse(tokens.text(id).len()));
 
         let mut spm_byte_tokens = [None; 256];
         if kind == VocabKind::Spm {
             for (b, slot) in spm_byte_tokens.iter_mut().enumerate() {
                 let hex = format!("<0x{b:02X}>");
-                *slot = token_to_id.get(&hex).copied().or_else(|| {
+                *slot = tokens.id(&hex).or_else(|| {
                     // llama.cpp then tries the byte itself as a token and throws if that fails too; pinion
                     // falls back to the unknown token instead.
                     let one = [b as u8];
-                    std::str::from_utf8(&one).ok().and_then(|s| token_to_id.get(s).copied()).or(special.unk)
+                    std::str::from_utf8(&one).ok().and_then(|s| tokens.id(s)).or(special.unk)
                 });
             }
         }
@@ -589,7 +655,6 @@ impl Tokenizer {
             tokens,
             attrs,
             scores,
-            token_to_id,
             bpe,
             spm_byte_tokens,
             special,
@@ -600,25 +665,32 @@ impl Tokenizer {
             ignore_merges,
             special_cache,
             eog: eog.into_iter().collect(),
-            pieces: Vec::new(),
-            chat_template,
+            pieces: ByteArena::with_capacity(0, 0),
+            chat_template: chat_template.map(str::to_string),
             warnings,
         };
-        tok.pieces = (0..n as u32).map(|id| tok.build_piece(id).into_boxed_slice()).collect();
+        // A piece is at most as long as its text, except for BPE characters outside GPT-2's byte map.
+        let mut pieces = ByteArena::with_capacity(n, tok.tokens.text_bytes());
+        for id in 0..n as u32 {
+            tok.build_piece(id, pieces.buffer());
+            pieces.finish_item().map_err(too_large)?;
+        }
+        pieces.shrink_to_fit();
+        tok.pieces = pieces;
         Ok(tok)
     }
 
-    /// llama.cpp's `token_to_piece` with `special = true`, before caching.
-    fn build_piece(&self, id: u32) -> Vec<u8> {
+    /// llama.cpp's `token_to_piece` with `special = true`, before caching, appended to `out`.
+    fn build_piece(&self, id: u32, out: &mut Vec<u8>) {
         let a = self.attrs[id as usize];
-        let text = &self.tokens[id as usize];
+        let text = self.tokens.text(id);
         if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
-            return text.as_bytes().to_vec();
+            out.extend_from_slice(text.as_bytes());
+            return;
         }
         if a & attr::NORMAL != 0 {
-            return match (&self.bpe, self.kind) {
+            match (&self.bpe, self.kind) {
                 (Some(bpe), VocabKind::Bpe) => {
-                    let mut out = Vec::with_capacity(text.len());
                     for c in text.chars() {
                         match crate::unicode::char_to_byte(&bpe.byte_char, c) {
                             Some(b) => out.push(b),
@@ -633,15 +705,21 @@ impl Tokenizer {
                             }
                         }
                     }
-                    out
                 }
-                _ => text.replace('\u{2581}', " ").into_bytes(),
-            };
+                _ => {
+                    for (i, part) in text.split('\u{2581}').enumerate() {
+                        if i > 0 {
+                            out.push(b' ');
+                        }
+                        out.extend_from_slice(part.as_bytes());
+                    }
+                }
+            }
+            return;
         }
         if a & attr::BYTE != 0 {
-            return vec![token_to_byte(text)];
+            out.push(token_to_byte(text));
         }
-        Vec::new()
     }
 
     /// The kind of tokenizer.
@@ -666,12 +744,12 @@ impl Tokenizer {
 
     /// The text of a token as stored in the vocabulary (byte-level BPE tokens are in GPT-2's encoding).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.tokens.get(id)
     }
 
     /// The id of the token whose vocabulary text is `text`.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.tokens.id(text)
     }
 
     /// Whether a token is a control token (rendered only when asked, never produced from plain text).
@@ -719,6 +797,23 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Bytes the tokenizer holds on the heap (token texts and pieces, lookup and merge tables, per-token
+    /// attributes, chat template and warnings), counted by the capacity of its containers; what it costs the
+    /// process beyond that is the allocator's bookkeeping of a few dozen allocations.
+    pub fn heap_bytes(&self) -> usize {
+        let strings = |v: &[String]| v.iter().map(String::capacity).sum::<usize>();
+        self.tokens.heap_bytes()
+            + self.attrs.capacity() * size_of::<u16>()
+            + self.scores.capacity() * size_of::<f32>()
+            + self.bpe.as_ref().map_or(0, BpeModel::heap_bytes)
+            + self.special_cache.capacity() * size_of::<u32>()
+            + self.eog.capacity() * size_of::<u32>()
+            + self.pieces.heap_bytes()
+            + self.chat_template.as_ref().map_or(0, String::capacity)
+            + self.warnings.capacity() * size_of::<String>()
+            + strings(&self.warnings)
+    }
+
     /// Things worth telling a user about the vocabulary, which llama.cpp logs as warnings while loading.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
@@ -758,7 +853,7 @@ impl Tokenizer {
                     out.extend(self.special.bos);
                 }
                 let vocab = SpmVocab {
-                    token_to_id: &self.token_to_id,
+                    tokens: &self.tokens,
                     scores: &self.scores,
                     byte_tokens: &self.spm_byte_tokens,
                 };
@@ -806,7 +901,7 @@ impl Tokenizer {
             if self.ignore_merges {
                 encoded.clear();
                 encoded.extend(word.iter().map(|&b| bpe.byte_char[b as usize]));
-                if let Some(&id) = self.token_to_id.get(encoded.as_str()) {
+                if let Some(id) = self.tokens.id(encoded) {
                     out.push(id);
                     continue;
                 }
@@ -830,7 +925,7 @@ impl Tokenizer {
             if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
                 continue;
             }
-            let pat = self.tokens[id as usize].as_str();
+            let pat = self.tokens.text(id);
             if !text.contains(pat) {
                 continue;
             }
@@ -883,7 +978,7 @@ impl Tokenizer {
         if !special && a & (attr::UNKNOWN | attr::CONTROL) != 0 {
             return &[];
         }
-        &self.pieces[id as usize]
+        self.pieces.get(id as usize).unwrap_or_default()
     }
 
     /// llama.cpp's `llama_detokenize` (`remove_special = false`), as bytes.

@@ -2,11 +2,12 @@
 //!
 //! llama.cpp classifies codepoints with a table (`unicode-data.cpp`) generated from Python's `regex` module
 //! (`\p{L}`, `\p{N}`, `\p{P}`, `\s`) at Unicode 15.1: codepoints assigned later are "undefined" there. This
-//! module builds the same classification once per process from the `regex` crate's Unicode tables, restricted
-//! to codepoints assigned by Unicode 15.1 (`\p{Age=V15_1}`), so that a letter added in Unicode 16 is not a
-//! letter here either. Whitespace is the Unicode `White_Space` property, which is what both Python's `regex`
-//! `\s` and [`char::is_whitespace`] implement.
+//! module builds the same classification once per process (a two-level table of about 42 KiB) from the
+//! `regex` crate's Unicode tables, restricted to codepoints assigned by Unicode 15.1 (`\p{Age=V15_1}`), so
+//! that a letter added in Unicode 16 is not a letter here either. Whitespace is the Unicode `White_Space`
+//! property, which is what both Python's `regex` `\s` and [`char::is_whitespace`] implement.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use regex::Regex;
@@ -23,13 +24,28 @@ pub(crate) const WHITESPACE: u8 = 1 << 3;
 /// Number of Unicode codepoints.
 const N_CODEPOINTS: usize = 0x11_0000;
 
-/// One byte of flags per codepoint, 1.1 MiB, built on first use and shared by every tokenizer.
-fn table() -> &'static [u8] {
-    static TABLE: OnceLock<Box<[u8]>> = OnceLock::new();
-    TABLE.get_or_init(build_table)
+/// Codepoints per block of [`Table`].
+const BLOCK_SHIFT: u32 = 8;
+const BLOCK_LEN: usize = 1 << BLOCK_SHIFT;
+
+/// One byte of flags per codepoint, as a two-level table: the 4,352 blocks of 256 codepoints share the 132
+/// distinct contents among them (most blocks are all letters, or unassigned), about 42 KiB where a flat table
+/// takes 1.1 MiB of heap for the whole process.
+pub(crate) struct Table {
+    /// For each block of codepoints, which block of `blocks` holds its flags.
+    index: Box<[u16]>,
+    /// Distinct blocks of flags, `BLOCK_LEN` bytes each.
+    blocks: Box<[u8]>,
 }
 
-fn build_table() -> Box<[u8]> {
+/// The table, built on first use and shared by every tokenizer.
+pub(crate) fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| compress(&build_flat_table()))
+}
+
+/// One byte of flags per codepoint.
+fn build_flat_table() -> Box<[u8]> {
     let mut flags = vec![0u8; N_CODEPOINTS].into_boxed_slice();
     let mut all = String::with_capacity(4 * N_CODEPOINTS);
     for c in (0..N_CODEPOINTS as u32).filter_map(char::from_u32) {
@@ -55,10 +71,41 @@ fn build_table() -> Box<[u8]> {
     flags
 }
 
+/// The two-level form of a flat table: equal blocks are stored once.
+fn compress(flat: &[u8]) -> Table {
+    let mut seen: HashMap<&[u8], u16> = HashMap::new();
+    let mut blocks = Vec::new();
+    let index = flat
+        .chunks(BLOCK_LEN)
+        .map(|block| {
+            *seen.entry(block).or_insert_with(|| {
+                blocks.extend_from_slice(block);
+                // At most N_CODEPOINTS / BLOCK_LEN = 4,352 distinct blocks.
+                (blocks.len() / BLOCK_LEN - 1) as u16
+            })
+        })
+        .collect();
+    Table { index, blocks: blocks.into_boxed_slice() }
+}
+
+impl Table {
+    /// The category flags of `c`.
+    #[inline]
+    pub(crate) fn flags(&self, c: char) -> u8 {
+        let cp = c as usize;
+        if cp < BLOCK_LEN {
+            // The first block is stored first: one load for ASCII and Latin-1.
+            return self.blocks[cp];
+        }
+        let block = self.index[cp >> BLOCK_SHIFT] as usize;
+        self.blocks[block << BLOCK_SHIFT | (cp & (BLOCK_LEN - 1))]
+    }
+}
+
 /// The category flags of `c`.
-#[inline]
-pub(crate) fn flags(c: char) -> u8 {
-    table()[c as usize]
+#[cfg(test)]
+fn flags(c: char) -> u8 {
+    table().flags(c)
 }
 
 /// Forces the table to be built now rather than on the first tokenization.
@@ -120,6 +167,17 @@ mod tests {
         assert_eq!(flags('\u{1C89}'), 0, "Cyrillic TJE, new in Unicode 16");
         assert_eq!(flags('\u{1FBF0}'), NUMBER);
         assert_eq!(flags('\u{1CCF0}'), 0, "outlined digit zero, new in Unicode 16");
+    }
+
+    #[test]
+    fn two_level_table_equals_the_flat_one() {
+        let flat = build_flat_table();
+        let t = table();
+        for c in (0..N_CODEPOINTS as u32).filter_map(char::from_u32) {
+            assert_eq!(flags(c), flat[c as usize], "U+{:04X}", c as u32);
+        }
+        assert_eq!(t.index.len(), N_CODEPOINTS / BLOCK_LEN);
+        assert!(t.blocks.len() + 2 * t.index.len() < 64 * 1024, "{} bytes of blocks", t.blocks.len());
     }
 
     #[test]

@@ -25,6 +25,19 @@ fn loads_smollm_metadata() {
     assert!(tok.warnings().is_empty(), "{:?}", tok.warnings());
 }
 
+/// SmolLM2's 49,152 tokens and 48,900 merges take under 3 MiB of heap (about 10 MiB with a `String` per token
+/// and a `HashMap<String, u32>`), and every token is found by its text.
+#[test]
+fn smollm_vocabulary_is_compact() {
+    let Some(tok) = smollm() else { return };
+    let heap = tok.heap_bytes();
+    eprintln!("SmolLM2 tokenizer heap: {:.2} MiB", heap as f64 / (1 << 20) as f64);
+    assert!(heap < 3 << 20, "{heap} bytes");
+    for id in 0..tok.n_vocab() as u32 {
+        assert_eq!(tok.token_id(tok.token_text(id).unwrap()), Some(id));
+    }
+}
+
 #[test]
 fn every_tokenize_tsv_line_matches_llama_cpp() {
     let (Some(tok), Some(cases)) = (smollm(), tokenize_cases()) else { return };

@@ -244,6 +244,50 @@ fn out_of_range_ids_render_as_nothing() {
     assert_eq!(t.decode(&[b('a'), 100_000, b('b')]), "ab");
 }
 
+/// The tokenizer keeps its per-token data in a few flat containers, not an allocation (or three) per token:
+/// its heap is about twice the vocabulary's text plus a few dozen bytes per token and per merge.
+#[test]
+fn heap_is_proportional_to_the_vocabulary() {
+    let letters: Vec<char> = ('a'..='z').collect();
+    let mut merges = Vec::new();
+    for &x in &letters {
+        for &y in &letters {
+            merges.push(format!("{x} {y}"));
+        }
+    }
+    for &x in &letters {
+        for &y in &letters {
+            for &z in &letters {
+                merges.push(format!("{x}{y} {z}"));
+            }
+        }
+    }
+    let merges: Vec<&str> = merges.iter().map(String::as_str).collect();
+    let t = build("gpt-2", &merges, &[("<|endoftext|>", TokenType::Control)]);
+    let n = t.n_vocab();
+    assert_eq!(n, 256 + 26 * 26 + 26 * 26 * 26 + 1);
+    assert_eq!(t.n_merges(), merges.len());
+    let text_bytes: usize = (0..n as u32).map(|id| t.token_text(id).unwrap().len()).sum();
+    let heap = t.heap_bytes();
+    let bound = 2 * text_bytes + 32 * n + 48 * t.n_merges() + 16 * 1024;
+    assert!(heap >= text_bytes, "heap_bytes {heap} does not even count the {text_bytes} bytes of token text");
+    assert!(heap <= bound, "heap_bytes {heap} over {bound} for {n} tokens of {text_bytes} bytes");
+
+    // Every token is found by its text, and renders as the bytes its text stands for.
+    for id in 0..n as u32 {
+        let text = t.token_text(id).unwrap();
+        assert_eq!(t.token_id(text), Some(id), "{text:?}");
+        if id < 256 {
+            assert_eq!(t.token_to_piece(id, false), [id as u8]);
+        }
+    }
+    assert_eq!(t.token_to_piece(id(&t, "abc"), false), b"abc");
+    assert_eq!(t.token_to_piece(id(&t, "<|endoftext|>"), true), b"<|endoftext|>");
+    assert_eq!(t.token_id("abcd"), None);
+    assert_eq!(t.token_text(n as u32), None);
+    assert_eq!(t.encode("abcabd xyz", false, false), [id(&t, "abc"), id(&t, "abd"), b(' '), id(&t, "xyz")]);
+}
+
 fn fragment() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => any::<String>(),
