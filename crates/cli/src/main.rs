@@ -141,14 +141,7 @@ impl ModelArgs {
                     bail!("--mem-budget needs a prepared model (cargo xtask prepare), not a GGUF file");
                 }
                 let bytes = parse_budget(b, model.weight_bytes())?;
-                let ctx = Context::new_offloaded(model, params, self.offload_options(bytes))?;
-                if let Some(plan) = ctx.memory_plan() {
-                    eprintln!("pinion: {}", plan.render());
-                }
-                if let Some(b) = ctx.offload_backend() {
-                    eprintln!("pinion: FFN and output head streamed from storage with {b}");
-                }
-                ctx
+                Context::new_offloaded(model, params, self.offload_options(bytes))?
             }
             None => Context::new(model, params)?,
         };
@@ -157,7 +150,7 @@ impl ModelArgs {
                 bail!("--mmap-dense needs a prepared model; a GGUF already runs dense over mmap");
             }
             ctx.set_ffn_thresholds(None)?;
-            ctx.use_predictors(false);
+            ctx.use_predictors(false)?;
             eprintln!(
                 "pinion: --mmap-dense: dense FFN over the memory-mapped file; the page cache is the only cache"
             );
@@ -176,7 +169,7 @@ impl ModelArgs {
             ctx.set_ffn_thresholds(None)?;
         }
         if (self.no_predictors || self.dense) || self.predictors {
-            let has = ctx.use_predictors(self.predictors);
+            let has = ctx.use_predictors(self.predictors)?;
             if self.predictors && !has {
                 anyhow::bail!(
                     "--predictors: this model has no trained predictors (prepare it without --no-predictors)"
@@ -194,6 +187,13 @@ impl ModelArgs {
                 },
                 if ctx.uses_predictors() { ", predictors choose neurons" } else { "" }
             );
+        }
+        // The plan as it stands once the predictors are chosen (choosing them plans an offloaded run anew).
+        if let Some(plan) = ctx.memory_plan() {
+            eprintln!("pinion: {}", plan.render());
+        }
+        if let Some(b) = ctx.offload_backend() {
+            eprintln!("pinion: FFN and output head streamed from storage with {b}");
         }
         Ok(ctx)
     }

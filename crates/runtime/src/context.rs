@@ -9,7 +9,7 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor};
 use crate::error::RuntimeError;
 use crate::ffn::{PackedScratch, Selection, decode_inputs, packed_ffn, sparse_spec};
 use crate::model::{FfnWeights, Model};
-use crate::offload::{MemoryPlan, Offload, OffloadOptions, OffloadStats};
+use crate::offload::{Held, MemoryPlan, Offload, OffloadOptions, OffloadStats, current_rss, plan_memory};
 
 /// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
 pub const DEFAULT_UBATCH: usize = 512;
@@ -96,6 +96,9 @@ pub struct Context<'m> {
     predictors: Option<Cow<'m, [LowRankPredictor]>>,
     /// An offloaded run: the FFN streamed from storage under a memory budget.
     offload: Option<Offload>,
+    /// The offloaded run could not be set up again (`set_predictors`): evaluating is refused rather than run
+    /// from memory, over the budget.
+    offload_lost: bool,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -174,6 +177,7 @@ impl<'m> Context<'m> {
                 false => None,
             },
             offload: None,
+            offload_lost: false,
         })
     }
 
@@ -190,18 +194,31 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::NotPacked);
         }
         pinion_io::bound_heap_retention();
+        let process = current_rss();
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
-        let planned = ContextParams { n_ubatch: ctx.chunk_cap, ..ctx.params };
-        ctx.offload = Some(Offload::new(model, &planned, opts, ctx.predictor_bytes())?);
+        ctx.offload = Some(Offload::new(model, &ctx.offload_params(), opts, ctx.held(process))?);
         Ok(ctx)
     }
 
-    fn predictor_bytes(&self) -> u64 {
-        self.predictors.as_ref().map_or(0, |ps| {
+    /// The parameters an offloaded run plans with: its passes' size as the batch.
+    fn offload_params(&self) -> ContextParams {
+        ContextParams { n_ubatch: self.chunk_cap, ..self.params }
+    }
+
+    /// What an offloaded run of this context holds besides its plan's buffers, for a process of `process`
+    /// bytes: the decoded predictors (the context's own, and the model's if they are decoded too).
+    fn held(&self, process: u64) -> Held {
+        let bytes = |ps: &[LowRankPredictor]| -> u64 {
             ps.iter()
                 .map(|p| (4 * (p.d_in() * p.rank() + p.rank() + p.rank() * p.n_out() + p.n_out())) as u64)
                 .sum()
-        })
+        };
+        let own = match &self.predictors {
+            Some(Cow::Owned(ps)) => bytes(ps),
+            _ => 0,
+        };
+        let model = self.model.decoded_predictors().map_or(0, bytes);
+        Held { process, predictor_bytes: own + model, predicting: self.predictors.is_some() }
     }
 
     /// How an offloaded context spends its budget (`None` when the model runs from memory).
@@ -266,17 +283,18 @@ impl<'m> Context<'m> {
 
     /// Uses (or, with `false`, stops using) the model's trained predictors to choose FFN neurons. They are on by
     /// default for ReLU-family packed models; on SiLU models they predict "above threshold" and skip the rest.
-    /// Returns whether the model has predictors.
-    pub fn use_predictors(&mut self, on: bool) -> bool {
-        self.predictors = if on { self.model.predictors().map(Cow::Borrowed) } else { None };
-        if let Some(o) = &mut self.offload {
-            o.set_predicting(self.predictors.is_some());
-        }
-        self.model.sparsity().has_predictors
+    /// Returns whether the model has predictors. An offloaded context is planned anew (see
+    /// [`Context::set_predictors`]).
+    pub fn use_predictors(&mut self, on: bool) -> Result<bool, RuntimeError> {
+        let chosen = if on { self.model.predictors().map(Cow::Borrowed) } else { None };
+        self.choose_predictors(chosen)?;
+        Ok(self.model.sparsity().has_predictors)
     }
 
     /// Sets per-layer predictors (outputs in the model's packed position order, as
-    /// [`Model::predictors`] gives them); `None` stops using predictors.
+    /// [`Model::predictors`] gives them); `None` stops using predictors. An offloaded context is planned anew:
+    /// predictors take memory and change what is pinned; a budget they do not fit in is refused
+    /// ([`RuntimeError::BudgetTooSmall`]) and the context keeps its previous predictors.
     pub fn set_predictors(&mut self, predictors: Option<Vec<LowRankPredictor>>) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if let Some(ps) = &predictors {
@@ -287,9 +305,26 @@ impl<'m> Context<'m> {
                 return Err(RuntimeError::BadPredictors { got: ps.len(), n_layers: c.n_layers });
             }
         }
-        self.predictors = predictors.map(Cow::Owned);
-        if let Some(o) = &mut self.offload {
-            o.set_predicting(self.predictors.is_some());
+        self.choose_predictors(predictors.map(Cow::Owned))
+    }
+
+    fn choose_predictors(&mut self, chosen: Option<Cow<'m, [LowRankPredictor]>>) -> Result<(), RuntimeError> {
+        let previous = std::mem::replace(&mut self.predictors, chosen);
+        let Some(old) = &self.offload else { return Ok(()) };
+        let (opts, process) = (old.options().clone(), old.plan().process);
+        let params = self.offload_params();
+        if let Err(e) = plan_memory(self.model, &params, &opts, self.held(process)) {
+            self.predictors = previous;
+            return Err(e);
+        }
+        drop(previous);
+        self.offload = None; // its pinned weights go before the new ones are read
+        match Offload::new(self.model, &params, opts, self.held(process)) {
+            Ok(o) => self.offload = Some(o),
+            Err(e) => {
+                self.offload_lost = true;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -349,6 +384,11 @@ impl<'m> Context<'m> {
         let n_vocab = self.model.config().n_vocab;
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
+        }
+        if self.offload_lost {
+            return Err(RuntimeError::Offload(
+                "the offloaded run could not be set up again; make a new context".into(),
+            ));
         }
         if self.n_past + tokens.len() > self.params.n_ctx {
             return Err(RuntimeError::ContextOverflow {

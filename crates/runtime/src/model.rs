@@ -256,11 +256,20 @@ impl Model {
                         LowRankPredictor::new(c.d_model, r, c.n_ff, f32s(&pr.w1), f32s(&pr.b1), w2p, b2p)
                             .expect("predictor shapes were checked at load");
                     p.set_threshold(pr.threshold);
+                    // The file's pages were copied out: drop them from the resident set.
+                    for r in [&pr.w1, &pr.b1, &pr.w2, &pr.b2] {
+                        let _ = self.file.release(r.clone());
+                    }
                     p
                 })
                 .collect()
         });
         Some(built)
+    }
+
+    /// The predictors if [`Model::predictors`] has decoded them (they then take memory).
+    pub(crate) fn decoded_predictors(&self) -> Option<&[LowRankPredictor]> {
+        self.predictors.get().map(Vec::as_slice)
     }
 
     /// Whether the FFN is in the packed neuron-major layout.

@@ -102,7 +102,8 @@ const WHOLE_RECORD_DENSITY: f32 = 0.25;
 pub struct MemoryPlan {
     /// The budget.
     pub budget: u64,
-    /// Resident set of the process once the model is loaded (binary, tokenizer, norms), measured.
+    /// Resident set of the process once the model is loaded (binary, tokenizer, norms), measured before the
+    /// context is made.
     pub process: u64,
     /// Attention weights.
     pub attention: u64,
@@ -201,15 +202,24 @@ pub fn current_rss() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-/// Plans the budget of an offloaded run of `model` (see the module documentation). `process` is the resident
-/// set already used; `predictor_bytes` the decoded predictors' size (0 when none are used).
+/// What an offloaded run holds besides its plan's own buffers: the process as measured before the context was
+/// made, and the decoded predictors in memory (whether or not they choose the neurons).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Held {
+    pub(crate) process: u64,
+    pub(crate) predictor_bytes: u64,
+    /// Predictors choose the neurons (gate rows are read after the prediction; thresholds need every gate).
+    pub(crate) predicting: bool,
+}
+
+/// Plans the budget of an offloaded run of `model` (see the module documentation).
 pub(crate) fn plan_memory(
     model: &Model,
     params: &ContextParams,
     opts: &OffloadOptions,
-    process: u64,
-    predictor_bytes: u64,
+    held: Held,
 ) -> Result<MemoryPlan, RuntimeError> {
+    let Held { process, predictor_bytes, predicting } = held;
     let c = model.config();
     let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
     let n_layers = layers.len();
@@ -267,7 +277,6 @@ pub(crate) fn plan_memory(
         CachePolicy::LlmFlash { .. } => avail,
     };
     let mut pin = avail - lru_bytes;
-    let predicting = predictor_bytes > 0;
     if !predicting {
         // Thresholds need every gate every token: gate blocks first, the same number of clusters per layer.
         let per_cluster_all: u64 =
@@ -483,10 +492,10 @@ impl Offload {
         model: &Model,
         params: &ContextParams,
         opts: OffloadOptions,
-        predictor_bytes: u64,
+        held: Held,
     ) -> Result<Offload, RuntimeError> {
         let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
-        let plan = plan_memory(model, params, &opts, current_rss(), predictor_bytes)?;
+        let plan = plan_memory(model, params, &opts, held)?;
         let path = model.file().path().to_path_buf();
         let engine = IoEngineBuilder::new(&path)
             .backend(BackendChoice::Auto)
@@ -525,7 +534,7 @@ impl Offload {
                 .then(|| NeuronCache::new(p.bundle_bytes(), plan.lru_entries[l], p.n_ff, policy));
             let rest = &p.frequency[nb.min(p.n_ff)..];
             let density = rest.iter().sum::<f32>() / rest.len().max(1) as f32;
-            let whole = predictor_bytes == 0 && opts.bundle && density >= WHOLE_RECORD_DENSITY;
+            let whole = !held.predicting && opts.bundle && density >= WHOLE_RECORD_DENSITY;
             stores.push(LayerStore { gates, n_gate_clusters: g, bundles, n_bundles: nb, lru, whole });
         }
         let n_layers = layers.len();
@@ -537,7 +546,7 @@ impl Offload {
             gates: Vec::new(),
             sums: None,
             prefetched: None,
-            predicting: predictor_bytes > 0,
+            predicting: held.predicting,
             stats: OffloadStats { neurons_per_layer: vec![0; n_layers], ..OffloadStats::default() },
             token_start: None,
             stall_ns: 0,
@@ -550,11 +559,6 @@ impl Offload {
 
     pub(crate) fn plan(&self) -> &MemoryPlan {
         &self.plan
-    }
-
-    /// Whether predictors choose the neurons (their gate rows are then read after the prediction).
-    pub(crate) fn set_predicting(&mut self, on: bool) {
-        self.predicting = on;
     }
 
     pub(crate) fn options(&self) -> &OffloadOptions {

@@ -292,9 +292,18 @@ fn sweep(
     let mut failures = Vec::new();
     for &(tier, extra) in tiers {
         for &set in sets {
-            let mut ctx = offloaded(model, &options(set), extra);
+            // Predictors set on the context take memory of their own: the budget leaves room for them.
+            let own: u64 = predictors.map_or(0, |ps| {
+                ps.iter()
+                    .map(|p| 4 * (p.d_in() * p.rank() + p.rank() + p.rank() * p.n_out() + p.n_out()) as u64)
+                    .sum()
+            });
+            let mut ctx = offloaded(model, &options(set), extra + own);
             if let Some(ps) = predictors {
                 ctx.set_predictors(Some(ps.to_vec())).unwrap();
+                let plan = ctx.memory_plan().unwrap();
+                check_plan(plan);
+                assert_eq!(plan.predictors, own, "the plan is made anew with the predictors");
             }
             assert_eq!(ctx.uses_predictors(), predictors.is_some() || model.predictors().is_some());
             if let Err(e) = replay(&mut ctx, &want) {
@@ -343,6 +352,30 @@ fn offloaded_predictor_decode_is_bit_identical_to_memory() {
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
 }
 
+/// Predictors that do not fit the budget are refused with the minimum they need, and the context goes on
+/// with what it had (same logits as a context never given them).
+#[test]
+fn predictors_over_the_budget_are_refused_and_the_context_goes_on() {
+    let f = fixture("offload-predictors-refused", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let ps = random_predictors(&f.inputs, cfg().n_ff, 0x51_7cc2);
+    let mut ctx = offloaded(&model, &options("default"), 0);
+    let before = ctx.memory_plan().unwrap().clone();
+    match ctx.set_predictors(Some(ps)) {
+        Err(RuntimeError::BudgetTooSmall { budget, minimum, .. }) => {
+            assert_eq!(budget, before.budget);
+            assert!(minimum > before.minimum(), "{minimum} vs {}", before.minimum());
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!ctx.uses_predictors());
+    assert_eq!(ctx.memory_plan().unwrap(), &before);
+    let mut mem = Context::new(&model, params()).unwrap();
+    if let Err(e) = replay_against(&mut ctx, &mut mem, model.config().n_vocab) {
+        panic!("after the refusal: {e}");
+    }
+}
+
 /// F32 down columns, and predictors packed into the file (on by default, and in the plan): a few tiers and
 /// option sets, with the predictors and with thresholds alone.
 #[test]
@@ -357,9 +390,9 @@ fn offloaded_decode_with_f32_down_and_packed_predictors_is_bit_identical() {
     // Thresholds alone (the predictors switched off on both contexts).
     for &(tier, extra) in &tiers {
         let mut ctx = offloaded(&model, &options("default"), extra);
-        ctx.use_predictors(false);
+        ctx.use_predictors(false).unwrap();
         let mut mem = Context::new(&model, params()).unwrap();
-        mem.use_predictors(false);
+        mem.use_predictors(false).unwrap();
         if let Err(e) = replay_against(&mut ctx, &mut mem, model.config().n_vocab) {
             failures.push(format!("F32 thresholds alone, budget {tier}, options default: {e}"));
         }
