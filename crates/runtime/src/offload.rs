@@ -94,6 +94,8 @@ const LRU_ENTRY_OVERHEAD: u64 = 64;
 const LRU_SHARE: f64 = 0.15;
 /// Largest read of a staged layer or a streamed head chunk.
 const CHUNK: usize = 512 << 10;
+/// Checks an idle compute thread spins before it yields its core at each check.
+const SPINS_BEFORE_YIELD: u32 = 256;
 /// Expected share of active neurons among a layer's unpinned ones above which its records are read whole.
 const WHOLE_RECORD_DENSITY: f32 = 0.25;
 
@@ -832,6 +834,7 @@ impl Offload {
             bundle,
             defer: !pipeline,
             deferred: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
         };
         // GIO: gate reads of clusters not pinned (already submitted when prefetched).
         let mut gate_reqs = Vec::new();
@@ -878,6 +881,7 @@ impl Offload {
         // With prefetched gates for clusters that turned out not to be needed (never with thresholds), nothing
         // is left behind: thresholds need every cluster.
         let outstanding_gates: usize = cls.iter().map(|c| lock(c).gate_pending as usize).sum();
+        ctx.in_flight.store(outstanding_gates, Ordering::Release);
 
         let result = if pipeline {
             let slots = sums.shared();
@@ -1017,6 +1021,10 @@ struct LayerRun<'a, 's> {
     /// Without the pipeline: bundle reads are collected and submitted together.
     defer: bool,
     deferred: Mutex<Vec<ReadRequest>>,
+    /// Reads of this layer submitted and not yet delivered. A thread with nothing to do waits on the
+    /// completion channel only while some are: otherwise the rest of the work is on other threads, and it
+    /// keeps checking for it (a blocking wait would sleep past the end of the layer).
+    in_flight: AtomicUsize,
 }
 
 impl LayerRun<'_, '_> {
@@ -1041,6 +1049,7 @@ impl LayerRun<'_, '_> {
         let at = self.in_rec(k, &(buf.offset()..buf.offset() + buf.len() as u64));
         let mut cl = lock(&self.cls[k]);
         cl.rec[at].copy_from_slice(&buf);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if kind == KIND_GATE {
             cl.gate_pending -= 1;
             Ok((cl.gate_pending == 0).then_some(Task::Gate(k)))
@@ -1121,6 +1130,7 @@ impl LayerRun<'_, '_> {
         }
         cl.bundle_pending = reqs.len() as u32;
         drop(guard);
+        self.in_flight.fetch_add(reqs.len(), Ordering::AcqRel);
         if self.defer {
             lock(&self.deferred).extend(reqs);
         } else {
@@ -1190,6 +1200,7 @@ impl LayerRun<'_, '_> {
             let mut s = lock(self.sched);
             s.error.get_or_insert(e);
         };
+        let mut idle = 0u32;
         loop {
             // Completions first: they start more reads sooner.
             while let Ok(c) = self.engine.completions().try_recv() {
@@ -1212,8 +1223,19 @@ impl LayerRun<'_, '_> {
                 }
                 continue;
             }
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                // No read to wait for: other threads hold the last clusters (or are about to submit reads).
+                idle = idle.saturating_add(1);
+                if idle < SPINS_BEFORE_YIELD {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            idle = 0;
             let t0 = Instant::now();
-            let got = self.engine.completions().recv_timeout(Duration::from_micros(300));
+            let got = self.engine.completions().recv_timeout(Duration::from_micros(100));
             self.counters.stall_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
             match got {
                 Ok(c) => match self.deliver(c) {
