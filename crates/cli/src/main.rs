@@ -670,6 +670,8 @@ fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, se
     let v = serde_json::json!({
         "mb_read_per_token": st.mb_read_per_token(),
         "read_mb_per_s": st.read_mb_per_s(),
+        "disk_reads_per_token": st.disk_reads_per_token(),
+        "disk_mb_per_token": st.mb_per_token(st.disk_bytes),
         "io_stall_share": st.io_stall_share(),
         "hit_rate": st.hit_rate(),
         "hit_rate_pinned": st.pinned_hit_rate(),
@@ -718,6 +720,11 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, 
         st.mb_per_token(st.head_bytes),
         st.mb_per_token(st.embd_bytes),
         st.read_mb_per_s()
+    );
+    out += &format!(
+        "  disk per token: {:.0} reads after merging, {:.2} MB transferred (whole pages)\n",
+        st.disk_reads_per_token(),
+        st.mb_per_token(st.disk_bytes)
     );
     out += &format!(
         "  neuron hit rate {:.1}% (pinned {:.1}%, LRU {:.1}%); gate blocks in memory {:.1}%\n",

@@ -501,8 +501,12 @@ fn offloaded_bench_reports_consistent_metrics() {
         assert!((0.0..=1.0).contains(&f(k)), "{k}: {v}");
     }
     assert!((f("hit_rate") - f("hit_rate_pinned") - f("hit_rate_lru")).abs() < 1e-9, "{v}");
-    // At 80% some FFN bytes are pinned, and reads go at some rate.
+    // At 80% some FFN bytes are pinned, and reads go at some rate: whole pages, merged into fewer OS reads.
     assert!(f("hit_rate_pinned") > 0.0 && f("read_mb_per_s") > 0.0, "{v}");
+    assert!(
+        f("disk_reads_per_token") >= 1.0 && f("disk_mb_per_token") >= 0.9 * f("mb_read_per_token"),
+        "{v}"
+    );
     let (p50, p90, p99) = (f("latency_ms_p50"), f("latency_ms_p90"), f("latency_ms_p99"));
     assert!(0.0 < p50 && p50 <= p90 && p90 <= p99, "{v}");
     let per_layer = v["neurons_per_layer"].as_array().unwrap();

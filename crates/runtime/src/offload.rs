@@ -370,9 +370,18 @@ pub struct OffloadStats {
     pub gate_misses: u64,
     /// Neurons computed (passed the gate phase) per layer, summed over tokens.
     pub neurons_per_layer: Vec<u64>,
+    /// Reads issued to the OS during decode (requests after the I/O engine merged neighbours).
+    pub disk_reads: u64,
+    /// Bytes the OS transferred for them (whole aligned pages, so at least the bytes asked for).
+    pub disk_bytes: u64,
 }
 
 impl OffloadStats {
+    /// Reads issued to the OS per decode token.
+    pub fn disk_reads_per_token(&self) -> f64 {
+        self.disk_reads as f64 / self.tokens.max(1) as f64
+    }
+
     /// All decode bytes read.
     pub fn bytes_read(&self) -> u64 {
         self.gate_bytes + self.bundle_bytes + self.head_bytes + self.embd_bytes
@@ -482,6 +491,8 @@ pub(crate) struct Offload {
     token_start: Option<Instant>,
     /// Stall nanoseconds summed over threads in the current token.
     stall_ns: u64,
+    /// The I/O engine's OS reads and bytes transferred when the current token began.
+    io_at_start: (u64, u64),
     tied: bool,
     broken: bool,
     /// Compute threads (a wait of the main thread idles all of them).
@@ -552,6 +563,7 @@ impl Offload {
             stats: OffloadStats { neurons_per_layer: vec![0; n_layers], ..OffloadStats::default() },
             token_start: None,
             stall_ns: 0,
+            io_at_start: (0, 0),
             tied: model.output.range == model.tok_embd.range,
             broken: false,
             n_threads: params.n_threads as u64,
@@ -599,6 +611,8 @@ impl Offload {
     pub(crate) fn begin_token(&mut self) {
         self.token_start = Some(Instant::now());
         self.stall_ns = 0;
+        let io = self.engine.stats();
+        self.io_at_start = (io.reads, io.bytes_read);
     }
 
     /// Ends a decode token: counts it and advances the caches' token clocks.
@@ -610,6 +624,9 @@ impl Offload {
             self.stats.token_seconds += dt;
             self.stats.latencies.push(dt);
             self.stats.stall_seconds += self.stall_ns as f64 / 1e9 / n_threads.max(1) as f64;
+            let io = self.engine.stats();
+            self.stats.disk_reads += io.reads - self.io_at_start.0;
+            self.stats.disk_bytes += io.bytes_read - self.io_at_start.1;
         }
         for s in &self.layers {
             if let Some(lru) = &s.lru {
