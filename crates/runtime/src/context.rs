@@ -75,7 +75,8 @@ struct Scratch {
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
 ///
 /// All buffers are allocated when the context is made; evaluating tokens allocates nothing (except the
-/// all-token logits buffer, which grows once to its largest size).
+/// all-token logits buffer, which grows once to its largest size, and, in an offloaded context, small per-layer
+/// lists of cluster states and read requests).
 pub struct Context<'m> {
     model: &'m Model,
     params: ContextParams,
@@ -461,8 +462,8 @@ pub const OFFLOAD_CHUNK: usize = 64;
 impl Context<'_> {
     /// Splits `n` tokens into forward passes: `(start, len, batch)` where `batch` is the length of the
     /// `n_ubatch`-token batch the pass belongs to. Batches are `n_ubatch` tokens (the last one shorter), as
-    /// llama.cpp splits them; a batch longer than `cap` (at least 3) is cut into near-equal passes of at most `cap` tokens, each at
-    /// least 2.
+    /// llama.cpp splits them; a batch longer than `cap` (at least 3) is cut into near-equal passes of at most
+    /// `cap` tokens, each at least 2.
     /// Attention chooses its kernel by `batch`, not by the pass's length, and no pass of a longer batch is a
     /// single token (that would take the decode path), so the results do not depend on `cap`.
     fn chunks(n: usize, n_ubatch: usize, cap: usize) -> impl Iterator<Item = (usize, usize, usize)> {
