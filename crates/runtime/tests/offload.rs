@@ -227,23 +227,22 @@ fn over_minimum(plan: &MemoryPlan) -> u64 {
 
 /// An offloaded context of `model` with `extra` bytes over its minimum. The minimum counts the resident set of
 /// this process, which other tests running beside this one move: measured again (a refusal names the minimum of
-/// its moment) until the plan made is within [`TOLERANCE`] of `extra`; after many tries, whatever was accepted
-/// last.
+/// its moment) until the plan made is within [`TOLERANCE`] of `extra`; after many tries, whatever is accepted
+/// next.
 fn offloaded<'m>(model: &'m Model, opts: &OffloadOptions, extra: u64) -> Context<'m> {
     const TRIES: usize = 50;
-    let mut last = None;
     let mut min = minimum(model, opts);
-    for _ in 0..TRIES {
+    for attempt in 0..=TRIES {
         let budget = min + extra;
+        // No other context is alive while this one measures the process: a kept one would count in it.
         match Context::new_offloaded(model, params(), OffloadOptions { budget, ..opts.clone() }) {
             Ok(ctx) => {
                 let plan = ctx.memory_plan().expect("an offloaded context has a plan");
                 check_plan(plan);
-                if over_minimum(plan).abs_diff(extra) <= TOLERANCE {
+                if over_minimum(plan).abs_diff(extra) <= TOLERANCE || attempt == TRIES {
                     return ctx;
                 }
                 min = plan.minimum();
-                last = Some(ctx);
             }
             Err(RuntimeError::BudgetTooSmall { minimum, .. }) => {
                 min = minimum;
@@ -252,7 +251,7 @@ fn offloaded<'m>(model: &'m Model, opts: &OffloadOptions, extra: u64) -> Context
             Err(e) => panic!("budget {budget}: {e}"),
         }
     }
-    last.unwrap_or_else(|| panic!("{extra} bytes over the minimum were refused {TRIES} times"))
+    panic!("{extra} bytes over the minimum were refused {} times", TRIES + 1)
 }
 
 /// What every plan must satisfy.
@@ -544,14 +543,16 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
         msg.contains("too small") && msg.contains(&min_mib) && msg.contains("raise --mem-budget"),
         "{msg}"
     );
-    // Just under the minimum is refused too, and a few MiB over it is accepted with a plan whose minimum is
-    // the one named.
+    // Half the minimum is refused too, and some MiB over it is accepted with a plan whose minimum is the one
+    // named. (The process's resident set is part of it, and tests running in other threads of this process
+    // move it: hence the slack.)
     let e = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum / 2)).unwrap_err();
     assert!(matches!(e, RuntimeError::BudgetTooSmall { .. }), "{e}");
-    let ctx = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum + (8 << 20))).unwrap();
+    const SLACK: u64 = 32 << 20;
+    let ctx = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum + SLACK)).unwrap();
     let plan = ctx.memory_plan().unwrap();
-    assert!(plan.minimum().abs_diff(minimum) < 8 << 20, "{} vs {minimum}", plan.minimum());
-    assert_eq!(ctx.offload_options().unwrap().budget, minimum + (8 << 20));
+    assert!(plan.minimum().abs_diff(minimum) < SLACK, "{} vs {minimum}", plan.minimum());
+    assert_eq!(ctx.offload_options().unwrap().budget, minimum + SLACK);
     assert!(plan.render().contains("memory budget"), "{}", plan.render());
 }
 
