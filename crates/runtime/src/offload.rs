@@ -739,15 +739,8 @@ impl Offload {
             return Ok(());
         }
         let chunk_rows = (CHUNK / rb).max(1);
-        let reqs: Vec<ReadRequest> = (resident..n_vocab)
-            .step_by(chunk_rows)
-            .enumerate()
-            .map(|(i, r0)| {
-                let rows = chunk_rows.min(n_vocab - r0);
-                let offset = (w.range.start + r0 * rb) as u64;
-                ReadRequest { offset, len: rows * rb, tag: tag(KIND_HEAD, 0, i) }
-            })
-            .collect();
+        let rows = (w.range.start + resident * rb) as u64..(w.range.start + n_vocab * rb) as u64;
+        let reqs: Vec<ReadRequest> = pieces(rows, (chunk_rows * rb) as u64, KIND_HEAD).collect();
         self.engine.submit_batch(&reqs).map_err(|e| self.fail(format!("submitting head reads: {e}")))?;
         let mut left = reqs.len();
         while left > 0 {
@@ -952,18 +945,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Requests covering file range `r` in pieces of `piece` bytes (the last one shorter), tagged `kind` and their
+/// index.
+fn pieces(r: Range<u64>, piece: u64, kind: u64) -> impl Iterator<Item = ReadRequest> {
+    (r.start..r.end).step_by(piece.max(1) as usize).enumerate().map(move |(i, offset)| ReadRequest {
+        offset,
+        len: piece.min(r.end - offset) as usize,
+        tag: tag(kind, 0, i),
+    })
+}
+
 /// Reads file range `r` into `out` (its length) with the engine, in chunks, waiting for all of them.
 fn read_into(engine: &IoEngine, r: Range<u64>, out: &mut [u8]) -> Result<(), RuntimeError> {
     let chunk = CHUNK.min(engine.max_read().saturating_sub(8192)).max(4096) as u64;
-    let reqs: Vec<ReadRequest> = (r.start..r.end)
-        .step_by(chunk as usize)
-        .enumerate()
-        .map(|(i, off)| ReadRequest {
-            offset: off,
-            len: chunk.min(r.end - off) as usize,
-            tag: tag(KIND_STAGE, 0, i),
-        })
-        .collect();
+    let reqs: Vec<ReadRequest> = pieces(r.clone(), chunk, KIND_STAGE).collect();
     engine.submit_batch(&reqs).map_err(|e| RuntimeError::Offload(format!("submitting reads: {e}")))?;
     for _ in 0..reqs.len() {
         let c = engine
