@@ -422,7 +422,7 @@ impl<'a> ClusterRows<'a> {
 
 /// Reusable per-thread state of one cluster's computation: which neurons passed the gate phase and their gate
 /// values.
-#[derive(Default, Debug)]
+#[derive(Clone, Default, Debug)]
 pub struct ClusterGates {
     /// Positions (in the cluster) of the neurons that passed, ascending.
     passed: Vec<u32>,
@@ -550,6 +550,27 @@ pub fn cluster_up_down_with(
     spec.check(acts);
     assert_eq!(bundles.len(), gates.passed.len(), "one bundle per passing neuron");
     up_down(path, spec, acts, gates, &|j| bundles[j], slot)
+}
+
+/// [`cluster_up_down`] with each passing neuron's bundle from `bundle(i)`, `i` its index in the cluster (an
+/// entry of `gates.passed()`), instead of a list: a caller whose bundles live in several places finds them
+/// without building one.
+///
+/// # Panics
+/// As [`cluster_up_down`].
+pub fn cluster_up_down_by<'b>(
+    spec: &SparseFfn,
+    acts: &TokenActs,
+    gates: &mut ClusterGates,
+    bundle: &dyn Fn(u32) -> UpDown<'b>,
+    slot: &mut [f32],
+) -> usize {
+    let path = kernels::chosen();
+    spec.check(acts);
+    let passed = std::mem::take(&mut gates.passed);
+    let n = up_down(path, spec, acts, gates, &|j| bundle(passed[j]), slot);
+    gates.passed = passed;
+    n
 }
 
 /// The up/down phase with bundle `j` of the `j`-th passing neuron from `bundle`.

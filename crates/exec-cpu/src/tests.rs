@@ -964,9 +964,18 @@ mod sparse_ffn {
                         let bundles: Vec<UpDown> =
                             reads.iter().map(|r| UpDown { up: &r[..ub], down: &r[ub..] }).collect();
                         let mut two = vec![0.5; 96];
+                        let mut by = two.clone();
+                        let passed = gates.passed().to_vec();
+                        let mut gates_by = gates.clone();
                         let n2 = cluster_up_down_with(path, &sp, &acts, &mut gates, &bundles, &mut two);
                         assert_eq!(n1, n2, "{path} {act:?} cluster {k}");
                         assert_eq!(bits(&one), bits(&two), "{path} {act:?} cluster {k}");
+                        // The same bundles found by neuron index (on the chosen path only).
+                        if path == crate::kernels::chosen() {
+                            let find = |i: u32| bundles[passed.iter().position(|&p| p == i).unwrap()];
+                            let n3 = crate::cluster_up_down_by(&sp, &acts, &mut gates_by, &find, &mut by);
+                            assert_eq!((n3, bits(&by)), (n1, bits(&one)), "{act:?} cluster {k} by index");
+                        }
                     }
                 }
             }

@@ -75,8 +75,8 @@ struct Scratch {
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
 ///
 /// All buffers are allocated when the context is made; evaluating tokens allocates nothing (except the
-/// all-token logits buffer, which grows once to its largest size, and, in an offloaded context, small per-layer
-/// lists of cluster states and read requests).
+/// all-token logits buffer, which grows once to its largest size, and, in an offloaded context, one list of
+/// cluster locks per layer and the io engine's per-read bookkeeping).
 pub struct Context<'m> {
     model: &'m Model,
     params: ContextParams,

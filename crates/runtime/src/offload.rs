@@ -480,8 +480,14 @@ pub(crate) struct Offload {
     engine: IoEngine,
     layers: Vec<LayerStore>,
     staging: Vec<u8>,
-    /// Per-cluster gate-phase state, reused across layers.
-    gates: Vec<ClusterGates>,
+    /// Per-cluster state and lists, reused across layers and tokens (a decode step allocates no per-cluster
+    /// list).
+    bufs: Vec<ClBufs>,
+    /// Request lists and the embedding row, reused across tokens.
+    reqs: Vec<ReadRequest>,
+    prefetch_reqs: Vec<ReadRequest>,
+    queue: VecDeque<Task>,
+    embd_row: Vec<u8>,
     sums: Option<ClusterSums>,
     /// Layer whose gate reads were submitted ahead of its FFN.
     prefetched: Option<usize>,
@@ -534,7 +540,7 @@ impl Offload {
                 let start = p.record_range(0).start;
                 let end = p.record_range(records - 1).end;
                 let mut buf = vec![0u8; (end - start) as usize];
-                read_into(&engine, start..end, &mut buf)?;
+                read_into(&engine, start..end, &mut buf, &mut Vec::new())?;
                 let at = |r: Range<u64>| &buf[(r.start - start) as usize..(r.end - start) as usize];
                 for k in 0..g {
                     gates.extend_from_slice(at(p.gate_block_range(k)));
@@ -556,7 +562,11 @@ impl Offload {
             plan,
             engine,
             layers: stores,
-            gates: Vec::new(),
+            bufs: Vec::new(),
+            reqs: Vec::new(),
+            prefetch_reqs: Vec::new(),
+            queue: VecDeque::new(),
+            embd_row: Vec::new(),
             sums: None,
             prefetched: None,
             predicting: held.predicting,
@@ -654,13 +664,17 @@ impl Offload {
         let rb = w.row_bytes();
         let start = (w.range.start + token as usize * rb) as u64;
         let t0 = Instant::now();
-        let mut row = vec![0u8; rb];
-        read_into(&self.engine, start..start + rb as u64, &mut row).inspect_err(|_| self.broken = true)?;
+        self.embd_row.resize(rb, 0);
+        let read = read_into(&self.engine, start..start + rb as u64, &mut self.embd_row, &mut self.reqs);
+        if read.is_err() {
+            self.broken = true;
+        }
+        read?;
         if self.decoding() {
             self.stall_ns += t0.elapsed().as_nanos() as u64 * self.n_threads;
             self.stats.embd_bytes += rb as u64;
         }
-        quant::dequantize_row(w.ty, &row, out)?;
+        quant::dequantize_row(w.ty, &self.embd_row, out)?;
         Ok(())
     }
 
@@ -673,10 +687,13 @@ impl Offload {
         }
         let pl = packed(model, l);
         let store = &self.layers[l];
-        let reqs: Vec<ReadRequest> =
-            (store.n_gate_clusters..pl.n_clusters()).map(|k| gate_request(pl, store, l, k)).collect();
+        let reqs = &mut self.prefetch_reqs;
+        reqs.clear();
+        reqs.extend((store.n_gate_clusters..pl.n_clusters()).map(|k| gate_request(pl, store, l, k)));
         if !reqs.is_empty() {
-            self.engine.submit_batch(&reqs).map_err(|e| self.fail(format!("submitting gate reads: {e}")))?;
+            if let Err(e) = self.engine.submit_batch(reqs) {
+                return Err(self.fail(format!("submitting gate reads: {e}")));
+            }
         }
         self.prefetched = Some(l);
         Ok(())
@@ -697,7 +714,11 @@ impl Offload {
         self.check()?;
         let r = packed(model, l).layer_range();
         let len = (r.end - r.start) as usize;
-        read_into(&self.engine, r.clone(), &mut self.staging[..len]).inspect_err(|_| self.broken = true)?;
+        let read = read_into(&self.engine, r.clone(), &mut self.staging[..len], &mut self.reqs);
+        if read.is_err() {
+            self.broken = true;
+        }
+        read?;
         Ok(crate::ffn::FfnBytes { base: r.start, bytes: &self.staging[..len] })
     }
 
@@ -740,9 +761,12 @@ impl Offload {
         }
         let chunk_rows = (CHUNK / rb).max(1);
         let rows = (w.range.start + resident * rb) as u64..(w.range.start + n_vocab * rb) as u64;
-        let reqs: Vec<ReadRequest> = pieces(rows, (chunk_rows * rb) as u64, KIND_HEAD).collect();
-        self.engine.submit_batch(&reqs).map_err(|e| self.fail(format!("submitting head reads: {e}")))?;
-        let mut left = reqs.len();
+        self.reqs.clear();
+        self.reqs.extend(pieces(rows, (chunk_rows * rb) as u64, KIND_HEAD));
+        if let Err(e) = self.engine.submit_batch(&self.reqs) {
+            return Err(self.fail(format!("submitting head reads: {e}")));
+        }
+        let mut left = self.reqs.len();
         while left > 0 {
             let t0 = Instant::now();
             let c = self.recv()?;
@@ -794,7 +818,7 @@ impl Offload {
         if self.sums.as_ref().is_none_or(|s| s.n_clusters() != nc || s.d_model() != pl.d_model) {
             self.sums = Some(ClusterSums::new(nc, pl.d_model));
         }
-        self.gates.resize_with(nc.max(self.gates.len()), ClusterGates::new);
+        self.bufs.resize_with(nc.max(self.bufs.len()), ClBufs::default);
         let base = pl.layer_range().start;
         let stride = pl.stride() as usize;
         let store = &self.layers[l];
@@ -802,24 +826,21 @@ impl Offload {
         let (bundle, pipeline) = (self.opts.bundle, self.opts.pipeline);
         let len = (pl.layer_range().end - base) as usize;
 
-        // Per cluster: its record in the staging buffer and its state.
-        let mut records: Vec<&mut [u8]> = self.staging[..len].chunks_mut(stride).collect();
-        records.truncate(nc);
-        let mut gates_iter = self.gates.iter_mut();
-        let cls: Vec<Mutex<Cl<'_>>> = records
-            .into_iter()
+        // Per cluster: its record in the staging buffer and its state (lists lent by `bufs`).
+        let cls: Vec<Mutex<Cl<'_>>> = self.staging[..len]
+            .chunks_mut(stride)
+            .take(nc)
+            .zip(self.bufs.iter_mut())
             .enumerate()
-            .map(|(k, rec)| {
+            .map(|(k, (rec, b))| {
                 let lo = k * c;
                 let need = mask.is_none_or(|m| m[lo..lo + pl.cluster_len(k)].contains(&true));
                 Mutex::new(Cl {
                     rec,
-                    gates: std::mem::take(gates_iter.next().expect("one per cluster")),
+                    b: std::mem::take(b),
                     need,
                     gate_pending: 0,
                     bundle_pending: 0,
-                    read: Vec::new(),
-                    lru_hit: Vec::new(),
                     full: false,
                 })
             })
@@ -827,7 +848,9 @@ impl Offload {
         let sums = self.sums.as_mut().expect("made above");
         sums.reset();
         let counters = Counters::default();
-        let sched = Mutex::new(Sched { queue: VecDeque::new(), done: 0, error: None });
+        let mut queue = std::mem::take(&mut self.queue);
+        queue.clear();
+        let sched = Mutex::new(Sched { queue, done: 0, error: None });
         let n_need = cls.iter().filter(|c| lock(c).need).count();
 
         let ctx = LayerRun {
@@ -847,7 +870,8 @@ impl Offload {
             in_flight: AtomicUsize::new(0),
         };
         // GIO: gate reads of clusters not pinned (already submitted when prefetched).
-        let mut gate_reqs = Vec::new();
+        let gate_reqs = &mut self.reqs;
+        gate_reqs.clear();
         for (k, cl) in cls.iter().enumerate() {
             let mut cl = lock(cl);
             if !cl.need {
@@ -885,7 +909,7 @@ impl Offload {
         }
         if !gate_reqs.is_empty() {
             engine
-                .submit_batch(&gate_reqs)
+                .submit_batch(gate_reqs)
                 .map_err(|e| RuntimeError::Offload(format!("submitting gate reads: {e}")))?;
         }
         // With prefetched gates for clusters that turned out not to be needed (never with thresholds), nothing
@@ -901,10 +925,12 @@ impl Offload {
             ctx.staged(pool, sums, outstanding_gates)
         };
         let active = counters.active.load(Ordering::Relaxed);
-        // Put the per-cluster gate states back for the next layer.
-        for (g, cl) in self.gates.iter_mut().zip(cls) {
-            *g = std::mem::take(&mut cl.into_inner().unwrap_or_else(|e| e.into_inner()).gates);
+        // Put the per-cluster lists and the queue back for the next layer.
+        drop(ctx);
+        for (b, cl) in self.bufs.iter_mut().zip(cls) {
+            *b = cl.into_inner().unwrap_or_else(|e| e.into_inner()).b;
         }
+        self.queue = sched.into_inner().unwrap_or_else(|e| e.into_inner()).queue;
         if let Err(e) = result {
             self.broken = true;
             return Err(e);
@@ -956,10 +982,16 @@ fn pieces(r: Range<u64>, piece: u64, kind: u64) -> impl Iterator<Item = ReadRequ
 }
 
 /// Reads file range `r` into `out` (its length) with the engine, in chunks, waiting for all of them.
-fn read_into(engine: &IoEngine, r: Range<u64>, out: &mut [u8]) -> Result<(), RuntimeError> {
+fn read_into(
+    engine: &IoEngine,
+    r: Range<u64>,
+    out: &mut [u8],
+    reqs: &mut Vec<ReadRequest>,
+) -> Result<(), RuntimeError> {
     let chunk = CHUNK.min(engine.max_read().saturating_sub(8192)).max(4096) as u64;
-    let reqs: Vec<ReadRequest> = pieces(r.clone(), chunk, KIND_STAGE).collect();
-    engine.submit_batch(&reqs).map_err(|e| RuntimeError::Offload(format!("submitting reads: {e}")))?;
+    reqs.clear();
+    reqs.extend(pieces(r.clone(), chunk, KIND_STAGE));
+    engine.submit_batch(reqs).map_err(|e| RuntimeError::Offload(format!("submitting reads: {e}")))?;
     for _ in 0..reqs.len() {
         let c = engine
             .completions()
@@ -979,17 +1011,25 @@ fn read_into(engine: &IoEngine, r: Range<u64>, out: &mut [u8]) -> Result<(), Run
 struct Cl<'a> {
     /// Its record in the staging buffer: gate rows then bundles, as in the file.
     rec: &'a mut [u8],
-    gates: ClusterGates,
+    b: ClBufs,
     /// Whether the predictor marks any of its neurons.
     need: bool,
     gate_pending: u32,
     bundle_pending: u32,
+    /// The whole record was read: every bundle is in `rec`.
+    full: bool,
+}
+
+/// A cluster's gate-phase state and lists, kept by [`Offload`] between layers so that they are allocated once.
+#[derive(Default)]
+struct ClBufs {
+    gates: ClusterGates,
     /// Positions in the cluster whose bundles were read this token (LRU inserts).
     read: Vec<u32>,
     /// Positions in the cluster served by the LRU (copied into the record).
     lru_hit: Vec<u32>,
-    /// The whole record was read: every bundle is in `rec`.
-    full: bool,
+    /// The bundle reads this cluster submits.
+    reqs: Vec<ReadRequest>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1086,12 +1126,13 @@ impl LayerRun<'_, '_> {
         } else {
             &cl.rec[..n * pl.gate_row_bytes()]
         };
-        sparse::cluster_gates(self.spec, self.token, block, m, &mut cl.gates);
-        cl.read.clear();
-        cl.lru_hit.clear();
-        let mut reqs = Vec::new();
+        let b = &mut cl.b;
+        sparse::cluster_gates(self.spec, self.token, block, m, &mut b.gates);
+        b.read.clear();
+        b.lru_hit.clear();
+        b.reqs.clear();
         let (mut pinned, mut lru_hits, mut full_reads) = (0u64, 0u64, 0u64);
-        for &i in cl.gates.passed() {
+        for &i in b.gates.passed() {
             let pos = k * c + i as usize;
             if pos < store.n_bundles {
                 pinned += 1;
@@ -1103,51 +1144,41 @@ impl LayerRun<'_, '_> {
                 continue;
             }
             if let Some(lru) = &store.lru {
-                if let Some(b) = lru.get(pos as u32) {
+                if let Some(got) = lru.get(pos as u32) {
                     let at = self.in_rec(k, &r);
-                    cl.rec[at].copy_from_slice(&b);
-                    cl.lru_hit.push(i);
+                    cl.rec[at].copy_from_slice(&got);
+                    b.lru_hit.push(i);
                     lru_hits += 1;
                     continue;
                 }
             }
-            cl.read.push(i);
+            b.read.push(i);
+            let tag = tag(KIND_BUNDLE, self.l, k);
             if self.bundle {
-                reqs.push(ReadRequest {
-                    offset: r.start,
-                    len: (r.end - r.start) as usize,
-                    tag: tag(KIND_BUNDLE, self.l, k),
-                });
+                b.reqs.push(ReadRequest { offset: r.start, len: (r.end - r.start) as usize, tag });
             } else {
                 let mid = r.start + pl.up_row_bytes() as u64;
-                reqs.push(ReadRequest {
-                    offset: r.start,
-                    len: pl.up_row_bytes(),
-                    tag: tag(KIND_BUNDLE, self.l, k),
-                });
-                reqs.push(ReadRequest {
-                    offset: mid,
-                    len: pl.down_col_bytes(),
-                    tag: tag(KIND_BUNDLE, self.l, k),
-                });
+                b.reqs.push(ReadRequest { offset: r.start, len: pl.up_row_bytes(), tag });
+                b.reqs.push(ReadRequest { offset: mid, len: pl.down_col_bytes(), tag });
             }
         }
         let ctr = self.counters;
         ctr.pinned.fetch_add(pinned, Ordering::Relaxed);
         ctr.lru.fetch_add(lru_hits, Ordering::Relaxed);
-        ctr.misses.fetch_add(cl.read.len() as u64 + full_reads, Ordering::Relaxed);
-        ctr.bundle_bytes.fetch_add(reqs.iter().map(|r| r.len as u64).sum(), Ordering::Relaxed);
-        if reqs.is_empty() {
+        ctr.misses.fetch_add(b.read.len() as u64 + full_reads, Ordering::Relaxed);
+        ctr.bundle_bytes.fetch_add(b.reqs.iter().map(|r| r.len as u64).sum(), Ordering::Relaxed);
+        if b.reqs.is_empty() {
             return Ok(Some(Task::UpDown(k)));
         }
-        cl.bundle_pending = reqs.len() as u32;
-        drop(guard);
-        self.in_flight.fetch_add(reqs.len(), Ordering::AcqRel);
+        cl.bundle_pending = b.reqs.len() as u32;
+        // Counted before submitting so that no completion finds the count at zero; this cluster's completions
+        // wait for its lock, held until the requests are out.
+        self.in_flight.fetch_add(b.reqs.len(), Ordering::AcqRel);
         if self.defer {
-            lock(&self.deferred).extend(reqs);
+            lock(&self.deferred).extend_from_slice(&b.reqs);
         } else {
             self.engine
-                .submit_batch(&reqs)
+                .submit_batch(&b.reqs)
                 .map_err(|e| RuntimeError::Offload(format!("submitting bundle reads: {e}")))?;
         }
         Ok(None)
@@ -1162,25 +1193,21 @@ impl LayerRun<'_, '_> {
         let cl = &mut *guard;
         let rec_start = pl.record_range(k).start;
         let rec: &[u8] = cl.rec;
-        let bundles: Vec<UpDown<'_>> = cl
-            .gates
-            .passed()
-            .iter()
-            .map(|&i| {
-                let pos = k * c + i as usize;
-                let b = if pos < store.n_bundles {
-                    &store.bundles[pos * bb..(pos + 1) * bb]
-                } else {
-                    let r = pl.bundle_range(pos);
-                    &rec[(r.start - rec_start) as usize..(r.end - rec_start) as usize]
-                };
-                UpDown { up: &b[..ub], down: &b[ub..] }
-            })
-            .collect();
-        let active = sparse::cluster_up_down(spec, self.token, &mut cl.gates, &bundles, slot);
+        let b = &mut cl.b;
+        let bundle = |i: u32| {
+            let pos = k * c + i as usize;
+            let bytes = if pos < store.n_bundles {
+                &store.bundles[pos * bb..(pos + 1) * bb]
+            } else {
+                let r = pl.bundle_range(pos);
+                &rec[(r.start - rec_start) as usize..(r.end - rec_start) as usize]
+            };
+            UpDown { up: &bytes[..ub], down: &bytes[ub..] }
+        };
+        let active = sparse::cluster_up_down_by(spec, self.token, &mut b.gates, &bundle, slot);
         self.counters.active.fetch_add(active, Ordering::Relaxed);
         if let Some(lru) = &store.lru {
-            for &i in &cl.read {
+            for &i in &b.read {
                 let pos = k * c + i as usize;
                 let r = pl.bundle_range(pos);
                 lru.insert(pos as u32, &rec[(r.start - rec_start) as usize..(r.end - rec_start) as usize]);
