@@ -473,23 +473,9 @@ fn mem_budget_errors_are_clean() {
 fn offloaded_bench_reports_consistent_metrics() {
     let Some((_, dir)) = prepared_dir() else { return };
     let d = dir.to_string_lossy().into_owned();
-    let v = pinion_json(&[
-        "bench",
-        "-m",
-        &d,
-        "-p",
-        "0",
-        "-n",
-        "8",
-        "-r",
-        "1",
-        "-t",
-        "2",
-        "-o",
-        "json",
-        "--mem-budget",
-        "80%",
-    ]);
+    let mut args = vec!["bench", "-m", &d];
+    args.extend("-p 0 -n 8 -r 1 -t 2 -o json --mem-budget 80%".split(' '));
+    let v = pinion_json(&args);
     let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"));
     assert!(f("tokens_per_s") > 0.0, "{v}");
     let budget = f("mem_budget_bytes");
@@ -521,23 +507,9 @@ fn budget_sweep_prints_a_table_and_writes_a_png() {
     let d = dir.to_string_lossy().into_owned();
     let png = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sweep-{}.png", std::process::id()));
     let plot = png.to_string_lossy().into_owned();
-    let o = pinion(&[
-        "bench",
-        "-m",
-        &d,
-        "-p",
-        "0",
-        "-n",
-        "4",
-        "-r",
-        "1",
-        "-t",
-        "2",
-        "--sweep-budget",
-        "70%,100%",
-        "--sweep-plot",
-        &plot,
-    ]);
+    let mut args = vec!["bench", "-m", &d, "--sweep-plot", &plot];
+    args.extend("-p 0 -n 4 -r 1 -t 2 --sweep-budget 70%,100%".split(' '));
+    let o = pinion(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     let rows: Vec<&str> = out
