@@ -6,5 +6,6 @@ criterion::criterion_main!(
     benchmarks::kernels::benches,
     benchmarks::cache::benches,
     benchmarks::io::benches,
-    benchmarks::sparse::benches
+    benchmarks::sparse::benches,
+    benchmarks::offload::benches
 );

@@ -3,4 +3,5 @@
 pub(crate) mod cache;
 pub(crate) mod io;
 pub(crate) mod kernels;
+pub(crate) mod offload;
 pub(crate) mod sparse;
