@@ -7,10 +7,16 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum RuntimeError {
     #[error(
-        "memory budget {} is too small: this model needs at least {} ({detail}); raise --mem-budget to {} or more",
-        mib(*budget), mib(*minimum), mib(*minimum)
+        "memory budget {} is too small: this model needs at least {} ({detail}); raise --mem-budget to {} or more{}",
+        mib(*budget), mib(*minimum), mib(*minimum), context_hint(*kv, *minimum)
     )]
-    BudgetTooSmall { budget: u64, minimum: u64, detail: String },
+    BudgetTooSmall {
+        budget: u64,
+        minimum: u64,
+        detail: String,
+        /// The KV cache's part of the minimum (the part a smaller context shrinks).
+        kv: u64,
+    },
     #[error("offloaded run: {0}")]
     Offload(String),
     #[error("model file {path} not found{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
@@ -71,4 +77,12 @@ pub enum RuntimeError {
 /// `bytes` in MiB with one decimal, for messages.
 pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// When the KV cache is a third or more of an offloaded run's minimum, the other way out: a smaller context.
+fn context_hint(kv: u64, minimum: u64) -> String {
+    match kv * 3 >= minimum {
+        true => format!(", or lower the context with -c (its KV cache takes {})", mib(kv)),
+        false => String::new(),
+    }
 }

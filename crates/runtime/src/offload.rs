@@ -262,6 +262,7 @@ pub(crate) fn plan_memory(
             budget: opts.budget,
             minimum,
             detail: plan.fixed_detail(),
+            kv: plan.kv,
         });
     }
     let mut avail = opts.budget - minimum;

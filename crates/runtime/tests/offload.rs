@@ -532,11 +532,19 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     let f = fixture("offload-refuse", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
     let e = Context::new_offloaded(&model, params(), OffloadOptions::new(1)).unwrap_err();
-    let RuntimeError::BudgetTooSmall { budget, minimum, ref detail } = e else { panic!("{e}") };
+    let RuntimeError::BudgetTooSmall { budget, minimum, ref detail, kv } = e else { panic!("{e}") };
     assert_eq!(budget, 1);
     // The process itself (test binary, model metadata) is part of the minimum.
     assert!(minimum > 2 << 20, "{minimum}");
     assert!(detail.contains("process") && detail.contains("KV"), "{detail}");
+    assert!(kv > 0 && kv < minimum, "{kv} of {minimum}");
+    // A context whose KV cache dominates the minimum is told so.
+    let big = ContextParams::new(1 << 16, N_THREADS);
+    let big_e = Context::new_offloaded(&model, big, OffloadOptions::new(1)).unwrap_err();
+    let RuntimeError::BudgetTooSmall { kv: big_kv, minimum: big_min, .. } = big_e else { panic!("{big_e}") };
+    assert!(big_kv * 3 >= big_min, "{big_kv} of {big_min}");
+    assert!(big_e.to_string().contains("or lower the context with -c"), "{big_e}");
+    assert!(!e.to_string().contains("lower the context"), "{e}");
     let msg = e.to_string();
     let min_mib = format!("{:.1} MiB", minimum as f64 / (1u64 << 20) as f64);
     assert!(
