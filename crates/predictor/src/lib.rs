@@ -117,6 +117,11 @@ impl LowRankPredictor {
         &self.b2
     }
 
+    /// Bytes of its weights and biases (f32), what it holds in memory.
+    pub fn weight_bytes(&self) -> u64 {
+        4 * (self.w1.len() + self.b1.len() + self.w2.len() + self.b2.len()) as u64
+    }
+
     /// The decision threshold on logits (default 0).
     pub fn threshold(&self) -> f32 {
         self.threshold

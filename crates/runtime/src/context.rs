@@ -209,11 +209,7 @@ impl<'m> Context<'m> {
     /// What an offloaded run of this context holds besides its plan's buffers, for a process of `process`
     /// bytes: the decoded predictors (the context's own, and the model's if they are decoded too).
     fn held(&self, process: u64) -> Held {
-        let bytes = |ps: &[LowRankPredictor]| -> u64 {
-            ps.iter()
-                .map(|p| (4 * (p.d_in() * p.rank() + p.rank() + p.rank() * p.n_out() + p.n_out())) as u64)
-                .sum()
-        };
+        let bytes = |ps: &[LowRankPredictor]| -> u64 { ps.iter().map(LowRankPredictor::weight_bytes).sum() };
         let own = match &self.predictors {
             Some(Cow::Owned(ps)) => bytes(ps),
             _ => 0,

@@ -364,9 +364,7 @@ pub fn plan_input(
     let c = model.config();
     let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
     let predictor_bytes: u64 = match (uses_predictor, model.predictors()) {
-        (true, Some(ps)) => {
-            ps.iter().map(|p| 4 * (p.w1().len() + p.b1().len() + p.w2().len() + p.b2().len()) as u64).sum()
-        }
+        (true, Some(ps)) => ps.iter().map(LowRankPredictor::weight_bytes).sum(),
         _ => 0,
     };
     Ok(PlanInput {
