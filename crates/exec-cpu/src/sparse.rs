@@ -565,8 +565,19 @@ pub fn cluster_up_down_by<'b>(
     bundle: &dyn Fn(u32) -> UpDown<'b>,
     slot: &mut [f32],
 ) -> usize {
-    let path = kernels::chosen();
     spec.check(acts);
+    up_down_passed(kernels::chosen(), spec, acts, gates, bundle, slot)
+}
+
+/// The up/down phase with each passing neuron's bundle from `bundle(i)`, `i` its index in the cluster.
+fn up_down_passed<'b>(
+    path: KernelPath,
+    spec: &SparseFfn,
+    acts: &TokenActs,
+    gates: &mut ClusterGates,
+    bundle: impl Fn(u32) -> UpDown<'b>,
+    slot: &mut [f32],
+) -> usize {
     let passed = std::mem::take(&mut gates.passed);
     let n = up_down(path, spec, acts, gates, &|j| bundle(passed[j]), slot);
     gates.passed = passed;
@@ -675,10 +686,7 @@ pub fn sparse_ffn_cluster_with(
     slot: &mut [f32],
 ) -> usize {
     cluster_gates_with(path, spec, acts, rows.gate, mask, gates);
-    let passed = std::mem::take(&mut gates.passed);
-    let n = up_down(path, spec, acts, gates, &|j| rows.up_down(spec, passed[j] as usize), slot);
-    gates.passed = passed;
-    n
+    up_down_passed(path, spec, acts, gates, |i| rows.up_down(spec, i as usize), slot)
 }
 
 /// One partial output vector (`d_model` f32) per cluster of a layer, summed in cluster order.
