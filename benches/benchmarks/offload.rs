@@ -21,19 +21,6 @@ use pinion_runtime::{Context, ContextParams, Logits, Model, OffloadOptions, PACK
 /// Prompt tokens before the timed decode position.
 const PROMPT: usize = 32;
 
-/// Pseudo-random printable text, so its tokens spread over the synthetic vocabulary.
-fn text(n: usize) -> String {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + (x % 94) as u8)
-        })
-        .collect()
-}
-
 /// Writes, profiles and packs the synthetic model into `dir`; returns the packed file.
 fn prepare_model(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).expect("bench directory");
@@ -44,7 +31,8 @@ fn prepare_model(dir: &Path) -> PathBuf {
     drop(f);
     let model = Model::load(&gguf).expect("load synthetic model");
     let opts = ProfileOptions { max_tokens: 256, chunk: 128, token_samples: 0, ..ProfileOptions::default() };
-    let profile = prepare::profile_activations(&model, &text(1200), &opts, &mut |_, _| {}).expect("profile");
+    let profile = prepare::profile_activations(&model, &synth::sample_text(1200), &opts, &mut |_, _| {})
+        .expect("profile");
     let th = prepare::calibrate(&model, &profile, 0.5).expect("calibrate");
     let freq = prepare::activation_frequencies(&model, &profile, &th).expect("frequencies");
     let packed = dir.join(PACKED_FILE_NAME);

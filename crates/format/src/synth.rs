@@ -373,6 +373,20 @@ pub fn file_len(cfg: &SynthConfig) -> Result<u64, SynthError> {
     Ok(declare(cfg)?.file_len()?)
 }
 
+/// `n` characters of deterministic pseudo-random printable ASCII: calibration text whose tokens spread over a
+/// synthetic model's vocabulary (its byte tokens and merges), for profiling one without a corpus.
+pub fn sample_text(n: usize) -> String {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 94) as u8)
+        })
+        .collect()
+}
+
 /// Writes the model described by `cfg` to `out` and returns `out`, calling `progress(done, total)` (bytes of
 /// the file) after the header and after each tensor. Memory use is bounded by one row of the widest tensor.
 ///

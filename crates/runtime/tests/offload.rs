@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use pinion_format::GgmlType;
-use pinion_format::synth::SynthConfig;
+use pinion_format::synth::{self, SynthConfig};
 use pinion_predictor::LowRankPredictor;
 use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
 use pinion_runtime::{
@@ -13,7 +13,7 @@ use pinion_runtime::{
     RuntimeError, argmax,
 };
 
-use crate::prepare::{TempDir, calib_text, synth_model};
+use crate::prepare::{TempDir, synth_model};
 
 const N_CTX: usize = 64;
 const N_THREADS: usize = 2;
@@ -65,7 +65,8 @@ fn fixture(tag: &str, down_type: GgmlType, packed_predictors: bool) -> Fixture {
     let gguf = synth_model(&dir, "relu", &cfg);
     let model = Model::load(&gguf).unwrap();
     let opts = ProfileOptions { max_tokens: 768, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
-    let profile = prepare::profile_activations(&model, &calib_text(1500), &opts, &mut |_, _| {}).unwrap();
+    let profile =
+        prepare::profile_activations(&model, &synth::sample_text(1500), &opts, &mut |_, _| {}).unwrap();
     let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
@@ -292,11 +293,7 @@ fn sweep(
     for &(tier, extra) in tiers {
         for &set in sets {
             // Predictors set on the context take memory of their own: the budget leaves room for them.
-            let own: u64 = predictors.map_or(0, |ps| {
-                ps.iter()
-                    .map(|p| 4 * (p.d_in() * p.rank() + p.rank() + p.rank() * p.n_out() + p.n_out()) as u64)
-                    .sum()
-            });
+            let own: u64 = predictors.map_or(0, |ps| ps.iter().map(LowRankPredictor::weight_bytes).sum());
             let mut ctx = offloaded(model, &options(set), extra + own);
             if let Some(ps) = predictors {
                 ctx.set_predictors(Some(ps.to_vec())).unwrap();

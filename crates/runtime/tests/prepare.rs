@@ -35,19 +35,6 @@ pub(crate) fn synth_model(dir: &TempDir, name: &str, cfg: &SynthConfig) -> PathB
     path
 }
 
-/// Pseudo-random text, so its tokens spread over the synthetic vocabulary (byte tokens and merges).
-pub(crate) fn calib_text(n: usize) -> String {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + (x % 94) as u8)
-        })
-        .collect()
-}
-
 fn pearson(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
@@ -66,9 +53,10 @@ fn profiling_a_relu_model_finds_the_planted_frequencies() {
     let opts =
         ProfileOptions { max_tokens: 1500, chunk: 256, token_samples: 300, ..ProfileOptions::default() };
     let mut calls = Vec::new();
-    let profile =
-        prepare::profile_activations(&model, &calib_text(3000), &opts, &mut |d, t| calls.push((d, t)))
-            .unwrap();
+    let profile = prepare::profile_activations(&model, &synth::sample_text(3000), &opts, &mut |d, t| {
+        calls.push((d, t))
+    })
+    .unwrap();
     assert_eq!(profile.n_tokens(), 1500);
     assert_eq!(calls.last(), Some(&(1500, 1500)));
     assert_eq!(calls.len(), 1500usize.div_ceil(256));
@@ -106,7 +94,8 @@ fn drelu_scores_need_both_gate_and_up() {
     let model = Model::load(&synth_model(&dir, "drelu", &cfg)).unwrap();
     assert_eq!(model.config().ffn_act, FfnActivation::Drelu);
     let opts = ProfileOptions { max_tokens: 1000, chunk: 250, token_samples: 0, ..ProfileOptions::default() };
-    let profile = prepare::profile_activations(&model, &calib_text(2000), &opts, &mut |_, _| {}).unwrap();
+    let profile =
+        prepare::profile_activations(&model, &synth::sample_text(2000), &opts, &mut |_, _| {}).unwrap();
     let measured = profile.firing_frequency(0);
     let planted = synth::target_frequencies(&cfg, 0, 0);
     let r = pearson(&planted, &measured);
@@ -133,7 +122,8 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
     let model = Model::load(&src).unwrap();
     let opts =
         ProfileOptions { max_tokens: 1024, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
-    let profile = prepare::profile_activations(&model, &calib_text(2000), &opts, &mut |_, _| {}).unwrap();
+    let profile =
+        prepare::profile_activations(&model, &synth::sample_text(2000), &opts, &mut |_, _| {}).unwrap();
     let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let out = dir.0.join("prepared");
@@ -178,7 +168,8 @@ fn predictors_trained_on_a_synthetic_relu_model_reach_the_recall_goal() {
     let model = Model::load(&src).unwrap();
     let opts =
         ProfileOptions { max_tokens: 3000, chunk: 500, token_samples: 2500, ..ProfileOptions::default() };
-    let profile = prepare::profile_activations(&model, &calib_text(6000), &opts, &mut |_, _| {}).unwrap();
+    let profile =
+        prepare::profile_activations(&model, &synth::sample_text(6000), &opts, &mut |_, _| {}).unwrap();
     let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
     let train =
         TrainConfig { target_recall: 0.99, ranks: vec![32, 64], threads: 2, ..TrainConfig::default() };
