@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use pinion_format::synth::{self, SynthConfig};
-use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
 use pinion_runtime::{Context, ContextParams, Logits, Model, OffloadOptions, PACKED_FILE_NAME, RuntimeError};
 
 /// Prompt tokens before the timed decode position.

@@ -1,6 +1,6 @@
 //! `cargo xtask profile-device`: measure this machine for the planner and write the device profile.
 //!
-//! A thin driver over `pinion_runtime::device::measure`: O_DIRECT random reads over a scratch file by read
+//! A thin driver over `pinion_prepare::device::measure`: O_DIRECT random reads over a scratch file by read
 //! size and queue depth, streaming memory bandwidth, and Q4_0 matrix-vector speed per thread count. Prints the
 //! measured points as tables and writes the profile (format in docs/format.md) to `--out`. `--quick` measures
 //! a few points on a 64 MiB file, for tests.
@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use pinion_runtime::device::{DeviceProfile, ProbeOptions, measure};
-use pinion_runtime::plan::{Budget, parse_budget};
+use pinion_plan::{DeviceProfile, parse_size};
+use pinion_prepare::device::{ProbeOptions, measure};
 
 use crate::progress::Progress;
 
@@ -38,10 +38,7 @@ pub(crate) struct DeviceArgs {
 }
 
 fn bytes(s: &str) -> Result<u64, String> {
-    match parse_budget(s) {
-        Ok(Budget::Bytes(b)) => Ok(b),
-        _ => Err(format!("{s:?} is not a byte count (e.g. 1GiB, 512M, 67108864)")),
-    }
+    parse_size(s).map_err(|_| format!("{s:?} is not a byte count (e.g. 1GiB, 512M, 67108864)"))
 }
 
 pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
@@ -87,7 +84,7 @@ pub(crate) fn run(a: &DeviceArgs) -> Result<()> {
     let profile = measure_with_progress(&opts)?;
     eprintln!("xtask profile-device: measured in {:.1} s", t0.elapsed().as_secs_f64());
     print_profile(&profile);
-    profile.save(&out)?;
+    pinion_prepare::save_device(&profile, &out)?;
     eprintln!("xtask profile-device: wrote {}", out.display());
     Ok(())
 }
@@ -144,5 +141,9 @@ pub(crate) fn print_profile(p: &DeviceProfile) {
     for k in &p.kernels {
         let cached = p.kernels_in_cache.iter().find(|c| c.threads == k.threads).map(|c| c.weight_gb_per_s);
         println!("| {} | {:.1} | {:.1} |", k.threads, k.weight_gb_per_s, cached.unwrap_or(f64::NAN));
+    }
+    println!();
+    for (threads, us) in &p.sync_us {
+        println!("parallel step on {threads} threads: {us:.1} µs");
     }
 }

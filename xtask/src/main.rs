@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use pinion_runtime::registry;
+use pinion_prepare::registry;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "pinion's auxiliary commands")]

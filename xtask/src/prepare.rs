@@ -1,6 +1,7 @@
 //! The offline preparation drivers: `cargo xtask profile`, `calibrate`, `train`, `pack`, `plan` and `prepare`
-//! (all of them in one resumable command). The work is in `pinion_runtime::prepare`; these parse arguments,
-//! show progress and print reports.
+//! (all of them in one resumable command). The work is in `pinion_prepare` and the planning in
+//! `pinion_runtime::planning` (the same plan a run makes); these parse arguments, show progress and print
+//! reports.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,13 +9,14 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use pinion_format::GgmlType;
+use pinion_plan::{Budget, DeviceProfile, PlanOptions};
 use pinion_predictor::LowRankPredictor;
 use pinion_predictor::train::{LayerReport, TrainConfig};
-use pinion_runtime::device::{DeviceProfile, ProbeOptions};
-use pinion_runtime::plan::{self, Budget, parse_budget};
-use pinion_runtime::prepare::{self, Manifest, PackStepOptions, ProfileOptions, step_key};
-use pinion_runtime::sparsity::Thresholds;
-use pinion_runtime::{ContextParams, Model, PACKED_FILE_NAME, registry};
+use pinion_prepare::device::ProbeOptions;
+use pinion_prepare::{
+    self as prepare, Manifest, PackStepOptions, ProfileOptions, Thresholds, registry, step_key,
+};
+use pinion_runtime::{ContextParams, Model, OFFLOAD_CHUNK, PACKED_FILE_NAME};
 
 use crate::progress::Progress;
 
@@ -59,7 +61,7 @@ impl ProfileArgs {
 }
 
 /// Profiles `model` over the calibration text, with a progress bar.
-fn run_profile(model: &Model, a: &ProfileArgs) -> Result<pinion_runtime::ActivationProfile> {
+fn run_profile(model: &Model, a: &ProfileArgs) -> Result<pinion_prepare::ActivationProfile> {
     let text = std::fs::read_to_string(&a.calib).with_context(|| format!("reading {}", a.calib.display()))?;
     let mut pb = Progress::new("profile", "tokens");
     let profile = prepare::profile_activations(model, &text, &a.options(), &mut |done, total| {
@@ -88,7 +90,7 @@ pub(crate) fn profile(a: &ProfileCmd) -> Result<()> {
     Ok(())
 }
 
-fn print_firing(model: &Model, p: &pinion_runtime::ActivationProfile) {
+fn print_firing(model: &Model, p: &pinion_prepare::ActivationProfile) {
     if !model.config().ffn_act.is_relu_family() {
         return;
     }
@@ -216,7 +218,7 @@ pub(crate) fn train(a: &TrainCmd) -> Result<()> {
 /// Trains the predictors with a progress bar and prints the per-layer report.
 pub(crate) fn run_train(
     model: &Model,
-    profile: &pinion_runtime::ActivationProfile,
+    profile: &pinion_prepare::ActivationProfile,
     th: &Thresholds,
     cfg: &TrainConfig,
 ) -> Result<Vec<(LowRankPredictor, LayerReport)>> {
@@ -258,14 +260,6 @@ fn down_type(s: &str) -> Result<GgmlType, String> {
     }
 }
 
-/// A memory budget as bytes of the whole process: a size, or a percentage of the model file.
-fn budget_bytes(s: &str, model_bytes: u64) -> Result<u64> {
-    Ok(match parse_budget(s)? {
-        Budget::Bytes(b) => b,
-        Budget::Percent(p) => (model_bytes as f64 * p / 100.0) as u64,
-    })
-}
-
 #[derive(Args)]
 pub(crate) struct PrepareCmd {
     #[command(flatten)]
@@ -276,11 +270,11 @@ pub(crate) struct PrepareCmd {
     /// Target sparsity of the CATS thresholds (SiLU models; ReLU models keep their own).
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
-    /// Memory budget of the plan: bytes (48MiB, 1.5GiB) or a share of the model file (50%), for the whole
-    /// process (weights, KV cache, scratch, neuron cache). Default: 50%, or the smallest budget that works if
-    /// that is less.
+    /// Memory budget of the plan recorded in plan.json: bytes (48MiB, 1.5GiB) or a share of the GGUF file
+    /// (50%), for the whole process (weights, KV cache, scratch, neuron cache). Default: 50%, or the smallest
+    /// budget that works if that is more. Runs plan anew for the budget they are given.
     #[arg(long)]
-    mem_budget: Option<String>,
+    mem_budget: Option<Budget>,
     /// Context size the plan reserves a KV cache for.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
@@ -317,8 +311,8 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     let mut manifest = if a.force { Manifest::default() } else { prepare::Manifest::load(&out)? };
     let source_bytes = std::fs::metadata(&path)?.len();
     let act = model.config().ffn_act;
-    let budget_arg = a.mem_budget.as_deref().unwrap_or("50%");
-    let budget = budget_bytes(budget_arg, source_bytes)?;
+    let budget_arg = a.mem_budget.unwrap_or(Budget::Percent(50.0));
+    let budget = budget_arg.bytes(source_bytes);
     eprintln!(
         "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
         path.display(),
@@ -404,7 +398,11 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         skip("pack");
     } else {
         let freq = prepare::activation_frequencies(&model, profile.get()?, &th)?;
-        let opts = PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type };
+        let opts = PackStepOptions {
+            cluster_neurons: a.cluster,
+            down_type: a.down_type,
+            predicted_density: predicted_density(&f_pred_report, predictors.is_some())?,
+        };
         let mut pb = Progress::new("pack", "layers");
         let s =
             prepare::pack_model(&path, &f_model, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
@@ -425,27 +423,27 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     let f_device = a.device.clone().unwrap_or_else(|| out.join("device.json"));
     let device = if f_device.exists() {
         eprintln!("device: using {}", f_device.display());
-        DeviceProfile::load(&f_device)?
+        prepare::load_device(&f_device)?
     } else {
         let d = crate::device::measure_with_progress(&ProbeOptions::new(out.clone()))?;
-        d.save(&f_device)?;
+        prepare::save_device(&d, &f_device)?;
         d
     };
 
-    // 6. Plan.
-    let plan = match make_plan(&out, &th, source_bytes, &device, budget, a.ctx, a.profile.threads) {
-        Err(e) if a.mem_budget.is_none() => match e.downcast_ref::<plan::PlanError>() {
-            Some(&plan::PlanError::BudgetTooSmall { minimum, .. }) => {
-                eprintln!("plan: {e}; planning for that minimum instead (pass --mem-budget to choose)");
-                make_plan(&out, &th, source_bytes, &device, minimum, a.ctx, a.profile.threads)?
+    // 6. Plan: the plan a run under this budget would make (a run plans anew for the budget it is given).
+    let plan = match make_plan(&out, &device, budget, a.ctx, a.profile.threads) {
+        Err(e) if a.mem_budget.is_none() => match minimum_of(&e) {
+            Some(minimum) => {
+                eprintln!("plan: {e:#}; planning for that minimum instead (pass --mem-budget to choose)");
+                make_plan(&out, &device, minimum, a.ctx, a.profile.threads)?
             }
-            _ => return Err(e),
+            None => return Err(e),
         },
         r => r?,
     };
-    println!("\n{}", plan.render());
-    plan.save(&out.join("plan.json"))?;
-    manifest.mark(&out, "plan", &step_key(&[&k_pack, budget_arg, &a.ctx.to_string()]))?;
+    println!("\n{}", plan.render_with_reasoning());
+    prepare::save_plan(&plan, &out.join("plan.json"))?;
+    manifest.mark(&out, "plan", &step_key(&[&k_pack, &budget_arg.to_string(), &a.ctx.to_string()]))?;
     eprintln!(
         "prepare: done in {:.1} s; run it with `pinion run -m {}`",
         t0.elapsed().as_secs_f64(),
@@ -454,22 +452,31 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
     Ok(())
 }
 
-/// The plan for the packed model in `dir` under `budget` bytes, with a KV cache of `ctx` tokens.
+/// The minimum of a refused budget, if that is why planning failed.
+fn minimum_of(e: &anyhow::Error) -> Option<u64> {
+    match e.downcast_ref::<pinion_runtime::RuntimeError>() {
+        Some(pinion_runtime::RuntimeError::Plan(pinion_plan::PlanError::BudgetTooSmall {
+            minimum, ..
+        })) => Some(*minimum),
+        _ => None,
+    }
+}
+
+/// The plan of running the packed model in `dir` under `budget` bytes with a context of `ctx` tokens on
+/// `threads` threads: what `pinion run --mem-budget` plans for the same inputs, with this process's measured
+/// resident set standing in for pinion's.
 fn make_plan(
     dir: &std::path::Path,
-    th: &Thresholds,
-    source_bytes: u64,
     device: &DeviceProfile,
     budget: u64,
     ctx: usize,
     threads: usize,
-) -> Result<plan::Plan> {
+) -> Result<pinion_plan::Plan> {
     let packed = Model::load(dir)?;
-    let uses_predictor = packed.config().ffn_act.is_relu_family() && packed.sparsity().has_predictors;
-    let density = layer_density(th, &dir.join("predictors.json"), uses_predictor)?;
-    let params = ContextParams { n_ubatch: 32, ..ContextParams::new(ctx, threads) };
-    let input = prepare::plan_input(&packed, source_bytes, &density, uses_predictor, &params)?;
-    Ok(plan::plan(&input, device, Budget::Bytes(budget), threads)?)
+    let params = ContextParams { n_ubatch: OFFLOAD_CHUNK, ..ContextParams::new(ctx, threads) };
+    let process = pinion_runtime::offload::current_rss();
+    let opts = PlanOptions::new(budget, threads);
+    Ok(pinion_runtime::planning::plan_run(&packed, &params, &opts, device, process)?)
 }
 
 #[derive(Args)]
@@ -477,12 +484,9 @@ pub(crate) struct PlanCmd {
     /// A directory made by `cargo xtask prepare`.
     #[arg(long, short = 'p')]
     prepared: PathBuf,
-    /// The GGUF it was prepared from (budgets in % are shares of its size); default: the SmolLM2 model.
-    #[arg(long, short = 'm')]
-    model: Option<PathBuf>,
-    /// Memory budgets, comma-separated: bytes (48MiB) or shares of the model file (50%).
+    /// Memory budgets, comma-separated: bytes (48MiB) or shares of the GGUF the model was made from (50%).
     #[arg(long, value_delimiter = ',', default_value = "50%")]
-    mem_budget: Vec<String>,
+    mem_budget: Vec<Budget>,
     /// Context size the plan reserves a KV cache for.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
@@ -497,18 +501,16 @@ pub(crate) struct PlanCmd {
 /// `cargo xtask plan`: print the plan for each budget (a budget below the minimum is reported, not fatal,
 /// when several are asked for).
 pub(crate) fn plan_cmd(a: &PlanCmd) -> Result<()> {
-    let src = a.model.clone().unwrap_or_else(registry::default_model_path);
-    let source_bytes = std::fs::metadata(&src).with_context(|| format!("{}", src.display()))?.len();
-    let th = Thresholds::load(&a.prepared.join("thresholds.json"))?;
-    let device = DeviceProfile::load(&a.device.clone().unwrap_or_else(|| a.prepared.join("device.json")))?;
+    let source_bytes = Model::load(&a.prepared)?.source_bytes();
+    let device = prepare::load_device(&a.device.clone().unwrap_or_else(|| a.prepared.join("device.json")))?;
     let mut failed = None;
     for b in &a.mem_budget {
-        let budget = budget_bytes(b, source_bytes)?;
-        println!("\n## --mem-budget {b} ({:.1} MiB of a {:.1} MiB model)\n", mib(budget), mib(source_bytes));
-        match make_plan(&a.prepared, &th, source_bytes, &device, budget, a.ctx, a.threads) {
-            Ok(p) => println!("{}", p.render()),
+        let budget = b.bytes(source_bytes);
+        println!("\n## --mem-budget {b} ({:.1} MiB of a {:.1} MiB GGUF)\n", mib(budget), mib(source_bytes));
+        match make_plan(&a.prepared, &device, budget, a.ctx, a.threads) {
+            Ok(p) => println!("{}", p.render_with_reasoning()),
             Err(e) => {
-                println!("error: {e}");
+                println!("error: {e:#}");
                 failed = Some(e);
             }
         }
@@ -553,7 +555,8 @@ pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
     drop(profile);
     let predictors = a.predictors.as_deref().map(prepare::load_predictors).transpose()?;
     let out = if a.out.is_dir() { a.out.join(PACKED_FILE_NAME) } else { a.out.clone() };
-    let opts = PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type };
+    let opts =
+        PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type, predicted_density: None };
     let mut pb = Progress::new("pack", "layers");
     let s = prepare::pack_model(&path, &out, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
         pb.update(l as u64, n as u64, "")
@@ -565,11 +568,11 @@ pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
 /// A profile file read on first use.
 struct LazyProfile {
     path: PathBuf,
-    profile: Option<pinion_runtime::ActivationProfile>,
+    profile: Option<pinion_prepare::ActivationProfile>,
 }
 
 impl LazyProfile {
-    fn get(&mut self) -> Result<&pinion_runtime::ActivationProfile> {
+    fn get(&mut self) -> Result<&pinion_prepare::ActivationProfile> {
         if self.profile.is_none() {
             self.profile = Some(prepare::load_profile(&self.path)?);
         }
@@ -577,20 +580,23 @@ impl LazyProfile {
     }
 }
 
-/// Each layer's share of neurons active per token: the predictors' predicted density when they choose, else
-/// one minus the thresholds' achieved sparsity.
-fn layer_density(th: &Thresholds, report: &std::path::Path, uses_predictor: bool) -> Result<Vec<f64>> {
-    if uses_predictor {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
-        let layers = v["layers"].as_array().context("predictors.json has no layers")?;
-        return layers
-            .iter()
-            .map(|l| {
-                l["predicted_density"].as_f64().context("predictors.json: a layer without predicted_density")
-            })
-            .collect();
+/// Each layer's predicted density from a `predictors.json` report (when predictors were trained).
+fn predicted_density(report: &std::path::Path, trained: bool) -> Result<Option<Vec<f32>>> {
+    if !trained {
+        return Ok(None);
     }
-    Ok(th.layers.iter().map(|&(_, s)| 1.0 - s).collect())
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    let layers = v["layers"].as_array().context("predictors.json has no layers")?;
+    let d = layers
+        .iter()
+        .map(|l| {
+            l["predicted_density"]
+                .as_f64()
+                .map(|x| x as f32)
+                .context("predictors.json: a layer without predicted_density")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(d))
 }
 
 fn mib(b: u64) -> f64 {

@@ -61,6 +61,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("pinion-exec-cpu", &["pinion-format"]),
     ("pinion-exec-npu", &["pinion-format", "pinion-exec-cpu"]),
     ("pinion-predictor", &["pinion-format", "pinion-exec-cpu"]),
+    ("pinion-plan", &[]),
     (
         "pinion-runtime",
         &[
@@ -71,9 +72,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "pinion-exec-cpu",
             "pinion-exec-npu",
             "pinion-predictor",
+            "pinion-plan",
         ],
     ),
-    ("pinion-cli", &["pinion-runtime"]),
+    (
+        "pinion-prepare",
+        &[
+            "pinion-format",
+            "pinion-io",
+            "pinion-exec-cpu",
+            "pinion-predictor",
+            "pinion-plan",
+            "pinion-runtime",
+        ],
+    ),
+    ("pinion-cli", &["pinion-runtime", "pinion-prepare", "pinion-plan"]),
 ];
 
 /// Compares every workspace package's internal dependencies with [`ALLOWED`]. Tools (xtask, benches) may use

@@ -12,9 +12,11 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pinion_plan::Budget;
+use pinion_prepare::registry;
 use pinion_runtime::{
     BenchTest, CachePolicy, ChatMessage, Context, ContextParams, GenerateParams, Model, OffloadOptions,
-    SamplerParams, StopReason, registry,
+    SamplerParams, StopReason,
 };
 
 #[derive(Parser, Debug)]
@@ -67,11 +69,12 @@ struct ModelArgs {
     /// Prepared models: run the FFN densely (no thresholds, no predictors).
     #[arg(long = "dense", conflicts_with_all = ["thresholds", "predictors"])]
     dense: bool,
-    /// Prepared models: run under this memory budget (bytes with an optional K/M/G/KiB/MiB/GiB suffix, or a
-    /// percentage of the model's weights as packed, like 50%). Weights that do not fit are read from storage
-    /// as needed; the whole process (weights, KV cache, buffers) stays within the budget.
+    /// Prepared models: run under this memory budget: bytes with an optional K/M/G/KiB/MiB/GiB suffix, or a
+    /// percentage of the GGUF file the model was prepared from, like 50% (over 100% is allowed). The whole
+    /// process (weights, KV cache, buffers) stays within it; weights that do not fit are read from storage as
+    /// needed.
     #[arg(long = "mem-budget")]
-    mem_budget: Option<String>,
+    mem_budget: Option<Budget>,
     /// Offloaded runs: read a neuron's up row and down column separately (no bundles).
     #[arg(long = "no-bundle", requires = "mem_budget")]
     no_bundle: bool,
@@ -97,25 +100,10 @@ enum PolicyArg {
     Llmflash,
 }
 
-/// Parses a memory budget: a byte size in the planner's grammar (`pinion_runtime::plan::parse_size`: `64MiB`,
-/// `64M` and `64K` binary, `64MB` decimal) or a percentage of `model_bytes` (over 100% allowed: the budget is the
-/// whole process, not only the weights).
-fn parse_budget(s: &str, model_bytes: u64) -> Result<u64> {
-    let Some(p) = s.trim().strip_suffix('%') else {
-        return pinion_runtime::plan::parse_size(s)
-            .with_context(|| format!("--mem-budget {s} (try 64MiB or 50%)"));
-    };
-    let v: f64 = p.trim().parse().with_context(|| format!("--mem-budget {s}: not a percentage"))?;
-    if !(v > 0.0 && v.is_finite()) {
-        bail!("--mem-budget {s}: the percentage must be positive");
-    }
-    Ok((model_bytes as f64 * v / 100.0) as u64)
-}
-
 impl ModelArgs {
     /// A context for `model`, with this run's thresholds applied.
     fn context<'m>(&self, model: &'m Model, n_ctx: usize) -> Result<Context<'m>> {
-        self.context_with(model, n_ctx, self.mem_budget.as_deref())
+        self.context_with(model, n_ctx, self.mem_budget)
     }
 
     /// The offload options of this run under `budget` bytes.
@@ -133,15 +121,19 @@ impl ModelArgs {
     }
 
     /// A context for `model` under memory budget `budget` (as given on the command line), if any.
-    fn context_with<'m>(&self, model: &'m Model, n_ctx: usize, budget: Option<&str>) -> Result<Context<'m>> {
+    fn context_with<'m>(
+        &self,
+        model: &'m Model,
+        n_ctx: usize,
+        budget: Option<Budget>,
+    ) -> Result<Context<'m>> {
         let params = ContextParams::new(n_ctx, self.threads);
         let mut ctx = match budget {
             Some(b) => {
                 if !model.is_packed() {
                     bail!("--mem-budget needs a prepared model (cargo xtask prepare), not a GGUF file");
                 }
-                let bytes = parse_budget(b, model.weight_bytes())?;
-                Context::new_offloaded(model, params, self.offload_options(bytes))?
+                Context::new_offloaded(model, params, self.offload_options(b.bytes(model.source_bytes())))?
             }
             None => Context::new(model, params)?,
         };
@@ -156,7 +148,7 @@ impl ModelArgs {
             );
         }
         if let Some(p) = &self.thresholds {
-            let t = pinion_runtime::sparsity::Thresholds::load(p)?;
+            let t = pinion_prepare::Thresholds::load(p)?;
             eprintln!(
                 "pinion: threshold sparsity {:.2} from {} ({} layers)",
                 t.target_sparsity,
@@ -336,7 +328,7 @@ struct BenchArgs {
     /// Measure generation speed at each of these memory budgets (comma-separated sizes or percentages, like
     /// 30%,50%,75%,100%) and print tokens/s against the budget (PowerInfer-2's Figure 10), with a PNG plot.
     #[arg(long = "sweep-budget", value_delimiter = ',', conflicts_with = "mem_budget")]
-    sweep_budget: Vec<String>,
+    sweep_budget: Vec<Budget>,
     /// Where --sweep-budget writes its plot.
     #[arg(long = "sweep-plot", default_value = "sweep-budget.png")]
     sweep_plot: PathBuf,
@@ -745,10 +737,10 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, 
 /// `bench --sweep-budget`: generation speed at each budget, as a table and a PNG plot.
 fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
     let n_gen = a.n_gen.iter().copied().filter(|&n| n > 0).max().unwrap_or(64);
-    let weights = model.weight_bytes();
+    let weights = model.source_bytes();
     let mut points = Vec::new();
-    for b in &a.sweep_budget {
-        let bytes = parse_budget(b, weights)?;
+    for &b in &a.sweep_budget {
+        let bytes = b.bytes(weights);
         model.release_pages();
         let mut ctx = match a.model.context_with(model, n_ctx.max(n_gen), Some(b)) {
             Ok(ctx) => ctx,
@@ -775,7 +767,7 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
     }
     let title = format!("tokens/s against memory budget (tg{n_gen}, {} threads)", a.model.threads);
     if a.output_format == BenchFormat::Json {
-        println!("{}", serde_json::json!({ "model_weight_bytes": weights, "sweep": points }));
+        println!("{}", serde_json::json!({ "source_gguf_bytes": weights, "sweep": points }));
     } else {
         print!("{}", plot::render_sweep_table(&points));
     }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use pinion_runtime::prepare::partial_path;
+use pinion_prepare::partial_path;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 

@@ -199,7 +199,7 @@ fn perplexity_ends_with_the_final_estimate() {
 /// A directory prepared from the real model (threshold sparsity 0.5, no predictors), built once per test run
 /// through the library steps `cargo xtask prepare` drives; with the thresholds file beside it.
 fn prepared_dir() -> Option<(String, PathBuf)> {
-    use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+    use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let m = model()?;
     let dir = DIR.get_or_init(|| {

@@ -19,6 +19,8 @@ pub enum RuntimeError {
     },
     #[error("offloaded run: {0}")]
     Offload(String),
+    #[error(transparent)]
+    Plan(pinion_plan::PlanError),
     #[error("model file {path} not found{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
     ModelNotFound { path: PathBuf, hint: Option<String> },
     #[error("cannot read {path}: {source}")]
@@ -54,24 +56,12 @@ pub enum RuntimeError {
     BadThresholds { got: usize, n_layers: usize },
     #[error("activation profile has (layers, neurons) = {got:?}, the model has {want:?}")]
     ProfileShape { got: (usize, usize), want: (usize, usize) },
-    #[error("{path}: {why}")]
-    BadThresholdsFile { path: PathBuf, why: String },
-    #[error("training the predictor of layer {layer}: {why}")]
-    Training { layer: usize, why: String },
-    #[error("{path}: {why}")]
-    BadPreparedDir { path: PathBuf, why: String },
     #[error("predictors: got {got} layers for a model of {n_layers}, or a predictor of the wrong width")]
     BadPredictors { got: usize, n_layers: usize },
     #[error("this needs a packed model (prepare one with `cargo xtask prepare`)")]
     NotPacked,
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
-    #[error("{path}: {why}")]
-    BadProfileFile { path: PathBuf, why: String },
-    #[error("the calibration text has {tokens} tokens; at least {needed} are needed")]
-    CalibrationTooShort { tokens: usize, needed: usize },
-    #[error("fetching model '{name}': {why}")]
-    Fetch { name: String, why: String },
 }
 
 /// `bytes` in MiB with one decimal, for messages.

@@ -2,29 +2,25 @@
 //! file or a packed neuron-major file ([`Model`]), holds one sequence's KV cache and scratch buffers
 //! ([`Context`], the main type), runs the forward pass on the CPU kernels of `pinion-exec-cpu` (a packed FFN
 //! sparsely, choosing neurons by thresholds and predictors), samples tokens ([`Sampler`]) and drives generation
-//! ([`generate`]), perplexity ([`perplexity()`]) and llama-bench-style speed tests ([`run_bench`]). The offline
-//! preparation steps are library functions in [`prepare`], with the device profile ([`device`]) and the
-//! planner ([`plan`]).
+//! ([`generate`]), perplexity ([`perplexity()`]) and llama-bench-style speed tests ([`run_bench`]). Under a
+//! memory budget it runs the plan `pinion-plan` makes for the run ([`planning`]).
 //!
-//! This crate does not parse files (that is `pinion-format`), hold kernels (`pinion-exec-cpu`) or touch the
-//! terminal: the `pinion` binary does the printing. It is the only crate that schedules threads.
+//! This crate is online only: it does not prepare models (that is `pinion-prepare`), parse files
+//! (`pinion-format`), hold kernels (`pinion-exec-cpu`) or touch the terminal (the `pinion` binary does the
+//! printing). It is the only crate that schedules threads.
 #![deny(unsafe_code)]
 
 mod bench;
 mod config;
 mod context;
-pub mod device;
 mod error;
 mod ffn;
 mod generate;
 mod model;
 pub mod offload;
 mod perplexity;
-pub mod plan;
-pub mod prepare;
-pub mod registry;
+pub mod planning;
 mod sampler;
-pub mod sparsity;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::{FFN_ACTIVATION_KEY, FfnActivation, ModelConfig};

@@ -112,6 +112,10 @@ pub struct Model {
     /// The predictors, decoded on first use (a SiLU model that never uses them never pays their memory).
     predictors: std::sync::OnceLock<Vec<LowRankPredictor>>,
     packed: bool,
+    /// Bytes of the GGUF the model was made from (the file itself for a GGUF).
+    source_bytes: u64,
+    /// Per layer, the share of neurons the predictor marks per token, measured at preparation.
+    predicted_density: Option<Vec<f32>>,
 }
 
 impl Model {
@@ -142,6 +146,25 @@ impl Model {
             let layers = packed.layers().to_vec();
             let mut model = Model::from_gguf(&file, packed.resident_gguf(), base, Some(layers))?;
             (model.sparsity, model.predictor_refs) = read_sparsity(packed.resident_gguf(), base, &model)?;
+            let g = packed.resident_gguf();
+            // Prepared before the source size was recorded: the weights as stored are the closest stand-in.
+            model.source_bytes = match g.get(crate::planning::SOURCE_BYTES_KEY) {
+                Some(_) => g.get_u64(crate::planning::SOURCE_BYTES_KEY).map_err(format_err)?,
+                None => model.weight_bytes(),
+            };
+            model.predicted_density = match g.get(crate::planning::PREDICTED_DENSITY_KEY) {
+                Some(_) => {
+                    let d = g.get_f32_array(crate::planning::PREDICTED_DENSITY_KEY).map_err(format_err)?;
+                    if d.len() != model.config.n_layers || d.iter().any(|x| !(0.0..=1.0).contains(x)) {
+                        return Err(RuntimeError::BadHyperParameter {
+                            key: crate::planning::PREDICTED_DENSITY_KEY.into(),
+                            value: format!("{} values (one in [0, 1] per layer expected)", d.len()),
+                        });
+                    }
+                    Some(d)
+                }
+                None => None,
+            };
             // Everything read so far (header, index, metadata) was copied out; weights fault in on first use.
             let _ = file.release(0..file.len());
             return Ok(model);
@@ -218,7 +241,20 @@ impl Model {
             predictor_refs: Vec::new(),
             predictors: std::sync::OnceLock::new(),
             packed: is_packed,
+            source_bytes: file.len() as u64,
+            predicted_density: None,
         })
+    }
+
+    /// Bytes of the GGUF file the model was made from: the base of percentage budgets (`--mem-budget 50%`).
+    pub fn source_bytes(&self) -> u64 {
+        self.source_bytes
+    }
+
+    /// Per layer, the share of neurons the predictors mark per token, as measured at preparation (`None` when
+    /// the model has no predictors or was prepared before it was recorded).
+    pub fn predicted_density(&self) -> Option<&[f32]> {
+        self.predicted_density.as_deref()
     }
 
     /// The sparsity a prepared (packed) model carries; empty for a GGUF.

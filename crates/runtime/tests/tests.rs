@@ -3,7 +3,5 @@
 
 mod common;
 mod errors;
-mod offload;
-mod prepare;
 mod reference;
 mod sparsity;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use pinion_format::GgmlType;
 use pinion_format::synth::{self, SynthConfig};
 use pinion_predictor::LowRankPredictor;
-use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
 use pinion_runtime::{
     CachePolicy, Context, ContextParams, Logits, MemoryPlan, Model, OffloadOptions, PACKED_FILE_NAME,
     RuntimeError, argmax,
@@ -72,7 +72,7 @@ fn fixture(tag: &str, down_type: GgmlType, packed_predictors: bool) -> Fixture {
     let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
     let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));
     let packed = dir.0.join(PACKED_FILE_NAME);
-    let popts = PackStepOptions { cluster_neurons: 16, down_type };
+    let popts = PackStepOptions { cluster_neurons: 16, down_type, predicted_density: None };
     prepare::pack_model(&gguf, &packed, &freq, &th, ps.as_deref(), &popts, &mut |_, _| {}).unwrap();
     Fixture { dir, gguf, packed, inputs }
 }

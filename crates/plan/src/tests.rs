@@ -1,0 +1,384 @@
+//! Tests of the planner against brute force, simulation and its own invariants.
+
+use proptest::prelude::*;
+
+use crate::planner::{allocate, lru_hits};
+use crate::*;
+
+/// A model of `n_layers` layers of `n_ff` neurons with Zipf-like frequencies that differ by layer.
+fn input(n_layers: usize, n_ff: usize, predicting: bool) -> PlanInput {
+    let layers: Vec<LayerShape> = (0..n_layers)
+        .map(|l| {
+            let frequency: Vec<f32> =
+                (0..n_ff).map(|i| 0.9 / (1.0 + i as f32 / (4.0 + 3.0 * l as f32))).collect();
+            let density = frequency.iter().map(|&f| f as f64).sum::<f64>() / n_ff as f64;
+            LayerShape {
+                n_ff,
+                cluster_neurons: 16,
+                gate_row_bytes: 576,
+                bundle_bytes: 1152,
+                stride: (16 * 1728u64).div_ceil(4096) * 4096,
+                frequency,
+                gate_density: if predicting { (1.5 * density).min(1.0) } else { 1.0 },
+            }
+        })
+        .collect();
+    PlanInput {
+        model: "toy".into(),
+        source_bytes: 64 << 20,
+        process_bytes: 8 << 20,
+        attention_bytes: 4 << 20,
+        attention_tensors: 4 * n_layers,
+        head: HeadShape { n_rows: 1000, row_bytes: 1088, tied: true },
+        kv_bytes: 2 << 20,
+        scratch_bytes: 1 << 20,
+        predictor_bytes: if predicting { 1 << 20 } else { 0 },
+        predicting,
+        layers,
+        cache: CacheCosts { entry_overhead: 48, key_overhead: 4, fixed_align: 64 },
+    }
+}
+
+fn minimum(inp: &PlanInput) -> u64 {
+    match plan(inp, &sample_profile(), &PlanOptions::new(1, 2)) {
+        Err(PlanError::BudgetTooSmall { budget: 1, minimum, .. }) => minimum,
+        other => panic!("expected BudgetTooSmall, got {other:?}"),
+    }
+}
+
+fn ffn_bytes(inp: &PlanInput) -> u64 {
+    inp.layers.iter().map(|l| l.n_ff as u64 * (l.gate_row_bytes + l.bundle_bytes)).sum()
+}
+
+#[test]
+fn budget_below_minimum_names_the_minimum_and_the_minimum_runs() {
+    let inp = input(4, 512, true);
+    let min = minimum(&inp);
+    let err = plan(&inp, &sample_profile(), &PlanOptions::new(min - 1, 2)).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("at least {:.1} MiB", min as f64 / (1 << 20) as f64)), "{msg}");
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min, 2)).unwrap();
+    assert_eq!(p.memory.minimum(), min);
+    assert_eq!(p.memory.total(), min);
+    assert_eq!(p.head_rows, 0);
+    assert!(p.layers.iter().all(|l| l.pinned_bundles == 0 && l.pinned_gate_clusters == 0));
+    // Everything is read: the whole head, every gate row the predictor picks and every firing bundle.
+    assert!(p.predicted.mb_read_per_token > 1.0, "{:?}", p.predicted);
+}
+
+#[test]
+fn everything_fits_pins_everything_and_reads_nothing() {
+    for predicting in [false, true] {
+        let inp = input(3, 256, predicting);
+        let budget = minimum(&inp) + ffn_bytes(&inp) + 1000 * 1088 + (1 << 20);
+        let p = plan(&inp, &sample_profile(), &PlanOptions::new(budget, 2)).unwrap();
+        assert_eq!(p.head_rows, 1000);
+        for l in &p.layers {
+            assert_eq!((l.pinned_bundles, l.pinned_gate_clusters), (256, 16), "{l:?}");
+            assert_eq!(l.cold_entries + l.hot_entries, 0);
+        }
+        assert_eq!(p.predicted.mb_read_per_token, 0.0);
+        assert_eq!(p.predicted.hit_rate, 1.0);
+        assert!((p.predicted.tokens_per_s - p.predicted.in_memory_tokens_per_s).abs() < 1e-9);
+        assert!(p.memory.total() <= budget);
+    }
+}
+
+#[test]
+fn larger_budgets_pin_more_and_read_less() {
+    for predicting in [false, true] {
+        let inp = input(4, 512, predicting);
+        let min = minimum(&inp);
+        let span = ffn_bytes(&inp) + 1000 * 1088;
+        let mut prev: Option<Plan> = None;
+        for step in 0..=44 {
+            let b = min + span * step / 40;
+            let p = plan(&inp, &sample_profile(), &PlanOptions::new(b, 2)).unwrap();
+            assert!(p.memory.total() <= b, "step {step}: {} > {b}", p.memory.total());
+            if let Some(q) = &prev {
+                assert!(p.head_rows >= q.head_rows, "step {step}");
+                // The plan minimizes token time (a layer may read a few more bytes in larger, faster reads).
+                assert!(
+                    p.predicted.tokens_per_s >= q.predicted.tokens_per_s * (1.0 - 1e-9),
+                    "step {step}: {} -> {} t/s",
+                    q.predicted.tokens_per_s,
+                    p.predicted.tokens_per_s
+                );
+            }
+            prev = Some(p);
+        }
+        assert_eq!(prev.unwrap().predicted.mb_read_per_token, 0.0);
+    }
+}
+
+#[test]
+fn thresholds_pin_gates_before_cold_bundles_and_predictors_pin_hot_neurons_first() {
+    // With thresholds every gate row is read every token: a gate byte saves a read byte every token, a cold
+    // bundle byte only when its neuron fires.
+    let inp = input(2, 512, false);
+    let min = minimum(&inp);
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000, 2)).unwrap();
+    assert!(p.memory.pinned_gates > p.memory.pinned_bundles, "{:?}", p.memory);
+    // With predictors a gate row is read only when picked: the hottest neurons' rows and bundles go first.
+    let inp = input(2, 512, true);
+    let min = minimum(&inp);
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000, 2)).unwrap();
+    assert!(p.memory.pinned_bundles > 0 && p.memory.pinned_gates > 0, "{:?}", p.memory);
+    for l in &p.layers {
+        // The hottest neurons come first: nothing cold is pinned while a hotter one of its layer is not.
+        assert!(l.pinned_bundles < 512 && l.pinned_gate_clusters < 32, "{l:?}");
+    }
+}
+
+#[test]
+fn switches_are_planned() {
+    let inp = input(3, 256, false);
+    let b = minimum(&inp) + ffn_bytes(&inp) / 2 + 1000 * 1088;
+    let no_cache = PlanOptions { cache: false, ..PlanOptions::new(b, 2) };
+    let p = plan(&inp, &sample_profile(), &no_cache).unwrap();
+    assert!(p.layers.iter().all(|l| l.pinned_bundles + l.pinned_gate_clusters + l.cold_entries == 0));
+    let flash = PlanOptions { policy: CachePolicy::LlmFlash { window: 5 }, ..PlanOptions::new(b, 2) };
+    let p = plan(&inp, &sample_profile(), &flash).unwrap();
+    assert!(p.layers.iter().all(|l| l.pinned_bundles + l.pinned_gate_clusters == 0));
+    assert!(p.memory.cold > 0);
+    let serial = PlanOptions { pipeline: false, ..PlanOptions::new(b, 2) };
+    let overlapped = plan(&inp, &sample_profile(), &PlanOptions::new(b, 2)).unwrap();
+    let serial = plan(&inp, &sample_profile(), &serial).unwrap();
+    assert!(serial.predicted.tokens_per_s < overlapped.predicted.tokens_per_s);
+    assert_eq!(serial.read_ahead_bytes, 0);
+}
+
+#[test]
+fn predicted_speed_lies_between_serial_and_overlapped_bounds() {
+    for predicting in [true, false] {
+        let inp = input(4, 512, predicting);
+        let d = sample_profile();
+        let b = minimum(&inp) + ffn_bytes(&inp) / 3;
+        let p = plan(&inp, &d, &PlanOptions::new(b, 2)).unwrap();
+        let t = 1.0 / p.predicted.tokens_per_s;
+        let compute = 1.0 / p.predicted.in_memory_tokens_per_s;
+        let best_io = p.predicted.mb_read_per_token / d.peak_read_mb_per_s();
+        let worst_io = p.predicted.mb_read_per_token / d.read_throughput(4096, 1);
+        assert!(t >= compute.max(best_io) - 1e-12, "{t} vs {compute} / {best_io}");
+        assert!(t <= compute + worst_io + 4.0 * 0.01, "{t} vs {compute} + {worst_io}");
+    }
+}
+
+#[test]
+fn threads_are_capped_by_cpus() {
+    let inp = input(2, 64, true);
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (1 << 20), 64)).unwrap();
+    assert_eq!(p.compute_threads, 4);
+    assert!(p.render().contains("4 compute threads"));
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let d = sample_profile();
+    let ok = PlanOptions::new(1 << 40, 2);
+    let mut inp = input(2, 64, true);
+    inp.layers[0].frequency.pop();
+    assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
+    let mut inp = input(2, 64, true);
+    inp.layers[1].frequency[3] = 1.5;
+    assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
+    let mut inp = input(2, 64, true);
+    inp.layers[0].gate_density = f64::NAN;
+    assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
+    let mut inp = input(2, 64, true);
+    inp.layers[0].stride = 4096;
+    assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
+    let inp = input(2, 64, true);
+    assert!(matches!(plan(&inp, &d, &PlanOptions::new(1 << 40, 0)), Err(PlanError::BadInput { .. })));
+    let empty = DeviceProfile { reads: vec![], ..sample_profile() };
+    assert!(matches!(plan(&inp, &empty, &ok), Err(PlanError::IncompleteProfile { .. })));
+}
+
+#[test]
+fn json_round_trip_and_version_check() {
+    let inp = input(3, 128, true);
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (3 << 20), 2)).unwrap();
+    assert_eq!(Plan::from_json(&p.to_json(), "t").unwrap(), p);
+    let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+    v["version"] = serde_json::json!(1);
+    assert!(matches!(
+        Plan::from_json(&v.to_string(), "t"),
+        Err(PlanError::Version { found: 1, expected: PLAN_VERSION, .. })
+    ));
+    v["version"] = serde_json::json!(PLAN_VERSION);
+    v["format"] = serde_json::json!("pinion-device");
+    assert!(matches!(Plan::from_json(&v.to_string(), "t"), Err(PlanError::BadFile { .. })));
+}
+
+#[test]
+fn reference_profile_is_said() {
+    let inp = input(2, 64, false);
+    let d = DeviceProfile::reference();
+    let min = match plan(&inp, &d, &PlanOptions::new(1, 2)) {
+        Err(PlanError::BudgetTooSmall { minimum, .. }) => minimum,
+        other => panic!("{other:?}"),
+    };
+    let p = plan(&inp, &d, &PlanOptions::new(min + (1 << 20), 2)).unwrap();
+    assert_eq!(p.device, "reference");
+    assert!(p.render().contains("no measured device profile"), "{}", p.render());
+    assert!(p.reasoning.iter().any(|r| r.contains("no measured profile")));
+}
+
+/// An LRU of `c` entries over items requested independently each token with probabilities `a` (in a fixed
+/// order within the token, as a decode step visits neurons), simulated: the hit share of each item.
+fn simulate_lru(a: &[f64], c: usize, tokens: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed | 1;
+    let mut rand = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut lru: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+    let (mut hits, mut reqs) = (vec![0u64; a.len()], vec![0u64; a.len()]);
+    for t in 0..tokens {
+        for (i, &p) in a.iter().enumerate() {
+            if rand() >= p {
+                continue;
+            }
+            let hit = if let Some(pos) = lru.iter().position(|&x| x == i) {
+                lru.remove(pos);
+                true
+            } else {
+                false
+            };
+            lru.push_front(i);
+            lru.truncate(c);
+            if t >= tokens / 10 {
+                reqs[i] += 1;
+                hits[i] += u64::from(hit);
+            }
+        }
+    }
+    hits.iter().zip(&reqs).map(|(&h, &r)| if r == 0 { 0.0 } else { h as f64 / r as f64 }).collect()
+}
+
+#[test]
+fn lru_estimate_matches_a_simulated_lru() {
+    // A Zipf-like tail of neuron firing probabilities.
+    let a: Vec<f64> = (0..200).map(|i| 0.6 / (1.0 + i as f64 / 8.0)).collect();
+    for c in [5, 10, 20, 40, 100] {
+        let e = lru_hits(&a, c);
+        let sim = simulate_lru(&a, c, 4000, 42 + c as u64);
+        let s: f64 = sim.iter().zip(&a).map(|(h, p)| h * p).sum();
+        assert!(
+            (e - s).abs() <= 0.08 * s + 0.03,
+            "capacity {c}: estimate {e:.3} vs simulated {s:.3} hits per token"
+        );
+    }
+    // A cyclic scan (every item every token) larger than the LRU never hits; one that fits always does.
+    let all = vec![1.0; 50];
+    assert!(lru_hits(&all, 49) < 1e-6);
+    assert!(simulate_lru(&all, 49, 50, 1).iter().all(|&h| h == 0.0));
+    assert_eq!(lru_hits(&all, 50), 50.0);
+}
+
+/// The expected bytes a token does not read thanks to pinned units, with two-phase values: a gate row is worth
+/// its bytes times the chance it is needed, a bundle its bytes times its neuron's firing probability.
+fn saved(inp: &PlanInput, gates: &[usize], bundles: &[usize]) -> f64 {
+    inp.layers
+        .iter()
+        .enumerate()
+        .map(|(l, ls)| {
+            let d = ls.frequency.iter().map(|&f| f as f64).sum::<f64>() / ls.n_ff as f64;
+            let gp = |i: usize| {
+                if inp.predicting { (ls.frequency[i] as f64 * ls.gate_density / d).min(1.0) } else { 1.0 }
+            };
+            let c = ls.cluster_neurons;
+            let g: f64 = (0..(gates[l] * c).min(ls.n_ff)).map(gp).sum::<f64>() * ls.gate_row_bytes as f64;
+            let b: f64 =
+                ls.frequency[..bundles[l]].iter().map(|&f| f as f64).sum::<f64>() * ls.bundle_bytes as f64;
+            g + b
+        })
+        .sum()
+}
+
+#[test]
+fn greedy_pinning_is_within_one_unit_of_the_best() {
+    for predicting in [false, true] {
+        let mut inp = input(2, 32, predicting);
+        for ls in &mut inp.layers {
+            ls.cluster_neurons = 8;
+        }
+        let opts = PlanOptions::new(0, 2);
+        for budget in (0..=120_000u64).step_by(7_919) {
+            let a =
+                allocate(&inp, &freqs(&inp), &|l, i| gate_p(&inp, l, i), budget + 1000 * 1088, 0.0, &opts);
+            let used: u64 = (0..2).map(|l| a.gates[l] as u64 * 8 * 576 + a.bundles[l] as u64 * 1152).sum();
+            assert!(used <= budget, "{used} > {budget}");
+            let got = saved(&inp, &a.gates, &a.bundles);
+            // Brute force over every pair of prefixes per layer.
+            let mut best = 0.0f64;
+            for g0 in 0..=4 {
+                for g1 in 0..=4 {
+                    for b0 in 0..=32 {
+                        for b1 in 0..=32 {
+                            let bytes = (g0 + g1) as u64 * 8 * 576 + (b0 + b1) as u64 * 1152;
+                            if bytes <= budget {
+                                best = best.max(saved(&inp, &[g0, g1], &[b0, b1]));
+                            }
+                        }
+                    }
+                }
+            }
+            // Greedy by value per byte is within one unit (the largest, a gate block) of the knapsack optimum.
+            let unit = 8.0 * 576.0;
+            assert!(
+                got >= best - unit - 1e-6 && got <= best + 1e-6,
+                "budget {budget}: greedy {got} vs best {best}"
+            );
+        }
+    }
+}
+
+fn freqs(inp: &PlanInput) -> Vec<Vec<f64>> {
+    inp.layers.iter().map(|l| l.frequency.iter().map(|&f| f as f64).collect()).collect()
+}
+
+fn gate_p(inp: &PlanInput, l: usize, i: usize) -> f64 {
+    let ls = &inp.layers[l];
+    let d = ls.frequency.iter().map(|&f| f as f64).sum::<f64>() / ls.n_ff as f64;
+    if inp.predicting { (ls.frequency[i] as f64 * ls.gate_density / d).min(1.0) } else { 1.0 }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the shapes, statistics and budget: the plan never spends more than the budget, pins
+    /// prefixes within the layer, and its counts are in range.
+    #[test]
+    fn plans_respect_the_budget(
+        n_layers in 1usize..5,
+        n_ff in 1usize..300,
+        c in 1usize..40,
+        skew in 0.5f32..20.0,
+        predicting in any::<bool>(),
+        extra in 0u64..(4 << 20),
+        flash in any::<bool>(),
+    ) {
+        let mut inp = input(n_layers, n_ff, predicting);
+        for (l, ls) in inp.layers.iter_mut().enumerate() {
+            ls.cluster_neurons = c;
+            ls.stride = ((c.min(n_ff)) as u64 * 1728).div_ceil(4096) * 4096;
+            ls.frequency = (0..n_ff).map(|i| 0.95 / (1.0 + i as f32 / (skew + l as f32))).collect();
+        }
+        let min = minimum(&inp);
+        let policy = if flash { CachePolicy::LlmFlash { window: 3 } } else { CachePolicy::PowerInfer2 };
+        let opts = PlanOptions { policy, ..PlanOptions::new(min + extra, 2) };
+        let p = plan(&inp, &sample_profile(), &opts).unwrap();
+        prop_assert!(p.memory.total() <= min + extra);
+        prop_assert!(p.head_rows <= 1000);
+        for (l, lp) in p.layers.iter().enumerate() {
+            prop_assert!(lp.pinned_bundles <= n_ff);
+            prop_assert!(lp.pinned_gate_clusters <= n_ff.div_ceil(c));
+            prop_assert!(lp.cold_entries <= n_ff - lp.pinned_bundles, "layer {}: {:?}", l, lp);
+        }
+        prop_assert!(p.predicted.tokens_per_s.is_finite() && p.predicted.tokens_per_s > 0.0);
+        prop_assert!((0.0..=1.0).contains(&p.predicted.hit_rate));
+    }
+}
