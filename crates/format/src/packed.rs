@@ -447,19 +447,26 @@ impl PackedLayer {
     }
 
     /// Checks the bytes of cluster `k`'s gate block against the recorded CRC: a mismatch is
-    /// [`FormatError::Checksum`], a slice of the wrong length [`FormatError::BadBlockView`].
+    /// [`FormatError::Checksum`] with `what` = `"layer {l} cluster {k} gate block"` and the block's absolute file
+    /// offset, a slice of the wrong length [`FormatError::BadBlockView`].
     pub fn verify_gate_block(&self, k: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.gate_block_range(k);
-        check_len(&format!("layer {} gate block {k}", self.index), r.clone(), bytes)?;
-        check_crc(&format!("layer {} gate block {k}", self.index), r.start, self.gate_crc[k], bytes)
+        let what = || format!("layer {} cluster {k} gate block", self.index);
+        check_len(&what, r.clone(), bytes)?;
+        check_crc(&what, r.start, self.gate_crc[k], bytes)
     }
 
     /// Checks the bytes of the bundle at position `pos` against the recorded CRC (errors as
-    /// [`verify_gate_block`](Self::verify_gate_block)).
+    /// [`verify_gate_block`](Self::verify_gate_block), with `what` =
+    /// `"layer {l} bundle at position {pos} (neuron {n}, cluster {k})"`).
     pub fn verify_bundle(&self, pos: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.bundle_range(pos);
-        check_len(&format!("layer {} bundle {pos}", self.index), r.clone(), bytes)?;
-        check_crc(&format!("layer {} bundle {pos}", self.index), r.start, self.bundle_crc[pos], bytes)
+        let what = || {
+            let (l, n, k) = (self.index, self.order[pos], pos / self.cluster_neurons);
+            format!("layer {l} bundle at position {pos} (neuron {n}, cluster {k})")
+        };
+        check_len(&what, r.clone(), bytes)?;
+        check_crc(&what, r.start, self.bundle_crc[pos], bytes)
     }
 
     /// (cluster, index within the cluster) of position `pos`.
@@ -623,7 +630,7 @@ pub fn parse_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<Vec<
     if file_len != h.file_len() {
         return Err(corrupt(48, format!("the file is {file_len} bytes, the header says {}", h.file_len())));
     }
-    check_crc("index", h.index_offset, h.index_crc, index)?;
+    check_crc(&|| "index".to_string(), h.index_offset, h.index_crc, index)?;
     let n_layers = h.n_layers as u64;
     if n_layers.saturating_mul(LAYER_FIXED_LEN) > h.index_len {
         return Err(corrupt(
@@ -1205,21 +1212,23 @@ fn corrupt(offset: u64, why: impl Into<String>) -> FormatError {
     FormatError::CorruptPacked { offset, why: why.into() }
 }
 
-fn check_len(what: &str, r: Range<u64>, bytes: &[u8]) -> Result<(), FormatError> {
+/// Checks that `bytes` is as long as `r`; `what` names the bytes, and is formatted only on failure.
+fn check_len(what: &dyn Fn() -> String, r: Range<u64>, bytes: &[u8]) -> Result<(), FormatError> {
     if bytes.len() as u64 != r.end - r.start {
         return Err(FormatError::BadBlockView {
             len: bytes.len(),
             block: (r.end - r.start) as usize,
-            why: format!("{what} is {} bytes (at offset {})", r.end - r.start, r.start),
+            why: format!("{} is {} bytes (at offset {})", what(), r.end - r.start, r.start),
         });
     }
     Ok(())
 }
 
-fn check_crc(what: &str, offset: u64, expected: u32, bytes: &[u8]) -> Result<(), FormatError> {
+/// Checks the CRC of `bytes`; `what` names them, and is formatted only on failure.
+fn check_crc(what: &dyn Fn() -> String, offset: u64, expected: u32, bytes: &[u8]) -> Result<(), FormatError> {
     let found = crc32fast::hash(bytes);
     if found != expected {
-        return Err(FormatError::Checksum { what: what.to_string(), offset, expected, found });
+        return Err(FormatError::Checksum { what: what(), offset, expected, found });
     }
     Ok(())
 }

@@ -425,16 +425,23 @@ fn flipped_byte_in_any_gate_block_or_bundle_is_caught() {
                     matches!(f.verify_all(), Err(FormatError::Checksum { .. })),
                     "flip at {a} not caught"
                 );
-                let hit = if a < gb.end {
-                    f.layer(l).verify_gate_block(k, f.gate_block(l, k))
+                let (hit, want_what, want_offset) = if a < gb.end {
+                    let hit = f.layer(l).verify_gate_block(k, f.gate_block(l, k));
+                    (hit, format!("layer {l} cluster {k} gate block"), gb.start)
                 } else {
                     let pos = (first..first + layer.cluster_len(k))
                         .find(|&p| layer.bundle_range(p).contains(&a))
                         .unwrap();
-                    f.layer(l).verify_bundle(pos, f.bundle(l, pos))
+                    let hit = f.layer(l).verify_bundle(pos, f.bundle(l, pos));
+                    let n = layer.order[pos];
+                    let what = format!("layer {l} bundle at position {pos} (neuron {n}, cluster {k})");
+                    (hit, what, layer.bundle_range(pos).start)
                 };
                 match hit {
-                    Err(FormatError::Checksum { offset, .. }) => assert!(offset <= a),
+                    Err(FormatError::Checksum { what, offset, .. }) => {
+                        assert_eq!((what, offset), (want_what, want_offset));
+                        assert!(offset <= a);
+                    }
                     other => panic!("flip at {a}: expected a checksum error, got {other:?}"),
                 }
                 n_checked += 1;
