@@ -12,7 +12,9 @@ use std::path::PathBuf;
 
 use pinion_format::packed::{PACKED_VERSION, PACKED_VERSION_KEY, PackOptions, PackedFile, pack};
 use pinion_format::synth::{self, SynthConfig};
-use pinion_format::{Gguf, Value, quant};
+use pinion_format::{FormatError, Gguf, Value, quant};
+
+use crate::util::crc32_ref;
 
 /// The source of every packed fixture: 2 layers, d_model 64, 96 neurons, vocabulary 300, Q4_0, untied head.
 fn fixture_source() -> Vec<u8> {
@@ -126,4 +128,36 @@ fn check_fixture(version: u32) {
 #[test]
 fn packed_v1_fixture_still_reads() {
     check_fixture(1);
+    let bytes = std::fs::read(fixture_path(1)).unwrap();
+    let f = PackedFile::parse(&bytes).unwrap();
+    assert!(f.checksums().is_empty(), "version 1 records no resident checksums");
+    assert_eq!(f.tensor_checksum("output.weight"), None);
+    assert!(f.row_checksums("token_embd.weight").is_none());
+    let head = f.resident_gguf().tensor("output.weight").unwrap();
+    assert!(matches!(f.verify_tensor("output.weight", head.data), Err(FormatError::NoChecksum { .. })));
+    assert!(matches!(f.verify_rows("output.weight", 0, head.row(0)), Err(FormatError::NoChecksum { .. })));
+}
+
+#[test]
+fn packed_v2_fixture_still_reads() {
+    check_fixture(2);
+    let bytes = std::fs::read(fixture_path(2)).unwrap();
+    let f = PackedFile::parse(&bytes).unwrap();
+    let src_bytes = fixture_source();
+    let src = Gguf::parse(&src_bytes).unwrap();
+    let r = f.resident_gguf();
+    assert_eq!(f.checksums().tensors().len(), r.tensors.len());
+    for t in &r.tensors {
+        let data = src.tensor(&t.name).unwrap().data;
+        assert_eq!(f.tensor_checksum(&t.name), Some(crc32_ref(data)), "{}", t.name);
+    }
+    for name in ["token_embd.weight", "output.weight"] {
+        let view = src.tensor(name).unwrap();
+        let rows = f.row_checksums(name).unwrap();
+        assert_eq!(rows.n_rows(), 300);
+        for i in 0..300 {
+            assert_eq!(rows.checksum(i), Some(crc32_ref(view.row(i))), "{name} row {i}");
+        }
+        f.verify_rows(name, 0, view.data).unwrap();
+    }
 }

@@ -5,8 +5,8 @@ use std::io::Cursor;
 
 use pinion_format::fuzz::{check_packed_parse, reseal_packed};
 use pinion_format::packed::{
-    ExtraTensor, PACKED_VERSION_KEY, PAGE, PackOptions, PackProgress, PackSummary, PackedFile, PackedHeader,
-    PackedLayer, pack, page_span, parse_index,
+    ExtraTensor, PACKED_VERSION, PACKED_VERSION_KEY, PAGE, PackOptions, PackProgress, PackSummary,
+    PackedFile, PackedHeader, PackedLayer, pack, page_span, parse_index,
 };
 use pinion_format::synth::{self, SynthConfig};
 use pinion_format::{FormatError, GgmlType, Gguf, GgufWriter, Value, quant};
@@ -232,7 +232,7 @@ fn round_trip_f32_down_is_exact_and_resident_holds_everything_else() {
     assert_eq!(r.tensors.len(), n_copied + 1);
     let e = r.tensor("pinion.predictor.0").unwrap();
     assert_eq!((e.ty, e.dims, e.data), (extra.ty, extra.dims.as_slice(), extra.data.as_slice()));
-    assert_eq!(r.get_u64(PACKED_VERSION_KEY).unwrap(), 1);
+    assert_eq!(r.get_u64(PACKED_VERSION_KEY).unwrap(), PACKED_VERSION as u64);
     assert_eq!(r.get_str("pinion.test.note").unwrap(), "hello");
     assert_eq!(r.get_str("general.name").unwrap(), "renamed");
     for (k, v) in &src.metadata {

@@ -4,6 +4,7 @@
 //! GGUF and the GGML quants independent of this crate, except `packed_v*.pinion`, the packed files of every
 //! shipped packed version, which `compat::create_format` writes when the current version's is missing.
 
+mod checksums;
 mod compat;
 mod errors;
 mod fuzz_corpus;
