@@ -128,7 +128,11 @@ pub enum FormatError {
         found: [u8; 8],
     },
     /// The packed format version (offset 8) is not one this build reads.
-    #[error("unsupported packed format version {version} at offset 8 (pinion reads version 1)")]
+    #[error(
+        "unsupported packed format version {version} at offset 8 (pinion reads versions {oldest} to {newest})",
+        oldest = crate::packed::OLDEST_SUPPORTED_PACKED_VERSION,
+        newest = crate::packed::PACKED_VERSION
+    )]
     UnsupportedPackedVersion {
         /// The version found.
         version: u32,
@@ -146,7 +150,7 @@ pub enum FormatError {
         "checksum mismatch in {what} at offset {offset}: recorded {expected:#010x}, computed {found:#010x}"
     )]
     Checksum {
-        /// What was checked (e.g. `layer 3 bundle 17`).
+        /// What was checked (e.g. `layer 3 cluster 0 gate block`, `output.weight row 31337`).
         what: String,
         /// Absolute file offset of the checked bytes.
         offset: u64,
@@ -154,6 +158,16 @@ pub enum FormatError {
         expected: u32,
         /// The CRC-32 of the bytes given.
         found: u32,
+    },
+
+    /// The caller asked to check bytes the file records no checksum for (a resident tensor of a packed file of
+    /// version 1, or a tensor whose rows are not checksummed).
+    #[error(
+        "no checksum is recorded for {what} (packed files of version 1 record none for resident tensors)"
+    )]
+    NoChecksum {
+        /// What the caller asked to check (e.g. `tensor output.weight`).
+        what: String,
     },
 
     // === Reading: lookups by the caller ===

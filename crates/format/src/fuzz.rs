@@ -5,8 +5,11 @@
 
 use std::ops::Range;
 
+use crate::error::FormatError;
 use crate::gguf::{Gguf, Value};
-use crate::packed::{HEADER_CRC_AT, PAGE, PackedFile, PackedHeader, parse_index};
+use crate::packed::{
+    HEADER_CRC_AT, PAGE, PackedFile, PackedHeader, PackedIndex, parse_index, parse_packed_index,
+};
 use crate::quant::dequantize_row;
 use crate::writer::GgufWriter;
 
@@ -81,11 +84,17 @@ pub fn same_value(a: &Value, b: &Value) -> bool {
 /// recomputed by [`reseal_packed`] (so that a fuzzer's mutations reach the checks behind the checksums). For
 /// each parse that succeeds, checks that:
 ///
-/// - [`PackedHeader::parse`] and [`parse_index`] on the header page and index bytes give the same layers;
+/// - [`PackedHeader::parse`] and [`parse_index`] on the header page and index bytes give the same layers, and
+///   [`parse_packed_index`] the same layers and resident checksums;
 /// - every layer lies in the FFN section, after the previous one; every record is page aligned, inside its
 ///   layer, and after the previous record; every position's gate row lies in its cluster's gate block, which
 ///   lies in the record, and its bundle lies in the record after the gate block and after the previous bundle;
 /// - `position_of` inverts `order`; the in-memory accessors return slices of the ranges' lengths;
+/// - a version 1 file has no resident checksums; a version 2 file has one per resident tensor, each naming that
+///   tensor's data range, and row tables that tile their tensors, one for each of `token_embd.weight` and
+///   `output.weight` present;
+/// - a tensor's rows verify all at once exactly when they verify one by one, and a failure names a row inside
+///   the tensor; a slice of the wrong length is refused with a typed error;
 /// - [`PackedFile::verify_all`] returns (an error is not a failure).
 ///
 /// # Panics
@@ -131,6 +140,9 @@ fn check_packed(data: &[u8]) {
     let index = &data[h.index_offset as usize..h.file_len() as usize];
     let layers = parse_index(h, index, data.len() as u64).expect("the index of a parsed file must parse");
     assert!(layers == f.layers(), "parse_index disagrees with PackedFile::parse");
+    let PackedIndex { layers, checksums } =
+        parse_packed_index(h, index, data.len() as u64).expect("the index of a parsed file must parse");
+    assert!(layers == f.layers() && &checksums == f.checksums(), "parse_packed_index disagrees");
     assert_eq!(f.n_layers(), h.n_layers as usize);
     assert_eq!(f.resident().len() as u64, h.resident_len);
     assert!(Gguf::parse(f.resident()).is_ok(), "the resident section must parse");
@@ -168,5 +180,64 @@ fn check_packed(data: &[u8]) {
         }
     }
     assert_eq!(prev_end, h.ffn_offset + h.ffn_len, "layers must fill the FFN section");
+    check_resident_checksums(data, &f);
     let _ = f.verify_all();
+}
+
+fn check_resident_checksums(data: &[u8], f: &PackedFile<'_>) {
+    let (h, g, sums) = (f.header(), f.resident_gguf(), f.checksums());
+    if h.version == 1 {
+        assert!(
+            sums.is_empty() && sums.row_tables().is_empty(),
+            "a version 1 file has no resident checksums"
+        );
+        return;
+    }
+    assert_eq!(sums.tensors().len(), g.tensors.len());
+    for (t, info) in sums.tensors().iter().zip(&g.tensors) {
+        let start = h.resident_offset + g.data_offset + info.offset;
+        assert_eq!(
+            (&t.name, t.range()),
+            (&info.name, start..start + info.n_bytes()),
+            "tensor checksum entry"
+        );
+        assert_eq!(f.tensor_checksum(&t.name), Some(t.crc));
+    }
+    for name in ["token_embd.weight", "output.weight"] {
+        assert_eq!(g.tensor_info(name).is_some(), f.row_checksums(name).is_some(), "row table of {name}");
+    }
+    for rows in sums.row_tables() {
+        let t = sums.tensor(rows.name()).expect("a row table names a tensor");
+        assert_eq!(rows.offset(), t.offset);
+        assert_eq!((rows.n_rows() * rows.row_bytes()) as u64, t.len, "rows tile the tensor");
+        let bytes = &data[t.offset as usize..(t.offset + t.len) as usize];
+        let whole = f.verify_rows(rows.name(), 0, bytes);
+        let mut first_bad = None;
+        for (r, row) in bytes.chunks_exact(rows.row_bytes()).enumerate() {
+            match rows.verify(r, row) {
+                Ok(()) => {}
+                Err(FormatError::Checksum { offset, .. }) => {
+                    assert_eq!(offset, t.offset + (r * rows.row_bytes()) as u64, "a row's offset");
+                    first_bad.get_or_insert(offset);
+                }
+                Err(e) => panic!("row {r} of {}: {e}", rows.name()),
+            }
+        }
+        match whole {
+            Ok(()) => assert!(first_bad.is_none(), "all rows verify at once but not one by one"),
+            Err(FormatError::Checksum { offset, .. }) => {
+                assert_eq!(Some(offset), first_bad, "the first bad row")
+            }
+            Err(e) => panic!("rows of {}: {e}", rows.name()),
+        }
+        if rows.n_rows() > 0 {
+            if rows.row_bytes() > 1 {
+                let short = &bytes[..rows.row_bytes() - 1];
+                assert!(matches!(rows.verify(0, short), Err(FormatError::BadBlockView { .. })));
+            }
+            let past = &bytes[..rows.row_bytes()];
+            assert!(matches!(rows.verify(rows.n_rows(), past), Err(FormatError::BadBlockView { .. })));
+            assert!(matches!(rows.verify(usize::MAX, past), Err(FormatError::BadBlockView { .. })));
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! The packed neuron-cluster model format (version 1): a GGUF llama model rearranged so that a runtime keeps
-//! the resident weights in memory and streams FFN neurons from flash in 4 KiB-aligned reads.
+//! The packed neuron-cluster model format (version 2; version 1 is still read): a GGUF llama model rearranged so
+//! that a runtime keeps the resident weights in memory and streams FFN neurons from flash in 4 KiB-aligned reads.
 //!
 //! # Layout
 //!
@@ -22,7 +22,9 @@
 //!    are transposed and re-quantized to Q8_0, F16 or F32. An *up row ++ down column* pair is a *bundle*.
 //! 4. **Index**, after the FFN section: per layer its shape, types, row sizes, offsets, the order (original
 //!    neuron id at each position), the activation frequency at each position, and a CRC-32 of every gate
-//!    block and every bundle ([`PackedLayer`]).
+//!    block and every bundle ([`PackedLayer`]); then (version 2) the name, offset, length and CRC-32 of every
+//!    resident tensor, and a CRC-32 of every row of the output head and the token embedding
+//!    ([`ResidentChecksums`]).
 //!
 //! # Reading
 //!
@@ -33,9 +35,11 @@
 //!   than a page and nothing is read beyond the page rounding.
 //!
 //! [`PackedFile::parse`] checks a whole file held in memory (mapped by the caller). A runtime that reads with
-//! I/O instead parses the header page with [`PackedHeader::parse`] and the index bytes with [`parse_index`],
-//! then checks each block it reads with [`PackedLayer::verify_gate_block`] and
-//! [`PackedLayer::verify_bundle`]. [`pack`] writes a file, holding at most one layer's FFN in memory.
+//! I/O instead parses the header page with [`PackedHeader::parse`] and the index bytes with
+//! [`parse_packed_index`], then checks each block it reads with [`PackedLayer::verify_gate_block`] and
+//! [`PackedLayer::verify_bundle`], each resident tensor it copies with [`ResidentChecksums::verify_tensor`] and
+//! each head or embedding row it reads with [`RowChecksums::verify`]: a byte that changed on disk after loading
+//! is caught where it is used. [`pack`] writes a file, holding at most one layer's FFN in memory.
 //!
 //! ```
 //! use pinion_format::Gguf;
@@ -64,6 +68,10 @@
 //! let r = layer.bundle_range(0);
 //! assert!(page_span(r.clone()).start <= r.start && r.end <= page_span(r).end);
 //! layer.verify_bundle(0, f.bundle(0, 0))?;
+//! // Rows 7 and 8 of the output head, as a runtime streaming the head would read them.
+//! let head = f.checksums().rows("output.weight").unwrap();
+//! let at = (head.offset() + 7 * head.row_bytes() as u64) as usize;
+//! head.verify(7, &bytes[at..at + 2 * head.row_bytes()])?;
 //! Gguf::parse(f.resident())?.tensor("token_embd.weight")?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -79,13 +87,20 @@ use crate::gguf::{Gguf, TensorView, Value};
 use crate::quant::{self, BlockQ8_0, GgmlType};
 use crate::writer::GgufWriter;
 
+mod checksums;
+
+pub use self::checksums::{ROW_CHECKSUMMED_TENSORS, ResidentChecksums, RowChecksums, TensorChecksum};
+
 /// The first eight bytes of a packed file.
 pub const PACKED_MAGIC: [u8; 8] = *b"PINIONPK";
-/// The packed format version this crate reads and writes.
-pub const PACKED_VERSION: u32 = 1;
+/// The packed format version this crate writes (and the newest it reads).
+pub const PACKED_VERSION: u32 = 2;
+/// The oldest packed format version this crate reads. Version 1 lacks the resident section's checksums.
+pub const OLDEST_SUPPORTED_PACKED_VERSION: u32 = 1;
 /// The page size: the header's size and the alignment of the FFN section and of every record.
 pub const PAGE: u64 = 4096;
-/// The resident GGUF's metadata key holding [`PACKED_VERSION`].
+/// The resident GGUF's metadata key holding the file's packed version (the header's; [`pack`] writes
+/// [`PACKED_VERSION`]).
 pub const PACKED_VERSION_KEY: &str = "pinion.packed.version";
 
 /// Offset of the header CRC, which covers the header bytes before it.
@@ -169,7 +184,7 @@ pub struct PackSummary {
 /// The header page's fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedHeader {
-    /// Format version ([`PACKED_VERSION`]).
+    /// Format version, [`OLDEST_SUPPORTED_PACKED_VERSION`] to [`PACKED_VERSION`].
     pub version: u32,
     /// Offset of the resident GGUF (always [`PAGE`]).
     pub resident_offset: u64,
@@ -193,8 +208,8 @@ pub struct PackedHeader {
 
 impl PackedHeader {
     /// Parses and checks the header from the file's first page (`page` may be longer; only the first
-    /// [`PAGE`] bytes are read). Checks magic, version, the header CRC, that the padding is zero, and that the
-    /// sections follow each other as version 1 lays them out (with checked arithmetic).
+    /// [`PAGE`] bytes are read). Checks magic, version (one this build reads), the header CRC, that the padding is
+    /// zero, and that the sections follow each other as versions 1 and 2 lay them out (with checked arithmetic).
     pub fn parse(page: &[u8]) -> Result<PackedHeader, FormatError> {
         if (page.len() as u64) < PAGE {
             return Err(FormatError::Truncated { offset: 0, need: PAGE, file_len: page.len() as u64 });
@@ -211,7 +226,7 @@ impl PackedHeader {
             return Err(FormatError::BadPackedMagic { found: magic });
         }
         let version = u32_at(8);
-        if version != PACKED_VERSION {
+        if !(OLDEST_SUPPORTED_PACKED_VERSION..=PACKED_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedPackedVersion { version });
         }
         let expected = u32_at(HEADER_CRC_AT);
@@ -447,19 +462,26 @@ impl PackedLayer {
     }
 
     /// Checks the bytes of cluster `k`'s gate block against the recorded CRC: a mismatch is
-    /// [`FormatError::Checksum`], a slice of the wrong length [`FormatError::BadBlockView`].
+    /// [`FormatError::Checksum`] with `what` = `"layer {l} cluster {k} gate block"` and the block's absolute file
+    /// offset, a slice of the wrong length [`FormatError::BadBlockView`].
     pub fn verify_gate_block(&self, k: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.gate_block_range(k);
-        check_len(&format!("layer {} gate block {k}", self.index), r.clone(), bytes)?;
-        check_crc(&format!("layer {} gate block {k}", self.index), r.start, self.gate_crc[k], bytes)
+        let what = || format!("layer {} cluster {k} gate block", self.index);
+        check_len(&what, r.clone(), bytes)?;
+        check_crc(&what, r.start, self.gate_crc[k], bytes)
     }
 
     /// Checks the bytes of the bundle at position `pos` against the recorded CRC (errors as
-    /// [`verify_gate_block`](Self::verify_gate_block)).
+    /// [`verify_gate_block`](Self::verify_gate_block), with `what` =
+    /// `"layer {l} bundle at position {pos} (neuron {n}, cluster {k})"`).
     pub fn verify_bundle(&self, pos: usize, bytes: &[u8]) -> Result<(), FormatError> {
         let r = self.bundle_range(pos);
-        check_len(&format!("layer {} bundle {pos}", self.index), r.clone(), bytes)?;
-        check_crc(&format!("layer {} bundle {pos}", self.index), r.start, self.bundle_crc[pos], bytes)
+        let what = || {
+            let (l, n, k) = (self.index, self.order[pos], pos / self.cluster_neurons);
+            format!("layer {l} bundle at position {pos} (neuron {n}, cluster {k})")
+        };
+        check_len(&what, r.clone(), bytes)?;
+        check_crc(&what, r.start, self.bundle_crc[pos], bytes)
     }
 
     /// (cluster, index within the cluster) of position `pos`.
@@ -478,15 +500,18 @@ pub struct PackedFile<'a> {
     bytes: &'a [u8],
     header: PackedHeader,
     layers: Vec<PackedLayer>,
+    checksums: ResidentChecksums,
     resident: Gguf<'a>,
 }
 
 impl<'a> PackedFile<'a> {
     /// Parses a whole packed file. Checks the magic, version and header CRC, the section bounds against
     /// `bytes.len()` (the file must end with the index), the index CRC and every index entry's consistency
-    /// (see [`parse_index`]), the resident CRC, and that the resident section parses as GGUF and carries
-    /// [`PACKED_VERSION_KEY`]. Gate blocks and bundles are not checked here: see
-    /// [`verify_all`](Self::verify_all). Any content gives a [`FormatError`], never a panic.
+    /// (see [`parse_packed_index`]), the resident CRC, that the resident section parses as GGUF and carries
+    /// [`PACKED_VERSION_KEY`] equal to the header's version, and (version 2) that the index's tensor and row
+    /// checksum entries describe the resident GGUF's tensors. Gate blocks, bundles, tensors and rows are not
+    /// checked against their CRCs here: see [`verify_all`](Self::verify_all). Any content gives a
+    /// [`FormatError`], never a panic.
     pub fn parse(bytes: &'a [u8]) -> Result<PackedFile<'a>, FormatError> {
         Self::parse_checking(bytes, &mut |h: &PackedHeader, resident: &[u8]| h.verify_resident(resident))
     }
@@ -512,7 +537,7 @@ impl<'a> PackedFile<'a> {
             return Err(corrupt(end, format!("{} bytes after the end of the index", file_len - end)));
         }
         let index = &bytes[header.index_offset as usize..end as usize];
-        let layers = parse_index(&header, index, file_len)?;
+        let PackedIndex { layers, checksums } = parse_packed_index(&header, index, file_len)?;
         let resident_end = header.resident_offset + header.resident_len;
         let resident_bytes = &bytes[header.resident_offset as usize..resident_end as usize];
         verify(&header, resident_bytes)?;
@@ -520,15 +545,21 @@ impl<'a> PackedFile<'a> {
             corrupt(header.resident_offset, format!("the resident section is not a valid GGUF file: {e}"))
         })?;
         match resident.get(PACKED_VERSION_KEY).and_then(Value::as_u64) {
-            Some(v) if v == PACKED_VERSION as u64 => {}
+            Some(v) if v == header.version as u64 => {}
             other => {
                 return Err(corrupt(
                     header.resident_offset,
-                    format!("resident metadata {PACKED_VERSION_KEY} is {other:?}, expected {PACKED_VERSION}"),
+                    format!(
+                        "resident metadata {PACKED_VERSION_KEY} is {other:?}, the header's version {}",
+                        header.version
+                    ),
                 ));
             }
         }
-        Ok(PackedFile { bytes, header, layers, resident })
+        if header.version >= 2 {
+            checksums.check_against(&resident, header.resident_offset, header.index_offset)?;
+        }
+        Ok(PackedFile { bytes, header, layers, checksums, resident })
     }
 
     /// The header.
@@ -576,7 +607,36 @@ impl<'a> PackedFile<'a> {
         self.slice(self.layers[l].bundle_range(pos))
     }
 
-    /// Checks every gate block and bundle against its CRC; the first mismatch is the error.
+    /// The resident section's tensor and row checksums (empty for a version 1 file).
+    pub fn checksums(&self) -> &ResidentChecksums {
+        &self.checksums
+    }
+
+    /// The recorded CRC-32 of resident tensor `name`'s data; `None` if the file records none (version 1) or has
+    /// no such tensor.
+    pub fn tensor_checksum(&self, name: &str) -> Option<u32> {
+        self.checksums.tensor(name).map(|t| t.crc)
+    }
+
+    /// Checks `bytes`, the whole data of resident tensor `name`, against its CRC (see
+    /// [`ResidentChecksums::verify_tensor`]).
+    pub fn verify_tensor(&self, name: &str, bytes: &[u8]) -> Result<(), FormatError> {
+        self.checksums.verify_tensor(name, bytes)
+    }
+
+    /// The row checksums of resident tensor `name` (`output.weight`, `token_embd.weight`), if recorded.
+    pub fn row_checksums(&self, name: &str) -> Option<&RowChecksums> {
+        self.checksums.rows(name)
+    }
+
+    /// Checks `bytes`, whole rows of resident tensor `name` from row `first_row` on, row by row (see
+    /// [`RowChecksums::verify`]).
+    pub fn verify_rows(&self, name: &str, first_row: usize, bytes: &[u8]) -> Result<(), FormatError> {
+        self.checksums.verify_rows(name, first_row, bytes)
+    }
+
+    /// Checks every gate block and bundle, and (version 2) every resident tensor and checksummed row, against
+    /// its CRC; the first mismatch is the error.
     pub fn verify_all(&self) -> Result<(), FormatError> {
         for (l, layer) in self.layers.iter().enumerate() {
             for k in 0..layer.n_clusters() {
@@ -586,11 +646,18 @@ impl<'a> PackedFile<'a> {
                 layer.verify_bundle(pos, self.bundle(l, pos))?;
             }
         }
+        for t in self.checksums.tensors() {
+            t.verify(self.slice(t.range()))?;
+        }
+        for rows in self.checksums.row_tables() {
+            let len = (rows.n_rows() * rows.row_bytes()) as u64;
+            rows.verify(0, self.slice(rows.offset()..rows.offset() + len))?;
+        }
         Ok(())
     }
 
     fn slice(&self, r: Range<u64>) -> &'a [u8] {
-        // `parse_index` checked that every record lies inside the file.
+        // `parse_packed_index` checked that every record and tensor lies inside the file.
         &self.bytes[r.start as usize..r.end as usize]
     }
 }
@@ -605,14 +672,31 @@ pub fn page_span(r: Range<u64>) -> Range<u64> {
     start..r.end.div_ceil(PAGE).saturating_mul(PAGE)
 }
 
-/// Parses and checks the index bytes `index` of a file of `file_len` bytes whose header is `h`.
+/// What a packed file's index holds: the FFN layers and the resident section's checksums.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedIndex {
+    /// The FFN layers, in order.
+    pub layers: Vec<PackedLayer>,
+    /// The resident section's tensor and row checksums (empty for a version 1 file).
+    pub checksums: ResidentChecksums,
+}
+
+/// The layers of the index: [`parse_packed_index`] without the resident checksums.
+pub fn parse_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<Vec<PackedLayer>, FormatError> {
+    parse_packed_index(h, index, file_len).map(|i| i.layers)
+}
+
+/// Parses and checks the index bytes `index` of a file of `file_len` bytes whose header is `h`: all a reader
+/// needs, with the header, to check every block, tensor and row it reads.
 ///
-/// Checks: `index` is `h.index_len` bytes, the file is exactly `h.file_len()` bytes, the index CRC; and per
+/// Checks: `index` is `h.index_len` bytes, the file is exactly `h.file_len()` bytes, the index CRC; per
 /// layer: nonzero sizes, known types, row sizes that match the types, the cluster count, the stride and layer
 /// length (checked arithmetic), that layers are contiguous from `h.ffn_offset` and fill the FFN section
-/// exactly, that the order is a permutation, that frequencies are in `[0, 1]`, and that no bytes follow the
-/// last layer. Allocation is bounded by the index's length.
-pub fn parse_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<Vec<PackedLayer>, FormatError> {
+/// exactly, that the order is a permutation, that frequencies are in `[0, 1]`; for version 2 the checksum
+/// section (see [`ResidentChecksums`]: counts against caps, tensors inside the resident section, row tables
+/// that tile their tensors); and that nothing follows. Allocation is bounded by the index's length. Checking the
+/// checksum entries against the resident GGUF's directory needs the resident section: [`PackedFile::parse`] does.
+pub fn parse_packed_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<PackedIndex, FormatError> {
     if index.len() as u64 != h.index_len {
         return Err(FormatError::Truncated {
             offset: h.index_offset,
@@ -623,7 +707,7 @@ pub fn parse_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<Vec<
     if file_len != h.file_len() {
         return Err(corrupt(48, format!("the file is {file_len} bytes, the header says {}", h.file_len())));
     }
-    check_crc("index", h.index_offset, h.index_crc, index)?;
+    check_crc(&|| "index".to_string(), h.index_offset, h.index_crc, index)?;
     let n_layers = h.n_layers as u64;
     if n_layers.saturating_mul(LAYER_FIXED_LEN) > h.index_len {
         return Err(corrupt(
@@ -643,10 +727,15 @@ pub fn parse_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Result<Vec<
     if next != ffn_end {
         return Err(corrupt(40, format!("layers end at {next}, the FFN section at {ffn_end}")));
     }
+    let checksums = match h.version {
+        1 => ResidentChecksums::default(),
+        _ => ResidentChecksums::parse(&mut c, h)?,
+    };
     if c.pos != index.len() {
-        return Err(corrupt(c.offset(), format!("{} bytes after the last layer", index.len() - c.pos)));
+        let after = if h.version == 1 { "the last layer" } else { "the checksums" };
+        return Err(corrupt(c.offset(), format!("{} bytes after {after}", index.len() - c.pos)));
     }
-    Ok(layers)
+    Ok(PackedIndex { layers, checksums })
 }
 
 fn parse_layer(
@@ -838,9 +927,10 @@ struct LayerPlan<'s> {
     frequency: Vec<f32>,
 }
 
-/// Writes `src` as a packed file to `out`, starting at `out`'s current position (offsets in the file are
-/// relative to it), and leaves `out` positioned after the file. Calls `progress` once per layer, after the
-/// layer's records are written.
+/// Writes `src` as a packed file of version [`PACKED_VERSION`] to `out`, starting at `out`'s current position
+/// (offsets in the file are relative to it), and leaves `out` positioned after the file. Calls `progress` once
+/// per layer, after the layer's records are written. The index's resident checksums ([`ResidentChecksums`]) are
+/// computed from the source tensors' bytes, which the resident GGUF copies unchanged.
 ///
 /// Everything is validated before the first byte is written: the model must be dense llama-style (per layer
 /// `ffn_gate` and `ffn_up` of shape `[d_model, n_ff]` and `ffn_down` of shape `[n_ff, d_model]`, any other
@@ -854,7 +944,9 @@ pub fn pack<W: Write + Seek>(
     progress: &mut dyn FnMut(PackProgress),
 ) -> Result<PackSummary, FormatError> {
     let plans = plan(src, opts)?;
-    let resident = resident_writer(src, opts, plans.len())?;
+    let (resident, resident_data) = resident_writer(src, opts, plans.len())?;
+    let resident_tensors = resident.tensor_infos()?;
+    let resident_data_start = PAGE + resident.data_offset();
 
     let base = out.stream_position()?;
     write_zeros(&mut out, PAGE)?;
@@ -875,6 +967,7 @@ pub fn pack<W: Write + Seek>(
         progress(PackProgress { layer: l, n_layers, bytes_written: pos });
     }
     let ffn_len = pos - ffn_offset;
+    checksums::write_section(&resident_tensors, &resident_data, resident_data_start, &mut index)?;
     out.write_all(&index)?;
     let index_len = index.len() as u64;
     let header = PackedHeader {
@@ -1020,12 +1113,13 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
     Ok(plans)
 }
 
-/// The resident GGUF: source metadata and non-FFN tensors, the caller's extras, the version key.
+/// The resident GGUF: source metadata and non-FFN tensors, the caller's extras, the version key; and each
+/// tensor's data, in the writer's tensor order.
 fn resident_writer<'w>(
     src: &Gguf<'w>,
     opts: &'w PackOptions,
     n_layers: usize,
-) -> Result<GgufWriter<'w>, FormatError> {
+) -> Result<(GgufWriter<'w>, Vec<&'w [u8]>), FormatError> {
     let ffn: HashSet<String> = (0..n_layers)
         .flat_map(|l| ["ffn_gate", "ffn_up", "ffn_down"].map(|s| format!("blk.{l}.{s}.weight")))
         .collect();
@@ -1037,9 +1131,12 @@ fn resident_writer<'w>(
         w.set_metadata(key.as_str(), value.clone())?;
     }
     w.set_metadata(PACKED_VERSION_KEY, PACKED_VERSION)?;
+    let mut data = Vec::new();
     for t in &src.tensors {
         if !ffn.contains(&t.name) {
-            w.add_tensor_data(&t.name, t.ty, &t.dims, src.tensor_data(t)?)?;
+            let d = src.tensor_data(t)?;
+            w.add_tensor_data(&t.name, t.ty, &t.dims, d)?;
+            data.push(d);
         }
     }
     for e in &opts.extra_tensors {
@@ -1047,8 +1144,9 @@ fn resident_writer<'w>(
             return Err(FormatError::TensorExists { name: e.name.clone() });
         }
         w.add_tensor_data(&e.name, e.ty, &e.dims, e.data.as_slice())?;
+        data.push(e.data.as_slice());
     }
-    Ok(w)
+    Ok((w, data))
 }
 
 /// Writes one layer's records at file offset `offset`, appends its index entry, and returns its length.
@@ -1205,21 +1303,23 @@ fn corrupt(offset: u64, why: impl Into<String>) -> FormatError {
     FormatError::CorruptPacked { offset, why: why.into() }
 }
 
-fn check_len(what: &str, r: Range<u64>, bytes: &[u8]) -> Result<(), FormatError> {
+/// Checks that `bytes` is as long as `r`; `what` names the bytes, and is formatted only on failure.
+fn check_len(what: &dyn Fn() -> String, r: Range<u64>, bytes: &[u8]) -> Result<(), FormatError> {
     if bytes.len() as u64 != r.end - r.start {
         return Err(FormatError::BadBlockView {
             len: bytes.len(),
             block: (r.end - r.start) as usize,
-            why: format!("{what} is {} bytes (at offset {})", r.end - r.start, r.start),
+            why: format!("{} is {} bytes (at offset {})", what(), r.end - r.start, r.start),
         });
     }
     Ok(())
 }
 
-fn check_crc(what: &str, offset: u64, expected: u32, bytes: &[u8]) -> Result<(), FormatError> {
+/// Checks the CRC of `bytes`; `what` names them, and is formatted only on failure.
+fn check_crc(what: &dyn Fn() -> String, offset: u64, expected: u32, bytes: &[u8]) -> Result<(), FormatError> {
     let found = crc32fast::hash(bytes);
     if found != expected {
-        return Err(FormatError::Checksum { what: what.to_string(), offset, expected, found });
+        return Err(FormatError::Checksum { what: what(), offset, expected, found });
     }
     Ok(())
 }

@@ -5,8 +5,8 @@ use std::io::Cursor;
 
 use pinion_format::fuzz::{check_packed_parse, reseal_packed};
 use pinion_format::packed::{
-    ExtraTensor, PACKED_VERSION_KEY, PAGE, PackOptions, PackProgress, PackSummary, PackedFile, PackedHeader,
-    PackedLayer, pack, page_span, parse_index,
+    ExtraTensor, PACKED_VERSION, PACKED_VERSION_KEY, PAGE, PackOptions, PackProgress, PackSummary,
+    PackedFile, PackedHeader, PackedLayer, pack, page_span, parse_index,
 };
 use pinion_format::synth::{self, SynthConfig};
 use pinion_format::{FormatError, GgmlType, Gguf, GgufWriter, Value, quant};
@@ -232,7 +232,7 @@ fn round_trip_f32_down_is_exact_and_resident_holds_everything_else() {
     assert_eq!(r.tensors.len(), n_copied + 1);
     let e = r.tensor("pinion.predictor.0").unwrap();
     assert_eq!((e.ty, e.dims, e.data), (extra.ty, extra.dims.as_slice(), extra.data.as_slice()));
-    assert_eq!(r.get_u64(PACKED_VERSION_KEY).unwrap(), 1);
+    assert_eq!(r.get_u64(PACKED_VERSION_KEY).unwrap(), PACKED_VERSION as u64);
     assert_eq!(r.get_str("pinion.test.note").unwrap(), "hello");
     assert_eq!(r.get_str("general.name").unwrap(), "renamed");
     for (k, v) in &src.metadata {
@@ -425,16 +425,23 @@ fn flipped_byte_in_any_gate_block_or_bundle_is_caught() {
                     matches!(f.verify_all(), Err(FormatError::Checksum { .. })),
                     "flip at {a} not caught"
                 );
-                let hit = if a < gb.end {
-                    f.layer(l).verify_gate_block(k, f.gate_block(l, k))
+                let (hit, want_what, want_offset) = if a < gb.end {
+                    let hit = f.layer(l).verify_gate_block(k, f.gate_block(l, k));
+                    (hit, format!("layer {l} cluster {k} gate block"), gb.start)
                 } else {
                     let pos = (first..first + layer.cluster_len(k))
                         .find(|&p| layer.bundle_range(p).contains(&a))
                         .unwrap();
-                    f.layer(l).verify_bundle(pos, f.bundle(l, pos))
+                    let hit = f.layer(l).verify_bundle(pos, f.bundle(l, pos));
+                    let n = layer.order[pos];
+                    let what = format!("layer {l} bundle at position {pos} (neuron {n}, cluster {k})");
+                    (hit, what, layer.bundle_range(pos).start)
                 };
                 match hit {
-                    Err(FormatError::Checksum { offset, .. }) => assert!(offset <= a),
+                    Err(FormatError::Checksum { what, offset, .. }) => {
+                        assert_eq!((what, offset), (want_what, want_offset));
+                        assert!(offset <= a);
+                    }
                     other => panic!("flip at {a}: expected a checksum error, got {other:?}"),
                 }
                 n_checked += 1;

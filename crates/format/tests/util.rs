@@ -155,3 +155,23 @@ pub(crate) fn small_file() -> Vec<u8> {
     w.add_tensor_data("last", GgmlType::F32, &[32], rng.bytes(128)).unwrap();
     w.to_bytes().unwrap()
 }
+
+/// CRC-32/IEEE (the zlib polynomial, reflected, initial and final XOR `0xFFFFFFFF`), bit by bit: an
+/// implementation independent of `crc32fast`, which the crate uses.
+pub(crate) fn crc32_ref(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn crc32_ref_matches_the_standard_check_value() {
+    // The check value of CRC-32/ISO-HDLC (the catalogue of parametrised CRC algorithms).
+    assert_eq!(crc32_ref(b"123456789"), 0xCBF4_3926);
+    assert_eq!(crc32_ref(b""), 0);
+}
