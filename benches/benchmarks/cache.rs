@@ -1,95 +1,143 @@
-//! The segmented neuron cache: cost per neuron of a lookup that hits, of a miss that evicts and publishes
-//! (with and without copying an 8 KiB bundle), and of `get`. The target is well under a microsecond per lookup.
+//! The segmented cache: cost per operation of a cold-region `get` that hits, one that misses, and an `insert`
+//! that evicts the least recently used entry (copying a 972-byte SmolLM2 bundle), from one thread on one
+//! partition and from two threads on two partitions (time per pair of operations, one per thread); the
+//! `NeuronCache::get` it replaces, for comparison; and a fixed-region read.
 
 use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use pinion_cache::{CacheConfig, Key, Lookup, Policy, SegmentedCache};
+use pinion_cache::{
+    CacheConfig, FixedRegionBuilder, Insert, LruRegion, NeuronCache, PartitionConfig, Policy, RegionConfig,
+    SegmentedCache,
+};
 
-/// Bytes of one INT4 7B neuron bundle as packed on flash (gate row, up row, down column, padded).
-const BUNDLE: usize = 8192;
+/// Bytes of one SmolLM2 neuron bundle (Q8_0 up row and down column).
+const BUNDLE: usize = 972;
 
-fn cache(n_neurons: usize, policy: Policy) -> SegmentedCache {
-    SegmentedCache::new(CacheConfig {
-        fixed_bytes: 1 << 20,
-        hot_bytes: 1 << 20,
-        cold_bytes: n_neurons * BUNDLE,
-        policy,
-    })
-}
-
-fn neuron(i: usize) -> Key {
-    Key::Neuron { layer: (i / 14336) as u32, neuron: (i % 14336) as u32 }
-}
-
-/// Fills the cold region with neurons `0..n`, so that later misses measure the steady state (evict and reuse)
-/// rather than first-time buffer allocation.
+/// A cache of two partitions whose cold regions hold `n` bundles of keys `0..2n`, filled with keys `0..n`, so
+/// that hits find every key and inserts of keys `n..2n` evict.
 fn filled(n: usize, policy: Policy) -> SegmentedCache {
-    let c = cache(n, policy);
-    for i in 0..n {
-        if let Lookup::Reserved(s) = c.lookup_or_reserve(neuron(i), BUNDLE).expect("fits") {
-            c.complete_in_place(s);
+    let part = PartitionConfig {
+        hot: RegionConfig { entry_len: 32 * BUNDLE, capacity: 1, n_keys: 1 },
+        cold: RegionConfig { entry_len: BUNDLE, capacity: n, n_keys: 2 * n },
+    };
+    let cache = SegmentedCache::new(
+        FixedRegionBuilder::new(0).build(),
+        CacheConfig { policy, partitions: vec![part; 2] },
+    )
+    .expect("bench shapes are representable");
+    let bundle = [0x5au8; BUNDLE];
+    for p in 0..2 {
+        let cold = cache.cold(p).expect("partition exists");
+        for k in 0..n as u32 {
+            assert!(cold.insert(k, &bundle).expect("key and length in range").is_stored());
         }
     }
-    c
+    cache
+}
+
+/// One operation of a benchmark on a region, with the caller's running index.
+type Step = fn(&LruRegion, usize, &mut usize);
+
+/// A hit: a stride walk over the present keys defeats the CPU cache the way a real neuron set would.
+fn get_hit(r: &LruRegion, n: usize, i: &mut usize) {
+    *i = (*i + 7919) % n;
+    black_box(r.get(black_box(*i as u32)).map(|e| e.len()));
+}
+
+/// A miss: keys `n..2n` are absent.
+fn get_miss(r: &LruRegion, n: usize, i: &mut usize) {
+    *i = (*i + 7919) % n;
+    black_box(r.get(black_box((n + *i) as u32)).map(|e| e.len()));
+}
+
+/// An insert that evicts: keys cycle over twice as many as fit, so each is absent when inserted and replaces the
+/// least recently used one.
+fn insert_evict(r: &LruRegion, n: usize, k: &mut usize) {
+    static BUNDLE_BYTES: [u8; BUNDLE] = [0xa5; BUNDLE];
+    *k = (*k + 1) % (2 * n);
+    let res = r.insert(*k as u32, black_box(&BUNDLE_BYTES)).expect("key and length in range");
+    assert!(matches!(res, Insert::Replaced { .. }), "every insert evicts: {res:?}");
+}
+
+/// `iters` steps on each of partitions 0 and 1 at once, from two threads, continuing from their indices `idx`;
+/// the wall time of the pair.
+fn two_threads(cache: &SegmentedCache, n: usize, step: Step, idx: &mut [usize; 2], iters: u64) -> Duration {
+    let barrier = Barrier::new(3);
+    std::thread::scope(|s| {
+        for (p, i) in idx.iter_mut().enumerate() {
+            let (barrier, r) = (&barrier, cache.cold(p).expect("partition exists"));
+            s.spawn(move || {
+                barrier.wait();
+                for _ in 0..iters {
+                    step(r, n, i);
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let t = Instant::now();
+        barrier.wait();
+        t.elapsed()
+    })
 }
 
 fn bench_cache(c: &mut Criterion) {
     let mut g = c.benchmark_group("cache");
-    g.throughput(Throughput::Elements(1));
-    for n in [1024usize, 65536] {
-        // Hits: every key resident; a stride walk defeats the CPU cache the way a real neuron set would.
-        let hit_cache = filled(n, Policy::Segmented);
-        let mut i = 0;
-        g.bench_function(BenchmarkId::new("lookup_hit", n), |b| {
-            b.iter(|| {
-                i = (i + 7919) % n;
-                match hit_cache.lookup_or_reserve(black_box(neuron(i)), BUNDLE) {
-                    Ok(Lookup::Hit(h)) => black_box(h.len()),
-                    _ => unreachable!("all resident"),
-                }
-            })
-        });
-        g.bench_function(BenchmarkId::new("get_hit", n), |b| {
-            b.iter(|| {
-                i = (i + 7919) % n;
-                black_box(hit_cache.get(black_box(neuron(i))).map(|h| h.len()))
-            })
-        });
-
-        // Misses: keys cycle over twice as many neurons as fit, so every lookup evicts the least recently used
-        // neuron and reuses its buffer.
-        for (name, policy) in
-            [("miss_evict", Policy::Segmented), ("miss_evict_window", Policy::SlidingWindow { tokens: 4 })]
-        {
-            let miss_cache = filled(n, policy);
-            let mut k = n - 1;
-            g.bench_function(BenchmarkId::new(name, n), |b| {
-                b.iter(|| {
-                    k = (k + 1) % (2 * n);
-                    match miss_cache.lookup_or_reserve(neuron(k), BUNDLE) {
-                        Ok(Lookup::Reserved(s)) => black_box(miss_cache.complete_in_place(s).len()),
-                        Ok(Lookup::Hit(h)) => black_box(h.len()),
-                        _ => unreachable!("nothing pinned or loading"),
-                    }
-                })
-            });
+    for n in [1024usize, 16384] {
+        let benches: [(&str, Step, Policy, usize); 4] = [
+            ("get_hit", get_hit, Policy::Lru, 0),
+            ("get_miss", get_miss, Policy::Lru, 0),
+            ("insert_evict", insert_evict, Policy::Lru, n - 1),
+            // The window never ends here (no token is advanced): the same as LRU, through the window's code.
+            ("insert_evict_window", insert_evict, Policy::SlidingWindow { tokens: 4 }, n - 1),
+        ];
+        for (name, step, policy, start) in benches {
+            let cache = filled(n, policy);
+            let cold = cache.cold(0).expect("partition exists");
+            g.throughput(Throughput::Elements(1));
+            let mut i = start;
+            g.bench_function(BenchmarkId::new(name, n), |b| b.iter(|| step(cold, n, &mut i)));
+            if name != "insert_evict_window" {
+                g.throughput(Throughput::Elements(2));
+                let cache = filled(n, policy);
+                let mut idx = [start; 2];
+                g.bench_function(BenchmarkId::new(format!("{name}_2threads"), n), |b| {
+                    b.iter_custom(|iters| two_threads(&cache, n, step, &mut idx, iters))
+                });
+            }
         }
 
-        let copy_cache = filled(n, Policy::Segmented);
-        let bundle = vec![0x5au8; BUNDLE];
-        let mut k = n - 1;
-        g.bench_function(BenchmarkId::new("miss_evict_copy8k", n), |b| {
+        // The cache `LruRegion` replaces: CLOCK with one mutex, same shape, same walk.
+        g.throughput(Throughput::Elements(1));
+        let neuron = NeuronCache::new(BUNDLE, n, 2 * n, Policy::Lru);
+        for k in 0..n as u32 {
+            assert!(neuron.insert(k, &[0x5a; BUNDLE]));
+        }
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("neuron_cache_get_hit", n), |b| {
             b.iter(|| {
-                k = (k + 1) % (2 * n);
-                match copy_cache.lookup_or_reserve(neuron(k), BUNDLE) {
-                    Ok(Lookup::Reserved(s)) => black_box(copy_cache.complete(s, &bundle).map(|h| h.len())),
-                    Ok(Lookup::Hit(h)) => Ok(black_box(h.len())),
-                    _ => unreachable!("nothing pinned or loading"),
-                }
+                i = (i + 7919) % n;
+                black_box(neuron.get(black_box(i as u32)).map(|e| e.len()))
             })
         });
     }
+
+    // A fixed-region read: slicing, no lock.
+    let n = 16384;
+    let mut fixed = FixedRegionBuilder::new(n * pinion_cache::fixed_entry_bytes(BUNDLE));
+    let ids: Vec<_> = (0..n).map(|_| fixed.push(&[1u8; BUNDLE]).expect("fits")).collect();
+    let fixed = fixed.build();
+    let mut i = 0;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(BenchmarkId::new("fixed_get", n), |b| {
+        b.iter(|| {
+            i = (i + 7919) % n;
+            black_box(fixed.get(black_box(ids[i])).len())
+        })
+    });
     g.finish();
 }
 

@@ -1,5 +1,6 @@
-//! Fuzzes the segmented neuron cache: any operation sequence keeps budgets, states, LRU order, counters and
-//! bytes in agreement with the reference model (`pinion_cache::fuzz::check_ops` panics otherwise).
+//! Fuzzes the segmented cache: any fixed-region pushes and any sequence of gets, holds, inserts and token steps
+//! on its LRU regions agree with the VecDeque reference model, byte for byte (`pinion_cache::fuzz::check_ops`
+//! panics otherwise).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,57 +1,59 @@
 //! The cache's error type.
 
-use crate::cache::{Key, Region};
-
 /// Why a cache operation could not be done. Nothing changed in the cache when one is returned.
+///
+/// An insert the cache merely declines (the key is present, or every entry is held) is not an error: see
+/// [`Insert`](crate::Insert).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CacheError {
-    /// The entry is larger than its region's whole budget.
-    #[error("entry {key:?} of {bytes} bytes exceeds the {region:?} region's budget of {budget} bytes")]
-    TooLarge {
-        /// The entry.
-        key: Key,
-        /// Bytes it needs (rounded up to 4 KiB).
-        bytes: usize,
-        /// Region it belongs to.
-        region: Region,
-        /// That region's budget.
-        budget: usize,
-    },
-    /// There is not enough room and nothing more can be evicted: the rest is loading, held by [`Handle`]s, or in
-    /// the fixed region.
-    ///
-    /// [`Handle`]: crate::Handle
+    /// A push would go past the fixed region's capacity.
     #[error(
-        "{region:?} region full: {bytes} more bytes needed for {key:?}, {evictable} evictable of {budget}"
+        "fixed region full: an entry of {len} bytes at offset {offset} does not fit in its {capacity} bytes"
     )]
-    RegionFull {
-        /// The entry.
-        key: Key,
-        /// Bytes it needs (rounded up to 4 KiB).
-        bytes: usize,
-        /// Region it belongs to.
-        region: Region,
-        /// Bytes that could have been evicted.
-        evictable: usize,
-        /// The region's budget.
-        budget: usize,
+    FixedFull {
+        /// Bytes of the entry.
+        len: usize,
+        /// Where it would have started (the end of the previous entry, rounded up to 64 bytes).
+        offset: usize,
+        /// The region's capacity in bytes.
+        capacity: usize,
     },
-    /// The key is cached (or loading) with a different length, or the bytes given do not match the reservation.
-    #[error("entry {key:?} has {expected} bytes, not {got}")]
-    LengthMismatch {
-        /// The entry.
-        key: Key,
-        /// Length on record.
-        expected: usize,
-        /// Length given.
-        got: usize,
+    /// An entry is longer than its region's `entry_len`.
+    #[error("entry {key} of {len} bytes is longer than the region's entries of at most {entry_len} bytes")]
+    EntryTooLong {
+        /// The entry's key.
+        key: u32,
+        /// Bytes given.
+        len: usize,
+        /// The region's entry length.
+        entry_len: usize,
     },
-    /// The load being waited for was abandoned, or the entry was evicted before the waiter saw it; look the key
-    /// up again.
-    #[error("entry {key:?} is gone: its load was aborted or it was evicted; look it up again")]
-    Gone {
-        /// The entry.
-        key: Key,
+    /// A key is not below the region's `n_keys`.
+    #[error("key {key} out of range 0..{n_keys}")]
+    KeyOutOfRange {
+        /// The key given.
+        key: u32,
+        /// The region's number of keys.
+        n_keys: usize,
+    },
+    /// A partition index is not below the cache's number of partitions.
+    #[error("partition {partition} out of range 0..{n_partitions}")]
+    PartitionOutOfRange {
+        /// The index given.
+        partition: usize,
+        /// The cache's number of partitions.
+        n_partitions: usize,
+    },
+    /// A region configuration the cache cannot represent (slots, keys and entry lengths are `u32`, with
+    /// `u32::MAX` as a marker).
+    #[error("region configuration: {field} = {value} is too large (at most {max})")]
+    ConfigTooLarge {
+        /// The field of [`RegionConfig`](crate::RegionConfig).
+        field: &'static str,
+        /// Its value.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
     },
 }

@@ -1,416 +1,456 @@
-//! Fuzzing and property-testing support: runs a sequence of cache operations against a simple reference model
-//! and panics on the first disagreement.
+//! Fuzzing and property-testing support: builds a fixed region and runs a sequence of cache operations against
+//! a simple reference model, panicking on the first disagreement.
 //!
-//! The model keeps each region as a plain vector in recency order and re-derives every decision (hit, wait,
-//! reserve, evict, refuse) the slow, obvious way. After every operation the checker compares key states, LRU
-//! order, bytes of every handle, all counters, and the budget invariants (`resident + loading <= budget`,
-//! `allocated <= budget`).
+//! The model is the obvious, slow version: each LRU region is a `VecDeque` in recency order (searched
+//! linearly), held guards are a list of keys, the sliding window is a `retain`, and the fixed region is an
+//! offset counter. After every operation the checker compares with the cache: each result (including the evicted
+//! key and errors), the bytes of every entry returned and of every guard still held, recency order, presence of
+//! every key, all counters, and that no region holds more entries than its capacity.
+
+use std::collections::VecDeque;
 
 use crate::{
-    CacheConfig, CacheError, EntryState, Handle, Key, Lookup, Policy, Region, SegmentedCache, Slot, Waiter,
-    entry_bytes,
+    CacheConfig, CacheError, EntryRef, FIXED_ALIGN, FixedId, FixedRegionBuilder, Insert, LruRegion,
+    PartitionConfig, Policy, RegionConfig, RegionStats, SegmentedCache,
 };
 
-/// Decodes `data` into a cache configuration and an operation sequence, runs it against the cache and the
-/// reference model, and panics if they ever disagree or a budget is exceeded.
+/// Partitions of the fuzzed cache (operations also name partition `N_PARTITIONS`, which is out of range).
+const N_PARTITIONS: usize = 2;
+
+/// Hot region shape apart from capacity: entries of 0 to 40 bytes, keys 0..4.
+const HOT_LEN: usize = 40;
+const HOT_KEYS: usize = 4;
+/// Cold region shape apart from capacity: entries of 24 bytes, keys 0..8.
+const COLD_LEN: usize = 24;
+const COLD_KEYS: usize = 8;
+
+/// Decodes `data` into a fixed region, a cache configuration and an operation sequence, runs them against the
+/// cache and the reference model, and panics if they ever disagree.
 pub fn check_ops(data: &[u8]) {
     let mut it = data.iter().copied();
     let mut next = move || it.next();
-    let Some(first) = next() else { return };
-    let policy = match first % 3 {
-        0 | 1 => Policy::Segmented,
-        _ => Policy::SlidingWindow { tokens: u32::from(first / 3 % 4) + 1 },
+    let (Some(policy), Some(capacities), Some(fixed_capacity), Some(n_pushes)) =
+        (next(), next(), next(), next())
+    else {
+        return;
+    };
+    let mut pushes = Vec::new();
+    for _ in 0..n_pushes % 8 {
+        let Some(b) = next() else { return };
+        let how = match b % 4 {
+            0 | 1 => Push::Copy,
+            2 => Push::With,
+            _ => Push::WithFailing,
+        };
+        pushes.push(FixedPush { len: usize::from(b / 4) * 3, how });
+    }
+    let setup = Setup {
+        policy: match policy % 3 {
+            0 | 1 => Policy::Lru,
+            _ => Policy::SlidingWindow { tokens: u32::from(policy / 3 % 4) },
+        },
+        hot_capacity: usize::from(capacities % 4),
+        cold_capacity: usize::from(capacities / 4 % 6),
+        fixed_capacity: usize::from(fixed_capacity) * 5,
+        pushes,
     };
     let mut ops = Vec::new();
-    while let (Some(a), Some(b)) = (next(), next()) {
-        ops.push(match a % 10 {
-            0..=2 => Op::Reserve { key: key_from(b), odd_len: a >= 250 },
-            3 => Op::Complete { slot: b as usize },
-            4 => Op::Abort { slot: b as usize },
-            5 => Op::Get { key: key_from(b) },
-            6 => Op::Hold { key: key_from(b) },
-            7 => Op::Release { handle: b as usize },
-            8 => Op::Poll { waiter: b as usize },
+    while let (Some(a), Some(b), Some(c)) = (next(), next(), next()) {
+        let (part, hot) = ((a >> 3) % (N_PARTITIONS as u8 + 1), a >> 7 == 1);
+        let n_keys = if hot { HOT_KEYS } else { COLD_KEYS };
+        // Two keys past the end, to exercise range checks.
+        let key = u32::from(b) % (n_keys as u32 + 2);
+        ops.push(match a % 8 {
+            0 | 1 => Op::Get { part, hot, key },
+            2 => Op::Contains { part, hot, key },
+            3 | 4 => Op::Insert { part, hot, key, len: c },
+            5 => Op::Hold { part, hot, key },
+            6 => Op::Release { guard: usize::from(c) },
+            _ if c % 8 == 0 => Op::ResetStats,
             _ => Op::Advance,
         });
     }
-    run(config(policy), &ops);
+    run(&setup, &ops);
 }
 
-/// The configuration used by [`check_ops`]: small budgets, so that eviction and refusal happen often.
-pub(crate) fn config(policy: Policy) -> CacheConfig {
-    CacheConfig { fixed_bytes: 5 * 4096, hot_bytes: 8 * 4096, cold_bytes: 6 * 4096, policy }
+/// How a fixed-region entry is pushed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Push {
+    /// [`FixedRegionBuilder::push`].
+    Copy,
+    /// [`FixedRegionBuilder::push_with`], filling in place.
+    With,
+    /// [`FixedRegionBuilder::push_with`] whose fill writes, then fails: the entry is taken back.
+    WithFailing,
 }
 
-/// Maps a byte to a key of a small universe: 4 fixed tensors, 2x4 clusters, 2x8 neurons.
-pub(crate) fn key_from(b: u8) -> Key {
-    match b % 28 {
-        i @ 0..4 => Key::Fixed(u64::from(i)),
-        i @ 4..12 => Key::Cluster { layer: u32::from(i - 4) / 4, cluster: u32::from(i - 4) % 4 },
-        i => Key::Neuron { layer: u32::from(i - 12) / 8, neuron: u32::from(i - 12) % 8 },
-    }
+/// One fixed-region push.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FixedPush {
+    pub(crate) len: usize,
+    pub(crate) how: Push,
 }
 
-/// Every key of the universe.
-pub(crate) fn all_keys() -> impl Iterator<Item = Key> {
-    (0..28u8).map(key_from)
+/// What the cache is built from: the policy, the LRU capacities (the shapes are fixed), and the fixed region's
+/// capacity and pushes.
+#[derive(Clone, Debug)]
+pub(crate) struct Setup {
+    pub(crate) policy: Policy,
+    pub(crate) hot_capacity: usize,
+    pub(crate) cold_capacity: usize,
+    pub(crate) fixed_capacity: usize,
+    pub(crate) pushes: Vec<FixedPush>,
 }
 
-/// The length an entry of `key` has (between 1 byte and 3 blocks); `odd` gives a different one, to exercise
-/// length mismatches.
-pub(crate) fn len_of(key: Key, odd: bool) -> usize {
-    let h = match key {
-        Key::Fixed(i) => i as usize * 7 + 1,
-        Key::Cluster { layer, cluster } => (layer * 5 + cluster * 3) as usize + 2,
-        Key::Neuron { layer, neuron } => (layer * 3 + neuron * 11) as usize + 3,
-    };
-    let len = (h * 2654435761) % (3 * 4096) + 1;
-    if odd { len + 1 } else { len }
-}
-
-fn content(key: Key, load: u64, len: usize) -> Vec<u8> {
-    let seed =
-        load.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (len as u64) ^ (region_idx(key.region()) as u64) << 40;
-    (0..len as u64)
-        .map(|i| ((seed.wrapping_add(i).wrapping_mul(0x2545_f491_4f6c_dd1d)) >> 56) as u8)
-        .collect()
-}
-
-fn region_idx(r: Region) -> usize {
-    match r {
-        Region::Fixed => 0,
-        Region::Hot => 1,
-        Region::Cold => 2,
-    }
-}
-
-/// One operation of a test sequence. Indices into open slots, held handles and waiters are taken modulo their
-/// count (and skipped when there are none).
+/// One operation of a test sequence. `part` may be out of range (`N_PARTITIONS`), and so may `key` (up to
+/// `n_keys + 1`); `len` selects an entry length (see [`entry_len_of`]); `guard` is taken modulo the number of
+/// held guards (and ignored when there are none).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Op {
-    Reserve { key: Key, odd_len: bool },
-    Complete { slot: usize },
-    Abort { slot: usize },
-    Get { key: Key },
-    Hold { key: Key },
-    Release { handle: usize },
-    Poll { waiter: usize },
+    Get {
+        part: u8,
+        hot: bool,
+        key: u32,
+    },
+    Contains {
+        part: u8,
+        hot: bool,
+        key: u32,
+    },
+    Insert {
+        part: u8,
+        hot: bool,
+        key: u32,
+        len: u8,
+    },
+    /// A get whose guard is kept until a `Release`.
+    Hold {
+        part: u8,
+        hot: bool,
+        key: u32,
+    },
+    Release {
+        guard: usize,
+    },
     Advance,
+    ResetStats,
 }
 
-#[derive(Clone, Debug)]
-struct MEntry {
-    key: Key,
-    len: usize,
-    load: u64,
-    last_token: u64,
-}
-
-#[derive(Default, Debug)]
-struct MRegion {
-    budget: usize,
-    /// Present entries, most recently used first.
-    lru: Vec<MEntry>,
-    /// Loads in flight: key, length, load id.
-    loading: Vec<(Key, usize, u64)>,
-    hits: u64,
-    misses: u64,
-    in_flight_hits: u64,
-    evictions: u64,
-    aborts: u64,
-}
-
-impl MRegion {
-    fn used(&self) -> usize {
-        self.lru.iter().map(|e| entry_bytes(e.len)).sum::<usize>()
-            + self.loading.iter().map(|l| entry_bytes(l.1)).sum::<usize>()
+/// The length an insert uses: the cold region's entry length (or one more, to be refused), any hot length up to
+/// the entry length (or one more).
+fn entry_len_of(hot: bool, sel: u8) -> usize {
+    let too_long = sel >= 240;
+    match (hot, too_long) {
+        (true, false) => usize::from(sel) % (HOT_LEN + 1),
+        (false, false) => COLD_LEN,
+        (true, true) => HOT_LEN + 1,
+        (false, true) => COLD_LEN + 1,
     }
 }
 
-struct Model {
-    regions: [MRegion; 3],
-    token: u64,
-    policy: Policy,
-    next_load: u64,
+/// The bytes of the `serial`-th insert (or fixed push) of the run: different for every insert, so a read of an
+/// older copy of the same key is caught.
+fn content(serial: u64, len: usize) -> Vec<u8> {
+    let seed = serial.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ len as u64;
+    (0..len as u64).map(|i| (seed.wrapping_add(i).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8).collect()
 }
 
-enum MLookup {
-    Hit(u64),
-    Wait(u64),
-    Reserved(u64),
-    Err(CacheError),
+/// The reference model of one LRU region.
+struct Model {
+    capacity: usize,
+    entry_len: usize,
+    n_keys: usize,
+    window: Option<u64>,
+    token: u64,
+    /// Present entries, most recently used first: key, bytes, token of last use.
+    lru: VecDeque<(u32, Vec<u8>, u64)>,
+    stats: RegionStats,
 }
 
 impl Model {
-    fn region(&mut self, key: Key) -> &mut MRegion {
-        &mut self.regions[region_idx(key.region())]
+    fn new(config: RegionConfig, policy: Policy) -> Model {
+        Model {
+            capacity: config.capacity,
+            entry_len: config.entry_len,
+            n_keys: config.n_keys,
+            window: match policy {
+                Policy::Lru => None,
+                Policy::SlidingWindow { tokens } => Some(u64::from(tokens.max(1))),
+            },
+            token: 0,
+            lru: VecDeque::new(),
+            stats: RegionStats::default(),
+        }
     }
 
-    fn lookup_or_reserve(&mut self, key: Key, len: usize, pinned: &dyn Fn(Key) -> bool) -> MLookup {
-        let token = self.token;
-        let load_id = self.next_load;
-        let region = key.region();
-        let r = self.region(key);
-        if let Some(pos) = r.lru.iter().position(|e| e.key == key) {
-            if r.lru[pos].len != len {
-                return MLookup::Err(CacheError::LengthMismatch { key, expected: r.lru[pos].len, got: len });
-            }
-            let mut e = r.lru.remove(pos);
-            e.last_token = token;
-            let load = e.load;
-            r.lru.insert(0, e);
-            r.hits += 1;
-            return MLookup::Hit(load);
-        }
-        if let Some(&(_, l, load)) = r.loading.iter().find(|l| l.0 == key) {
-            if l != len {
-                return MLookup::Err(CacheError::LengthMismatch { key, expected: l, got: len });
-            }
-            r.in_flight_hits += 1;
-            return MLookup::Wait(load);
-        }
-        let bytes = entry_bytes(len);
-        if bytes > r.budget {
-            return MLookup::Err(CacheError::TooLarge { key, bytes, region, budget: r.budget });
-        }
-        let used = r.used();
-        if used + bytes > r.budget {
-            let need = used + bytes - r.budget;
-            let mut evictable = 0;
-            if region != Region::Fixed {
-                for e in r.lru.iter().rev() {
-                    if evictable >= need {
-                        break;
-                    }
-                    if !pinned(e.key) {
-                        evictable += entry_bytes(e.len);
-                    }
-                }
-            }
-            if evictable < need {
-                return MLookup::Err(CacheError::RegionFull {
-                    key,
-                    bytes,
-                    region,
-                    evictable,
-                    budget: r.budget,
-                });
-            }
-            let mut i = r.lru.len();
-            while r.used() + bytes > r.budget {
-                i -= 1;
-                if !pinned(r.lru[i].key) {
-                    r.lru.remove(i);
-                    r.evictions += 1;
-                }
-            }
-        }
-        r.misses += 1;
-        r.loading.push((key, len, load_id));
-        self.next_load += 1;
-        MLookup::Reserved(load_id)
+    fn position(&self, key: u32) -> Option<usize> {
+        self.lru.iter().position(|e| e.0 == key)
     }
 
-    fn complete(&mut self, key: Key) {
-        let token = self.token;
-        let r = self.region(key);
-        let pos = r.loading.iter().position(|l| l.0 == key).expect("model: completing a load it knows");
-        let (key, len, load) = r.loading.remove(pos);
-        r.lru.insert(0, MEntry { key, len, load, last_token: token });
-    }
-
-    fn abort(&mut self, key: Key) {
-        let r = self.region(key);
-        let pos = r.loading.iter().position(|l| l.0 == key).expect("model: aborting a load it knows");
-        r.loading.remove(pos);
-        r.aborts += 1;
-    }
-
-    fn get(&mut self, key: Key) -> Option<u64> {
-        let token = self.token;
-        let r = self.region(key);
-        match r.lru.iter().position(|e| e.key == key) {
-            Some(pos) => {
-                let mut e = r.lru.remove(pos);
-                e.last_token = token;
-                let load = e.load;
-                r.lru.insert(0, e);
-                r.hits += 1;
-                Some(load)
+    fn get(&mut self, key: u32) -> Option<Vec<u8>> {
+        if key as usize >= self.n_keys {
+            return None;
+        }
+        match self.position(key) {
+            Some(i) => {
+                let mut e = self.lru.remove(i)?;
+                e.2 = self.token;
+                let bytes = e.1.clone();
+                self.lru.push_front(e);
+                self.stats.hits += 1;
+                Some(bytes)
             }
             None => {
-                r.misses += 1;
+                self.stats.misses += 1;
                 None
             }
         }
     }
 
-    fn advance(&mut self, pinned: &dyn Fn(Key) -> bool) {
-        self.token += 1;
-        if let Policy::SlidingWindow { tokens } = self.policy {
-            let token = self.token;
-            for r in &mut self.regions[1..] {
-                let before = r.lru.len();
-                r.lru.retain(|e| e.last_token + u64::from(tokens) > token || pinned(e.key));
-                r.evictions += (before - r.lru.len()) as u64;
+    fn insert(&mut self, key: u32, bytes: &[u8], held: &dyn Fn(u32) -> bool) -> Result<Insert, CacheError> {
+        if key as usize >= self.n_keys {
+            return Err(CacheError::KeyOutOfRange { key, n_keys: self.n_keys });
+        }
+        if bytes.len() > self.entry_len {
+            return Err(CacheError::EntryTooLong { key, len: bytes.len(), entry_len: self.entry_len });
+        }
+        if self.position(key).is_some() {
+            self.stats.rejections += 1;
+            return Ok(Insert::Present);
+        }
+        let res = if self.lru.len() < self.capacity {
+            Insert::Stored
+        } else {
+            // The least recently used entry no guard holds.
+            match self.lru.iter().rposition(|e| !held(e.0)) {
+                Some(i) => {
+                    let (evicted, old, _) = self.lru.remove(i).unwrap_or_default();
+                    self.stats.entries -= 1;
+                    self.stats.bytes -= old.len();
+                    self.stats.evictions += 1;
+                    Insert::Replaced { evicted }
+                }
+                None => {
+                    self.stats.rejections += 1;
+                    return Ok(Insert::NoRoom);
+                }
             }
+        };
+        self.lru.push_front((key, bytes.to_vec(), self.token));
+        self.stats.entries += 1;
+        self.stats.bytes += bytes.len();
+        self.stats.inserts += 1;
+        Ok(res)
+    }
+
+    fn advance(&mut self, held: &dyn Fn(u32) -> bool) {
+        self.token += 1;
+        if let Some(window) = self.window {
+            let token = self.token;
+            let before = (self.lru.len(), self.lru.iter().map(|e| e.1.len()).sum::<usize>());
+            self.lru.retain(|e| e.2 + window > token || held(e.0));
+            let after = (self.lru.len(), self.lru.iter().map(|e| e.1.len()).sum::<usize>());
+            self.stats.entries = after.0;
+            self.stats.bytes = after.1;
+            self.stats.evictions += (before.0 - after.0) as u64;
         }
     }
 
-    fn state(&self, key: Key) -> (EntryState, Option<u64>) {
-        let r = &self.regions[region_idx(key.region())];
-        if let Some(e) = r.lru.iter().find(|e| e.key == key) {
-            return (EntryState::Present, Some(e.load));
-        }
-        if let Some(l) = r.loading.iter().find(|l| l.0 == key) {
-            return (EntryState::Loading, Some(l.2));
-        }
-        (EntryState::Absent, None)
+    fn reset_stats(&mut self) {
+        self.stats =
+            RegionStats { entries: self.stats.entries, bytes: self.stats.bytes, ..RegionStats::default() };
     }
 }
 
-fn check_handle(h: &Handle, key: Key, load: u64) {
-    assert_eq!(h.key(), key);
-    assert!(
-        h.bytes() == content(key, load, h.len()).as_slice(),
-        "bytes of {key:?} differ from what was loaded"
+/// Builds the fixed region of `setup`, checking each push against the model and the finished region's
+/// contents: every entry's bytes, its 64-byte alignment, and zeros everywhere else.
+fn build_fixed(setup: &Setup, serial: &mut u64) -> crate::FixedRegion {
+    #[derive(Debug, PartialEq)]
+    enum FillError {
+        Cache(CacheError),
+        Failed,
+    }
+    impl From<CacheError> for FillError {
+        fn from(e: CacheError) -> FillError {
+            FillError::Cache(e)
+        }
+    }
+
+    let mut builder = FixedRegionBuilder::new(setup.fixed_capacity);
+    let mut end = 0usize;
+    let mut entries: Vec<(FixedId, Vec<u8>)> = Vec::new();
+    for (i, push) in setup.pushes.iter().enumerate() {
+        let bytes = content(*serial, push.len);
+        *serial += 1;
+        let offset = end.div_ceil(FIXED_ALIGN) * FIXED_ALIGN;
+        let fits = offset + push.len <= setup.fixed_capacity;
+        let got = match push.how {
+            Push::Copy => builder.push(&bytes).map_err(FillError::Cache),
+            Push::With => builder.push_with(push.len, |buf: &mut [u8]| {
+                assert!(buf.iter().all(|&b| b == 0), "push {i}: push_with hands out zeroed bytes");
+                buf.copy_from_slice(&bytes);
+                Ok(())
+            }),
+            Push::WithFailing => builder.push_with(push.len, |buf: &mut [u8]| {
+                buf.fill(0xee);
+                Err(FillError::Failed)
+            }),
+        };
+        match (got, fits, push.how) {
+            (Ok(id), true, Push::Copy | Push::With) => {
+                assert_eq!((id.offset(), id.len()), (offset, push.len), "push {i}");
+                end = offset + push.len;
+                entries.push((id, bytes));
+            }
+            (Err(FillError::Failed), true, Push::WithFailing) => {}
+            (Err(FillError::Cache(e)), false, _) => assert_eq!(
+                e,
+                CacheError::FixedFull { len: push.len, offset, capacity: setup.fixed_capacity },
+                "push {i}"
+            ),
+            (got, fits, how) => panic!("push {i} {how:?} of {} bytes: {got:?}, fits {fits}", push.len),
+        }
+        assert_eq!(builder.used(), end, "push {i}");
+    }
+    let fixed = builder.build();
+    assert_eq!(
+        (fixed.len(), fixed.n_entries(), fixed.capacity()),
+        (end, entries.len(), setup.fixed_capacity)
     );
+    let mut expect = vec![0u8; end];
+    for (id, bytes) in &entries {
+        let got = fixed.get(*id);
+        assert!(got == &bytes[..], "fixed entry at {} differs from what was pushed", id.offset());
+        assert_eq!(got.as_ptr() as usize % FIXED_ALIGN, 0, "fixed entry at {} is not aligned", id.offset());
+        expect[id.offset()..id.offset() + id.len()].copy_from_slice(bytes);
+    }
+    assert!(fixed.as_bytes() == &expect[..], "the fixed region holds bytes outside its entries");
+    fixed
 }
 
-/// Runs `ops` against a fresh cache with `config` and the reference model.
-pub(crate) fn run(config: CacheConfig, ops: &[Op]) {
-    let cache = SegmentedCache::new(config);
-    let mut model = Model {
-        regions: [
-            MRegion { budget: config.fixed_bytes, ..MRegion::default() },
-            MRegion { budget: config.hot_bytes, ..MRegion::default() },
-            MRegion { budget: config.cold_bytes, ..MRegion::default() },
-        ],
-        token: 0,
-        policy: match config.policy {
-            Policy::SlidingWindow { tokens } => Policy::SlidingWindow { tokens: tokens.max(1) },
-            p => p,
-        },
-        next_load: 0,
+/// Runs `ops` on a cache built from `setup` and on the reference model.
+pub(crate) fn run(setup: &Setup, ops: &[Op]) {
+    let mut serial = 0u64;
+    let fixed = build_fixed(setup, &mut serial);
+    let (fixed_entries, fixed_len) = (fixed.n_entries(), fixed.len());
+    let hot = RegionConfig { entry_len: HOT_LEN, capacity: setup.hot_capacity, n_keys: HOT_KEYS };
+    let cold = RegionConfig { entry_len: COLD_LEN, capacity: setup.cold_capacity, n_keys: COLD_KEYS };
+    let config =
+        CacheConfig { policy: setup.policy, partitions: vec![PartitionConfig { hot, cold }; N_PARTITIONS] };
+    let cache = match SegmentedCache::new(fixed, config) {
+        Ok(cache) => cache,
+        Err(e) => panic!("small shapes are representable: {e}"),
     };
-    let mut slots: Vec<(Slot, u64)> = Vec::new();
-    let mut held: Vec<(Handle, u64)> = Vec::new();
-    let mut waiters: Vec<(Waiter, u64)> = Vec::new();
+    // Models by partition and region (0 hot, 1 cold).
+    let mut models: Vec<[Model; 2]> =
+        (0..N_PARTITIONS).map(|_| [Model::new(hot, setup.policy), Model::new(cold, setup.policy)]).collect();
+    // Held guards: partition, region, key, and the bytes they must keep showing.
+    let mut guards: Vec<(EntryRef<'_>, usize, usize, Vec<u8>)> = Vec::new();
 
     for (step, &op) in ops.iter().enumerate() {
-        let held_keys: Vec<Key> = held.iter().map(|(h, _)| h.key()).collect();
-        let pinned = |k: Key| held_keys.contains(&k);
+        // The region an operation names, or the error for an out-of-range partition.
+        let region = |part: u8, hot: bool| -> Option<&LruRegion> {
+            let p = usize::from(part);
+            let got = if hot { cache.hot(p) } else { cache.cold(p) };
+            match got {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    assert!(p >= N_PARTITIONS, "step {step}: partition {p}: {e}");
+                    assert_eq!(
+                        e,
+                        CacheError::PartitionOutOfRange { partition: p, n_partitions: N_PARTITIONS }
+                    );
+                    None
+                }
+            }
+        };
+        let held_keys: Vec<(usize, usize, u32)> = guards.iter().map(|g| (g.1, g.2, g.0.key())).collect();
         match op {
-            Op::Reserve { key, odd_len } => {
-                let len = len_of(key, odd_len);
-                let want = model.lookup_or_reserve(key, len, &pinned);
-                match (cache.lookup_or_reserve(key, len), want) {
-                    (Ok(Lookup::Hit(h)), MLookup::Hit(load)) => check_handle(&h, key, load),
-                    (Ok(Lookup::InFlight(w)), MLookup::Wait(load)) => waiters.push((w, load)),
-                    (Ok(Lookup::Reserved(mut s)), MLookup::Reserved(load)) => {
-                        assert_eq!((s.key(), s.len()), (key, len));
-                        s.buf_mut().copy_from_slice(&content(key, load, len));
-                        slots.push((s, load));
+            Op::Get { part, hot, key } | Op::Hold { part, hot, key } => {
+                let Some(r) = region(part, hot) else { continue };
+                let (p, h) = (usize::from(part), usize::from(!hot));
+                let want = models[p][h].get(key);
+                match (r.get(key), want) {
+                    (Some(got), Some(want)) => {
+                        assert_eq!(got.key(), key, "step {step}");
+                        assert!(*got == want[..], "step {step}: {op:?} returned other bytes than inserted");
+                        if matches!(op, Op::Hold { .. }) {
+                            guards.push((got, p, h, want));
+                        }
                     }
-                    (Err(e), MLookup::Err(want)) => assert_eq!(e, want, "step {step}: {op:?}"),
-                    (got, _) => panic!("step {step}: {op:?}: cache said {got:?}, model disagrees"),
-                }
-            }
-            Op::Complete { slot } if !slots.is_empty() => {
-                let (s, load) = slots.remove(slot % slots.len());
-                let key = s.key();
-                if slot % 4 == 3 {
-                    // A wrong length is refused, and abandons the load.
-                    let err = cache.complete(s, &[0u8; 3 * 4096 + 2]).unwrap_err();
-                    assert!(matches!(err, CacheError::LengthMismatch { .. }), "{err}");
-                    model.abort(key);
-                    compare(&cache, &model, step, op);
-                    continue;
-                }
-                model.complete(key);
-                let h = if slot % 2 == 0 {
-                    cache.complete_in_place(s)
-                } else {
-                    let bytes = content(key, load, s.len());
-                    cache.complete(s, &bytes).unwrap()
-                };
-                check_handle(&h, key, load);
-            }
-            Op::Abort { slot } if !slots.is_empty() => {
-                let (s, _) = slots.remove(slot % slots.len());
-                model.abort(s.key());
-                drop(s);
-            }
-            Op::Get { key } => {
-                let want = model.get(key);
-                match (cache.get(key), want) {
-                    (Some(h), Some(load)) => check_handle(&h, key, load),
                     (None, None) => {}
-                    (got, want) => panic!("step {step}: get {key:?}: cache {got:?}, model {want:?}"),
+                    (got, want) => {
+                        panic!("step {step}: {op:?}: cache {got:?}, model {:?}", want.map(|w| w.len()))
+                    }
                 }
             }
-            Op::Hold { key } => {
-                if let (Some(h), Some(load)) = (cache.get(key), model.get(key)) {
-                    check_handle(&h, key, load);
-                    held.push((h, load));
-                }
+            Op::Contains { part, hot, key } => {
+                let Some(r) = region(part, hot) else { continue };
+                let m = &models[usize::from(part)][usize::from(!hot)];
+                let want = (key as usize) < m.n_keys && m.position(key).is_some();
+                assert_eq!(r.contains(key), want, "step {step}: {op:?}");
             }
-            Op::Release { handle } if !held.is_empty() => {
-                held.swap_remove(handle % held.len());
+            Op::Insert { part, hot, key, len } => {
+                let Some(r) = region(part, hot) else { continue };
+                let (p, h) = (usize::from(part), usize::from(!hot));
+                let bytes = content(serial, entry_len_of(hot, len));
+                serial += 1;
+                let held = |k: u32| held_keys.contains(&(p, h, k));
+                let want = models[p][h].insert(key, &bytes, &held);
+                assert_eq!(r.insert(key, &bytes), want, "step {step}: {op:?}");
             }
-            Op::Poll { waiter } if !waiters.is_empty() => {
-                let i = waiter % waiters.len();
-                let (w, load) = &waiters[i];
-                let key = w.key();
-                let (state, cur) = model.state(key);
-                match (w.try_get(), state, cur == Some(*load)) {
-                    (None, EntryState::Loading, true) => {}
-                    (Some(Ok(h)), EntryState::Present, true) => {
-                        check_handle(&h, key, *load);
-                        waiters.swap_remove(i);
-                    }
-                    (Some(Err(CacheError::Gone { .. })), _, false) => {
-                        waiters.swap_remove(i);
-                    }
-                    (got, state, same) => {
-                        panic!("step {step}: poll {key:?}: {got:?}, model {state:?} {same}")
-                    }
+            Op::Release { guard } => {
+                if !guards.is_empty() {
+                    guards.swap_remove(guard % guards.len());
                 }
             }
             Op::Advance => {
-                model.advance(&pinned);
-                assert_eq!(cache.advance_token(), model.token);
+                for (p, m) in models.iter_mut().enumerate() {
+                    for (h, m) in m.iter_mut().enumerate() {
+                        m.advance(&|k: u32| held_keys.contains(&(p, h, k)));
+                    }
+                }
+                assert_eq!(cache.advance_token(), models[0][0].token, "step {step}");
             }
-            _ => {}
+            Op::ResetStats => {
+                cache.reset_stats();
+                models.iter_mut().flatten().for_each(Model::reset_stats);
+            }
         }
-        compare(&cache, &model, step, op);
+        compare(&cache, &models, step, op);
+        for (g, p, h, bytes) in &guards {
+            assert!(**g == bytes[..], "step {step}: a held entry ({p}, {h}, key {}) changed", g.key());
+        }
+        let stats = cache.stats();
+        assert_eq!((stats.fixed.entries, stats.fixed.bytes), (fixed_entries, fixed_len));
     }
 }
 
-fn compare(cache: &SegmentedCache, model: &Model, step: usize, op: Op) {
-    for key in all_keys() {
-        assert_eq!(cache.state(key), model.state(key).0, "step {step} after {op:?}: state of {key:?}");
-    }
+fn compare(cache: &SegmentedCache, models: &[[Model; 2]], step: usize, op: Op) {
     let stats = cache.stats();
-    for region in Region::ALL {
-        let m = &model.regions[region_idx(region)];
-        let order: Vec<Key> = m.lru.iter().map(|e| e.key).collect();
-        assert_eq!(cache.lru_order(region), order, "step {step} after {op:?}: LRU order of {region:?}");
-        let s = stats.region(region);
-        let resident: usize = m.lru.iter().map(|e| entry_bytes(e.len)).sum();
-        let loading: usize = m.loading.iter().map(|l| entry_bytes(l.1)).sum();
-        assert_eq!(
-            (s.bytes_resident, s.bytes_loading, s.entries),
-            (resident, loading, m.lru.len()),
-            "{region:?}"
-        );
-        assert_eq!(
-            (s.hits, s.misses, s.in_flight_hits, s.evictions, s.aborts),
-            (m.hits, m.misses, m.in_flight_hits, m.evictions, m.aborts),
-            "step {step} after {op:?}: counters of {region:?}"
-        );
-        assert!(s.bytes_resident + s.bytes_loading <= s.budget, "{region:?} over budget: {s:?}");
-        assert!(s.bytes_allocated <= s.budget, "{region:?} allocated over budget: {s:?}");
-        assert!(s.bytes_allocated >= s.bytes_resident + s.bytes_loading, "{region:?}: {s:?}");
+    let (mut hot, mut cold) = (RegionStats::default(), RegionStats::default());
+    for (p, m) in models.iter().enumerate() {
+        for (h, m) in m.iter().enumerate() {
+            let r = match if h == 0 { cache.hot(p) } else { cache.cold(p) } {
+                Ok(r) => r,
+                Err(e) => panic!("partition {p} exists: {e}"),
+            };
+            let order: Vec<u32> = m.lru.iter().map(|e| e.0).collect();
+            assert_eq!(r.lru_order(), order, "step {step} after {op:?}: recency order of ({p}, {h})");
+            assert_eq!(r.stats(), m.stats, "step {step} after {op:?}: counters of ({p}, {h})");
+            assert!(r.len() <= r.capacity(), "step {step}: ({p}, {h}) holds more than its capacity");
+            for key in 0..m.n_keys as u32 + 2 {
+                let want = (key as usize) < m.n_keys && m.position(key).is_some();
+                assert_eq!(r.contains(key), want, "step {step} after {op:?}: key {key} of ({p}, {h})");
+            }
+            let part = &stats.partitions[p];
+            assert_eq!(
+                if h == 0 { part.hot } else { part.cold },
+                m.stats,
+                "step {step}: stats of ({p}, {h})"
+            );
+            if h == 0 { &mut hot } else { &mut cold }.add(&m.stats);
+        }
     }
+    assert_eq!((stats.hot, stats.cold), (hot, cold), "step {step} after {op:?}: summed stats");
 }

@@ -1,58 +1,72 @@
-//! The segmented neuron cache of PowerInfer-2: which weight bytes stay in memory, under a byte budget per
-//! region.
+//! The segmented neuron cache of PowerInfer-2: which FFN weight bytes the offloaded engine keeps in memory.
 //!
-//! [`SegmentedCache`] is the main type. It has three regions, chosen by the kind of [`Key`]:
-//! a *fixed* region (attention weights, norms, embeddings, predictors: loaded once, never evicted), a *hot*
-//! region of neuron clusters with cluster-level LRU, and a *cold* region of single neurons with neuron-level
-//! LRU. Each region has a byte budget that is never exceeded; eviction is a drop (weights are read-only, there is
-//! no write-back), and evicted buffers are reused for later loads, so a steady state allocates nothing. A second
-//! [`Policy`], LLM-in-a-Flash's sliding window (keep what the last `k` tokens used), runs behind the same
-//! interface for comparisons.
-//!
-//! Entries are absent, loading or present. [`SegmentedCache::lookup_or_reserve`] returns a [`Handle`] to
-//! present bytes, a [`Slot`] that makes the caller the one loader of absent bytes, or a [`Waiter`] for bytes
-//! another thread is loading, so that several compute threads and an I/O thread never load the same bytes twice.
-//!
-//! [`NeuronCache`] is the compact alternative for single neurons of one FFN layer: entries of exactly
-//! `entry_len` bytes (a 972-byte bundle takes 972 bytes, not a 4 KiB buffer), CLOCK or sliding-window
-//! replacement, and guards that keep an entry in place while compute threads read it.
+//! [`SegmentedCache`] is the main type. It holds a *fixed* region ([`FixedRegion`]: the resident weights and the
+//! plan's pinned neurons, loaded once before decoding, never evicted, read with no lock and no atomic) and one
+//! partition per FFN layer ([`Partition`]), each with a *hot* region of neuron clusters (key = cluster index,
+//! cluster-level LRU) and a *cold* region of single neuron bundles (key = neuron position, neuron-level LRU).
+//! Hot and cold regions are [`LruRegion`]s: a fixed number of slots of at most `entry_len` bytes (no rounding,
+//! so a 972-byte SmolLM2 bundle takes 972 bytes), keys mapped by a direct-indexed table, exact LRU through an
+//! intrusive list, and guards ([`EntryRef`]) that keep an entry in place while compute threads read it; an
+//! insert never waits for a guard. LRU lists never span partitions: a token visits the layers in order, so one
+//! list across layers would evict exactly what the next token needs first. A second [`Policy`],
+//! LLM-in-a-Flash's sliding window (keep what the last `k` tokens touched), runs behind the same interface.
+//! What each region can allocate at most is computed in one place ([`region_bytes`], [`fixed_region_bytes`]),
+//! for the planner to charge.
 //!
 //! This crate is not an I/O layer and not a planner: it does no I/O, reads no clock (time is the token counter
-//! the caller advances), and takes its budgets from the caller. That keeps it deterministic, so policies can be
-//! property-tested against a reference model and fuzzed ([`fuzz::check_ops`]).
+//! the caller advances), and takes its sizes from the caller. That keeps it deterministic, so regions are
+//! property-tested against a reference LRU and fuzzed ([`fuzz::check_ops`]). [`NeuronCache`] is the older
+//! CLOCK cache the runtime still uses; it goes once the runtime runs on [`SegmentedCache`].
 //!
 //! ```
-//! use pinion_cache::{CacheConfig, Key, Lookup, Policy, SegmentedCache};
-//! let cache = SegmentedCache::new(CacheConfig {
-//!     fixed_bytes: 1 << 20,
-//!     hot_bytes: 1 << 20,
-//!     cold_bytes: 64 << 10,
-//!     policy: Policy::Segmented,
-//! });
-//! let key = Key::Neuron { layer: 3, neuron: 1234 };
-//! let bytes = match cache.lookup_or_reserve(key, 8192)? {
-//!     Lookup::Hit(h) => h,
-//!     // We are the loader: read the bundle (here, pretend) and publish it.
-//!     Lookup::Reserved(slot) => cache.complete(slot, &[7u8; 8192])?,
-//!     // Someone else is loading it: wait for them.
-//!     Lookup::InFlight(waiter) => waiter.wait()?,
+//! use pinion_cache::{
+//!     CacheConfig, FixedRegionBuilder, Insert, PartitionConfig, Policy, RegionConfig, SegmentedCache,
 //! };
-//! assert_eq!(bytes.len(), 8192);
-//! assert!(matches!(cache.lookup_or_reserve(key, 8192)?, Lookup::Hit(_)));
+//! // The fixed region: reserved once, filled in place, then immutable.
+//! let mut fixed = FixedRegionBuilder::new(4096);
+//! let norms = fixed.push(&[1u8; 100])?;
+//! let pinned = fixed.push_with(972, |buf| {
+//!     buf.fill(7); // Read the pinned bundles from the file here.
+//!     Ok::<(), pinion_cache::CacheError>(())
+//! })?;
+//! let layer = PartitionConfig {
+//!     hot: RegionConfig { entry_len: 4 * 972, capacity: 8, n_keys: 32 },
+//!     cold: RegionConfig { entry_len: 972, capacity: 64, n_keys: 128 },
+//! };
+//! let cache = SegmentedCache::new(
+//!     fixed.build(),
+//!     CacheConfig { policy: Policy::Lru, partitions: vec![layer; 2] },
+//! )?;
+//! assert_eq!(cache.fixed().get(pinned), &[7u8; 972][..]);
+//! assert_eq!(cache.fixed().get(norms).as_ptr() as usize % 64, 0);
+//!
+//! // Cold neuron 100 of layer 1: a miss, then the engine reads it and inserts it.
+//! let cold = cache.cold(1)?;
+//! assert!(cold.get(100).is_none());
+//! assert_eq!(cold.insert(100, &[9u8; 972])?, Insert::Stored);
+//! let bundle = cold.get(100).expect("just inserted"); // Held: not evicted while `bundle` lives.
+//! assert_eq!(&*bundle, &[9u8; 972][..]);
+//! assert_eq!((cache.stats().cold.hits, cache.stats().cold.misses), (1, 1));
 //! # Ok::<(), pinion_cache::CacheError>(())
 //! ```
 #![forbid(unsafe_code)]
 
 mod cache;
 mod error;
+mod fixed;
 pub mod fuzz;
 mod neuron;
+mod region;
 #[cfg(test)]
 mod tests;
 
-pub use crate::cache::{
-    CacheConfig, CacheStats, EntryState, Handle, Key, Lookup, Policy, Region, RegionStats, SegmentedCache,
-    Slot, Waiter, entry_bytes,
-};
+pub use crate::cache::{CacheConfig, CacheStats, Partition, PartitionConfig, PartitionStats, SegmentedCache};
 pub use crate::error::CacheError;
+pub use crate::fixed::{
+    FIXED_ALIGN, FixedId, FixedRegion, FixedRegionBuilder, fixed_entry_bytes, fixed_region_bytes,
+};
 pub use crate::neuron::{NeuronCache, NeuronCacheStats, NeuronRef};
+pub use crate::region::{
+    EntryRef, Insert, LruRegion, Policy, REGION_BYTES_PER_ENTRY, REGION_BYTES_PER_KEY, RegionConfig,
+    RegionStats, region_bytes,
+};

@@ -1,10 +1,10 @@
 //! A compact neuron-level cache for one FFN layer: fixed-size entries of exactly `entry_len` bytes, CLOCK
 //! replacement (or LLM-in-a-Flash's sliding window), read concurrently while other threads insert.
 //!
-//! [`SegmentedCache`](crate::SegmentedCache) rounds every entry up to a 4 KiB aligned buffer, which is right for
-//! clusters and direct reads but wastes most of the budget on single neuron bundles (972 bytes for SmolLM2).
-//! [`NeuronCache`] stores each entry in a boxed slice of exactly `entry_len` bytes, so `capacity` entries cost
-//! `capacity * entry_len` bytes plus a few dozen bytes of bookkeeping per slot and four per key.
+//! It predates [`LruRegion`](crate::LruRegion), which does the same with exact LRU and typed errors, and stays
+//! until the runtime has moved to [`SegmentedCache`](crate::SegmentedCache). [`NeuronCache`] stores each entry
+//! in a boxed slice of exactly `entry_len` bytes, so `capacity` entries cost `capacity * entry_len` bytes plus a
+//! few dozen bytes of bookkeeping per slot and four per key.
 //!
 //! Locking: one mutex guards all bookkeeping (key and slot maps, reference bits, last-use tokens, free list,
 //! clock hand, token counter, counters) and is held for O(1) work per call, except the clock sweep of
@@ -19,7 +19,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
-use crate::cache::Policy;
+use crate::region::Policy;
 
 /// Marks an absent key (in `slot_of_key`) or a free slot (in `key_of_slot` and [`SlotData::key`]).
 const NIL: u32 = u32::MAX;
@@ -113,7 +113,7 @@ impl fmt::Debug for NeuronRef<'_> {
 pub struct NeuronCache {
     entry_len: usize,
     n_keys: usize,
-    /// Window length in tokens with [`Policy::SlidingWindow`] (at least 1), `None` with [`Policy::Segmented`].
+    /// Window length in tokens with [`Policy::SlidingWindow`] (at least 1), `None` with [`Policy::Lru`].
     window: Option<u64>,
     meta: Mutex<Meta>,
     slots: Vec<RwLock<SlotData>>,
@@ -136,7 +136,7 @@ impl NeuronCache {
     /// An empty cache of `capacity` entries of exactly `entry_len` bytes, for keys `0..n_keys` (the neuron
     /// positions of one layer).
     ///
-    /// [`Policy::Segmented`] replaces with CLOCK, a second-chance approximation of LRU: a hit sets the entry's
+    /// [`Policy::Lru`] replaces with CLOCK, a second-chance approximation of LRU: a hit sets the entry's
     /// reference bit, and an insert into a full cache sweeps a hand over the slots, clearing set bits and taking
     /// the first entry whose bit is clear. A new entry starts with its bit clear. [`Policy::SlidingWindow`] is
     /// LLM in a Flash's policy: [`advance_token`](Self::advance_token) drops the entries that no insert or hit of
@@ -151,7 +151,7 @@ impl NeuronCache {
         );
         assert!(n_keys < NIL as usize, "NeuronCache n_keys {n_keys} is too large (at most u32::MAX - 1)");
         let window = match policy {
-            Policy::Segmented => None,
+            Policy::Lru => None,
             Policy::SlidingWindow { tokens } => Some(u64::from(tokens.max(1))),
         };
         NeuronCache {

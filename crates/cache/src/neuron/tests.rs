@@ -32,7 +32,7 @@ fn panic_message(f: impl FnOnce()) -> String {
 
 #[test]
 fn get_after_insert_returns_the_bytes() {
-    let c = NeuronCache::new(972, 4, 1536, Policy::Segmented);
+    let c = NeuronCache::new(972, 4, 1536, Policy::Lru);
     assert_eq!((c.entry_len(), c.capacity(), c.budget_bytes()), (972, 4, 4 * 972));
     assert!(c.is_empty());
     assert!(c.insert(1234, &pattern(1234, 972)));
@@ -47,7 +47,7 @@ fn get_after_insert_returns_the_bytes() {
 
 #[test]
 fn counts_hits_misses_inserts_evictions() {
-    let c = NeuronCache::new(16, 2, 10, Policy::Segmented);
+    let c = NeuronCache::new(16, 2, 10, Policy::Lru);
     assert!(c.get(0).is_none()); // miss
     assert!(c.insert(0, &pattern(0, 16)));
     assert!(c.insert(1, &pattern(1, 16)));
@@ -66,7 +66,7 @@ fn counts_hits_misses_inserts_evictions() {
 
 #[test]
 fn capacity_zero_never_stores() {
-    let c = NeuronCache::new(8, 0, 4, Policy::Segmented);
+    let c = NeuronCache::new(8, 0, 4, Policy::Lru);
     assert_eq!(c.budget_bytes(), 0);
     assert!(!c.insert(1, &[0; 8]));
     assert!(!c.contains(1) && c.get(1).is_none() && c.is_empty());
@@ -77,7 +77,7 @@ fn capacity_zero_never_stores() {
 /// The tidy check forbids `#[should_panic]`, so the panic is caught and its message checked.
 #[test]
 fn entry_len_mismatch_panics() {
-    let c = NeuronCache::new(8, 2, 4, Policy::Segmented);
+    let c = NeuronCache::new(8, 2, 4, Policy::Lru);
     let msg = panic_message(|| {
         c.insert(1, &[0; 7]);
     });
@@ -90,7 +90,7 @@ fn entry_len_mismatch_panics() {
 
 #[test]
 fn key_out_of_range_panics() {
-    let c = NeuronCache::new(8, 2, 4, Policy::Segmented);
+    let c = NeuronCache::new(8, 2, 4, Policy::Lru);
     let msg = panic_message(|| {
         c.get(4);
     });
@@ -101,7 +101,7 @@ fn key_out_of_range_panics() {
 
 #[test]
 fn clock_gives_used_entries_a_second_chance() {
-    let c = NeuronCache::new(4, 2, 8, Policy::Segmented);
+    let c = NeuronCache::new(4, 2, 8, Policy::Lru);
     assert!(c.insert(0, &pattern(0, 4))); // a
     assert!(c.insert(1, &pattern(1, 4))); // b
     assert!(c.get(0).is_some());
@@ -148,7 +148,7 @@ fn window_of_one_token_keeps_only_the_current_token() {
 
 #[test]
 fn held_guard_is_never_evicted() {
-    let c = NeuronCache::new(32, 3, 100, Policy::Segmented);
+    let c = NeuronCache::new(32, 3, 100, Policy::Lru);
     assert!(c.insert(0, &pattern(0, 32)));
     let a = c.get(0).unwrap();
     for k in 1..50 {
@@ -189,7 +189,7 @@ fn held_guard_survives_the_window() {
 
 #[test]
 fn memory_grows_as_entries_arrive() {
-    let c = NeuronCache::new(972, 100, 1000, Policy::Segmented);
+    let c = NeuronCache::new(972, 100, 1000, Policy::Lru);
     assert_eq!(c.allocated_slots(), 0);
     for k in 0..10 {
         c.insert(k, &pattern(k, 972));
@@ -205,7 +205,7 @@ fn memory_grows_as_entries_arrive() {
 /// reads the new bytes (the slow path of `get`).
 #[test]
 fn get_waits_for_a_write_in_progress() {
-    let c = NeuronCache::new(64, 2, 8, Policy::Segmented);
+    let c = NeuronCache::new(64, 2, 8, Policy::Lru);
     assert!(c.insert(3, &pattern(3, 64)));
     let s = c.lock().slot_of_key[3] as usize;
     // Stand in for an insert of key 3 between its bookkeeping and its copy: the slot is write-locked.
@@ -256,7 +256,7 @@ impl Model {
             hand: 0,
             token: 0,
             window: match policy {
-                Policy::Segmented => None,
+                Policy::Lru => None,
                 Policy::SlidingWindow { tokens } => Some(u64::from(tokens.max(1))),
             },
             stats: NeuronCacheStats::default(),
@@ -357,7 +357,7 @@ fn op_strategy(n_keys: u32) -> impl Strategy<Value = Op> {
 }
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
-    prop_oneof![Just(Policy::Segmented), (0..4u32).prop_map(|tokens| Policy::SlidingWindow { tokens })]
+    prop_oneof![Just(Policy::Lru), (0..4u32).prop_map(|tokens| Policy::SlidingWindow { tokens })]
 }
 
 const N_KEYS: u32 = 10;
@@ -421,7 +421,7 @@ proptest! {
 /// a million do, and take about 0.1 s.)
 #[test]
 fn concurrent_reads_never_see_torn_or_foreign_bytes() {
-    for policy in [Policy::Segmented, Policy::SlidingWindow { tokens: 2 }] {
+    for policy in [Policy::Lru, Policy::SlidingWindow { tokens: 2 }] {
         let n_keys = 12u32;
         let c = NeuronCache::new(972, 4, n_keys as usize, policy);
         let patterns: Vec<Vec<u8>> = (0..n_keys).map(|k| pattern(k, 972)).collect();
