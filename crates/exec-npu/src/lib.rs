@@ -26,8 +26,8 @@ mod tests;
 
 /// [`NpuDense`]'s static batch sizes: powers of two up to 512.
 ///
-/// 512 is the runtime's (and llama.cpp's) prefill batch, so a full prefill batch is one unpadded pass (pp512
-/// costs what the CPU backend's one matmul costs, plus copying the activations). Powers of two let
+/// 512 is the runtime's (and llama.cpp's) prefill batch, so a full prefill batch is one unpadded pass on the
+/// caller's activations in place: pp512 does the CPU backend's one matmul. Powers of two let
 /// [`DenseExecutor::passes`] cover any remainder with a few passes and little padding, from 10 graphs per
 /// weight shape (a phone NPU compiles each graph ahead of time, so their number is kept small).
 pub const DEFAULT_BUCKETS: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -125,7 +125,8 @@ impl std::fmt::Display for StaticShape {
 ///
 /// Its activation buffer (`batch` quantized rows) is allocated when it is compiled; its output buffer
 /// (`batch x n_rows` f32) on the first run with fewer rows than `batch` (a run of a full batch writes
-/// straight into the caller's output). After that a run allocates nothing.
+/// straight into the caller's output). After that a run allocates nothing. A run whose rows are all of the
+/// caller's activations and fill the batch uses them in place, without copying.
 pub struct DenseGraph {
     shape: StaticShape,
     acts: QuantizedActs,
@@ -190,6 +191,13 @@ impl DenseGraph {
             return Err(NpuError::BatchTooLarge { n, batch: s.batch });
         }
         check_output(n, s.n_rows, out)?;
+        if n == s.batch && rows.start == 0 && n == acts.n_rows() {
+            // The caller's activations are exactly one static batch: run on them in place (as a device
+            // sharing memory with the host would map them), which keeps a full prefill batch as cheap as the
+            // CPU backend's call.
+            matmul(w, acts, out);
+            return Ok(());
+        }
         self.acts.copy_rows_padded(acts, rows, s.batch)?;
         if n == s.batch {
             matmul(w, &self.acts, out);

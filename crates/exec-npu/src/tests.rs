@@ -163,6 +163,17 @@ fn check_equal(
     });
 }
 
+/// Row counts at and around the batch edges (a whole batch in place, a full batch then a remainder) for
+/// every type.
+#[test]
+fn npu_equals_cpu_at_batch_edges() {
+    for (i, ty) in TYPES.into_iter().enumerate() {
+        for n in [1, 2, 8, 9, 511, 512, 513, 1024] {
+            check_equal(None, ty, 5, 1, n, (i * 10_000 + n) as u64);
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
