@@ -7,5 +7,6 @@ criterion::criterion_main!(
     benchmarks::cache::benches,
     benchmarks::io::benches,
     benchmarks::sparse::benches,
+    benchmarks::dense::benches,
     benchmarks::offload::benches
 );

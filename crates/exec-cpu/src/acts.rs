@@ -4,7 +4,9 @@ use half::f16;
 use pinion_format::GgmlType;
 use pinion_format::quant::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
 use rayon::prelude::*;
+use std::ops::Range;
 
+use crate::error::ExecError;
 use crate::kernels::{self, KernelPath, scalar};
 
 /// The activation format ggml pairs with a weight type (its `vec_dot_type`), or `None` if there is no kernel.
@@ -156,6 +158,86 @@ impl QuantizedActs {
             _ => unreachable!("vec_dot_type returned {ty}"),
         }
     }
+}
+
+impl QuantizedActs {
+    /// Makes `self` hold rows `rows` of `src` followed by zero rows, `padded_to` rows in all: a static-shape
+    /// batch cut out of a larger one. The copied rows are `src`'s bits, and a zero row is all-zero blocks
+    /// (what quantizing zeros gives), so [`crate::matmul()`] gives every copied row the result it gives the
+    /// same row of `src`. Does not allocate once `self` has held `padded_to` rows of this type and width.
+    ///
+    /// # Errors
+    /// [`ExecError::RowsOutOfRange`] if `rows` is not within `src`'s rows or is longer than `padded_to`, or
+    /// `src` was never quantized.
+    pub fn copy_rows_padded(
+        &mut self,
+        src: &QuantizedActs,
+        rows: Range<usize>,
+        padded_to: usize,
+    ) -> Result<(), ExecError> {
+        let bad =
+            ExecError::RowsOutOfRange { start: rows.start, end: rows.end, n_rows: src.n_rows, padded_to };
+        let Some(ty) = src.ty else { return Err(bad) };
+        if rows.start > rows.end || rows.end > src.n_rows || rows.len() > padded_to {
+            return Err(bad);
+        }
+        let n_cols = src.n_cols;
+        self.ty = Some(ty);
+        self.n_rows = padded_to;
+        self.n_cols = n_cols;
+        match ty {
+            GgmlType::F32 => copy_padded(&mut self.f32s, &src.f32s, n_cols, &rows, padded_to),
+            GgmlType::F16 => copy_padded(&mut self.f16s, &src.f16s, n_cols, &rows, padded_to),
+            GgmlType::Q8_0 => {
+                let nb = n_cols / QK;
+                copy_padded(&mut self.q8_0, &src.q8_0, nb, &rows, padded_to);
+                if padded_to > 1 {
+                    let t_pad = self.t_pad();
+                    transpose_into(&mut self.d_t, &self.q8_0, nb, t_pad, |b| b.d.to_f32());
+                }
+            }
+            GgmlType::Q8_1 => {
+                let nb = n_cols / QK;
+                copy_padded(&mut self.q8_1, &src.q8_1, nb, &rows, padded_to);
+                if padded_to > 1 {
+                    let t_pad = self.t_pad();
+                    transpose_into(&mut self.d_t, &self.q8_1, nb, t_pad, |b| b.d.to_f32());
+                    transpose_into(&mut self.q8_1_s, &self.q8_1, nb, t_pad, |b| b.s.to_f32());
+                }
+            }
+            GgmlType::Q8K => copy_padded(&mut self.q8k, &src.q8k, n_cols / QK_K, &rows, padded_to),
+            _ => unreachable!("QuantizedActs holds {ty}"),
+        }
+        Ok(())
+    }
+
+    /// Bytes of heap memory the buffers hold (their capacity), for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        fn bytes<T>(v: &Vec<T>) -> usize {
+            v.capacity() * size_of::<T>()
+        }
+        bytes(&self.f32s)
+            + bytes(&self.f16s)
+            + bytes(&self.q8_0)
+            + bytes(&self.q8_1)
+            + bytes(&self.q8_1_s)
+            + bytes(&self.d_t)
+            + bytes(&self.q8k)
+    }
+}
+
+/// Sets `dst` to rows `rows` of `src` (rows of `per_row` elements) followed by zeroed rows, `padded_to` rows
+/// in all.
+fn copy_padded<T: bytemuck::Zeroable + Copy>(
+    dst: &mut Vec<T>,
+    src: &[T],
+    per_row: usize,
+    rows: &Range<usize>,
+    padded_to: usize,
+) {
+    dst.clear();
+    dst.extend_from_slice(&src[rows.start * per_row..rows.end * per_row]);
+    dst.resize(padded_to * per_row, T::zeroed());
 }
 
 /// Writes `f` of every block of `blocks` (rows of `nb` blocks) block-major into `out[b * t_pad + t]`, zero

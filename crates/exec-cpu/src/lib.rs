@@ -9,6 +9,10 @@
 //! Kernels exist for Q4_0, Q4_1 and Q8_0 (scalar, AVX2 and AVX-512 VNNI, chosen once at run time, see
 //! [`cpu_features`]), F32 and F16 (scalar, AVX2), and Q4_K and Q6_K (scalar for now).
 //!
+//! [`DenseBackend`] is the one interface for the engine's dense batched products (prefill matmuls, dense
+//! clusters): [`CpuDense`] implements it with [`matmul()`], and an accelerator backend (`pinion-exec-npu`'s
+//! `NpuDense`) is a second implementation giving the same bits; the runtime holds a `&dyn DenseBackend`.
+//!
 //! [`sparse`] holds the CPU side of PowerInfer-2's sparse FFN: per-row dots, down-column axpys, cluster-wise
 //! gate / up / down for one decode token, and a per-cluster accumulator reduced in cluster order.
 //!
@@ -18,6 +22,7 @@
 
 mod acts;
 mod attention;
+mod dense;
 mod error;
 mod ggml_exact;
 mod kernels;
@@ -29,6 +34,7 @@ pub mod sparse;
 
 pub use crate::acts::{QuantizedActs, vec_dot_type};
 pub use crate::attention::{attention, attention_with};
+pub use crate::dense::{CpuDense, DenseBackend, DenseShape, check_operands, check_output};
 pub use crate::error::ExecError;
 pub use crate::ggml_exact::{
     GGML_FA_TILE_Q, attention_f16acc, attention_f16acc_on, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,

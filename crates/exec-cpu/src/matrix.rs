@@ -56,6 +56,11 @@ impl<'a> QMatrix<'a> {
         Ok(QMatrix { ty, n_rows, n_cols, data })
     }
 
+    /// Checks a matrix built field by field (the fields are public) as [`QMatrix::new`] checks its arguments.
+    pub fn validate(&self) -> Result<(), ExecError> {
+        QMatrix::new(self.ty, self.n_rows, self.n_cols, self.data).map(|_| ())
+    }
+
     /// Bytes per row.
     pub fn row_bytes(&self) -> usize {
         self.n_cols / self.ty.block_len() * self.ty.block_bytes()

@@ -6,7 +6,7 @@ use pinion_format::GgmlType;
 use pinion_format::quant::{self, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, QK, QK_K};
 
 use crate::kernels::{self, KernelPath, scalar};
-use crate::{QMatrix, QuantizedActs, RopeMode};
+use crate::{QMatrix, QuantizedActs, RopeMode, vec_dot_type};
 
 /// xorshift64*: deterministic, seedable, good enough for test data.
 struct Rng(u64);
@@ -379,6 +379,181 @@ fn qmatrix_rejects_bad_shapes() {
     ));
     let m = QMatrix::new(GgmlType::Q4_1, 2, 64, &bytes[..80]).unwrap();
     assert_eq!(m.row(1).as_ptr(), bytes[40..].as_ptr());
+}
+
+// === Dense backend ===
+
+/// Every buffer a `QuantizedActs` holds for its type, as bytes.
+fn acts_bytes(a: &QuantizedActs) -> Vec<Vec<u8>> {
+    let b = |v: &[u8]| v.to_vec();
+    match a.ty().unwrap() {
+        GgmlType::F32 => vec![b(bytemuck::cast_slice(&a.f32s))],
+        GgmlType::F16 => vec![b(bytemuck::cast_slice(&a.f16s))],
+        GgmlType::Q8_0 if a.n_rows() > 1 => {
+            vec![b(bytemuck::cast_slice(&a.q8_0)), b(bytemuck::cast_slice(&a.d_t))]
+        }
+        GgmlType::Q8_0 => vec![b(bytemuck::cast_slice(&a.q8_0))],
+        GgmlType::Q8_1 if a.n_rows() > 1 => vec![
+            b(bytemuck::cast_slice(&a.q8_1)),
+            b(bytemuck::cast_slice(&a.d_t)),
+            b(bytemuck::cast_slice(&a.q8_1_s)),
+        ],
+        GgmlType::Q8_1 => vec![b(bytemuck::cast_slice(&a.q8_1))],
+        GgmlType::Q8K => vec![b(bytemuck::cast_slice(&a.q8k))],
+        _ => unreachable!(),
+    }
+}
+
+/// A padded copy of some rows holds exactly what quantizing those rows followed by zero rows gives, and a
+/// matmul gives the copied rows the bits it gives them in the original, on every kernel path.
+#[test]
+fn copy_rows_padded_equals_quantizing_the_rows_and_zeros() {
+    let mut rng = Rng::new(20);
+    let paths: Vec<KernelPath> = KernelPath::ALL.into_iter().filter(|p| p.is_supported()).collect();
+    for ty in ALL_TYPES {
+        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        let k = 3 * bl;
+        let n_rows = 5;
+        let w = random_weights(ty, n_rows, k, &mut rng);
+        let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+        for n in [1, 2, 11] {
+            let x = rng.acts(n * k);
+            let mut src = QuantizedActs::new();
+            src.quantize(ty, &x, k);
+            let mut copy = QuantizedActs::new();
+            for (lo, hi) in [(0, n), (0, 1), (n - 1, n), (n / 2, n), (n, n)] {
+                for padded_to in [hi - lo, hi - lo + 1, 8, 17].into_iter().filter(|&p| p > 0 && p >= hi - lo)
+                {
+                    let mut padded = x[lo * k..hi * k].to_vec();
+                    padded.resize(padded_to * k, 0.0);
+                    let mut want = QuantizedActs::new();
+                    want.quantize(ty, &padded, k);
+                    copy.copy_rows_padded(&src, lo..hi, padded_to).unwrap();
+                    let what = format!("{ty} n={n} rows {lo}..{hi} padded to {padded_to}");
+                    assert_eq!(
+                        (copy.ty(), copy.n_rows(), copy.n_cols()),
+                        (want.ty(), padded_to, k),
+                        "{what}"
+                    );
+                    assert!(acts_bytes(&copy) == acts_bytes(&want), "{what}: buffers differ");
+                    // A second copy of the same size does not grow the buffers.
+                    let held = copy.heap_bytes();
+                    copy.copy_rows_padded(&src, lo..hi, padded_to).unwrap();
+                    assert_eq!(copy.heap_bytes(), held, "{what}: buffers grew");
+                    let act_row = vec_dot_type(ty).unwrap().row_bytes(k).unwrap();
+                    assert!(held >= padded_to * act_row, "{what}: {held} heap bytes");
+                    for &path in &paths {
+                        let mut full = vec![0.0; n * n_rows];
+                        let mut part = vec![f32::NAN; padded_to * n_rows];
+                        crate::matmul_rows_with(path, &m, &src, 0, n_rows, &mut full);
+                        crate::matmul_rows_with(path, &m, &copy, 0, n_rows, &mut part);
+                        let want: Vec<u32> =
+                            full[lo * n_rows..hi * n_rows].iter().map(|v| v.to_bits()).collect();
+                        let got: Vec<u32> = part[..(hi - lo) * n_rows].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{what} {path}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn copy_rows_padded_rejects_bad_ranges() {
+    use crate::ExecError;
+    let mut src = QuantizedActs::new();
+    let mut dst = QuantizedActs::new();
+    assert!(matches!(
+        dst.copy_rows_padded(&src, 0..0, 1),
+        Err(ExecError::RowsOutOfRange { start: 0, end: 0, n_rows: 0, padded_to: 1 })
+    ));
+    src.quantize(GgmlType::Q4_1, &[0.5; 3 * 64], 64);
+    assert!(matches!(dst.copy_rows_padded(&src, 2..4, 8), Err(ExecError::RowsOutOfRange { end: 4, .. })));
+    assert!(matches!(
+        dst.copy_rows_padded(&src, 0..3, 2),
+        Err(ExecError::RowsOutOfRange { padded_to: 2, .. })
+    ));
+    #[allow(clippy::reversed_empty_ranges)]
+    let backwards = 2..1;
+    assert!(matches!(
+        dst.copy_rows_padded(&src, backwards, 4),
+        Err(ExecError::RowsOutOfRange { start: 2, .. })
+    ));
+    assert!(dst.copy_rows_padded(&src, 1..3, 2).is_ok());
+}
+
+/// `CpuDense` computes the product (against dequantized operands in f64) and turns every operand mismatch
+/// into a typed error instead of the kernel's panic.
+#[test]
+fn cpu_dense_computes_the_product_and_checks_operands() {
+    use crate::{CpuDense, DenseBackend, DenseShape, ExecError};
+    let mut rng = Rng::new(21);
+    let (ty, n_rows, k, n) = (GgmlType::Q4_0, 7, 64, 3);
+    let w = random_weights(ty, n_rows, k, &mut rng);
+    let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+    let x = rng.acts(n * k);
+    let mut a = QuantizedActs::new();
+    a.quantize(ty, &x, k);
+    let mut out = vec![0.0; n * n_rows];
+    CpuDense.matmul(&m, &a, &mut out).unwrap();
+    let af = dequant_acts(&a);
+    let mut wf = vec![0.0; n_rows * k];
+    quant::dequantize_row(ty, w.bytes(), &mut wf).unwrap();
+    for t in 0..n {
+        for r in 0..n_rows {
+            let (wr, ar) = (&wf[r * k..(r + 1) * k], &af[t * k..(t + 1) * k]);
+            let want: f64 = wr.iter().zip(ar).map(|(&p, &q)| p as f64 * q as f64).sum();
+            let mag: f64 = wr.iter().zip(ar).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
+            assert!((out[t * n_rows + r] as f64 - want).abs() <= mag * 1e-5 + 1e-6, "t={t} r={r}");
+        }
+    }
+
+    assert!(matches!(
+        CpuDense.matmul(&m, &a, &mut out[1..]),
+        Err(ExecError::OutputLength { expected: 21, got: 20, .. })
+    ));
+    let mut q41 = QuantizedActs::new();
+    q41.quantize(GgmlType::Q4_1, &x, k);
+    assert!(matches!(
+        CpuDense.matmul(&m, &q41, &mut out),
+        Err(ExecError::ActsMismatch { want: Some(GgmlType::Q8_0), acts_ty: Some(GgmlType::Q8_1), .. })
+    ));
+    let mut narrow = QuantizedActs::new();
+    narrow.quantize(ty, &x, 32);
+    assert!(matches!(
+        CpuDense.matmul(&m, &narrow, &mut out),
+        Err(ExecError::ActsMismatch { acts_cols: 32, .. })
+    ));
+    assert!(matches!(
+        CpuDense.matmul(&m, &QuantizedActs::new(), &mut []),
+        Err(ExecError::ActsMismatch { acts_ty: None, .. })
+    ));
+    // Matrices built field by field are checked too.
+    let q8_1 = QMatrix { ty: GgmlType::Q8_1, n_rows: 1, n_cols: 32, data: &w.bytes()[..36] };
+    assert!(matches!(
+        CpuDense.matmul(&q8_1, &a, &mut out),
+        Err(ExecError::UnsupportedType { ty: GgmlType::Q8_1 })
+    ));
+    let short = QMatrix { data: &w.bytes()[..10], ..m };
+    assert!(matches!(CpuDense.matmul(&short, &a, &mut out), Err(ExecError::SizeMismatch { got: 10, .. })));
+    assert!(matches!(
+        CpuDense.matmul(&QMatrix { n_cols: 48, ..m }, &a, &mut out),
+        Err(ExecError::RowNotBlockAligned { .. })
+    ));
+
+    let ok = DenseShape::of(&m);
+    assert!(CpuDense.prepare(&[ok], 512).is_ok());
+    let q8k = DenseShape { ty: GgmlType::Q8K, ..ok };
+    assert!(matches!(
+        CpuDense.prepare(&[ok, q8k], 512),
+        Err(ExecError::UnsupportedType { ty: GgmlType::Q8K })
+    ));
+    let ragged = DenseShape { n_cols: 40, ..ok };
+    assert!(matches!(
+        CpuDense.prepare(&[ragged], 512),
+        Err(ExecError::RowNotBlockAligned { n_cols: 40, .. })
+    ));
+    assert_eq!(CpuDense.name(), "cpu");
 }
 
 // === Norms, RoPE, activations ===

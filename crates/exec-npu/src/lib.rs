@@ -1,44 +1,134 @@
-//! The dense executor: PowerInfer-2's NPU role, on the CPU until an NPU backend exists.
+//! The dense static-shape executor: PowerInfer-2's NPU role, on the CPU until an NPU backend exists.
 //!
 //! A phone NPU runs only graphs compiled ahead of time for fixed tensor shapes. This crate models that
 //! contract so that the runtime is written against it: a [`DenseGraph`] is compiled once for one weight matrix
-//! shape and one static batch size (buffers allocated at compile time, nothing at run time), and a
-//! [`DenseExecutor`] splits a variable number of tokens into the static batch sizes it has graphs for,
-//! padding the last one, exactly as a prefill on an NPU must. The arithmetic is `pinion-exec-cpu`'s batched
-//! quantized matmul, so results equal the CPU path bit for bit. It is not a sparse engine (sparse, cold
-//! neurons are the CPU's job) and holds no vendor SDK; a real NPU backend would implement the same two types.
+//! shape and one static batch size, a [`DenseExecutor`] splits a variable number of activation rows into the
+//! static batch sizes it has graphs for, zero-padding the last pass, and [`NpuDense`], the main type,
+//! implements `pinion-exec-cpu`'s [`DenseBackend`] with them, so the runtime can hold it as a
+//! `&dyn DenseBackend` in place of [`pinion_exec_cpu::CpuDense`]. It takes activation rows already quantized
+//! ([`QuantizedActs`]) and runs `pinion-exec-cpu`'s batched matmul on each static batch, padding rows being
+//! zero blocks, so its results equal the CPU backend's bit for bit. It is not a sparse engine (sparse, cold
+//! neurons are the CPU's job) and holds no vendor SDK; a real NPU backend would replace the body of
+//! [`DenseGraph`] and keep the rest.
 #![forbid(unsafe_code)]
 
-use pinion_exec_cpu::{QMatrix, QuantizedActs, matmul, vec_dot_type};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use pinion_exec_cpu::{
+    DenseBackend, DenseShape, ExecError, QMatrix, QuantizedActs, check_operands, check_output, matmul,
+};
 use pinion_format::GgmlType;
 
+#[cfg(test)]
+mod tests;
+
+/// [`NpuDense`]'s static batch sizes: powers of two up to 512.
+///
+/// 512 is the runtime's (and llama.cpp's) prefill batch, so a full prefill batch is one unpadded pass on the
+/// caller's activations in place: pp512 does the CPU backend's one matmul. Powers of two let
+/// [`DenseExecutor::passes`] cover any remainder with a few passes and little padding, from 10 graphs per
+/// weight shape (a phone NPU compiles each graph ahead of time, so their number is kept small).
+pub const DEFAULT_BUCKETS: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+/// Padding rows [`DenseExecutor::passes`] always accepts rather than split a remainder into more passes: the
+/// CPU kernels compute activation rows 8 at a time, so up to 7 padding rows cost nothing there. Above that,
+/// a remainder is padded if the padding is at most an eighth of it.
+pub const PAD_SLACK_ROWS: usize = 7;
+
 /// What can go wrong compiling or running a dense graph.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NpuError {
-    #[error("no dense kernel for weight type {0}")]
-    UnsupportedType(GgmlType),
-    #[error("static batch sizes must be non-empty, non-zero and ascending, got {0:?}")]
-    BadBuckets(Vec<usize>),
-    #[error("graph compiled for {expected}, called with {got}")]
-    ShapeMismatch { expected: String, got: String },
-    #[error("{n} tokens exceed the static batch of {batch}")]
-    BatchTooLarge { n: usize, batch: usize },
+    /// The static batch sizes given to a [`DenseExecutor`] are empty, contain zero or are not ascending.
+    #[error("static batch sizes must be non-empty, non-zero and ascending, got {buckets:?}")]
+    BadBuckets {
+        /// The sizes given.
+        buckets: Vec<usize>,
+    },
+    /// A graph cannot be compiled for a shape with no rows, no columns or a zero batch.
+    #[error("cannot compile a graph for {shape}: rows, columns and batch must be non-zero")]
+    InvalidShape {
+        /// The shape asked for.
+        shape: StaticShape,
+    },
+    /// A graph was run with weights of another shape than it was compiled for.
+    #[error("graph compiled for {graph} run with {ty} weights of {n_rows}x{n_cols}")]
+    WeightMismatch {
+        /// The graph's shape.
+        graph: StaticShape,
+        /// The weights' type.
+        ty: GgmlType,
+        /// The weights' rows.
+        n_rows: usize,
+        /// The weights' columns.
+        n_cols: usize,
+    },
+    /// A graph was run with more activation rows than its static batch.
+    #[error("{n} activation rows exceed the static batch of {batch}")]
+    BatchTooLarge {
+        /// Rows given.
+        n: usize,
+        /// The graph's batch.
+        batch: usize,
+    },
+    /// The operands do not fit each other (checked by `pinion-exec-cpu`).
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+}
+
+impl From<NpuError> for ExecError {
+    /// Operand errors stay what they are; errors of the static-shape machinery become
+    /// [`ExecError::Backend`] with the [`NpuError`] as source.
+    fn from(e: NpuError) -> ExecError {
+        match e {
+            NpuError::Exec(e) => e,
+            e => ExecError::Backend { backend: NpuDense::NAME, source: Box::new(e) },
+        }
+    }
 }
 
 /// The fixed shape a graph is compiled for: a weight of `n_rows x n_cols` and `batch` activation rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StaticShape {
+    /// Storage type of the weights.
     pub ty: GgmlType,
+    /// Weight rows.
     pub n_rows: usize,
+    /// Weight columns.
     pub n_cols: usize,
+    /// Activation rows per run.
     pub batch: usize,
 }
 
-/// A matmul compiled for one [`StaticShape`]: its input, activation and output buffers are allocated once.
+impl StaticShape {
+    /// The shape of `w` with `batch` activation rows.
+    pub fn new(w: DenseShape, batch: usize) -> StaticShape {
+        StaticShape { ty: w.ty, n_rows: w.n_rows, n_cols: w.n_cols, batch }
+    }
+
+    /// The weight shape.
+    pub fn weights(&self) -> DenseShape {
+        DenseShape { ty: self.ty, n_rows: self.n_rows, n_cols: self.n_cols }
+    }
+}
+
+impl std::fmt::Display for StaticShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}x{} batch {}", self.ty, self.n_rows, self.n_cols, self.batch)
+    }
+}
+
+/// A matmul compiled for one [`StaticShape`]: it always multiplies `batch` activation rows, the rows it is
+/// given followed by zero rows.
+///
+/// Its activation buffer (`batch` quantized rows) is allocated when it is compiled; its output buffer
+/// (`batch x n_rows` f32) on the first run with fewer rows than `batch` (a run of a full batch writes
+/// straight into the caller's output). After that a run allocates nothing. A run whose rows are all of the
+/// caller's activations and fill the batch uses them in place, without copying.
 pub struct DenseGraph {
     shape: StaticShape,
-    input: Vec<f32>,
     acts: QuantizedActs,
     output: Vec<f32>,
 }
@@ -51,22 +141,18 @@ impl std::fmt::Debug for DenseGraph {
 
 impl DenseGraph {
     /// Compiles a graph for `shape`.
+    ///
+    /// # Errors
+    /// [`NpuError::Exec`] with [`ExecError::UnsupportedType`] or [`ExecError::RowNotBlockAligned`] if no
+    /// kernel handles the weights, [`NpuError::InvalidShape`] for a zero dimension.
     pub fn compile(shape: StaticShape) -> Result<DenseGraph, NpuError> {
-        if vec_dot_type(shape.ty).is_none() {
-            return Err(NpuError::UnsupportedType(shape.ty));
+        shape.weights().validate()?;
+        if shape.batch == 0 || shape.n_rows == 0 || shape.n_cols == 0 {
+            return Err(NpuError::InvalidShape { shape });
         }
-        if shape.batch == 0 || shape.n_rows == 0 || !shape.n_cols.is_multiple_of(shape.ty.block_len()) {
-            return Err(NpuError::ShapeMismatch {
-                expected: "non-empty shape with whole blocks per row".into(),
-                got: format!("{shape:?}"),
-            });
-        }
-        Ok(DenseGraph {
-            shape,
-            input: vec![0.0; shape.batch * shape.n_cols],
-            acts: QuantizedActs::new(),
-            output: vec![0.0; shape.batch * shape.n_rows],
-        })
+        let mut acts = QuantizedActs::new();
+        acts.quantize(shape.ty, &vec![0.0; shape.batch * shape.n_cols], shape.n_cols);
+        Ok(DenseGraph { shape, acts, output: Vec::new() })
     }
 
     /// The shape the graph was compiled for.
@@ -74,36 +160,57 @@ impl DenseGraph {
         self.shape
     }
 
-    /// Runs the graph on `n <= batch` activation rows `x` (`n * n_cols` values), writing `n * n_rows` values
-    /// to `out`. Rows past `n` are zero padding, computed and discarded as a static-shape device would.
-    pub fn run(&mut self, w: &QMatrix<'_>, x: &[f32], out: &mut [f32]) -> Result<(), NpuError> {
+    /// Bytes of memory the graph's buffers hold.
+    pub fn heap_bytes(&self) -> usize {
+        self.acts.heap_bytes() + self.output.capacity() * size_of::<f32>()
+    }
+
+    /// Runs the graph on activation rows `rows` of `acts` (at most `batch` of them), writing
+    /// `rows.len() * n_rows` values to `out`, token-major. The rows past them are zero padding, computed and
+    /// discarded as a static-shape device would.
+    ///
+    /// # Errors
+    /// [`NpuError::WeightMismatch`] if `w` is not the compiled shape, [`NpuError::BatchTooLarge`] for more
+    /// rows than the batch, and [`NpuError::Exec`] if `acts` was not quantized for `w`
+    /// ([`ExecError::ActsMismatch`]), `rows` is not within it ([`ExecError::RowsOutOfRange`]) or `out` has
+    /// the wrong length ([`ExecError::OutputLength`]).
+    pub fn run(
+        &mut self,
+        w: &QMatrix<'_>,
+        acts: &QuantizedActs,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), NpuError> {
         let s = self.shape;
-        if w.ty != s.ty || w.n_rows != s.n_rows || w.n_cols != s.n_cols {
-            return Err(NpuError::ShapeMismatch {
-                expected: format!("{} {}x{}", s.ty, s.n_rows, s.n_cols),
-                got: format!("{} {}x{}", w.ty, w.n_rows, w.n_cols),
-            });
+        if DenseShape::of(w) != s.weights() {
+            return Err(NpuError::WeightMismatch { graph: s, ty: w.ty, n_rows: w.n_rows, n_cols: w.n_cols });
         }
-        if !x.len().is_multiple_of(s.n_cols) || out.len() != x.len() / s.n_cols * s.n_rows {
-            return Err(NpuError::ShapeMismatch {
-                expected: format!("rows of {} in, rows of {} out", s.n_cols, s.n_rows),
-                got: format!("{} values in, {} out", x.len(), out.len()),
-            });
-        }
-        let n = x.len() / s.n_cols;
+        check_operands(w, acts)?;
+        let n = rows.end.saturating_sub(rows.start);
         if n > s.batch {
             return Err(NpuError::BatchTooLarge { n, batch: s.batch });
         }
-        self.input[..x.len()].copy_from_slice(x);
-        self.input[x.len()..].fill(0.0);
-        self.acts.quantize(s.ty, &self.input, s.n_cols);
-        matmul(w, &self.acts, &mut self.output);
-        out.copy_from_slice(&self.output[..n * s.n_rows]);
+        check_output(n, s.n_rows, out)?;
+        if n == s.batch && rows.start == 0 && n == acts.n_rows() {
+            // The caller's activations are exactly one static batch: run on them in place (as a device
+            // sharing memory with the host would map them), which keeps a full prefill batch as cheap as the
+            // CPU backend's call.
+            matmul(w, acts, out);
+            return Ok(());
+        }
+        self.acts.copy_rows_padded(acts, rows, s.batch)?;
+        if n == s.batch {
+            matmul(w, &self.acts, out);
+        } else {
+            self.output.resize(s.batch * s.n_rows, 0.0);
+            matmul(w, &self.acts, &mut self.output);
+            out.copy_from_slice(&self.output[..out.len()]);
+        }
         Ok(())
     }
 }
 
-/// Splits token counts into the static batch sizes graphs exist for.
+/// Splits activation row counts into the static batch sizes graphs exist for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DenseExecutor {
     buckets: Vec<usize>,
@@ -111,10 +218,13 @@ pub struct DenseExecutor {
 
 impl DenseExecutor {
     /// An executor with graphs for the given static batch sizes (ascending, non-zero).
+    ///
+    /// # Errors
+    /// [`NpuError::BadBuckets`] otherwise.
     pub fn new(buckets: Vec<usize>) -> Result<DenseExecutor, NpuError> {
         let ascending = buckets.windows(2).all(|w| w[0] < w[1]);
-        if buckets.is_empty() || buckets[0] == 0 || !ascending {
-            return Err(NpuError::BadBuckets(buckets));
+        if buckets.first().is_none_or(|&b| b == 0) || !ascending {
+            return Err(NpuError::BadBuckets { buckets });
         }
         Ok(DenseExecutor { buckets })
     }
@@ -124,89 +234,179 @@ impl DenseExecutor {
         &self.buckets
     }
 
-    /// The passes that cover `n` tokens: `(tokens, static batch)` pairs. Full passes use the largest batch;
-    /// the remainder uses the smallest batch that holds it, so padding is never more than that bucket's size.
-    pub fn plan(&self, n: usize) -> Vec<(usize, usize)> {
-        let largest = *self.buckets.last().expect("buckets are non-empty");
-        let mut passes = vec![(largest, largest); n / largest];
-        let rest = n % largest;
-        if rest > 0 {
-            let b = *self.buckets.iter().find(|&&b| b >= rest).expect("largest bucket holds any remainder");
-            passes.push((rest, b));
-        }
-        passes
+    /// The static batch sizes [`DenseExecutor::passes`] can use for at most `max_tokens` rows: those up to
+    /// the smallest one that holds `max_tokens` (all of them if none does).
+    pub fn buckets_up_to(&self, max_tokens: usize) -> &[usize] {
+        let n = self.buckets.iter().position(|&b| b >= max_tokens).map_or(self.buckets.len(), |i| i + 1);
+        &self.buckets[..n]
+    }
+
+    /// The passes that cover `n` rows, in order: `(rows, static batch)` pairs. While at least the largest
+    /// batch remains, a pass is a full largest batch. A remainder goes into the smallest batch that holds it
+    /// if that pads it by at most [`PAD_SLACK_ROWS`] rows or an eighth of it (or if no batch is smaller);
+    /// otherwise the largest batch it fills is a full pass and the rest is split the same way. Only the last
+    /// pass is padded.
+    pub fn passes(&self, n: usize) -> Passes<'_> {
+        Passes { buckets: &self.buckets, rest: n }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pinion_format::quant::{BlockQ4_1, quantize_row_q4_1};
-    use proptest::prelude::*;
+/// The iterator of [`DenseExecutor::passes`]; it allocates nothing.
+#[derive(Clone, Debug)]
+pub struct Passes<'a> {
+    buckets: &'a [usize],
+    rest: usize,
+}
 
-    fn weights(n_rows: usize, n_cols: usize) -> Vec<u8> {
-        let x: Vec<f32> = (0..n_rows * n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        let mut blocks =
-            vec![BlockQ4_1 { d: Default::default(), m: Default::default(), qs: [0; 16] }; x.len() / 32];
-        quantize_row_q4_1(&x, &mut blocks);
-        blocks.iter().flat_map(bytemuck_bytes).collect()
+impl Iterator for Passes<'_> {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let rest = self.rest;
+        let (&largest, _) = self.buckets.split_last()?;
+        if rest == 0 {
+            return None;
+        }
+        let pass = match self.buckets.iter().find(|&&b| b >= rest) {
+            None => (largest, largest),
+            Some(&up) => {
+                let slack = PAD_SLACK_ROWS.max(rest / 8);
+                match self.buckets.iter().rev().find(|&&b| b <= rest) {
+                    Some(&down) if up - rest > slack => (down, down),
+                    _ => (rest, up),
+                }
+            }
+        };
+        self.rest -= pass.0;
+        Some(pass)
+    }
+}
+
+/// The NPU-role [`DenseBackend`]: [`DenseGraph`]s per (weight shape, static batch), a call split into static
+/// batches by a [`DenseExecutor`] ([`DEFAULT_BUCKETS`] unless built with [`NpuDense::with_buckets`]).
+///
+/// Graphs are compiled by [`DenseBackend::prepare`] for every batch a call of up to `max_tokens` rows can
+/// use. A shape or batch not prepared is compiled on first use (an allocation on that call only) rather than
+/// refused, so a caller that forgets a shape is slower once, not wrong. A call takes an idle graph of each
+/// pass's shape and gives it back after the pass; no lock is held while computing, so calls from several
+/// threads (or nested in rayon tasks) never wait on one another: a call that finds no idle graph compiles
+/// another, so there are at most as many graphs per shape as concurrent calls. Once compiled, a call
+/// allocates nothing.
+///
+/// Memory: a graph holds `batch` quantized activation rows, and once it has run a padded pass, `batch x
+/// n_rows` f32 outputs ([`NpuDense::heap_bytes`]).
+#[derive(Debug)]
+pub struct NpuDense {
+    executor: DenseExecutor,
+    idle: Mutex<HashMap<StaticShape, Vec<DenseGraph>>>,
+}
+
+impl Default for NpuDense {
+    fn default() -> Self {
+        NpuDense::new()
+    }
+}
+
+impl NpuDense {
+    /// The backend's name in logs and errors.
+    pub const NAME: &'static str = "npu";
+
+    /// A backend with [`DEFAULT_BUCKETS`].
+    pub fn new() -> NpuDense {
+        NpuDense { executor: DenseExecutor { buckets: DEFAULT_BUCKETS.to_vec() }, idle: Mutex::default() }
     }
 
-    fn bytemuck_bytes(b: &BlockQ4_1) -> Vec<u8> {
-        let mut v = b.d.to_le_bytes().to_vec();
-        v.extend(b.m.to_le_bytes());
-        v.extend(b.qs);
-        v
+    /// A backend with the given static batch sizes.
+    ///
+    /// # Errors
+    /// [`NpuError::BadBuckets`] unless they are non-empty, non-zero and ascending.
+    pub fn with_buckets(buckets: Vec<usize>) -> Result<NpuDense, NpuError> {
+        Ok(NpuDense { executor: DenseExecutor::new(buckets)?, idle: Mutex::default() })
     }
 
-    #[test]
-    fn padded_static_graph_equals_the_cpu_matmul() {
-        let (rows, cols, batch) = (24, 64, 8);
-        let data = weights(rows, cols);
-        let w = QMatrix::new(GgmlType::Q4_1, rows, cols, &data).unwrap();
-        let mut g =
-            DenseGraph::compile(StaticShape { ty: GgmlType::Q4_1, n_rows: rows, n_cols: cols, batch })
-                .unwrap();
-        for n in 1..=batch {
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
-            let mut got = vec![0.0; n * rows];
-            g.run(&w, &x, &mut got).unwrap();
-            let mut acts = QuantizedActs::new();
-            acts.quantize(GgmlType::Q4_1, &x, cols);
-            let mut want = vec![0.0; n * rows];
-            matmul(&w, &acts, &mut want);
-            assert_eq!(got, want, "n = {n}");
+    /// How calls are split into static batches.
+    pub fn executor(&self) -> &DenseExecutor {
+        &self.executor
+    }
+
+    /// Graphs compiled and not in use (all of them while no call runs).
+    pub fn n_graphs(&self) -> usize {
+        self.idle().values().map(Vec::len).sum()
+    }
+
+    /// Bytes of memory held by the graphs not in use (all of them while no call runs).
+    pub fn heap_bytes(&self) -> usize {
+        self.idle().values().flatten().map(DenseGraph::heap_bytes).sum()
+    }
+
+    /// The idle graphs. A panic while the lock was held cannot leave a graph half-updated (graphs are
+    /// moved in and out whole), so a poisoned lock is used as is.
+    fn idle(&self) -> MutexGuard<'_, HashMap<StaticShape, Vec<DenseGraph>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle graph of `shape`, compiled if there is none.
+    fn take(&self, shape: StaticShape) -> Result<DenseGraph, NpuError> {
+        let idle = self.idle().get_mut(&shape).and_then(Vec::pop);
+        match idle {
+            Some(g) => Ok(g),
+            None => DenseGraph::compile(shape),
         }
     }
 
-    #[test]
-    fn shape_errors_are_typed() {
-        let data = weights(8, 32);
-        let w = QMatrix::new(GgmlType::Q4_1, 8, 32, &data).unwrap();
-        let mut g =
-            DenseGraph::compile(StaticShape { ty: GgmlType::Q4_1, n_rows: 8, n_cols: 32, batch: 2 }).unwrap();
-        let mut out = vec![0.0; 24];
-        assert_eq!(g.run(&w, &[0.0; 96], &mut out), Err(NpuError::BatchTooLarge { n: 3, batch: 2 }));
-        assert!(matches!(g.run(&w, &[0.0; 33], &mut out), Err(NpuError::ShapeMismatch { .. })));
-        let mut other =
-            DenseGraph::compile(StaticShape { ty: GgmlType::Q4_1, n_rows: 4, n_cols: 32, batch: 2 }).unwrap();
-        assert!(matches!(other.run(&w, &[0.0; 32], &mut out[..4]), Err(NpuError::ShapeMismatch { .. })));
-        assert_eq!(DenseExecutor::new(vec![]), Err(NpuError::BadBuckets(vec![])));
-        assert_eq!(DenseExecutor::new(vec![8, 4]), Err(NpuError::BadBuckets(vec![8, 4])));
+    /// Returns a graph to the idle ones.
+    fn give_back(&self, graph: DenseGraph) {
+        self.idle().entry(graph.shape).or_default().push(graph);
+    }
+}
+
+impl DenseBackend for NpuDense {
+    fn name(&self) -> &'static str {
+        NpuDense::NAME
     }
 
-    proptest! {
-        #[test]
-        fn plan_covers_every_token_with_bounded_padding(n in 0usize..5000) {
-            let ex = DenseExecutor::new(vec![1, 8, 32, 128, 512]).unwrap();
-            let plan = ex.plan(n);
-            prop_assert_eq!(plan.iter().map(|p| p.0).sum::<usize>(), n);
-            for &(tokens, batch) in &plan {
-                prop_assert!(tokens <= batch && ex.buckets().contains(&batch));
-                // The smallest bucket that fits was chosen.
-                let smallest = *ex.buckets().iter().find(|&&b| b >= tokens).unwrap();
-                prop_assert_eq!(batch, smallest);
+    /// Compiles a graph for every shape and every batch a call of up to `max_tokens` rows can use
+    /// ([`DenseExecutor::buckets_up_to`]), unless one exists.
+    fn prepare(&self, shapes: &[DenseShape], max_tokens: usize) -> Result<(), ExecError> {
+        for &w in shapes {
+            w.validate()?;
+            if w.n_rows == 0 || w.n_cols == 0 {
+                continue;
+            }
+            for &batch in self.executor.buckets_up_to(max_tokens) {
+                let shape = StaticShape::new(w, batch);
+                let exists = self.idle().get(&shape).is_some_and(|v| !v.is_empty());
+                if !exists {
+                    // Compiled without holding the lock: quantizing may run rayon tasks.
+                    let graph = DenseGraph::compile(shape)?;
+                    self.give_back(graph);
+                }
             }
         }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), ExecError> {
+        check_operands(w, acts)?;
+        let n = acts.n_rows();
+        check_output(n, w.n_rows, out)?;
+        if n == 0 || w.n_rows == 0 {
+            return Ok(());
+        }
+        let shape = DenseShape::of(w);
+        let mut start = 0;
+        for (rows, batch) in self.executor.passes(n) {
+            let mut graph = self.take(StaticShape::new(shape, batch))?;
+            let done = graph.run(
+                w,
+                acts,
+                start..start + rows,
+                &mut out[start * w.n_rows..(start + rows) * w.n_rows],
+            );
+            self.give_back(graph);
+            done?;
+            start += rows;
+        }
+        Ok(())
     }
 }
