@@ -383,6 +383,8 @@ pub struct PackedLayer {
     len: u64,
     gate_crc: Vec<u32>,
     bundle_crc: Vec<u32>,
+    /// Version 2: the CRC of each position's gate row (for reads of single predicted rows); empty in version 1.
+    gate_row_crc: Vec<u32>,
     position: Vec<u32>,
 }
 
@@ -482,6 +484,58 @@ impl PackedLayer {
         };
         check_len(&what, r.clone(), bytes)?;
         check_crc(&what, r.start, self.bundle_crc[pos], bytes)
+    }
+
+    /// [`verify_bundle`](Self::verify_bundle) for a bundle read in two parts: its up row `up` and down column
+    /// `down`, checked as if contiguous.
+    pub fn verify_bundle_parts(&self, pos: usize, up: &[u8], down: &[u8]) -> Result<(), FormatError> {
+        let r = self.bundle_range(pos);
+        let what = || {
+            let (l, n, k) = (self.index, self.order[pos], pos / self.cluster_neurons);
+            format!("layer {l} bundle at position {pos} (neuron {n}, cluster {k})")
+        };
+        if up.len() != self.up_row_bytes || down.len() != self.down_col_bytes {
+            return Err(FormatError::BadBlockView {
+                len: up.len() + down.len(),
+                block: self.bundle_bytes(),
+                why: format!("{}: up {} + down {} bytes", what(), up.len(), down.len()),
+            });
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(up);
+        h.update(down);
+        let found = h.finalize();
+        if found != self.bundle_crc[pos] {
+            return Err(FormatError::Checksum {
+                what: what(),
+                offset: r.start,
+                expected: self.bundle_crc[pos],
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether single gate rows can be checked ([`verify_gate_row`](Self::verify_gate_row)): version 2 files
+    /// record a CRC per gate row.
+    pub fn has_gate_row_checksums(&self) -> bool {
+        !self.gate_row_crc.is_empty()
+    }
+
+    /// Checks the gate row at position `pos` (read alone, for a predicted neuron) against its recorded CRC:
+    /// `what` = `"layer {l} gate row at position {pos} (neuron {n}, cluster {k})"`; a version 1 file, which
+    /// records none, is [`FormatError::NoChecksum`].
+    pub fn verify_gate_row(&self, pos: usize, bytes: &[u8]) -> Result<(), FormatError> {
+        let r = self.gate_row_range(pos);
+        let what = || {
+            let (l, n, k) = (self.index, self.order[pos], pos / self.cluster_neurons);
+            format!("layer {l} gate row at position {pos} (neuron {n}, cluster {k})")
+        };
+        let Some(&expected) = self.gate_row_crc.get(pos) else {
+            return Err(FormatError::NoChecksum { what: what() });
+        };
+        check_len(&what, r.clone(), bytes)?;
+        check_crc(&what, r.start, expected, bytes)
     }
 
     /// (cluster, index within the cluster) of position `pos`.
@@ -720,7 +774,7 @@ pub fn parse_packed_index(h: &PackedHeader, index: &[u8], file_len: u64) -> Resu
     let ffn_end = h.ffn_offset + h.ffn_len;
     let mut next = h.ffn_offset;
     for l in 0..n_layers as usize {
-        let layer = parse_layer(&mut c, l, next, ffn_end)?;
+        let layer = parse_layer(&mut c, l, next, ffn_end, h.version)?;
         next = layer.offset + layer.len;
         layers.push(layer);
     }
@@ -743,6 +797,7 @@ fn parse_layer(
     l: usize,
     expected_offset: u64,
     ffn_end: u64,
+    version: u32,
 ) -> Result<PackedLayer, FormatError> {
     let at = c.offset();
     let n_ff = c.u32()? as usize;
@@ -846,6 +901,7 @@ fn parse_layer(
     }
     let gate_crc = c.u32s(n_clusters)?;
     let bundle_crc = c.u32s(n_ff)?;
+    let gate_row_crc = if version >= 2 { c.u32s(n_ff)? } else { Vec::new() };
     Ok(PackedLayer {
         n_ff,
         d_model,
@@ -864,6 +920,7 @@ fn parse_layer(
         len,
         gate_crc,
         bundle_crc,
+        gate_row_crc,
         position,
     })
 }
@@ -1171,6 +1228,7 @@ fn write_layer<W: Write>(
     let mut q8 = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; d / quant::QK];
     let mut gate_crc = Vec::with_capacity(n_clusters);
     let mut bundle_crc = Vec::with_capacity(n_ff);
+    let mut gate_row_crc = Vec::with_capacity(n_ff);
     let mut len = 0u64;
     for k in 0..n_clusters {
         let first = k * c;
@@ -1180,6 +1238,7 @@ fn write_layer<W: Write>(
         for j in 0..clen {
             let i = p.order[first + j] as usize;
             rec[j * g..][..g].copy_from_slice(p.gate.row(i));
+            gate_row_crc.push(crc32fast::hash(p.gate.row(i)));
             let b = &mut rec[clen * g + j * (u + dn)..][..u + dn];
             b[..u].copy_from_slice(p.up.row(i));
             encode_col(opts.down_type, &cols[i * d..][..d], &mut b[u..], &mut q8);
@@ -1212,7 +1271,7 @@ fn write_layer<W: Write>(
     for &f in &p.frequency {
         index.extend_from_slice(&f.to_bits().to_le_bytes());
     }
-    for crc in gate_crc.iter().chain(&bundle_crc) {
+    for crc in gate_crc.iter().chain(&bundle_crc).chain(&gate_row_crc) {
         index.extend_from_slice(&crc.to_le_bytes());
     }
     Ok(len)

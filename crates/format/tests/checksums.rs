@@ -197,7 +197,7 @@ fn wrong_lengths_and_rows_out_of_range_are_typed_errors() {
 /// The absolute offset of the checksum section: after the layer entries, whose sizes the spec gives.
 fn section_offset(f: &PackedFile<'_>) -> u64 {
     f.header().index_offset
-        + f.layers().iter().map(|l| 64 + 12 * l.n_ff as u64 + 4 * l.n_clusters() as u64).sum::<u64>()
+        + f.layers().iter().map(|l| 64 + 16 * l.n_ff as u64 + 4 * l.n_clusters() as u64).sum::<u64>()
 }
 
 /// `bytes` with `new` written at `at` (replacing `old_len` bytes, so the file may grow or shrink), the header's
@@ -369,4 +369,47 @@ fn fuzz_invariants_hold_on_the_checksum_section_and_on_version_1() {
             check_packed_parse(&b);
         }
     }
+}
+
+#[test]
+fn gate_rows_and_split_bundles_verify_and_one_flipped_byte_fails_only_its_row() {
+    let src_bytes = model(false);
+    let mut bytes = pack_bytes(&src_bytes, &PackOptions::default());
+    let f = PackedFile::parse(&bytes).unwrap();
+    let layers = f.layers().to_vec();
+    drop(f);
+    for l in &layers {
+        assert!(l.has_gate_row_checksums());
+        for pos in 0..l.n_ff {
+            l.verify_gate_row(pos, slice(&bytes, l.gate_row_range(pos))).unwrap();
+            let b = l.bundle_range(pos);
+            let mid = b.start + l.up_row_bytes() as u64;
+            l.verify_bundle_parts(pos, slice(&bytes, b.start..mid), slice(&bytes, mid..b.end)).unwrap();
+        }
+    }
+    // Flip one byte of layer 1's gate row at position 3: that row fails, naming it, at its offset; its
+    // neighbours still verify; the split bundle check still catches a flipped down column byte.
+    let l = &layers[1];
+    let r = l.gate_row_range(3);
+    bytes[r.start as usize + 5] ^= 0x40;
+    match l.verify_gate_row(3, slice(&bytes, r.clone())) {
+        Err(FormatError::Checksum { what, offset, .. }) => {
+            assert_eq!(offset, r.start);
+            assert!(what.starts_with("layer 1 gate row at position 3 (neuron "), "{what}");
+        }
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+    l.verify_gate_row(2, slice(&bytes, l.gate_row_range(2))).unwrap();
+    l.verify_gate_row(4, slice(&bytes, l.gate_row_range(4))).unwrap();
+    let b = l.bundle_range(7);
+    bytes[b.end as usize - 1] ^= 1;
+    let mid = b.start + l.up_row_bytes() as u64;
+    assert!(matches!(
+        l.verify_bundle_parts(7, slice(&bytes, b.start..mid), slice(&bytes, mid..b.end)),
+        Err(FormatError::Checksum { offset, .. }) if offset == b.start
+    ));
+    assert!(matches!(
+        l.verify_bundle_parts(7, slice(&bytes, b.start..mid), &[]),
+        Err(FormatError::BadBlockView { .. })
+    ));
 }

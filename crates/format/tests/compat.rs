@@ -136,6 +136,10 @@ fn packed_v1_fixture_still_reads() {
     let head = f.resident_gguf().tensor("output.weight").unwrap();
     assert!(matches!(f.verify_tensor("output.weight", head.data), Err(FormatError::NoChecksum { .. })));
     assert!(matches!(f.verify_rows("output.weight", 0, head.row(0)), Err(FormatError::NoChecksum { .. })));
+    let l = &f.layers()[0];
+    assert!(!l.has_gate_row_checksums());
+    let row = &bytes[l.gate_row_range(0).start as usize..l.gate_row_range(0).end as usize];
+    assert!(matches!(l.verify_gate_row(0, row), Err(FormatError::NoChecksum { .. })));
 }
 
 #[test]
