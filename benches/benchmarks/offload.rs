@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use pinion_format::synth::{self, SynthConfig};
+use pinion_plan::PlanError;
 use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
-use pinion_runtime::{Context, ContextParams, Logits, Model, OffloadOptions, PACKED_FILE_NAME, RuntimeError};
+use pinion_runtime::{
+    Context, ContextParams, DeviceProfile, Logits, Model, PACKED_FILE_NAME, PlanOptions, RuntimeError,
+};
 
 /// Prompt tokens before the timed decode position.
 const PROMPT: usize = 32;
@@ -43,8 +46,8 @@ fn prepare_model(dir: &Path) -> PathBuf {
 
 /// The smallest budget an offloaded run of `model` accepts now (the minimum a one-byte budget's refusal names).
 fn minimum(model: &Model, params: &ContextParams) -> u64 {
-    match Context::new_offloaded(model, params.clone(), OffloadOptions::new(1)) {
-        Err(RuntimeError::BudgetTooSmall { minimum, .. }) => minimum,
+    match Context::new_offloaded(model, params.clone(), PlanOptions::new(1), &DeviceProfile::reference()) {
+        Err(RuntimeError::Plan(PlanError::BudgetTooSmall { minimum, .. })) => minimum,
         other => panic!("a one-byte budget: {:?}", other.map(|_| ())),
     }
 }
@@ -73,17 +76,20 @@ fn bench_offload(c: &mut Criterion) {
     model.release_pages();
     let min = minimum(&model, &params);
     let weights: u64 = {
-        let probe = Context::new_offloaded(&model, params.clone(), OffloadOptions::new(min + (1 << 20)))
-            .expect("probe");
-        let plan = probe.memory_plan().expect("plan");
-        plan.ffn_total + plan.head_total
+        let device = DeviceProfile::reference();
+        let probe =
+            Context::new_offloaded(&model, params.clone(), PlanOptions::new(min + (1 << 20)), &device)
+                .expect("probe");
+        let plan = probe.plan().expect("plan");
+        plan.memory.ffn_total + plan.memory.head_total + plan.memory.attention
     };
     // Each budget is its extra over the minimum measured just before (the process's resident set moves).
     for (name, extra) in [("all-pinned", 2 * weights), ("quarter", weights / 4), ("minimum", 1 << 20)] {
         model.release_pages();
         let budget = minimum(&model, &params) + extra;
-        let mut ctx =
-            Context::new_offloaded(&model, params.clone(), OffloadOptions::new(budget)).expect("offloaded");
+        let device = DeviceProfile::reference();
+        let mut ctx = Context::new_offloaded(&model, params.clone(), PlanOptions::new(budget), &device)
+            .expect("offloaded");
         step(name, &mut ctx);
     }
     g.finish();

@@ -474,8 +474,8 @@ fn make_plan(
 ) -> Result<pinion_plan::Plan> {
     let packed = Model::load(dir)?;
     let params = ContextParams { n_ubatch: OFFLOAD_CHUNK, ..ContextParams::new(ctx, threads) };
-    let process = pinion_runtime::offload::current_rss();
-    let opts = PlanOptions::new(budget, threads);
+    let process = pinion_runtime::planning::current_rss();
+    let opts = PlanOptions::new(budget);
     Ok(pinion_runtime::planning::plan_run(&packed, &params, &opts, device, process)?)
 }
 

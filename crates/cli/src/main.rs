@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pinion_plan::Budget;
 use pinion_prepare::registry;
 use pinion_runtime::{
-    BenchTest, CachePolicy, ChatMessage, Context, ContextParams, GenerateParams, Model, OffloadOptions,
-    SamplerParams, StopReason,
+    BenchTest, CachePolicy, ChatMessage, Context, ContextParams, DenseChoice, GenerateParams, Model, Plan,
+    PlanOptions, SamplerParams, StopReason, planning,
 };
 
 #[derive(Parser, Debug)]
@@ -92,6 +92,19 @@ struct ModelArgs {
     /// only cache (a budget is then not enforced by pinion: run it under a cgroup memory limit).
     #[arg(long = "mmap-dense", conflicts_with_all = ["mem_budget", "thresholds", "predictors"])]
     mmap_dense: bool,
+    /// The executor of dense batched work (prefill): cpu, or npu (PowerInfer-2's NPU role: graphs compiled
+    /// for static shapes and batches; on this machine it runs the CPU kernels, with the same results).
+    #[arg(long = "dense-backend", value_enum, default_value_t = DenseArg::Cpu)]
+    dense_backend: DenseArg,
+    /// Print more: the memory plan's reasoning.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DenseArg {
+    Cpu,
+    Npu,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,9 +119,9 @@ impl ModelArgs {
         self.context_with(model, n_ctx, self.mem_budget)
     }
 
-    /// The offload options of this run under `budget` bytes.
-    fn offload_options(&self, budget: u64) -> OffloadOptions {
-        OffloadOptions {
+    /// The plan options of this run under `budget` bytes.
+    fn offload_options(&self, budget: u64) -> PlanOptions {
+        PlanOptions {
             bundle: !self.no_bundle,
             cache: !self.no_cache,
             pipeline: !self.no_pipeline,
@@ -116,7 +129,7 @@ impl ModelArgs {
                 PolicyArg::Powerinfer2 => CachePolicy::PowerInfer2,
                 PolicyArg::Llmflash => CachePolicy::LlmFlash { window: 5 },
             },
-            ..OffloadOptions::new(budget)
+            ..PlanOptions::new(budget)
         }
     }
 
@@ -127,13 +140,23 @@ impl ModelArgs {
         n_ctx: usize,
         budget: Option<Budget>,
     ) -> Result<Context<'m>> {
-        let params = ContextParams::new(n_ctx, self.threads);
+        let dense = match self.dense_backend {
+            DenseArg::Cpu => DenseChoice::Cpu,
+            DenseArg::Npu => DenseChoice::Npu,
+        };
+        let params = ContextParams { dense, ..ContextParams::new(n_ctx, self.threads) };
         let mut ctx = match budget {
             Some(b) => {
                 if !model.is_packed() {
                     bail!("--mem-budget needs a prepared model (cargo xtask prepare), not a GGUF file");
                 }
-                Context::new_offloaded(model, params, self.offload_options(b.bytes(model.source_bytes())))?
+                let device = planning::device_for(model.path())?;
+                Context::new_offloaded(
+                    model,
+                    params,
+                    self.offload_options(b.bytes(model.source_bytes())),
+                    &device,
+                )?
             }
             None => Context::new(model, params)?,
         };
@@ -181,8 +204,11 @@ impl ModelArgs {
             );
         }
         // The plan as it stands once the predictors are chosen (choosing them plans an offloaded run anew).
-        if let Some(plan) = ctx.memory_plan() {
-            eprintln!("pinion: {}", plan.render());
+        if let Some(plan) = ctx.plan() {
+            match self.verbose {
+                true => eprint!("pinion: {}", plan.render_with_reasoning()),
+                false => eprint!("pinion: {}", plan.render()),
+            }
         }
         if let Some(b) = ctx.offload_backend() {
             eprintln!("pinion: FFN and output head streamed from storage with {b}");
@@ -485,11 +511,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "n_ctx": a.ctx_size,
             "model_size_bytes": model.file_size(),
             "peak_rss_bytes": peak_rss_bytes(),
-            "mem_budget_bytes": ctx.memory_plan().map(|p| p.budget),
+            "mem_budget_bytes": ctx.plan().map(|p| p.memory.budget),
         });
         let mut obj = obj;
         if let (Some(st), Some(map)) = (ctx.offload_stats(), obj.as_object_mut()) {
-            map.extend(offload_json(st));
+            map.extend(offload_json(st, ctx.plan()));
         }
         writeln!(stdout, "{obj}")?;
     } else {
@@ -510,7 +536,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         stop_reason_name(&result.stop_reason)
     );
     if let Some(st) = ctx.offload_stats() {
-        eprint!("{}", render_offload_stats(st, ctx.memory_plan().map(|p| p.budget), peak_rss_bytes()));
+        eprint!("{}", render_offload_stats(st, ctx.plan(), peak_rss_bytes()));
     }
     Ok(())
 }
@@ -598,7 +624,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let size = format!("{:.2} MiB", model.file_size() as f64 / (1 << 20) as f64);
     let params = format!("{:.2} M", model.n_params() as f64 / 1e6);
     let name = format!("{} {}", c.arch, c.name.as_deref().unwrap_or(""));
-    let backend = if ctx.memory_plan().is_some() { "CPU+flash" } else { "CPU" };
+    let backend = if ctx.plan().is_some() { "CPU+flash" } else { "CPU" };
     let mut results = Vec::new();
     let mut offload = None;
     if a.output_format == BenchFormat::Md {
@@ -624,11 +650,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         results.push(r);
     }
     let peak = peak_rss_bytes();
-    let budget = ctx.memory_plan().map(|p| p.budget);
+    let budget = ctx.plan().map(|p| p.memory.budget);
     if a.output_format == BenchFormat::Md {
         if let Some(st) = &offload {
             println!();
-            print!("{}", render_offload_stats(st, budget, peak));
+            print!("{}", render_offload_stats(st, ctx.plan(), peak));
         }
     }
     if a.output_format == BenchFormat::Json {
@@ -650,16 +676,27 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "tests": tests,
         });
         if let (Some(st), Some(map)) = (&offload, obj.as_object_mut()) {
-            map.extend(offload_json(st));
+            map.extend(offload_json(st, ctx.plan()));
         }
         println!("{obj}");
     }
     Ok(())
 }
 
-/// The offload counters of a generation test as JSON fields.
-fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, serde_json::Value> {
+/// The offload counters of a generation test, and what the plan predicted, as JSON fields.
+fn offload_json(
+    st: &pinion_runtime::OffloadStats,
+    plan: Option<&Plan>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let predicted = plan.map(|p| &p.predicted);
     let v = serde_json::json!({
+        "predicted_tokens_per_s": predicted.map(|p| p.tokens_per_s),
+        "predicted_mb_read_per_token": predicted.map(|p| p.mb_read_per_token),
+        "predicted_hit_rate": predicted.map(|p| p.hit_rate),
+        "plan_device": plan.map(|p| p.device.clone()),
+        "decode_tokens_per_s": st.tokens_per_s(),
+        "hit_rate_hot": st.hot_hit_rate(),
+        "verify_share": st.verify_share(),
         "mb_read_per_token": st.mb_read_per_token(),
         "read_mb_per_s": st.read_mb_per_s(),
         "disk_reads_per_token": st.disk_reads_per_token(),
@@ -685,24 +722,35 @@ fn offload_json(st: &pinion_runtime::OffloadStats) -> serde_json::Map<String, se
     }
 }
 
-/// The offload counters of a generation test, for the terminal.
-fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, peak: Option<u64>) -> String {
+/// The offload counters of a generation test, for the terminal, with what the plan predicted.
+fn render_offload_stats(st: &pinion_runtime::OffloadStats, plan: Option<&Plan>, peak: Option<u64>) -> String {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let per_layer = st.neurons_per_layer_per_token();
     let (lo, hi) = per_layer.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
     let mut out = String::new();
     out += &format!(
         "offloaded: budget {:.1} MiB, peak RSS {:.1} MiB, {} decode tokens\n",
-        budget.map_or(0.0, mib),
+        plan.map_or(0.0, |p| mib(p.memory.budget)),
         peak.map_or(0.0, mib),
         st.tokens
     );
+    if let Some(p) = plan {
+        out += &format!(
+            "  speed: {:.2} tokens/s measured, {:.2} predicted by the plan ({:+.0}%){}\n",
+            st.tokens_per_s(),
+            p.predicted.tokens_per_s,
+            100.0 * (p.predicted.tokens_per_s / st.tokens_per_s().max(1e-9) - 1.0),
+            if p.device == "measured" { "" } else { " (reference device profile)" }
+        );
+    }
     out += &format!(
-        "  latency per token: P50 {:.2} ms, P90 {:.2} ms, P99 {:.2} ms; I/O stall {:.1}% of token time\n",
+        "  latency per token: P50 {:.2} ms, P90 {:.2} ms, P99 {:.2} ms; I/O stall {:.1}% of token time; \
+         checksums {:.1}%\n",
         st.latency_quantile(0.5) * 1e3,
         st.latency_quantile(0.9) * 1e3,
         st.latency_quantile(0.99) * 1e3,
-        100.0 * st.io_stall_share()
+        100.0 * st.io_stall_share(),
+        100.0 * st.verify_share()
     );
     out += &format!(
         "  read per token: {:.2} MB (gates {:.2}, bundles {:.2}, output head {:.2}, embeddings {:.3}); {:.0} MB/s\n",
@@ -719,9 +767,10 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, budget: Option<u64>, 
         st.mb_per_token(st.disk_bytes)
     );
     out += &format!(
-        "  neuron hit rate {:.1}% (pinned {:.1}%, LRU {:.1}%); gate blocks in memory {:.1}%\n",
+        "  neuron hit rate {:.1}% (fixed {:.1}%, cluster LRU {:.1}%, neuron LRU {:.1}%); gate blocks in memory {:.1}%\n",
         100.0 * st.hit_rate(),
         100.0 * st.pinned_hit_rate(),
+        100.0 * st.hot_hit_rate(),
         100.0 * st.lru_hit_rate(),
         100.0 * st.gate_hit_rate()
     );
@@ -752,11 +801,13 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
         ctx.reset_offload_stats();
         let r = pinion_runtime::run_bench(&mut ctx, BenchTest::Generate(n_gen), a.repetitions.max(1))?;
         let st = ctx.offload_stats().cloned().unwrap_or_default();
-        eprintln!("pinion: budget {b}: tg{n_gen} {:.2} t/s", r.median());
+        let predicted = ctx.plan().map_or(0.0, |p| p.predicted.tokens_per_s);
+        eprintln!("pinion: budget {b}: tg{n_gen} {:.2} t/s (plan: {predicted:.2})", r.median());
         points.push(plot::SweepPoint {
             budget_bytes: bytes,
             budget_share: bytes as f64 / weights as f64,
             tokens_per_s: r.median(),
+            predicted_tokens_per_s: predicted,
             mb_read_per_token: st.mb_read_per_token(),
             hit_rate: st.hit_rate(),
             io_stall_share: st.io_stall_share(),

@@ -21,6 +21,8 @@ pub(crate) struct SweepPoint {
     pub budget_share: f64,
     /// Decode speed (median over repetitions).
     pub tokens_per_s: f64,
+    /// Decode speed the run's plan predicted.
+    pub predicted_tokens_per_s: f64,
     /// Bytes read from storage per token, in MB (10^6).
     pub mb_read_per_token: f64,
     /// Share of FFN neuron uses served from memory.
@@ -82,22 +84,25 @@ const COLOURS: [RGBColor; 5] = [
     RGBColor(148, 103, 189),
 ];
 
-/// A markdown table of the sweep, one row per point in the order given: the budget (MiB and % of the model
-/// file), tokens/s, MB read per token, hit rate % and I/O stall %.
+/// A markdown table of the sweep, one row per point in the order given: the budget (MiB and % of the GGUF
+/// file), tokens/s measured and predicted by the plan with the prediction's error, MB read per token, hit rate %
+/// and I/O stall %.
 pub(crate) fn render_sweep_table(points: &[SweepPoint]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| budget (MiB) | budget (% of model) | tokens/s | MB read/token | hit rate % | I/O stall % |\n",
+        "| budget (MiB) | budget (% of GGUF) | tokens/s | predicted | error % | MB read/token | hit rate % | I/O stall % |\n",
     );
-    out.push_str("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    out.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for p in points {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "| {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            "| {:.1} | {:.1} | {:.2} | {:.2} | {:+.1} | {:.2} | {:.1} | {:.1} |",
             p.budget_bytes as f64 / (1024.0 * 1024.0),
             p.budget_share * 100.0,
             p.tokens_per_s,
+            p.predicted_tokens_per_s,
+            100.0 * (p.predicted_tokens_per_s / p.tokens_per_s.max(1e-12) - 1.0),
             p.mb_read_per_token,
             p.hit_rate * 100.0,
             p.io_stall_share * 100.0,
@@ -260,6 +265,7 @@ mod tests {
             budget_bytes: budget_mib * 1024 * 1024,
             budget_share: share,
             tokens_per_s: tps,
+            predicted_tokens_per_s: 1.1 * tps,
             mb_read_per_token: 12.5 * (1.0 - share),
             hit_rate: 0.5 + share / 2.0,
             io_stall_share: 0.6 * (1.0 - share),
@@ -307,12 +313,12 @@ mod tests {
         assert_eq!(lines.len(), 2 + 4, "{table}");
         assert_eq!(
             lines[0],
-            "| budget (MiB) | budget (% of model) | tokens/s | MB read/token | hit rate % | I/O stall % |"
+            "| budget (MiB) | budget (% of GGUF) | tokens/s | predicted | error % | MB read/token | hit rate % | I/O stall % |"
         );
-        assert_eq!(lines[2], "| 256.0 | 25.0 | 4.00 | 9.38 | 62.5 | 45.0 |");
-        assert_eq!(lines[3], "| 512.0 | 50.0 | 11.50 | 6.25 | 75.0 | 30.0 |");
-        assert_eq!(lines[4], "| 768.0 | 75.0 | 19.25 | 3.12 | 87.5 | 15.0 |");
-        assert_eq!(lines[5], "| 1024.0 | 100.0 | 24.00 | 0.00 | 100.0 | 0.0 |");
+        assert_eq!(lines[2], "| 256.0 | 25.0 | 4.00 | 4.40 | +10.0 | 9.38 | 62.5 | 45.0 |");
+        assert_eq!(lines[3], "| 512.0 | 50.0 | 11.50 | 12.65 | +10.0 | 6.25 | 75.0 | 30.0 |");
+        assert_eq!(lines[4], "| 768.0 | 75.0 | 19.25 | 21.18 | +10.0 | 3.12 | 87.5 | 15.0 |");
+        assert_eq!(lines[5], "| 1024.0 | 100.0 | 24.00 | 26.40 | +10.0 | 0.00 | 100.0 | 0.0 |");
         // Rows keep the order given, even when it is not sorted by budget.
         let reversed: Vec<SweepPoint> = sweep().into_iter().rev().collect();
         let lines: Vec<String> = render_sweep_table(&reversed).lines().map(str::to_string).collect();

@@ -135,6 +135,8 @@ pub struct PlanInput {
     pub layers: Vec<LayerShape>,
     /// Cache bookkeeping costs.
     pub cache: CacheCosts,
+    /// Compute threads of the run.
+    pub threads: usize,
 }
 
 /// The neuron cache's policy.
@@ -155,8 +157,6 @@ pub enum CachePolicy {
 pub struct PlanOptions {
     /// Bytes the whole process may use (peak resident set).
     pub budget: u64,
-    /// Compute threads asked for.
-    pub threads: usize,
     /// Read a neuron's up row and down column together (one bundle); off: two separate, unmerged reads.
     pub bundle: bool,
     /// Keep FFN neurons in memory (pinned and LRU); off: every FFN byte is read every token.
@@ -171,10 +171,9 @@ pub struct PlanOptions {
 
 impl PlanOptions {
     /// Every mechanism on, PowerInfer-2's policy, the device's queue depth.
-    pub fn new(budget: u64, threads: usize) -> PlanOptions {
+    pub fn new(budget: u64) -> PlanOptions {
         PlanOptions {
             budget,
-            threads,
             bundle: true,
             cache: true,
             pipeline: true,
@@ -425,7 +424,7 @@ impl Plan {
     }
 }
 
-fn validate(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Result<(), PlanError> {
+fn validate(input: &PlanInput, device: &DeviceProfile) -> Result<(), PlanError> {
     let bad = |why: String| Err(PlanError::BadInput { why });
     if input.layers.is_empty() {
         return bad("no FFN layers".into());
@@ -433,7 +432,7 @@ fn validate(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
     if input.head.n_rows == 0 || input.head.row_bytes == 0 {
         return bad("empty output head".into());
     }
-    if opts.threads == 0 {
+    if input.threads == 0 {
         return bad("no compute threads".into());
     }
     for (i, l) in input.layers.iter().enumerate() {
@@ -544,14 +543,14 @@ fn normal_cdf(x: f64) -> f64 {
 
 /// Makes the plan for running `input`'s model on `device` with `opts` (see the module documentation).
 pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    validate(input, device, opts)?;
+    validate(input, device)?;
     let mut why = Vec::new();
     let n_layers = input.layers.len();
     let layers = &input.layers;
     let head = &input.head;
     let head_total = head.n_rows as u64 * head.row_bytes;
     let ffn_total: u64 = layers.iter().map(|l| l.n_ff as u64 * (l.gate_row_bytes + l.bundle_bytes)).sum();
-    let compute_threads = opts.threads.min(device.n_cpus.max(1)).max(1);
+    let compute_threads = input.threads.min(device.n_cpus.max(1)).max(1);
     let llmflash = matches!(opts.policy, CachePolicy::LlmFlash { .. });
 
     // Reads: the size of a typical read and the depth the device wants for it.

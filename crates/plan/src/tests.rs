@@ -36,11 +36,12 @@ fn input(n_layers: usize, n_ff: usize, predicting: bool) -> PlanInput {
         predicting,
         layers,
         cache: CacheCosts { entry_overhead: 48, key_overhead: 4, fixed_align: 64 },
+        threads: 2,
     }
 }
 
 fn minimum(inp: &PlanInput) -> u64 {
-    match plan(inp, &sample_profile(), &PlanOptions::new(1, 2)) {
+    match plan(inp, &sample_profile(), &PlanOptions::new(1)) {
         Err(PlanError::BudgetTooSmall { budget: 1, minimum, .. }) => minimum,
         other => panic!("expected BudgetTooSmall, got {other:?}"),
     }
@@ -54,10 +55,10 @@ fn ffn_bytes(inp: &PlanInput) -> u64 {
 fn budget_below_minimum_names_the_minimum_and_the_minimum_runs() {
     let inp = input(4, 512, true);
     let min = minimum(&inp);
-    let err = plan(&inp, &sample_profile(), &PlanOptions::new(min - 1, 2)).unwrap_err();
+    let err = plan(&inp, &sample_profile(), &PlanOptions::new(min - 1)).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&format!("at least {:.1} MiB", min as f64 / (1 << 20) as f64)), "{msg}");
-    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min, 2)).unwrap();
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min)).unwrap();
     assert_eq!(p.memory.minimum(), min);
     assert_eq!(p.memory.total(), min);
     assert_eq!(p.head_rows, 0);
@@ -71,7 +72,7 @@ fn everything_fits_pins_everything_and_reads_nothing() {
     for predicting in [false, true] {
         let inp = input(3, 256, predicting);
         let budget = minimum(&inp) + ffn_bytes(&inp) + 1000 * 1088 + (1 << 20);
-        let p = plan(&inp, &sample_profile(), &PlanOptions::new(budget, 2)).unwrap();
+        let p = plan(&inp, &sample_profile(), &PlanOptions::new(budget)).unwrap();
         assert_eq!(p.head_rows, 1000);
         for l in &p.layers {
             assert_eq!((l.pinned_bundles, l.pinned_gate_clusters), (256, 16), "{l:?}");
@@ -93,7 +94,7 @@ fn larger_budgets_pin_more_and_read_less() {
         let mut prev: Option<Plan> = None;
         for step in 0..=44 {
             let b = min + span * step / 40;
-            let p = plan(&inp, &sample_profile(), &PlanOptions::new(b, 2)).unwrap();
+            let p = plan(&inp, &sample_profile(), &PlanOptions::new(b)).unwrap();
             assert!(p.memory.total() <= b, "step {step}: {} > {b}", p.memory.total());
             if let Some(q) = &prev {
                 assert!(p.head_rows >= q.head_rows, "step {step}");
@@ -117,12 +118,12 @@ fn thresholds_pin_gates_before_cold_bundles_and_predictors_pin_hot_neurons_first
     // bundle byte only when its neuron fires.
     let inp = input(2, 512, false);
     let min = minimum(&inp);
-    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000, 2)).unwrap();
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000)).unwrap();
     assert!(p.memory.pinned_gates > p.memory.pinned_bundles, "{:?}", p.memory);
     // With predictors a gate row is read only when picked: the hottest neurons' rows and bundles go first.
     let inp = input(2, 512, true);
     let min = minimum(&inp);
-    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000, 2)).unwrap();
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min + 1000 * 1088 + 300_000)).unwrap();
     assert!(p.memory.pinned_bundles > 0 && p.memory.pinned_gates > 0, "{:?}", p.memory);
     for l in &p.layers {
         // The hottest neurons come first: nothing cold is pinned while a hotter one of its layer is not.
@@ -134,15 +135,15 @@ fn thresholds_pin_gates_before_cold_bundles_and_predictors_pin_hot_neurons_first
 fn switches_are_planned() {
     let inp = input(3, 256, false);
     let b = minimum(&inp) + ffn_bytes(&inp) / 2 + 1000 * 1088;
-    let no_cache = PlanOptions { cache: false, ..PlanOptions::new(b, 2) };
+    let no_cache = PlanOptions { cache: false, ..PlanOptions::new(b) };
     let p = plan(&inp, &sample_profile(), &no_cache).unwrap();
     assert!(p.layers.iter().all(|l| l.pinned_bundles + l.pinned_gate_clusters + l.cold_entries == 0));
-    let flash = PlanOptions { policy: CachePolicy::LlmFlash { window: 5 }, ..PlanOptions::new(b, 2) };
+    let flash = PlanOptions { policy: CachePolicy::LlmFlash { window: 5 }, ..PlanOptions::new(b) };
     let p = plan(&inp, &sample_profile(), &flash).unwrap();
     assert!(p.layers.iter().all(|l| l.pinned_bundles + l.pinned_gate_clusters == 0));
     assert!(p.memory.cold > 0);
-    let serial = PlanOptions { pipeline: false, ..PlanOptions::new(b, 2) };
-    let overlapped = plan(&inp, &sample_profile(), &PlanOptions::new(b, 2)).unwrap();
+    let serial = PlanOptions { pipeline: false, ..PlanOptions::new(b) };
+    let overlapped = plan(&inp, &sample_profile(), &PlanOptions::new(b)).unwrap();
     let serial = plan(&inp, &sample_profile(), &serial).unwrap();
     assert!(serial.predicted.tokens_per_s < overlapped.predicted.tokens_per_s);
     assert_eq!(serial.read_ahead_bytes, 0);
@@ -154,7 +155,7 @@ fn predicted_speed_lies_between_serial_and_overlapped_bounds() {
         let inp = input(4, 512, predicting);
         let d = sample_profile();
         let b = minimum(&inp) + ffn_bytes(&inp) / 3;
-        let p = plan(&inp, &d, &PlanOptions::new(b, 2)).unwrap();
+        let p = plan(&inp, &d, &PlanOptions::new(b)).unwrap();
         let t = 1.0 / p.predicted.tokens_per_s;
         let compute = 1.0 / p.predicted.in_memory_tokens_per_s;
         let best_io = p.predicted.mb_read_per_token / d.peak_read_mb_per_s();
@@ -166,8 +167,8 @@ fn predicted_speed_lies_between_serial_and_overlapped_bounds() {
 
 #[test]
 fn threads_are_capped_by_cpus() {
-    let inp = input(2, 64, true);
-    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (1 << 20), 64)).unwrap();
+    let inp = PlanInput { threads: 64, ..input(2, 64, true) };
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (1 << 20))).unwrap();
     assert_eq!(p.compute_threads, 4);
     assert!(p.render().contains("4 compute threads"));
 }
@@ -175,7 +176,7 @@ fn threads_are_capped_by_cpus() {
 #[test]
 fn bad_inputs_are_typed_errors() {
     let d = sample_profile();
-    let ok = PlanOptions::new(1 << 40, 2);
+    let ok = PlanOptions::new(1 << 40);
     let mut inp = input(2, 64, true);
     inp.layers[0].frequency.pop();
     assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
@@ -188,8 +189,9 @@ fn bad_inputs_are_typed_errors() {
     let mut inp = input(2, 64, true);
     inp.layers[0].stride = 4096;
     assert!(matches!(plan(&inp, &d, &ok), Err(PlanError::BadInput { .. })));
+    let inp = PlanInput { threads: 0, ..input(2, 64, true) };
+    assert!(matches!(plan(&inp, &d, &PlanOptions::new(1 << 40)), Err(PlanError::BadInput { .. })));
     let inp = input(2, 64, true);
-    assert!(matches!(plan(&inp, &d, &PlanOptions::new(1 << 40, 0)), Err(PlanError::BadInput { .. })));
     let empty = DeviceProfile { reads: vec![], ..sample_profile() };
     assert!(matches!(plan(&inp, &empty, &ok), Err(PlanError::IncompleteProfile { .. })));
 }
@@ -197,7 +199,7 @@ fn bad_inputs_are_typed_errors() {
 #[test]
 fn json_round_trip_and_version_check() {
     let inp = input(3, 128, true);
-    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (3 << 20), 2)).unwrap();
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(minimum(&inp) + (3 << 20))).unwrap();
     assert_eq!(Plan::from_json(&p.to_json(), "t").unwrap(), p);
     let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
     v["version"] = serde_json::json!(1);
@@ -214,11 +216,11 @@ fn json_round_trip_and_version_check() {
 fn reference_profile_is_said() {
     let inp = input(2, 64, false);
     let d = DeviceProfile::reference();
-    let min = match plan(&inp, &d, &PlanOptions::new(1, 2)) {
+    let min = match plan(&inp, &d, &PlanOptions::new(1)) {
         Err(PlanError::BudgetTooSmall { minimum, .. }) => minimum,
         other => panic!("{other:?}"),
     };
-    let p = plan(&inp, &d, &PlanOptions::new(min + (1 << 20), 2)).unwrap();
+    let p = plan(&inp, &d, &PlanOptions::new(min + (1 << 20))).unwrap();
     assert_eq!(p.device, "reference");
     assert!(p.render().contains("no measured device profile"), "{}", p.render());
     assert!(p.reasoning.iter().any(|r| r.contains("no measured profile")));
@@ -305,7 +307,7 @@ fn greedy_pinning_is_within_one_unit_of_the_best() {
         for ls in &mut inp.layers {
             ls.cluster_neurons = 8;
         }
-        let opts = PlanOptions::new(0, 2);
+        let opts = PlanOptions::new(0);
         for budget in (0..=120_000u64).step_by(7_919) {
             let a =
                 allocate(&inp, &freqs(&inp), &|l, i| gate_p(&inp, l, i), budget + 1000 * 1088, 0.0, &opts);
@@ -369,7 +371,7 @@ proptest! {
         }
         let min = minimum(&inp);
         let policy = if flash { CachePolicy::LlmFlash { window: 3 } } else { CachePolicy::PowerInfer2 };
-        let opts = PlanOptions { policy, ..PlanOptions::new(min + extra, 2) };
+        let opts = PlanOptions { policy, ..PlanOptions::new(min + extra) };
         let p = plan(&inp, &sample_profile(), &opts).unwrap();
         prop_assert!(p.memory.total() <= min + extra);
         prop_assert!(p.head_rows <= 1000);

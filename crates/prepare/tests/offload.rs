@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 use pinion_format::GgmlType;
 use pinion_format::synth::{self, SynthConfig};
+use pinion_plan::PlanError;
 use pinion_predictor::LowRankPredictor;
 use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
 use pinion_runtime::{
-    CachePolicy, Context, ContextParams, Logits, MemoryPlan, Model, OffloadOptions, PACKED_FILE_NAME,
+    CachePolicy, Context, ContextParams, DeviceProfile, Logits, Model, PACKED_FILE_NAME, Plan, PlanOptions,
     RuntimeError, argmax,
 };
 
@@ -198,84 +199,104 @@ fn replay_against(ctx: &mut Context<'_>, mem: &mut Context<'_>, n_vocab: usize) 
 /// The option sets under test, by name.
 const OPTION_SETS: [&str; 6] = ["default", "no-bundle", "no-cache", "no-pipeline", "llmflash-2", "none"];
 
-fn options(set: &str) -> OffloadOptions {
-    let o = OffloadOptions::new(0);
+fn options(set: &str) -> PlanOptions {
+    let o = PlanOptions::new(0);
     match set {
         "default" => o,
-        "no-bundle" => OffloadOptions { bundle: false, ..o },
-        "no-cache" => OffloadOptions { cache: false, ..o },
-        "no-pipeline" => OffloadOptions { pipeline: false, ..o },
-        "llmflash-2" => OffloadOptions { policy: CachePolicy::LlmFlash { window: 2 }, ..o },
-        "none" => OffloadOptions { bundle: false, cache: false, pipeline: false, ..o },
+        "no-bundle" => PlanOptions { bundle: false, ..o },
+        "no-cache" => PlanOptions { cache: false, ..o },
+        "no-pipeline" => PlanOptions { pipeline: false, ..o },
+        "llmflash-2" => PlanOptions { policy: CachePolicy::LlmFlash { window: 2 }, ..o },
+        "none" => PlanOptions { bundle: false, cache: false, pipeline: false, ..o },
         _ => unreachable!("{set}"),
     }
 }
 
 /// The smallest budget an offloaded context of `model` under `opts` is accepted with now: the minimum a
 /// refusal of one byte names.
-fn minimum(model: &Model, opts: &OffloadOptions) -> u64 {
-    match Context::new_offloaded(model, params(), OffloadOptions { budget: 1, ..opts.clone() }) {
-        Err(RuntimeError::BudgetTooSmall { budget: 1, minimum, .. }) => minimum,
+fn minimum(model: &Model, opts: &PlanOptions) -> u64 {
+    match Context::new_offloaded(model, params(), PlanOptions { budget: 1, ..opts.clone() }, &device()) {
+        Err(RuntimeError::Plan(PlanError::BudgetTooSmall { budget: 1, minimum, .. })) => minimum,
         Err(e) => panic!("a budget of 1 byte: {e}"),
         Ok(_) => panic!("a budget of 1 byte was accepted"),
     }
 }
 
 /// Bytes of a plan beyond its minimum.
-fn over_minimum(plan: &MemoryPlan) -> u64 {
-    plan.budget - plan.minimum()
+fn over_minimum(plan: &Plan) -> u64 {
+    plan.memory.budget - plan.memory.minimum()
+}
+
+/// The device profile the tests plan with (no measured one in a test's directory).
+fn device() -> DeviceProfile {
+    DeviceProfile::reference()
+}
+
+/// An offloaded context under `opts`, budget and all.
+fn new_offloaded<'m>(
+    model: &'m Model,
+    p: ContextParams,
+    opts: PlanOptions,
+) -> Result<Context<'m>, RuntimeError> {
+    Context::new_offloaded(model, p, opts, &device())
+}
+
+/// The minimum a refused budget names.
+fn refused_minimum(e: &RuntimeError) -> Option<u64> {
+    match e {
+        RuntimeError::Plan(PlanError::BudgetTooSmall { minimum, .. }) => Some(*minimum),
+        _ => None,
+    }
 }
 
 /// An offloaded context of `model` with `extra` bytes over its minimum. The minimum counts the resident set of
 /// this process, which other tests running beside this one move: measured again (a refusal names the minimum of
 /// its moment) until the plan made is within [`TOLERANCE`] of `extra`; after many tries, whatever is accepted
 /// next.
-fn offloaded<'m>(model: &'m Model, opts: &OffloadOptions, extra: u64) -> Context<'m> {
+fn offloaded<'m>(model: &'m Model, opts: &PlanOptions, extra: u64) -> Context<'m> {
     const TRIES: usize = 50;
     let mut min = minimum(model, opts);
     for attempt in 0..=TRIES {
         let budget = min + extra;
         // No other context is alive while this one measures the process: a kept one would count in it.
-        match Context::new_offloaded(model, params(), OffloadOptions { budget, ..opts.clone() }) {
+        match new_offloaded(model, params(), PlanOptions { budget, ..opts.clone() }) {
             Ok(ctx) => {
-                let plan = ctx.memory_plan().expect("an offloaded context has a plan");
+                let plan = ctx.plan().expect("an offloaded context has a plan");
                 check_plan(plan);
                 if over_minimum(plan).abs_diff(extra) <= TOLERANCE || attempt == TRIES {
                     return ctx;
                 }
-                min = plan.minimum();
+                min = plan.memory.minimum();
             }
-            Err(RuntimeError::BudgetTooSmall { minimum, .. }) => {
-                min = minimum;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Err(e) => panic!("budget {budget}: {e}"),
+            Err(e) => match refused_minimum(&e) {
+                Some(minimum) => {
+                    min = minimum;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                None => panic!("budget {budget}: {e}"),
+            },
         }
     }
     panic!("{extra} bytes over the minimum were refused {} times", TRIES + 1)
 }
 
 /// What every plan must satisfy.
-fn check_plan(plan: &MemoryPlan) {
-    assert!(
-        plan.total() <= plan.budget,
-        "plan of {} bytes over a budget of {}: {plan:?}",
-        plan.total(),
-        plan.budget
-    );
-    assert!(plan.head <= plan.head_total, "{plan:?}");
-    assert!(plan.pinned_gates + plan.pinned_bundles <= plan.ffn_total, "{plan:?}");
+fn check_plan(plan: &Plan) {
+    let m = &plan.memory;
+    assert!(m.total() <= m.budget, "plan of {} bytes over a budget of {}: {plan:?}", m.total(), m.budget);
+    assert!(m.head <= m.head_total, "{plan:?}");
+    assert!(m.pinned_gates + m.pinned_bundles <= m.ffn_total, "{plan:?}");
 }
 
 /// The budgets under test, as bytes over the minimum: almost nothing (16 KiB: most of the head streamed, no FFN
 /// cached; the synthetic head is only 72 KiB, so 64 KiB would keep most of it), a quarter and a half of the FFN
 /// and head, and all of it with room to spare.
 fn extras(model: &Model) -> [(&'static str, u64); 4] {
-    let ctx = offloaded(model, &OffloadOptions::new(0), 16 << 10);
-    let plan = ctx.memory_plan().unwrap();
-    let all = plan.ffn_total + plan.head_total;
+    let ctx = offloaded(model, &PlanOptions::new(0), 16 << 10);
+    let plan = ctx.plan().unwrap();
+    let all = plan.memory.ffn_total + plan.memory.head_total;
     // The smallest budget does stream: the model is big enough for these tiers to mean something.
-    assert!(plan.head_rows < model.config().n_vocab && plan.pinned_bundles == 0, "{plan:?}");
+    assert!(plan.head_rows < model.config().n_vocab && plan.memory.pinned_bundles == 0, "{plan:?}");
     [("min+16KiB", 16 << 10), ("min+1/4", all / 4), ("min+1/2", all / 2), ("min+all+1MiB", all + (1 << 20))]
 }
 
@@ -297,20 +318,21 @@ fn sweep(
             let mut ctx = offloaded(model, &options(set), extra + own);
             if let Some(ps) = predictors {
                 ctx.set_predictors(Some(ps.to_vec())).unwrap();
-                let plan = ctx.memory_plan().unwrap();
+                let plan = ctx.plan().unwrap();
                 check_plan(plan);
-                assert_eq!(plan.predictors, own, "the plan is made anew with the predictors");
+                assert_eq!(plan.memory.predictors, own, "the plan is made anew with the predictors");
             }
             assert_eq!(ctx.uses_predictors(), predictors.is_some() || model.predictors().is_some());
             if let Err(e) = replay(&mut ctx, &want) {
-                let plan = ctx.memory_plan().unwrap();
+                let plan = ctx.plan().unwrap();
+                let m = &plan.memory;
                 failures.push(format!(
                     "{label}, budget {tier} ({} over the minimum: head rows {}, pinned gates {} bundles {}, LRU {}), options {set}: {e}",
                     over_minimum(plan),
                     plan.head_rows,
-                    plan.pinned_gates,
-                    plan.pinned_bundles,
-                    plan.lru
+                    m.pinned_gates,
+                    m.pinned_bundles,
+                    m.cold
                 ));
             }
         }
@@ -356,16 +378,16 @@ fn predictors_over_the_budget_are_refused_and_the_context_goes_on() {
     let model = Model::load(&f.packed).unwrap();
     let ps = random_predictors(&f.inputs, cfg().n_ff, 0x51_7cc2);
     let mut ctx = offloaded(&model, &options("default"), 0);
-    let before = ctx.memory_plan().unwrap().clone();
+    let before = ctx.plan().unwrap().clone();
     match ctx.set_predictors(Some(ps)) {
-        Err(RuntimeError::BudgetTooSmall { budget, minimum, .. }) => {
-            assert_eq!(budget, before.budget);
-            assert!(minimum > before.minimum(), "{minimum} vs {}", before.minimum());
+        Err(RuntimeError::Plan(PlanError::BudgetTooSmall { budget, minimum, .. })) => {
+            assert_eq!(budget, before.memory.budget);
+            assert!(minimum > before.memory.minimum(), "{minimum} vs {}", before.memory.minimum());
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(!ctx.uses_predictors());
-    assert_eq!(ctx.memory_plan().unwrap(), &before);
+    assert_eq!(ctx.plan().unwrap(), &before);
     let mut mem = Context::new(&model, params()).unwrap();
     if let Err(e) = replay_against(&mut ctx, &mut mem, model.config().n_vocab) {
         panic!("after the refusal: {e}");
@@ -415,15 +437,15 @@ fn offload_counters_add_up() {
     };
     // An in-memory context has no counters.
     let mem = Context::new(&model, params()).unwrap();
-    assert!(mem.offload_stats().is_none() && mem.memory_plan().is_none());
+    assert!(mem.offload_stats().is_none() && mem.plan().is_none());
 
     // Everything in memory: nothing read but the embeddings (this model's are not tied to the head, and the
     // offloaded run reads every embedding row it uses).
-    let mut ctx = offloaded(&model, &OffloadOptions::new(0), tiers[3].1);
-    let plan = ctx.memory_plan().unwrap().clone();
+    let mut ctx = offloaded(&model, &PlanOptions::new(0), tiers[3].1);
+    let plan = ctx.plan().unwrap().clone();
     assert_eq!(plan.head_rows, c.n_vocab, "{plan:?}");
-    assert_eq!(plan.pin_bundles, vec![c.n_ff; 2], "{plan:?}");
-    assert_eq!(plan.pinned_gates + plan.pinned_bundles, plan.ffn_total, "{plan:?}");
+    assert!(plan.layers.iter().all(|l| l.pinned_bundles == c.n_ff), "{plan:?}");
+    assert_eq!(plan.memory.pinned_gates + plan.memory.pinned_bundles, plan.memory.ffn_total, "{plan:?}");
     let s = decode(&mut ctx);
     assert_eq!(s.tokens, N_DECODE as u64);
     assert_eq!(s.latencies.len(), N_DECODE);
@@ -451,14 +473,17 @@ fn offload_counters_add_up() {
     assert_eq!(z.neurons_per_layer, vec![0, 0]);
 
     // Almost nothing in memory: every neuron used is read, its gates with it, and the head partly streamed.
-    let mut ctx = offloaded(&model, &OffloadOptions::new(0), tiers[0].1);
-    let plan = ctx.memory_plan().unwrap().clone();
-    assert!(plan.head_rows < c.n_vocab && plan.pinned_gates + plan.pinned_bundles == 0, "{plan:?}");
+    let mut ctx = offloaded(&model, &PlanOptions::new(0), tiers[0].1);
+    let plan = ctx.plan().unwrap().clone();
+    assert!(
+        plan.head_rows < c.n_vocab && plan.memory.pinned_gates + plan.memory.pinned_bundles == 0,
+        "{plan:?}"
+    );
     let s = decode(&mut ctx);
     assert_eq!(s.tokens, N_DECODE as u64);
     assert!(s.misses > 0 && s.hit_rate() < 1.0, "{s:?}");
     assert_eq!(s.pinned_hits, 0, "{s:?}");
-    if plan.lru == 0 {
+    if plan.memory.cold == 0 {
         assert_eq!((s.lru_hits, s.hit_rate()), (0, 0.0), "{s:?}");
     }
     assert_eq!(s.misses + s.lru_hits, s.neurons_per_layer.iter().sum::<u64>(), "{s:?}");
@@ -466,7 +491,7 @@ fn offload_counters_add_up() {
     assert_eq!(s.bundle_bytes, s.misses * bundle, "{s:?}");
     let gates_per_token: u64 = layers.iter().map(|p| (p.n_ff * p.gate_row_bytes()) as u64).sum();
     assert_eq!(s.gate_bytes, N_DECODE as u64 * gates_per_token, "{s:?}");
-    let head_row = plan.head_total / c.n_vocab as u64;
+    let head_row = plan.memory.head_total / c.n_vocab as u64;
     assert_eq!(s.head_bytes, N_DECODE as u64 * (c.n_vocab - plan.head_rows) as u64 * head_row, "{s:?}");
     assert!(s.mb_read_per_token() * 1e6 >= (gates_per_token + bundle) as f64, "{s:?}");
     // Without bundles the same neurons cost the same bytes, in twice the reads.
@@ -485,7 +510,7 @@ fn memory_plans_stay_within_the_budget() {
         let tag = if packed_predictors { "offload-plan-p" } else { "offload-plan-t" };
         let f = fixture(tag, GgmlType::Q8_0, packed_predictors);
         let model = Model::load(&f.packed).unwrap();
-        let plan = offloaded(&model, &OffloadOptions::new(0), 0).memory_plan().unwrap().clone();
+        let plan = offloaded(&model, &PlanOptions::new(0), 0).plan().unwrap().memory.clone();
         let mut extra = vec![0, 4096, plan.head_total - 1, plan.head_total, plan.ffn_total / 3];
         extra.extend((1..24).map(|i| plan.head_total + 250 * i));
         for e in extra {
@@ -493,8 +518,8 @@ fn memory_plans_stay_within_the_budget() {
                 let opts = options(set);
                 let budget = minimum(&model, &opts) + e;
                 let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Context::new_offloaded(&model, params(), OffloadOptions { budget, ..opts })
-                        .map(|ctx| ctx.memory_plan().unwrap().clone())
+                    new_offloaded(&model, params(), PlanOptions { budget, ..opts })
+                        .map(|ctx| ctx.plan().unwrap().memory.clone())
                 }));
                 let what =
                     format!("predictors packed: {packed_predictors}, options {set}, budget minimum + {e}");
@@ -506,9 +531,9 @@ fn memory_plans_stay_within_the_budget() {
                         plan.head,
                         plan.pinned_gates,
                         plan.pinned_bundles,
-                        plan.lru
+                        plan.cold
                     )),
-                    Ok(Ok(_)) | Ok(Err(RuntimeError::BudgetTooSmall { .. })) => {}
+                    Ok(Ok(_)) | Ok(Err(RuntimeError::Plan(PlanError::BudgetTooSmall { .. }))) => {}
                     Ok(Err(err)) => failures.push(format!("{what}: {err}")),
                     Err(p) => failures.push(format!(
                         "{what}: Context::new_offloaded panicked: {}",
@@ -528,8 +553,10 @@ fn memory_plans_stay_within_the_budget() {
 fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     let f = fixture("offload-refuse", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
-    let e = Context::new_offloaded(&model, params(), OffloadOptions::new(1)).unwrap_err();
-    let RuntimeError::BudgetTooSmall { budget, minimum, ref detail, kv } = e else { panic!("{e}") };
+    let e = new_offloaded(&model, params(), PlanOptions::new(1)).unwrap_err();
+    let RuntimeError::Plan(PlanError::BudgetTooSmall { budget, minimum, ref detail, kv }) = e else {
+        panic!("{e}")
+    };
     assert_eq!(budget, 1);
     // The process itself (test binary, model metadata) is part of the minimum.
     assert!(minimum > 2 << 20, "{minimum}");
@@ -537,8 +564,10 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     assert!(kv > 0 && kv < minimum, "{kv} of {minimum}");
     // A context whose KV cache dominates the minimum is told so.
     let big = ContextParams::new(1 << 16, N_THREADS);
-    let big_e = Context::new_offloaded(&model, big, OffloadOptions::new(1)).unwrap_err();
-    let RuntimeError::BudgetTooSmall { kv: big_kv, minimum: big_min, .. } = big_e else { panic!("{big_e}") };
+    let big_e = new_offloaded(&model, big, PlanOptions::new(1)).unwrap_err();
+    let RuntimeError::Plan(PlanError::BudgetTooSmall { kv: big_kv, minimum: big_min, .. }) = big_e else {
+        panic!("{big_e}")
+    };
     assert!(big_kv * 3 >= big_min, "{big_kv} of {big_min}");
     assert!(big_e.to_string().contains("or lower the context with -c"), "{big_e}");
     assert!(!e.to_string().contains("lower the context"), "{e}");
@@ -551,13 +580,14 @@ fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
     // Half the minimum is refused too, and some MiB over it is accepted with a plan whose minimum is the one
     // named. (The process's resident set is part of it, and tests running in other threads of this process
     // move it: hence the slack.)
-    let e = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum / 2)).unwrap_err();
-    assert!(matches!(e, RuntimeError::BudgetTooSmall { .. }), "{e}");
+    let e = new_offloaded(&model, params(), PlanOptions::new(minimum / 2)).unwrap_err();
+    assert!(refused_minimum(&e).is_some(), "{e}");
     const SLACK: u64 = 32 << 20;
-    let ctx = Context::new_offloaded(&model, params(), OffloadOptions::new(minimum + SLACK)).unwrap();
-    let plan = ctx.memory_plan().unwrap();
-    assert!(plan.minimum().abs_diff(minimum) < SLACK, "{} vs {minimum}", plan.minimum());
-    assert_eq!(ctx.offload_options().unwrap().budget, minimum + SLACK);
+    let ctx = new_offloaded(&model, params(), PlanOptions::new(minimum + SLACK)).unwrap();
+    let plan = ctx.plan().unwrap();
+    let m = &plan.memory;
+    assert!(m.minimum().abs_diff(minimum) < SLACK, "{} vs {minimum}", m.minimum());
+    assert_eq!(plan.options.budget, minimum + SLACK);
     assert!(plan.render().contains("memory budget"), "{}", plan.render());
 }
 
@@ -567,7 +597,7 @@ fn a_gguf_is_not_offloaded() {
     let gguf = Model::load(&f.gguf).unwrap();
     assert!(!gguf.is_packed());
     for budget in [1, 1 << 40] {
-        let e = Context::new_offloaded(&gguf, params(), OffloadOptions::new(budget)).unwrap_err();
+        let e = new_offloaded(&gguf, params(), PlanOptions::new(budget)).unwrap_err();
         assert!(matches!(e, RuntimeError::NotPacked), "{e}");
     }
 }
@@ -633,7 +663,7 @@ fn a_long_prompt_prefills_as_in_memory() {
     // 130 tokens in 65-token batches (each cut into 33 + 32).
     for (len, n_ubatch) in [(100, 512), (200, 128), (130, 65)] {
         let p = &p[..len];
-        let mut off = Context::new_offloaded(&model, params(n_ubatch), OffloadOptions::new(1 << 40)).unwrap();
+        let mut off = new_offloaded(&model, params(n_ubatch), PlanOptions::new(1 << 40)).unwrap();
         let got = off.eval(p, Logits::All).unwrap().to_vec();
         let got_next = off.eval(&[5], Logits::Last).unwrap().to_vec();
         let mut mem = Context::new(&model, params(n_ubatch)).unwrap();
@@ -652,7 +682,7 @@ fn offloaded_decode_is_bit_identical_with_one_read_in_flight_and_other_thread_co
     let want = reference(&model, None);
     let mut failures = Vec::new();
     for set in ["default", "none"] {
-        let opts = OffloadOptions { queue_depth: 1, ..options(set) };
+        let opts = PlanOptions { queue_depth: Some(1), ..options(set) };
         let mut ctx = offloaded(&model, &opts, 16 << 10);
         if let Err(e) = replay(&mut ctx, &want) {
             failures.push(format!("queue depth 1, options {set}: {e}"));
@@ -661,7 +691,7 @@ fn offloaded_decode_is_bit_identical_with_one_read_in_flight_and_other_thread_co
     for n_threads in [1, 3] {
         let p = ContextParams::new(N_CTX, n_threads);
         let mut mem = Context::new(&model, p.clone()).unwrap();
-        let mut off = Context::new_offloaded(&model, p, OffloadOptions::new(1 << 40)).unwrap();
+        let mut off = new_offloaded(&model, p, PlanOptions::new(1 << 40)).unwrap();
         off.reset_offload_stats();
         if let Err(e) = replay_against(&mut off, &mut mem, model.config().n_vocab) {
             failures.push(format!("{n_threads} threads: {e}"));
@@ -670,15 +700,16 @@ fn offloaded_decode_is_bit_identical_with_one_read_in_flight_and_other_thread_co
     assert_no_failures(&failures, 4);
 }
 
-/// The model file cut short in its FFN section while an offloaded context reads it: the read that fails is an
-/// `Offload` error (in prefill and in decode, whatever the switches), and the context refuses to go on.
+/// The model file cut short in its FFN section while an offloaded context reads it: the read that fails is a
+/// typed read error naming the file (in prefill and in decode, whatever the switches), and the context refuses
+/// to go on.
 #[test]
 fn a_model_file_cut_short_under_an_open_context_is_an_error() {
     let f = fixture("offload-cut", GgmlType::Q8_0, false);
     let copy = f.dir.0.join("copy.pinion");
     std::fs::copy(&f.packed, &copy).unwrap();
     let header = pinion_format::packed::PackedHeader::parse(&std::fs::read(&copy).unwrap()).unwrap();
-    // The resident section (attention, norms, head) stays whole: it is memory-mapped.
+    // The resident section (attention, norms, head) stays whole: the cut is in the FFN section.
     let cut = header.ffn_offset + header.ffn_len / 2;
     let model = Model::load(&copy).unwrap();
     let p = prompt(model.config().n_vocab);
@@ -695,7 +726,8 @@ fn a_model_file_cut_short_under_an_open_context_is_an_error() {
                 false => ctx.eval(&p, Logits::Last).map(|_| ()).unwrap_err(),
             };
             assert!(
-                matches!(e, RuntimeError::Offload(_)) && e.to_string().contains("end of file"),
+                matches!(e, RuntimeError::OffloadRead { ref path, .. } if path == &copy)
+                    && e.to_string().contains("end of file"),
                 "{set}: {e}"
             );
             let e = ctx.eval(&[4], Logits::Last).map(|_| ()).unwrap_err();

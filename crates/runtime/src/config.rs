@@ -204,3 +204,51 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 }
+
+/// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
+pub const DEFAULT_UBATCH: usize = 512;
+
+/// Settings of a [`Context`](crate::Context).
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    /// Context size in tokens (KV cache rows).
+    pub n_ctx: usize,
+    /// Compute threads.
+    pub n_threads: usize,
+    /// Most tokens per forward pass; longer inputs are split.
+    pub n_ubatch: usize,
+    /// The executor of dense batched products (prefill, perplexity).
+    pub dense: DenseChoice,
+}
+
+/// Which executor runs a context's dense batched products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DenseChoice {
+    /// The CPU kernels (`pinion_exec_cpu::CpuDense`).
+    #[default]
+    Cpu,
+    /// The NPU-role static-shape executor (`pinion_exec_npu::NpuDense`: graphs compiled per shape and static
+    /// batch, bit-identical to the CPU path; on this CPU it runs the same kernels).
+    Npu,
+}
+
+impl ContextParams {
+    /// Settings for a context of `n_ctx` tokens on `n_threads` threads, with the default batch size.
+    pub fn new(n_ctx: usize, n_threads: usize) -> ContextParams {
+        ContextParams { n_ctx, n_threads, n_ubatch: DEFAULT_UBATCH, dense: DenseChoice::Cpu }
+    }
+
+    /// Bytes of the KV cache of a full context (f16 keys and values for every layer).
+    pub fn kv_bytes(&self, c: &ModelConfig) -> u64 {
+        (2 * 2 * c.n_layers * self.n_ctx * c.kv_dim()) as u64
+    }
+
+    /// Bytes of the scratch buffers (activations, logits) a context allocates.
+    pub fn scratch_bytes(&self, c: &ModelConfig) -> u64 {
+        let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1));
+        let (d, qd) = (c.d_model, c.n_heads * c.head_dim);
+        let floats = ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab;
+        // f32 values, plus the quantized copy of the widest activation row.
+        (4 * floats + ub * c.n_ff.max(d) * 2) as u64
+    }
+}

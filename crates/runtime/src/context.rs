@@ -3,48 +3,17 @@
 use std::borrow::Cow;
 
 use half::f16;
-use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, RopeMode, SpinPool};
+use pinion_exec_cpu::{CpuDense, DenseBackend, DenseShape, QuantizedActs, SpinPool};
+use pinion_plan::{DeviceProfile, Plan, PlanOptions};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
+use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
-use crate::ffn::{PackedScratch, Selection, decode_inputs, packed_ffn, sparse_spec};
-use crate::model::{FfnWeights, Model};
-use crate::offload::{Held, MemoryPlan, Offload, OffloadOptions, OffloadStats, current_rss, plan_memory};
-
-/// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).
-pub const DEFAULT_UBATCH: usize = 512;
-
-/// Settings of a [`Context`].
-#[derive(Clone, Debug)]
-pub struct ContextParams {
-    /// Context size in tokens (KV cache rows).
-    pub n_ctx: usize,
-    /// Compute threads.
-    pub n_threads: usize,
-    /// Most tokens per forward pass; longer inputs are split.
-    pub n_ubatch: usize,
-}
-
-impl ContextParams {
-    /// Settings for a context of `n_ctx` tokens on `n_threads` threads, with the default batch size.
-    pub fn new(n_ctx: usize, n_threads: usize) -> ContextParams {
-        ContextParams { n_ctx, n_threads, n_ubatch: DEFAULT_UBATCH }
-    }
-
-    /// Bytes of the KV cache of a full context (f16 keys and values for every layer).
-    pub fn kv_bytes(&self, c: &crate::ModelConfig) -> u64 {
-        (2 * 2 * c.n_layers * self.n_ctx * c.kv_dim()) as u64
-    }
-
-    /// Bytes of the scratch buffers (activations, logits) a context allocates.
-    pub fn scratch_bytes(&self, c: &crate::ModelConfig) -> u64 {
-        let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1));
-        let (d, qd) = (c.d_model, c.n_heads * c.head_dim);
-        let floats = ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab;
-        // f32 values, plus the quantized copy of the widest activation row.
-        (4 * floats + ub * c.n_ff.max(d) * 2) as u64
-    }
-}
+use crate::ffn::PackedScratch;
+use crate::forward::{Ffn, Par, Scratch, forward};
+use crate::model::Model;
+use crate::offload::{Offload, OffloadStats};
+use crate::planning::{current_rss, plan_run_with};
 
 /// What [`Context::eval`] returns logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,28 +24,11 @@ pub enum Logits {
     All,
 }
 
-struct Scratch {
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    tmp: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    acts: QuantizedActs,
-    logits: Vec<f32>,
-    packed: PackedScratch,
-    /// Streamed output head rows of a batch.
-    head_tmp: Vec<f32>,
-}
-
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
 ///
 /// All buffers are allocated when the context is made; evaluating tokens allocates nothing (except the
 /// all-token logits buffer, which grows once to its largest size, and, in an offloaded context, one list of
-/// cluster locks per layer and the io engine's per-read bookkeeping).
+/// cluster locks per layer, the request lists of a layer's reads and the io engine's per-read bookkeeping).
 pub struct Context<'m> {
     model: &'m Model,
     params: ContextParams,
@@ -90,6 +42,8 @@ pub struct Context<'m> {
     pool: rayon::ThreadPool,
     /// Spinning pool for single-token steps (decode), whose operations are too short for rayon's wake-ups.
     spin: SpinPool,
+    /// The executor of dense batched products (prefill, perplexity).
+    dense: Box<dyn DenseBackend>,
     /// Per-layer thresholds on neuron scores (CATS for SiLU): neurons below are skipped. `None`: dense.
     thresholds: Option<Vec<f32>>,
     /// Per-layer predictors (packed models only): neurons they do not mark are skipped. Borrowed from the
@@ -97,6 +51,8 @@ pub struct Context<'m> {
     predictors: Option<Cow<'m, [LowRankPredictor]>>,
     /// An offloaded run: the FFN streamed from storage under a memory budget.
     offload: Option<Offload>,
+    /// What the offloaded run was planned with, to plan it again when the predictors change.
+    offload_setup: Option<(PlanOptions, DeviceProfile, u64)>,
     /// The offloaded run could not be set up again (`set_predictors`): evaluating is refused rather than run
     /// from memory, over the budget.
     offload_lost: bool,
@@ -140,6 +96,18 @@ impl<'m> Context<'m> {
             .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
         let spin = SpinPool::new(params.n_threads)
             .map_err(|e| RuntimeError::Threads { n: params.n_threads, why: e.to_string() })?;
+        let dense: Box<dyn DenseBackend> = match params.dense {
+            DenseChoice::Cpu => Box::new(CpuDense),
+            DenseChoice::Npu => Box::new(pinion_exec_npu::NpuDense::new()),
+        };
+        let shapes: Vec<DenseShape> = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo])
+            .chain(model.layers.iter().flat_map(|l| l.dense_ffn()))
+            .map(|w| DenseShape { ty: w.ty, n_rows: w.n_rows, n_cols: w.n_cols })
+            .collect();
+        dense.prepare(&shapes, params.n_ubatch.min(chunk_cap.max(3)))?;
         let params = ContextParams { n_ubatch: params.n_ubatch.clamp(1, params.n_ctx), ..params };
         let ub = params.n_ubatch.min(chunk_cap.max(3));
         let kv = params.n_ctx * c.kv_dim();
@@ -172,24 +140,29 @@ impl<'m> Context<'m> {
             scratch,
             pool,
             spin,
+            dense,
             thresholds: model.sparsity().thresholds.clone(),
             predictors: match c.ffn_act.is_relu_family() {
                 true => model.predictors().map(Cow::Borrowed),
                 false => None,
             },
             offload: None,
+            offload_setup: None,
             offload_lost: false,
         })
     }
 
-    /// Makes a context that runs packed `model` under a memory budget (see `OffloadOptions`): weights that do
-    /// not fit are read from storage as needed. Refuses a budget below what the run needs in any case
-    /// ([`RuntimeError::BudgetTooSmall`], with the minimum). Forward passes are capped at [`OFFLOAD_CHUNK`]
-    /// tokens to bound scratch; the results stay those of `n_ubatch`-token batches (see [`Context::chunks`]).
+    /// Makes a context that runs packed `model` under the memory budget of `opts`: the run's [`Plan`] (made for
+    /// this context's size, threads and predictors, on `device`) decides what stays in memory, and weights that
+    /// do not fit are read from storage as needed. Refuses a budget below what the run needs in any case
+    /// ([`RuntimeError::Plan`] with `PlanError::BudgetTooSmall`, naming the minimum). Forward passes are capped
+    /// at [`OFFLOAD_CHUNK`] tokens to bound scratch; the results stay those of `n_ubatch`-token batches (see
+    /// [`Context::chunks`]).
     pub fn new_offloaded(
         model: &'m Model,
         params: ContextParams,
-        opts: OffloadOptions,
+        opts: PlanOptions,
+        device: &DeviceProfile,
     ) -> Result<Context<'m>, RuntimeError> {
         if !model.is_packed() {
             return Err(RuntimeError::NotPacked);
@@ -197,35 +170,38 @@ impl<'m> Context<'m> {
         pinion_io::bound_heap_retention();
         let process = current_rss();
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
-        ctx.offload = Some(Offload::new(model, &ctx.offload_params(), opts, ctx.held(process))?);
+        let plan = ctx.plan_offload(&opts, device, process)?;
+        ctx.offload = Some(Offload::new(model, plan, ctx.predictors.is_some(), ctx.params.n_threads)?);
+        ctx.offload_setup = Some((opts, device.clone(), process));
         Ok(ctx)
     }
 
-    /// The parameters an offloaded run plans with: its passes' size as the batch.
-    fn offload_params(&self) -> ContextParams {
-        ContextParams { n_ubatch: self.chunk_cap, ..self.params }
-    }
-
-    /// What an offloaded run of this context holds besides its plan's buffers, for a process of `process`
-    /// bytes: the decoded predictors (the context's own, and the model's if they are decoded too).
-    fn held(&self, process: u64) -> Held {
+    /// The plan of this context's offloaded run with its current predictors, for a process of `process` bytes.
+    fn plan_offload(
+        &self,
+        opts: &PlanOptions,
+        device: &DeviceProfile,
+        process: u64,
+    ) -> Result<Plan, RuntimeError> {
         let bytes = |ps: &[LowRankPredictor]| -> u64 { ps.iter().map(LowRankPredictor::weight_bytes).sum() };
+        // The decoded predictors: the context's own, and the model's if they are decoded too.
         let own = match &self.predictors {
             Some(Cow::Owned(ps)) => bytes(ps),
             _ => 0,
         };
-        let model = self.model.decoded_predictors().map_or(0, bytes);
-        Held { process, predictor_bytes: own + model, predicting: self.predictors.is_some() }
+        let held = own + self.model.decoded_predictors().map_or(0, bytes);
+        let params = ContextParams { n_ubatch: self.chunk_cap, ..self.params };
+        plan_run_with(self.model, &params, opts, device, process, held, self.predictors.is_some())
     }
 
-    /// How an offloaded context spends its budget (`None` when the model runs from memory).
-    pub fn memory_plan(&self) -> Option<&MemoryPlan> {
+    /// The plan an offloaded context runs (`None` when the model runs from memory).
+    pub fn plan(&self) -> Option<&Plan> {
         self.offload.as_ref().map(Offload::plan)
     }
 
-    /// The offloaded run's options (`None` when the model runs from memory).
-    pub fn offload_options(&self) -> Option<&OffloadOptions> {
-        self.offload.as_ref().map(Offload::options)
+    /// The neuron cache's counters per region of an offloaded run.
+    pub fn cache_stats(&self) -> Option<pinion_cache::CacheStats> {
+        self.offload.as_ref().map(Offload::cache_stats)
     }
 
     /// Counters of an offloaded run's decode tokens since the last reset.
@@ -307,16 +283,17 @@ impl<'m> Context<'m> {
 
     fn choose_predictors(&mut self, chosen: Option<Cow<'m, [LowRankPredictor]>>) -> Result<(), RuntimeError> {
         let previous = std::mem::replace(&mut self.predictors, chosen);
-        let Some(old) = &self.offload else { return Ok(()) };
-        let (opts, process) = (old.options().clone(), old.plan().process);
-        let params = self.offload_params();
-        if let Err(e) = plan_memory(self.model, &params, &opts, self.held(process)) {
-            self.predictors = previous;
-            return Err(e);
-        }
+        let Some((opts, device, process)) = self.offload_setup.clone() else { return Ok(()) };
+        let plan = match self.plan_offload(&opts, &device, process) {
+            Ok(p) => p,
+            Err(e) => {
+                self.predictors = previous;
+                return Err(e);
+            }
+        };
         drop(previous);
         self.offload = None; // its pinned weights go before the new ones are read
-        match Offload::new(self.model, &params, opts, self.held(process)) {
+        match Offload::new(self.model, plan, self.predictors.is_some(), self.params.n_threads) {
             Ok(o) => self.offload = Some(o),
             Err(e) => {
                 self.offload_lost = true;
@@ -383,7 +360,7 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::EmptyPrompt);
         }
         if self.offload_lost {
-            return Err(RuntimeError::Offload(
+            return Err(RuntimeError::OffloadStopped(
                 "the offloaded run could not be set up again; make a new context".into(),
             ));
         }
@@ -412,7 +389,7 @@ impl<'m> Context<'m> {
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
             if let (Some(o), 1) = (self.offload.as_mut(), chunk.len()) {
-                o.begin_token();
+                o.begin_token(model)?;
             }
             let ffn = Ffn {
                 thresholds: self.thresholds.as_deref(),
@@ -427,20 +404,9 @@ impl<'m> Context<'m> {
                     o.end_token();
                 }
             } else {
+                let par = Par::Batch(&*self.dense);
                 self.pool.install(|| {
-                    forward(
-                        model,
-                        Par::Rayon,
-                        ffn,
-                        scratch,
-                        k_cache,
-                        v_cache,
-                        chunk,
-                        n_past,
-                        batch,
-                        which,
-                        want,
-                    )
+                    forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, batch, which, want)
                 })?;
             }
             self.n_past += chunk.len();
@@ -474,203 +440,6 @@ impl Context<'_> {
                 (b_start + lo, hi - lo, batch)
             })
         })
-    }
-}
-
-/// Which pool a forward pass runs its parallel operations on.
-#[derive(Clone, Copy)]
-enum Par<'a> {
-    /// The rayon pool the pass was installed on.
-    Rayon,
-    /// A spinning pool, driven from the calling thread.
-    Spin(&'a SpinPool),
-}
-
-impl Par<'_> {
-    fn matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) {
-        match self {
-            Par::Rayon => exec::matmul(w, acts, out),
-            Par::Spin(p) => exec::matmul_on(p, w, acts, out),
-        }
-    }
-}
-
-/// How the FFN runs: densely, or with per-layer thresholds; and whether its activations are recorded.
-struct Ffn<'a> {
-    thresholds: Option<&'a [f32]>,
-    predictors: Option<&'a [LowRankPredictor]>,
-    profile: Option<&'a mut ActivationProfile>,
-    offload: Option<&'a mut Offload>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward(
-    model: &Model,
-    par: Par<'_>,
-    mut ffn: Ffn<'_>,
-    s: &mut Scratch,
-    k_cache: &mut [Vec<f16>],
-    v_cache: &mut [Vec<f16>],
-    tokens: &[u32],
-    n_past: usize,
-    batch: usize,
-    which: Logits,
-    logits_offset: Option<usize>,
-) -> Result<(), RuntimeError> {
-    let c = model.config();
-    let n = tokens.len();
-    let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
-    let x = &mut s.x[..n * d];
-    for (t, &tok) in tokens.iter().enumerate() {
-        match ffn.offload.as_deref_mut() {
-            Some(o) => o.embed(model, tok, &mut x[t * d..(t + 1) * d])?,
-            None => model.embed(tok, &mut x[t * d..(t + 1) * d])?,
-        }
-    }
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    for (l, layer) in model.layers.iter().enumerate() {
-        // An offloaded decode step reads this layer's gates while its attention runs.
-        if let (Some(o), 1) = (ffn.offload.as_deref_mut(), n) {
-            o.prefetch_gates(model, l)?;
-        }
-        // Attention.
-        let xn = &mut s.xn[..n * d];
-        for t in 0..n {
-            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
-        }
-        let (wq, wk, wv) = (model.matrix(&layer.wq), model.matrix(&layer.wk), model.matrix(&layer.wv));
-        s.acts.quantize(wq.ty, xn, d);
-        par.matmul(&wq, &s.acts, &mut s.q[..n * qd]);
-        if wk.ty != wq.ty {
-            s.acts.quantize(wk.ty, xn, d);
-        }
-        par.matmul(&wk, &s.acts, &mut s.k[..n * kvd]);
-        if wv.ty != wk.ty {
-            s.acts.quantize(wv.ty, xn, d);
-        }
-        par.matmul(&wv, &s.acts, &mut s.v[..n * kvd]);
-        for t in 0..n {
-            let pos = n_past + t;
-            let q = &mut s.q[t * qd..(t + 1) * qd];
-            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
-            let k = &mut s.k[t * kvd..(t + 1) * kvd];
-            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
-            let kc = &mut k_cache[l][pos * kvd..(pos + 1) * kvd];
-            for (dst, &src) in kc.iter_mut().zip(k.iter()) {
-                *dst = f16::from_f32(src);
-            }
-            let vc = &mut v_cache[l][pos * kvd..(pos + 1) * kvd];
-            for (dst, &src) in vc.iter_mut().zip(&s.v[t * kvd..(t + 1) * kvd]) {
-                *dst = f16::from_f32(src);
-            }
-        }
-        let attn = &mut s.attn[..n * qd];
-        // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones. The
-        // batch is the `n_ubatch` batch this pass is part of (`Context::chunks`).
-        let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        match par {
-            Par::Spin(p) => exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
-            Par::Rayon if batch < exec::GGML_FA_TILE_Q => {
-                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn)
-            }
-            Par::Rayon => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
-        }
-        let wo = model.matrix(&layer.wo);
-        s.acts.quantize(wo.ty, attn, qd);
-        par.matmul(&wo, &s.acts, &mut s.tmp[..n * d]);
-        add_assign(x, &s.tmp[..n * d]);
-
-        // Feed-forward.
-        let xn = &mut s.xn[..n * d];
-        for t in 0..n {
-            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
-        }
-        let (wg, wu, wd) = match &layer.ffn {
-            FfnWeights::Dense { gate, up, down } => {
-                (model.matrix(gate), model.matrix(up), model.matrix(down))
-            }
-            FfnWeights::Packed(pl) => {
-                let sel = Selection {
-                    act: c.ffn_act,
-                    threshold: ffn.thresholds.map(|t| t[l]),
-                    predictor: ffn.predictors.map(|p| &p[l]),
-                };
-                let (parallel, spin) = match par {
-                    Par::Rayon => (true, None),
-                    Par::Spin(p) => (false, Some(p)),
-                };
-                let out = &mut s.tmp[..n * d];
-                match (ffn.offload.as_deref_mut(), spin) {
-                    (Some(o), Some(pool)) if n == 1 => {
-                        let spec = sparse_spec(pl, sel);
-                        let (token, mask) = decode_inputs(pl, sel, xn, &mut s.acts, &mut s.packed.inputs);
-                        o.decode_ffn(model, l, &spec, &token, mask, pool, out)?;
-                    }
-                    (Some(o), _) => {
-                        let bytes = o.stage_layer(model, l)?;
-                        packed_ffn(bytes, pl, sel, parallel, spin, xn, &mut s.acts, &mut s.packed, out);
-                    }
-                    (None, _) => {
-                        packed_ffn(
-                            model.ffn_bytes(),
-                            pl,
-                            sel,
-                            parallel,
-                            spin,
-                            xn,
-                            &mut s.acts,
-                            &mut s.packed,
-                            out,
-                        );
-                    }
-                }
-                add_assign(x, &s.tmp[..n * d]);
-                continue;
-            }
-        };
-        s.acts.quantize(wg.ty, xn, d);
-        par.matmul(&wg, &s.acts, &mut s.gate[..n * ff]);
-        if wu.ty != wg.ty {
-            s.acts.quantize(wu.ty, xn, d);
-        }
-        par.matmul(&wu, &s.acts, &mut s.up[..n * ff]);
-        if let Some(p) = ffn.profile.as_deref_mut() {
-            let act = c.ffn_act;
-            let scores: Vec<f32> =
-                s.gate[..n * ff].iter().zip(&s.up[..n * ff]).map(|(&g, &u)| act.score(g, u)).collect();
-            p.record_scores(l, &s.xn[..n * d], &scores);
-        }
-        c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], ffn.thresholds.map(|t| t[l]));
-        s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
-        par.matmul(&wd, &s.acts, &mut s.tmp[..n * d]);
-        add_assign(x, &s.tmp[..n * d]);
-    }
-
-    // Output head, only for the rows whose logits are wanted.
-    let Some(offset) = logits_offset else { return Ok(()) };
-    let rows = match which {
-        Logits::All => 0..n,
-        Logits::Last => n - 1..n,
-    };
-    let n_out = rows.len();
-    let xn = &mut s.xn[..n_out * d];
-    for (i, t) in rows.enumerate() {
-        exec::rms_norm(&x[t * d..(t + 1) * d], &model.output_norm, c.rms_eps, &mut xn[i * d..(i + 1) * d]);
-    }
-    let wout = model.matrix(&model.output);
-    s.acts.quantize(wout.ty, xn, d);
-    let logits = &mut s.logits[offset..offset + n_out * c.n_vocab];
-    match ffn.offload {
-        Some(o) => o.head(model, &|w, a, out| par.matmul(w, a, out), &s.acts, logits, &mut s.head_tmp)?,
-        None => par.matmul(&wout, &s.acts, logits),
-    }
-    Ok(())
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
 

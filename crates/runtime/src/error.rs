@@ -6,21 +6,31 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    #[error(
-        "memory budget {} is too small: this model needs at least {} ({detail}); raise --mem-budget to {} or more{}",
-        mib(*budget), mib(*minimum), mib(*minimum), context_hint(*kv, *minimum)
-    )]
-    BudgetTooSmall {
-        budget: u64,
-        minimum: u64,
-        detail: String,
-        /// The KV cache's part of the minimum (the part a smaller context shrinks).
-        kv: u64,
-    },
-    #[error("offloaded run: {0}")]
-    Offload(String),
+    /// The plan of an offloaded run could not be made (a budget below the minimum names the minimum).
     #[error(transparent)]
     Plan(pinion_plan::PlanError),
+    #[error("offloaded run: cannot open {} for direct reads: {source}", path.display())]
+    OffloadOpen { path: PathBuf, source: pinion_io::OpenError },
+    #[error("offloaded run: {what}: {source}")]
+    OffloadSubmit { what: String, source: pinion_io::SubmitError },
+    #[error("{}: reading {what}: {source}", path.display())]
+    OffloadRead { path: PathBuf, what: String, source: pinion_io::ReadError },
+    /// Bytes read from a prepared model do not match their recorded checksum: the file changed on disk or is
+    /// damaged. `source` is `FormatError::Checksum`, naming the layer, neuron or row and the file offset.
+    #[error("{}: {source}; the prepared model is damaged or changed on disk (prepare it again)", path.display())]
+    Corrupt { path: PathBuf, source: pinion_format::FormatError },
+    #[error(
+        "{}: packed format version {version} records no checksums for the rows and tensors an offloaded run \
+         reads; prepare the model again with this pinion (cargo xtask prepare)",
+        path.display()
+    )]
+    NotVerifiable { path: PathBuf, version: u32 },
+    #[error("offloaded run: {0}")]
+    OffloadStopped(String),
+    #[error("offloaded run: neuron cache: {0}")]
+    Cache(#[from] pinion_cache::CacheError),
+    #[error("dense executor: {0}")]
+    Dense(#[from] pinion_exec_cpu::ExecError),
     #[error("model file {path} not found{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
     ModelNotFound { path: PathBuf, hint: Option<String> },
     #[error("cannot read {path}: {source}")]
@@ -35,6 +45,11 @@ pub enum RuntimeError {
     BadHyperParameter { key: String, value: String },
     #[error("tensor '{name}': {why}")]
     BadTensor { name: String, why: String },
+    #[error(
+        "tensor '{name}' is {ty}, which pinion has no kernel for (weights it computes with: F32, F16, Q4_0, \
+         Q4_1, Q8_0, Q4_K, Q6_K)"
+    )]
+    UnsupportedWeightType { name: String, ty: pinion_format::GgmlType },
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] pinion_tokenizer::TokenizerError),
     #[error(
@@ -62,17 +77,4 @@ pub enum RuntimeError {
     NotPacked,
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
-}
-
-/// `bytes` in MiB with one decimal, for messages.
-pub(crate) fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-/// When the KV cache is a third or more of an offloaded run's minimum, the other way out: a smaller context.
-fn context_hint(kv: u64, minimum: u64) -> String {
-    match kv * 3 >= minimum {
-        true => format!(", or lower the context with -c (its KV cache takes {})", mib(kv)),
-        false => String::new(),
-    }
 }

@@ -18,18 +18,32 @@ use rayon::prelude::*;
 
 use crate::config::FfnActivation;
 
-/// Where a packed layer's bytes are: `bytes` holds the file's bytes from offset `base` on (the whole mapped file
-/// with `base` 0, or one layer's records read into a staging buffer).
-#[derive(Clone, Copy)]
-pub(crate) struct FfnBytes<'a> {
-    pub(crate) base: u64,
-    pub(crate) bytes: &'a [u8],
+/// Where a packed layer's bytes are, for a batch: a gate block and a bundle at a time.
+pub(crate) trait LayerBytes: Sync {
+    /// Cluster `k`'s gate rows, back to back.
+    fn gate_block(&self, pl: &PackedLayer, k: usize) -> &[u8];
+    /// The bundle (up row and down column) at position `pos`.
+    fn bundle(&self, pl: &PackedLayer, pos: usize) -> &[u8];
 }
 
-impl<'a> FfnBytes<'a> {
+/// A packed layer in the memory-mapped file.
+#[derive(Clone, Copy)]
+pub(crate) struct Mapped<'a>(pub(crate) &'a [u8]);
+
+impl Mapped<'_> {
     /// The bytes of file range `r`.
-    pub(crate) fn get(&self, r: std::ops::Range<u64>) -> &'a [u8] {
-        &self.bytes[(r.start - self.base) as usize..(r.end - self.base) as usize]
+    fn get(&self, r: std::ops::Range<u64>) -> &[u8] {
+        &self.0[r.start as usize..r.end as usize]
+    }
+}
+
+impl LayerBytes for Mapped<'_> {
+    fn gate_block(&self, pl: &PackedLayer, k: usize) -> &[u8] {
+        self.get(pl.gate_block_range(k))
+    }
+
+    fn bundle(&self, pl: &PackedLayer, pos: usize) -> &[u8] {
+        self.get(pl.bundle_range(pos))
     }
 }
 
@@ -69,17 +83,15 @@ pub(crate) struct Selection<'a> {
     pub(crate) predictor: Option<&'a LowRankPredictor>,
 }
 
-/// Computes the FFN of `n` tokens (`xn`: their normalized inputs, `n x d`) over packed layer `pl`, writing the
-/// FFN outputs to `out` (`n x d`, token-major). Returns the number of active (neuron, token) pairs. One token
-/// on a spin pool (decode) runs the cluster kernels of `pinion_exec_cpu::sparse`, whose result does not
-/// depend on thread timing; batches run here, on rayon when `parallel`.
+/// Computes the FFN of a batch of `n` tokens (`xn`: their normalized inputs, `n x d`) over packed layer `pl`,
+/// writing the FFN outputs to `out` (`n x d`, token-major), on rayon when `parallel`. Returns the number of
+/// active (neuron, token) pairs. (One token from memory runs [`packed_decode`]'s cluster kernels instead.)
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_ffn(
-    model: FfnBytes<'_>,
+    model: &dyn LayerBytes,
     pl: &PackedLayer,
     sel: Selection<'_>,
     parallel: bool,
-    spin: Option<&SpinPool>,
     xn: &[f32],
     acts: &mut QuantizedActs,
     s: &mut PackedScratch,
@@ -87,9 +99,6 @@ pub(crate) fn packed_ffn(
 ) -> usize {
     let (d, ff) = (pl.d_model, pl.n_ff);
     let n = xn.len() / d;
-    if let (Some(pool), 1) = (spin, n) {
-        return decode_ffn(model, pl, sel, pool, xn, acts, s, out);
-    }
     s.gate.resize(ff * n, 0.0);
     s.up.resize(ff * n, 0.0);
     s.mask.resize(ff * n, false);
@@ -100,7 +109,7 @@ pub(crate) fn packed_ffn(
     let acts_g = &*acts;
     let gate_cluster = |k: usize, g: &mut [f32], tmp: &mut Vec<f32>| {
         let rows = pl.cluster_len(k);
-        let w = QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.get(pl.gate_block_range(k)) };
+        let w = QMatrix { ty: pl.gate_ty, n_rows: rows, n_cols: d, data: model.gate_block(pl, k) };
         tmp.resize(rows * n, 0.0);
         exec::matmul(&w, acts_g, tmp);
         // `tmp` is [token][row]; `g` is [row][token].
@@ -157,7 +166,7 @@ pub(crate) fn packed_ffn(
             g.fill(0.0);
             return 0;
         }
-        let bundle = model.get(pl.bundle_range(pos));
+        let bundle = model.bundle(pl, pos);
         let w = QMatrix { ty: pl.up_ty, n_rows: 1, n_cols: d, data: &bundle[..up_row_bytes] };
         exec::matmul_rows(&w, acts_u, 0, 1, u);
         let mut active = 0;
@@ -205,7 +214,7 @@ pub(crate) fn packed_ffn(
             if h.iter().all(|&v| v == 0.0) {
                 continue;
             }
-            let bundle = model.get(pl.bundle_range(pos));
+            let bundle = model.bundle(pl, pos);
             quant::dequantize_row(down_ty, &bundle[down_at..], col)
                 .expect("packed down columns are whole blocks");
             for (tok, &a) in h.iter().enumerate() {
@@ -286,11 +295,12 @@ pub(crate) fn decode_inputs<'s>(
     (TokenActs { gate: acts, up: acts_up, token: 0 }, mask)
 }
 
-/// One token's FFN over a packed layer with the cluster kernels: the predictor's mask (if any), then per cluster
-/// gates, threshold, up and down into the cluster's own partial sum, reduced in cluster order.
+/// One token's FFN over a packed layer in memory with the cluster kernels on the spin pool: the predictor's
+/// mask (if any), then per cluster gates, threshold, up and down into the cluster's own partial sum, reduced in
+/// cluster order (a result that does not depend on thread timing).
 #[allow(clippy::too_many_arguments)]
-fn decode_ffn(
-    model: FfnBytes<'_>,
+pub(crate) fn packed_decode(
+    model: Mapped<'_>,
     pl: &PackedLayer,
     sel: Selection<'_>,
     pool: &SpinPool,

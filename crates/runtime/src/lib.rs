@@ -15,24 +15,29 @@ mod config;
 mod context;
 mod error;
 mod ffn;
+mod forward;
 mod generate;
 mod model;
-pub mod offload;
+mod offload;
 mod perplexity;
 pub mod planning;
 mod sampler;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
-pub use crate::config::{FFN_ACTIVATION_KEY, FfnActivation, ModelConfig};
-pub use crate::context::{Context, ContextParams, DEFAULT_UBATCH, Logits, OFFLOAD_CHUNK};
+pub use crate::config::{
+    ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
+};
+pub use crate::context::{Context, Logits, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
 pub use crate::model::{
     Model, ModelSparsity, PACKED_FILE_NAME, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
     predictor_tensor_names,
 };
-pub use crate::offload::{CachePolicy, MemoryPlan, OffloadOptions, OffloadStats};
+pub use crate::offload::OffloadStats;
 pub use crate::perplexity::{PerplexityStats, perplexity};
 pub use crate::sampler::{Sampler, SamplerParams, argmax};
+pub use pinion_cache::CacheStats;
+pub use pinion_plan::{Budget, CachePolicy, DeviceProfile, Plan, PlanOptions};
 pub use pinion_predictor::ActivationProfile;
 pub use pinion_tokenizer::{ChatMessage, Tokenizer};

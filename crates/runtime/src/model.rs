@@ -21,6 +21,8 @@ pub(crate) struct WeightRef {
     pub(crate) n_rows: usize,
     pub(crate) n_cols: usize,
     pub(crate) range: Range<usize>,
+    /// The tensor's name (for checksums and messages).
+    pub(crate) name: std::sync::Arc<str>,
 }
 
 impl WeightRef {
@@ -45,6 +47,16 @@ pub(crate) struct LayerWeights {
     pub(crate) wo: WeightRef,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) ffn: FfnWeights,
+}
+
+impl LayerWeights {
+    /// The dense FFN matrices of a GGUF layer (none for a packed layer).
+    pub(crate) fn dense_ffn(&self) -> Vec<&WeightRef> {
+        match &self.ffn {
+            FfnWeights::Dense { gate, up, down } => vec![gate, up, down],
+            FfnWeights::Packed(_) => Vec::new(),
+        }
+    }
 }
 
 /// Where a layer's FFN weights are.
@@ -116,6 +128,9 @@ pub struct Model {
     source_bytes: u64,
     /// Per layer, the share of neurons the predictor marks per token, measured at preparation.
     predicted_density: Option<Vec<f32>>,
+    /// A packed file's format version and its resident checksums (empty for version 1 and GGUF files).
+    packed_version: u32,
+    checksums: pinion_format::packed::ResidentChecksums,
 }
 
 impl Model {
@@ -144,8 +159,10 @@ impl Model {
             .map_err(format_err)?;
             let base = packed.resident_offset() as usize;
             let layers = packed.layers().to_vec();
+            let (packed_version, checksums) = (packed.header().version, packed.checksums().clone());
             let mut model = Model::from_gguf(&file, packed.resident_gguf(), base, Some(layers))?;
             (model.sparsity, model.predictor_refs) = read_sparsity(packed.resident_gguf(), base, &model)?;
+            (model.packed_version, model.checksums) = (packed_version, checksums);
             let g = packed.resident_gguf();
             // Prepared before the source size was recorded: the weights as stored are the closest stand-in.
             model.source_bytes = match g.get(crate::planning::SOURCE_BYTES_KEY) {
@@ -202,6 +219,20 @@ impl Model {
                         name: format!("blk.{i}.ffn"),
                         why: "the packed file has fewer FFN layers than the model".into(),
                     })?;
+                    for (what, ty) in [("gate", pl.gate_ty), ("up", pl.up_ty)] {
+                        if pinion_exec_cpu::vec_dot_type(ty).is_none() {
+                            return Err(RuntimeError::UnsupportedWeightType {
+                                name: format!("blk.{i}.ffn_{what} (packed)"),
+                                ty,
+                            });
+                        }
+                    }
+                    if !matches!(pl.down_ty, GgmlType::Q8_0 | GgmlType::F16 | GgmlType::F32) {
+                        return Err(RuntimeError::UnsupportedWeightType {
+                            name: format!("blk.{i}.ffn_down (packed columns)"),
+                            ty: pl.down_ty,
+                        });
+                    }
                     if pl.n_ff != c.n_ff || pl.d_model != c.d_model {
                         return Err(RuntimeError::BadTensor {
                             name: format!("blk.{i}.ffn"),
@@ -243,6 +274,8 @@ impl Model {
             packed: is_packed,
             source_bytes: file.len() as u64,
             predicted_density: None,
+            packed_version: 0,
+            checksums: Default::default(),
         })
     }
 
@@ -356,8 +389,8 @@ impl Model {
     }
 
     /// The whole mapped file as the packed FFN's byte source.
-    pub(crate) fn ffn_bytes(&self) -> crate::ffn::FfnBytes<'_> {
-        crate::ffn::FfnBytes { base: 0, bytes: &self.file }
+    pub(crate) fn ffn_bytes(&self) -> &[u8] {
+        &self.file
     }
 
     /// Drops the model file's mapped pages from the resident set (they fault in again when used): between
@@ -366,9 +399,24 @@ impl Model {
         let _ = self.file.release(0..self.file.len());
     }
 
+    /// The path of the model file.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
     /// The mapped file.
     pub(crate) fn file(&self) -> &MappedFile {
         &self.file
+    }
+
+    /// The packed format version of a packed model (0 for a GGUF).
+    pub(crate) fn packed_version(&self) -> u32 {
+        self.packed_version
+    }
+
+    /// The resident tensors' and rows' recorded checksums of a packed model (empty for version 1 and GGUF).
+    pub(crate) fn checksums(&self) -> &pinion_format::packed::ResidentChecksums {
+        &self.checksums
     }
 
     /// The model's hyper-parameters.
@@ -429,9 +477,12 @@ fn matrix_ref(
             why: format!("shape {:?}, expected {:?}", info.dims, expected),
         });
     }
+    if pinion_exec_cpu::vec_dot_type(info.ty).is_none() {
+        return Err(RuntimeError::UnsupportedWeightType { name: name.to_string(), ty: info.ty });
+    }
     let start = base + (g.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
-    Ok(WeightRef { ty: info.ty, n_rows, n_cols, range })
+    Ok(WeightRef { ty: info.ty, n_rows, n_cols, range, name: name.into() })
 }
 
 fn vector(g: &Gguf<'_>, name: &str, n: usize) -> Result<Vec<f32>, RuntimeError> {

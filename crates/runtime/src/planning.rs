@@ -6,7 +6,7 @@ use pinion_plan::{
 };
 use pinion_predictor::LowRankPredictor;
 
-use crate::context::ContextParams;
+use crate::config::ContextParams;
 use crate::error::RuntimeError;
 use crate::model::Model;
 
@@ -16,13 +16,6 @@ pub const PREDICTED_DENSITY_KEY: &str = "pinion.predictor.density";
 /// Metadata key of the size in bytes of the GGUF a packed model was made from (u64): the base of percentage
 /// budgets.
 pub const SOURCE_BYTES_KEY: &str = "pinion.source.file_bytes";
-
-/// Bookkeeping bytes per LRU entry beyond its payload.
-pub const LRU_ENTRY_OVERHEAD: u64 = 64;
-/// Bookkeeping bytes per key of an LRU region.
-pub const LRU_KEY_OVERHEAD: u64 = 4;
-/// Alignment of fixed-region entries.
-pub const FIXED_ALIGN: u64 = 64;
 
 /// What the planner needs of `model` run with `params` by a process of `process_bytes` (measured) holding
 /// `predictor_bytes` of decoded predictors; `predicting`: predictors choose the neurons.
@@ -86,10 +79,11 @@ pub fn plan_input(
         predicting,
         layers,
         cache: CacheCosts {
-            entry_overhead: LRU_ENTRY_OVERHEAD,
-            key_overhead: LRU_KEY_OVERHEAD,
-            fixed_align: FIXED_ALIGN,
+            entry_overhead: pinion_cache::REGION_BYTES_PER_ENTRY as u64,
+            key_overhead: pinion_cache::REGION_BYTES_PER_KEY as u64,
+            fixed_align: pinion_cache::FIXED_ALIGN as u64,
         },
+        threads: params.n_threads,
     })
 }
 
@@ -98,9 +92,9 @@ pub(crate) fn predictor_bytes(ps: &[LowRankPredictor]) -> u64 {
     ps.iter().map(LowRankPredictor::weight_bytes).sum()
 }
 
-/// The plan of running `model` with `params` and `opts` on `device`, for a process of `process_bytes`: what
-/// an offloaded context runs, and what `cargo xtask plan` and `pinion bench` print. Predictors are used as the
-/// context would use them by default (ReLU-family models with trained predictors).
+/// The plan of running `model` with `params` and `opts` on `device`, for a process of `process_bytes`, using
+/// predictors as a context does by default (ReLU-family models with trained predictors): what `cargo xtask plan`
+/// prints, and what an offloaded context with default predictors runs.
 pub fn plan_run(
     model: &Model,
     params: &ContextParams,
@@ -113,8 +107,43 @@ pub fn plan_run(
         true => model.predictors().map_or(0, predictor_bytes),
         false => 0,
     };
-    let input = plan_input(model, params, process_bytes, predictors, predicting)?;
+    plan_run_with(model, params, opts, device, process_bytes, predictors, predicting)
+}
+
+/// [`plan_run`] for a run holding `predictor_bytes` of decoded predictors, `predicting` whether they choose the
+/// neurons: the one place a run is planned.
+pub(crate) fn plan_run_with(
+    model: &Model,
+    params: &ContextParams,
+    opts: &PlanOptions,
+    device: &DeviceProfile,
+    process_bytes: u64,
+    predictor_bytes: u64,
+    predicting: bool,
+) -> Result<Plan, RuntimeError> {
+    let input = plan_input(model, params, process_bytes, predictor_bytes, predicting)?;
     pinion_plan::plan(&input, device, opts).map_err(RuntimeError::from)
+}
+
+/// The device profile a run plans with: `device.json` in the directory of a prepared model (measured by
+/// `cargo xtask prepare` or `profile-device`), else the documented reference stand-in
+/// ([`DeviceProfile::reference`]), which the plan then names.
+pub fn device_for(model_path: &std::path::Path) -> Result<DeviceProfile, RuntimeError> {
+    let dir = if model_path.is_dir() { Some(model_path) } else { model_path.parent() };
+    let Some(file) = dir.map(|d| d.join("device.json")).filter(|f| f.is_file()) else {
+        return Ok(DeviceProfile::reference());
+    };
+    let text =
+        std::fs::read_to_string(&file).map_err(|source| RuntimeError::Io { path: file.clone(), source })?;
+    Ok(DeviceProfile::from_json(&text, &file.display().to_string())?)
+}
+
+/// The resident set of this process in bytes (`/proc/self/statm`), 0 where unavailable.
+pub fn current_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
 }
 
 impl From<PlanError> for RuntimeError {

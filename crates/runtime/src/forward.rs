@@ -1,0 +1,277 @@
+//! The forward pass of a batch of tokens through the model: embeddings, attention, FFN, output head.
+//!
+//! Where each weight comes from is decided in one place each: attention weights from the mapped file, or
+//! from an offloaded run's fixed region ([`Weights`]); the FFN from a dense GGUF layer, a packed layer in memory,
+//! or an offloaded packed layer ([`FfnSource`]). Dense batched products (prefill, perplexity) go through the
+//! context's dense executor (`pinion_exec_cpu::DenseBackend`: the CPU, or the NPU-role static-shape executor);
+//! a single token runs on the spin pool.
+
+use half::f16;
+use pinion_exec_cpu::{self as exec, DenseBackend, QMatrix, QuantizedActs, RopeMode, SpinPool};
+use pinion_format::packed::PackedLayer;
+use pinion_predictor::{ActivationProfile, LowRankPredictor};
+
+use crate::context::Logits;
+use crate::error::RuntimeError;
+use crate::ffn::{Mapped, PackedScratch, Selection, decode_inputs, packed_decode, packed_ffn, sparse_spec};
+use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
+use crate::offload::Offload;
+
+/// Scratch buffers of a forward pass.
+pub(crate) struct Scratch {
+    pub(crate) x: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) attn: Vec<f32>,
+    pub(crate) tmp: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
+    pub(crate) acts: QuantizedActs,
+    pub(crate) logits: Vec<f32>,
+    pub(crate) packed: PackedScratch,
+    /// Streamed output head rows of a batch.
+    pub(crate) head_tmp: Vec<f32>,
+}
+
+/// Which pool a forward pass runs its parallel operations on.
+#[derive(Clone, Copy)]
+pub(crate) enum Par<'a> {
+    /// A batch: the dense executor, inside the rayon pool the pass was installed on.
+    Batch(&'a dyn DenseBackend),
+    /// One token: a spinning pool, driven from the calling thread.
+    Spin(&'a SpinPool),
+}
+
+impl Par<'_> {
+    fn matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), RuntimeError> {
+        match self {
+            Par::Batch(d) => d.matmul(w, acts, out)?,
+            Par::Spin(p) => exec::matmul_on(p, w, acts, out),
+        }
+        Ok(())
+    }
+
+    /// The output head's product: on the CPU for a batch (a static-shape executor would pad the
+    /// vocabulary-wide output of every row).
+    fn head_matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) {
+        match self {
+            Par::Batch(_) => exec::matmul(w, acts, out),
+            Par::Spin(p) => exec::matmul_on(p, w, acts, out),
+        }
+    }
+}
+
+/// How the FFN chooses its neurons, and whether its activations are recorded.
+pub(crate) struct Ffn<'a> {
+    pub(crate) thresholds: Option<&'a [f32]>,
+    pub(crate) predictors: Option<&'a [LowRankPredictor]>,
+    pub(crate) profile: Option<&'a mut ActivationProfile>,
+    pub(crate) offload: Option<&'a mut Offload>,
+}
+
+/// Where the weights of a pass come from: the mapped model, or an offloaded run's fixed region.
+struct Weights<'a> {
+    model: &'a Model,
+    offload: Option<&'a Offload>,
+}
+
+impl Weights<'_> {
+    fn matrix(&self, w: &WeightRef) -> QMatrix<'_> {
+        match self.offload {
+            Some(o) => o.matrix(w),
+            None => self.model.matrix(w),
+        }
+    }
+}
+
+/// Where one layer's FFN comes from for this pass.
+enum FfnSource<'a> {
+    /// The three dense matrices of a GGUF.
+    Dense { gate: &'a WeightRef, up: &'a WeightRef, down: &'a WeightRef },
+    /// A packed layer in the mapped file.
+    Packed(&'a PackedLayer),
+    /// A packed layer of an offloaded run.
+    Offloaded(&'a PackedLayer),
+}
+
+impl<'a> FfnSource<'a> {
+    fn of(layer: &'a LayerWeights, offloaded: bool) -> FfnSource<'a> {
+        match (&layer.ffn, offloaded) {
+            (FfnWeights::Dense { gate, up, down }, _) => FfnSource::Dense { gate, up, down },
+            (FfnWeights::Packed(pl), false) => FfnSource::Packed(pl),
+            (FfnWeights::Packed(pl), true) => FfnSource::Offloaded(pl),
+        }
+    }
+}
+
+/// Runs `tokens` (positions `n_past..`) through the model; `batch` is the length of the `n_ubatch` batch the
+/// pass belongs to (attention chooses its kernel by it); logits of the rows `which` asks for go to
+/// `s.logits[logits_offset..]` when `logits_offset` is given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    model: &Model,
+    par: Par<'_>,
+    mut ffn: Ffn<'_>,
+    s: &mut Scratch,
+    k_cache: &mut [Vec<f16>],
+    v_cache: &mut [Vec<f16>],
+    tokens: &[u32],
+    n_past: usize,
+    batch: usize,
+    which: Logits,
+    logits_offset: Option<usize>,
+) -> Result<(), RuntimeError> {
+    let c = model.config();
+    let n = tokens.len();
+    let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
+    let x = &mut s.x[..n * d];
+    for (t, &tok) in tokens.iter().enumerate() {
+        match ffn.offload.as_deref_mut() {
+            Some(o) => o.embed(model, tok, &mut x[t * d..(t + 1) * d])?,
+            None => model.embed(tok, &mut x[t * d..(t + 1) * d])?,
+        }
+    }
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    for (l, layer) in model.layers.iter().enumerate() {
+        // Attention.
+        let w = Weights { model, offload: ffn.offload.as_deref() };
+        let xn = &mut s.xn[..n * d];
+        for t in 0..n {
+            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
+        }
+        let (wq, wk, wv) = (w.matrix(&layer.wq), w.matrix(&layer.wk), w.matrix(&layer.wv));
+        s.acts.quantize(wq.ty, xn, d);
+        par.matmul(&wq, &s.acts, &mut s.q[..n * qd])?;
+        if wk.ty != wq.ty {
+            s.acts.quantize(wk.ty, xn, d);
+        }
+        par.matmul(&wk, &s.acts, &mut s.k[..n * kvd])?;
+        if wv.ty != wk.ty {
+            s.acts.quantize(wv.ty, xn, d);
+        }
+        par.matmul(&wv, &s.acts, &mut s.v[..n * kvd])?;
+        for t in 0..n {
+            let pos = n_past + t;
+            let q = &mut s.q[t * qd..(t + 1) * qd];
+            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
+            let k = &mut s.k[t * kvd..(t + 1) * kvd];
+            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
+            let kc = &mut k_cache[l][pos * kvd..(pos + 1) * kvd];
+            for (dst, &src) in kc.iter_mut().zip(k.iter()) {
+                *dst = f16::from_f32(src);
+            }
+            let vc = &mut v_cache[l][pos * kvd..(pos + 1) * kvd];
+            for (dst, &src) in vc.iter_mut().zip(&s.v[t * kvd..(t + 1) * kvd]) {
+                *dst = f16::from_f32(src);
+            }
+        }
+        let attn = &mut s.attn[..n * qd];
+        // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones. The
+        // batch is the `n_ubatch` batch this pass is part of (`Context::chunks`).
+        let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        match par {
+            Par::Spin(p) => exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
+            Par::Batch(_) if batch < exec::GGML_FA_TILE_Q => {
+                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn)
+            }
+            Par::Batch(_) => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
+        }
+        let wo = w.matrix(&layer.wo);
+        s.acts.quantize(wo.ty, attn, qd);
+        par.matmul(&wo, &s.acts, &mut s.tmp[..n * d])?;
+        add_assign(x, &s.tmp[..n * d]);
+
+        // Feed-forward.
+        let xn = &mut s.xn[..n * d];
+        for t in 0..n {
+            exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
+        }
+        let sel = |_: &PackedLayer| Selection {
+            act: c.ffn_act,
+            threshold: ffn.thresholds.map(|t| t[l]),
+            predictor: ffn.predictors.map(|p| &p[l]),
+        };
+        let out = &mut s.tmp[..n * d];
+        match (FfnSource::of(layer, ffn.offload.is_some()), par) {
+            (FfnSource::Dense { gate, up, down }, _) => {
+                let (wg, wu, wd) = (model.matrix(gate), model.matrix(up), model.matrix(down));
+                s.acts.quantize(wg.ty, xn, d);
+                par.matmul(&wg, &s.acts, &mut s.gate[..n * ff])?;
+                if wu.ty != wg.ty {
+                    s.acts.quantize(wu.ty, xn, d);
+                }
+                par.matmul(&wu, &s.acts, &mut s.up[..n * ff])?;
+                if let Some(p) = ffn.profile.as_deref_mut() {
+                    let act = c.ffn_act;
+                    let scores: Vec<f32> = s.gate[..n * ff]
+                        .iter()
+                        .zip(&s.up[..n * ff])
+                        .map(|(&g, &u)| act.score(g, u))
+                        .collect();
+                    p.record_scores(l, &s.xn[..n * d], &scores);
+                }
+                c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], ffn.thresholds.map(|t| t[l]));
+                s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
+                par.matmul(&wd, &s.acts, out)?;
+            }
+            (FfnSource::Packed(pl), Par::Spin(pool)) => {
+                packed_decode(
+                    Mapped(model.ffn_bytes()),
+                    pl,
+                    sel(pl),
+                    pool,
+                    xn,
+                    &mut s.acts,
+                    &mut s.packed,
+                    out,
+                );
+            }
+            (FfnSource::Packed(pl), Par::Batch(_)) => {
+                let bytes = Mapped(model.ffn_bytes());
+                packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
+            }
+            (FfnSource::Offloaded(pl), Par::Spin(pool)) => {
+                let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
+                let spec = sparse_spec(pl, sel(pl));
+                let (token, mask) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
+                o.decode_ffn(model, l, &spec, &token, mask, pool, out)?;
+            }
+            (FfnSource::Offloaded(pl), Par::Batch(_)) => {
+                let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
+                let bytes = o.stage_layer(model, l)?;
+                packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
+            }
+        }
+        add_assign(x, &s.tmp[..n * d]);
+    }
+
+    // Output head, only for the rows whose logits are wanted.
+    let Some(offset) = logits_offset else { return Ok(()) };
+    let rows = match which {
+        Logits::All => 0..n,
+        Logits::Last => n - 1..n,
+    };
+    let n_out = rows.len();
+    let xn = &mut s.xn[..n_out * d];
+    for (i, t) in rows.enumerate() {
+        exec::rms_norm(&x[t * d..(t + 1) * d], &model.output_norm, c.rms_eps, &mut xn[i * d..(i + 1) * d]);
+    }
+    s.acts.quantize(model.output.ty, xn, d);
+    let logits = &mut s.logits[offset..offset + n_out * c.n_vocab];
+    match ffn.offload {
+        Some(o) => {
+            o.head(model, &|w, a, out| par.head_matmul(w, a, out), &s.acts, logits, &mut s.head_tmp)?
+        }
+        None => par.head_matmul(&model.matrix(&model.output), &s.acts, logits),
+    }
+    Ok(())
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
