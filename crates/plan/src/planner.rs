@@ -198,6 +198,8 @@ pub struct Memory {
     pub scratch: u64,
     /// The I/O engine's buffer pool: reads in flight, read-ahead, and a prefill layer's records.
     pub io_buffers: u64,
+    /// Without the pipeline: copies of a layer's reads, all held until its compute (none with the pipeline).
+    pub staging: u64,
     /// Decoded predictors.
     pub predictors: u64,
     /// Cache bookkeeping (key tables, per-entry records, fixed-region alignment).
@@ -228,6 +230,7 @@ impl Memory {
             + self.kv
             + self.scratch
             + self.io_buffers
+            + self.staging
             + self.predictors
             + self.cache_index
             + self.margin
@@ -241,12 +244,16 @@ impl Memory {
     /// A one-line account of the fixed part.
     pub fn fixed_detail(&self) -> String {
         format!(
-            "process {} + attention {} + KV {} + scratch {} + I/O buffers {} + predictors {} + cache index {} + margin {}",
+            "process {} + attention {} + KV {} + scratch {} + I/O buffers {}{} + predictors {} + cache index {} + margin {}",
             mib(self.process),
             mib(self.attention),
             mib(self.kv),
             mib(self.scratch),
             mib(self.io_buffers),
+            match self.staging {
+                0 => String::new(),
+                s => format!(" + staging {}", mib(s)),
+            },
             mib(self.predictors),
             mib(self.cache_index),
             mib(self.margin)
@@ -576,6 +583,7 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
         kv: input.kv_bytes,
         scratch: input.scratch_bytes,
         io_buffers,
+        staging: if opts.pipeline { 0 } else { max_layer },
         predictors: input.predictor_bytes,
         cache_index: index_base,
         margin: MARGIN,

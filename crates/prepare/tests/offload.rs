@@ -735,3 +735,91 @@ fn a_model_file_cut_short_under_an_open_context_is_an_error() {
         }
     }
 }
+
+/// One byte flipped on disk in a gate block, in a bundle and in a streamed output-head row, after the model was
+/// loaded and its context made: the read that brings it in fails with the checksum error naming the layer and
+/// cluster, position or row, and its file offset; no logits come out of that step, and the context refuses to
+/// go on.
+#[test]
+fn a_byte_flipped_on_disk_after_load_is_a_checksum_error() {
+    let f = fixture("offload-flip", GgmlType::Q8_0, false);
+    let copy = f.dir.0.join("flip.pinion");
+    let n_vocab = {
+        let m = Model::load(&f.packed).unwrap();
+        m.config().n_vocab
+    };
+    let p = prompt(n_vocab);
+    for target in ["gate block", "bundle", "head row"] {
+        std::fs::copy(&f.packed, &copy).unwrap();
+        let model = Model::load(&copy).unwrap();
+        let pl = model.packed_layers().unwrap()[1].clone();
+        let mut ctx = offloaded(&model, &options("default"), 16 << 10);
+        let plan = ctx.plan().unwrap().clone();
+        let lp = &plan.layers[1];
+        // Prefill and one decode step read everything once and check it.
+        let first = ctx.eval(&p, Logits::Last).unwrap();
+        let mut next = argmax(first.iter().copied());
+        next = argmax(ctx.eval(&[next], Logits::Last).unwrap().iter().copied());
+        // What to damage: the first unpinned cluster's gate block; the hottest unpinned neuron's bundle (read
+        // every token in a layer read whole, else whenever it fires); the last row of the head (never resident
+        // at this budget).
+        let (offset, what) = match target {
+            "gate block" => {
+                let k = lp.pinned_gate_clusters;
+                (pl.gate_block_range(k).start + 3, format!("layer 1 cluster {k} gate block"))
+            }
+            "bundle" => {
+                let pos = lp.pinned_bundles;
+                (pl.bundle_range(pos).start + 1, format!("layer 1 bundle at position {pos} "))
+            }
+            _ => {
+                assert!(plan.head_rows < n_vocab, "{plan:?}");
+                let bytes = std::fs::read(&copy).unwrap();
+                let file = pinion_format::packed::PackedFile::parse(&bytes).unwrap();
+                let name = match file.row_checksums("output.weight") {
+                    Some(_) => "output.weight",
+                    None => "token_embd.weight",
+                };
+                let rows = file.row_checksums(name).unwrap();
+                let row = n_vocab - 1;
+                (rows.offset() + (row * rows.row_bytes()) as u64 + 2, format!("{name} row {row}"))
+            }
+        };
+        {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&copy).unwrap();
+            let mut b = [0u8; 1];
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.read_exact(&mut b).unwrap();
+            b[0] ^= 0x81;
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.write_all(&b).unwrap();
+            file.sync_all().unwrap();
+        }
+        let mut failed = None;
+        for step in 0..40 {
+            match ctx.eval(&[next], Logits::Last) {
+                Ok(l) => next = argmax(l.iter().copied()),
+                Err(e) => {
+                    failed = Some((step, e));
+                    break;
+                }
+            }
+        }
+        let (step, e) =
+            failed.unwrap_or_else(|| panic!("{target}: the flipped byte at {offset} was never read"));
+        let RuntimeError::Corrupt {
+            ref path,
+            source: pinion_format::FormatError::Checksum { what: ref w, offset: at, .. },
+        } = e
+        else {
+            panic!("{target}: step {step}: not a checksum error: {e}")
+        };
+        assert_eq!(path, &copy, "{target}");
+        assert!(w.starts_with(&what), "{target}: {w:?} does not name {what:?}");
+        assert!(at <= offset && offset < at + 4096, "{target}: offset {at} vs the flipped byte at {offset}");
+        assert!(e.to_string().contains("prepare it again"), "{e}");
+        let again = ctx.eval(&[next], Logits::Last).map(|_| ()).unwrap_err();
+        assert!(again.to_string().contains("make a new context"), "{target}: {again}");
+    }
+}

@@ -46,8 +46,8 @@ pub enum RuntimeError {
     #[error("tensor '{name}': {why}")]
     BadTensor { name: String, why: String },
     #[error(
-        "tensor '{name}' is {ty}, which pinion has no kernel for (weights it computes with: F32, F16, Q4_0, \
-         Q4_1, Q8_0, Q4_K, Q6_K)"
+        "tensor '{name}' is {ty}, which pinion has no kernel for (weights it computes with: {})",
+        supported_weight_types()
     )]
     UnsupportedWeightType { name: String, ty: pinion_format::GgmlType },
     #[error("tokenizer: {0}")]
@@ -77,4 +77,14 @@ pub enum RuntimeError {
     NotPacked,
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
+}
+
+/// The weight types the CPU kernels compute with, for messages.
+fn supported_weight_types() -> String {
+    let types: Vec<String> = pinion_format::GgmlType::ALL
+        .iter()
+        .filter(|t| pinion_exec_cpu::vec_dot_type(**t).is_some())
+        .map(|t| t.to_string())
+        .collect();
+    types.join(", ")
 }

@@ -143,3 +143,43 @@ fn generation_stops_on_eog_and_stop_strings() {
     assert_eq!(g3.tokens.len(), 40);
     assert_eq!(g3.stop_reason, pinion_runtime::StopReason::Length);
 }
+
+/// A GGUF whose attention query weights are Q8_K (a type ggml uses for activations only, with no matrix
+/// kernel in pinion) is refused when it loads, naming the tensor and the type, instead of panicking in the
+/// first matrix product.
+#[test]
+fn a_weight_type_without_a_kernel_is_refused_at_load() {
+    use pinion_format::synth::{self, SynthConfig};
+    use pinion_format::{GgmlType, Gguf, GgufWriter};
+    let cfg = SynthConfig { n_layers: 1, ..SynthConfig::preset("tiny").unwrap() };
+    let mut src = Vec::new();
+    synth::write_model(&cfg, &mut src, &mut |_, _| {}).unwrap();
+    let g = Gguf::parse(&src).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in &g.metadata {
+        w.add_metadata(key.as_str(), value.clone()).unwrap();
+    }
+    let name = "blk.0.attn_q.weight";
+    for t in &g.tensors {
+        if t.name == name {
+            // d_model = 256: one Q8_K block (292 bytes, all zero) per row.
+            let rows = t.dims[1] as usize;
+            assert_eq!(t.dims[0], 256);
+            w.add_tensor_data(&t.name, GgmlType::Q8K, &t.dims, vec![0u8; rows * 292]).unwrap();
+        } else {
+            w.add_tensor_data(&t.name, t.ty, &t.dims, g.tensor_data(t).unwrap()).unwrap();
+        }
+    }
+    let p = temp_file("q8k.gguf", &w.to_bytes().unwrap());
+    let e = load_err(&p);
+    match &e {
+        RuntimeError::UnsupportedWeightType { name: n, ty } => {
+            assert_eq!(n, name);
+            assert_eq!(*ty, GgmlType::Q8K);
+        }
+        other => panic!("expected UnsupportedWeightType, got {other}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains(name) && msg.to_lowercase().contains("q8_k") && msg.contains("no kernel"), "{msg}");
+    assert!(msg.contains("q4_0") || msg.contains("Q4_0"), "the message lists the supported types: {msg}");
+}

@@ -52,6 +52,41 @@ pub(crate) fn pieces(
     })
 }
 
+/// Bytes read for a cluster: a view of the I/O engine's buffer, or (reading everything before computing,
+/// without the pipeline) an owned copy, so that a layer's reads do not all hold pool buffers at once.
+pub(crate) enum Piece {
+    Shared(ReadBuf),
+    Owned { offset: u64, bytes: Vec<u8> },
+}
+
+impl Piece {
+    /// A copy of `buf` when `own`, else `buf` itself.
+    pub(crate) fn new(buf: ReadBuf, own: bool) -> Piece {
+        match own {
+            true => Piece::Owned { offset: buf.offset(), bytes: buf.to_vec() },
+            false => Piece::Shared(buf),
+        }
+    }
+
+    /// File offset of the first byte.
+    pub(crate) fn offset(&self) -> u64 {
+        match self {
+            Piece::Shared(b) => b.offset(),
+            Piece::Owned { offset, .. } => *offset,
+        }
+    }
+}
+
+impl std::ops::Deref for Piece {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Piece::Shared(b) => b,
+            Piece::Owned { bytes, .. } => bytes,
+        }
+    }
+}
+
 /// Completions that arrived before the step that uses them.
 #[derive(Default)]
 pub(crate) struct Stash {

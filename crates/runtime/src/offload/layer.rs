@@ -22,10 +22,10 @@ use pinion_cache::LruRegion;
 use pinion_exec_cpu::SpinPool;
 use pinion_exec_cpu::sparse::{self, ClusterGates, ClusterSums, SparseFfn, TokenActs, UpDown};
 use pinion_format::packed::PackedLayer;
-use pinion_io::{Completion, ReadBuf, ReadRequest};
+use pinion_io::{Completion, ReadRequest};
 
 use crate::error::RuntimeError;
-use crate::offload::io::{KIND_BUNDLE, KIND_GATE, Reader, lock, tag, untag};
+use crate::offload::io::{KIND_BUNDLE, KIND_GATE, Piece, Reader, lock, tag, untag};
 use crate::offload::resident::Resident;
 use crate::offload::stream::Stream;
 
@@ -39,15 +39,15 @@ const NONE: u32 = u32::MAX;
 pub(crate) struct ClBufs {
     gates: ClusterGates,
     /// The cluster's record read: its gate block, or gate block and unpinned bundles (layers read whole).
-    record: Option<ReadBuf>,
+    record: Option<Piece>,
     /// The record came from the stream (its bytes are released to it once used).
     from_stream: bool,
     /// With a predictor: the gate rows read, by index in the cluster.
-    rows: Vec<Option<ReadBuf>>,
+    rows: Vec<Option<Piece>>,
     /// Bundles read after the gates, by index in the cluster (the up row alone without bundling).
-    got: Vec<Option<ReadBuf>>,
+    got: Vec<Option<Piece>>,
     /// Without bundling: the down columns read, by index in the cluster.
-    got_down: Vec<Option<ReadBuf>>,
+    got_down: Vec<Option<Piece>>,
     /// Bundles served by the neuron-level LRU region, copied (the region may evict them meanwhile).
     lru: Vec<u8>,
     /// Offset of each neuron's bundle in `lru` ([`NONE`] if not there), by index in the cluster.
@@ -176,11 +176,11 @@ impl<'a> LayerRun<'a> {
         let mut cl = Cl { b, need, gate_pending: 0, bundle_pending: 0 };
         let b = &mut cl.b;
         b.rows.clear();
-        b.rows.resize(c, None);
+        b.rows.resize_with(c, || None);
         b.got.clear();
-        b.got.resize(c, None);
+        b.got.resize_with(c, || None);
         b.got_down.clear();
-        b.got_down.resize(c, None);
+        b.got_down.resize_with(c, || None);
         b.lru_at.clear();
         b.lru_at.resize(c, NONE);
         b.record = None;
@@ -210,7 +210,7 @@ impl<'a> LayerRun<'a> {
                 let stashed = lock(&self.reader.stash).records[self.l][k].take();
                 match stashed {
                     Some(buf) => {
-                        self.take_record(k, &mut cl, buf)?;
+                        self.take_record(k, &mut cl, Piece::Shared(buf))?;
                         cl.b.from_stream = true;
                     }
                     None => {
@@ -241,7 +241,7 @@ impl<'a> LayerRun<'a> {
     }
 
     /// Takes cluster `k`'s record after checking it: its gate block, and (read whole) its unpinned bundles.
-    fn take_record(&self, k: usize, cl: &mut Cl, buf: ReadBuf) -> Result<(), RuntimeError> {
+    fn take_record(&self, k: usize, cl: &mut Cl, buf: Piece) -> Result<(), RuntimeError> {
         let pl = self.pl;
         let pin = &self.res.layers[self.l];
         let t0 = Instant::now();
@@ -275,7 +275,8 @@ impl<'a> LayerRun<'a> {
         }
         let pl = self.pl;
         let what = || format!("layer {} cluster {k}", self.l);
-        let buf = self.reader.bytes(c, &what)?;
+        // Without the pipeline a layer's reads all arrive before any is used: copies free the pool's buffers.
+        let buf = Piece::new(self.reader.bytes(c, &what)?, self.mode.serial);
         let mut guard = lock(&self.cls[k]);
         let cl = &mut *guard;
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -431,7 +432,7 @@ impl<'a> LayerRun<'a> {
                 let s = lru_at[i as usize] as usize;
                 &lru[s..s + bb]
             } else if let (Some(up), Some(down)) = (&got[i as usize], &got_down[i as usize]) {
-                return UpDown { up, down };
+                return UpDown { up: &up[..], down: &down[..] };
             } else {
                 got[i as usize].as_deref().unwrap_or(&[])
             };
