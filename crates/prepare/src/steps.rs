@@ -9,10 +9,9 @@ use pinion_io::MappedFile;
 use pinion_predictor::train::{LayerReport, Masks, TrainConfig, train_layer};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
-use pinion_runtime::planning::{PREDICTED_DENSITY_KEY, SOURCE_BYTES_KEY};
 use pinion_runtime::{
-    Context, ContextParams, Model, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
-    predictor_tensor_names,
+    Context, ContextParams, Model, PREDICTED_DENSITY_KEY, PREDICTOR_THRESHOLDS_KEY, SOURCE_BYTES_KEY,
+    TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
 };
 
 use crate::error::PrepareError;

@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
-use crate::context::{Context, Logits};
+use crate::context::Context;
 use crate::error::RuntimeError;
+use crate::forward::Logits;
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,19 +10,10 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor};
 use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
-use crate::forward::{Ffn, Par, Scratch, forward};
+use crate::forward::{Ffn, Logits, Par, Scratch, forward};
 use crate::model::Model;
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
-
-/// What [`Context::eval`] returns logits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token of the input (generation).
-    Last,
-    /// Every token of the input (perplexity).
-    All,
-}
 
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
 ///

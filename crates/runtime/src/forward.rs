@@ -11,11 +11,19 @@ use pinion_exec_cpu::{self as exec, DenseBackend, QMatrix, QuantizedActs, RopeMo
 use pinion_format::packed::PackedLayer;
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
-use crate::context::Logits;
 use crate::error::RuntimeError;
 use crate::ffn::{Mapped, PackedScratch, Selection, decode_inputs, packed_decode, packed_ffn, sparse_spec};
 use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
 use crate::offload::Offload;
+
+/// What [`Context::eval`](crate::Context::eval) returns logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token of the input (generation).
+    Last,
+    /// Every token of the input (perplexity).
+    All,
+}
 
 /// Scratch buffers of a forward pass.
 pub(crate) struct Scratch {

@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use pinion_tokenizer::StreamDecoder;
 
-use crate::context::{Context, Logits};
+use crate::context::Context;
 use crate::error::RuntimeError;
+use crate::forward::Logits;
 use crate::sampler::{Sampler, SamplerParams};
 
 /// Settings of one generation.

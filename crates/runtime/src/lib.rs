@@ -27,12 +27,13 @@ pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::{
     ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
 };
-pub use crate::context::{Context, Logits, OFFLOAD_CHUNK};
+pub use crate::context::{Context, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;
+pub use crate::forward::Logits;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
 pub use crate::model::{
-    Model, ModelSparsity, PACKED_FILE_NAME, PREDICTOR_THRESHOLDS_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
-    predictor_tensor_names,
+    Model, ModelSparsity, PACKED_FILE_NAME, PREDICTED_DENSITY_KEY, PREDICTOR_THRESHOLDS_KEY,
+    SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
 };
 pub use crate::offload::OffloadStats;
 pub use crate::perplexity::{PerplexityStats, perplexity};

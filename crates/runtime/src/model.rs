@@ -75,6 +75,12 @@ pub const PACKED_FILE_NAME: &str = "model.pinion";
 pub const THRESHOLDS_KEY: &str = "pinion.sparsity.thresholds";
 /// Metadata key of the target sparsity the thresholds were calibrated for (f32).
 pub const TARGET_SPARSITY_KEY: &str = "pinion.sparsity.target";
+/// Metadata key of a packed model's per-layer predicted density (the share of neurons the predictor marks
+/// per token, measured on held-out tokens at preparation; array of f32).
+pub const PREDICTED_DENSITY_KEY: &str = "pinion.predictor.density";
+/// Metadata key of the size in bytes of the GGUF a packed model was made from (u64): the base of percentage
+/// budgets.
+pub const SOURCE_BYTES_KEY: &str = "pinion.source.file_bytes";
 /// Metadata key of the predictors' per-layer logit thresholds (array of f32).
 pub const PREDICTOR_THRESHOLDS_KEY: &str = "pinion.predictor.thresholds";
 
@@ -165,16 +171,16 @@ impl Model {
             (model.packed_version, model.checksums) = (packed_version, checksums);
             let g = packed.resident_gguf();
             // Prepared before the source size was recorded: the weights as stored are the closest stand-in.
-            model.source_bytes = match g.get(crate::planning::SOURCE_BYTES_KEY) {
-                Some(_) => g.get_u64(crate::planning::SOURCE_BYTES_KEY).map_err(format_err)?,
+            model.source_bytes = match g.get(SOURCE_BYTES_KEY) {
+                Some(_) => g.get_u64(SOURCE_BYTES_KEY).map_err(format_err)?,
                 None => model.weight_bytes(),
             };
-            model.predicted_density = match g.get(crate::planning::PREDICTED_DENSITY_KEY) {
+            model.predicted_density = match g.get(PREDICTED_DENSITY_KEY) {
                 Some(_) => {
-                    let d = g.get_f32_array(crate::planning::PREDICTED_DENSITY_KEY).map_err(format_err)?;
+                    let d = g.get_f32_array(PREDICTED_DENSITY_KEY).map_err(format_err)?;
                     if d.len() != model.config.n_layers || d.iter().any(|x| !(0.0..=1.0).contains(x)) {
                         return Err(RuntimeError::BadHyperParameter {
-                            key: crate::planning::PREDICTED_DENSITY_KEY.into(),
+                            key: PREDICTED_DENSITY_KEY.into(),
                             value: format!("{} values (one in [0, 1] per layer expected)", d.len()),
                         });
                     }

@@ -4,8 +4,9 @@
 //! chunk is evaluated from an empty cache, with its first token replaced by BOS when the model adds BOS; only
 //! the second half of each chunk is scored, so every scored token sees at least `n_ctx / 2` tokens of context.
 
-use crate::context::{Context, Logits};
+use crate::context::Context;
 use crate::error::RuntimeError;
+use crate::forward::Logits;
 
 /// Running totals of a perplexity computation.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

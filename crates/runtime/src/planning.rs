@@ -10,13 +10,6 @@ use crate::config::ContextParams;
 use crate::error::RuntimeError;
 use crate::model::Model;
 
-/// Metadata key of a packed model's per-layer predicted density (the share of neurons the predictor marks
-/// per token, measured on held-out tokens at preparation; array of f32).
-pub const PREDICTED_DENSITY_KEY: &str = "pinion.predictor.density";
-/// Metadata key of the size in bytes of the GGUF a packed model was made from (u64): the base of percentage
-/// budgets.
-pub const SOURCE_BYTES_KEY: &str = "pinion.source.file_bytes";
-
 /// What the planner needs of `model` run with `params` by a process of `process_bytes` (measured) holding
 /// `predictor_bytes` of decoded predictors; `predicting`: predictors choose the neurons.
 pub fn plan_input(
