@@ -1,7 +1,7 @@
 //! The offline preparation drivers: `cargo xtask profile`, `calibrate`, `train`, `pack`, `plan` and `prepare`
-//! (all of them in one resumable command). The work is in `pinion_prepare` and the planning in
-//! `pinion_runtime::planning` (the same plan a run makes); these parse arguments, show progress and print
-//! reports.
+//! (all of them in one resumable command, `pinion_prepare::prepare_dir`). The work, and the deciding of what
+//! is done, is in `pinion_prepare` and the planning in `pinion_runtime::planning` (the same plan a run makes);
+//! these parse arguments, show progress and print reports.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,14 +9,14 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use pinion_format::GgmlType;
-use pinion_plan::{Budget, DeviceProfile, PlanOptions};
+use pinion_plan::Budget;
 use pinion_predictor::LowRankPredictor;
 use pinion_predictor::train::{LayerReport, TrainConfig};
 use pinion_prepare::device::ProbeOptions;
 use pinion_prepare::{
-    self as prepare, Manifest, PackStepOptions, ProfileOptions, Thresholds, registry, step_key,
+    self as prepare, Event, PackStepOptions, PrepareConfig, ProfileOptions, Redo, Step, Thresholds, registry,
 };
-use pinion_runtime::{ContextParams, Model, OFFLOAD_CHUNK, PACKED_FILE_NAME};
+use pinion_runtime::{Model, PACKED_FILE_NAME};
 
 use crate::progress::Progress;
 
@@ -85,13 +85,13 @@ pub(crate) fn profile(a: &ProfileCmd) -> Result<()> {
     let (_, model) = load_model(&a.profile.model)?;
     let p = run_profile(&model, &a.profile)?;
     prepare::save_profile(&p, &a.out)?;
-    print_firing(&model, &p);
+    print_firing(model.config().ffn_act.is_relu_family(), &p);
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
 
-fn print_firing(model: &Model, p: &pinion_prepare::ActivationProfile) {
-    if !model.config().ffn_act.is_relu_family() {
+fn print_firing(relu_family: bool, p: &pinion_prepare::ActivationProfile) {
+    if !relu_family {
         return;
     }
     println!("layer  firing density  hottest 10% of neurons carry");
@@ -227,27 +227,32 @@ pub(crate) fn run_train(
         pb.update(done as u64, total as u64, &format!("last: rank {}, recall {:.3}", r.rank, r.recall));
     })?;
     pb.finish(&format!("{} predictors", trained.len()));
+    let reports: Vec<_> = trained.iter().map(|(_, r)| r.clone()).collect();
+    print_train_report(&reports, profile.n_token_samples(), cfg.target_recall);
+    Ok(trained)
+}
+
+/// Prints the predictors' per-layer held-out report.
+fn print_train_report(reports: &[LayerReport], n_token_samples: usize, target_recall: f64) {
+    let Some(first) = reports.first() else { return };
     println!(
-        "\npredictors (held-out {} of {} token samples, target recall {}): layer, rank, recall, precision, predicted density, true density",
-        trained[0].1.n_heldout,
-        profile.n_token_samples(),
-        cfg.target_recall
+        "\npredictors (held-out {} of {n_token_samples} token samples, target recall {target_recall}): layer, rank, recall, precision, predicted density, true density",
+        first.n_heldout,
     );
-    for (l, (_, r)) in trained.iter().enumerate() {
+    for (l, r) in reports.iter().enumerate() {
         println!(
             "  {l:>3}  {:>4}  {:.4}  {:.4}  {:.4}  {:.4}",
             r.rank, r.recall, r.precision, r.predicted_density, r.true_density
         );
     }
-    let n = trained.len() as f64;
-    let mean = |f: &dyn Fn(&LayerReport) -> f64| trained.iter().map(|(_, r)| f(r)).sum::<f64>() / n;
+    let n = reports.len() as f64;
+    let mean = |f: &dyn Fn(&LayerReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
     println!(
         "  mean  recall {:.4}, predicted density {:.4}, true density {:.4}",
         mean(&|r| r.recall),
         mean(&|r| r.predicted_density),
         mean(&|r| r.true_density),
     );
-    Ok(trained)
 }
 
 /// `--down-type`: the type of the packed (transposed) down columns.
@@ -295,188 +300,139 @@ pub(crate) struct PrepareCmd {
     /// Redo every step, even those already done.
     #[arg(long)]
     force: bool,
+    /// Keep DIR/intermediates/ (profile, thresholds, predictors and their report) when done; without it they
+    /// are removed once the directory is prepared.
+    #[arg(long)]
+    keep_intermediates: bool,
 }
 
 /// `cargo xtask prepare`: profile, calibrate, train, pack, measure the device and plan, resuming from the steps
-/// a previous run finished.
+/// a previous run finished; the intermediates are removed at the end unless `--keep-intermediates`.
 pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
-    check_sparsity(&[a.sparsity])?;
     let t0 = Instant::now();
-    let (path, model) = load_model(&a.profile.model)?;
+    let model = a.profile.model.clone().unwrap_or_else(registry::default_model_path);
     let out = a.out.clone().unwrap_or_else(|| {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        path.with_file_name(format!("{stem}.prepared"))
+        let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        model.with_file_name(format!("{stem}.prepared"))
     });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut manifest = if a.force { Manifest::default() } else { prepare::Manifest::load(&out)? };
-    let source_bytes = std::fs::metadata(&path)?.len();
-    let act = model.config().ffn_act;
-    let budget_arg = a.mem_budget.unwrap_or(Budget::Percent(50.0));
-    let budget = budget_arg.bytes(source_bytes);
-    eprintln!(
-        "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
-        path.display(),
-        model.config().name.as_deref().unwrap_or("?"),
-        model.config().n_layers,
-        act.name(),
-        source_bytes as f64 / (1 << 20) as f64,
-        out.display()
-    );
-    let skip = |step: &str| eprintln!("{step}: up to date, skipped");
-
-    // 1. Profile.
-    let f_profile = out.join("profile.bin");
-    let o = a.profile.options();
-    let k_profile = step_key(&[
-        &prepare::file_identity(&path)?,
-        &prepare::file_identity(&a.profile.calib)?,
-        &format!("{} {} {} {}", o.max_tokens, o.chunk, o.score_samples, o.token_samples),
-    ]);
-    // The profile is large (hundreds of MB): loaded only by the steps that run.
-    let mut profile = None;
-    if manifest.is_done("profile", &k_profile, &[&f_profile]) {
-        skip("profile");
-    } else {
-        let p = run_profile(&model, &a.profile)?;
-        prepare::save_profile(&p, &f_profile)?;
-        manifest.mark(&out, "profile", &k_profile)?;
-        print_firing(&model, &p);
-        profile = Some(p);
-    }
-    let mut profile = LazyProfile { path: f_profile.clone(), profile };
-
-    // 2. Thresholds.
-    let f_thresholds = out.join("thresholds.json");
-    let k_thresholds = step_key(&[&k_profile, &a.sparsity.to_string()]);
-    let th = if manifest.is_done("calibrate", &k_thresholds, &[&f_thresholds]) {
-        skip("calibrate");
-        Thresholds::load(&f_thresholds)?
-    } else {
-        let th = prepare::calibrate(&model, profile.get()?, a.sparsity)?;
-        th.save(&f_thresholds)?;
-        manifest.mark(&out, "calibrate", &k_thresholds)?;
-        th
+    let cfg = PrepareConfig {
+        model,
+        calib: a.profile.calib.clone(),
+        out: out.clone(),
+        profile: a.profile.options(),
+        sparsity: a.sparsity,
+        train: (!a.no_predictors).then(|| a.train.config(a.profile.threads)),
+        cluster_neurons: a.cluster,
+        down_type: a.down_type,
+        device: a.device.clone(),
+        probe: ProbeOptions::new(out.clone()),
+        mem_budget: a.mem_budget,
+        ctx: a.ctx,
+        keep_intermediates: a.keep_intermediates,
+        force: a.force,
     };
-    print_thresholds(&th);
-
-    // 3. Predictors.
-    let f_pred = out.join("predictors.gguf");
-    let f_pred_report = out.join("predictors.json");
-    let cfg = a.train.config(a.profile.threads);
-    let k_train = step_key(&[&k_thresholds, &format!("{cfg:?}")]);
-    let predictors = if a.no_predictors {
-        None
-    } else if manifest.is_done("train", &k_train, &[&f_pred, &f_pred_report]) {
-        skip("train");
-        Some(prepare::load_predictors(&f_pred)?)
-    } else {
-        let trained = run_train(&model, profile.get()?, &th, &cfg)?;
-        let report: Vec<_> = trained
-            .iter()
-            .map(|(_, r)| {
-                serde_json::json!({"rank": r.rank, "recall": r.recall, "precision": r.precision,
-                    "predicted_density": r.predicted_density, "true_density": r.true_density,
-                    "threshold": r.threshold, "n_train": r.n_train, "n_heldout": r.n_heldout})
-            })
-            .collect();
-        let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
-        prepare::save_predictors(&ps, &f_pred)?;
-        let json = serde_json::json!({"target_recall": cfg.target_recall, "layers": report});
-        prepare::write_atomic(&f_pred_report, &serde_json::to_vec_pretty(&json)?)?;
-        manifest.mark(&out, "train", &k_train)?;
-        Some(ps)
+    let mut shown = Shown { model: cfg.model.clone(), out: cfg.out.clone(), bar: None };
+    let done = prepare::prepare_dir(&cfg, &mut |e| shown.event(e))
+        .with_context(|| format!("preparing {}", cfg.out.display()))?;
+    let what = match done.ran.is_empty() {
+        true => "already prepared with these settings".to_string(),
+        false => format!("done in {:.1} s", t0.elapsed().as_secs_f64()),
     };
-
-    // 4. Pack.
-    let f_model = out.join(PACKED_FILE_NAME);
-    let k_pack = step_key(&[
-        &k_thresholds,
-        if a.no_predictors { "no predictors" } else { &k_train },
-        &format!("{} {:?}", a.cluster, a.down_type),
-    ]);
-    if manifest.is_done("pack", &k_pack, &[&f_model]) {
-        skip("pack");
-    } else {
-        let freq = prepare::activation_frequencies(&model, profile.get()?, &th)?;
-        let opts = PackStepOptions {
-            cluster_neurons: a.cluster,
-            down_type: a.down_type,
-            predicted_density: predicted_density(&f_pred_report, predictors.is_some())?,
-        };
-        let mut pb = Progress::new("pack", "layers");
-        let s =
-            prepare::pack_model(&path, &f_model, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
-                pb.update(l as u64, n as u64, "")
-            })?;
-        pb.finish(&format!(
-            "{:.1} MiB ({:.1} MiB resident, {:.1} MiB FFN, {:.1} MiB padding)",
-            mib(s.file_len),
-            mib(s.resident_len),
-            mib(s.ffn_len),
-            mib(s.padding_bytes)
-        ));
-        manifest.mark(&out, "pack", &k_pack)?;
-    }
-    drop((model, profile));
-
-    // 5. Device profile.
-    let f_device = a.device.clone().unwrap_or_else(|| out.join("device.json"));
-    let device = if f_device.exists() {
-        eprintln!("device: using {}", f_device.display());
-        prepare::load_device(&f_device)?
-    } else {
-        let d = crate::device::measure_with_progress(&ProbeOptions::new(out.clone()))?;
-        prepare::save_device(&d, &f_device)?;
-        d
-    };
-
-    // 6. Plan: the plan a run under this budget would make (a run plans anew for the budget it is given).
-    let plan = match make_plan(&out, &device, budget, a.ctx, a.profile.threads) {
-        Err(e) if a.mem_budget.is_none() => match minimum_of(&e) {
-            Some(minimum) => {
-                eprintln!("plan: {e:#}; planning for that minimum instead (pass --mem-budget to choose)");
-                make_plan(&out, &device, minimum, a.ctx, a.profile.threads)?
-            }
-            None => return Err(e),
-        },
-        r => r?,
-    };
-    println!("\n{}", plan.render_with_reasoning());
-    prepare::save_plan(&plan, &out.join("plan.json"))?;
-    manifest.mark(&out, "plan", &step_key(&[&k_pack, &budget_arg.to_string(), &a.ctx.to_string()]))?;
-    eprintln!(
-        "prepare: done in {:.1} s; run it with `pinion run -m {}`",
-        t0.elapsed().as_secs_f64(),
-        out.display()
-    );
+    eprintln!("prepare: {what}; run it with `pinion run -m {}`", cfg.out.display());
     Ok(())
 }
 
-/// The minimum of a refused budget, if that is why planning failed.
-fn minimum_of(e: &anyhow::Error) -> Option<u64> {
-    match e.downcast_ref::<pinion_runtime::RuntimeError>() {
-        Some(pinion_runtime::RuntimeError::Plan(pinion_plan::PlanError::BudgetTooSmall {
-            minimum, ..
-        })) => Some(*minimum),
-        _ => None,
-    }
+/// Shows `prepare_dir`'s events: progress bars on stderr, tables and the plan on stdout.
+struct Shown {
+    model: PathBuf,
+    out: PathBuf,
+    bar: Option<(String, Progress)>,
 }
 
-/// The plan of running the packed model in `dir` under `budget` bytes with a context of `ctx` tokens on
-/// `threads` threads: what `pinion run --mem-budget` plans for the same inputs, with this process's measured
-/// resident set standing in for pinion's.
-fn make_plan(
-    dir: &std::path::Path,
-    device: &DeviceProfile,
-    budget: u64,
-    ctx: usize,
-    threads: usize,
-) -> Result<pinion_plan::Plan> {
-    let packed = Model::load(dir)?;
-    let params = ContextParams { n_ubatch: OFFLOAD_CHUNK, ..ContextParams::new(ctx, threads) };
-    let process = pinion_runtime::planning::current_rss();
-    let opts = PlanOptions::new(budget);
-    Ok(pinion_runtime::planning::plan_run(&packed, &params, &opts, device, process)?)
+impl Shown {
+    /// Ends the current progress bar with `line`.
+    fn finish(&mut self, line: &str) {
+        if let Some((_, pb)) = self.bar.take() {
+            pb.finish(line);
+        }
+    }
+
+    fn event(&mut self, e: Event<'_>) {
+        match e {
+            Event::Started { model, source_bytes } => eprintln!(
+                "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
+                self.model.display(),
+                model.config().name.as_deref().unwrap_or("?"),
+                model.config().n_layers,
+                model.config().ffn_act.name(),
+                mib(source_bytes),
+                self.out.display()
+            ),
+            Event::Migrated { files } => eprintln!(
+                "prepare: a version 1 directory: moved {} intermediate files into {}/",
+                files.len(),
+                prepare::INTERMEDIATES_DIR
+            ),
+            Event::UpToDate(step) => eprintln!("{step}: up to date, skipped"),
+            Event::Running { step, why } => match why {
+                Redo::NotDone => {}
+                Redo::Removed(p) if p.starts_with(self.out.join(prepare::INTERMEDIATES_DIR)) => eprintln!(
+                    "{step}: recomputing {}: it was removed when the last preparation finished (keep it with \
+                     --keep-intermediates)",
+                    p.display()
+                ),
+                why => eprintln!("{step}: redoing: {why}"),
+            },
+            Event::Progress { step, part, done, total, note } => {
+                let name = if part.is_empty() { step.name() } else { part };
+                if self.bar.as_ref().is_none_or(|(n, _)| n != name) {
+                    self.finish("done");
+                    let unit = match step {
+                        Step::Profile => "tokens",
+                        Step::Device => "points",
+                        _ => "layers",
+                    };
+                    self.bar = Some((name.to_string(), Progress::new(name, unit)));
+                }
+                if let Some((_, pb)) = self.bar.as_mut() {
+                    pb.update(done as u64, total as u64, note);
+                }
+            }
+            Event::Profiled { profile, relu_family } => {
+                self.finish(&format!(
+                    "{} tokens, {} token samples",
+                    profile.n_tokens(),
+                    profile.n_token_samples()
+                ));
+                print_firing(relu_family, profile);
+            }
+            Event::Calibrated(th) => print_thresholds(th),
+            Event::Trained { reports, n_token_samples, target_recall } => {
+                self.finish(&format!("{} predictors", reports.len()));
+                print_train_report(reports, n_token_samples, target_recall);
+            }
+            Event::Packed(s) => self.finish(&format!(
+                "{:.1} MiB ({:.1} MiB resident, {:.1} MiB FFN, {:.1} MiB padding)",
+                mib(s.file_len),
+                mib(s.resident_len),
+                mib(s.ffn_len),
+                mib(s.padding_bytes)
+            )),
+            Event::DeviceFrom(p) => eprintln!("device: using {}", p.display()),
+            Event::DeviceMeasured(_) => self.finish("done"),
+            Event::BudgetRaised { refused, budget } => eprintln!(
+                "plan: {refused}; planning for {:.1} MiB instead (pass --mem-budget to choose)",
+                mib(budget)
+            ),
+            Event::Planned(plan) => println!("\n{}", plan.render_with_reasoning()),
+            Event::Cleaned { dir, bytes } => eprintln!(
+                "prepare: removed {} ({:.1} MiB of intermediates; --keep-intermediates keeps them)",
+                dir.display(),
+                mib(bytes)
+            ),
+            _ => {}
+        }
+    }
 }
 
 #[derive(Args)]
@@ -502,16 +458,18 @@ pub(crate) struct PlanCmd {
 /// when several are asked for).
 pub(crate) fn plan_cmd(a: &PlanCmd) -> Result<()> {
     let source_bytes = Model::load(&a.prepared)?.source_bytes();
-    let device = prepare::load_device(&a.device.clone().unwrap_or_else(|| a.prepared.join("device.json")))?;
+    let device = prepare::load_device(
+        &a.device.clone().unwrap_or_else(|| prepare::PreparedDir::new(&a.prepared).device()),
+    )?;
     let mut failed = None;
     for b in &a.mem_budget {
         let budget = b.bytes(source_bytes);
         println!("\n## --mem-budget {b} ({:.1} MiB of a {:.1} MiB GGUF)\n", mib(budget), mib(source_bytes));
-        match make_plan(&a.prepared, &device, budget, a.ctx, a.threads) {
+        match prepare::plan_prepared(&a.prepared, &device, budget, a.ctx, a.threads) {
             Ok(p) => println!("{}", p.render_with_reasoning()),
             Err(e) => {
                 println!("error: {e:#}");
-                failed = Some(e);
+                failed = Some(anyhow::Error::from(e));
             }
         }
     }
@@ -563,40 +521,6 @@ pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
     })?;
     pb.finish(&format!("{:.1} MiB written to {}", mib(s.file_len), out.display()));
     Ok(())
-}
-
-/// A profile file read on first use.
-struct LazyProfile {
-    path: PathBuf,
-    profile: Option<pinion_prepare::ActivationProfile>,
-}
-
-impl LazyProfile {
-    fn get(&mut self) -> Result<&pinion_prepare::ActivationProfile> {
-        if self.profile.is_none() {
-            self.profile = Some(prepare::load_profile(&self.path)?);
-        }
-        Ok(self.profile.as_ref().expect("just loaded"))
-    }
-}
-
-/// Each layer's predicted density from a `predictors.json` report (when predictors were trained).
-fn predicted_density(report: &std::path::Path, trained: bool) -> Result<Option<Vec<f32>>> {
-    if !trained {
-        return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
-    let layers = v["layers"].as_array().context("predictors.json has no layers")?;
-    let d = layers
-        .iter()
-        .map(|l| {
-            l["predicted_density"]
-                .as_f64()
-                .map(|x| x as f32)
-                .context("predictors.json: a layer without predicted_density")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(d))
 }
 
 fn mib(b: u64) -> f64 {

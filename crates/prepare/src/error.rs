@@ -61,11 +61,19 @@ pub enum PrepareError {
         /// What is wrong.
         why: String,
     },
-    /// A prepared directory's manifest is malformed.
+    /// A prepared directory's manifest or report is malformed.
     #[error("{}: {why}", path.display())]
     BadPreparedDir {
         /// The file.
         path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A setting of the preparation is out of range.
+    #[error("invalid {setting}: {why}")]
+    InvalidSetting {
+        /// The setting.
+        setting: &'static str,
         /// What is wrong.
         why: String,
     },
