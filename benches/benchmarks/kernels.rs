@@ -5,6 +5,11 @@
 //!
 //! Decode groups report weight bytes per second (the matvec is bound by memory bandwidth); prefill groups
 //! report multiply-accumulates per second.
+//!
+//! `matvec/{type}/2048x2048` times the matrix-vector product for every weight type with a kernel, on one
+//! thread, on every kernel path this CPU supports (scalar, avx2, avx512), reporting weight bytes per second.
+
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use pinion_exec_cpu::{KernelPath, QMatrix, QuantizedActs, cpu_features, matmul_rows_with};
@@ -86,4 +91,83 @@ fn bench_matmul(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_matmul);
+/// Bytes of `n` values of `ty` with random codes and sane scales: random bytes, then every f16 scale field of
+/// each block overwritten with a small positive value (random bytes there could be NaN or subnormal, which
+/// would time something else).
+fn random_matrix(ty: GgmlType, n: usize) -> Vec<u8> {
+    let vals = values(n, 3);
+    let mut bits = values(n * 2, 5).into_iter().map(|v| v.to_bits());
+    match ty {
+        GgmlType::F32 => return bytemuck::cast_slice(&vals).to_vec(),
+        GgmlType::F16 => {
+            let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+            return bytemuck::cast_slice(&h).to_vec();
+        }
+        GgmlType::BF16 => {
+            let h: Vec<half::bf16> = vals.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            return bytemuck::cast_slice(&h).to_vec();
+        }
+        _ => {}
+    }
+    // Byte offsets of the f16 scales in a block (ggml-common.h).
+    let scales: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        _ => unreachable!("{ty} is not a weight type"),
+    };
+    let mut bytes: Vec<u8> =
+        (0..ty.row_bytes(n).expect("whole blocks")).map(|_| bits.next().unwrap_or(7) as u8).collect();
+    for (i, block) in bytes.chunks_exact_mut(ty.block_bytes()).enumerate() {
+        for &o in scales {
+            let d = half::f16::from_f32(1e-3 * (1.0 + (i % 7) as f32));
+            block[o..o + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The matrix-vector product at 2048 x 2048 for every weight type, on one thread, every supported path.
+fn bench_matvec_types(c: &mut Criterion) {
+    let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool");
+    let (n_rows, n_cols) = (2048, 2048);
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+    let paths: Vec<KernelPath> = KernelPath::ALL.into_iter().filter(|p| p.is_supported()).collect();
+    for ty in types {
+        let data = random_matrix(ty, n_rows * n_cols);
+        let w = QMatrix::new(ty, n_rows, n_cols, &data).expect("matrix");
+        let x = values(n_cols, 11);
+        let mut acts = QuantizedActs::new();
+        acts.quantize(ty, &x, n_cols);
+        let mut out = vec![0.0f32; n_rows];
+        let mut group = c.benchmark_group(format!("matvec/{ty}/{n_rows}x{n_cols}"));
+        group.throughput(Throughput::Bytes(data.len() as u64));
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        group.sample_size(20);
+        for &path in &paths {
+            group.bench_function(BenchmarkId::from_parameter(path), |b| {
+                b.iter(|| pool1.install(|| matmul_rows_with(path, &w, &acts, 0, n_rows, &mut out)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_matmul, bench_matvec_types);

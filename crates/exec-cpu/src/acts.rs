@@ -1,6 +1,6 @@
 //! [`QuantizedActs`]: activation rows converted once to the format a weight type's dot product consumes.
 
-use half::f16;
+use half::{bf16, f16};
 use pinion_format::GgmlType;
 use pinion_format::quant::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
 use rayon::prelude::*;
@@ -14,9 +14,10 @@ pub fn vec_dot_type(weight_ty: GgmlType) -> Option<GgmlType> {
     Some(match weight_ty {
         GgmlType::F32 => GgmlType::F32,
         GgmlType::F16 => GgmlType::F16,
-        GgmlType::Q4_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
-        GgmlType::Q4_1 => GgmlType::Q8_1,
-        GgmlType::Q4K | GgmlType::Q6K => GgmlType::Q8K,
+        GgmlType::BF16 => GgmlType::BF16,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => GgmlType::Q8_1,
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => GgmlType::Q8K,
         _ => return None,
     })
 }
@@ -35,6 +36,7 @@ pub struct QuantizedActs {
     n_cols: usize,
     pub(crate) f32s: Vec<f32>,
     pub(crate) f16s: Vec<f16>,
+    pub(crate) bf16s: Vec<bf16>,
     pub(crate) q8_0: Vec<BlockQ8_0>,
     pub(crate) q8_1: Vec<BlockQ8_1>,
     /// For Q8_1 with several rows: `s` of every block as f32, block-major, rows padded to a multiple of 8
@@ -108,6 +110,11 @@ impl QuantizedActs {
             GgmlType::F16 => {
                 self.f16s.clear();
                 self.f16s.extend(x.iter().map(|&v| f16::from_f32(v)));
+            }
+            GgmlType::BF16 => {
+                self.bf16s.clear();
+                self.bf16s.resize(x.len(), bf16::ZERO);
+                scalar::quantize_row_bf16(x, &mut self.bf16s);
             }
             GgmlType::Q8_0 => {
                 let nb = n_cols / QK;
@@ -188,6 +195,7 @@ impl QuantizedActs {
         match ty {
             GgmlType::F32 => copy_padded(&mut self.f32s, &src.f32s, n_cols, &rows, padded_to),
             GgmlType::F16 => copy_padded(&mut self.f16s, &src.f16s, n_cols, &rows, padded_to),
+            GgmlType::BF16 => copy_padded(&mut self.bf16s, &src.bf16s, n_cols, &rows, padded_to),
             GgmlType::Q8_0 => {
                 let nb = n_cols / QK;
                 copy_padded(&mut self.q8_0, &src.q8_0, nb, &rows, padded_to);
@@ -218,6 +226,7 @@ impl QuantizedActs {
         }
         bytes(&self.f32s)
             + bytes(&self.f16s)
+            + bytes(&self.bf16s)
             + bytes(&self.q8_0)
             + bytes(&self.q8_1)
             + bytes(&self.q8_1_s)

@@ -6,8 +6,10 @@
 //! dot product sums integer products per block and accumulates per block in f32 in ggml's order. Weights are
 //! borrowed in place as a [`QMatrix`] (usually from an mmap); [`matmul()`] multiplies it with a batch of
 //! quantized activation rows on the current rayon pool, reusing each weight block across the batch.
-//! Kernels exist for Q4_0, Q4_1 and Q8_0 (scalar, AVX2 and AVX-512 VNNI, chosen once at run time, see
-//! [`cpu_features`]), F32 and F16 (scalar, AVX2), and Q4_K and Q6_K (scalar for now).
+//! Kernels exist for every GGUF weight type pinion reads, each with a scalar path (the reference) and AVX2 and
+//! AVX-512 paths giving its bits, chosen once at run time (see [`cpu_features`]): Q4_0, Q4_1, Q5_0, Q5_1 and
+//! Q8_0 (AVX-512 with VNNI; the scalar path emulates ggml's AVX2 order), Q2_K to Q6_K (ggml's generic order,
+//! AVX-512BW), F32, F16 and BF16 (F32 and F16 run their AVX2 code on the AVX-512 path).
 //!
 //! [`DenseBackend`] is the one interface for the engine's dense batched products (prefill matmuls, dense
 //! clusters): [`CpuDense`] implements it with [`matmul()`], and an accelerator backend (`pinion-exec-npu`'s

@@ -5,15 +5,18 @@
 //! the tile's weights stay in L1 while the activations stream from L2 (prefill). With a single activation row
 //! (decode) the tiles are taller (`R = 8` on AVX-512) to keep several independent FMA chains in flight.
 
-use half::f16;
+use half::{bf16, f16};
 use pinion_format::GgmlType;
-use pinion_format::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use pinion_format::quant::{
+    self, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0,
+};
 use rayon::prelude::*;
 
 use crate::acts::{QuantizedActs, vec_dot_type};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::avx512::BlockMajor;
-use crate::kernels::{self, KernelPath, scalar};
+use crate::kernels::{self, KQuant, KernelPath, scalar};
 use crate::matrix::QMatrix;
 use crate::pool::{SpinPool, split_range};
 
@@ -21,10 +24,16 @@ use crate::pool::{SpinPool, split_range};
 enum Weights<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    BF16(&'a [bf16]),
     Q4_0(&'a [BlockQ4_0]),
     Q4_1(&'a [BlockQ4_1]),
+    Q5_0(&'a [BlockQ5_0]),
+    Q5_1(&'a [BlockQ5_1]),
     Q8_0(&'a [BlockQ8_0]),
+    Q2K(&'a [BlockQ2K]),
+    Q3K(&'a [BlockQ3K]),
     Q4K(&'a [BlockQ4K]),
+    Q5K(&'a [BlockQ5K]),
     Q6K(&'a [BlockQ6K]),
 }
 
@@ -40,10 +49,16 @@ impl<'a> Weights<'a> {
         match w.ty {
             GgmlType::F32 => Weights::F32(view(w)),
             GgmlType::F16 => Weights::F16(view(w)),
+            GgmlType::BF16 => Weights::BF16(view(w)),
             GgmlType::Q4_0 => Weights::Q4_0(view(w)),
             GgmlType::Q4_1 => Weights::Q4_1(view(w)),
+            GgmlType::Q5_0 => Weights::Q5_0(view(w)),
+            GgmlType::Q5_1 => Weights::Q5_1(view(w)),
             GgmlType::Q8_0 => Weights::Q8_0(view(w)),
+            GgmlType::Q2K => Weights::Q2K(view(w)),
+            GgmlType::Q3K => Weights::Q3K(view(w)),
             GgmlType::Q4K => Weights::Q4K(view(w)),
+            GgmlType::Q5K => Weights::Q5K(view(w)),
             GgmlType::Q6K => Weights::Q6K(view(w)),
             ty => panic!("no CPU matmul kernel for weights of type {ty}"),
         }
@@ -157,6 +172,7 @@ unsafe fn compute(
     // kernel is a whole row of `nb` blocks (from `row`), and `drive`'s exclusivity is the caller's.
     match (w, path) {
         #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
         (Weights::Q4_1(m), KernelPath::Avx512) => {
             let a = &acts.q8_1[..];
             // SAFETY: see above.
@@ -187,6 +203,37 @@ unsafe fn compute(
             }
         }
         #[cfg(target_arch = "x86_64")]
+        (Weights::Q5_1(m), KernelPath::Avx512) => {
+            let a = &acts.q8_1[..];
+            // SAFETY: see above.
+            unsafe {
+                if n_t >= 8 {
+                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs, res| {
+                        let bm = block_major(acts, cs[0]);
+                        kernels::avx512::tile_q5_1::<2, 8>(
+                            pairs(m, nb, &rs),
+                            cs.map(|c| row(a, nb, c)),
+                            bm,
+                            nb,
+                            res,
+                        )
+                    })
+                } else {
+                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        let bm = BlockMajor::NONE;
+                        kernels::avx512::tile_q5_1::<4, 1>(
+                            pairs(m, nb, &rs),
+                            cs.map(|c| row(a, nb, c)),
+                            bm,
+                            nb,
+                            res,
+                        )
+                    })
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
         (Weights::Q4_0(m), KernelPath::Avx512) => {
             let a = &acts.q8_0[..];
             // SAFETY: see above.
@@ -204,6 +251,34 @@ unsafe fn compute(
                 } else {
                     drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
                         kernels::avx512::tile_q4_0::<4, 1>(
+                            pairs(m, nb, &rs),
+                            cs.map(|c| row(a, nb, c)),
+                            BlockMajor::NONE,
+                            nb,
+                            res,
+                        )
+                    })
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Weights::Q5_0(m), KernelPath::Avx512) => {
+            let a = &acts.q8_0[..];
+            // SAFETY: see above.
+            unsafe {
+                if n_t >= 8 {
+                    drive::<4, 8>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q5_0::<2, 8>(
+                            pairs(m, nb, &rs),
+                            cs.map(|c| row(a, nb, c)),
+                            block_major(acts, cs[0]),
+                            nb,
+                            res,
+                        )
+                    })
+                } else {
+                    drive::<8, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx512::tile_q5_0::<4, 1>(
                             pairs(m, nb, &rs),
                             cs.map(|c| row(a, nb, c)),
                             BlockMajor::NONE,
@@ -243,6 +318,7 @@ unsafe fn compute(
             }
         }
         #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
         (Weights::Q4_1(m), KernelPath::Avx2) => {
             let a = &acts.q8_1[..];
             // SAFETY: see above.
@@ -269,6 +345,33 @@ unsafe fn compute(
             }
         }
         #[cfg(target_arch = "x86_64")]
+        (Weights::Q5_1(m), KernelPath::Avx2) => {
+            let a = &acts.q8_1[..];
+            // SAFETY: see above.
+            unsafe {
+                if n_t >= 2 {
+                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q5_1(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
+                    })
+                } else {
+                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q5_1(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
+                    })
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
         (Weights::Q4_0(m), KernelPath::Avx2) => {
             let a = &acts.q8_0[..];
             // SAFETY: see above.
@@ -285,6 +388,32 @@ unsafe fn compute(
                 } else {
                     drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
                         kernels::avx2::tile_q4_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
+                    })
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Weights::Q5_0(m), KernelPath::Avx2) => {
+            let a = &acts.q8_0[..];
+            // SAFETY: see above.
+            unsafe {
+                if n_t >= 2 {
+                    drive::<4, 2>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q5_0(
+                            rs.map(|r| row(m, nb, r)),
+                            cs.map(|c| row(a, nb, c)),
+                            nb,
+                            res,
+                        )
+                    })
+                } else {
+                    drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                        kernels::avx2::tile_q5_0(
                             rs.map(|r| row(m, nb, r)),
                             cs.map(|c| row(a, nb, c)),
                             nb,
@@ -347,21 +476,40 @@ unsafe fn compute(
                 })
             }
         }
-        (Weights::Q4K(m), _) => {
-            let a: &[BlockQ8K] = &acts.q8k[..];
+        (Weights::Q5_1(m), _) => {
+            let a = &acts.q8_1[..];
             // SAFETY: see above.
             unsafe {
                 drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
-                    res[0][0] = scalar::vec_dot_q4k_q8k(row(m, nb, r), row(a, nb, c));
+                    res[0][0] = scalar::vec_dot_q5_1_q8_1(row(m, nb, r), row(a, nb, c));
                 })
             }
         }
-        (Weights::Q6K(m), _) => {
-            let a: &[BlockQ8K] = &acts.q8k[..];
+        (Weights::Q5_0(m), _) => {
+            let a = &acts.q8_0[..];
             // SAFETY: see above.
             unsafe {
                 drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
-                    res[0][0] = scalar::vec_dot_q6k_q8k(row(m, nb, r), row(a, nb, c));
+                    res[0][0] = scalar::vec_dot_q5_0_q8_0(row(m, nb, r), row(a, nb, c));
+                })
+            }
+        }
+        // SAFETY: see above.
+        (Weights::Q2K(m), _) => unsafe { compute_k(path, m, acts, nb, r0, r1, dest) },
+        // SAFETY: see above.
+        (Weights::Q3K(m), _) => unsafe { compute_k(path, m, acts, nb, r0, r1, dest) },
+        // SAFETY: see above.
+        (Weights::Q4K(m), _) => unsafe { compute_k(path, m, acts, nb, r0, r1, dest) },
+        // SAFETY: see above.
+        (Weights::Q5K(m), _) => unsafe { compute_k(path, m, acts, nb, r0, r1, dest) },
+        // SAFETY: see above.
+        (Weights::Q6K(m), _) => unsafe { compute_k(path, m, acts, nb, r0, r1, dest) },
+        (Weights::BF16(m), _) => {
+            let a = &acts.bf16s[..];
+            // SAFETY: see above.
+            unsafe {
+                drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                    res[0][0] = kernels::vec_dot_bf16(path, row(m, nb, r), row(a, nb, c));
                 })
             }
         }
@@ -382,6 +530,40 @@ unsafe fn compute(
                     res[0][0] = kernels::vec_dot_f16(path, row(m, nb, r), row(a, nb, c));
                 })
             }
+        }
+    }
+}
+
+/// [`compute`] for K-quant weights: tiles of 4 rows by 4 activations (batches) or 1 (decode); one row and one
+/// activation at a time on the scalar path.
+///
+/// # Safety
+/// As [`compute`].
+unsafe fn compute_k<B: KQuant>(
+    path: KernelPath,
+    m: &[B],
+    acts: &QuantizedActs,
+    nb: usize,
+    r0: usize,
+    r1: usize,
+    dest: &Dest,
+) {
+    let a = &acts.q8k[..];
+    let n_t = acts.n_rows();
+    // SAFETY: the caller's guarantees (see `compute`); `tile_k` checks the row lengths.
+    unsafe {
+        if path == KernelPath::Scalar {
+            drive::<1, 1>(r0, r1, n_t, dest, |[r], [c], res| {
+                res[0][0] = B::vec_dot(row(m, nb, r), row(a, nb, c));
+            })
+        } else if n_t >= 4 {
+            drive::<4, 4>(r0, r1, n_t, dest, |rs, cs, res| {
+                kernels::tile_k(path, rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb, res)
+            })
+        } else {
+            drive::<4, 1>(r0, r1, n_t, dest, |rs, cs, res| {
+                kernels::tile_k(path, rs.map(|r| row(m, nb, r)), cs.map(|c| row(a, nb, c)), nb, res)
+            })
         }
     }
 }

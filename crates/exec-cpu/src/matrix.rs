@@ -1,7 +1,9 @@
 //! [`QMatrix`]: a borrowed, validated view of a weight matrix in one of GGML's storage types.
 
 use pinion_format::GgmlType;
-use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0};
+use pinion_format::quant::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+};
 
 use crate::error::ExecError;
 
@@ -26,10 +28,16 @@ pub(crate) fn kernel_align(ty: GgmlType) -> Option<usize> {
     Some(match ty {
         GgmlType::F32 => align_of::<f32>(),
         GgmlType::F16 => align_of::<half::f16>(),
+        GgmlType::BF16 => align_of::<half::bf16>(),
         GgmlType::Q4_0 => align_of::<BlockQ4_0>(),
         GgmlType::Q4_1 => align_of::<BlockQ4_1>(),
+        GgmlType::Q5_0 => align_of::<BlockQ5_0>(),
+        GgmlType::Q5_1 => align_of::<BlockQ5_1>(),
         GgmlType::Q8_0 => align_of::<BlockQ8_0>(),
+        GgmlType::Q2K => align_of::<BlockQ2K>(),
+        GgmlType::Q3K => align_of::<BlockQ3K>(),
         GgmlType::Q4K => align_of::<BlockQ4K>(),
+        GgmlType::Q5K => align_of::<BlockQ5K>(),
         GgmlType::Q6K => align_of::<BlockQ6K>(),
         _ => return None,
     })
@@ -37,7 +45,8 @@ pub(crate) fn kernel_align(ty: GgmlType) -> Option<usize> {
 
 impl<'a> QMatrix<'a> {
     /// Checks that `data` holds exactly `n_rows` rows of `n_cols` values of `ty`, suitably aligned, and that
-    /// the CPU kernels support `ty` (F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+    /// the CPU kernels support `ty` (every weight type of [`GgmlType`]: all but the activation formats Q8_1 and
+    /// Q8_K).
     pub fn new(ty: GgmlType, n_rows: usize, n_cols: usize, data: &'a [u8]) -> Result<Self, ExecError> {
         let align = kernel_align(ty).ok_or(ExecError::UnsupportedType { ty })?;
         let row_bytes = ty.row_bytes(n_cols).map_err(|_| ExecError::RowNotBlockAligned {

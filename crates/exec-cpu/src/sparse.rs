@@ -31,12 +31,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytemuck::Pod;
 use pinion_format::GgmlType;
-use pinion_format::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K};
+use pinion_format::quant::{
+    self, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, BlockQ8_1, BlockQ8K, QK_K,
+};
 
 use crate::acts::{QuantizedActs, vec_dot_type};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::avx512::BlockMajor;
-use crate::kernels::{self, KernelPath, scalar};
+use crate::kernels::{self, KQuant, KernelPath, scalar};
 use crate::pool::{SpinPool, split_range};
 
 /// Rows whose dot products are computed together (four AVX-512 row pairs, two AVX2 tiles of four).
@@ -132,6 +135,27 @@ fn dot_group(
                 _ => (0..n).for_each(|i| out[i] = scalar::vec_dot_q4_1_q8_1(w[i], a)),
             }
         }
+        GgmlType::Q5_1 => {
+            let w = typed_group::<BlockQ5_1>(ty, rows, nb);
+            let a: &[BlockQ8_1] = &acts.q8_1[t * nb..(t + 1) * nb];
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx512 => {
+                    avx512_tile!(tile_q5_1, w, a, nb, n, out);
+                }
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx2 => {
+                    for h in 0..n.div_ceil(4) {
+                        let mut res = [[0.0f32; 1]; 4];
+                        let rs = std::array::from_fn(|i| w[4 * h + i]);
+                        // SAFETY: as above.
+                        unsafe { kernels::avx2::tile_q5_1::<4, 1>(rs, [a], nb, &mut res) };
+                        (4 * h..n.min(4 * h + 4)).for_each(|i| out[i] = res[i - 4 * h][0]);
+                    }
+                }
+                _ => (0..n).for_each(|i| out[i] = scalar::vec_dot_q5_1_q8_1(w[i], a)),
+            }
+        }
         GgmlType::Q4_0 => {
             let w = typed_group::<BlockQ4_0>(ty, rows, nb);
             let a: &[BlockQ8_0] = &acts.q8_0[t * nb..(t + 1) * nb];
@@ -151,6 +175,27 @@ fn dot_group(
                     }
                 }
                 _ => (0..n).for_each(|i| out[i] = scalar::vec_dot_q4_0_q8_0(w[i], a)),
+            }
+        }
+        GgmlType::Q5_0 => {
+            let w = typed_group::<BlockQ5_0>(ty, rows, nb);
+            let a: &[BlockQ8_0] = &acts.q8_0[t * nb..(t + 1) * nb];
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx512 => {
+                    avx512_tile!(tile_q5_0, w, a, nb, n, out);
+                }
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx2 => {
+                    for h in 0..n.div_ceil(4) {
+                        let mut res = [[0.0f32; 1]; 4];
+                        let rs = std::array::from_fn(|i| w[4 * h + i]);
+                        // SAFETY: as for Q4_1.
+                        unsafe { kernels::avx2::tile_q5_0::<4, 1>(rs, [a], nb, &mut res) };
+                        (4 * h..n.min(4 * h + 4)).for_each(|i| out[i] = res[i - 4 * h][0]);
+                    }
+                }
+                _ => (0..n).for_each(|i| out[i] = scalar::vec_dot_q5_0_q8_0(w[i], a)),
             }
         }
         GgmlType::Q8_0 => {
@@ -174,15 +219,15 @@ fn dot_group(
                 _ => (0..n).for_each(|i| out[i] = scalar::vec_dot_q8_0_q8_0(w[i], a)),
             }
         }
-        GgmlType::Q4K => {
-            let w = typed_group::<BlockQ4K>(ty, rows, nb);
-            let a: &[BlockQ8K] = &acts.q8k[t * nb..(t + 1) * nb];
-            (0..n).for_each(|i| out[i] = scalar::vec_dot_q4k_q8k(w[i], a));
-        }
-        GgmlType::Q6K => {
-            let w = typed_group::<BlockQ6K>(ty, rows, nb);
-            let a: &[BlockQ8K] = &acts.q8k[t * nb..(t + 1) * nb];
-            (0..n).for_each(|i| out[i] = scalar::vec_dot_q6k_q8k(w[i], a));
+        GgmlType::Q2K => dot_group_k::<BlockQ2K>(path, ty, rows, acts, token, out),
+        GgmlType::Q3K => dot_group_k::<BlockQ3K>(path, ty, rows, acts, token, out),
+        GgmlType::Q4K => dot_group_k::<BlockQ4K>(path, ty, rows, acts, token, out),
+        GgmlType::Q5K => dot_group_k::<BlockQ5K>(path, ty, rows, acts, token, out),
+        GgmlType::Q6K => dot_group_k::<BlockQ6K>(path, ty, rows, acts, token, out),
+        GgmlType::BF16 => {
+            let w = typed_group::<half::bf16>(ty, rows, k);
+            let a = &acts.bf16s[t * k..(t + 1) * k];
+            (0..n).for_each(|i| out[i] = kernels::vec_dot_bf16(path, w[i], a));
         }
         GgmlType::F32 => {
             let w = typed_group::<f32>(ty, rows, k);
@@ -195,6 +240,30 @@ fn dot_group(
             (0..n).for_each(|i| out[i] = kernels::vec_dot_f16(path, w[i], a));
         }
         _ => panic!("no CPU kernel for weights of type {ty}"),
+    }
+}
+
+/// [`dot_group`] for K-quant rows: tiles of four rows on the SIMD paths, one row at a time on the scalar one.
+fn dot_group_k<B: KQuant>(
+    path: KernelPath,
+    ty: GgmlType,
+    rows: &[&[u8]],
+    acts: &QuantizedActs,
+    token: usize,
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    let nb = acts.n_cols() / QK_K;
+    let w = typed_group::<B>(ty, rows, nb);
+    let a: &[BlockQ8K] = &acts.q8k[token * nb..(token + 1) * nb];
+    if path == KernelPath::Scalar {
+        (0..n).for_each(|i| out[i] = B::vec_dot(w[i], a));
+        return;
+    }
+    for h in 0..n.div_ceil(4) {
+        let mut res = [[0.0f32; 1]; 4];
+        kernels::tile_k::<B, 4, 1>(path, std::array::from_fn(|i| w[4 * h + i]), [a], nb, &mut res);
+        (4 * h..n.min(4 * h + 4)).for_each(|i| out[i] = res[i - 4 * h][0]);
     }
 }
 

@@ -3,7 +3,10 @@
 
 use half::f16;
 use pinion_format::GgmlType;
-use pinion_format::quant::{self, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, QK, QK_K};
+use pinion_format::quant::{
+    self, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    BlockQ8K, QK, QK_K,
+};
 
 use crate::kernels::{self, KernelPath, scalar};
 use crate::{QMatrix, QuantizedActs, RopeMode, vec_dot_type};
@@ -93,13 +96,83 @@ fn random_weights(ty: GgmlType, n_rows: usize, n_cols: usize, rng: &mut Rng) -> 
                 .collect();
             bytemuck::cast_slice(&b).to_vec()
         }
+        // The K-quants with minimums get `dmin = d * E[q]`, so that their weights average about zero (as real
+        // ones do) rather than all leaning one way.
         GgmlType::Q4K => {
             let b: Vec<BlockQ4K> = (0..n / QK_K)
-                .map(|_| BlockQ4K {
-                    d: f16::from_f32(rng.f().abs() * 0.01),
-                    dmin: f16::from_f32(rng.f().abs() * 0.01),
-                    scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                .map(|_| {
+                    let d = rng.f().abs() * 0.01;
+                    BlockQ4K {
+                        d: f16::from_f32(d),
+                        dmin: f16::from_f32(d * 7.5),
+                        scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                        qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                    }
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::BF16 => {
+            let h: Vec<half::bf16> = vals.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        }
+        GgmlType::Q5_0 => {
+            let b: Vec<BlockQ5_0> = (0..n / QK)
+                .map(|_| BlockQ5_0 {
+                    d: f16::from_f32(rng.f() * 0.01),
+                    qh: std::array::from_fn(|_| rng.next_u64() as u8),
                     qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q5_1 => {
+            let b: Vec<BlockQ5_1> = (0..n / QK)
+                .map(|_| BlockQ5_1 {
+                    d: f16::from_f32(rng.f().abs() * 0.01),
+                    m: f16::from_f32(rng.f() * 0.1),
+                    qh: std::array::from_fn(|_| rng.next_u64() as u8),
+                    qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q2K => {
+            let b: Vec<BlockQ2K> = (0..n / QK_K)
+                .map(|_| {
+                    let d = rng.f().abs() * 0.01;
+                    BlockQ2K {
+                        scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                        qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                        d: f16::from_f32(d),
+                        dmin: f16::from_f32(d * 1.5),
+                    }
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q3K => {
+            let b: Vec<BlockQ3K> = (0..n / QK_K)
+                .map(|_| BlockQ3K {
+                    hmask: std::array::from_fn(|_| rng.next_u64() as u8),
+                    qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                    scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                    d: f16::from_f32(rng.f() * 0.01),
+                })
+                .collect();
+            bytemuck::cast_slice(&b).to_vec()
+        }
+        GgmlType::Q5K => {
+            let b: Vec<BlockQ5K> = (0..n / QK_K)
+                .map(|_| {
+                    let d = rng.f().abs() * 0.01;
+                    BlockQ5K {
+                        d: f16::from_f32(d),
+                        dmin: f16::from_f32(d * 15.5),
+                        scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                        qh: std::array::from_fn(|_| rng.next_u64() as u8),
+                        qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                    }
                 })
                 .collect();
             bytemuck::cast_slice(&b).to_vec()
@@ -127,6 +200,7 @@ fn dequant_acts(a: &QuantizedActs) -> Vec<f32> {
     match a.ty().unwrap() {
         GgmlType::F32 => out.copy_from_slice(&a.f32s),
         GgmlType::F16 => out.iter_mut().zip(&a.f16s).for_each(|(o, h)| *o = h.to_f32()),
+        GgmlType::BF16 => out.iter_mut().zip(&a.bf16s).for_each(|(o, h)| *o = h.to_f32()),
         GgmlType::Q8_0 => quant::dequantize_row_q8_0(&a.q8_0, &mut out),
         GgmlType::Q8_1 => quant::dequantize_row_q8_1(&a.q8_1, &mut out),
         GgmlType::Q8K => {
@@ -141,15 +215,47 @@ fn dequant_acts(a: &QuantizedActs) -> Vec<f32> {
     out
 }
 
-const ALL_TYPES: [GgmlType; 7] = [
+/// Every weight type with a kernel.
+const ALL_TYPES: [GgmlType; 13] = [
     GgmlType::F32,
     GgmlType::F16,
+    GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
 ];
+
+/// The row-length unit of tests for `ty`: 256 for the K-quants, 32 for the rest.
+fn unit(ty: GgmlType) -> usize {
+    if ty.block_len() == QK_K { QK_K } else { QK }
+}
+
+#[test]
+fn every_weight_type_has_a_kernel() {
+    for ty in GgmlType::ALL {
+        let activation_only = matches!(ty, GgmlType::Q8_1 | GgmlType::Q8K);
+        assert_eq!(vec_dot_type(ty).is_some(), !activation_only, "{ty}");
+        assert_eq!(ALL_TYPES.contains(&ty), !activation_only, "{ty}");
+    }
+    // ggml's `type_traits_cpu[..].vec_dot_type`.
+    for (w, a) in [
+        (GgmlType::Q5_0, GgmlType::Q8_0),
+        (GgmlType::Q5_1, GgmlType::Q8_1),
+        (GgmlType::Q2K, GgmlType::Q8K),
+        (GgmlType::Q3K, GgmlType::Q8K),
+        (GgmlType::Q5K, GgmlType::Q8K),
+        (GgmlType::BF16, GgmlType::BF16),
+    ] {
+        assert_eq!(vec_dot_type(w), Some(a), "{w}");
+    }
+}
 
 // === Activation quantizers ===
 
@@ -243,7 +349,7 @@ fn batched_q8_1_keeps_block_sums_transposed() {
 fn scalar_vec_dot_matches_dequantized_reference() {
     let mut rng = Rng::new(5);
     for ty in ALL_TYPES {
-        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        let bl = unit(ty);
         for n_blocks in [1, 2, 5, 9] {
             let k = n_blocks * bl;
             let w = random_weights(ty, 1, k, &mut rng);
@@ -258,16 +364,21 @@ fn scalar_vec_dot_matches_dequantized_reference() {
             crate::matmul_rows_with(KernelPath::Scalar, &m, &a, 0, 1, &mut got);
             let want: f64 = wf.iter().zip(&af).map(|(&p, &q)| p as f64 * q as f64).sum();
             let mag: f64 = wf.iter().zip(&af).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
-            // Q4_1 uses s = f16(d * sum(q)) for the minimum term: allow for its rounding.
-            let s_err = if ty == GgmlType::Q4_1 {
-                let blocks: &[pinion_format::quant::BlockQ4_1] = quant::blocks(w.bytes()).unwrap();
-                blocks
-                    .iter()
-                    .zip(&a.q8_1)
-                    .map(|(b, y)| (b.m.to_f32() * y.s.to_f32()).abs() as f64 * 1e-3)
-                    .sum()
-            } else {
-                0.0
+            // Q4_1 and Q5_1 use s = f16(d * sum(q)) for the minimum term: allow for its rounding.
+            let s_err = |m: &mut dyn Iterator<Item = f16>| -> f64 {
+                m.zip(&a.q8_1).map(|(m, y)| (m.to_f32() * y.s.to_f32()).abs() as f64 * 1e-3).sum()
+            };
+            let s_err = match ty {
+                GgmlType::Q4_1 => s_err(
+                    &mut quant::blocks::<pinion_format::quant::BlockQ4_1>(w.bytes())
+                        .unwrap()
+                        .iter()
+                        .map(|b| b.m),
+                ),
+                GgmlType::Q5_1 => {
+                    s_err(&mut quant::blocks::<BlockQ5_1>(w.bytes()).unwrap().iter().map(|b| b.m))
+                }
+                _ => 0.0,
             };
             let tol = mag * 1e-5 + s_err + 1e-6;
             assert!(
@@ -286,7 +397,7 @@ fn simd_matmul_matches_scalar_bit_for_bit() {
     let mut rng = Rng::new(6);
     for path in supported_simd_paths() {
         for ty in ALL_TYPES {
-            let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+            let bl = unit(ty);
             for &(n_rows, n_blocks) in &[(1, 1), (3, 2), (8, 18), (13, 5), (37, 3), (64, 1)] {
                 let k = n_blocks * bl;
                 let w = random_weights(ty, n_rows, k, &mut rng);
@@ -313,6 +424,105 @@ fn simd_matmul_matches_scalar_bit_for_bit() {
     }
 }
 
+/// Overwrites the quantized values of `a` (keeping the scales): random values in -127..=127 (mode 0), all -127
+/// (mode 1) or all 127 (mode 2), the extremes of the integer products every SIMD path sums (the activation
+/// quantizers never make -128, and ggml's Q8_0 x Q8_0 sign trick, which pinion's Q8_0 kernels share, relies
+/// on that). Q8_K block sums are recomputed.
+fn overwrite_quants(a: &mut QuantizedActs, mode: usize, rng: &mut Rng) {
+    let mut q = || match mode {
+        0 => (rng.below(255) as i32 - 127) as i8,
+        1 => -127,
+        _ => 127,
+    };
+    a.q8_0.iter_mut().for_each(|b| b.qs = std::array::from_fn(|_| q()));
+    a.q8_1.iter_mut().for_each(|b| b.qs = std::array::from_fn(|_| q()));
+    for b in a.q8k.iter_mut() {
+        b.qs = std::array::from_fn(|_| q());
+        for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&v| v as i16).sum();
+        }
+    }
+}
+
+/// Every SIMD path gives the scalar path's bits on activations at the ends of the quantizers' range (random
+/// codes, and rows of all -127 or all 127), where an intermediate sum of a SIMD kernel would saturate or
+/// overflow if its bounds were wrong.
+#[test]
+fn simd_matmul_matches_scalar_on_extreme_activations() {
+    let mut rng = Rng::new(60);
+    for path in supported_simd_paths() {
+        for ty in ALL_TYPES {
+            if matches!(vec_dot_type(ty), Some(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)) {
+                continue;
+            }
+            let (n_rows, k) = (9, 3 * unit(ty));
+            let w = random_weights(ty, n_rows, k, &mut rng);
+            let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
+            for n_t in [1, 5, 9] {
+                let x = rng.acts(n_t * k);
+                let mut a = QuantizedActs::new();
+                a.quantize_with(KernelPath::Scalar, ty, &x, k);
+                for mode in 0..3 {
+                    overwrite_quants(&mut a, mode, &mut rng);
+                    let mut want = vec![0.0; n_t * n_rows];
+                    let mut got = vec![f32::NAN; n_t * n_rows];
+                    crate::matmul_rows_with(KernelPath::Scalar, &m, &a, 0, n_rows, &mut want);
+                    crate::matmul_rows_with(path, &m, &a, 0, n_rows, &mut got);
+                    let same = want.iter().zip(&got).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{path} {ty} n_t={n_t} mode {mode}:\n{want:?}\n{got:?}");
+                }
+            }
+        }
+    }
+}
+
+/// The K-quant weights at their extremes (every code at its maximum, scales at the ends of their ranges)
+/// against all -128 and all 127 activations: the largest integer sums the K-quant SIMD kernels make.
+#[test]
+fn k_quant_tiles_match_scalar_at_integer_extremes() {
+    let mut rng = Rng::new(61);
+    let acts: Vec<BlockQ8K> = [-128i8, 127, -128]
+        .iter()
+        .map(|&v| {
+            let qs = [v; QK_K];
+            BlockQ8K { d: 0.37, qs, bsums: [16 * v as i16; 16] }
+        })
+        .collect();
+    let check = |path: KernelPath, ty: &str, scalar: f32, got: f32| {
+        assert_eq!(scalar.to_bits(), got.to_bits(), "{path} {ty}: {scalar} vs {got}");
+    };
+    for path in supported_simd_paths() {
+        for fill in [0xFFu8, 0x00, 0x80, 0x7F] {
+            let d = f16::from_f32(0.001 + rng.f().abs() * 1e-3);
+            let q2 = [BlockQ2K { scales: [fill; 16], qs: [0xFF; 64], d, dmin: d }; 3];
+            let q3 = [BlockQ3K { hmask: [0xFF; 32], qs: [0xFF; 64], scales: [fill; 12], d }; 3];
+            let q4 = [BlockQ4K { d, dmin: d, scales: [fill; 12], qs: [0xFF; 128] }; 3];
+            let q5 = [BlockQ5K { d, dmin: d, scales: [fill; 12], qh: [0xFF; 32], qs: [0xFF; 128] }; 3];
+            let q6 = [BlockQ6K { ql: [0xFF; 128], qh: [0xFF; 64], scales: [fill as i8; 16], d }; 3];
+            let q3lo = [BlockQ3K { hmask: [0; 32], qs: [0; 64], scales: [fill; 12], d }; 3];
+            let q6lo = [BlockQ6K { ql: [0; 128], qh: [0; 64], scales: [fill as i8; 16], d }; 3];
+            for a in [&acts[..1], &acts[1..2], &acts[..]] {
+                let nb = a.len();
+                let mut out = [[0.0f32; 1]; 1];
+                macro_rules! one {
+                    ($w:expr, $name:literal) => {{
+                        let w = &$w[..nb];
+                        kernels::tile_k::<_, 1, 1>(path, [w], [a], nb, &mut out);
+                        check(path, $name, kernels::KQuant::vec_dot(w, a), out[0][0]);
+                    }};
+                }
+                one!(q2, "q2_K");
+                one!(q3, "q3_K");
+                one!(q3lo, "q3_K low");
+                one!(q4, "q4_K");
+                one!(q5, "q5_K");
+                one!(q6, "q6_K");
+                one!(q6lo, "q6_K low");
+            }
+        }
+    }
+}
+
 /// The dispatched matmul against a naive f32 product of dequantized weights and dequantized activations,
 /// on a rayon pool of 2 threads (so the parallel split is exercised).
 #[test]
@@ -320,7 +530,7 @@ fn matmul_matches_naive_reference() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let mut rng = Rng::new(7);
     for ty in ALL_TYPES {
-        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        let bl = unit(ty);
         let (n_rows, k) = (131, 4 * bl);
         let w = random_weights(ty, n_rows, k, &mut rng);
         let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
@@ -389,6 +599,7 @@ fn acts_bytes(a: &QuantizedActs) -> Vec<Vec<u8>> {
     match a.ty().unwrap() {
         GgmlType::F32 => vec![b(bytemuck::cast_slice(&a.f32s))],
         GgmlType::F16 => vec![b(bytemuck::cast_slice(&a.f16s))],
+        GgmlType::BF16 => vec![b(bytemuck::cast_slice(&a.bf16s))],
         GgmlType::Q8_0 if a.n_rows() > 1 => {
             vec![b(bytemuck::cast_slice(&a.q8_0)), b(bytemuck::cast_slice(&a.d_t))]
         }
@@ -411,7 +622,7 @@ fn copy_rows_padded_equals_quantizing_the_rows_and_zeros() {
     let mut rng = Rng::new(20);
     let paths: Vec<KernelPath> = KernelPath::ALL.into_iter().filter(|p| p.is_supported()).collect();
     for ty in ALL_TYPES {
-        let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+        let bl = unit(ty);
         let k = 3 * bl;
         let n_rows = 5;
         let w = random_weights(ty, n_rows, k, &mut rng);
@@ -888,11 +1099,14 @@ mod sparse_ffn {
         SparseFfn { act, threshold, d_model, gate_ty: tys.0, up_ty: tys.1, down_ty: tys.2 }
     }
 
-    const TYPE_SETS: [(GgmlType, GgmlType, GgmlType); 4] = [
+    const TYPE_SETS: [(GgmlType, GgmlType, GgmlType); 7] = [
         (GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q8_0),
         (GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::F16),
         (GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::F32),
         (GgmlType::F16, GgmlType::Q6K, GgmlType::Q8_0),
+        (GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::F16),
+        (GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q8_0),
+        (GgmlType::BF16, GgmlType::Q3K, GgmlType::F32),
     ];
 
     /// Quantized activations of `n_t` tokens for the spec's gate and up types.
@@ -908,7 +1122,7 @@ mod sparse_ffn {
     fn row_dot_equals_matmul_bit_for_bit() {
         let mut rng = Rng::new(40);
         for ty in ALL_TYPES {
-            let bl = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { QK_K } else { QK };
+            let bl = unit(ty);
             let (n_rows, k, n_t) = (11, 3 * bl, 3);
             let w = random_weights(ty, n_rows, k, &mut rng);
             let m = QMatrix::new(ty, n_rows, k, w.bytes()).unwrap();
@@ -959,7 +1173,7 @@ mod sparse_ffn {
     fn sparse_layer_matches_f32_reference() {
         let mut rng = Rng::new(42);
         for (si, tys) in TYPE_SETS.into_iter().enumerate() {
-            let d = if tys.1 == GgmlType::Q6K { 256 } else { 96 };
+            let d = if unit(tys.0) == QK_K || unit(tys.1) == QK_K { 256 } else { 96 };
             for (act, t) in [
                 (SparseAct::Silu, 0.0),
                 (SparseAct::Silu, 0.2),

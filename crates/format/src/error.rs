@@ -59,8 +59,9 @@ pub enum FormatError {
         /// Where the type id was read.
         offset: u64,
     },
-    /// A tensor's type id is unknown or not supported by pinion.
-    #[error("tensor '{name}' has unknown or unsupported type id {id} (at offset {offset})")]
+    /// A tensor's type id is unknown or not supported by pinion. The message names the type (an IQ type,
+    /// for example) and lists the supported ones (see [`crate::quant::unsupported_type_message`]).
+    #[error("tensor '{name}' (type id at offset {offset}): {}", crate::quant::unsupported_type_message(*id))]
     UnknownTensorType {
         /// The tensor's name.
         name: String,

@@ -28,12 +28,22 @@ pub enum GgmlType {
     Q4_0,
     /// [`BlockQ4_1`] (id 3).
     Q4_1,
+    /// [`BlockQ5_0`] (id 6).
+    Q5_0,
+    /// [`BlockQ5_1`] (id 7).
+    Q5_1,
     /// [`BlockQ8_0`] (id 8).
     Q8_0,
     /// [`BlockQ8_1`] (id 9).
     Q8_1,
+    /// [`BlockQ2K`] (id 10).
+    Q2K,
+    /// [`BlockQ3K`] (id 11).
+    Q3K,
     /// [`BlockQ4K`] (id 12).
     Q4K,
+    /// [`BlockQ5K`] (id 13).
+    Q5K,
     /// [`BlockQ6K`] (id 14).
     Q6K,
     /// [`BlockQ8K`] (id 15).
@@ -43,15 +53,20 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
-    /// Every supported type.
-    pub const ALL: [GgmlType; 10] = [
+    /// Every supported type, by id.
+    pub const ALL: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Q8K,
         GgmlType::BF16,
@@ -64,9 +79,14 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q8_1 => 9,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
             GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
             GgmlType::Q6K => 14,
             GgmlType::Q8K => 15,
             GgmlType::BF16 => 30,
@@ -85,9 +105,14 @@ impl GgmlType {
             GgmlType::F16 => "f16",
             GgmlType::Q4_0 => "q4_0",
             GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_1 => "q5_1",
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Q8_1 => "q8_1",
+            GgmlType::Q2K => "q2_K",
+            GgmlType::Q3K => "q3_K",
             GgmlType::Q4K => "q4_K",
+            GgmlType::Q5K => "q5_K",
             GgmlType::Q6K => "q6_K",
             GgmlType::Q8K => "q8_K",
             GgmlType::BF16 => "bf16",
@@ -98,8 +123,15 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => QK,
-            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => QK_K,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q8_1 => QK,
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q8K => {
+                QK_K
+            }
         }
     }
 
@@ -110,9 +142,14 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => size_of::<BlockQ4_0>(),
             GgmlType::Q4_1 => size_of::<BlockQ4_1>(),
+            GgmlType::Q5_0 => size_of::<BlockQ5_0>(),
+            GgmlType::Q5_1 => size_of::<BlockQ5_1>(),
             GgmlType::Q8_0 => size_of::<BlockQ8_0>(),
             GgmlType::Q8_1 => size_of::<BlockQ8_1>(),
+            GgmlType::Q2K => size_of::<BlockQ2K>(),
+            GgmlType::Q3K => size_of::<BlockQ3K>(),
             GgmlType::Q4K => size_of::<BlockQ4K>(),
+            GgmlType::Q5K => size_of::<BlockQ5K>(),
             GgmlType::Q6K => size_of::<BlockQ6K>(),
             GgmlType::Q8K => size_of::<BlockQ8K>(),
         }
@@ -125,6 +162,72 @@ impl GgmlType {
         }
         Ok(n / self.block_len() * self.block_bytes())
     }
+}
+
+/// Every type id ggml defines (`enum ggml_type` in `ggml.h`, including ids it has since retired) with the
+/// name ggml's enum gives it, supported by pinion or not.
+const GGML_TYPE_NAMES: [(u32, &str); 43] = [
+    (0, "F32"),
+    (1, "F16"),
+    (2, "Q4_0"),
+    (3, "Q4_1"),
+    (4, "Q4_2"),
+    (5, "Q4_3"),
+    (6, "Q5_0"),
+    (7, "Q5_1"),
+    (8, "Q8_0"),
+    (9, "Q8_1"),
+    (10, "Q2_K"),
+    (11, "Q3_K"),
+    (12, "Q4_K"),
+    (13, "Q5_K"),
+    (14, "Q6_K"),
+    (15, "Q8_K"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (30, "BF16"),
+    (31, "Q4_0_4_4"),
+    (32, "Q4_0_4_8"),
+    (33, "Q4_0_8_8"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (36, "IQ4_NL_4_4"),
+    (37, "IQ4_NL_4_8"),
+    (38, "IQ4_NL_8_8"),
+    (39, "MXFP4"),
+    (40, "NVFP4"),
+    (41, "Q1_0"),
+    (42, "Q2_0"),
+];
+
+/// The name of ggml type `id` as `ggml.h` spells it (`"IQ2_XXS"` for 16), whether pinion supports it or not;
+/// `None` for an id ggml does not define.
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    GGML_TYPE_NAMES.iter().find(|(i, _)| *i == id).map(|(_, name)| *name)
+}
+
+/// Why a tensor of type `id` cannot be loaded, naming the type and listing the supported ones:
+/// `"IQ2_XXS (id 16) is not supported; supported: F32, F16, Q4_0, ..."`, or for an id ggml does not define,
+/// `"type id 99 is not a ggml type; supported: ..."`. Meant for ids [`GgmlType::from_id`] rejects.
+pub fn unsupported_type_message(id: u32) -> String {
+    let supported: Vec<&str> = GgmlType::ALL.iter().filter_map(|t| ggml_type_name(t.id())).collect();
+    let what = match ggml_type_name(id) {
+        Some(name) => format!("{name} (id {id}) is not supported"),
+        None => format!("type id {id} is not a ggml type"),
+    };
+    format!("{what}; supported: {}", supported.join(", "))
 }
 
 impl std::fmt::Display for GgmlType {
@@ -168,6 +271,34 @@ pub struct BlockQ8_0 {
 }
 const _: () = assert!(size_of::<BlockQ8_0>() == 34);
 
+/// 32 weights as 5-bit values around 16 with one scale: `x = (q - 16) * d`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    /// Scale.
+    pub d: f16,
+    /// Fifth bits: bit `j` of the little-endian `u32` belongs to value `j`.
+    pub qh: [u8; 4],
+    /// Low four bits: low nibbles hold values 0..16, high nibbles values 16..32.
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(size_of::<BlockQ5_0>() == 22);
+
+/// 32 weights as 5-bit values with a scale and a minimum: `x = q * d + m`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ5_1 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum (offset).
+    pub m: f16,
+    /// Fifth bits: bit `j` of the little-endian `u32` belongs to value `j`.
+    pub qh: [u8; 4],
+    /// Low four bits: low nibbles hold values 0..16, high nibbles values 16..32.
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(size_of::<BlockQ5_1>() == 24);
+
 /// Like [`BlockQ8_0`] plus `s = d * sum(qs)`, the activation format paired with Q4_1 weights.
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
@@ -180,6 +311,38 @@ pub struct BlockQ8_1 {
     pub qs: [i8; QK],
 }
 const _: () = assert!(size_of::<BlockQ8_1>() == 36);
+
+/// 256 weights in 16 sub-blocks of 16, 2-bit values, 4-bit sub-block scales and minimums:
+/// `x = d * (sc & 15) * q - dmin * (sc >> 4)`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ2K {
+    /// Scale (low nibble) and minimum (high nibble) of each sub-block of 16.
+    pub scales: [u8; QK_K / 16],
+    /// 2-bit values: each 32 bytes hold 128 values, bits `2j..2j + 2` of byte `l` being value `32j + l`.
+    pub qs: [u8; QK_K / 4],
+    /// Super-block scale of the sub-block scales.
+    pub d: f16,
+    /// Super-block scale of the sub-block minimums.
+    pub dmin: f16,
+}
+const _: () = assert!(size_of::<BlockQ2K>() == 84);
+
+/// 256 weights in 16 sub-blocks of 16, 3-bit values, 6-bit signed sub-block scales:
+/// `x = d * (sc - 32) * (q - 4 * !h)`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ3K {
+    /// High bits, inverted: bit `j` of byte `l` is set when value `32j + l` is not lowered by 4.
+    pub hmask: [u8; QK_K / 8],
+    /// Low two bits, laid out as [`BlockQ2K::qs`].
+    pub qs: [u8; QK_K / 4],
+    /// Sixteen 6-bit scales (offset by 32), packed as ggml's `kmask` shuffle reads them.
+    pub scales: [u8; 12],
+    /// Super-block scale.
+    pub d: f16,
+}
+const _: () = assert!(size_of::<BlockQ3K>() == 110);
 
 /// 256 weights in 8 sub-blocks of 32, 4-bit values, 6-bit sub-block scales and minimums.
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
@@ -195,6 +358,23 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 const _: () = assert!(size_of::<BlockQ4K>() == 144);
+
+/// 256 weights in 8 sub-blocks of 32, 5-bit values, 6-bit sub-block scales and minimums.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ5K {
+    /// Super-block scale of the sub-block scales.
+    pub d: f16,
+    /// Super-block scale of the sub-block minimums.
+    pub dmin: f16,
+    /// Eight 6-bit scales and eight 6-bit minimums, packed as in [`BlockQ4K`].
+    pub scales: [u8; 12],
+    /// Fifth bits: bit `j` of byte `l` belongs to value `32j + l`.
+    pub qh: [u8; QK_K / 8],
+    /// Low four bits, laid out as [`BlockQ4K::qs`].
+    pub qs: [u8; QK_K / 2],
+}
+const _: () = assert!(size_of::<BlockQ5K>() == 176);
 
 /// 256 weights in 16 sub-blocks of 16, 6-bit values, 8-bit sub-block scales.
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
@@ -336,6 +516,37 @@ pub fn dequantize_row_q4_1(blocks: &[BlockQ4_1], out: &mut [f32]) {
     }
 }
 
+/// Dequantizes Q5_0 blocks into `out`, as ggml's `dequantize_row_q5_0`.
+pub fn dequantize_row_q5_0(blocks: &[BlockQ5_0], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q5_0: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        let qh = u32::from_le_bytes(b.qh);
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            y[j] = (((b.qs[j] & 0x0F) as u32 | h0) as i32 - 16) as f32 * d;
+            y[j + QK / 2] = (((b.qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+/// Dequantizes Q5_1 blocks into `out`, as ggml's `dequantize_row_q5_1` (without contracting `q * d + m`).
+pub fn dequantize_row_q5_1(blocks: &[BlockQ5_1], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q5_1: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = b.d.to_f32();
+        let m = b.m.to_f32();
+        let qh = u32::from_le_bytes(b.qh);
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            y[j] = ((b.qs[j] & 0x0F) as u32 | h0) as f32 * d + m;
+            y[j + QK / 2] = ((b.qs[j] >> 4) as u32 | h1) as f32 * d + m;
+        }
+    }
+}
+
 /// Dequantizes Q8_0 blocks into `out`.
 pub fn dequantize_row_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {
     assert_eq!(out.len(), blocks.len() * QK, "dequantize_row_q8_0: length mismatch");
@@ -366,6 +577,56 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// Dequantizes Q2_K super-blocks into `out` (`256 * blocks.len()` values), as ggml's `dequantize_row_q2_K`.
+pub fn dequantize_row_q2k(blocks: &[BlockQ2K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q2k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let min = b.dmin.to_f32();
+        // Sub-block `s` (16 values) is group `s / 2` of 32: bits `2 * (g % 4)` of bytes `32 * (g / 4)..`.
+        for (s, (&sc, ys)) in b.scales.iter().zip(y.chunks_exact_mut(16)).enumerate() {
+            let (g, half) = (s / 2, s % 2);
+            let q = &b.qs[32 * (g / 4) + 16 * half..][..16];
+            let shift = 2 * (g % 4);
+            let dl = d * (sc & 0x0F) as f32;
+            let ml = min * (sc >> 4) as f32;
+            for (o, &q) in ys.iter_mut().zip(q) {
+                *o = dl * ((q >> shift) & 3) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// The sixteen 6-bit scales of a Q3_K block, minus 32, as ggml's `kmask` shuffle unpacks them.
+pub fn q3k_scales(s: &[u8; 12]) -> [i8; 16] {
+    std::array::from_fn(|j| {
+        let low = if j < 8 { s[j] & 0x0F } else { s[j - 8] >> 4 };
+        let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | (high << 4)) as i8 - 32
+    })
+}
+
+/// Dequantizes Q3_K super-blocks into `out`, as ggml's `dequantize_row_q3_K`.
+pub fn dequantize_row_q3k(blocks: &[BlockQ3K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q3k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d_all = b.d.to_f32();
+        let scales = q3k_scales(&b.scales);
+        for (s, ys) in y.chunks_exact_mut(16).enumerate() {
+            let (g, half) = (s / 2, s % 2);
+            let q = &b.qs[32 * (g / 4) + 16 * half..][..16];
+            let hm = &b.hmask[16 * half..][..16];
+            let shift = 2 * (g % 4);
+            let dl = d_all * scales[s] as f32;
+            for ((o, &q), &h) in ys.iter_mut().zip(q).zip(hm) {
+                let low = ((q >> shift) & 3) as i8;
+                let v = low - if h & (1 << g) != 0 { 0 } else { 4 };
+                *o = dl * v as f32;
+            }
+        }
+    }
+}
+
 /// Dequantizes Q4_K super-blocks into `out` (`256 * blocks.len()` values), as ggml's `dequantize_row_q4_K`.
 pub fn dequantize_row_q4k(blocks: &[BlockQ4K], out: &mut [f32]) {
     assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q4k: length mismatch");
@@ -380,6 +641,28 @@ pub fn dequantize_row_q4k(blocks: &[BlockQ4K], out: &mut [f32]) {
             for l in 0..32 {
                 ys[l] = d1 * (q[l] & 0x0F) as f32 - m1;
                 ys[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+/// Dequantizes Q5_K super-blocks into `out`, as ggml's `dequantize_row_q5_K`.
+pub fn dequantize_row_q5k(blocks: &[BlockQ5K], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK_K, "dequantize_row_q5k: length mismatch");
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        let dmin = b.dmin.to_f32();
+        for (chunk, (q, ys)) in b.qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+            let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
+            let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
+            let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+            let (u1, u2) = (1u8 << (2 * chunk), 1u8 << (2 * chunk + 1));
+            for l in 0..32 {
+                let h1 = if b.qh[l] & u1 != 0 { 16 } else { 0 };
+                let h2 = if b.qh[l] & u2 != 0 { 16 } else { 0 };
+                ys[l] = d1 * ((q[l] & 0x0F) + h1) as f32 - m1;
+                ys[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
             }
         }
     }
@@ -450,9 +733,14 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
         }
         GgmlType::Q4_0 => dequantize_row_q4_0(&blocks_or_copy(bytes), out),
         GgmlType::Q4_1 => dequantize_row_q4_1(&blocks_or_copy(bytes), out),
+        GgmlType::Q5_0 => dequantize_row_q5_0(&blocks_or_copy(bytes), out),
+        GgmlType::Q5_1 => dequantize_row_q5_1(&blocks_or_copy(bytes), out),
         GgmlType::Q8_0 => dequantize_row_q8_0(&blocks_or_copy(bytes), out),
         GgmlType::Q8_1 => dequantize_row_q8_1(&blocks_or_copy(bytes), out),
+        GgmlType::Q2K => dequantize_row_q2k(&blocks_or_copy(bytes), out),
+        GgmlType::Q3K => dequantize_row_q3k(&blocks_or_copy(bytes), out),
         GgmlType::Q4K => dequantize_row_q4k(&blocks_or_copy(bytes), out),
+        GgmlType::Q5K => dequantize_row_q5k(&blocks_or_copy(bytes), out),
         GgmlType::Q6K => dequantize_row_q6k(&blocks_or_copy(bytes), out),
         GgmlType::Q8K => dequantize_row_q8k(&blocks_or_copy(bytes), out),
     }

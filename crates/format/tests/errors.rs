@@ -174,14 +174,44 @@ fn bad_alignment() {
 
 #[test]
 fn unknown_tensor_type() {
-    // 4 and 5 were Q4_2 and Q4_3, removed from ggml; 99 never existed.
-    for id in [4u32, 5, 99, u32::MAX] {
+    // 4 and 5 were Q4_2 and Q4_3, removed from ggml; 16..=23 and 29 are the IQ types; 99 never existed.
+    let cases = [
+        (4u32, "Q4_2 (id 4) is not supported"),
+        (5, "Q4_3 (id 5) is not supported"),
+        (16, "IQ2_XXS (id 16) is not supported"),
+        (17, "IQ2_XS (id 17) is not supported"),
+        (18, "IQ3_XXS (id 18) is not supported"),
+        (19, "IQ1_S (id 19) is not supported"),
+        (20, "IQ4_NL (id 20) is not supported"),
+        (21, "IQ3_S (id 21) is not supported"),
+        (22, "IQ2_S (id 22) is not supported"),
+        (23, "IQ4_XS (id 23) is not supported"),
+        (29, "IQ1_M (id 29) is not supported"),
+        (24, "I8 (id 24) is not supported"),
+        (34, "TQ1_0 (id 34) is not supported"),
+        (39, "MXFP4 (id 39) is not supported"),
+        (99, "type id 99 is not a ggml type"),
+        (u32::MAX, "type id 4294967295 is not a ggml type"),
+    ];
+    for (id, what) in cases {
         let raw = one_tensor("w", &[32], id, 0).bytes(&[0; 64]);
         let e = parse_err(&raw.0);
         assert!(
-            matches!(&e, FormatError::UnknownTensorType { name, id: i, .. } if name == "w" && *i == id),
+            matches!(&e, FormatError::UnknownTensorType { name, id: i, offset: 90 } if name == "w" && *i == id),
             "{e:?}"
         );
+        let msg = e.to_string();
+        assert!(msg.starts_with("tensor 'w' (type id at offset 90): "), "{msg}");
+        assert!(msg.contains(what), "{msg}");
+        // The message lists every supported type by the name ggml.h gives it, and nothing else.
+        let listed = msg.split("; supported: ").nth(1).unwrap_or_default();
+        let want: Vec<&str> = GgmlType::ALL.iter().map(|t| quant::ggml_type_name(t.id()).unwrap()).collect();
+        assert_eq!(listed, want.join(", "), "{msg}");
+        assert!(listed.contains("Q5_0") && listed.contains("Q2_K") && listed.contains("BF16"), "{msg}");
+    }
+    // Every supported type has a name, and the names agree with ours (`q4_K` is ggml's `Q4_K`).
+    for ty in GgmlType::ALL {
+        assert_eq!(quant::ggml_type_name(ty.id()).map(str::to_lowercase), Some(ty.name().to_lowercase()));
     }
 }
 

@@ -5,7 +5,8 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 use pinion_format::GgmlType;
 use pinion_format::quant::{
-    self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
+    self, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -299,6 +300,33 @@ fn block_layouts_match_ggml() {
         (b.d.to_bits(), b.dmin.to_bits(), b.scales[0], b.qs[0], b.qs[127]),
         (le16(0), le16(2), 4, 16, 143)
     );
+    // Fields of the types added with the K-quant kernels, at ggml-common.h's offsets.
+    assert_eq!(
+        [22, 24, 84, 110, 176],
+        [
+            size_of::<BlockQ5_0>(),
+            size_of::<BlockQ5_1>(),
+            size_of::<BlockQ2K>(),
+            size_of::<BlockQ3K>(),
+            size_of::<BlockQ5K>()
+        ]
+    );
+    let b: BlockQ5_0 = counting();
+    assert_eq!((b.d.to_bits(), b.qh, b.qs[0], b.qs[15]), (le16(0), [2, 3, 4, 5], 6, 21));
+    let b: BlockQ5_1 = counting();
+    assert_eq!((b.d.to_bits(), b.m.to_bits(), b.qh[0], b.qs[0], b.qs[15]), (le16(0), le16(2), 4, 8, 23));
+    let b: BlockQ2K = counting();
+    assert_eq!(
+        (b.scales[0], b.qs[0], b.qs[63], b.d.to_bits(), b.dmin.to_bits()),
+        (0, 16, 79, le16(80), le16(82))
+    );
+    let b: BlockQ3K = counting();
+    assert_eq!((b.hmask[0], b.qs[0], b.scales[0], b.scales[11], b.d.to_bits()), (0, 32, 96, 107, le16(108)));
+    let b: BlockQ5K = counting();
+    assert_eq!(
+        (b.d.to_bits(), b.dmin.to_bits(), b.scales[0], b.qh[0], b.qs[0], b.qs[127]),
+        (le16(0), le16(2), 4, 16, 48, 175)
+    );
     let b: BlockQ6K = counting();
     assert_eq!((b.ql[0], b.qh[0], b.scales[0], b.d.to_bits()), (0, 128, -64, le16(208)));
     let b: BlockQ8K = counting();
@@ -312,9 +340,14 @@ fn block_layouts_match_ggml() {
         (GgmlType::BF16, 1, 2),
         (GgmlType::Q4_0, 32, 18),
         (GgmlType::Q4_1, 32, 20),
+        (GgmlType::Q5_0, 32, 22),
+        (GgmlType::Q5_1, 32, 24),
         (GgmlType::Q8_0, 32, 34),
         (GgmlType::Q8_1, 32, 36),
+        (GgmlType::Q2K, 256, 84),
+        (GgmlType::Q3K, 256, 110),
         (GgmlType::Q4K, 256, 144),
+        (GgmlType::Q5K, 256, 176),
         (GgmlType::Q6K, 256, 210),
         (GgmlType::Q8K, 256, 292),
     ] {
@@ -323,7 +356,7 @@ fn block_layouts_match_ggml() {
     }
     // GGUF ids, from ggml.h.
     let ids: Vec<u32> = GgmlType::ALL.iter().map(|t| t.id()).collect();
-    assert_eq!(ids, [0, 1, 2, 3, 8, 9, 12, 14, 15, 30]);
+    assert_eq!(ids, [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30]);
 }
 
 proptest! {

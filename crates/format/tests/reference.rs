@@ -60,6 +60,31 @@ fn q4_k_dequantizes_like_gguf_py() {
 }
 
 #[test]
+fn q5_0_dequantizes_like_gguf_py() {
+    check_dequant(GgmlType::Q5_0, data!("dequant_q5_0.bin"), data!("dequant_q5_0.f32"));
+}
+
+#[test]
+fn q5_1_dequantizes_like_gguf_py() {
+    check_dequant(GgmlType::Q5_1, data!("dequant_q5_1.bin"), data!("dequant_q5_1.f32"));
+}
+
+#[test]
+fn q2_k_dequantizes_like_gguf_py() {
+    check_dequant(GgmlType::Q2K, data!("dequant_q2_k.bin"), data!("dequant_q2_k.f32"));
+}
+
+#[test]
+fn q3_k_dequantizes_like_gguf_py() {
+    check_dequant(GgmlType::Q3K, data!("dequant_q3_k.bin"), data!("dequant_q3_k.f32"));
+}
+
+#[test]
+fn q5_k_dequantizes_like_gguf_py() {
+    check_dequant(GgmlType::Q5K, data!("dequant_q5_k.bin"), data!("dequant_q5_k.f32"));
+}
+
+#[test]
 fn q6_k_dequantizes_like_gguf_py() {
     check_dequant(GgmlType::Q6K, data!("dequant_q6_k.bin"), data!("dequant_q6_k.f32"));
 }

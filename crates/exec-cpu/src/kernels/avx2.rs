@@ -7,8 +7,8 @@
 
 use std::arch::x86_64::*;
 
-use half::f16;
-use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use half::{bf16, f16};
+use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, QK};
 
 /// Converts one f16 to f32 with F16C.
 #[target_feature(enable = "f16c")]
@@ -197,6 +197,160 @@ pub(crate) unsafe fn tile_q8_0<const R: usize, const C: usize>(
             out[r][c] = hsum8(acc[r][c]);
         }
     }
+}
+
+/// ggml's `bytes_from_bits_32`: byte `j` is `0xFF` where bit `j` of `x` is set, else 0.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn bytes_from_bits(x: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// The 32 unsigned 5-bit values of a Q5_0 / Q5_1 block, in element order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn fives(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
+    let hi = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(qh)), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(qs), hi)
+}
+
+/// Q5_0 x Q8_0 dot products of `R` weight rows with `C` activation rows over `nb` blocks, into `out[r][c]`.
+///
+/// The weights enter `maddubs` unsigned (0..32) and `16 * sum(y)` is subtracted per lane, which gives the same
+/// integer lanes as ggml's signed `(q - 16) * y`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q5_0<const R: usize, const C: usize>(
+    w: [&[BlockQ5_0]; R],
+    a: [&[BlockQ8_0]; C],
+    nb: usize,
+    out: &mut [[f32; C]; R],
+) {
+    assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
+        // AVX2/FMA/F16C, which the caller guarantees.
+        unsafe {
+            let mut qy = [_mm256_setzero_si256(); C];
+            let mut bias = [_mm256_setzero_si256(); C];
+            let mut dy = [0.0f32; C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = load32(&by.qs);
+                bias[c] = dot_u8_i8(_mm256_set1_epi8(16), qy[c]);
+                dy[c] = f16_to_f32(by.d);
+            }
+            for r in 0..R {
+                let bx = w[r].get_unchecked(b);
+                let dx = f16_to_f32(bx.d);
+                let qx = fives(&bx.qs, bx.qh);
+                for c in 0..C {
+                    let lanes = _mm256_sub_epi32(dot_u8_i8(qx, qy[c]), bias[c]);
+                    let xy = _mm256_cvtepi32_ps(lanes);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy[c]), xy, acc[r][c]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum8(acc[r][c]);
+        }
+    }
+}
+
+/// Q5_1 x Q8_1 dot products of `R` weight rows with `C` activation rows over `nb` blocks, into `out[r][c]`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q5_1<const R: usize, const C: usize>(
+    w: [&[BlockQ5_1]; R],
+    a: [&[BlockQ8_1]; C],
+    nb: usize,
+    out: &mut [[f32; C]; R],
+) {
+    assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut summs = [[0.0f32; C]; R];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
+        // AVX2/FMA/F16C, which the caller guarantees.
+        unsafe {
+            let mut qy = [_mm256_setzero_si256(); C];
+            let mut dy = [0.0f32; C];
+            let mut sy = [0.0f32; C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = load32(&by.qs);
+                dy[c] = f16_to_f32(by.d);
+                sy[c] = f16_to_f32(by.s);
+            }
+            for r in 0..R {
+                let bx = w[r].get_unchecked(b);
+                let dx = f16_to_f32(bx.d);
+                let mx = f16_to_f32(bx.m);
+                let qx = fives(&bx.qs, bx.qh);
+                for c in 0..C {
+                    summs[r][c] = mx.mul_add(sy[c], summs[r][c]);
+                    let xy = _mm256_cvtepi32_ps(dot_u8_i8(qx, qy[c]));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy[c]), xy, acc[r][c]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum8(acc[r][c]) + summs[r][c];
+        }
+    }
+}
+
+/// Loads eight bf16 values as f32.
+///
+/// # Safety
+/// The CPU must support AVX2; `p` must point to eight readable bf16 values.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_bf16x8(p: *const bf16) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    let v = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+}
+
+/// bf16 dot product in the order of [`super::scalar::vec_dot_bf16`] (ggml's AVX2 `ggml_vec_dot_bf16`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n32 = x.len() / 32 * 32;
+    let mut c = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n32 {
+        for (k, ck) in c.iter_mut().enumerate() {
+            // SAFETY: `i + 8 * k + 8 <= n32 <= len` of both slices.
+            unsafe {
+                let (xv, yv) =
+                    (load_bf16x8(x.as_ptr().add(i + 8 * k)), load_bf16x8(y.as_ptr().add(i + 8 * k)));
+                *ck = _mm256_fmadd_ps(xv, yv, *ck);
+            }
+        }
+        i += 32;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+    let mut sumf = hsum8(v) as f64;
+    for (a, b) in x[n32..].iter().zip(&y[n32..]) {
+        sumf += (a.to_f32() * b.to_f32()) as f64;
+    }
+    sumf as f32
 }
 
 /// Quantizes one block of 32 values: returns the rounded, converted integers and `(amax, d)`.

@@ -16,7 +16,8 @@
 
 use std::arch::x86_64::*;
 
-use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use half::bf16;
+use pinion_format::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 
 use super::avx2::{f16_to_f32, hsum_halves};
 
@@ -306,6 +307,179 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
         }
     }
     finish(&acc, out)
+}
+
+/// The 5-bit values of two Q5 blocks as `[r0 0..32, r1 0..32]`: nibbles plus `0x10` where the fifth bit is set.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn fives_pair(q0: (&[u8; 16], [u8; 4]), q1: (&[u8; 16], [u8; 4])) -> __m512i {
+    let bits = u32::from_le_bytes(q0.1) as u64 | (u32::from_le_bytes(q1.1) as u64) << 32;
+    let hi = _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10));
+    _mm512_or_si512(nibbles_pair(q0.0, q1.0), hi)
+}
+
+/// Q5_0 x Q8_0 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks, into
+/// `out[2p + i][c]` for row `i` of pair `p`. The weights enter `vpdpbusd` unsigned (0..32) and `16 * sum(y)`
+/// per lane is subtracted, as for Q4_0.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q5_0<const P: usize, const C: usize>(
+    w: [[&[BlockQ5_0]; 2]; P],
+    a: [&[BlockQ8_0]; C],
+    bm: BlockMajor,
+    nb: usize,
+    out: &mut [[f32; C]],
+) {
+    assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    check_block_major::<C>(&bm, nb, false);
+    let idx = pair_scale_idx::<P>();
+    let mut acc = [[_mm512_setzero_ps(); C]; P];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
+        // intrinsics need the features the caller guarantees.
+        unsafe {
+            let mut qy = [_mm512_setzero_si512(); C];
+            let mut negb = [_mm512_setzero_si512(); C];
+            let mut dy = [_mm512_setzero_ps(); C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = act_pair(&by.qs);
+                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(16), qy[c]);
+                negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+                dy[c] = act_scale::<C>(&bm, b, c, by.d);
+            }
+            let dm = head_f16x2(&w, b);
+            for p in 0..P {
+                let (b0, b1) = (w[p][0].get_unchecked(b), w[p][1].get_unchecked(b));
+                let z = fives_pair((&b0.qs, b0.qh), (&b1.qs, b1.qh));
+                let wd = _mm512_permutexvar_ps(idx[p], dm);
+                for c in 0..C {
+                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
+                }
+            }
+        }
+    }
+    finish(&acc, out)
+}
+
+/// Q5_1 x Q8_1 dot products of `P` pairs of weight rows with `C` activation rows over `nb` blocks, into
+/// `out[2p + i][c]` for row `i` of pair `p`, with the `m * s` terms summed as in [`tile_q4_1`].
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW/VL/VNNI, AVX2, FMA and F16C. Every slice must hold at least `nb` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q5_1<const P: usize, const C: usize>(
+    w: [[&[BlockQ5_1]; 2]; P],
+    a: [&[BlockQ8_1]; C],
+    bm: BlockMajor,
+    nb: usize,
+    out: &mut [[f32; C]],
+) {
+    assert!(w.iter().flatten().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    assert!(C == 1 || C == 8);
+    check_block_major::<C>(&bm, nb, true);
+    let idx = pair_scale_idx::<P>();
+    let mut acc = [[_mm512_setzero_ps(); C]; P];
+    let mut sums1 = _mm512_setzero_ps();
+    let mut sums8 = [[_mm256_setzero_ps(); 2]; P];
+    for b in 0..nb {
+        // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
+        // intrinsics need the features the caller guarantees.
+        unsafe {
+            let mut qy = [_mm512_setzero_si512(); C];
+            let mut dy = [_mm512_setzero_ps(); C];
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                qy[c] = act_pair(&by.qs);
+                dy[c] = act_scale::<C>(&bm, b, c, by.d);
+            }
+            let dm = head_f16x2(&w, b);
+            if C == 1 {
+                let sy = _mm512_set1_ps(f16_to_f32(a[0].get_unchecked(b).s));
+                sums1 = _mm512_fmadd_ps(dm, sy, sums1);
+            } else {
+                let st = _mm256_loadu_ps(bm.s_t.as_ptr().add(b * bm.t_pad + bm.c0));
+                let dm_lo = _mm512_castps512_ps256(dm);
+                let dm_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(dm)));
+                for (p, s) in sums8.iter_mut().enumerate() {
+                    for (i, s) in s.iter_mut().enumerate() {
+                        let k = 2 * (2 * p + i) + 1;
+                        let half = if k < 8 { dm_lo } else { dm_hi };
+                        let m = _mm256_permutevar8x32_ps(half, _mm256_set1_epi32((k % 8) as i32));
+                        *s = _mm256_fmadd_ps(m, st, *s);
+                    }
+                }
+            }
+            for p in 0..P {
+                let (b0, b1) = (w[p][0].get_unchecked(b), w[p][1].get_unchecked(b));
+                let z = fives_pair((&b0.qs, b0.qh), (&b1.qs, b1.qh));
+                let wd = _mm512_permutexvar_ps(idx[p], dm);
+                for c in 0..C {
+                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), z, qy[c]));
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
+                }
+            }
+        }
+    }
+    assert!(out.len() >= 2 * P);
+    let mut s1 = [0.0f32; 16];
+    // SAFETY: `s1` holds 16 floats.
+    unsafe { _mm512_storeu_ps(s1.as_mut_ptr(), sums1) };
+    for p in 0..P {
+        for i in 0..2 {
+            let mut summs = [0.0f32; 8];
+            if C == 1 {
+                summs[0] = s1[2 * (2 * p + i) + 1];
+            } else {
+                // SAFETY: `summs` holds 8 floats.
+                unsafe { _mm256_storeu_ps(summs.as_mut_ptr(), sums8[p][i]) };
+            }
+            for c in 0..C {
+                let (r0, r1) = reduce_pair(acc[p][c]);
+                out[2 * p + i][c] = if i == 0 { r0 } else { r1 } + summs[c];
+            }
+        }
+    }
+}
+
+/// bf16 dot product in the order of [`super::scalar::vec_dot_bf16`], with ggml's AVX2 accumulators `c1 | c2`
+/// and `c3 | c4` held in two 512-bit registers (the same lanes, so the same bits).
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n32 = x.len() / 32 * 32;
+    let load = |p: *const bf16| {
+        // SAFETY: every call below passes a pointer to 16 readable bf16 values.
+        let v = unsafe { _mm256_loadu_si256(p.cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    };
+    let (mut c12, mut c34) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i < n32 {
+        // `i + 32 <= n32 <= len` of both slices.
+        let (xp, yp) = (x[i..].as_ptr(), y[i..].as_ptr());
+        // SAFETY: offsets 0 and 16 leave 16 values each within the 32 in bounds.
+        let (x2, y2) = unsafe { (xp.add(16), yp.add(16)) };
+        c12 = _mm512_fmadd_ps(load(xp), load(yp), c12);
+        c34 = _mm512_fmadd_ps(load(x2), load(y2), c34);
+        i += 32;
+    }
+    let s = _mm512_add_ps(c12, c34);
+    let v = _mm256_add_ps(
+        _mm512_castps512_ps256(s),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s))),
+    );
+    let mut sumf = super::avx2::hsum8(v) as f64;
+    for (a, b) in x[n32..].iter().zip(&y[n32..]) {
+        sumf += (a.to_f32() * b.to_f32()) as f64;
+    }
+    sumf as f32
 }
 
 /// Reduces every pair's accumulators into `out[2p + i]` (row `i` of pair `p`).

@@ -10,8 +10,10 @@
 
 use std::sync::OnceLock;
 
-use half::f16;
-use pinion_format::quant::{BlockQ8_0, BlockQ8_1};
+use half::{bf16, f16};
+use pinion_format::quant::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
+};
 
 pub(crate) mod scalar;
 
@@ -19,6 +21,8 @@ pub(crate) mod scalar;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod kquants;
 
 /// An instruction-set path of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -204,6 +208,107 @@ pub(crate) fn vec_dot_f16(path: KernelPath, x: &[f16], y: &[f16]) -> f32 {
             unsafe { avx2::vec_dot_f16(x, y) }
         }
         _ => scalar::vec_dot_f16(x, y),
+    }
+}
+
+/// What the x86 K-quant tiles need of a block type (nothing elsewhere).
+#[cfg(target_arch = "x86_64")]
+use kquants::KBlock as KSimd;
+/// What the x86 K-quant tiles need of a block type (nothing elsewhere).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait KSimd: bytemuck::Pod {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KSimd for BlockQ2K {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KSimd for BlockQ3K {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KSimd for BlockQ4K {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KSimd for BlockQ5K {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KSimd for BlockQ6K {}
+
+/// A K-quant weight block type (Q2_K to Q6_K), whose dot products are taken with Q8_K activations.
+pub(crate) trait KQuant: KSimd {
+    /// The scalar dot product of a row with a Q8_K row (the reference).
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32;
+}
+
+impl KQuant for BlockQ2K {
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        scalar::vec_dot_q2k_q8k(x, y)
+    }
+}
+impl KQuant for BlockQ3K {
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        scalar::vec_dot_q3k_q8k(x, y)
+    }
+}
+impl KQuant for BlockQ4K {
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        scalar::vec_dot_q4k_q8k(x, y)
+    }
+}
+impl KQuant for BlockQ5K {
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        scalar::vec_dot_q5k_q8k(x, y)
+    }
+}
+impl KQuant for BlockQ6K {
+    fn vec_dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        scalar::vec_dot_q6k_q8k(x, y)
+    }
+}
+
+/// K-quant dot products of `R` weight rows with `C` Q8_K activation rows over their first `nb` blocks, into
+/// `out[r][c]` (all paths give the same bits).
+///
+/// # Panics
+/// If a row holds fewer than `nb` blocks.
+pub(crate) fn tile_k<B: KQuant, const R: usize, const C: usize>(
+    path: KernelPath,
+    w: [&[B]; R],
+    a: [&[BlockQ8K]; C],
+    nb: usize,
+    out: &mut [[f32; C]; R],
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and AVX-512 implies AVX-512F/BW, AVX2, FMA
+            // and F16C; the tile checks the row lengths.
+            unsafe { kquants::tile_avx512(w, a, nb, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => {
+            // SAFETY: callers pass only supported paths (`check`), and AVX2 implies AVX2, FMA and F16C; the tile
+            // checks the row lengths.
+            unsafe { kquants::tile_avx2(w, a, nb, out) }
+        }
+        _ => {
+            for (o, wr) in out.iter_mut().zip(w) {
+                for (o, ar) in o.iter_mut().zip(a) {
+                    *o = B::vec_dot(&wr[..nb], &ar[..nb]);
+                }
+            }
+        }
+    }
+}
+
+/// bf16 dot product (all paths give the same bits).
+pub(crate) fn vec_dot_bf16(path: KernelPath, x: &[bf16], y: &[bf16]) -> f32 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and AVX-512 implies AVX-512F, AVX2 and FMA.
+            unsafe { avx512::vec_dot_bf16(x, y) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => {
+            // SAFETY: callers pass only supported paths (`check`), and AVX2 implies AVX2 and FMA.
+            unsafe { avx2::vec_dot_bf16(x, y) }
+        }
+        _ => scalar::vec_dot_bf16(x, y),
     }
 }
 

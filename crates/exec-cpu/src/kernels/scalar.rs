@@ -8,11 +8,20 @@
 //! follow ggml's x86 `quantize_row_q8_0/q8_1` (`id = 127 / amax`, round half to even), not the `_ref` ones
 //! (`id = 1 / d`, round half away from zero), which can differ by one quantum.
 //!
-//! The K-quant dot products follow ggml's `_generic` functions.
+//! Q5_0 and Q5_1 follow the same AVX2 order as Q4_0 and Q4_1 (ggml's AVX2 code for them has the same shape).
+//!
+//! The K-quant dot products (Q2_K to Q6_K) follow ggml's `_generic` functions, without contracting any
+//! multiply-add: per super-block an exact integer sum (Q2_K) or eight exact integer lanes, lane `l` holding the
+//! products at positions `l mod 8` (Q3_K to Q6_K), then the same f32 operations in the same order.
+//!
+//! BF16 follows ggml's AVX2 `ggml_vec_dot_bf16`: four 8-lane accumulators over each 32 values (products of
+//! two bf16 are exact in f32, so whether the compiler fuses the multiply-add makes no difference), combined as
+//! `(c1 + c3) + (c2 + c4)`, reduced as `hsum_float_8`, then the tail added in f64.
 
-use half::f16;
+use half::{bf16, f16};
 use pinion_format::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+    BlockQ8_1, BlockQ8K, QK, QK_K, q3k_scales,
 };
 
 /// Reduces eight lanes in the order of ggml's `hsum_float_8`.
@@ -144,6 +153,45 @@ pub(crate) fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
     hsum8(&acc) + summs
 }
 
+/// The 32 unsigned 5-bit values of a Q5_0 / Q5_1 block in element order: bit `j` of `qh` is the fifth bit of
+/// element `j`.
+#[inline]
+fn fives(qs: &[u8; 16], qh: [u8; 4]) -> [i32; 32] {
+    let h = u32::from_le_bytes(qh);
+    let mut w = nibbles(qs);
+    for (j, v) in w.iter_mut().enumerate() {
+        *v |= (((h >> j) & 1) << 4) as i32;
+    }
+    w
+}
+
+/// Dot product of a Q5_0 row with a Q8_0 row.
+pub(crate) fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    for (bx, by) in x.iter().zip(y) {
+        let d = bx.d.to_f32() * by.d.to_f32();
+        let mut w = fives(&bx.qs, bx.qh);
+        w.iter_mut().for_each(|v| *v -= 16);
+        fma_lanes(&mut acc, d, &lane_sums(&w, &by.qs));
+    }
+    hsum8(&acc)
+}
+
+/// Dot product of a Q5_1 row with a Q8_1 row.
+pub(crate) fn vec_dot_q5_1_q8_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut acc = [0.0f32; 8];
+    let mut summs = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let d = bx.d.to_f32() * by.d.to_f32();
+        // As for Q4_1: `summs += m * s`, contracted by GCC.
+        summs = bx.m.to_f32().mul_add(by.s.to_f32(), summs);
+        fma_lanes(&mut acc, d, &lane_sums(&fives(&bx.qs, bx.qh), &by.qs));
+    }
+    hsum8(&acc) + summs
+}
+
 /// Dot product of a Q8_0 row with a Q8_0 row.
 pub(crate) fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     assert_eq!(x.len(), y.len());
@@ -234,7 +282,7 @@ pub(crate) fn wsum_f16(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
 }
 
 /// Unpacks the 6-bit scales and mins of a Q4_K block as ggml's `utmp` shuffle does: `(scales, mins)`.
-fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..8 {
@@ -326,6 +374,147 @@ pub(crate) fn vec_dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
         sumf += s;
     }
     sumf
+}
+
+/// `aux32[l] += scale * q8[o + l] * a[o + l]` for `l < 8`, as ggml's generic K-quant loops (the product is
+/// formed in 16 bits, as their `aux16`).
+#[inline]
+fn add_scaled8(aux32: &mut [i32; 8], scale: i32, q8: &[i8], a: &[i8]) {
+    for l in 0..8 {
+        let aux16 = (q8[l] as i16) * (a[l] as i16);
+        aux32[l] += scale * aux16 as i32;
+    }
+}
+
+/// Dot product of a Q2_K row with a Q8_K row, as ggml's `ggml_vec_dot_q2_K_q8_K_generic`.
+pub(crate) fn vec_dot_q2k_q8k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let sc = &bx.scales;
+        let summs: i32 = (0..16).map(|j| by.bsums[j] as i32 * (sc[j] >> 4) as i32).sum();
+        let dall = by.d * bx.d.to_f32();
+        let dmin = by.d * bx.dmin.to_f32();
+        let mut isum = 0i32;
+        // Sub-block `s` of 16 values: group `g = s / 2` of 32, bits `2 * (g % 4)` of bytes `32 * (g / 4)..`.
+        for (s, (&sc, q8)) in sc.iter().zip(by.qs.chunks_exact(16)).enumerate() {
+            let (g, half) = (s / 2, s % 2);
+            let q2 = &bx.qs[32 * (g / 4) + 16 * half..][..16];
+            let shift = 2 * (g % 4);
+            let isuml: i32 = q2.iter().zip(q8).map(|(&q, &y)| y as i32 * ((q >> shift) & 3) as i32).sum();
+            isum += (sc & 0x0F) as i32 * isuml;
+        }
+        sumf += dall * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+/// Dot product of a Q3_K row with a Q8_K row, as ggml's `ggml_vec_dot_q3_K_q8_K_generic`.
+pub(crate) fn vec_dot_q3k_q8k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sums = [0.0f32; 8];
+    for (bx, by) in x.iter().zip(y) {
+        let mut a = [0i8; QK_K];
+        for (g, a) in a.chunks_exact_mut(32).enumerate() {
+            let q3 = &bx.qs[32 * (g / 4)..][..32];
+            let shift = 2 * (g % 4);
+            for l in 0..32 {
+                a[l] = ((q3[l] >> shift) & 3) as i8 - if bx.hmask[l] & (1 << g) != 0 { 0 } else { 4 };
+            }
+        }
+        let scales = q3k_scales(&bx.scales);
+        let mut aux32 = [0i32; 8];
+        for (j, &scale) in scales.iter().enumerate() {
+            for k in 0..2 {
+                let o = 16 * j + 8 * k;
+                add_scaled8(&mut aux32, scale as i32, &by.qs[o..], &a[o..]);
+            }
+        }
+        let d = bx.d.to_f32() * by.d;
+        for l in 0..8 {
+            sums[l] += d * aux32[l] as f32;
+        }
+    }
+    let mut sumf = 0.0f32;
+    for s in sums {
+        sumf += s;
+    }
+    sumf
+}
+
+/// Dot product of a Q5_K row with a Q8_K row, as ggml's `ggml_vec_dot_q5_K_q8_K_generic`.
+pub(crate) fn vec_dot_q5k_q8k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sums = [0.0f32; 8];
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let mut a = [0i8; QK_K];
+        for (j, q4) in bx.qs.chunks_exact(32).enumerate() {
+            for l in 0..32 {
+                let h1 = if bx.qh[l] & (1 << (2 * j)) != 0 { 16 } else { 0 };
+                let h2 = if bx.qh[l] & (1 << (2 * j + 1)) != 0 { 16 } else { 0 };
+                a[64 * j + l] = (q4[l] & 0x0F) as i8 + h1;
+                a[64 * j + 32 + l] = (q4[l] >> 4) as i8 + h2;
+            }
+        }
+        let (scales, mins) = q4k_scales_mins(&bx.scales);
+        let sumi: i32 = (0..QK_K / 16).map(|j| by.bsums[j] as i32 * mins[j / 2] as i32).sum();
+        let mut aux32 = [0i32; 8];
+        for (j, &scale) in scales.iter().enumerate() {
+            for k in 0..4 {
+                let o = 32 * j + 8 * k;
+                add_scaled8(&mut aux32, scale as i32, &by.qs[o..], &a[o..]);
+            }
+        }
+        let d = bx.d.to_f32() * by.d;
+        for l in 0..8 {
+            sums[l] += d * aux32[l] as f32;
+        }
+        let dmin = bx.dmin.to_f32() * by.d;
+        sumf -= dmin * sumi as f32;
+    }
+    for s in sums {
+        sumf += s;
+    }
+    sumf
+}
+
+/// Converts an f32 to bf16 as ggml's `GGML_FP32_TO_BF16`: round to nearest even, NaN made quiet.
+#[inline]
+pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return bf16::from_bits(((u >> 16) | 64) as u16);
+    }
+    bf16::from_bits((u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16)
+}
+
+/// Converts a row of activations to bf16 (BF16 weights meet bf16 activations, ggml's `vec_dot_type`).
+pub(crate) fn quantize_row_bf16(x: &[f32], out: &mut [bf16]) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f32_to_bf16(v);
+    }
+}
+
+/// Dot product of bf16 rows in the order of ggml's AVX2 `ggml_vec_dot_bf16` (see the module docs).
+pub(crate) fn vec_dot_bf16(x: &[bf16], y: &[bf16]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let n32 = x.len() / 32 * 32;
+    let mut c = [[0.0f32; 8]; 4];
+    for (xc, yc) in x[..n32].chunks_exact(32).zip(y[..n32].chunks_exact(32)) {
+        for (k, ck) in c.iter_mut().enumerate() {
+            for (l, a) in ck.iter_mut().enumerate() {
+                *a = xc[8 * k + l].to_f32().mul_add(yc[8 * k + l].to_f32(), *a);
+            }
+        }
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (c[0][l] + c[2][l]) + (c[1][l] + c[3][l]));
+    let mut sumf = hsum8(&v) as f64;
+    for (a, b) in x[n32..].iter().zip(&y[n32..]) {
+        sumf += (a.to_f32() * b.to_f32()) as f64;
+    }
+    sumf as f32
 }
 
 /// Bytes of a Q8_0 block (f16 scale, 32 signed bytes).

@@ -3,7 +3,7 @@
 
 Run from anywhere:  python3 crates/format/tests/data/gen_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 
-Needs `pip install gguf numpy` (checked with gguf 0.17, numpy 2.x). Output, next to this script:
+Needs `pip install gguf numpy` (checked with gguf 0.17 and 0.19, numpy 2.x). Output, next to this script:
 
 - dequant_<type>.bin / dequant_<type>.f32: deterministic pseudo-random blocks (sane f16 scales, random quant
   bytes) and gguf-py's dequantization of them (little-endian f32);
@@ -26,6 +26,9 @@ from gguf.quants import dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 rng = np.random.default_rng(20240607)
+# The types added later (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) draw from their own generator, so that the fixtures
+# written before them come out byte for byte as they were.
+rng_later = np.random.default_rng(20250312)
 
 
 def f16_bytes(values):
@@ -35,17 +38,18 @@ def f16_bytes(values):
 EDGES = (0.0, -0.0, 6.1e-5, -3.0e-7, 1.0, 65504.0 / 256)  # zeros, smallest normal, subnormal, one, large
 
 
-def sane_scales(n, lo=-4.0, hi=0.0, edges=EDGES):
+def sane_scales(n, lo=-4.0, hi=0.0, edges=EDGES, gen=None):
     """n f16 scales with random sign and magnitude 10^[lo, hi), the first ones replaced by `edges`."""
-    mags = 10.0 ** rng.uniform(lo, hi, n)
-    signs = rng.choice([-1.0, 1.0], n)
+    gen = gen or rng
+    mags = 10.0 ** gen.uniform(lo, hi, n)
+    signs = gen.choice([-1.0, 1.0], n)
     s = (mags * signs).astype(np.float16)
     s[: len(edges)] = np.array(edges, dtype=np.float16)
     return s
 
 
-def random_bytes(n_blocks, n):
-    return rng.integers(0, 256, size=(n_blocks, n), dtype=np.uint8)
+def random_bytes(n_blocks, n, gen=None):
+    return (gen or rng).integers(0, 256, size=(n_blocks, n), dtype=np.uint8)
 
 
 def blocks_q4_0(n):
@@ -77,6 +81,39 @@ def blocks_q6_k(n):
     return np.concatenate([random_bytes(n, 128), random_bytes(n, 64), random_bytes(n, 16), f16_bytes(sane_scales(n, -5, -1, edges=(-3.0e-7,)))], axis=1)
 
 
+def blocks_q5_0(n):
+    g = rng_later
+    return np.concatenate([f16_bytes(sane_scales(n, gen=g)), random_bytes(n, 4, g), random_bytes(n, 16, g)], axis=1)
+
+
+def blocks_q5_1(n):
+    g = rng_later
+    d, m = f16_bytes(sane_scales(n, gen=g)), f16_bytes(sane_scales(n, -3, 1, gen=g))
+    return np.concatenate([d, m, random_bytes(n, 4, g), random_bytes(n, 16, g)], axis=1)
+
+
+def blocks_q2_k(n):
+    g = rng_later
+    scales, qs = random_bytes(n, 16, g), random_bytes(n, 64, g)
+    d = f16_bytes(sane_scales(n, -5, -1, edges=(0.0, -3.0e-7), gen=g))
+    dmin = f16_bytes(sane_scales(n, -5, -1, edges=(1.0e-3, 0.0), gen=g))
+    return np.concatenate([scales, qs, d, dmin], axis=1)
+
+
+def blocks_q3_k(n):
+    g = rng_later
+    hmask, qs, scales = random_bytes(n, 32, g), random_bytes(n, 64, g), random_bytes(n, 12, g)
+    d = f16_bytes(sane_scales(n, -5, -1, edges=(-3.0e-7,), gen=g))
+    return np.concatenate([hmask, qs, scales, d], axis=1)
+
+
+def blocks_q5_k(n):
+    g = rng_later
+    d = f16_bytes(sane_scales(n, -5, -1, edges=(0.0, -3.0e-7), gen=g))
+    dmin = f16_bytes(sane_scales(n, -5, -1, edges=(1.0e-3, 0.0), gen=g))
+    return np.concatenate([d, dmin, random_bytes(n, 12, g), random_bytes(n, 32, g), random_bytes(n, 128, g)], axis=1)
+
+
 def half_words(n):
     """Random 16-bit patterns (every class: zeros, subnormals, normals, inf, NaN) with the specials up front."""
     w = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
@@ -103,6 +140,12 @@ DEQUANT = {
     "q6_k": (T.Q6_K, blocks_q6_k, 8),
     "f16": (T.F16, f16_patterns, 512),
     "bf16": (T.BF16, bf16_patterns, 512),
+    # Drawn from rng_later (see above).
+    "q5_0": (T.Q5_0, blocks_q5_0, 16),
+    "q5_1": (T.Q5_1, blocks_q5_1, 16),
+    "q2_k": (T.Q2_K, blocks_q2_k, 8),
+    "q3_k": (T.Q3_K, blocks_q3_k, 8),
+    "q5_k": (T.Q5_K, blocks_q5_k, 8),
 }
 
 
