@@ -333,7 +333,7 @@ fn errors_are_typed() {
         Err(NpuError::InvalidShape { .. })
     ));
     assert!(matches!(
-        DenseGraph::compile(StaticShape { ty: GgmlType::BF16, ..shape }),
+        DenseGraph::compile(StaticShape { ty: GgmlType::Q8K, ..shape }),
         Err(NpuError::Exec(ExecError::UnsupportedType { .. }))
     ));
     let mut g = DenseGraph::compile(shape).unwrap();
