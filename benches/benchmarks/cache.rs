@@ -1,7 +1,7 @@
 //! The segmented cache: cost per operation of a cold-region `get` that hits, one that misses, and an `insert`
 //! that evicts the least recently used entry (copying a 972-byte SmolLM2 bundle), from one thread on one
-//! partition and from two threads on two partitions (time per pair of operations, one per thread); the
-//! `NeuronCache::get` it replaces, for comparison; and a fixed-region read.
+//! partition and from two threads on two partitions (time per pair of operations, one per thread); and a
+//! fixed-region read.
 
 use std::hint::black_box;
 use std::sync::Barrier;
@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use pinion_cache::{
-    CacheConfig, FixedRegionBuilder, Insert, LruRegion, NeuronCache, PartitionConfig, Policy, RegionConfig,
-    SegmentedCache,
+    CacheConfig, FixedRegionBuilder, Insert, LruRegion, PartitionConfig, Policy, RegionConfig, SegmentedCache,
 };
 
 /// Bytes of one SmolLM2 neuron bundle (Q8_0 up row and down column).
@@ -109,20 +108,6 @@ fn bench_cache(c: &mut Criterion) {
                 });
             }
         }
-
-        // The cache `LruRegion` replaces: CLOCK with one mutex, same shape, same walk.
-        g.throughput(Throughput::Elements(1));
-        let neuron = NeuronCache::new(BUNDLE, n, 2 * n, Policy::Lru);
-        for k in 0..n as u32 {
-            assert!(neuron.insert(k, &[0x5a; BUNDLE]));
-        }
-        let mut i = 0;
-        g.bench_function(BenchmarkId::new("neuron_cache_get_hit", n), |b| {
-            b.iter(|| {
-                i = (i + 7919) % n;
-                black_box(neuron.get(black_box(i as u32)).map(|e| e.len()))
-            })
-        });
     }
 
     // A fixed-region read: slicing, no lock.

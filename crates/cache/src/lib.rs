@@ -15,8 +15,7 @@
 //!
 //! This crate is not an I/O layer and not a planner: it does no I/O, reads no clock (time is the token counter
 //! the caller advances), and takes its sizes from the caller. That keeps it deterministic, so regions are
-//! property-tested against a reference LRU and fuzzed ([`fuzz::check_ops`]). [`NeuronCache`] is the older
-//! CLOCK cache the runtime still uses; it goes once the runtime runs on [`SegmentedCache`].
+//! property-tested against a reference LRU and fuzzed ([`fuzz::check_ops`]).
 //!
 //! ```
 //! use pinion_cache::{
@@ -55,7 +54,6 @@ mod cache;
 mod error;
 mod fixed;
 pub mod fuzz;
-mod neuron;
 mod region;
 #[cfg(test)]
 mod tests;
@@ -65,7 +63,6 @@ pub use crate::error::CacheError;
 pub use crate::fixed::{
     FIXED_ALIGN, FixedId, FixedRegion, FixedRegionBuilder, fixed_entry_bytes, fixed_region_bytes,
 };
-pub use crate::neuron::{NeuronCache, NeuronCacheStats, NeuronRef};
 pub use crate::region::{
     EntryRef, Insert, LruRegion, Policy, REGION_BYTES_PER_ENTRY, REGION_BYTES_PER_KEY, RegionConfig,
     RegionStats, region_bytes,

@@ -38,11 +38,6 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// The former name of [`Policy::Lru`], kept while the runtime still builds a
-    /// [`NeuronCache`](crate::NeuronCache) with it (which approximates LRU with CLOCK); it goes with `NeuronCache`.
-    #[allow(non_upper_case_globals)]
-    pub const Segmented: Policy = Policy::Lru;
-
     /// The window in tokens (at least 1), `None` for [`Policy::Lru`].
     pub(crate) fn window(self) -> Option<u64> {
         match self {

@@ -296,10 +296,12 @@ impl Keys {
         ]);
         let calibrate = step_key(&[&profile, &cfg.sparsity.to_string()]);
         let train = cfg.train.as_ref().map(|t| step_key(&[&calibrate, &format!("{t:?}")]));
+        // The packed format's version is part of the key: a directory packed by an older pinion is packed again.
         let pack = step_key(&[
             &calibrate,
             train.as_deref().unwrap_or("no predictors"),
             &format!("{} {:?}", cfg.cluster_neurons, cfg.down_type),
+            &format!("packed v{}", pinion_format::packed::PACKED_VERSION),
         ]);
         Ok(Keys { profile, calibrate, train, pack })
     }
@@ -679,6 +681,8 @@ pub fn plan_prepared(
 ) -> Result<Plan, PrepareError> {
     let packed = Model::load(dir)?;
     let params = ContextParams { n_ubatch: OFFLOAD_CHUNK, ..ContextParams::new(ctx, threads) };
+    // Measured as a run measures itself: after the heap gives back what earlier steps freed.
+    pinion_io::bound_heap_retention();
     let process = pinion_runtime::planning::current_rss();
     let opts = PlanOptions::new(budget);
     Ok(pinion_runtime::planning::plan_run(&packed, &params, &opts, device, process)?)
