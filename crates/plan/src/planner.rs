@@ -42,6 +42,8 @@ pub const WHOLE_RECORD_DENSITY: f64 = 0.25;
 const LRU_SHARES: [f64; 6] = [0.0, 0.05, 0.1, 0.15, 0.25, 0.4];
 /// Largest read of a streamed output-head chunk or prefill piece.
 pub const CHUNK: u64 = 512 << 10;
+/// Largest read the offloaded engine's I/O merges adjacent requests into.
+const COALESCE: u64 = 512 << 10;
 /// Bytes per token the sparse kernels process at the matrix-vector kernel's speed, relative to it: a bundle
 /// is one row dot product and one column axpy (dequantized), each on a short row.
 const SPARSE_EFFICIENCY: f64 = 0.55;
@@ -480,6 +482,8 @@ enum Unit {
     Gate(usize),
     /// Bundle of the layer's next position.
     Bundle(usize),
+    /// The layer's next record, gate block and bundles (layers read whole).
+    Record(usize),
 }
 
 /// The allocation of the bytes above the minimum: the head, pinned units and LRU regions.
@@ -560,16 +564,32 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
     let compute_threads = input.threads.min(device.n_cpus.max(1)).max(1);
     let llmflash = matches!(opts.policy, CachePolicy::LlmFlash { .. });
 
-    // Reads: the size of a typical read and the depth the device wants for it.
+    // How each layer is read: with thresholds, a layer dense enough is read whole (a cluster's gate rows and
+    // bundles in one read, merged with its neighbours'); otherwise gates first, then the bundles of the neurons
+    // that pass.
+    let whole: Vec<bool> = layers
+        .iter()
+        .map(|l| {
+            let density = l.frequency.iter().map(|&f| f as f64).sum::<f64>() / l.n_ff as f64;
+            !input.predicting && opts.bundle && opts.cache && !llmflash && density >= WHOLE_RECORD_DENSITY
+        })
+        .collect();
+    // Reads: their size (records read whole are merged into reads of up to the coalescing limit) and the depth
+    // the device wants for it.
     let record = layers.iter().map(|l| l.stride).max().unwrap_or(BLOCK);
     let small = layers.iter().map(|l| round_block(l.bundle_bytes)).max().unwrap_or(BLOCK);
-    let typical = if input.predicting { small } else { record };
+    let typical = match (input.predicting, whole.iter().any(|&w| w)) {
+        (true, _) => small,
+        (false, true) => COALESCE.max(record),
+        (false, false) => record,
+    };
     let qd = opts.queue_depth.unwrap_or_else(|| device.best_queue_depth(typical).max(4)).max(1);
 
-    // I/O buffers: reads in flight, the read-ahead window, and a prefill layer's records.
+    // I/O buffers: reads in flight, the read-ahead window (reads in flight and a layer's records waiting for
+    // their turn), and a prefill layer's records.
     let max_layer = layers.iter().map(LayerShape::layer_bytes).max().unwrap_or(0);
-    let in_flight = qd as u64 * typical.max(CHUNK.min(record * 4));
-    let read_ahead = if opts.pipeline { (2 * max_layer).clamp(2 << 20, 64 << 20) } else { 0 };
+    let in_flight = qd as u64 * typical;
+    let read_ahead = if opts.pipeline { (in_flight + max_layer).clamp(2 << 20, 64 << 20) } else { 0 };
     let io_buffers = (in_flight + read_ahead).max(max_layer).max(4 << 20);
     // Bookkeeping: the LRU key tables of every layer (present whether or not entries are planned), and the
     // fixed region's alignment slack for attention tensors, the head and two pinned spans per layer.
@@ -632,8 +652,8 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
         (true, false) => &LRU_SHARES,
     };
     for &share in shares {
-        let alloc = allocate(input, &p, &gate_p, avail, share, opts);
-        let est = estimate(input, device, opts, &alloc, &p, &gate_p, qd, compute_threads);
+        let alloc = allocate(input, &p, &gate_p, &whole, avail, share, opts);
+        let est = estimate(input, device, opts, &alloc, &p, &gate_p, &whole, qd, compute_threads);
         if best.as_ref().is_none_or(|b| est.token_s < b.0 - 1e-12) {
             best = Some((est.token_s, alloc, est));
         }
@@ -735,6 +755,7 @@ pub(crate) fn allocate(
     input: &PlanInput,
     p: &[Vec<f64>],
     gate_p: &dyn Fn(usize, usize) -> f64,
+    whole: &[bool],
     avail: u64,
     share: f64,
     opts: &PlanOptions,
@@ -761,13 +782,24 @@ pub(crate) fn allocate(
     let mut pin = left - lru_bytes;
     if !llmflash {
         // Greedy by value per byte over the next unit of every layer (gate block of the next cluster, or bundle
-        // of the next position); values within a layer never increase, so prefixes stay optimal.
+        // of the next position; in a layer read whole, the next record, every byte of which is read every
+        // token, so that the records left to read stay back to back); values within a layer never increase, so
+        // prefixes stay optimal.
         let mut next_gate = vec![0usize; n_layers];
         let mut next_bundle = vec![0usize; n_layers];
         loop {
             let mut pick: Option<(f64, Unit, u64)> = None;
             for (l, ls) in layers.iter().enumerate() {
                 let k = next_gate[l];
+                if whole[l] {
+                    if k < ls.n_clusters() {
+                        let bytes = ls.cluster_len(k) as u64 * (ls.gate_row_bytes + ls.bundle_bytes);
+                        if bytes <= pin && pick.is_none_or(|b| 1.0 > b.0) {
+                            pick = Some((1.0, Unit::Record(l), bytes));
+                        }
+                    }
+                    continue;
+                }
                 if k < ls.n_clusters() {
                     let c = ls.cluster_neurons;
                     let n = ls.cluster_len(k);
@@ -793,6 +825,10 @@ pub(crate) fn allocate(
             match unit {
                 Unit::Gate(l) => next_gate[l] += 1,
                 Unit::Bundle(l) => next_bundle[l] += 1,
+                Unit::Record(l) => {
+                    next_bundle[l] += layers[l].cluster_len(next_gate[l]);
+                    next_gate[l] += 1;
+                }
             }
         }
         a.gates = next_gate;
@@ -833,6 +869,7 @@ fn estimate(
     a: &Allocation,
     p: &[Vec<f64>],
     gate_p: &dyn Fn(usize, usize) -> f64,
+    whole: &[bool],
     qd: usize,
     threads: usize,
 ) -> Estimate {
@@ -859,8 +896,7 @@ fn estimate(
         let tail_active: f64 = tail.iter().sum();
         let all_active: f64 = p[l].iter().sum();
         active_all += all_active;
-        let tail_density = tail_active / tail.len().max(1) as f64;
-        let whole = !input.predicting && opts.bundle && tail_density >= WHOLE_RECORD_DENSITY && opts.cache;
+        let whole = whole[l];
         e.whole[l] = whole;
         // Gate rows computed, and read where not pinned.
         let mut gate_read = 0.0;
@@ -914,8 +950,18 @@ fn estimate(
     let compute_s = compute_bytes / kernel + bundle_compute / (kernel * SPARSE_EFFICIENCY) + sync;
     // Reads: streamed ones at the device's throughput for records (or head chunks), dependent ones at the
     // throughput of small reads at the depth a layer's reads reach, plus a round trip per layer.
-    let stream_size =
-        if streamed > head_missing { layers.iter().map(|l| l.stride).max().unwrap_or(BLOCK) } else { CHUNK };
+    // Records of a layer read whole lie back to back and are merged into reads of up to the I/O engine's
+    // coalescing limit; gate blocks alone are separate reads.
+    let any_whole = e.whole.iter().any(|&w| w);
+    let stream_size = match (streamed > head_missing, any_whole) {
+        (false, _) => CHUNK,
+        (true, true) => COALESCE.max(layers.iter().map(|l| l.stride).max().unwrap_or(BLOCK)),
+        (true, false) => layers
+            .iter()
+            .map(|l| round_block(l.cluster_neurons as u64 * l.gate_row_bytes))
+            .max()
+            .unwrap_or(BLOCK),
+    };
     let tp_stream = device.read_throughput(stream_size, qd).max(1e-3) * 1e6;
     let per_layer_reads = (dep_reads / dep_layers.max(1.0)).max(1.0);
     let dep_qd = qd.min(per_layer_reads.ceil() as usize).max(1);

@@ -309,8 +309,15 @@ fn greedy_pinning_is_within_one_unit_of_the_best() {
         }
         let opts = PlanOptions::new(0);
         for budget in (0..=120_000u64).step_by(7_919) {
-            let a =
-                allocate(&inp, &freqs(&inp), &|l, i| gate_p(&inp, l, i), budget + 1000 * 1088, 0.0, &opts);
+            let a = allocate(
+                &inp,
+                &freqs(&inp),
+                &|l, i| gate_p(&inp, l, i),
+                &[false; 2],
+                budget + 1000 * 1088,
+                0.0,
+                &opts,
+            );
             let used: u64 = (0..2).map(|l| a.gates[l] as u64 * 8 * 576 + a.bundles[l] as u64 * 1152).sum();
             assert!(used <= budget, "{used} > {budget}");
             let got = saved(&inp, &a.gates, &a.bundles);

@@ -24,6 +24,10 @@ pub(crate) const KIND_HEAD: u64 = 4;
 /// An embedding row.
 pub(crate) const KIND_EMBD: u64 = 5;
 
+/// Largest read adjacent requests are merged into: records read ahead lie back to back, and the device serves
+/// reads of a few hundred KiB faster than tens of KiB at the same depth (the device profile's read grid).
+pub(crate) const COALESCE: usize = 512 << 10;
+
 /// How long a read may take before the run gives up on the device.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -157,7 +161,7 @@ impl Reader {
             .backend(BackendChoice::Auto)
             .queue_depth(queue_depth)
             .pool_bytes(pool_bytes as usize)
-            .coalesce_limit(if coalesce { pinion_io::DEFAULT_COALESCE_LIMIT } else { 0 })
+            .coalesce_limit(if coalesce { COALESCE } else { 0 })
             .build()
             .map_err(|source| RuntimeError::OffloadOpen { path: path.to_path_buf(), source })?;
         Ok(Reader { engine, path: path.to_path_buf(), stash: Mutex::new(Stash::default()) })

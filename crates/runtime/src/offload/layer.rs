@@ -108,7 +108,8 @@ pub(crate) struct LayerMode {
 }
 
 /// The file range of cluster `k`'s record read with thresholds, if anything of it is not pinned: its gate block
-/// (layers read in two phases), or its gate block and unpinned bundles (layers read whole).
+/// (layers read in two phases), or its gate block and unpinned bundles (layers read whole). A record read whole
+/// runs to its padded end, so that the reads of consecutive records touch and the I/O engine merges them.
 pub(crate) fn record_request(
     pl: &PackedLayer,
     g: usize,
@@ -127,7 +128,7 @@ pub(crate) fn record_request(
                 true => pl.bundle_range(first.max(nb)).start,
                 false => pl.gate_block_range(k).start,
             };
-            Some(start..pl.bundle_range(first + n - 1).end)
+            Some(start..pl.record_range(k).end)
         }
     }
 }

@@ -9,6 +9,10 @@ use pinion_io::ReadRequest;
 use crate::error::RuntimeError;
 use crate::offload::io::Reader;
 
+/// Fewest bytes of reads submitted at once (when more are left): a few records' worth, merged into reads of the
+/// I/O engine's coalescing limit.
+const BATCH: u64 = 512 << 10;
+
 /// A token's read-ahead (see the module documentation).
 #[derive(Default)]
 pub(crate) struct Stream {
@@ -48,8 +52,14 @@ impl Stream {
     }
 
     /// Submits reads while the window has room (always at least one, so a read larger than the window still
-    /// goes).
+    /// goes). Reads go in batches of at least [`BATCH`] bytes (or all that is left): the I/O engine merges
+    /// adjacent requests of one batch into larger reads, which the device serves faster.
     pub(crate) fn refill(&mut self, reader: &Reader) -> Result<(), RuntimeError> {
+        let room = self.window.saturating_sub(self.outstanding);
+        let left: u64 = self.reqs[self.next..].iter().map(footprint).sum();
+        if self.outstanding > 0 && room < BATCH.min(left) {
+            return Ok(());
+        }
         let start = self.next;
         while self.next < self.reqs.len() {
             let f = footprint(&self.reqs[self.next]);
