@@ -99,6 +99,10 @@ struct ModelArgs {
     /// Print more: the memory plan's reasoning.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+    /// Offloaded runs: skip the checksum check of the bytes read from storage (only to measure what checking
+    /// costs; a damaged or changed file then gives wrong tokens instead of an error).
+    #[arg(long = "no-verify", requires = "mem_budget", hide = true)]
+    no_verify: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +148,8 @@ impl ModelArgs {
             DenseArg::Cpu => DenseChoice::Cpu,
             DenseArg::Npu => DenseChoice::Npu,
         };
-        let params = ContextParams { dense, ..ContextParams::new(n_ctx, self.threads) };
+        let params =
+            ContextParams { dense, verify_reads: !self.no_verify, ..ContextParams::new(n_ctx, self.threads) };
         let mut ctx = match budget {
             Some(b) => {
                 if !model.is_packed() {

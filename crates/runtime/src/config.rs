@@ -219,6 +219,9 @@ pub struct ContextParams {
     pub n_ubatch: usize,
     /// The executor of dense batched products (prefill, perplexity).
     pub dense: DenseChoice,
+    /// Offloaded runs: check every byte read from storage against its checksum before use (on by default; off
+    /// only to measure what the checks cost).
+    pub verify_reads: bool,
 }
 
 /// Which executor runs a context's dense batched products.
@@ -235,7 +238,13 @@ pub enum DenseChoice {
 impl ContextParams {
     /// Settings for a context of `n_ctx` tokens on `n_threads` threads, with the default batch size.
     pub fn new(n_ctx: usize, n_threads: usize) -> ContextParams {
-        ContextParams { n_ctx, n_threads, n_ubatch: DEFAULT_UBATCH, dense: DenseChoice::Cpu }
+        ContextParams {
+            n_ctx,
+            n_threads,
+            n_ubatch: DEFAULT_UBATCH,
+            dense: DenseChoice::Cpu,
+            verify_reads: true,
+        }
     }
 
     /// Bytes of the KV cache of a full context (f16 keys and values for every layer).

@@ -162,7 +162,13 @@ impl<'m> Context<'m> {
         let process = current_rss();
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
         let plan = ctx.plan_offload(&opts, device, process)?;
-        ctx.offload = Some(Offload::new(model, plan, ctx.predictors.is_some(), ctx.params.n_threads)?);
+        ctx.offload = Some(Offload::new(
+            model,
+            plan,
+            ctx.predictors.is_some(),
+            ctx.params.n_threads,
+            ctx.params.verify_reads,
+        )?);
         ctx.offload_setup = Some((opts, device.clone(), process));
         Ok(ctx)
     }
@@ -284,7 +290,13 @@ impl<'m> Context<'m> {
         };
         drop(previous);
         self.offload = None; // its pinned weights go before the new ones are read
-        match Offload::new(self.model, plan, self.predictors.is_some(), self.params.n_threads) {
+        match Offload::new(
+            self.model,
+            plan,
+            self.predictors.is_some(),
+            self.params.n_threads,
+            self.params.verify_reads,
+        ) {
             Ok(o) => self.offload = Some(o),
             Err(e) => {
                 self.offload_lost = true;
