@@ -522,3 +522,64 @@ fn budget_sweep_prints_a_table_and_writes_a_png() {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let _ = std::fs::remove_file(&png);
 }
+
+/// A byte flipped in the prepared model's FFN record (a bundle), in a gate block and in a row of the output head:
+/// each run fails with the checksum error, exits non-zero and prints no token. FFN bytes are checked when read
+/// (here by prefill, before the first token), so the error names them; the head row is in the resident section,
+/// checked whole when the model loads. (Bytes flipped after the model is loaded, including a streamed head row,
+/// are the runtime's test `a_byte_flipped_on_disk_after_load_is_a_checksum_error`.)
+#[test]
+fn a_damaged_prepared_model_fails_with_the_checksum_error_and_prints_no_token() {
+    let Some((m, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let small = small_budget(&m, &d);
+    let src = std::fs::read(dir.join(pinion_runtime::PACKED_FILE_NAME)).unwrap();
+    let file = pinion_format::packed::PackedFile::parse(&src).unwrap();
+    let layer = file.layer(3).clone();
+    let head =
+        file.row_checksums("output.weight").or(file.row_checksums("token_embd.weight")).unwrap().clone();
+    drop(file);
+    let last = layer.n_clusters() - 1;
+    let pos = last * layer.cluster_neurons;
+    let row = head.n_rows() - 1;
+    let cases = [
+        ("bundle", layer.bundle_range(pos).start + 100, format!("layer 3 bundle at position {pos} ")),
+        ("gate block", layer.gate_block_range(last).start + 7, format!("layer 3 cluster {last} gate block")),
+        ("head row", head.offset() + (row * head.row_bytes()) as u64 + 9, "resident section".to_string()),
+    ];
+    for (what, offset, named) in cases {
+        let copy =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("damaged-{}-{what}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        let mut bytes = src.clone();
+        bytes[offset as usize] ^= 0x24;
+        std::fs::write(copy.join(pinion_runtime::PACKED_FILE_NAME), &bytes).unwrap();
+        let c = copy.to_string_lossy().into_owned();
+        let o = pinion(&[
+            "run",
+            "-m",
+            &c,
+            "-p",
+            "The capital of France is",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "-c",
+            "128",
+            "--no-display-prompt",
+            "--mem-budget",
+            &small,
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what}: the run succeeded: {err}");
+        assert!(err.contains("checksum") && err.contains(&named), "{what}: {err}");
+        assert_eq!(err.matches("checksum mismatch").count(), 1, "{what}: the error is printed once: {err}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.trim().is_empty(), "{what}: tokens were printed: {out:?}");
+        let _ = std::fs::remove_dir_all(&copy);
+    }
+}
