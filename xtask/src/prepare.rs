@@ -37,6 +37,10 @@ pub(crate) struct ProfileArgs {
     /// Most calibration tokens to run.
     #[arg(long, default_value_t = 16384)]
     pub(crate) calib_tokens: usize,
+    /// Profile on uniformly random token ids (what `pinion bench` feeds a model) instead of the calibration
+    /// text: for synthetic models, which have no text of their own.
+    #[arg(long)]
+    pub(crate) calib_random: bool,
     /// Tokens per forward pass (each from an empty cache).
     #[arg(long, default_value_t = 512)]
     pub(crate) chunk: usize,
@@ -55,6 +59,7 @@ impl ProfileArgs {
             chunk: self.chunk,
             token_samples: self.token_samples,
             threads: self.threads,
+            random_tokens: self.calib_random,
             ..ProfileOptions::default()
         }
     }

@@ -292,7 +292,14 @@ impl Keys {
         let profile = step_key(&[
             &file_identity(&cfg.model)?,
             &file_identity(&cfg.calib)?,
-            &format!("{} {} {} {}", o.max_tokens, o.chunk, o.score_samples, o.token_samples),
+            &format!(
+                "{} {} {} {}{}",
+                o.max_tokens,
+                o.chunk,
+                o.score_samples,
+                o.token_samples,
+                if o.random_tokens { " random tokens" } else { "" }
+            ),
         ]);
         let calibrate = step_key(&[&profile, &cfg.sparsity.to_string()]);
         let train = cfg.train.as_ref().map(|t| step_key(&[&calibrate, &format!("{t:?}")]));

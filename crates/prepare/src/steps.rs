@@ -31,6 +31,10 @@ pub struct ProfileOptions {
     pub token_samples: usize,
     /// Compute threads.
     pub threads: usize,
+    /// Profile on uniformly random token ids (as `pinion bench` and llama-bench feed a model) instead of the
+    /// calibration text: for synthetic models, whose activations depend on what they are fed and which have no
+    /// text of their own.
+    pub random_tokens: bool,
 }
 
 impl Default for ProfileOptions {
@@ -41,6 +45,7 @@ impl Default for ProfileOptions {
             score_samples: 1 << 18,
             token_samples: 4096,
             threads: 2,
+            random_tokens: false,
         }
     }
 }
@@ -54,7 +59,21 @@ pub fn profile_activations(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActivationProfile, PrepareError> {
     let tok = model.tokenizer();
-    let tokens = tok.encode(text, tok.add_bos(), false);
+    let tokens = match opts.random_tokens {
+        false => tok.encode(text, tok.add_bos(), false),
+        true => {
+            let n_vocab = model.config().n_vocab as u64;
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            (0..opts.max_tokens)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % n_vocab) as u32
+                })
+                .collect()
+        }
+    };
     let chunk = opts.chunk.min(model.config().n_ctx_train).max(1);
     if tokens.len() < chunk.min(opts.max_tokens) || tokens.is_empty() {
         return Err(PrepareError::CalibrationTooShort {
