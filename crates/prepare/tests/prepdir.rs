@@ -45,6 +45,7 @@ fn setup(tag: &str, predictors: bool) -> (TempDir, PrepareConfig) {
             score_samples: 4096,
             token_samples: 256,
             threads: 2,
+            random_tokens: false,
         },
         sparsity: 0.5,
         train: predictors.then(|| TrainConfig {

@@ -392,7 +392,7 @@ impl<'m> Context<'m> {
             let (scratch, k_cache, v_cache, n_past) =
                 (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
             if let (Some(o), 1) = (self.offload.as_mut(), chunk.len()) {
-                o.begin_token(model)?;
+                o.begin_token()?;
             }
             let ffn = Ffn {
                 thresholds: self.thresholds.as_deref(),

@@ -56,8 +56,6 @@ pub(crate) struct Offload {
     sums: Option<ClusterSums>,
     /// Per compute thread: a gate block assembled from predicted rows.
     scratch: Vec<Mutex<Vec<u8>>>,
-    /// Predictors choose the neurons (gate reads depend on the prediction).
-    predicting: bool,
     stats: OffloadStats,
     token_start: Option<Instant>,
     /// Stall and checksum nanoseconds summed over threads in the current token.
@@ -102,15 +100,19 @@ impl Offload {
         let n_head = (model.config().n_vocab - plan.head_rows).div_ceil(head_chunk_rows(rb));
         *lock(&reader.stash) = Stash::new(&n_clusters, n_head);
         let window = if plan.options.pipeline { plan.read_ahead_bytes } else { 0 };
+        // Without the pipeline nothing is read ahead.
+        let ahead = match plan.options.pipeline {
+            true => Offload::ahead_requests(model, &plan, &res, predicting)?,
+            false => Vec::new(),
+        };
         Ok(Offload {
-            stream: Mutex::new(Stream::new(window)),
+            stream: Mutex::new(Stream::new(window, ahead)),
             reader,
             res,
             bufs: Vec::new(),
             queue: VecDeque::new(),
             sums: None,
             scratch: (0..n_threads.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
-            predicting,
             stats: OffloadStats { neurons_per_layer: vec![0; layers.len()], ..OffloadStats::default() },
             token_start: None,
             stall_ns: 0,
@@ -182,9 +184,8 @@ impl Offload {
     }
 
     /// Starts a decode token: its clock, and the read-ahead of its reads that do not depend on its activations
-    /// (with thresholds, every unpinned gate block or whole record, layer by layer; then the output head's
-    /// rows not in memory).
-    pub(crate) fn begin_token(&mut self, model: &Model) -> Result<(), RuntimeError> {
+    /// ([`Offload::ahead_requests`]).
+    pub(crate) fn begin_token(&mut self) -> Result<(), RuntimeError> {
         self.check()?;
         self.token_start = Some(Instant::now());
         (self.stall_ns, self.verify_ns) = (0, 0);
@@ -193,11 +194,28 @@ impl Offload {
         if !self.plan.options.pipeline {
             return Ok(());
         }
+        let mut s = lock(&self.stream);
+        self.stats.ahead_bytes += s.bytes();
+        s.restart();
+        let r = s.refill(&self.reader);
+        drop(s);
+        self.guard(r)
+    }
+
+    /// A token's reads that do not depend on its activations, in the order it uses them: with thresholds, every
+    /// unpinned gate block (or record, for a layer read whole), layer by layer; then the output head's rows not
+    /// in memory. The same every token.
+    fn ahead_requests(
+        model: &Model,
+        plan: &Plan,
+        res: &Resident,
+        predicting: bool,
+    ) -> Result<Vec<ReadRequest>, RuntimeError> {
         let mut reqs = Vec::new();
-        if !self.predicting {
-            for (l, lp) in self.plan.layers.iter().enumerate() {
+        if !predicting {
+            for (l, lp) in plan.layers.iter().enumerate() {
                 let pl = Offload::packed(model, l)?;
-                let pin = &self.res.layers[l];
+                let pin = &res.layers[l];
                 for k in 0..pl.n_clusters() {
                     if let Some(r) = record_request(pl, pin.n_gate_clusters, pin.n_bundles, lp.read_whole, k)
                     {
@@ -207,20 +225,14 @@ impl Offload {
                 }
             }
         }
-        reqs.extend(self.head_requests(model));
-        self.stats.ahead_bytes += reqs.iter().map(|r| r.len as u64).sum::<u64>();
-        let mut s = lock(&self.stream);
-        s.start(reqs.into_iter());
-        let r = s.refill(&self.reader);
-        drop(s);
-        self.guard(r)
+        reqs.extend(Offload::head_requests(model, res.head_rows));
+        Ok(reqs)
     }
 
-    /// The reads of the output head's rows not in memory, in chunks of whole rows.
-    fn head_requests(&self, model: &Model) -> Vec<ReadRequest> {
+    /// The reads of the output head's rows not in memory (past the first `resident`), in chunks of whole rows.
+    fn head_requests(model: &Model, resident: usize) -> Vec<ReadRequest> {
         let w = &model.output;
         let rb = w.row_bytes();
-        let resident = self.res.head_rows;
         let rows = (w.range.start + resident * rb) as u64..w.range.end as u64;
         pieces(rows, (head_chunk_rows(rb) * rb) as u64, KIND_HEAD, 0).collect()
     }
@@ -442,7 +454,7 @@ impl Offload {
             return Ok(());
         }
         let chunk_rows = head_chunk_rows(rb);
-        let reqs = self.head_requests(model);
+        let reqs = Offload::head_requests(model, resident);
         // Read ahead by the stream when decoding with the pipeline; otherwise read now.
         let streamed = { lock(&self.stream).has(tag(KIND_HEAD, 0, 0)) } && self.decoding();
         if !streamed {

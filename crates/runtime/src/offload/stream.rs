@@ -14,7 +14,6 @@ use crate::offload::io::Reader;
 const BATCH: u64 = 512 << 10;
 
 /// A token's read-ahead (see the module documentation).
-#[derive(Default)]
 pub(crate) struct Stream {
     /// The token's reads, in the order it uses them.
     reqs: Vec<ReadRequest>,
@@ -33,17 +32,21 @@ fn footprint(r: &ReadRequest) -> u64 {
 }
 
 impl Stream {
-    /// A stream that keeps at most `window` bytes outstanding.
-    pub(crate) fn new(window: u64) -> Stream {
-        Stream { window, ..Stream::default() }
+    /// A stream of `reqs` (a token's reads, in the order it uses them) that keeps at most `window` bytes
+    /// outstanding.
+    pub(crate) fn new(window: u64, reqs: Vec<ReadRequest>) -> Stream {
+        Stream { window, reqs, next: 0, outstanding: 0 }
     }
 
-    /// Starts a token's reads (what is left of the previous token's is dropped: a token uses all of its own).
-    pub(crate) fn start(&mut self, reqs: impl Iterator<Item = ReadRequest>) {
-        self.reqs.clear();
-        self.reqs.extend(reqs);
+    /// Starts a token's reads over (a token uses all of its own, so nothing of the previous one is left).
+    pub(crate) fn restart(&mut self) {
         self.next = 0;
         self.outstanding = 0;
+    }
+
+    /// Bytes of a token's reads.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.reqs.iter().map(|r| r.len as u64).sum()
     }
 
     /// Whether a read of `tag` is (or will be) submitted by the stream this token.
