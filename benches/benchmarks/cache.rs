@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use pinion_cache::{
-    CacheConfig, FixedRegionBuilder, Insert, LruRegion, PartitionConfig, Policy, RegionConfig, SegmentedCache,
+    CacheConfig, FixedRegionBuilder, Insert, LruRegion, Policy, RegionConfig, SegmentedCache,
 };
 
 /// Bytes of one SmolLM2 neuron bundle (Q8_0 up row and down column).
@@ -18,13 +18,10 @@ const BUNDLE: usize = 972;
 /// A cache of two partitions whose cold regions hold `n` bundles of keys `0..2n`, filled with keys `0..n`, so
 /// that hits find every key and inserts of keys `n..2n` evict.
 fn filled(n: usize, policy: Policy) -> SegmentedCache {
-    let part = PartitionConfig {
-        hot: RegionConfig { entry_len: 32 * BUNDLE, capacity: 1, n_keys: 1 },
-        cold: RegionConfig { entry_len: BUNDLE, capacity: n, n_keys: 2 * n },
-    };
+    let cold = RegionConfig { entry_len: BUNDLE, capacity: n, n_keys: 2 * n };
     let cache = SegmentedCache::new(
         FixedRegionBuilder::new(0).build(),
-        CacheConfig { policy, partitions: vec![part; 2] },
+        CacheConfig { policy, partitions: vec![cold; 2] },
     )
     .expect("bench shapes are representable");
     let bundle = [0x5au8; BUNDLE];

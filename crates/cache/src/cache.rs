@@ -1,4 +1,7 @@
-//! The segmented cache: one fixed region, and per partition (one per FFN layer) a hot and a cold LRU region.
+//! The segmented cache: one fixed region, and per partition (one per FFN layer) a neuron-level LRU region (the
+//! cold region). There is no cluster-level LRU (hot) region: a static pinned set of the same bytes always beats
+//! one under the activation statistics, and a whole-record layer's cyclic reads thrash an LRU, so the planner
+//! always sized it 0.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,87 +10,37 @@ use crate::error::CacheError;
 use crate::fixed::FixedRegion;
 use crate::region::{LruRegion, Policy, RegionConfig, RegionStats};
 
-/// The two LRU regions of one partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PartitionConfig {
-    /// The hot region: key = cluster index, entries of at most `entry_len` bytes (a cluster's bundles).
-    pub hot: RegionConfig,
-    /// The cold region: key = neuron position, entries of `entry_len` bytes (one bundle).
-    pub cold: RegionConfig,
-}
-
-impl PartitionConfig {
-    /// Bytes the partition's two regions allocate at most.
-    pub const fn max_bytes(&self) -> usize {
-        self.hot.max_bytes().saturating_add(self.cold.max_bytes())
-    }
-}
-
 /// The policy and the partitions of a [`SegmentedCache`]. No `Default`: the sizes come from the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheConfig {
-    /// Replacement policy of every hot and cold region.
+    /// Replacement policy of every LRU region.
     pub policy: Policy,
-    /// One per FFN layer: LRU lists never span partitions.
-    pub partitions: Vec<PartitionConfig>,
+    /// One per FFN layer: that layer's neuron-level LRU region (key = neuron position, entries of `entry_len`
+    /// bytes, one bundle). LRU lists never span partitions.
+    pub partitions: Vec<RegionConfig>,
 }
 
 impl CacheConfig {
-    /// Bytes the hot and cold regions of every partition allocate at most, with the partition list
+    /// Bytes the LRU regions of every partition allocate at most, with the partition list
     /// ([`region_bytes`](crate::region_bytes) per region). The fixed region is counted apart
     /// ([`fixed_region_bytes`](crate::fixed_region_bytes)).
     pub fn max_bytes(&self) -> usize {
         self.partitions
             .iter()
-            .fold(size_of::<Partition>() * self.partitions.len(), |sum, p| sum.saturating_add(p.max_bytes()))
+            .fold(size_of::<LruRegion>() * self.partitions.len(), |sum, p| sum.saturating_add(p.max_bytes()))
     }
 }
 
-/// The hot and cold regions of one partition.
-#[derive(Debug)]
-pub struct Partition {
-    hot: LruRegion,
-    cold: LruRegion,
-}
-
-impl Partition {
-    /// The hot region (cluster-level LRU).
-    pub fn hot(&self) -> &LruRegion {
-        &self.hot
-    }
-
-    /// The cold region (neuron-level LRU).
-    pub fn cold(&self) -> &LruRegion {
-        &self.cold
-    }
-
-    /// The counters of both regions.
-    pub fn stats(&self) -> PartitionStats {
-        PartitionStats { hot: self.hot.stats(), cold: self.cold.stats() }
-    }
-}
-
-/// Counters of one partition.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PartitionStats {
-    /// Hot region.
-    pub hot: RegionStats,
-    /// Cold region.
-    pub cold: RegionStats,
-}
-
-/// Counters of the whole cache: per region summed over partitions, and per partition.
+/// Counters of the whole cache: the fixed region, the LRU regions summed over partitions, and each partition's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// The fixed region: its entries and bytes (the end of its last entry). Its reads take no lock and touch no
     /// counter, so its other fields are 0.
     pub fixed: RegionStats,
-    /// Hot regions, summed over partitions.
-    pub hot: RegionStats,
-    /// Cold regions, summed over partitions.
+    /// Cold (neuron-level LRU) regions, summed over partitions.
     pub cold: RegionStats,
-    /// Each partition, in order.
-    pub partitions: Vec<PartitionStats>,
+    /// Each partition's cold region, in order.
+    pub partitions: Vec<RegionStats>,
 }
 
 /// PowerInfer-2's segmented neuron cache; see the crate documentation. Share it between threads by reference
@@ -95,7 +48,8 @@ pub struct CacheStats {
 pub struct SegmentedCache {
     fixed: FixedRegion,
     policy: Policy,
-    partitions: Vec<Partition>,
+    /// The cold region of each partition.
+    partitions: Vec<LruRegion>,
     token: AtomicU64,
 }
 
@@ -110,16 +64,14 @@ impl fmt::Debug for SegmentedCache {
 }
 
 impl SegmentedCache {
-    /// A cache around a built fixed region, with empty hot and cold regions shaped by `config`.
+    /// A cache around a built fixed region, with empty cold regions shaped by `config`.
     /// [`CacheError::ConfigTooLarge`] if a region's shape cannot be represented.
     pub fn new(fixed: FixedRegion, config: CacheConfig) -> Result<SegmentedCache, CacheError> {
         let policy = config.policy;
         let partitions = config
             .partitions
             .iter()
-            .map(|p| {
-                Ok(Partition { hot: LruRegion::new(p.hot, policy)?, cold: LruRegion::new(p.cold, policy)? })
-            })
+            .map(|&cold| LruRegion::new(cold, policy))
             .collect::<Result<Vec<_>, CacheError>>()?;
         Ok(SegmentedCache { fixed, policy, partitions, token: AtomicU64::new(0) })
     }
@@ -140,29 +92,18 @@ impl SegmentedCache {
         self.partitions.len()
     }
 
-    /// Partition `partition`, or [`CacheError::PartitionOutOfRange`].
-    pub fn partition(&self, partition: usize) -> Result<&Partition, CacheError> {
+    /// The cold region (neuron-level LRU) of `partition`, or [`CacheError::PartitionOutOfRange`].
+    pub fn cold(&self, partition: usize) -> Result<&LruRegion, CacheError> {
         self.partitions
             .get(partition)
             .ok_or(CacheError::PartitionOutOfRange { partition, n_partitions: self.partitions.len() })
     }
 
-    /// The hot region of `partition`.
-    pub fn hot(&self, partition: usize) -> Result<&LruRegion, CacheError> {
-        self.partition(partition).map(Partition::hot)
-    }
-
-    /// The cold region of `partition`.
-    pub fn cold(&self, partition: usize) -> Result<&LruRegion, CacheError> {
-        self.partition(partition).map(Partition::cold)
-    }
-
     /// Ends the current token in every region (see [`LruRegion::advance_token`]) and returns the new token
     /// number. Call it from one thread, between tokens.
     pub fn advance_token(&self) -> u64 {
-        for p in &self.partitions {
-            p.hot.advance_token();
-            p.cold.advance_token();
+        for cold in &self.partitions {
+            cold.advance_token();
         }
         self.token.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -180,21 +121,19 @@ impl SegmentedCache {
                 bytes: self.fixed.len(),
                 ..RegionStats::default()
             },
-            partitions: self.partitions.iter().map(Partition::stats).collect(),
+            partitions: self.partitions.iter().map(LruRegion::stats).collect(),
             ..CacheStats::default()
         };
         for p in &stats.partitions {
-            stats.hot.add(&p.hot);
-            stats.cold.add(&p.cold);
+            stats.cold.add(p);
         }
         stats
     }
 
     /// Sets every counter to 0 (entries stay).
     pub fn reset_stats(&self) {
-        for p in &self.partitions {
-            p.hot.reset_stats();
-            p.cold.reset_stats();
+        for cold in &self.partitions {
+            cold.reset_stats();
         }
     }
 }

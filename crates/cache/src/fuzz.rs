@@ -1,26 +1,26 @@
 //! Fuzzing and property-testing support: builds a fixed region and runs a sequence of cache operations against
 //! a simple reference model, panicking on the first disagreement.
 //!
-//! The model is the obvious, slow version: each LRU region is a `VecDeque` in recency order (searched
-//! linearly), held guards are a list of keys, the sliding window is a `retain`, and the fixed region is an
-//! offset counter. After every operation the checker compares with the cache: each result (including the evicted
-//! key and errors), the bytes of every entry returned and of every guard still held, recency order, presence of
-//! every key, all counters, and that no region holds more entries than its capacity.
+//! Operations address a (partition, key) in that partition's cold region (the neuron-level LRU; partitions and
+//! keys may be out of range). The model is the obvious, slow version: each LRU region is a `VecDeque` in recency
+//! order (searched linearly), held guards are a list of keys, the sliding window is a `retain`, and the fixed
+//! region is an offset counter. After every operation the checker compares with the cache: each result
+//! (including the evicted key and errors), the bytes of every entry returned and of every guard still held,
+//! recency order, presence of every key, all counters (per partition and summed), and that no region holds more
+//! entries than its capacity.
 
 use std::collections::VecDeque;
 
 use crate::{
-    CacheConfig, CacheError, EntryRef, FIXED_ALIGN, FixedId, FixedRegionBuilder, Insert, LruRegion,
-    PartitionConfig, Policy, RegionConfig, RegionStats, SegmentedCache,
+    CacheConfig, CacheError, EntryRef, FIXED_ALIGN, FixedId, FixedRegionBuilder, Insert, LruRegion, Policy,
+    RegionConfig, RegionStats, SegmentedCache,
 };
 
 /// Partitions of the fuzzed cache (operations also name partition `N_PARTITIONS`, which is out of range).
 const N_PARTITIONS: usize = 2;
 
-/// Hot region shape apart from capacity: entries of 0 to 40 bytes, keys 0..4.
-const HOT_LEN: usize = 40;
-const HOT_KEYS: usize = 4;
-/// Cold region shape apart from capacity: entries of 24 bytes, keys 0..8.
+/// Cold region shape apart from capacity: entries of at most 24 bytes (the engine's are all 24: one bundle),
+/// keys 0..8.
 const COLD_LEN: usize = 24;
 const COLD_KEYS: usize = 8;
 
@@ -29,7 +29,7 @@ const COLD_KEYS: usize = 8;
 pub fn check_ops(data: &[u8]) {
     let mut it = data.iter().copied();
     let mut next = move || it.next();
-    let (Some(policy), Some(capacities), Some(fixed_capacity), Some(n_pushes)) =
+    let (Some(policy), Some(capacity), Some(fixed_capacity), Some(n_pushes)) =
         (next(), next(), next(), next())
     else {
         return;
@@ -49,22 +49,20 @@ pub fn check_ops(data: &[u8]) {
             0 | 1 => Policy::Lru,
             _ => Policy::SlidingWindow { tokens: u32::from(policy / 3 % 4) },
         },
-        hot_capacity: usize::from(capacities % 4),
-        cold_capacity: usize::from(capacities / 4 % 6),
+        cold_capacity: usize::from(capacity % 6),
         fixed_capacity: usize::from(fixed_capacity) * 5,
         pushes,
     };
     let mut ops = Vec::new();
     while let (Some(a), Some(b), Some(c)) = (next(), next(), next()) {
-        let (part, hot) = ((a >> 3) % (N_PARTITIONS as u8 + 1), a >> 7 == 1);
-        let n_keys = if hot { HOT_KEYS } else { COLD_KEYS };
+        let part = (a >> 3) % (N_PARTITIONS as u8 + 1);
         // Two keys past the end, to exercise range checks.
-        let key = u32::from(b) % (n_keys as u32 + 2);
+        let key = u32::from(b) % (COLD_KEYS as u32 + 2);
         ops.push(match a % 8 {
-            0 | 1 => Op::Get { part, hot, key },
-            2 => Op::Contains { part, hot, key },
-            3 | 4 => Op::Insert { part, hot, key, len: c },
-            5 => Op::Hold { part, hot, key },
+            0 | 1 => Op::Get { part, key },
+            2 => Op::Contains { part, key },
+            3 | 4 => Op::Insert { part, key, len: c },
+            5 => Op::Hold { part, key },
             6 => Op::Release { guard: usize::from(c) },
             _ if c % 8 == 0 => Op::ResetStats,
             _ => Op::Advance,
@@ -91,42 +89,37 @@ pub(crate) struct FixedPush {
     pub(crate) how: Push,
 }
 
-/// What the cache is built from: the policy, the LRU capacities (the shapes are fixed), and the fixed region's
-/// capacity and pushes.
+/// What the cache is built from: the policy, the cold regions' capacity (the shapes are fixed), and the fixed
+/// region's capacity and pushes.
 #[derive(Clone, Debug)]
 pub(crate) struct Setup {
     pub(crate) policy: Policy,
-    pub(crate) hot_capacity: usize,
     pub(crate) cold_capacity: usize,
     pub(crate) fixed_capacity: usize,
     pub(crate) pushes: Vec<FixedPush>,
 }
 
-/// One operation of a test sequence. `part` may be out of range (`N_PARTITIONS`), and so may `key` (up to
-/// `n_keys + 1`); `len` selects an entry length (see [`entry_len_of`]); `guard` is taken modulo the number of
-/// held guards (and ignored when there are none).
+/// One operation of a test sequence, on the cold region of partition `part`. `part` may be out of range
+/// (`N_PARTITIONS`), and so may `key` (up to `n_keys + 1`); `len` selects an entry length (see
+/// [`entry_len_of`]); `guard` is taken modulo the number of held guards (and ignored when there are none).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Op {
     Get {
         part: u8,
-        hot: bool,
         key: u32,
     },
     Contains {
         part: u8,
-        hot: bool,
         key: u32,
     },
     Insert {
         part: u8,
-        hot: bool,
         key: u32,
         len: u8,
     },
     /// A get whose guard is kept until a `Release`.
     Hold {
         part: u8,
-        hot: bool,
         key: u32,
     },
     Release {
@@ -136,15 +129,14 @@ pub(crate) enum Op {
     ResetStats,
 }
 
-/// The length an insert uses: the cold region's entry length (or one more, to be refused), any hot length up to
-/// the entry length (or one more).
-fn entry_len_of(hot: bool, sel: u8) -> usize {
-    let too_long = sel >= 240;
-    match (hot, too_long) {
-        (true, false) => usize::from(sel) % (HOT_LEN + 1),
-        (false, false) => COLD_LEN,
-        (true, true) => HOT_LEN + 1,
-        (false, true) => COLD_LEN + 1,
+/// The length an insert uses: mostly the entry length (what the engine stores), sometimes a shorter one (0 up to
+/// the entry length: the region keeps each entry's own length, and its byte counters must follow), or one
+/// more than the entry length, to be refused.
+fn entry_len_of(sel: u8) -> usize {
+    match sel {
+        0..160 => COLD_LEN,
+        160..240 => usize::from(sel) % (COLD_LEN + 1),
+        _ => COLD_LEN + 1,
     }
 }
 
@@ -333,26 +325,23 @@ pub(crate) fn run(setup: &Setup, ops: &[Op]) {
     let mut serial = 0u64;
     let fixed = build_fixed(setup, &mut serial);
     let (fixed_entries, fixed_len) = (fixed.n_entries(), fixed.len());
-    let hot = RegionConfig { entry_len: HOT_LEN, capacity: setup.hot_capacity, n_keys: HOT_KEYS };
     let cold = RegionConfig { entry_len: COLD_LEN, capacity: setup.cold_capacity, n_keys: COLD_KEYS };
-    let config =
-        CacheConfig { policy: setup.policy, partitions: vec![PartitionConfig { hot, cold }; N_PARTITIONS] };
+    let config = CacheConfig { policy: setup.policy, partitions: vec![cold; N_PARTITIONS] };
     let cache = match SegmentedCache::new(fixed, config) {
         Ok(cache) => cache,
         Err(e) => panic!("small shapes are representable: {e}"),
     };
-    // Models by partition and region (0 hot, 1 cold).
-    let mut models: Vec<[Model; 2]> =
-        (0..N_PARTITIONS).map(|_| [Model::new(hot, setup.policy), Model::new(cold, setup.policy)]).collect();
-    // Held guards: partition, region, key, and the bytes they must keep showing.
-    let mut guards: Vec<(EntryRef<'_>, usize, usize, Vec<u8>)> = Vec::new();
+    assert_eq!((cache.n_partitions(), cache.policy()), (N_PARTITIONS, setup.policy));
+    // One model per partition (its cold region).
+    let mut models: Vec<Model> = (0..N_PARTITIONS).map(|_| Model::new(cold, setup.policy)).collect();
+    // Held guards: partition, and the bytes they must keep showing.
+    let mut guards: Vec<(EntryRef<'_>, usize, Vec<u8>)> = Vec::new();
 
     for (step, &op) in ops.iter().enumerate() {
         // The region an operation names, or the error for an out-of-range partition.
-        let region = |part: u8, hot: bool| -> Option<&LruRegion> {
+        let region = |part: u8| -> Option<&LruRegion> {
             let p = usize::from(part);
-            let got = if hot { cache.hot(p) } else { cache.cold(p) };
-            match got {
+            match cache.cold(p) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     assert!(p >= N_PARTITIONS, "step {step}: partition {p}: {e}");
@@ -364,18 +353,18 @@ pub(crate) fn run(setup: &Setup, ops: &[Op]) {
                 }
             }
         };
-        let held_keys: Vec<(usize, usize, u32)> = guards.iter().map(|g| (g.1, g.2, g.0.key())).collect();
+        let held_keys: Vec<(usize, u32)> = guards.iter().map(|g| (g.1, g.0.key())).collect();
         match op {
-            Op::Get { part, hot, key } | Op::Hold { part, hot, key } => {
-                let Some(r) = region(part, hot) else { continue };
-                let (p, h) = (usize::from(part), usize::from(!hot));
-                let want = models[p][h].get(key);
+            Op::Get { part, key } | Op::Hold { part, key } => {
+                let Some(r) = region(part) else { continue };
+                let p = usize::from(part);
+                let want = models[p].get(key);
                 match (r.get(key), want) {
                     (Some(got), Some(want)) => {
                         assert_eq!(got.key(), key, "step {step}");
                         assert!(*got == want[..], "step {step}: {op:?} returned other bytes than inserted");
                         if matches!(op, Op::Hold { .. }) {
-                            guards.push((got, p, h, want));
+                            guards.push((got, p, want));
                         }
                     }
                     (None, None) => {}
@@ -384,19 +373,19 @@ pub(crate) fn run(setup: &Setup, ops: &[Op]) {
                     }
                 }
             }
-            Op::Contains { part, hot, key } => {
-                let Some(r) = region(part, hot) else { continue };
-                let m = &models[usize::from(part)][usize::from(!hot)];
+            Op::Contains { part, key } => {
+                let Some(r) = region(part) else { continue };
+                let m = &models[usize::from(part)];
                 let want = (key as usize) < m.n_keys && m.position(key).is_some();
                 assert_eq!(r.contains(key), want, "step {step}: {op:?}");
             }
-            Op::Insert { part, hot, key, len } => {
-                let Some(r) = region(part, hot) else { continue };
-                let (p, h) = (usize::from(part), usize::from(!hot));
-                let bytes = content(serial, entry_len_of(hot, len));
+            Op::Insert { part, key, len } => {
+                let Some(r) = region(part) else { continue };
+                let p = usize::from(part);
+                let bytes = content(serial, entry_len_of(len));
                 serial += 1;
-                let held = |k: u32| held_keys.contains(&(p, h, k));
-                let want = models[p][h].insert(key, &bytes, &held);
+                let held = |k: u32| held_keys.contains(&(p, k));
+                let want = models[p].insert(key, &bytes, &held);
                 assert_eq!(r.insert(key, &bytes), want, "step {step}: {op:?}");
             }
             Op::Release { guard } => {
@@ -406,51 +395,44 @@ pub(crate) fn run(setup: &Setup, ops: &[Op]) {
             }
             Op::Advance => {
                 for (p, m) in models.iter_mut().enumerate() {
-                    for (h, m) in m.iter_mut().enumerate() {
-                        m.advance(&|k: u32| held_keys.contains(&(p, h, k)));
-                    }
+                    m.advance(&|k: u32| held_keys.contains(&(p, k)));
                 }
-                assert_eq!(cache.advance_token(), models[0][0].token, "step {step}");
+                assert_eq!(cache.advance_token(), models[0].token, "step {step}");
+                assert_eq!(cache.token(), models[0].token, "step {step}");
             }
             Op::ResetStats => {
                 cache.reset_stats();
-                models.iter_mut().flatten().for_each(Model::reset_stats);
+                models.iter_mut().for_each(Model::reset_stats);
             }
         }
         compare(&cache, &models, step, op);
-        for (g, p, h, bytes) in &guards {
-            assert!(**g == bytes[..], "step {step}: a held entry ({p}, {h}, key {}) changed", g.key());
+        for (g, p, bytes) in &guards {
+            assert!(**g == bytes[..], "step {step}: a held entry (partition {p}, key {}) changed", g.key());
         }
         let stats = cache.stats();
         assert_eq!((stats.fixed.entries, stats.fixed.bytes), (fixed_entries, fixed_len));
     }
 }
 
-fn compare(cache: &SegmentedCache, models: &[[Model; 2]], step: usize, op: Op) {
+fn compare(cache: &SegmentedCache, models: &[Model], step: usize, op: Op) {
     let stats = cache.stats();
-    let (mut hot, mut cold) = (RegionStats::default(), RegionStats::default());
+    assert_eq!(stats.partitions.len(), models.len(), "step {step}: one stats entry per partition");
+    let mut cold = RegionStats::default();
     for (p, m) in models.iter().enumerate() {
-        for (h, m) in m.iter().enumerate() {
-            let r = match if h == 0 { cache.hot(p) } else { cache.cold(p) } {
-                Ok(r) => r,
-                Err(e) => panic!("partition {p} exists: {e}"),
-            };
-            let order: Vec<u32> = m.lru.iter().map(|e| e.0).collect();
-            assert_eq!(r.lru_order(), order, "step {step} after {op:?}: recency order of ({p}, {h})");
-            assert_eq!(r.stats(), m.stats, "step {step} after {op:?}: counters of ({p}, {h})");
-            assert!(r.len() <= r.capacity(), "step {step}: ({p}, {h}) holds more than its capacity");
-            for key in 0..m.n_keys as u32 + 2 {
-                let want = (key as usize) < m.n_keys && m.position(key).is_some();
-                assert_eq!(r.contains(key), want, "step {step} after {op:?}: key {key} of ({p}, {h})");
-            }
-            let part = &stats.partitions[p];
-            assert_eq!(
-                if h == 0 { part.hot } else { part.cold },
-                m.stats,
-                "step {step}: stats of ({p}, {h})"
-            );
-            if h == 0 { &mut hot } else { &mut cold }.add(&m.stats);
+        let r = match cache.cold(p) {
+            Ok(r) => r,
+            Err(e) => panic!("partition {p} exists: {e}"),
+        };
+        let order: Vec<u32> = m.lru.iter().map(|e| e.0).collect();
+        assert_eq!(r.lru_order(), order, "step {step} after {op:?}: recency order of partition {p}");
+        assert_eq!(r.stats(), m.stats, "step {step} after {op:?}: counters of partition {p}");
+        assert!(r.len() <= r.capacity(), "step {step}: partition {p} holds more than its capacity");
+        for key in 0..m.n_keys as u32 + 2 {
+            let want = (key as usize) < m.n_keys && m.position(key).is_some();
+            assert_eq!(r.contains(key), want, "step {step} after {op:?}: key {key} of partition {p}");
         }
+        assert_eq!(stats.partitions[p], m.stats, "step {step}: stats of partition {p}");
+        cold.add(&m.stats);
     }
-    assert_eq!((stats.hot, stats.cold), (hot, cold), "step {step} after {op:?}: summed stats");
+    assert_eq!(stats.cold, cold, "step {step} after {op:?}: summed stats");
 }

@@ -1,7 +1,7 @@
 //! An LRU region: up to `capacity` entries of at most `entry_len` bytes, keyed by `0..n_keys`, with exact
 //! least-recently-used replacement (or LLM-in-a-Flash's sliding window), read by several threads while others
-//! insert. A partition of the [`SegmentedCache`](crate::SegmentedCache) has two: the hot region (key = cluster
-//! index) and the cold region (key = neuron position).
+//! insert. Each partition (FFN layer) of the [`SegmentedCache`](crate::SegmentedCache) has one, its cold region:
+//! a neuron-level LRU (key = neuron position, one bundle per entry).
 //!
 //! Bookkeeping sits under one mutex per region, held for O(1) work per call: a direct-indexed table from key to
 //! slot (no hashing), and per slot its key, length, last-use token and links of an intrusive doubly linked
@@ -24,7 +24,7 @@ use crate::error::CacheError;
 /// Marks an absent key (in `slot_of_key`), a free slot (in the slot's key) and the end of a list.
 const NIL: u32 = u32::MAX;
 
-/// Which entries the hot and cold regions keep.
+/// Which entries the LRU (cold) regions keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
     /// PowerInfer-2: keep the most recently used entries that fit (exact LRU per region).

@@ -125,11 +125,9 @@ fn fixed_reservation_is_backed_only_when_written() {
     assert_eq!(f.len(), 4096);
 }
 
-fn layer(hot_capacity: usize, cold_capacity: usize) -> PartitionConfig {
-    PartitionConfig {
-        hot: RegionConfig { entry_len: 4 * 100, capacity: hot_capacity, n_keys: 16 },
-        cold: RegionConfig { entry_len: 100, capacity: cold_capacity, n_keys: 64 },
-    }
+/// A layer's cold region: bundles of 100 bytes, keys 0..64.
+fn layer(capacity: usize) -> RegionConfig {
+    RegionConfig { entry_len: 100, capacity, n_keys: 64 }
 }
 
 #[test]
@@ -137,9 +135,9 @@ fn partitions_are_separate_and_summed_in_stats() {
     let mut b = FixedRegionBuilder::new(1000);
     ok(b.push(&[1; 100]));
     ok(b.push(&[2; 10]));
-    let config = CacheConfig { policy: Policy::Lru, partitions: vec![layer(2, 4), layer(1, 2), layer(0, 0)] };
+    let config = CacheConfig { policy: Policy::Lru, partitions: vec![layer(4), layer(2), layer(0)] };
     let c = ok(SegmentedCache::new(b.build(), config.clone()));
-    assert_eq!(c.n_partitions(), 3);
+    assert_eq!((c.n_partitions(), c.policy()), (3, Policy::Lru));
     for k in 0..4 {
         assert!(ok(ok(c.cold(0)).insert(k, &[k as u8; 100])).is_stored());
     }
@@ -149,71 +147,124 @@ fn partitions_are_separate_and_summed_in_stats() {
     }
     assert_eq!(ok(c.cold(0)).lru_order(), [3, 2, 1, 0]);
     assert_eq!(ok(c.cold(1)).lru_order(), [9, 8]);
-    assert!(ok(ok(c.hot(0)).insert(15, &[0; 250])).is_stored());
-    assert_eq!(ok(ok(c.hot(2)).insert(0, &[0; 400])), Insert::NoRoom);
-    assert!(ok(c.hot(0)).get(15).is_some() && ok(c.cold(1)).get(0).is_none());
+    assert_eq!(ok(ok(c.cold(2)).insert(0, &[0; 100])), Insert::NoRoom);
+    assert_eq!(ok(ok(c.cold(0)).insert(3, &[0; 50])), Insert::Present);
+    assert!(ok(c.cold(0)).get(1).is_some() && ok(c.cold(1)).get(0).is_none());
+    assert_eq!(ok(c.cold(0)).lru_order(), [1, 3, 2, 0]);
     let s = c.stats();
     assert_eq!((s.fixed.entries, s.fixed.bytes), (2, 128 + 10));
     assert_eq!(
-        (s.cold.entries, s.cold.bytes, s.cold.inserts, s.cold.evictions, s.cold.misses),
-        (6, 600, 14, 8, 1)
+        s.cold,
+        RegionStats { entries: 6, bytes: 600, hits: 1, misses: 1, inserts: 14, evictions: 8, rejections: 2 }
     );
-    assert_eq!((s.hot.entries, s.hot.bytes, s.hot.hits, s.hot.rejections), (1, 250, 1, 1));
     assert_eq!(s.partitions.len(), 3);
-    assert_eq!(s.partitions[1].cold.evictions, 8);
-    assert_eq!(s.partitions[1], ok(c.partition(1)).stats());
+    assert_eq!(
+        s.partitions[0],
+        RegionStats { entries: 4, bytes: 400, hits: 1, inserts: 4, rejections: 1, ..RegionStats::default() }
+    );
+    assert_eq!(
+        s.partitions[1],
+        RegionStats {
+            entries: 2,
+            bytes: 200,
+            misses: 1,
+            inserts: 10,
+            evictions: 8,
+            ..RegionStats::default()
+        }
+    );
+    assert_eq!(s.partitions[2], RegionStats { rejections: 1, ..RegionStats::default() });
+    for (p, stats) in s.partitions.iter().enumerate() {
+        assert_eq!(*stats, ok(c.cold(p)).stats());
+    }
     c.reset_stats();
     let s = c.stats();
-    assert_eq!((s.cold.entries, s.cold.inserts, s.hot.hits), (6, 0, 0));
+    assert_eq!(s.cold, RegionStats { entries: 6, bytes: 600, ..RegionStats::default() });
+    assert_eq!(s.partitions[1], RegionStats { entries: 2, bytes: 200, ..RegionStats::default() });
+    assert_eq!((s.fixed.entries, s.fixed.bytes), (2, 128 + 10), "the fixed region is not reset");
     // Out-of-range partitions are errors.
-    let oor = CacheError::PartitionOutOfRange { partition: 3, n_partitions: 3 };
-    assert_eq!(c.hot(3).unwrap_err(), oor);
-    assert_eq!(c.cold(3).unwrap_err(), oor);
+    assert_eq!(c.cold(3).unwrap_err(), CacheError::PartitionOutOfRange { partition: 3, n_partitions: 3 });
     assert_eq!(
-        c.partition(usize::MAX).unwrap_err().to_string(),
+        c.cold(usize::MAX).unwrap_err().to_string(),
         format!("partition {} out of range 0..3", usize::MAX)
     );
-    // The planner's charge covers the regions.
-    let per_partition: usize = config.partitions.iter().map(PartitionConfig::max_bytes).sum();
-    assert!(config.max_bytes() >= per_partition);
-    assert_eq!(layer(2, 4).max_bytes(), region_bytes(400, 2, 16) + region_bytes(100, 4, 64));
+}
+
+/// The planner's charge: each partition's region, plus the partition list; it bounds what the cache's regions
+/// allocate, filled or not.
+#[test]
+fn max_bytes_bounds_the_regions() {
+    let partitions =
+        vec![layer(4), layer(2), layer(0), RegionConfig { entry_len: 972, capacity: 3, n_keys: 9 }];
+    let config = CacheConfig { policy: Policy::Lru, partitions };
+    let regions = region_bytes(100, 4, 64) + region_bytes(100, 2, 64) + region_bytes(100, 0, 64);
+    assert_eq!(config.max_bytes(), 4 * size_of::<LruRegion>() + regions + region_bytes(972, 3, 9));
+    assert_eq!(CacheConfig { policy: Policy::Lru, partitions: vec![] }.max_bytes(), 0);
+    let huge = CacheConfig { policy: Policy::Lru, partitions: vec![layer(usize::MAX); 2] };
+    assert_eq!(huge.max_bytes(), usize::MAX, "saturates instead of overflowing");
+    let c = ok(SegmentedCache::new(FixedRegion::empty(), config.clone()));
+    let allocated = |c: &SegmentedCache| -> usize {
+        (0..c.n_partitions()).map(|p| ok(c.cold(p)).allocated_bytes()).sum()
+    };
+    assert!(allocated(&c) <= config.max_bytes());
+    for (p, r) in config.partitions.iter().enumerate() {
+        for k in 0..r.n_keys as u32 {
+            let _ = ok(ok(c.cold(p)).insert(k, &vec![1; r.entry_len]));
+        }
+    }
+    assert_eq!(c.stats().cold.entries, 4 + 2 + 3);
+    assert!(allocated(&c) <= config.max_bytes());
+    assert_eq!(
+        allocated(&c),
+        regions + region_bytes(972, 3, 9),
+        "every slot in use: each region at its bound"
+    );
 }
 
 #[test]
 fn advance_token_reaches_every_partition() {
-    let config =
-        CacheConfig { policy: Policy::SlidingWindow { tokens: 1 }, partitions: vec![layer(1, 1); 3] };
+    let config = CacheConfig { policy: Policy::SlidingWindow { tokens: 1 }, partitions: vec![layer(1); 3] };
     let c = ok(SegmentedCache::new(FixedRegion::empty(), config));
     for p in 0..3 {
-        assert!(ok(ok(c.hot(p)).insert(0, &[1])).is_stored());
         assert!(ok(ok(c.cold(p)).insert(0, &[1; 100])).is_stored());
     }
+    assert_eq!(c.stats().cold.entries, 3);
     assert_eq!(c.advance_token(), 1);
     assert_eq!(c.token(), 1);
     let s = c.stats();
-    assert_eq!((s.hot.entries, s.cold.entries, s.hot.evictions + s.cold.evictions), (0, 0, 6));
+    assert_eq!((s.cold.entries, s.cold.evictions), (0, 3));
+    assert!(s.partitions.iter().all(|p| p.evictions == 1), "{s:?}");
     let empty = ok(SegmentedCache::new(
         FixedRegion::empty(),
         CacheConfig { policy: Policy::Lru, partitions: vec![] },
     ));
     assert_eq!((empty.advance_token(), empty.advance_token()), (1, 2));
+    assert_eq!(empty.stats(), CacheStats::default());
 }
 
 #[test]
 fn unrepresentable_config_is_an_error() {
-    let mut p = layer(1, 1);
-    p.cold.n_keys = usize::MAX;
-    let err =
-        SegmentedCache::new(FixedRegion::empty(), CacheConfig { policy: Policy::Lru, partitions: vec![p] });
+    let mut p = layer(1);
+    p.n_keys = usize::MAX;
+    let err = SegmentedCache::new(
+        FixedRegion::empty(),
+        CacheConfig { policy: Policy::Lru, partitions: vec![layer(1), p] },
+    );
     assert!(matches!(err, Err(CacheError::ConfigTooLarge { field: "n_keys", .. })), "{err:?}");
 }
 
 #[test]
 fn fuzz_entry_point_runs() {
-    // A hand-picked sequence (fixed pushes of every kind, then every operation), then pseudo-random ones.
-    fuzz::check_ops(&[
-        0, 0xff, 200, 3, 40, 2, 7, 3, 0, 0, 11, 1, 0, 5, 3, 0, 0x85, 2, 9, 6, 0, 7, 0, 1, 7, 1, 8,
-    ]);
+    // A hand-picked sequence: fixed pushes of every kind, then every operation (a full region whose least
+    // recently used entry is held evicts the next one, a shorter and a too long entry, the out-of-range
+    // partition), then pseudo-random ones.
+    #[rustfmt::skip]
+    let hand_picked: &[u8] = &[
+        0, 0xff, 200, 3, 40, 2, 7,
+        3, 0, 0, 11, 1, 0, 4, 4, 210, 3, 6, 0, 5, 0, 0, 0, 4, 0, 0, 6, 0, 3, 7, 0,
+        0, 0x85, 2, 9, 1, 0, 2, 3, 0, 19, 2, 0, 3, 5, 250, 6, 0, 0, 7, 0, 1, 7, 1, 8,
+    ];
+    fuzz::check_ops(hand_picked);
     let mut data = vec![0u8; 3001];
     let mut x = 1u32;
     for p in 0..12u8 {
@@ -227,12 +278,13 @@ fn fuzz_entry_point_runs() {
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
-    let target = (0..3u8, any::<bool>(), 0..10u32);
+    // Partition 2 and keys 8 and 9 are out of range.
+    let target = (0..3u8, 0..10u32);
     prop_oneof![
-        4 => target.clone().prop_map(|(part, hot, key)| Op::Get { part, hot, key }),
-        1 => target.clone().prop_map(|(part, hot, key)| Op::Contains { part, hot, key }),
-        5 => (target.clone(), any::<u8>()).prop_map(|((part, hot, key), len)| Op::Insert { part, hot, key, len }),
-        1 => target.prop_map(|(part, hot, key)| Op::Hold { part, hot, key }),
+        4 => target.clone().prop_map(|(part, key)| Op::Get { part, key }),
+        1 => target.clone().prop_map(|(part, key)| Op::Contains { part, key }),
+        5 => (target.clone(), any::<u8>()).prop_map(|((part, key), len)| Op::Insert { part, key, len }),
+        1 => target.prop_map(|(part, key)| Op::Hold { part, key }),
         1 => any::<usize>().prop_map(|guard| Op::Release { guard }),
         1 => Just(Op::Advance),
         1 => Just(Op::ResetStats),
@@ -246,10 +298,9 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
         len,
         how: [Push::Copy, Push::With, Push::WithFailing][usize::from(how)],
     });
-    (policy, 0..4usize, 0..6usize, 0..1500usize, prop::collection::vec(push, 0..8)).prop_map(
-        |(policy, hot_capacity, cold_capacity, fixed_capacity, pushes)| Setup {
+    (policy, 0..6usize, 0..1500usize, prop::collection::vec(push, 0..8)).prop_map(
+        |(policy, cold_capacity, fixed_capacity, pushes)| Setup {
             policy,
-            hot_capacity,
             cold_capacity,
             fixed_capacity,
             pushes,
@@ -276,26 +327,23 @@ proptest! {
 
 /// The bytes stored under `key` in the concurrency test: their length and content both derive from the key,
 /// so a torn, foreign or stale entry cannot pass.
-fn keyed(key: u32, hot: bool) -> Vec<u8> {
-    let len = if hot { 400 - (key as usize % 7) * 50 } else { 972 };
-    (0..len).map(|i| (key as usize * 131 + i * 7 + usize::from(hot)) as u8).collect()
+fn keyed(key: u32) -> Vec<u8> {
+    let len = 972 - (key as usize % 5) * 100;
+    (0..len).map(|i| (key as usize * 131 + i * 7) as u8).collect()
 }
 
-/// Four threads get, hold and insert on partition 0's regions while two others do the same on partition 1, on
-/// small regions so slots are replaced while others read them (one thread also advancing tokens under the
-/// sliding window): every entry read must hold its own key's bytes, held entries never change, and no region
-/// exceeds its capacity.
+/// Four threads get, hold and insert on partition 0's cold region while two others do the same on partition
+/// 1's, on small regions so slots are replaced while others read them (one thread also advancing tokens under
+/// the sliding window): every entry read must hold its own key's bytes, held entries never change, no region
+/// exceeds its capacity, and the counters add up.
 #[test]
 fn concurrent_gets_and_inserts_see_only_their_keys_bytes() {
     for policy in [Policy::Lru, Policy::SlidingWindow { tokens: 2 }] {
         let n_keys = 12u32;
-        let part = PartitionConfig {
-            hot: RegionConfig { entry_len: 400, capacity: 3, n_keys: n_keys as usize },
-            cold: RegionConfig { entry_len: 972, capacity: 4, n_keys: n_keys as usize },
-        };
+        let cold = RegionConfig { entry_len: 972, capacity: 4, n_keys: n_keys as usize };
         let c =
-            ok(SegmentedCache::new(FixedRegion::empty(), CacheConfig { policy, partitions: vec![part; 2] }));
-        let expect: Vec<[Vec<u8>; 2]> = (0..n_keys).map(|k| [keyed(k, true), keyed(k, false)]).collect();
+            ok(SegmentedCache::new(FixedRegion::empty(), CacheConfig { policy, partitions: vec![cold; 2] }));
+        let expect: Vec<Vec<u8>> = (0..n_keys).map(keyed).collect();
         let n_threads = 6;
         let barrier = Barrier::new(n_threads);
         std::thread::scope(|s| {
@@ -303,27 +351,26 @@ fn concurrent_gets_and_inserts_see_only_their_keys_bytes() {
                 let (c, expect, barrier) = (&c, &expect, &barrier);
                 s.spawn(move || {
                     let p = usize::from(t >= 4);
+                    let r = ok(c.cold(p));
                     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
-                    let mut held: Option<(EntryRef<'_>, usize)> = None;
+                    let mut held: Option<EntryRef<'_>> = None;
                     barrier.wait();
                     for i in 0..150_000u32 {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
                         let key = (x % u64::from(n_keys)) as u32;
-                        let h = (x >> 8) as usize % 2;
-                        let r = ok(if h == 0 { c.hot(p) } else { c.cold(p) });
                         match (x >> 32) % 16 {
                             0..=7 => {
                                 if let Some(e) = r.get(key) {
                                     assert_eq!(e.key(), key);
-                                    assert!(*e == expect[key as usize][h][..], "thread {t} op {i} key {key}");
+                                    assert!(*e == expect[key as usize][..], "thread {t} op {i} key {key}");
                                 }
                             }
                             8..=13 => {
-                                let _ = ok(r.insert(key, &expect[key as usize][h]));
+                                let _ = ok(r.insert(key, &expect[key as usize]));
                             }
-                            14 => held = r.get(key).map(|e| (e, h)), // kept across this thread's next operations
+                            14 => held = r.get(key), // kept across this thread's next operations
                             _ => {
                                 if t == 0 && (x >> 40) % 8 == 0 {
                                     c.advance_token();
@@ -331,8 +378,8 @@ fn concurrent_gets_and_inserts_see_only_their_keys_bytes() {
                                 held = None;
                             }
                         }
-                        if let Some((e, h)) = &held {
-                            assert!(**e == expect[e.key() as usize][*h][..], "held entry changed");
+                        if let Some(e) = &held {
+                            assert!(**e == expect[e.key() as usize][..], "held entry changed");
                         }
                         assert!(r.len() <= r.capacity());
                     }
@@ -340,22 +387,24 @@ fn concurrent_gets_and_inserts_see_only_their_keys_bytes() {
             }
         });
         let st = c.stats();
-        for (p, ps) in st.partitions.iter().enumerate() {
-            for (h, rs) in [ps.hot, ps.cold].iter().enumerate() {
-                let r = ok(if h == 0 { c.hot(p) } else { c.cold(p) });
-                assert_eq!(rs.inserts - rs.evictions, rs.entries as u64, "{policy:?}");
-                assert_eq!(rs.entries, r.lru_order().len());
-                assert!(rs.entries <= r.capacity());
-                assert!(rs.hits > 0 && rs.misses > 0 && rs.evictions > 0, "{rs:?}");
-                let bytes: usize = r.lru_order().iter().map(|&k| expect[k as usize][h].len()).sum();
-                assert_eq!(rs.bytes, bytes);
-                for k in 0..n_keys {
-                    if let Some(e) = r.get(k) {
-                        assert_eq!(&*e, &expect[k as usize][h][..]);
-                    }
+        assert_eq!(st.partitions.len(), 2);
+        let mut sum = RegionStats::default();
+        for (p, rs) in st.partitions.iter().enumerate() {
+            let r = ok(c.cold(p));
+            assert_eq!(rs.inserts - rs.evictions, rs.entries as u64, "{policy:?}");
+            assert_eq!(rs.entries, r.lru_order().len());
+            assert!(rs.entries <= r.capacity());
+            assert!(rs.hits > 0 && rs.misses > 0 && rs.evictions > 0, "{rs:?}");
+            let bytes: usize = r.lru_order().iter().map(|&k| expect[k as usize].len()).sum();
+            assert_eq!(rs.bytes, bytes);
+            for k in 0..n_keys {
+                if let Some(e) = r.get(k) {
+                    assert_eq!(&*e, &expect[k as usize][..]);
                 }
             }
+            sum.add(rs);
         }
+        assert_eq!(st.cold, sum, "{policy:?}");
     }
 }
 

@@ -717,7 +717,6 @@ fn offload_json(
         "predicted_hit_rate": predicted.map(|p| p.hit_rate),
         "plan_device": plan.map(|p| p.device.clone()),
         "decode_tokens_per_s": st.tokens_per_s(),
-        "hit_rate_hot": st.hot_hit_rate(),
         "verify_share": st.verify_share(),
         "mb_read_per_token": st.mb_read_per_token(),
         "read_mb_per_s": st.read_mb_per_s(),
@@ -789,10 +788,9 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, plan: Option<&Plan>, 
         st.mb_per_token(st.disk_bytes)
     );
     out += &format!(
-        "  neuron hit rate {:.1}% (fixed {:.1}%, cluster LRU {:.1}%, neuron LRU {:.1}%); gate blocks in memory {:.1}%\n",
+        "  neuron hit rate {:.1}% (fixed {:.1}%, neuron LRU {:.1}%); gate blocks in memory {:.1}%\n",
         100.0 * st.hit_rate(),
         100.0 * st.pinned_hit_rate(),
-        100.0 * st.hot_hit_rate(),
         100.0 * st.lru_hit_rate(),
         100.0 * st.gate_hit_rate()
     );

@@ -9,15 +9,19 @@
 //! (output-head rows, gate blocks, neuron bundles) are taken in order of expected bytes saved per byte, each
 //! layer's pinned set a prefix of its hotness order. Output-head rows and, with thresholds, gate blocks are read
 //! every token; a bundle is read when its neuron fires, except in layers read whole (dense enough that one read
-//! of a cluster's record costs less than reading its active bundles one by one). The neuron-level and
-//! cluster-level LRU regions are sized by the hits an LRU of that size can expect (Che's approximation over the
-//! per-token firing probabilities), and get memory only where that beats pinning.
+//! of a cluster's record costs less than reading its active bundles one by one). The neuron-level LRU regions
+//! of layers read in two phases are sized by the hits an LRU of that size can expect (Che's approximation over
+//! the per-token firing probabilities), with a floor for the reuse between consecutive tokens that the
+//! statistics do not record. There is no cluster-level LRU: a static pinned set of the same bytes always beats
+//! it under these statistics, and a layer read whole reads its records in the same order every token, which an
+//! LRU smaller than the layer only thrashes.
 //!
 //! Speed. A token's compute is the weight bytes its kernels touch at the measured kernel speed plus the
-//! threads' synchronisation; its reads are the expected bytes at the device's measured throughput for their
-//! size and depth. Reads that do not depend on the token (output-head rows, and with thresholds every gate block
-//! and every record of a layer read whole) stream ahead of compute; reads that depend on a layer's input
-//! (bundles of neurons that pass the gate, rows the predictor picks) cost a round trip each layer.
+//! threads' synchronisation and a measured per-layer cost; its reads are the expected bytes at the device's
+//! measured throughput for their size and depth. Reads that do not depend on the token (output-head rows, and
+//! with thresholds every gate block and every record of a layer read whole) stream ahead of compute, which hides
+//! only part of the shorter of the two (measured); reads that depend on a layer's input (bundles of neurons that
+//! pass the gate, rows the predictor picks) cost a round trip each layer.
 
 use std::fmt::Write as _;
 
@@ -29,7 +33,7 @@ use crate::error::{PlanError, mib};
 /// The `format` field of a serialized plan.
 pub const PLAN_FORMAT: &str = "pinion-plan";
 /// The version of the serialized plan this code writes and reads.
-pub const PLAN_VERSION: u64 = 2;
+pub const PLAN_VERSION: u64 = 3;
 
 /// Bytes kept aside for what the plan does not itemize (allocator slack, thread stacks, per-read lists).
 pub const MARGIN: u64 = 2 << 20;
@@ -232,9 +236,7 @@ pub struct Memory {
     pub pinned_gates: u64,
     /// Pinned neuron bundles (fixed region).
     pub pinned_bundles: u64,
-    /// Cluster-level LRU region (payload).
-    pub hot: u64,
-    /// Neuron-level LRU region (payload).
+    /// Neuron-level LRU regions (payload).
     pub cold: u64,
     /// All FFN weight bytes (gate rows and bundles).
     pub ffn_total: u64,
@@ -256,7 +258,7 @@ impl Memory {
 
     /// Bytes planned in all (at most the budget).
     pub fn total(&self) -> u64 {
-        self.minimum() + self.head + self.pinned_gates + self.pinned_bundles + self.hot + self.cold
+        self.minimum() + self.head + self.pinned_gates + self.pinned_bundles + self.cold
     }
 
     /// A one-line account of the fixed part.
@@ -286,8 +288,6 @@ pub struct LayerPlan {
     pub pinned_gate_clusters: usize,
     /// Positions whose bundle is pinned (a prefix of the hotness order).
     pub pinned_bundles: usize,
-    /// Cluster-level LRU entries (whole clusters' bundles).
-    pub hot_entries: usize,
     /// Neuron-level LRU entries (single bundles).
     pub cold_entries: usize,
     /// Unpinned clusters are read whole (gate rows and bundles in one read), not in two phases.
@@ -396,7 +396,7 @@ impl Plan {
         let _ = writeln!(
             s,
             "  output head {} of {} in memory ({:.0}%), FFN pinned {} of {} ({:.0}%: gates {}, bundles {}), \
-             LRU regions: cluster {} + neuron {}",
+             neuron LRU {}",
             mib(m.head),
             mib(m.head_total),
             pct(m.head, m.head_total),
@@ -405,7 +405,6 @@ impl Plan {
             pct(ffn_pinned, m.ffn_total),
             mib(m.pinned_gates),
             mib(m.pinned_bundles),
-            mib(m.hot),
             mib(m.cold)
         );
         let whole = self.layers.iter().filter(|l| l.read_whole).count();
@@ -508,7 +507,6 @@ pub(crate) struct Allocation {
     pub(crate) head_rows: usize,
     pub(crate) gates: Vec<usize>,
     pub(crate) bundles: Vec<usize>,
-    pub(crate) hot: Vec<usize>,
     pub(crate) cold: Vec<usize>,
 }
 
@@ -689,13 +687,11 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
         let g = alloc.gates[l];
         memory.pinned_gates += (0..g).map(|k| ls.cluster_len(k) as u64 * ls.gate_row_bytes).sum::<u64>();
         memory.pinned_bundles += alloc.bundles[l] as u64 * ls.bundle_bytes;
-        memory.hot += alloc.hot[l] as u64 * hot_entry_bytes(ls);
         memory.cold += alloc.cold[l] as u64 * ls.bundle_bytes;
-        memory.cache_index += (alloc.hot[l] + alloc.cold[l]) as u64 * input.cache.entry_overhead;
+        memory.cache_index += alloc.cold[l] as u64 * input.cache.entry_overhead;
         plans.push(LayerPlan {
             pinned_gate_clusters: g,
             pinned_bundles: alloc.bundles[l],
-            hot_entries: alloc.hot[l],
             cold_entries: alloc.cold[l],
             read_whole: est.whole[l],
             expected_active: est.active[l],
@@ -704,15 +700,14 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
     }
     debug_assert!(memory.total() <= opts.budget, "{} > {}", memory.total(), opts.budget);
     why.push(format!(
-        "spending {} above the minimum: output head {} of {} ({} rows), gate blocks {}, bundles {}, LRU \
-         regions {} (cluster) + {} (neuron){}",
+        "spending {} above the minimum: output head {} of {} ({} rows), gate blocks {}, bundles {}, \
+         neuron LRU {}{}",
         mib(avail),
         mib(memory.head),
         mib(head_total),
         alloc.head_rows,
         mib(memory.pinned_gates),
         mib(memory.pinned_bundles),
-        mib(memory.hot),
         mib(memory.cold),
         match (opts.cache, llmflash) {
             (false, _) => "; --no-cache: no FFN neuron is kept".to_string(),
@@ -762,13 +757,24 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
     })
 }
 
-fn round_block(b: u64) -> u64 {
-    b.div_ceil(BLOCK) * BLOCK
+/// Expected runs of consecutive missing neurons among a layer's unpinned positions `first..` (firing
+/// probabilities `tail`, each missed with probability `miss` when it fires), runs broken at cluster boundaries:
+/// the number of reads the I/O engine issues for them after merging neighbours.
+fn miss_runs(tail: &[f64], first: usize, cluster: usize, miss: f64) -> f64 {
+    let cluster = cluster.max(1);
+    let mut prev = 0.0;
+    let mut runs = 0.0;
+    for (i, &p) in tail.iter().enumerate() {
+        let q = p * miss;
+        let same_cluster = (first + i) % cluster != 0;
+        runs += q * (1.0 - if same_cluster { prev } else { 0.0 });
+        prev = q;
+    }
+    runs
 }
 
-/// Bytes of a hot-region entry of layer `l`: a whole cluster's bundles.
-fn hot_entry_bytes(l: &LayerShape) -> u64 {
-    l.cluster_neurons.min(l.n_ff) as u64 * l.bundle_bytes
+fn round_block(b: u64) -> u64 {
+    b.div_ceil(BLOCK) * BLOCK
 }
 
 /// Spends `avail` bytes: `share` of what goes to the FFN is for the LRU regions, the rest (and the head) by
@@ -788,7 +794,6 @@ pub(crate) fn allocate(
     let mut a = Allocation {
         gates: vec![0; n_layers],
         bundles: vec![0; n_layers],
-        hot: vec![0; n_layers],
         cold: vec![0; n_layers],
         ..Allocation::default()
     };
@@ -953,20 +958,23 @@ fn estimate(
             (tail_active - hits) * per
         };
         served += all_active - tail_active + if whole { 0.0 } else { hits };
+        // The I/O engine merges the reads of neighbouring bundles of a cluster into one: a layer's dependent
+        // reads are the runs of consecutive missing neurons, not the neurons.
+        let runs = miss_runs(tail, nb.min(ls.n_ff), ls.cluster_neurons, 1.0 - hits / tail_active.max(1e-12));
         let l_read = gate_read + bundle_read;
         e.active[l] = all_active;
         e.read_bytes[l] = l_read;
         if input.predicting {
             dependent += l_read;
-            dep_reads += (tail_active - hits)
-                + tail_active * (ls.gate_density / (all_active / ls.n_ff as f64).max(1e-9)).min(1.0);
+            dep_reads +=
+                runs + tail_active * (ls.gate_density / (all_active / ls.n_ff as f64).max(1e-9)).min(1.0);
             dep_layers += 1.0;
         } else if whole {
             streamed += l_read;
         } else {
             streamed += gate_read;
             dependent += bundle_read;
-            dep_reads += tail_active - hits;
+            dep_reads += runs;
             dep_layers += 1.0;
         }
     }
@@ -992,7 +1000,10 @@ fn estimate(
     let tp_stream = device.read_throughput(stream_size, qd).max(1e-3) * 1e6;
     let per_layer_reads = (dep_reads / dep_layers.max(1.0)).max(1.0);
     let dep_qd = qd.min(per_layer_reads.ceil() as usize).max(1);
-    let dep_size = layers.iter().map(|l| round_block(l.bundle_bytes)).max().unwrap_or(BLOCK);
+    let dep_size = match dep_reads > 0.0 {
+        true => round_block((dependent / dep_reads) as u64).clamp(BLOCK, COALESCE),
+        false => layers.iter().map(|l| round_block(l.bundle_bytes)).max().unwrap_or(BLOCK),
+    };
     let tp_dep = device.read_throughput(dep_size, dep_qd).max(1e-3) * 1e6;
     let stream_s = streamed / tp_stream;
     let dep_s = dependent / tp_dep;
@@ -1044,7 +1055,11 @@ fn estimate(
         tp_dep / 1e6,
         dep_s * 1e3,
         dep_rtt * 1e3,
-        if opts.pipeline { ", overlapped with compute (30% of the shorter hidden)" } else { ", after compute (no pipeline)" },
+        if opts.pipeline {
+            ", overlapped with compute (30% of the shorter hidden)"
+        } else {
+            ", after compute (no pipeline)"
+        },
         token_s * 1e3,
         1.0 / token_s,
         1.0 / compute_s

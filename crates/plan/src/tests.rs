@@ -76,7 +76,7 @@ fn everything_fits_pins_everything_and_reads_nothing() {
         assert_eq!(p.head_rows, 1000);
         for l in &p.layers {
             assert_eq!((l.pinned_bundles, l.pinned_gate_clusters), (256, 16), "{l:?}");
-            assert_eq!(l.cold_entries + l.hot_entries, 0);
+            assert_eq!(l.cold_entries, 0);
         }
         assert_eq!(p.predicted.mb_read_per_token, 0.0);
         assert_eq!(p.predicted.hit_rate, 1.0);

@@ -62,7 +62,7 @@ fn evicts_the_least_recently_used() {
 
 #[test]
 fn entries_keep_their_own_length() {
-    // A hot region: clusters of 4 bundles, the layer's last cluster shorter.
+    // Entries of at most `entry_len` bytes keep their own length (no rounding up).
     let r = region(4 * 100, 2, 8, Policy::Lru);
     assert_eq!(insert(&r, 7, 250), Insert::Stored);
     assert_eq!(insert(&r, 0, 400), Insert::Stored);

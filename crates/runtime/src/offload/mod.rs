@@ -4,7 +4,7 @@
 //!
 //! The modules, by job: [`resident`] is what is in memory and where (the segmented neuron cache: the fixed
 //! region with the attention weights, the head's first rows and the pinned neurons, loaded once and checked;
-//! the per-layer cluster-level and neuron-level LRU regions); [`io`] the reads (one I/O engine, completion tags,
+//! the per-layer neuron-level LRU regions); [`io`] the reads (one I/O engine, completion tags,
 //! the stash of reads that arrive early, typed errors); [`stream`] the read-ahead of a token's reads that do not
 //! depend on its activations; [`layer`] one layer's five-stage cluster pipeline; this module the run itself
 //! (tokens, embeddings, the output head, prefill's layers); [`stats`] the counters.

@@ -1,11 +1,10 @@
 //! What an offloaded run keeps in memory and where: the segmented neuron cache (`pinion_cache`), its fixed
 //! region loaded once from the plan (attention weights, the output head's first rows, each layer's pinned gate
-//! blocks and bundles, every piece checked against its checksum as it is copied in), and its per-layer hot
-//! (cluster) and cold (neuron) LRU regions.
+//! blocks and bundles, every piece checked against its checksum as it is copied in), and its per-layer
+//! neuron-level LRU regions.
 
 use pinion_cache::{
-    CacheConfig, FixedId, FixedRegionBuilder, PartitionConfig, Policy, RegionConfig, SegmentedCache,
-    fixed_entry_bytes,
+    CacheConfig, FixedId, FixedRegionBuilder, Policy, RegionConfig, SegmentedCache, fixed_entry_bytes,
 };
 use pinion_exec_cpu::QMatrix;
 use pinion_plan::{CachePolicy, Plan};
@@ -136,17 +135,10 @@ impl Resident {
         let partitions = packed
             .iter()
             .zip(&plan.layers)
-            .map(|(pl, lp)| PartitionConfig {
-                hot: RegionConfig {
-                    entry_len: pl.cluster_neurons.min(pl.n_ff) * pl.bundle_bytes(),
-                    capacity: lp.hot_entries,
-                    n_keys: pl.n_clusters(),
-                },
-                cold: RegionConfig {
-                    entry_len: pl.bundle_bytes(),
-                    capacity: lp.cold_entries,
-                    n_keys: pl.n_ff,
-                },
+            .map(|(pl, lp)| RegionConfig {
+                entry_len: pl.bundle_bytes(),
+                capacity: lp.cold_entries,
+                n_keys: pl.n_ff,
             })
             .collect();
         let cache = SegmentedCache::new(fixed.build(), CacheConfig { policy, partitions })?;

@@ -23,8 +23,6 @@ pub struct OffloadStats {
     pub verify_seconds: f64,
     /// Neuron uses served by the fixed region (pinned).
     pub pinned_hits: u64,
-    /// Neuron uses served by the cluster-level LRU region (hot).
-    pub hot_hits: u64,
     /// Neuron uses served by the neuron-level LRU region (cold).
     pub lru_hits: u64,
     /// Neuron uses read from storage.
@@ -66,22 +64,17 @@ impl OffloadStats {
     }
 
     fn uses(&self) -> f64 {
-        (self.pinned_hits + self.hot_hits + self.lru_hits + self.misses).max(1) as f64
+        (self.pinned_hits + self.lru_hits + self.misses).max(1) as f64
     }
 
     /// Share of neuron uses served from memory (any region).
     pub fn hit_rate(&self) -> f64 {
-        self.pinned_hit_rate() + self.hot_hit_rate() + self.lru_hit_rate()
+        self.pinned_hit_rate() + self.lru_hit_rate()
     }
 
     /// Share of neuron uses served by the fixed region (pinned neurons).
     pub fn pinned_hit_rate(&self) -> f64 {
         self.pinned_hits as f64 / self.uses()
-    }
-
-    /// Share of neuron uses served by the cluster-level LRU region.
-    pub fn hot_hit_rate(&self) -> f64 {
-        self.hot_hits as f64 / self.uses()
     }
 
     /// Share of neuron uses served by the neuron-level LRU region.
