@@ -1056,9 +1056,9 @@ fn estimate(
         dep_s * 1e3,
         dep_rtt * 1e3,
         if opts.pipeline {
-            ", overlapped with compute (30% of the shorter hidden)"
+            format!(", overlapped with compute ({:.0}% of the shorter hidden)", 100.0 * (1.0 - OVERLAP_LOSS))
         } else {
-            ", after compute (no pipeline)"
+            ", after compute (no pipeline)".to_string()
         },
         token_s * 1e3,
         1.0 / token_s,
