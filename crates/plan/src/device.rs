@@ -2,7 +2,7 @@
 //!
 //! `pinion-prepare` measures it (`cargo xtask profile-device`, or the `profile-device` step of `prepare`) and
 //! keeps it as versioned JSON (`device.json`, format `pinion-device`); this module holds the data, the
-//! questions the planner asks of it ([`DeviceProfile::read_throughput`], [`DeviceProfile::best_queue_depth`],
+//! questions the planner asks of it ([`DeviceProfile::read_throughput`], [`DeviceProfile::queue_depths`],
 //! [`DeviceProfile::kernel_gb_per_s`]) and its (de)serialization. Where no measurement exists,
 //! [`DeviceProfile::reference`] is a documented stand-in, and plans made with it say so.
 
@@ -193,14 +193,12 @@ impl DeviceProfile {
         self.reads.iter().map(|r| r.mb_per_s).fold(0.0, f64::max)
     }
 
-    /// The smallest measured queue depth whose throughput at `block_bytes` reaches 90% of the best; 1 when
-    /// nothing was measured.
-    pub fn best_queue_depth(&self, block_bytes: u64) -> usize {
+    /// The measured queue depths, ascending (empty when no read was measured).
+    pub fn queue_depths(&self) -> Vec<usize> {
         let mut depths: Vec<usize> = self.reads.iter().map(|r| r.queue_depth.max(1)).collect();
         depths.sort_unstable();
         depths.dedup();
-        let best = depths.iter().map(|&d| self.read_throughput(block_bytes, d)).fold(0.0, f64::max);
-        depths.into_iter().find(|&d| self.read_throughput(block_bytes, d) >= 0.9 * best).unwrap_or(1)
+        depths
     }
 
     /// Kernel throughput (GB of weights per second) with `threads` threads: the measured point, or the nearest
@@ -346,22 +344,13 @@ mod tests {
     }
 
     #[test]
-    fn best_queue_depth_is_the_smallest_within_ten_percent() {
+    fn queue_depths_are_the_measured_ones() {
         let d = sample_profile();
-        // 4 KiB: best 320; 300 >= 288, so 16.
-        assert_eq!(d.best_queue_depth(4096), 16);
-        // 64 KiB: best 1050; 1000 >= 945, so 16; 600 is not.
-        assert_eq!(d.best_queue_depth(65536), 16);
-        let flat = DeviceProfile {
-            reads: vec![ReadPoint {
-                block_bytes: 4096,
-                queue_depth: 1,
-                mb_per_s: 100.0,
-                ..sample_profile().reads[0].clone()
-            }],
-            ..sample_profile()
-        };
-        assert_eq!(flat.best_queue_depth(4096), 1);
+        let mut want: Vec<usize> = d.reads.iter().map(|r| r.queue_depth).collect();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(d.queue_depths(), want);
+        assert!(DeviceProfile { reads: vec![], ..sample_profile() }.queue_depths().is_empty());
     }
 
     #[test]

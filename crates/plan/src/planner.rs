@@ -64,6 +64,13 @@ const STEPS_PER_LAYER: f64 = 7.0;
 /// everything in memory (150% of its GGUF, 2 threads): 8.8-9.2 ms per token against 6.9 ms from its weight bytes
 /// and barriers, about 70 us for each of its 30 layers. Negligible where reads bound the token.
 const LAYER_OVERHEAD_S: f64 = 70e-6;
+/// Shallowest I/O queue depth the planner considers: below it, the reads of a layer's active neurons wait on
+/// one another.
+const MIN_QUEUE_DEPTH: usize = 4;
+/// Least gain in predicted tokens/s for which the planner takes a deeper I/O queue than a shallower one that
+/// fits: the read probe's cells move by about this much between runs (512 KiB at depth 4 against 64, measured
+/// twice an hour apart on this machine: 1,350 and 1,003 MB/s, 1,020 and 1,377 MB/s).
+const DEPTH_GAIN: f64 = 0.1;
 /// Share of the shorter of a token's compute and reads that the pipeline does not hide. Measured on SmolLM2 at
 /// 80% and 120% of its GGUF, 1 and 2 threads, the plan's compute and read times against the run's token time
 /// and I/O stall: 0.5-0.9 (the I/O thread's completions and checksums share the cores, and the read-ahead
@@ -567,8 +574,66 @@ fn normal_cdf(x: f64) -> f64 {
 }
 
 /// Makes the plan for running `input`'s model on `device` with `opts` (see the module documentation).
+///
+/// The I/O queue depth is `opts.queue_depth` if given; otherwise each measured depth (from
+/// `MIN_QUEUE_DEPTH`) is planned and the fastest predicted plan within the budget is kept, a deeper queue
+/// only where it is `DEPTH_GAIN` faster than a shallower one: its buffers come out of the same budget as the
+/// cache, so a depth the probe rates slightly faster can cost tens of MiB of pinned neurons.
 pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
     validate(input, device)?;
+    let depths: Vec<usize> = match opts.queue_depth {
+        Some(qd) => vec![qd.max(1)],
+        None => {
+            let measured: Vec<usize> =
+                device.queue_depths().into_iter().filter(|&d| d >= MIN_QUEUE_DEPTH).collect();
+            if measured.is_empty() { vec![MIN_QUEUE_DEPTH] } else { measured }
+        }
+    };
+    let mut best: Option<Plan> = None;
+    let mut too_small: Option<PlanError> = None;
+    for &qd in &depths {
+        match plan_at_depth(input, device, opts, qd) {
+            Ok(p) => {
+                let faster =
+                    |b: &Plan| p.predicted.tokens_per_s > b.predicted.tokens_per_s * (1.0 + DEPTH_GAIN);
+                if best.as_ref().is_none_or(faster) {
+                    best = Some(p);
+                }
+            }
+            Err(e @ PlanError::BudgetTooSmall { minimum, .. }) => {
+                let smaller = |t: &PlanError| match t {
+                    PlanError::BudgetTooSmall { minimum: m, .. } => minimum < *m,
+                    _ => false,
+                };
+                if too_small.as_ref().is_none_or(smaller) {
+                    too_small = Some(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(mut plan) = best else {
+        return Err(too_small.expect("every depth was planned"));
+    };
+    if depths.len() > 1 {
+        let qd = plan.io_queue_depth;
+        let line = format!(
+            "I/O depth {qd}: the fastest predicted token of depths {depths:?} within the budget (a deeper queue \
+             holds more buffers and is taken only if {:.0}% faster)",
+            100.0 * DEPTH_GAIN
+        );
+        plan.reasoning.insert(0, line);
+    }
+    Ok(plan)
+}
+
+/// [`plan`] for one I/O queue depth.
+fn plan_at_depth(
+    input: &PlanInput,
+    device: &DeviceProfile,
+    opts: &PlanOptions,
+    qd: usize,
+) -> Result<Plan, PlanError> {
     let mut why = Vec::new();
     let n_layers = input.layers.len();
     let layers = &input.layers;
@@ -597,7 +662,6 @@ pub fn plan(input: &PlanInput, device: &DeviceProfile, opts: &PlanOptions) -> Re
         (false, true) => COALESCE.max(record),
         (false, false) => record,
     };
-    let qd = opts.queue_depth.unwrap_or_else(|| device.best_queue_depth(typical).max(4)).max(1);
 
     // I/O buffers: reads in flight, the read-ahead window (reads in flight and a layer's records waiting for
     // their turn), and a prefill layer's records.

@@ -115,6 +115,41 @@ fn larger_budgets_pin_more_and_read_less() {
 }
 
 #[test]
+fn the_queue_depth_is_the_fastest_that_fits() {
+    // A probe that rates depth 64 three times faster than depth 16 for every read size (as a noisy probe can).
+    let mut deep = sample_profile();
+    for r in deep.reads.iter_mut().filter(|r| r.queue_depth == 64) {
+        r.mb_per_s *= 3.0;
+    }
+    let inp = input(4, 512, false);
+    let at = |b: u64, qd: Option<usize>| {
+        plan(&inp, &deep, &PlanOptions { queue_depth: qd, ..PlanOptions::new(b) })
+    };
+    let min_of = |qd: usize| match at(1, Some(qd)) {
+        Err(PlanError::BudgetTooSmall { minimum, .. }) => minimum,
+        other => panic!("expected BudgetTooSmall, got {other:?}"),
+    };
+    let (min4, min64) = (min_of(4), min_of(64));
+    assert!(min4 < min64, "deeper queues hold more buffers: {min4} against {min64}");
+    // Below every depth's minimum, the error names the smallest minimum; at it, the shallow queue runs.
+    match at(1, None) {
+        Err(PlanError::BudgetTooSmall { minimum, .. }) => assert_eq!(minimum, min4),
+        other => panic!("expected BudgetTooSmall, got {other:?}"),
+    }
+    let tight = at(min4, None).unwrap().io_queue_depth;
+    assert!(tight < 64 && min_of(tight) == min4, "depth {tight}");
+    // With room for its buffers, the deep queue is taken where it predicts a faster token, and says why.
+    let roomy = at(min64 + ffn_bytes(&inp) / 4, None).unwrap();
+    assert_eq!(roomy.io_queue_depth, 64, "{:?}", roomy.reasoning);
+    assert!(roomy.reasoning[0].starts_with("I/O depth 64"), "{:?}", roomy.reasoning);
+    let shallow = at(min64 + ffn_bytes(&inp) / 4, Some(4)).unwrap();
+    assert!(roomy.predicted.tokens_per_s > 1.1 * shallow.predicted.tokens_per_s);
+    // On the sample profile (depth 64 at most 5% above 16), the deeper queue is not worth its buffers.
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(min64 + ffn_bytes(&inp) / 4)).unwrap();
+    assert!(p.io_queue_depth <= 16, "{}", p.io_queue_depth);
+}
+
+#[test]
 fn thresholds_pin_gates_before_cold_bundles_and_predictors_pin_hot_neurons_first() {
     // With thresholds every gate row is read every token: a gate byte saves a read byte every token, a cold
     // bundle byte only when its neuron fires.
