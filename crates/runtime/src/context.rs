@@ -159,7 +159,12 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::NotPacked);
         }
         pinion_io::bound_heap_retention();
-        let process = current_rss();
+        // The process's own memory: what it holds now, less the model's decoded predictors if an earlier context
+        // decoded them (the plan counts those as predictors; counted twice, they halved the cache of every
+        // budget after the first of a sweep on the 7B shape).
+        let decoded =
+            model.decoded_predictors().map_or(0, |ps| ps.iter().map(LowRankPredictor::weight_bytes).sum());
+        let process = current_rss().saturating_sub(decoded);
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
         let plan = ctx.plan_offload(&opts, device, process)?;
         ctx.offload = Some(Offload::new(
