@@ -719,15 +719,9 @@ fn plan_at_depth(
     // picks 50% of the rows for 15% firing, that expected 1,000 unpinned rows per layer at 70% of the GGUF where
     // the engine read 1,630.)
     let gate_p = |l: usize, pos: usize| -> f64 {
-        if !input.predicting {
-            return 1.0;
-        }
-        let (picked, firing) = (layers[l].gate_density, density[l]);
-        if picked <= firing {
-            p[l][pos] * picked / firing.max(1e-9)
-        } else {
-            let f = ((picked - firing) / (1.0 - firing).max(1e-9)).min(1.0);
-            p[l][pos] + f * (1.0 - p[l][pos])
+        match input.predicting {
+            true => pick_probability(p[l][pos], layers[l].gate_density, density[l]),
+            false => 1.0,
         }
     };
 
@@ -864,6 +858,18 @@ pub(crate) fn page_reads(items: &[(u64, u64, f64)], untouched: &mut Vec<(f64, f6
         before = none;
     }
     (pages * BLOCK as f64, runs)
+}
+
+/// Probability that a predictor picking `picked` of a layer's neurons, where `firing` of them fire on average,
+/// picks a neuron that fires with probability `p`: the firing ones first, and the picks beyond them spread
+/// evenly over the neurons that do not fire, so that the layer's picks add up to `picked`.
+pub(crate) fn pick_probability(p: f64, picked: f64, firing: f64) -> f64 {
+    if picked <= firing {
+        p * picked / firing.max(1e-9)
+    } else {
+        let f = ((picked - firing) / (1.0 - firing).max(1e-9)).min(1.0);
+        p + f * (1.0 - p)
+    }
 }
 
 fn round_block(b: u64) -> u64 {

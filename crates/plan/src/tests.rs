@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use crate::planner::{allocate, lru_hits, page_reads};
+use crate::planner::{allocate, lru_hits, page_reads, pick_probability};
 use crate::*;
 
 /// A model of `n_layers` layers of `n_ff` neurons with Zipf-like frequencies that differ by layer.
@@ -478,4 +478,21 @@ fn page_reads_match_the_engines_merging() {
     // Nothing read, and one item always read.
     assert_eq!(page_reads(&[(100, 5000, 0.0)], &mut Vec::new()), (0.0, 0.0));
     assert_eq!(page_reads(&[(100, 5000, 1.0)], &mut Vec::new()), (8192.0, 1.0));
+}
+
+#[test]
+fn a_predictors_picks_add_up_and_spread_over_the_cold_neurons() {
+    let p: Vec<f64> = (0..1000).map(|i| 0.95 / (1.0 + i as f64 / 20.0)).collect();
+    let firing = p.iter().sum::<f64>() / p.len() as f64;
+    for picked in [0.5 * firing, firing, 2.0 * firing, 0.5, 1.0] {
+        let q: Vec<f64> = p.iter().map(|&pi| pick_probability(pi, picked, firing)).collect();
+        let total = q.iter().sum::<f64>() / q.len() as f64;
+        assert!((total - picked).abs() < 1e-9, "picked {picked}: {total}");
+        assert!(q.iter().all(|&x| (0.0..=1.0).contains(&x)));
+        if picked >= firing {
+            // Every neuron is picked at least as often as it fires, and the coldest get the extra picks too.
+            assert!(q.iter().zip(&p).all(|(&x, &pi)| x >= pi - 1e-12));
+            assert!(q[999] - p[999] >= 0.9 * (picked - firing), "{} against {}", q[999], p[999]);
+        }
+    }
 }
