@@ -1041,12 +1041,12 @@ fn estimate(
         for k in 0..ls.n_clusters() {
             let n = ls.cluster_len(k);
             let first = k * c;
-            let rows: f64 = (first..first + n).map(|pos| gate_p(l, pos)).sum();
+            items.clear();
+            items.extend((0..n).map(|j| (j as u64 * g_bytes, g_bytes, gate_p(l, first + j))));
+            let rows: f64 = items.iter().map(|it| it.2).sum();
             compute_bytes += rows * g_bytes as f64;
             if k >= g {
                 if input.predicting {
-                    items.clear();
-                    items.extend((0..n).map(|j| (j as u64 * g_bytes, g_bytes, gate_p(l, first + j))));
                     let (bytes, runs) = page_reads(&items, &mut scratch);
                     gate_read += bytes;
                     gate_runs += runs;
@@ -1070,8 +1070,9 @@ fn estimate(
                 let up = b_bytes / 2;
                 for j in 0..n {
                     for (off, len) in [(at(j), up), (at(j) + up, b_bytes - up)] {
-                        let (bytes, _) = page_reads(&[(off, len, 1.0)], &mut scratch);
-                        bundle_read += q(j) * bytes;
+                        // One read alone: the pages it spans.
+                        let pages = (off + len).div_ceil(BLOCK) - off / BLOCK;
+                        bundle_read += q(j) * (pages * BLOCK) as f64;
                         bundle_runs += q(j);
                     }
                 }

@@ -160,11 +160,9 @@ impl<'m> Context<'m> {
         }
         pinion_io::bound_heap_retention();
         // The process's own memory: what it holds now, less the model's decoded predictors if an earlier context
-        // decoded them (the plan counts those as predictors; counted twice, they halved the cache of every
-        // budget after the first of a sweep on the 7B shape).
-        let decoded =
-            model.decoded_predictors().map_or(0, |ps| ps.iter().map(LowRankPredictor::weight_bytes).sum());
-        let process = current_rss().saturating_sub(decoded);
+        // decoded them (the plan counts those as predictors; counted twice, they took 150 MiB from the cache of
+        // every budget after the first of a sweep on the 7B shape).
+        let process = current_rss().saturating_sub(model.decoded_predictors().map_or(0, predictor_bytes));
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
         let plan = ctx.plan_offload(&opts, device, process)?;
         ctx.offload = Some(Offload::new(
@@ -185,13 +183,12 @@ impl<'m> Context<'m> {
         device: &DeviceProfile,
         process: u64,
     ) -> Result<Plan, RuntimeError> {
-        let bytes = |ps: &[LowRankPredictor]| -> u64 { ps.iter().map(LowRankPredictor::weight_bytes).sum() };
         // The decoded predictors: the context's own, and the model's if they are decoded too.
         let own = match &self.predictors {
-            Some(Cow::Owned(ps)) => bytes(ps),
+            Some(Cow::Owned(ps)) => predictor_bytes(ps),
             _ => 0,
         };
-        let held = own + self.model.decoded_predictors().map_or(0, bytes);
+        let held = own + self.model.decoded_predictors().map_or(0, predictor_bytes);
         let params = ContextParams { n_ubatch: self.chunk_cap, ..self.params };
         plan_run_with(self.model, &params, opts, device, process, held, self.predictors.is_some())
     }
@@ -428,6 +425,11 @@ impl<'m> Context<'m> {
 
 /// Most tokens in one forward pass of an offloaded context: its scratch is sized for this many.
 pub const OFFLOAD_CHUNK: usize = 64;
+
+/// Bytes decoded predictors take in memory.
+fn predictor_bytes(ps: &[LowRankPredictor]) -> u64 {
+    ps.iter().map(LowRankPredictor::weight_bytes).sum()
+}
 
 impl Context<'_> {
     /// Splits `n` tokens into forward passes: `(start, len, batch)` where `batch` is the length of the
