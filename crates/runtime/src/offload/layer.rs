@@ -52,10 +52,33 @@ pub(crate) struct ClBufs {
     lru: Vec<u8>,
     /// Offset of each neuron's bundle in `lru` ([`NONE`] if not there), by index in the cluster.
     lru_at: Vec<u32>,
+    /// Indices in the cluster whose bundles `lru` holds (their `lru_at` entries are reset after use).
+    lru_idx: Vec<u32>,
     /// Indices in the cluster whose bundles were read this token (inserted into the LRU region after use).
     read: Vec<u32>,
     /// The bundle reads this cluster submits.
     reqs: Vec<ReadRequest>,
+    /// A use began and did not finish (an error stopped the layer): the per-neuron lists may hold entries.
+    dirty: bool,
+}
+
+impl ClBufs {
+    /// Makes the per-neuron lists `c` long and empty. A use clears only the entries it set, when it finishes, so
+    /// that a layer's set-up costs nothing per neuron (sweeping four lists per cluster was 4% of a 7B token);
+    /// the lists are swept only when their length changes or a use ended early.
+    fn ready(&mut self, c: usize) {
+        if self.dirty || self.got.len() != c {
+            self.rows.clear();
+            self.rows.resize_with(c, || None);
+            self.got.clear();
+            self.got.resize_with(c, || None);
+            self.got_down.clear();
+            self.got_down.resize_with(c, || None);
+            self.lru_at.clear();
+            self.lru_at.resize(c, NONE);
+            self.dirty = false;
+        }
+    }
 }
 
 /// A cluster's state during one layer's decode.
@@ -178,19 +201,14 @@ impl<'a> LayerRun<'a> {
         let need = self.mask.is_none_or(|m| m[lo..lo + n].contains(&true));
         let mut cl = Cl { b, need, gate_pending: 0, bundle_pending: 0 };
         let b = &mut cl.b;
-        b.rows.clear();
-        b.rows.resize_with(c, || None);
-        b.got.clear();
-        b.got.resize_with(c, || None);
-        b.got_down.clear();
-        b.got_down.resize_with(c, || None);
-        b.lru_at.clear();
-        b.lru_at.resize(c, NONE);
+        b.ready(c);
         b.record = None;
         b.from_stream = false;
         if !need {
             return Ok(cl);
         }
+        // Cleared by `up_down` when this use finishes.
+        b.dirty = true;
         let pin = &self.res.layers[self.l];
         let ctr = self.counters;
         if k < pin.n_gate_clusters {
@@ -346,9 +364,9 @@ impl<'a> LayerRun<'a> {
         } else if m.is_some() {
             // Assemble the predicted rows; the others are not computed (the mask skips them).
             scratch.resize(n * gr, 0);
-            for (i, row) in cl.b.rows.iter().enumerate().take(n) {
-                if let Some(row) = row {
-                    scratch[i * gr..(i + 1) * gr].copy_from_slice(row);
+            for (i, row) in cl.b.rows.iter_mut().enumerate().take(n) {
+                if let Some(row) = row.take() {
+                    scratch[i * gr..(i + 1) * gr].copy_from_slice(&row);
                 }
             }
             &scratch[..n * gr]
@@ -363,10 +381,10 @@ impl<'a> LayerRun<'a> {
         sparse::cluster_gates(self.spec, self.token, block, m, &mut cl.b.gates);
         drop(scratch);
         let b = &mut cl.b;
-        b.rows.iter_mut().for_each(|r| *r = None);
         b.read.clear();
         b.reqs.clear();
         b.lru.clear();
+        b.lru_idx.clear();
         let (mut pinned, mut lru_hits, mut full_reads) = (0u64, 0u64, 0u64);
         let whole = self.mode.whole && b.record.is_some();
         for &i in b.gates.passed() {
@@ -381,6 +399,7 @@ impl<'a> LayerRun<'a> {
             }
             if let Some(got) = self.cold.get(pos as u32) {
                 b.lru_at[i as usize] = b.lru.len() as u32;
+                b.lru_idx.push(i);
                 b.lru.extend_from_slice(&got);
                 lru_hits += 1;
                 continue;
@@ -465,8 +484,13 @@ impl<'a> LayerRun<'a> {
             // A refusal (every entry held by a reader) is counted by the region; the bundle is simply not kept.
             let _ = self.cold.insert(pos as u32, bytes)?;
         }
-        b.got.iter_mut().chain(b.got_down.iter_mut()).for_each(|g| *g = None);
-        b.lru_at.iter_mut().for_each(|x| *x = NONE);
+        for &i in &b.read {
+            (b.got[i as usize], b.got_down[i as usize]) = (None, None);
+        }
+        for &i in &b.lru_idx {
+            b.lru_at[i as usize] = NONE;
+        }
+        b.dirty = false;
         if let Some(rec) = b.record.take() {
             if b.from_stream {
                 let (offset, len) = (rec.offset(), rec.len());
