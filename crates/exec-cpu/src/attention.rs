@@ -17,7 +17,9 @@ thread_local! {
 ///
 /// `q` is `[n_tokens][n_heads * head_dim]`; `k` and `v` are the KV cache, `[n_ctx][n_kv_heads * head_dim]`
 /// in f16, whose rows `0..first_pos + n_tokens` are written; `out` is `[n_tokens][n_heads * head_dim]`.
-/// Query head `h` reads KV head `h / (n_heads / n_kv_heads)`, and query `t` sees cache rows `0..=first_pos + t`.
+/// Query head `h` reads KV head `h / (n_heads / n_kv_heads)`, and query `t` sees cache rows `0..=first_pos + t`,
+/// or with a sliding `window` of `w` positions only the last `w` of them (rows `first_pos + t + 1 - w..`: a key
+/// `w` or more positions behind the query is masked, as llama.cpp's standard sliding-window attention).
 /// Scores are `scale * dot(q, k)` in f32, normalized by [`softmax`], and the values summed in f32.
 ///
 /// Runs on the current rayon pool, parallel over (token, head); the score buffer is a per-thread `Vec`
@@ -36,6 +38,7 @@ pub fn attention(
     k: &[f16],
     v: &[f16],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     attention_with(
@@ -49,6 +52,7 @@ pub fn attention(
         k,
         v,
         scale,
+        window,
         out,
     );
 }
@@ -69,6 +73,7 @@ pub fn attention_with(
     k: &[f16],
     v: &[f16],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     kernels::check(path);
@@ -93,16 +98,18 @@ pub fn attention_with(
         let kv_off = (h / group) * head_dim;
         let qh = &q[idx * head_dim..(idx + 1) * head_dim];
         let n_seen = first_pos + t + 1;
+        let first = window.map_or(0, |w| n_seen.saturating_sub(w.max(1)));
+        let off = first * kv_dim + kv_off;
         SCORES.with(|s| {
             let mut s = s.borrow_mut();
             s.clear();
-            s.resize(n_seen, 0.0);
-            kernels::scores_f16(path, qh, &k[kv_off..], kv_dim, &mut s);
+            s.resize(n_seen - first, 0.0);
+            kernels::scores_f16(path, qh, &k[off..], kv_dim, &mut s);
             for x in s.iter_mut() {
                 *x *= scale;
             }
             softmax(&mut s);
-            kernels::wsum_f16(path, &s, &v[kv_off..], kv_dim, o);
+            kernels::wsum_f16(path, &s, &v[off..], kv_dim, o);
         });
     };
     if rayon::current_num_threads() > 1 && n_tokens * n_heads > 1 {

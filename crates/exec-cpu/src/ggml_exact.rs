@@ -45,9 +45,12 @@ pub fn attention_f16acc(
     k: &[f16],
     v: &[f16],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
-    attention_f16acc_impl(None, q, n_tokens, first_pos, n_heads, n_kv_heads, head_dim, k, v, scale, out);
+    attention_f16acc_impl(
+        None, q, n_tokens, first_pos, n_heads, n_kv_heads, head_dim, k, v, scale, window, out,
+    );
 }
 
 /// [`attention_f16acc`] on a [`SpinPool`], each thread taking every `n`-th (token, head): for decode, where
@@ -67,6 +70,7 @@ pub fn attention_f16acc_on(
     k: &[f16],
     v: &[f16],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     attention_f16acc_impl(
@@ -80,6 +84,7 @@ pub fn attention_f16acc_on(
         k,
         v,
         scale,
+        window,
         out,
     );
 }
@@ -119,6 +124,7 @@ fn attention_f16acc_impl(
     k: &[f16],
     v: &[f16],
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     assert!(
@@ -142,13 +148,15 @@ fn attention_f16acc_impl(
         let kv_off = (h / group) * head_dim;
         let qh = &q[idx * head_dim..(idx + 1) * head_dim];
         let n_seen = first_pos + t + 1;
+        // Keys masked by a sliding window are skipped, as ggml skips a mask entry of -inf.
+        let first = window.map_or(0, |w| n_seen.saturating_sub(w.max(1)));
         SCRATCH.with(|s| {
             let (q16, acc) = &mut *s.borrow_mut();
             q16.clear();
             q16.resize(head_dim, f16::ZERO);
             acc.clear();
             acc.resize(head_dim, f16::ZERO);
-            let head = Head { q: qh, k, v, kv_dim, kv_off, n_seen, scale };
+            let head = Head { q: qh, k, v, kv_dim, kv_off, first, n_seen, scale };
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: `avx512_ok` confirmed AVX-512F, F16C and FMA at run time; `head_dim` is a multiple
@@ -187,6 +195,8 @@ struct Head<'a> {
     v: &'a [f16],
     kv_dim: usize,
     kv_off: usize,
+    /// The first cache row the query sees (after a sliding window).
+    first: usize,
     n_seen: usize,
     scale: f32,
 }
@@ -199,7 +209,7 @@ fn head_scalar(h: &Head<'_>, q16: &mut [f16], acc: &mut [f16], out: &mut [f32]) 
     }
     let mut m = f32::NEG_INFINITY;
     let mut sum = 0.0f32;
-    for pos in 0..h.n_seen {
+    for pos in h.first..h.n_seen {
         let row = pos * h.kv_dim + h.kv_off;
         let s = dot_f16_ggml(&h.k[row..row + hd], q16) * h.scale;
         let mut ms = 1.0f32;
@@ -281,7 +291,7 @@ mod avx512 {
         let (kp, vp) = (h.k.as_ptr() as *const u16, h.v.as_ptr() as *const u16);
         let mut m = f32::NEG_INFINITY;
         let mut sum = 0.0f32;
-        for pos in 0..h.n_seen {
+        for pos in h.first..h.n_seen {
             let row = pos * h.kv_dim + h.kv_off;
             // Score: four accumulators of 16 lanes over steps of 64, as ggml_vec_dot_f16.
             let mut a = [_mm512_setzero_ps(); 4];
@@ -441,6 +451,51 @@ pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
     active
 }
 
+/// GELU as ggml's CPU backend computes it on f32 rows (`GGML_GELU_FP16`, on by default): 0 at or below -10,
+/// the input at or above 10, and otherwise `ggml_table_gelu_f16`, the tanh approximation ([`crate::gelu`]) of
+/// the input rounded to f16, itself rounded to f16.
+#[inline]
+pub fn gelu_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        f16::from_f32(crate::gelu(f16::from_f32(x).to_f32())).to_f32()
+    }
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]` as ggml's `ggml_vec_geglu_f32` ([`gelu_ggml`]).
+///
+/// # Panics
+/// If the lengths differ.
+pub fn geglu_ggml(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "geglu: lengths");
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_ggml(*g) * u;
+    }
+}
+
+/// Threshold-sparse GeGLU (CATS on a GELU-gated FFN): `gate[i] = gelu(gate[i]) * up[i]` where
+/// `|gelu(gate[i])| >= t`, else 0; with `t = 0` this equals [`geglu_ggml`]. Returns how many neurons were active.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn geglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
+    assert_eq!(gate.len(), up.len(), "geglu: lengths");
+    let mut active = 0;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let a = gelu_ggml(*g);
+        if a.abs() >= t {
+            *g = a * u;
+            active += 1;
+        } else {
+            *g = 0.0;
+        }
+    }
+    active
+}
+
 /// Tree reduction of 16 lanes as `_mm512_reduce_add_ps`: halves added until one lane is left.
 fn reduce16(r: &[f32; 16]) -> f32 {
     let mut v = *r;
@@ -544,7 +599,16 @@ mod tests {
             let q: Vec<f32> = (0..hd).map(|_| lcg(&mut st) * 3.0).collect();
             let k: Vec<f16> = (0..n_seen * kv_dim).map(|_| f16::from_f32(lcg(&mut st))).collect();
             let v: Vec<f16> = (0..n_seen * kv_dim).map(|_| f16::from_f32(lcg(&mut st))).collect();
-            let h = Head { q: &q, k: &k, v: &v, kv_dim, kv_off: kv_dim - hd, n_seen, scale: 0.125 };
+            let h = Head {
+                q: &q,
+                k: &k,
+                v: &v,
+                kv_dim,
+                kv_off: kv_dim - hd,
+                first: n_seen / 3,
+                n_seen,
+                scale: 0.125,
+            };
             let (mut q16, mut acc, mut want) = (vec![f16::ZERO; hd], vec![f16::ZERO; hd], vec![0.0f32; hd]);
             head_scalar(&h, &mut q16, &mut acc, &mut want);
             let (mut q16, mut acc, mut got) = (vec![f16::ZERO; hd], vec![f16::ZERO; hd], vec![0.0f32; hd]);
@@ -577,7 +641,7 @@ mod tests {
         let v: Vec<f16> = (0..n_kv * n_kv_heads * hd).map(|_| f16::from_f32(lcg(&mut st))).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let mut got = vec![0.0; q.len()];
-        attention_f16acc(&q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale, &mut got);
+        attention_f16acc(&q, n_tokens, first_pos, n_heads, n_kv_heads, hd, &k, &v, scale, None, &mut got);
         // Exact reference in f64, causal, grouped.
         let kvd = n_kv_heads * hd;
         for t in 0..n_tokens {

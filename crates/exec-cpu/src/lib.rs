@@ -39,8 +39,8 @@ pub use crate::attention::{attention, attention_with};
 pub use crate::dense::{CpuDense, DenseBackend, DenseShape, check_operands, check_output};
 pub use crate::error::ExecError;
 pub use crate::ggml_exact::{
-    GGML_FA_TILE_Q, attention_f16acc, attention_f16acc_on, dot_f16_ggml, expf_ggml, silu_ggml, swiglu_ggml,
-    swiglu_threshold,
+    GGML_FA_TILE_Q, attention_f16acc, attention_f16acc_on, dot_f16_ggml, expf_ggml, geglu_ggml,
+    geglu_threshold, gelu_ggml, silu_ggml, swiglu_ggml, swiglu_threshold,
 };
 pub use crate::kernels::{CpuFeatures, KernelPath, cpu_features};
 pub use crate::matmul::{matmul, matmul_on, matmul_rows, matmul_rows_with};

@@ -19,11 +19,12 @@
 //!
 //! # Threshold semantics
 //!
-//! As the runtime's `FfnActivation`: a neuron's score is `|silu(g)|` for SiLU, `relu(g)` for ReLU and
-//! `relu(min(g, u))` for dReLU; it is active when `score >= t` (SiLU) or `score > t` (ReLU family, so `t = 0`
-//! is the activation's own sparsity). The gate phase keeps SiLU and ReLU neurons whose score passes, and dReLU
-//! neurons with `relu(g) > t` (necessary for `relu(min(g, u)) > t`); dReLU's up test comes after the up row.
-//! The hidden activation is `silu(g) * u`, `relu(g) * u` or `relu(g) * relu(u)`.
+//! As the runtime's `FfnActivation`: a neuron's score is `|silu(g)|` for SiLU, `|gelu(g)|` for GELU, `relu(g)`
+//! for ReLU and `relu(min(g, u))` for dReLU; it is active when `score >= t` (SiLU, GELU) or `score > t` (ReLU
+//! family, so `t = 0` is the activation's own sparsity). The gate phase keeps SiLU, GELU and ReLU neurons whose
+//! score passes, and dReLU neurons with `relu(g) > t` (necessary for `relu(min(g, u)) > t`); dReLU's up test
+//! comes after the up row. The hidden activation is `silu(g) * u`, `gelu(g) * u`, `relu(g) * u` or
+//! `relu(g) * relu(u)`.
 
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -374,6 +375,8 @@ pub fn axpy_column_with(path: KernelPath, ty: GgmlType, a: f32, col: &[u8], out:
 pub enum SparseAct {
     /// `silu(g) * u` (SwiGLU), active when `|silu(g)| >= t`.
     Silu,
+    /// `gelu(g) * u` (GeGLU, ggml's f16-table GELU), active when `|gelu(g)| >= t`.
+    Gelu,
     /// `relu(g) * u`, active when `relu(g) > t`.
     Relu,
     /// `relu(g) * relu(u)`, active when `relu(min(g, u)) > t`.
@@ -420,6 +423,7 @@ impl SparseFfn {
         let t = self.threshold;
         match self.act {
             SparseAct::Silu => crate::silu_ggml(g).abs() >= t,
+            SparseAct::Gelu => crate::gelu_ggml(g).abs() >= t,
             SparseAct::Relu | SparseAct::Drelu => g.max(0.0) > t,
         }
     }
@@ -429,6 +433,7 @@ impl SparseFfn {
     fn hidden(&self, g: f32, u: f32) -> Option<f32> {
         match self.act {
             SparseAct::Silu => Some(crate::silu_ggml(g) * u),
+            SparseAct::Gelu => Some(crate::gelu_ggml(g) * u),
             SparseAct::Relu => Some(g.max(0.0) * u),
             SparseAct::Drelu => (g.min(u).max(0.0) > self.threshold).then(|| g.max(0.0) * u.max(0.0)),
         }

@@ -1,5 +1,6 @@
 //! Model hyper-parameters read from GGUF metadata.
 
+use pinion_exec_cpu::RopeMode;
 use pinion_format::Gguf;
 
 use crate::error::RuntimeError;
@@ -26,6 +27,66 @@ pub struct ModelConfig {
     pub n_ctx_train: usize,
     /// The FFN's gated activation.
     pub ffn_act: FfnActivation,
+    /// What the architecture computes beyond llama's block.
+    pub spec: ArchSpec,
+    /// Scale of the attention scores (applied to the queries when [`ArchSpec::scale_queries`]).
+    pub attn_scale: f32,
+    /// Sliding-window attention: the window in positions, and which layers use it (the others attend to the
+    /// whole context).
+    pub sliding_window: Option<usize>,
+    /// RoPE base of the sliding-window layers.
+    pub rope_freq_base_swa: f32,
+}
+
+/// How an architecture's decoder block differs from llama's: the one place the loader and the forward pass
+/// learn it (no `if arch == ...` in the forward pass). Hyper-parameters come from the GGUF metadata; this says
+/// only which computations exist.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArchSpec {
+    /// How RoPE pairs dimensions.
+    pub rope: RopeMode,
+    /// Embeddings are multiplied by `sqrt(d_model)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Per-head RMS norms of the queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`: Gemma 3, Qwen3).
+    pub qk_norm: bool,
+    /// RMS norms of the attention and FFN outputs before each residual add (`post_attention_norm`,
+    /// `post_ffw_norm`: Gemma 2 and 3).
+    pub post_norms: bool,
+    /// The queries are scaled before attention and the scores are not (Gemma 3, as llama.cpp computes it).
+    pub scale_queries: bool,
+    /// Every `n`-th layer (the last of each group of `n`) attends globally, the others through the sliding
+    /// window (Gemma 3: 6).
+    pub swa_pattern: Option<usize>,
+    /// The FFN activation when the file does not name one.
+    pub ffn_act: FfnActivation,
+}
+
+impl ArchSpec {
+    /// The architectures pinion runs, by `general.architecture`.
+    pub fn of(arch: &str) -> Option<ArchSpec> {
+        let llama = ArchSpec {
+            rope: RopeMode::Norm,
+            scale_embeddings: false,
+            qk_norm: false,
+            post_norms: false,
+            scale_queries: false,
+            swa_pattern: None,
+            ffn_act: FfnActivation::Silu,
+        };
+        match arch {
+            "llama" | "mistral" | "smollm" | "granite" => Some(llama),
+            "gemma3" => Some(ArchSpec {
+                rope: RopeMode::Neox,
+                scale_embeddings: true,
+                qk_norm: true,
+                post_norms: true,
+                scale_queries: true,
+                swa_pattern: Some(6),
+                ffn_act: FfnActivation::Gelu,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The gated activation of a llama-style FFN: `down · (act(gate · x) ⊙ up · x)`.
@@ -36,6 +97,8 @@ pub struct ModelConfig {
 pub enum FfnActivation {
     /// SwiGLU: `silu(gate) ⊙ up`. Dense; sparsity comes from thresholds (CATS).
     Silu,
+    /// GeGLU: `gelu(gate) ⊙ up` (tanh approximation, as ggml computes it). Dense, as SiLU.
+    Gelu,
     /// ReGLU: `relu(gate) ⊙ up`. A neuron is active when its gate is positive.
     Relu,
     /// dReLU (TurboSparse): `relu(gate) ⊙ relu(up)`. Active when both are positive.
@@ -47,6 +110,7 @@ impl FfnActivation {
     pub fn name(self) -> &'static str {
         match self {
             FfnActivation::Silu => "silu",
+            FfnActivation::Gelu => "gelu",
             FfnActivation::Relu => "relu",
             FfnActivation::Drelu => "drelu",
         }
@@ -56,6 +120,7 @@ impl FfnActivation {
     pub fn from_name(s: &str) -> Option<FfnActivation> {
         match s {
             "silu" => Some(FfnActivation::Silu),
+            "gelu" => Some(FfnActivation::Gelu),
             "relu" => Some(FfnActivation::Relu),
             "drelu" => Some(FfnActivation::Drelu),
             _ => None,
@@ -65,21 +130,23 @@ impl FfnActivation {
     /// Whether the activation is exactly zero for most inputs (ReLU family): then a neuron is active when its
     /// score is above 0 and needs no calibrated threshold.
     pub fn is_relu_family(self) -> bool {
-        !matches!(self, FfnActivation::Silu)
+        !matches!(self, FfnActivation::Silu | FfnActivation::Gelu)
     }
 
     /// A neuron's *score* for gate and up pre-activations `g`, `u`: the magnitude a threshold is compared with.
-    /// SiLU: `|silu(g)|`; ReLU: `relu(g)`; dReLU: `relu(min(g, u))` (zero unless both are positive).
+    /// SiLU: `|silu(g)|`; GELU: `|gelu(g)|`; ReLU: `relu(g)`; dReLU: `relu(min(g, u))` (zero unless both are
+    /// positive).
     #[inline]
     pub fn score(self, g: f32, u: f32) -> f32 {
         match self {
             FfnActivation::Silu => pinion_exec_cpu::silu_ggml(g).abs(),
+            FfnActivation::Gelu => pinion_exec_cpu::gelu_ggml(g).abs(),
             FfnActivation::Relu => g.max(0.0),
             FfnActivation::Drelu => g.min(u).max(0.0),
         }
     }
 
-    /// Whether a neuron with score `s` is active under threshold `t`: `s >= t` for SiLU (CATS), `s > t` for the
+    /// Whether a neuron with score `s` is active under threshold `t`: `s >= t` for SiLU and GELU (CATS), `s > t` for the
     /// ReLU family (so that `t = 0` is the activation's own sparsity).
     #[inline]
     pub fn is_active(self, s: f32, t: f32) -> bool {
@@ -95,6 +162,11 @@ impl FfnActivation {
                 gate.len()
             }
             (FfnActivation::Silu, Some(t)) => pinion_exec_cpu::swiglu_threshold(gate, up, t),
+            (FfnActivation::Gelu, None) => {
+                pinion_exec_cpu::geglu_ggml(gate, up);
+                gate.len()
+            }
+            (FfnActivation::Gelu, Some(t)) => pinion_exec_cpu::geglu_threshold(gate, up, t),
             (act, t) => {
                 let t = t.unwrap_or(0.0);
                 let mut active = 0;
@@ -112,9 +184,6 @@ impl FfnActivation {
     }
 }
 
-/// Architectures whose tensors and hyper-parameters follow llama's names.
-const LLAMA_LIKE: &[&str] = &["llama", "mistral", "smollm", "granite"];
-
 /// The metadata key naming the FFN activation (see [`FfnActivation`]).
 pub const FFN_ACTIVATION_KEY: &str = pinion_format::synth::ACTIVATION_KEY;
 
@@ -124,12 +193,12 @@ const MAX_WIDTH: u64 = 1 << 20;
 const MAX_HEADS: u64 = 4096;
 
 impl ModelConfig {
-    /// Reads the config of a llama-architecture model from its GGUF metadata.
+    /// Reads the config of a model of a supported architecture ([`ArchSpec::of`]) from its GGUF metadata.
     pub fn from_gguf(g: &Gguf<'_>) -> Result<ModelConfig, RuntimeError> {
         let arch = g.get_str("general.architecture")?.to_string();
-        if !LLAMA_LIKE.contains(&arch.as_str()) {
+        let Some(spec) = ArchSpec::of(&arch) else {
             return Err(RuntimeError::UnsupportedArchitecture { arch });
-        }
+        };
         let key = |k: &str| format!("{arch}.{k}");
         let bounded = |k: &str, cap: u64| -> Result<usize, RuntimeError> {
             let v = g.get_u64(&key(k))?;
@@ -146,13 +215,26 @@ impl ModelConfig {
             Some(_) => bounded("attention.head_count_kv", MAX_HEADS)?,
             None => n_heads,
         };
-        if d_model % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        // The head size is the key length where the file gives one (Gemma 3: 256 with a width of 640 and 4
+        // heads), else the width over the heads.
+        let head_dim = match g.get(&key("attention.key_length")) {
+            Some(_) => bounded("attention.key_length", MAX_WIDTH)?,
+            None if d_model % n_heads == 0 => d_model / n_heads,
+            None => 0,
+        };
+        if head_dim == 0 || n_heads % n_kv_heads != 0 {
             return Err(RuntimeError::BadHyperParameter {
                 key: key("attention.head_count"),
                 value: format!("{n_heads} heads, {n_kv_heads} KV heads, width {d_model}"),
             });
         }
-        let head_dim = d_model / n_heads;
+        if g.get(&key("attention.value_length")).is_some()
+            && bounded("attention.value_length", MAX_WIDTH)? != head_dim
+        {
+            return Err(RuntimeError::Unsupported {
+                what: format!("{} differing from the key length {head_dim}", key("attention.value_length")),
+            });
+        }
         let n_rot = match g.get(&key("rope.dimension_count")) {
             Some(_) => bounded("rope.dimension_count", head_dim as u64)?,
             None => head_dim,
@@ -169,18 +251,40 @@ impl ModelConfig {
         let n_ctx_train = bounded("context_length", 1 << 24)?;
         let name = g.get_str("general.name").ok().map(str::to_string);
         let ffn_act = match g.get(FFN_ACTIVATION_KEY) {
-            None => FfnActivation::Silu,
+            None => spec.ffn_act,
             Some(_) => {
                 let s = g.get_str(FFN_ACTIVATION_KEY)?;
                 FfnActivation::from_name(s).ok_or_else(|| RuntimeError::BadHyperParameter {
                     key: FFN_ACTIVATION_KEY.into(),
-                    value: format!("{s:?} (expected silu, relu or drelu)"),
+                    value: format!("{s:?} (expected silu, gelu, relu or drelu)"),
                 })?
             }
         };
         if g.get(&key("expert_count")).is_some() {
             return Err(RuntimeError::UnsupportedArchitecture { arch: format!("{arch} with experts (MoE)") });
         }
+        refuse_unimplemented(g, &arch)?;
+        let sliding_window = match spec.swa_pattern {
+            Some(_) => Some(bounded("attention.sliding_window", 1 << 24)?),
+            None => match g.get(&key("attention.sliding_window")) {
+                // Mistral v0.1's window: llama.cpp ignores it for llama-architecture files, and so does pinion.
+                Some(_) if arch == "mistral" || arch == "llama" => None,
+                Some(_) => {
+                    return Err(RuntimeError::Unsupported {
+                        what: format!(
+                            "{} (sliding-window attention on a {arch} model)",
+                            key("attention.sliding_window")
+                        ),
+                    });
+                }
+                None => None,
+            },
+        };
+        // As llama.cpp: Gemma 3 27B (62 layers) scales by the width per head, the others by the head size.
+        let attn_scale = match (spec.scale_queries, n_layers) {
+            (true, 62) => 1.0 / ((d_model / n_heads) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         Ok(ModelConfig {
             arch,
             name,
@@ -196,13 +300,58 @@ impl ModelConfig {
             n_vocab,
             n_ctx_train,
             ffn_act,
+            spec,
+            attn_scale,
+            sliding_window,
+            // llama.cpp's fixed base for Gemma 3's local layers.
+            rope_freq_base_swa: 10000.0,
         })
+    }
+
+    /// The sliding window layer `l` attends through (`None`: the whole context).
+    pub fn window(&self, l: usize) -> Option<usize> {
+        match self.spec.swa_pattern {
+            Some(n) if (l + 1) % n != 0 => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// The RoPE base of layer `l`.
+    pub fn rope_base(&self, l: usize) -> f32 {
+        match self.window(l) {
+            Some(_) => self.rope_freq_base_swa,
+            None => self.rope_freq_base,
+        }
     }
 
     /// Width of the key and value projections.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+}
+
+/// Refuses, by name, metadata for computations pinion does not implement (rather than ignoring them): RoPE
+/// scaling other than none or a linear factor of 1, and logit soft-capping.
+fn refuse_unimplemented(g: &Gguf<'_>, arch: &str) -> Result<(), RuntimeError> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if g.get(&key("rope.scaling.type")).is_some() {
+        let ty = g.get_str(&key("rope.scaling.type"))?;
+        let factor = match g.get(&key("rope.scaling.factor")) {
+            Some(_) => g.get_f32(&key("rope.scaling.factor"))?,
+            None => 1.0,
+        };
+        if ty != "none" && !(ty == "linear" && factor == 1.0) {
+            return Err(RuntimeError::Unsupported {
+                what: format!("RoPE scaling {ty:?} (factor {factor}, {})", key("rope.scaling.type")),
+            });
+        }
+    }
+    for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if g.get(&key(k)).is_some() {
+            return Err(RuntimeError::Unsupported { what: format!("logit soft-capping ({})", key(k)) });
+        }
+    }
+    Ok(())
 }
 
 /// Largest number of tokens evaluated in one forward pass (llama.cpp's default `n_ubatch`).

@@ -39,8 +39,13 @@ pub enum RuntimeError {
     Format { path: PathBuf, source: pinion_format::FormatError },
     #[error(transparent)]
     Metadata(#[from] pinion_format::FormatError),
-    #[error("architecture '{arch}' is not supported (pinion runs llama-style models)")]
+    #[error(
+        "architecture '{arch}' is not supported (pinion runs llama, mistral, smollm, granite and gemma3 models)"
+    )]
     UnsupportedArchitecture { arch: String },
+    /// The file asks for a computation pinion does not implement (named), rather than having it ignored.
+    #[error("not supported: {what}")]
+    Unsupported { what: String },
     #[error("bad hyper-parameter {key} = {value}")]
     BadHyperParameter { key: String, value: String },
     #[error("tensor '{name}': {why}")]

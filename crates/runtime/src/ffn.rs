@@ -133,12 +133,12 @@ pub(crate) fn packed_ffn(
 
     // Candidates: predicted (if a predictor is used) and passing the gate phase of the threshold.
     let t = sel.threshold.unwrap_or(0.0);
-    let dense_silu = sel.act == FfnActivation::Silu && sel.threshold.is_none();
+    let dense = !sel.act.is_relu_family() && sel.threshold.is_none();
     for (m, &g) in s.mask.iter_mut().zip(&s.gate) {
         *m = match sel.act {
             // dReLU: active when relu(min(g, u)) > t; up is checked after the up phase.
             FfnActivation::Drelu => g > t,
-            act => dense_silu || act.is_active(act.score(g, 0.0), t),
+            act => dense || act.is_active(act.score(g, 0.0), t),
         };
     }
     if let Some(p) = sel.predictor {
@@ -177,6 +177,7 @@ pub(crate) fn packed_ffn(
             if *m {
                 *g = match act {
                     FfnActivation::Silu => exec::silu_ggml(*g) * u,
+                    FfnActivation::Gelu => exec::gelu_ggml(*g) * u,
                     FfnActivation::Relu => g.max(0.0) * u,
                     FfnActivation::Drelu => g.max(0.0) * u.max(0.0),
                 };
@@ -255,6 +256,7 @@ pub(crate) fn sparse_spec(pl: &PackedLayer, sel: Selection<'_>) -> SparseFfn {
     SparseFfn {
         act: match sel.act {
             FfnActivation::Silu => SparseAct::Silu,
+            FfnActivation::Gelu => SparseAct::Gelu,
             FfnActivation::Relu => SparseAct::Relu,
             FfnActivation::Drelu => SparseAct::Drelu,
         },

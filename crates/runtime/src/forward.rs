@@ -7,7 +7,7 @@
 //! a single token runs on the spin pool.
 
 use half::f16;
-use pinion_exec_cpu::{self as exec, DenseBackend, QMatrix, QuantizedActs, RopeMode, SpinPool};
+use pinion_exec_cpu::{self as exec, DenseBackend, QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
@@ -141,8 +141,16 @@ pub(crate) fn forward(
             None => model.embed(tok, &mut x[t * d..(t + 1) * d])?,
         }
     }
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let spec = c.spec;
+    if spec.scale_embeddings {
+        let k = (d as f32).sqrt();
+        x.iter_mut().for_each(|v| *v *= k);
+    }
+    // Scores are scaled in attention, or the queries before it (and the scores by 1).
+    let scale = if spec.scale_queries { 1.0 } else { c.attn_scale };
+    let mut head_tmp = vec![0.0f32; if spec.qk_norm { c.head_dim } else { 0 }];
     for (l, layer) in model.layers.iter().enumerate() {
+        let (rope_base, window) = (c.rope_base(l), c.window(l));
         // Attention.
         let w = Weights { model, offload: ffn.offload.as_deref() };
         let xn = &mut s.xn[..n * d];
@@ -163,9 +171,22 @@ pub(crate) fn forward(
         for t in 0..n {
             let pos = n_past + t;
             let q = &mut s.q[t * qd..(t + 1) * qd];
-            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
             let k = &mut s.k[t * kvd..(t + 1) * kvd];
-            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, c.rope_freq_base, RopeMode::Norm);
+            if let Some((qn, kn)) = &layer.qk_norm {
+                for (x, w) in q
+                    .chunks_exact_mut(c.head_dim)
+                    .map(|h| (h, qn))
+                    .chain(k.chunks_exact_mut(c.head_dim).map(|h| (h, kn)))
+                {
+                    exec::rms_norm(x, w, c.rms_eps, &mut head_tmp);
+                    x.copy_from_slice(&head_tmp);
+                }
+            }
+            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, spec.rope);
+            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, rope_base, spec.rope);
+            if spec.scale_queries {
+                q.iter_mut().for_each(|v| *v *= c.attn_scale);
+            }
             let kc = &mut k_cache[l][pos * kvd..(pos + 1) * kvd];
             for (dst, &src) in kc.iter_mut().zip(k.iter()) {
                 *dst = f16::from_f32(src);
@@ -181,15 +202,20 @@ pub(crate) fn forward(
         let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         match par {
-            Par::Spin(p) => exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
-            Par::Batch(_) if batch < exec::GGML_FA_TILE_Q => {
-                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn)
+            Par::Spin(p) => {
+                exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn)
             }
-            Par::Batch(_) => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, attn),
+            Par::Batch(_) if batch < exec::GGML_FA_TILE_Q => {
+                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn)
+            }
+            Par::Batch(_) => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn),
         }
         let wo = w.matrix(&layer.wo);
         s.acts.quantize(wo.ty, attn, qd);
         par.matmul(&wo, &s.acts, &mut s.tmp[..n * d])?;
+        if let Some((post_attn, _)) = &layer.post_norms {
+            norm_rows(&mut s.tmp[..n * d], &mut s.xn[..n * d], post_attn, c.rms_eps);
+        }
         add_assign(x, &s.tmp[..n * d]);
 
         // Feed-forward.
@@ -253,6 +279,9 @@ pub(crate) fn forward(
                 packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
             }
         }
+        if let Some((_, post_ffn)) = &layer.post_norms {
+            norm_rows(&mut s.tmp[..n * d], &mut s.xn[..n * d], post_ffn, c.rms_eps);
+        }
         add_assign(x, &s.tmp[..n * d]);
     }
 
@@ -276,6 +305,15 @@ pub(crate) fn forward(
         None => par.head_matmul(&model.matrix(&model.output), &s.acts, logits),
     }
     Ok(())
+}
+
+/// RMS-normalizes each row of `x` in place with weights `w` (`tmp`: scratch of `x`'s length).
+fn norm_rows(x: &mut [f32], tmp: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for (row, t) in x.chunks_exact_mut(d).zip(tmp.chunks_exact_mut(d)) {
+        exec::rms_norm(row, w, eps, t);
+        row.copy_from_slice(t);
+    }
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

@@ -25,7 +25,7 @@ mod sampler;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::{
-    ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
+    ArchSpec, ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
 };
 pub use crate::context::{Context, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;

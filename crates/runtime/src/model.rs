@@ -47,6 +47,10 @@ pub(crate) struct LayerWeights {
     pub(crate) wo: WeightRef,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) ffn: FfnWeights,
+    /// Per-head norms of the queries and keys ([`crate::ArchSpec::qk_norm`]).
+    pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Norms of the attention and FFN outputs ([`crate::ArchSpec::post_norms`]).
+    pub(crate) post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl LayerWeights {
@@ -215,6 +219,9 @@ impl Model {
         };
         let output_norm = vector(gguf, "output_norm.weight", c.d_model)?;
         let is_packed = packed.is_some();
+        if !is_packed {
+            check_tensor_names(gguf, c)?;
+        }
         let mut packed = packed.map(Vec::into_iter);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
@@ -264,6 +271,20 @@ impl Model {
                 wo: matrix_ref(&name("attn_output"), c.n_heads * c.head_dim, c.d_model)?,
                 ffn_norm: vector(gguf, &name("ffn_norm"), c.d_model)?,
                 ffn,
+                qk_norm: match c.spec.qk_norm {
+                    true => Some((
+                        vector(gguf, &name("attn_q_norm"), c.head_dim)?,
+                        vector(gguf, &name("attn_k_norm"), c.head_dim)?,
+                    )),
+                    false => None,
+                },
+                post_norms: match c.spec.post_norms {
+                    true => Some((
+                        vector(gguf, &name("post_attention_norm"), c.d_model)?,
+                        vector(gguf, &name("post_ffw_norm"), c.d_model)?,
+                    )),
+                    false => None,
+                },
             });
         }
         Ok(Model {
@@ -465,6 +486,49 @@ impl Model {
         quant::dequantize_row(m.ty, m.row(token as usize), out)?;
         Ok(())
     }
+}
+
+/// Refuses a GGUF holding a tensor the forward pass would not use (a computation pinion does not implement,
+/// such as Llama 3's `rope_freqs`, would otherwise be silently skipped), naming it.
+fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError> {
+    let mut per_layer = vec![
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    if c.spec.qk_norm {
+        per_layer.extend(["attn_q_norm", "attn_k_norm"]);
+    }
+    if c.spec.post_norms {
+        per_layer.extend(["post_attention_norm", "post_ffw_norm"]);
+    }
+    for t in &g.tensors {
+        let name = t.name.as_str();
+        let known = match name {
+            "token_embd.weight" | "output_norm.weight" | "output.weight" => true,
+            _ => name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest.strip_suffix(".weight")?)))
+                .is_some_and(|(l, rest)| l < c.n_layers && per_layer.contains(&rest)),
+        };
+        if !known {
+            let what = match name {
+                "rope_freqs.weight" => "RoPE frequency factors (Llama 3.1 rope scaling)".to_string(),
+                _ => format!("{} architecture", c.arch),
+            };
+            return Err(RuntimeError::Unsupported {
+                what: format!("tensor '{name}' ({what}) is not implemented"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn matrix_ref(
