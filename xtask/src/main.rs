@@ -150,6 +150,7 @@ fn fetch(name: &str) -> Result<PathBuf> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let model = fetch(registry::SMOLLM2_135M.name)?;
+    let gemma = fetch(registry::GEMMA3_270M.name)?;
     tidy::tidy(root)?;
     tidy::check_layering(root)?;
     let nextest =
@@ -161,7 +162,11 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         eprintln!("xtask test: cargo-nextest not found, using cargo test");
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }
-    cmd.args(extra).current_dir(root).env("PINION_REQUIRE_MODEL", "1").env("PINION_MODEL", &model);
+    cmd.args(extra)
+        .current_dir(root)
+        .env("PINION_REQUIRE_MODEL", "1")
+        .env("PINION_MODEL", &model)
+        .env("PINION_GEMMA_MODEL", &gemma);
     eprintln!("xtask test: {cmd:?}");
     let status = cmd.status().context("running cargo")?;
     if !status.success() {

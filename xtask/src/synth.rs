@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use pinion_format::GgmlType;
-use pinion_format::synth::{self, Activation, SynthConfig};
+use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
 
 #[derive(Args)]
 pub(crate) struct SynthArgs {
@@ -21,6 +21,13 @@ pub(crate) struct SynthArgs {
     /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU).
     #[arg(long, default_value = "relu")]
     act: String,
+    /// Architecture: llama, or gemma3 (Q/K norms, post-norms, NeoX RoPE, scaled embeddings, and sliding-window
+    /// attention of --window positions on five layers of every six).
+    #[arg(long, default_value = "llama")]
+    arch: String,
+    /// Sliding window of a gemma3 model, in positions.
+    #[arg(long, default_value_t = 512)]
+    window: u32,
     /// Mixtral-style MoE with this many experts per layer (2 used per token).
     #[arg(long)]
     moe: Option<usize>,
@@ -45,7 +52,12 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
     let mut cfg = SynthConfig::preset(&args.shape)
         .with_context(|| format!("unknown shape '{}' (tiny, small, 7b)", args.shape))?;
     cfg.act = Activation::from_name(&args.act)
-        .with_context(|| format!("unknown activation '{}' (relu, drelu, silu)", args.act))?;
+        .with_context(|| format!("unknown activation '{}' (relu, drelu, silu, gelu)", args.act))?;
+    cfg.arch = match args.arch.as_str() {
+        "llama" => SynthArch::Llama,
+        "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
+        other => bail!("unknown architecture '{other}' (llama, gemma3)"),
+    };
     cfg.ty = match args.ty.as_str() {
         "q4_0" => GgmlType::Q4_0,
         "f32" => GgmlType::F32,
@@ -62,8 +74,9 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
     cfg.validate()?;
     let total = synth::file_len(&cfg)?;
     eprintln!(
-        "xtask synth: {} ({} layers, d {}, ff {}, {} experts, {}, {}) -> {} ({:.1} MB)",
+        "xtask synth: {} ({}, {} layers, d {}, ff {}, {} experts, {}, {}) -> {} ({:.1} MB)",
         cfg.name,
+        cfg.arch.name(),
         cfg.n_layers,
         cfg.d_model,
         cfg.n_ff,

@@ -593,7 +593,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             break;
         }
         messages.push(ChatMessage { role: "user".into(), content: line.trim_end().to_string() });
-        let text = tok.apply_chat_template(&messages, true)?;
+        let text = model.apply_chat_template(&messages, true)?;
         let all = tok.encode(&text, true, true);
         let common = cached.iter().zip(&all).take_while(|(a, b)| a == b).count().min(all.len() - 1);
         ctx.truncate(common);

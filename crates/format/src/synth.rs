@@ -65,15 +65,44 @@ pub enum Activation {
     Drelu,
     /// `down · (silu(gate · x) ⊙ (up · x))`, the llama default.
     Silu,
+    /// `down · (gelu(gate · x) ⊙ (up · x))`, Gemma's.
+    Gelu,
+}
+
+/// The architecture a synthetic model is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthArch {
+    /// `llama`: the tensors and keys of llama.cpp's llama loader.
+    Llama,
+    /// `gemma3`: llama's tensors plus per-head Q/K norms and post-attention and post-FFN norms, NeoX RoPE,
+    /// scaled embeddings, and sliding-window attention with `sliding_window` positions on every layer but the
+    /// last of each `swa_pattern`.
+    Gemma3 {
+        /// `gemma3.attention.sliding_window`.
+        sliding_window: u32,
+        /// `gemma3.attention.sliding_window_pattern`.
+        swa_pattern: u32,
+    },
+}
+
+impl SynthArch {
+    /// `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthArch::Llama => "llama",
+            SynthArch::Gemma3 { .. } => "gemma3",
+        }
+    }
 }
 
 impl Activation {
-    /// The name stored in the file: `relu`, `drelu` or `silu`.
+    /// The name stored in the file: `relu`, `drelu`, `silu` or `gelu`.
     pub fn name(self) -> &'static str {
         match self {
             Activation::Relu => "relu",
             Activation::Drelu => "drelu",
             Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
         }
     }
 
@@ -83,6 +112,7 @@ impl Activation {
             "relu" => Some(Activation::Relu),
             "drelu" => Some(Activation::Drelu),
             "silu" => Some(Activation::Silu),
+            "gelu" => Some(Activation::Gelu),
             _ => None,
         }
     }
@@ -100,6 +130,8 @@ pub const N_BASE_TOKENS: usize = 3 + 256;
 pub struct SynthConfig {
     /// `general.name`.
     pub name: String,
+    /// The architecture the file declares.
+    pub arch: SynthArch,
     /// Transformer blocks.
     pub n_layers: usize,
     /// Residual stream width.
@@ -153,6 +185,7 @@ impl SynthConfig {
         };
         Some(SynthConfig {
             name: format!("pinion-synth-{shape}"),
+            arch: SynthArch::Llama,
             n_layers,
             d_model,
             n_ff,
@@ -295,6 +328,13 @@ fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
         out.push(t(b("attn_k"), ty, &[d, kv], Kind::Plain));
         out.push(t(b("attn_v"), ty, &[d, kv], Kind::Plain));
         out.push(t(b("attn_output"), ty, &[d, d], Kind::Out));
+        if let SynthArch::Gemma3 { .. } = cfg.arch {
+            let hd = cfg.head_dim() as u64;
+            out.push(t(b("attn_q_norm"), GgmlType::F32, &[hd], Kind::Norm));
+            out.push(t(b("attn_k_norm"), GgmlType::F32, &[hd], Kind::Norm));
+            out.push(t(b("post_attention_norm"), GgmlType::F32, &[d], Kind::Norm));
+            out.push(t(b("post_ffw_norm"), GgmlType::F32, &[d], Kind::Norm));
+        }
         out.push(t(b("ffn_norm"), GgmlType::F32, &[d], Kind::Norm));
         if cfg.n_experts == 0 {
             out.push(t(b("ffn_gate"), ty, &[d, ff], Kind::Gate));
@@ -318,22 +358,33 @@ fn declare(cfg: &SynthConfig) -> Result<GgufWriter<'static>, SynthError> {
     cfg.validate()?;
     let u = |x: usize| x as u32;
     let mut w = GgufWriter::new();
-    w.add_metadata("general.architecture", "llama")?;
+    let arch = cfg.arch.name();
+    let k = |key: &str| format!("{arch}.{key}");
+    w.add_metadata("general.architecture", arch)?;
     w.add_metadata("general.name", cfg.name.as_str())?;
     w.add_metadata("general.file_type", if cfg.ty == GgmlType::F32 { 0u32 } else { 2u32 })?;
-    w.add_metadata("llama.vocab_size", u(cfg.n_vocab))?;
-    w.add_metadata("llama.context_length", u(cfg.n_ctx))?;
-    w.add_metadata("llama.embedding_length", u(cfg.d_model))?;
-    w.add_metadata("llama.block_count", u(cfg.n_layers))?;
-    w.add_metadata("llama.feed_forward_length", u(cfg.n_ff))?;
-    w.add_metadata("llama.attention.head_count", u(cfg.n_heads))?;
-    w.add_metadata("llama.attention.head_count_kv", u(cfg.n_kv_heads))?;
-    w.add_metadata("llama.rope.dimension_count", u(cfg.head_dim()))?;
-    w.add_metadata("llama.rope.freq_base", 10000.0f32)?;
-    w.add_metadata("llama.attention.layer_norm_rms_epsilon", 1e-5f32)?;
+    w.add_metadata(k("vocab_size"), u(cfg.n_vocab))?;
+    w.add_metadata(k("context_length"), u(cfg.n_ctx))?;
+    w.add_metadata(k("embedding_length"), u(cfg.d_model))?;
+    w.add_metadata(k("block_count"), u(cfg.n_layers))?;
+    w.add_metadata(k("feed_forward_length"), u(cfg.n_ff))?;
+    w.add_metadata(k("attention.head_count"), u(cfg.n_heads))?;
+    w.add_metadata(k("attention.head_count_kv"), u(cfg.n_kv_heads))?;
+    w.add_metadata(k("rope.dimension_count"), u(cfg.head_dim()))?;
+    w.add_metadata(k("attention.layer_norm_rms_epsilon"), 1e-5f32)?;
+    match cfg.arch {
+        SynthArch::Llama => w.add_metadata(k("rope.freq_base"), 10000.0f32)?,
+        SynthArch::Gemma3 { sliding_window, swa_pattern } => {
+            w.add_metadata(k("rope.freq_base"), 1_000_000.0f32)?;
+            w.add_metadata(k("attention.key_length"), u(cfg.head_dim()))?;
+            w.add_metadata(k("attention.value_length"), u(cfg.head_dim()))?;
+            w.add_metadata(k("attention.sliding_window"), sliding_window)?;
+            w.add_metadata(k("attention.sliding_window_pattern"), swa_pattern)?;
+        }
+    }
     if cfg.n_experts > 0 {
-        w.add_metadata("llama.expert_count", u(cfg.n_experts))?;
-        w.add_metadata("llama.expert_used_count", u(cfg.n_experts_used))?;
+        w.add_metadata(k("expert_count"), u(cfg.n_experts))?;
+        w.add_metadata(k("expert_used_count"), u(cfg.n_experts_used))?;
     }
     w.add_metadata(ACTIVATION_KEY, cfg.act.name())?;
     w.add_metadata("pinion.synth.seed", cfg.seed)?;

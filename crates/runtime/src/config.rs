@@ -31,9 +31,10 @@ pub struct ModelConfig {
     pub spec: ArchSpec,
     /// Scale of the attention scores (applied to the queries when [`ArchSpec::scale_queries`]).
     pub attn_scale: f32,
-    /// Sliding-window attention: the window in positions, and which layers use it (the others attend to the
-    /// whole context).
+    /// Sliding-window attention: the window in positions (the layers that use it: [`ModelConfig::window`]).
     pub sliding_window: Option<usize>,
+    /// Every `n`-th layer (the last of each group of `n`) attends globally, the others through the window.
+    pub swa_pattern: usize,
     /// RoPE base of the sliding-window layers.
     pub rope_freq_base_swa: f32,
 }
@@ -54,12 +55,23 @@ pub struct ArchSpec {
     pub post_norms: bool,
     /// The queries are scaled before attention and the scores are not (Gemma 3, as llama.cpp computes it).
     pub scale_queries: bool,
-    /// Every `n`-th layer (the last of each group of `n`) attends globally, the others through the sliding
-    /// window (Gemma 3: 6).
+    /// Sliding-window attention where the file sets a window: every `n`-th layer (the last of each group of
+    /// `n`) attends globally, the others through the window (Gemma 3: 6, unless the file says otherwise).
     pub swa_pattern: Option<usize>,
     /// The FFN activation when the file does not name one.
     pub ffn_act: FfnActivation,
+    /// The architecture's turn format, for files that carry no chat template (Jinja, as Hugging Face's).
+    pub chat_template: Option<&'static str>,
 }
+
+/// Gemma's turn format (as Google's template: a system message opens the first user turn, the assistant is
+/// `model`). The BOS token is left to the tokenizer, which adds it to every Gemma prompt.
+const GEMMA_TEMPLATE: &str = "{% if messages and messages[0]['role'] == 'system' %}\
+{% set system = messages[0]['content'] | trim ~ '\n\n' %}{% set turns = messages[1:] %}\
+{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}\
+{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}\
+{{ '<start_of_turn>' ~ role ~ '\n' ~ (system if loop.first else '') ~ message['content'] | trim ~ '<end_of_turn>\n' }}\
+{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
 
 impl ArchSpec {
     /// The architectures pinion runs, by `general.architecture`.
@@ -72,6 +84,7 @@ impl ArchSpec {
             scale_queries: false,
             swa_pattern: None,
             ffn_act: FfnActivation::Silu,
+            chat_template: None,
         };
         match arch {
             "llama" | "mistral" | "smollm" | "granite" => Some(llama),
@@ -83,6 +96,7 @@ impl ArchSpec {
                 scale_queries: true,
                 swa_pattern: Some(6),
                 ffn_act: FfnActivation::Gelu,
+                chat_template: Some(GEMMA_TEMPLATE),
             }),
             _ => None,
         }
@@ -265,7 +279,12 @@ impl ModelConfig {
         }
         refuse_unimplemented(g, &arch)?;
         let sliding_window = match spec.swa_pattern {
-            Some(_) => Some(bounded("attention.sliding_window", 1 << 24)?),
+            // As llama.cpp: no window (or 0) means every layer attends globally.
+            Some(_) => match g.get(&key("attention.sliding_window")) {
+                Some(_) if g.get_u64(&key("attention.sliding_window"))? == 0 => None,
+                Some(_) => Some(bounded("attention.sliding_window", 1 << 24)?),
+                None => None,
+            },
             None => match g.get(&key("attention.sliding_window")) {
                 // Mistral v0.1's window: llama.cpp ignores it for llama-architecture files, and so does pinion.
                 Some(_) if arch == "mistral" || arch == "llama" => None,
@@ -279,6 +298,25 @@ impl ModelConfig {
                 }
                 None => None,
             },
+        };
+        let swa_pattern = match g.get(&key("attention.sliding_window_pattern")) {
+            None => spec.swa_pattern.unwrap_or(0),
+            Some(_) => match g.get_u64(&key("attention.sliding_window_pattern")) {
+                Ok(n) if n > 0 && n <= MAX_LAYERS => n as usize,
+                _ => {
+                    return Err(RuntimeError::Unsupported {
+                        what: format!(
+                            "{} other than a positive period",
+                            key("attention.sliding_window_pattern")
+                        ),
+                    });
+                }
+            },
+        };
+        let rope_freq_base_swa = match g.get(&key("rope.freq_base_swa")) {
+            Some(_) => g.get_f32(&key("rope.freq_base_swa"))?,
+            // llama.cpp's default base of local layers.
+            None => 10000.0,
         };
         // As llama.cpp: Gemma 3 27B (62 layers) scales by the width per head, the others by the head size.
         let attn_scale = match (spec.scale_queries, n_layers) {
@@ -303,15 +341,15 @@ impl ModelConfig {
             spec,
             attn_scale,
             sliding_window,
-            // llama.cpp's fixed base for Gemma 3's local layers.
-            rope_freq_base_swa: 10000.0,
+            swa_pattern,
+            rope_freq_base_swa,
         })
     }
 
     /// The sliding window layer `l` attends through (`None`: the whole context).
     pub fn window(&self, l: usize) -> Option<usize> {
-        match self.spec.swa_pattern {
-            Some(n) if (l + 1) % n != 0 => self.sliding_window,
+        match self.swa_pattern {
+            n if n > 0 && (l + 1) % n != 0 => self.sliding_window,
             _ => None,
         }
     }

@@ -404,6 +404,17 @@ impl Model {
         self.resident_weight_bytes() + ffn
     }
 
+    /// Renders a conversation with the model's chat template: the file's own, else its architecture's turn
+    /// format (a GGUF may carry none: Gemma 3 270M's does not), else ChatML.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[pinion_tokenizer::ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, RuntimeError> {
+        let fallback = self.config.spec.chat_template.unwrap_or(pinion_tokenizer::CHATML_TEMPLATE);
+        Ok(self.tokenizer.apply_chat_template_or(fallback, messages, add_generation_prompt)?)
+    }
+
     /// The packed FFN layers (`None` for a GGUF).
     pub fn packed_layers(&self) -> Option<Vec<&PackedLayer>> {
         self.layers

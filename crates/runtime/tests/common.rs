@@ -12,9 +12,17 @@ pub(crate) fn root() -> PathBuf {
 /// When `PINION_REQUIRE_MODEL` is set (as `cargo xtask test` sets it after fetching the model), a missing
 /// model is a failure, so CI cannot pass without running these tests.
 pub(crate) fn model_path() -> Option<PathBuf> {
-    let p = std::env::var_os("PINION_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    real_model("PINION_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real Gemma 3 270M model (`PINION_GEMMA_MODEL`, else `models/gemma-3-270m-q4_k_m.gguf`), as
+/// [`model_path`].
+pub(crate) fn gemma_path() -> Option<PathBuf> {
+    real_model("PINION_GEMMA_MODEL", "gemma-3-270m-q4_k_m.gguf")
+}
+
+fn real_model(var: &str, file: &str) -> Option<PathBuf> {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| root().join("models").join(file));
     if p.is_file() {
         return Some(p);
     }
@@ -31,6 +39,11 @@ pub(crate) fn model_path() -> Option<PathBuf> {
 /// The directory of llama.cpp's reference outputs (`../shared/reference` beside the workspace).
 pub(crate) fn reference_dir() -> PathBuf {
     root().join("../shared/reference")
+}
+
+/// llama.cpp's outputs on Gemma 3 270M, made for these tests (see the README there).
+pub(crate) fn gemma_reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gemma3")
 }
 
 /// Unescapes the reference files' text column (`\n`, `\t`, `\r`, `\\`).

@@ -9,7 +9,7 @@ use pinion_runtime::{
 
 use crate::common::model_path;
 
-fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+pub(crate) fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pinion-runtime-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
@@ -17,7 +17,7 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-fn load_err(p: &Path) -> RuntimeError {
+pub(crate) fn load_err(p: &Path) -> RuntimeError {
     match Model::load(p) {
         Ok(_) => panic!("{} loaded", p.display()),
         Err(e) => e,

@@ -1,6 +1,7 @@
-//! Integration tests of pinion-runtime, one binary: the real model against llama.cpp's reference outputs, and
-//! every failure path of loading and generation.
+//! Integration tests of pinion-runtime, one binary: the real models against llama.cpp's reference outputs, the
+//! architectures' features on synthetic models, and every failure path of loading and generation.
 
+mod arch;
 mod common;
 mod errors;
 mod reference;

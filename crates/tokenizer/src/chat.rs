@@ -39,7 +39,17 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let source = self.chat_template().unwrap_or(CHATML_TEMPLATE);
+        self.apply_chat_template_or(CHATML_TEMPLATE, messages, add_generation_prompt)
+    }
+
+    /// As [`Tokenizer::apply_chat_template`], with `fallback` used when the vocabulary has no template.
+    pub fn apply_chat_template_or(
+        &self,
+        fallback: &str,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let source = self.chat_template().unwrap_or(fallback);
         let token = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("").to_string();
         render(source, messages, add_generation_prompt, &token(self.bos_id()), &token(self.eos_id()))
     }

@@ -1,0 +1,101 @@
+//! Architecture features on synthetic models: Gemma 3's sliding window is applied where the file says, and
+//! what pinion does not implement (RoPE scaling, logit soft-capping, unknown tensors) is refused by name.
+
+use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
+use pinion_format::{Gguf, GgufWriter};
+use pinion_runtime::{Context, ContextParams, Logits, Model, RuntimeError};
+
+use crate::errors::{load_err, temp_file};
+
+fn gemma3(window: u32) -> SynthConfig {
+    SynthConfig {
+        n_layers: 2,
+        arch: SynthArch::Gemma3 { sliding_window: window, swa_pattern: 6 },
+        act: Activation::Gelu,
+        ..SynthConfig::preset("tiny").unwrap()
+    }
+}
+
+fn synth_bytes(cfg: &SynthConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    synth::write_model(cfg, &mut out, &mut |_, _| {}).unwrap();
+    out
+}
+
+/// Rewrites a GGUF with `extra` metadata and an extra F32 tensor `[n]` named `tensor`, if given.
+fn with_extras(src: &[u8], extra: &[(&str, pinion_format::Value)], tensor: Option<(&str, usize)>) -> Vec<u8> {
+    let g = Gguf::parse(src).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in &g.metadata {
+        w.add_metadata(key.as_str(), value.clone()).unwrap();
+    }
+    for (key, value) in extra {
+        w.add_metadata(*key, value.clone()).unwrap();
+    }
+    for t in &g.tensors {
+        w.add_tensor_data(&t.name, t.ty, &t.dims, g.tensor_data(t).unwrap()).unwrap();
+    }
+    if let Some((name, n)) = tensor {
+        w.add_tensor_data(name, pinion_format::GgmlType::F32, &[n as u64], vec![0u8; 4 * n]).unwrap();
+    }
+    w.to_bytes().unwrap()
+}
+
+fn all_logits(path: &std::path::Path, tokens: &[u32]) -> Vec<f32> {
+    let model = Model::load(path).unwrap();
+    let mut ctx = Context::new(&model, ContextParams::new(64, 2)).unwrap();
+    ctx.eval(tokens, Logits::All).unwrap().to_vec()
+}
+
+/// Two Gemma 3 models alike but for the window (7 positions, or more than the context): the logits of the
+/// first 7 positions are the same bits (nothing is behind the window yet), and later ones differ.
+#[test]
+fn a_sliding_window_masks_keys_behind_it() {
+    let tokens: Vec<u32> = (0..20).map(|i| 300 + 7 * i).collect();
+    let narrow = all_logits(&temp_file("gemma3-w7.gguf", &synth_bytes(&gemma3(7))), &tokens);
+    let wide = all_logits(&temp_file("gemma3-w4096.gguf", &synth_bytes(&gemma3(4096))), &tokens);
+    let n_vocab = narrow.len() / tokens.len();
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&narrow[..7 * n_vocab]), bits(&wide[..7 * n_vocab]));
+    let row = |x: &[f32], t: usize| x[t * n_vocab..(t + 1) * n_vocab].to_vec();
+    assert_ne!(bits(&row(&narrow, 19)), bits(&row(&wide, 19)), "the window changed nothing");
+}
+
+fn expect_unsupported(bytes: &[u8], name: &str, needle: &str) {
+    let e = load_err(&temp_file(name, bytes));
+    assert!(matches!(e, RuntimeError::Unsupported { .. }), "{name}: {e}");
+    assert!(e.to_string().contains(needle), "{name}: {e}");
+}
+
+#[test]
+fn unimplemented_features_are_refused_by_name() {
+    let llama = synth_bytes(&SynthConfig { n_layers: 1, ..SynthConfig::preset("tiny").unwrap() });
+    expect_unsupported(
+        &with_extras(&llama, &[], Some(("rope_freqs.weight", 32))),
+        "rope-freqs.gguf",
+        "rope_freqs",
+    );
+    expect_unsupported(
+        &with_extras(&llama, &[("llama.rope.scaling.type", "yarn".into())], None),
+        "yarn.gguf",
+        "yarn",
+    );
+    expect_unsupported(
+        &with_extras(&llama, &[], Some(("blk.0.attn_q_norm.weight", 64))),
+        "qnorm-on-llama.gguf",
+        "blk.0.attn_q_norm.weight",
+    );
+    let gemma = synth_bytes(&gemma3(7));
+    expect_unsupported(
+        &with_extras(&gemma, &[("gemma3.final_logit_softcapping", 30.0f32.into())], None),
+        "softcap.gguf",
+        "final_logit_softcapping",
+    );
+    // A linear RoPE scaling of factor 1 changes nothing, and loads.
+    let linear1 = with_extras(
+        &llama,
+        &[("llama.rope.scaling.type", "linear".into()), ("llama.rope.scaling.factor", 1.0f32.into())],
+        None,
+    );
+    Model::load(&temp_file("linear1.gguf", &linear1)).unwrap();
+}
