@@ -92,12 +92,14 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// GELU, tanh approximation, as ggml's `ggml_gelu_f32` (ggml may instead use an f16 lookup table).
+/// GELU, tanh approximation, as ggml's `ggml_gelu_f32` as GCC compiles it (-ffp-contract=fast fuses
+/// `1 + a*x*x` into one multiply-add: checked against llama.cpp's GELU table, whose entries differ in the last
+/// f16 bit for some inputs without the fusion). ggml's CPU rows use that table ([`crate::gelu_ggml`]).
 #[inline]
 pub fn gelu(x: f32) -> f32 {
     const GELU_COEF_A: f32 = 0.044715;
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0)).tanh())
 }
 
 /// `max(x, 0)`.

@@ -118,6 +118,7 @@ impl<'m> Context<'m> {
             logits: vec![0.0; c.n_vocab],
             packed: PackedScratch::default(),
             head_tmp: Vec::new(),
+            head: vec![0.0; c.head_dim],
         };
         Ok(Context {
             model,

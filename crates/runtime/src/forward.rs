@@ -41,6 +41,8 @@ pub(crate) struct Scratch {
     pub(crate) packed: PackedScratch,
     /// Streamed output head rows of a batch.
     pub(crate) head_tmp: Vec<f32>,
+    /// One attention head's values (per-head norms).
+    pub(crate) head: Vec<f32>,
 }
 
 /// Which pool a forward pass runs its parallel operations on.
@@ -148,7 +150,6 @@ pub(crate) fn forward(
     }
     // Scores are scaled in attention, or the queries before it (and the scores by 1).
     let scale = if spec.scale_queries { 1.0 } else { c.attn_scale };
-    let mut head_tmp = vec![0.0f32; if spec.qk_norm { c.head_dim } else { 0 }];
     for (l, layer) in model.layers.iter().enumerate() {
         let (rope_base, window) = (c.rope_base(l), c.window(l));
         // Attention.
@@ -178,8 +179,8 @@ pub(crate) fn forward(
                     .map(|h| (h, qn))
                     .chain(k.chunks_exact_mut(c.head_dim).map(|h| (h, kn)))
                 {
-                    exec::rms_norm(x, w, c.rms_eps, &mut head_tmp);
-                    x.copy_from_slice(&head_tmp);
+                    exec::rms_norm(x, w, c.rms_eps, &mut s.head);
+                    x.copy_from_slice(&s.head);
                 }
             }
             exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, spec.rope);
