@@ -1,5 +1,6 @@
 //! CPU kernels of `pinion-exec-cpu` on SmolLM2-135M shapes: Q4_1 FFN matrices at decode (1 activation row)
-//! and prefill (512 rows), and the Q8_0 tied output matrix (49152 x 576) at decode, scalar against the
+//! and prefill (512 rows), and the Q8_0 tied output matrix (49152 x 576, and Gemma 3 270M's 262144 x 640) at
+//! decode, scalar against the
 //! dispatched SIMD path, on a 2-thread rayon pool (the machine's core count, as llama-bench `-t 2`); decode
 //! also on one thread.
 //!
@@ -52,10 +53,12 @@ fn bench_matmul(c: &mut Criterion) {
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool");
     let simd = cpu_features().path;
     eprintln!("{}", cpu_features());
-    let shapes: [(GgmlType, usize, usize, &[usize]); 3] = [
+    let shapes: [(GgmlType, usize, usize, &[usize]); 4] = [
         (GgmlType::Q4_1, 1536, 576, &[1, 512]),
         (GgmlType::Q4_1, 576, 1536, &[1, 512]),
         (GgmlType::Q8_0, 49152, 576, &[1]),
+        // Gemma 3 270M's tied output head: 178 MB read per token, half of its decode time.
+        (GgmlType::Q8_0, 262144, 640, &[1]),
     ];
     for (ty, n_rows, n_cols, batches) in shapes {
         let data = weights(ty, n_rows, n_cols);
