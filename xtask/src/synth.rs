@@ -21,8 +21,9 @@ pub(crate) struct SynthArgs {
     /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU).
     #[arg(long, default_value = "relu")]
     act: String,
-    /// Architecture: llama, or gemma3 (Q/K norms, post-norms, NeoX RoPE, scaled embeddings, and sliding-window
-    /// attention of --window positions on five layers of every six).
+    /// Architecture: llama, qwen2 (Q/K/V biases, NeoX RoPE), qwen3 (Q/K norms, NeoX RoPE), or gemma3 (Q/K
+    /// norms, post-norms, NeoX RoPE, scaled embeddings, and sliding-window attention of --window positions on
+    /// five layers of every six).
     #[arg(long, default_value = "llama")]
     arch: String,
     /// Sliding window of a gemma3 model, in positions.
@@ -55,8 +56,10 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
         .with_context(|| format!("unknown activation '{}' (relu, drelu, silu, gelu)", args.act))?;
     cfg.arch = match args.arch.as_str() {
         "llama" => SynthArch::Llama,
+        "qwen2" => SynthArch::Qwen2,
+        "qwen3" => SynthArch::Qwen3,
         "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
-        other => bail!("unknown architecture '{other}' (llama, gemma3)"),
+        other => bail!("unknown architecture '{other}' (llama, qwen2, qwen3, gemma3)"),
     };
     cfg.ty = match args.ty.as_str() {
         "q4_0" => GgmlType::Q4_0,

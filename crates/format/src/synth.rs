@@ -74,6 +74,10 @@ pub enum Activation {
 pub enum SynthArch {
     /// `llama`: the tensors and keys of llama.cpp's llama loader.
     Llama,
+    /// `qwen2`: llama's tensors plus biases of the Q, K and V projections (small random values), NeoX RoPE.
+    Qwen2,
+    /// `qwen3`: llama's tensors plus per-head Q/K norms, NeoX RoPE.
+    Qwen3,
     /// `gemma3`: llama's tensors plus per-head Q/K norms and post-attention and post-FFN norms, NeoX RoPE,
     /// scaled embeddings, and sliding-window attention with `sliding_window` positions on every layer but the
     /// last of each `swa_pattern`.
@@ -90,6 +94,8 @@ impl SynthArch {
     pub fn name(self) -> &'static str {
         match self {
             SynthArch::Llama => "llama",
+            SynthArch::Qwen2 => "qwen2",
+            SynthArch::Qwen3 => "qwen3",
             SynthArch::Gemma3 { .. } => "gemma3",
         }
     }
@@ -303,6 +309,7 @@ enum Kind {
     Embed,
     Norm,
     Plain,
+    Bias,
     Out,
     Router,
     Gate,
@@ -328,6 +335,16 @@ fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
         out.push(t(b("attn_k"), ty, &[d, kv], Kind::Plain));
         out.push(t(b("attn_v"), ty, &[d, kv], Kind::Plain));
         out.push(t(b("attn_output"), ty, &[d, d], Kind::Out));
+        if cfg.arch == SynthArch::Qwen2 {
+            for (what, n) in [("attn_q", d), ("attn_k", kv), ("attn_v", kv)] {
+                out.push(t(format!("blk.{l}.{what}.bias"), GgmlType::F32, &[n], Kind::Bias));
+            }
+        }
+        if cfg.arch == SynthArch::Qwen3 {
+            let hd = cfg.head_dim() as u64;
+            out.push(t(b("attn_q_norm"), GgmlType::F32, &[hd], Kind::Norm));
+            out.push(t(b("attn_k_norm"), GgmlType::F32, &[hd], Kind::Norm));
+        }
         if let SynthArch::Gemma3 { .. } = cfg.arch {
             let hd = cfg.head_dim() as u64;
             out.push(t(b("attn_q_norm"), GgmlType::F32, &[hd], Kind::Norm));
@@ -371,11 +388,12 @@ fn declare(cfg: &SynthConfig) -> Result<GgufWriter<'static>, SynthError> {
     w.add_metadata(k("attention.head_count"), u(cfg.n_heads))?;
     w.add_metadata(k("attention.head_count_kv"), u(cfg.n_kv_heads))?;
     w.add_metadata(k("rope.dimension_count"), u(cfg.head_dim()))?;
+    let rope_base = if let SynthArch::Gemma3 { .. } = cfg.arch { 1_000_000.0f32 } else { 10000.0 };
+    w.add_metadata(k("rope.freq_base"), rope_base)?;
     w.add_metadata(k("attention.layer_norm_rms_epsilon"), 1e-5f32)?;
     match cfg.arch {
-        SynthArch::Llama => w.add_metadata(k("rope.freq_base"), 10000.0f32)?,
+        SynthArch::Llama | SynthArch::Qwen2 | SynthArch::Qwen3 => {}
         SynthArch::Gemma3 { sliding_window, swa_pattern } => {
-            w.add_metadata(k("rope.freq_base"), 1_000_000.0f32)?;
             w.add_metadata(k("attention.key_length"), u(cfg.head_dim()))?;
             w.add_metadata(k("attention.value_length"), u(cfg.head_dim()))?;
             w.add_metadata(k("attention.sliding_window"), sliding_window)?;
@@ -524,6 +542,7 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
                 row[0] = b as f32;
             }
             Kind::Plain | Kind::Router => rng.fill_uniform(&mut row, sigma),
+            Kind::Bias => rng.fill_uniform(&mut row, 0.1),
             Kind::Out => rng.fill_uniform(&mut row, sigma * cfg.out_scale),
             Kind::Gate | Kind::Up => {
                 let (expert, neuron) = (r / cfg.n_ff, r % cfg.n_ff);

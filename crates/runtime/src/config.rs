@@ -50,6 +50,8 @@ pub struct ArchSpec {
     pub scale_embeddings: bool,
     /// Per-head RMS norms of the queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`: Gemma 3, Qwen3).
     pub qk_norm: bool,
+    /// Biases added to the query, key and value projections (`attn_q.bias`, ...: Qwen2).
+    pub qkv_bias: bool,
     /// RMS norms of the attention and FFN outputs before each residual add (`post_attention_norm`,
     /// `post_ffw_norm`: Gemma 2 and 3).
     pub post_norms: bool,
@@ -80,6 +82,7 @@ impl ArchSpec {
             rope: RopeMode::Norm,
             scale_embeddings: false,
             qk_norm: false,
+            qkv_bias: false,
             post_norms: false,
             scale_queries: false,
             swa_pattern: None,
@@ -88,10 +91,13 @@ impl ArchSpec {
         };
         match arch {
             "llama" | "mistral" | "smollm" | "granite" => Some(llama),
+            "qwen2" => Some(ArchSpec { rope: RopeMode::Neox, qkv_bias: true, ..llama }),
+            "qwen3" => Some(ArchSpec { rope: RopeMode::Neox, qk_norm: true, ..llama }),
             "gemma3" => Some(ArchSpec {
                 rope: RopeMode::Neox,
                 scale_embeddings: true,
                 qk_norm: true,
+                qkv_bias: false,
                 post_norms: true,
                 scale_queries: true,
                 swa_pattern: Some(6),

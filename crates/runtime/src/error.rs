@@ -40,7 +40,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Metadata(#[from] pinion_format::FormatError),
     #[error(
-        "architecture '{arch}' is not supported (pinion runs llama, mistral, smollm, granite and gemma3 models)"
+        "architecture '{arch}' is not supported (pinion runs llama, mistral, smollm, granite, qwen2, qwen3 and gemma3 models)"
     )]
     UnsupportedArchitecture { arch: String },
     /// The file asks for a computation pinion does not implement (named), rather than having it ignored.

@@ -169,6 +169,13 @@ pub(crate) fn forward(
             s.acts.quantize(wv.ty, xn, d);
         }
         par.matmul(&wv, &s.acts, &mut s.v[..n * kvd])?;
+        if let Some([bq, bk, bv]) = &layer.qkv_bias {
+            for (out, b) in [(&mut s.q[..n * qd], bq), (&mut s.k[..n * kvd], bk), (&mut s.v[..n * kvd], bv)] {
+                for row in out.chunks_exact_mut(b.len()) {
+                    add_assign(row, b);
+                }
+            }
+        }
         for t in 0..n {
             let pos = n_past + t;
             let q = &mut s.q[t * qd..(t + 1) * qd];

@@ -47,6 +47,8 @@ pub(crate) struct LayerWeights {
     pub(crate) wo: WeightRef,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) ffn: FfnWeights,
+    /// Biases of the query, key and value projections ([`crate::ArchSpec::qkv_bias`]).
+    pub(crate) qkv_bias: Option<[Vec<f32>; 3]>,
     /// Per-head norms of the queries and keys ([`crate::ArchSpec::qk_norm`]).
     pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// Norms of the attention and FFN outputs ([`crate::ArchSpec::post_norms`]).
@@ -271,6 +273,14 @@ impl Model {
                 wo: matrix_ref(&name("attn_output"), c.n_heads * c.head_dim, c.d_model)?,
                 ffn_norm: vector(gguf, &name("ffn_norm"), c.d_model)?,
                 ffn,
+                qkv_bias: match c.spec.qkv_bias {
+                    true => Some([
+                        bias(gguf, i, "attn_q", c.n_heads * c.head_dim)?,
+                        bias(gguf, i, "attn_k", c.kv_dim())?,
+                        bias(gguf, i, "attn_v", c.kv_dim())?,
+                    ]),
+                    false => None,
+                },
                 qk_norm: match c.spec.qk_norm {
                     true => Some((
                         vector(gguf, &name("attn_q_norm"), c.head_dim)?,
@@ -519,6 +529,7 @@ fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError>
     if c.spec.post_norms {
         per_layer.extend(["post_attention_norm", "post_ffw_norm"]);
     }
+    let biases: &[&str] = if c.spec.qkv_bias { &["attn_q", "attn_k", "attn_v"] } else { &[] };
     for t in &g.tensors {
         let name = t.name.as_str();
         let known = match name {
@@ -526,8 +537,12 @@ fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError>
             _ => name
                 .strip_prefix("blk.")
                 .and_then(|r| r.split_once('.'))
-                .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest.strip_suffix(".weight")?)))
-                .is_some_and(|(l, rest)| l < c.n_layers && per_layer.contains(&rest)),
+                .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
+                .is_some_and(|(l, rest)| {
+                    l < c.n_layers
+                        && (rest.strip_suffix(".weight").is_some_and(|r| per_layer.contains(&r))
+                            || rest.strip_suffix(".bias").is_some_and(|r| biases.contains(&r)))
+                }),
         };
         if !known {
             let what = match name {
@@ -564,6 +579,11 @@ fn matrix_ref(
     let start = base + (g.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
     Ok(WeightRef { ty: info.ty, n_rows, n_cols, range, name: name.into() })
+}
+
+/// Layer `l`'s bias of projection `what` (`blk.{l}.{what}.bias`), `n` values.
+fn bias(g: &Gguf<'_>, l: usize, what: &str, n: usize) -> Result<Vec<f32>, RuntimeError> {
+    vector(g, &format!("blk.{l}.{what}.bias"), n)
 }
 
 fn vector(g: &Gguf<'_>, name: &str, n: usize) -> Result<Vec<f32>, RuntimeError> {

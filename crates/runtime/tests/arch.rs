@@ -99,3 +99,28 @@ fn unimplemented_features_are_refused_by_name() {
     );
     Model::load(&temp_file("linear1.gguf", &linear1)).unwrap();
 }
+
+/// Each architecture's block as llama.cpp computes it, on synthetic models (random Q4_0 weights, the tiny
+/// shape, the activation llama.cpp runs each with: SiLU, GELU for gemma3, whose window of 8 positions is shorter
+/// than the 48-token prompt): greedy ids and step-0
+/// logits against llama.cpp's on the same files (tests/data/synth, made by run.sh there). llama.cpp runs Q4_0
+/// products on weights repacked for its 8x8 kernels (another summation order), hence the tolerance; a wrong
+/// block (RoPE pairing, a missing norm or bias, no window) moves the logits by far more.
+#[test]
+fn synthetic_architectures_match_llama_cpp() {
+    use crate::reference::{Tolerance, greedy_matches};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/synth");
+    let tol = Tolerance { logit: 0.01, top_ranks: 3, noise_gap: 0.02 };
+    for arch in [
+        SynthArch::Llama,
+        SynthArch::Qwen2,
+        SynthArch::Qwen3,
+        SynthArch::Gemma3 { sliding_window: 8, swa_pattern: 6 },
+    ] {
+        let act = if arch.name() == "gemma3" { Activation::Gelu } else { Activation::Silu };
+        let cfg = SynthConfig { arch, act, ..SynthConfig::preset("tiny").unwrap() };
+        let name = arch.name();
+        let path = temp_file(&format!("synth-{name}.gguf"), &synth_bytes(&cfg));
+        greedy_matches(Some(path), &dir.join(format!("{name}.tsv")), &tol);
+    }
+}
