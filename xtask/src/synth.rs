@@ -26,6 +26,9 @@ pub(crate) struct SynthArgs {
     /// five layers of every six).
     #[arg(long, default_value = "llama")]
     arch: String,
+    /// Write Llama 3.1's RoPE frequency factors (rope_freqs.weight), as its converter computes them.
+    #[arg(long)]
+    rope_factors: bool,
     /// Sliding window of a gemma3 model, in positions.
     #[arg(long, default_value_t = 512)]
     window: u32,
@@ -72,6 +75,7 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
         cfg.name = format!("{}-moe{n}", cfg.name);
     }
     cfg.seed = args.seed;
+    cfg.rope_factors = args.rope_factors;
     cfg.density = args.density;
     cfg.alpha = args.alpha;
     cfg.validate()?;

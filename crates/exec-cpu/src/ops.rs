@@ -47,10 +47,13 @@ pub const MAX_ROT: usize = 1024;
 
 /// Rotates the first `n_rot` dimensions of each of the `n_heads` heads of one token at position `pos`, in
 /// place, as ggml's `rope_f32` without YaRN scaling: `theta_scale = powf(freq_base, -2 / n_rot)`,
-/// `theta_i = pos * theta_scale^i` by repeated multiplication in f32, `cosf`/`sinf` of that.
+/// `theta_i = pos * theta_scale^i` by repeated multiplication in f32, `cosf`/`sinf` of that, divided first by
+/// `factors[i]` where given (Llama 3's frequency factors, `rope_freqs`, as ggml's `freq_factors`).
 ///
 /// # Panics
-/// If `x.len() != n_heads * head_dim`, `n_rot` is odd, larger than `head_dim`, or larger than [`MAX_ROT`].
+/// If `x.len() != n_heads * head_dim`, `n_rot` is odd, larger than `head_dim`, or larger than [`MAX_ROT`], or
+/// `factors` holds fewer than `n_rot / 2` values.
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &mut [f32],
     n_heads: usize,
@@ -58,16 +61,22 @@ pub fn rope(
     n_rot: usize,
     pos: usize,
     freq_base: f32,
+    factors: Option<&[f32]>,
     mode: RopeMode,
 ) {
     assert_eq!(x.len(), n_heads * head_dim, "rope: length");
+    assert!(factors.is_none_or(|f| f.len() >= n_rot / 2), "rope: fewer than {} frequency factors", n_rot / 2);
     assert!(n_rot.is_multiple_of(2) && n_rot <= head_dim && n_rot <= MAX_ROT, "rope: bad n_rot {n_rot}");
     let half = n_rot / 2;
     let mut cs = [(0.0f32, 0.0f32); MAX_ROT / 2];
     let theta_scale = freq_base.powf(-2.0 / n_rot as f32);
     let mut theta = pos as f32;
-    for c in cs.iter_mut().take(half) {
-        *c = (theta.cos(), theta.sin());
+    for (i, c) in cs.iter_mut().take(half).enumerate() {
+        let t = match factors {
+            Some(f) => theta / f[i],
+            None => theta,
+        };
+        *c = (t.cos(), t.sin());
         theta *= theta_scale;
     }
     for head in x.chunks_exact_mut(head_dim) {

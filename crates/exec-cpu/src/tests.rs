@@ -806,6 +806,27 @@ fn softmax_matches_formula() {
     crate::softmax(&mut empty);
 }
 
+/// Frequency factors divide each angle before its cosine and sine (ggml's `freq_factors`): with every factor 2,
+/// position 2k rotates exactly as position k without factors (halving is exact in binary floating point).
+#[test]
+fn rope_divides_each_angle_by_its_frequency_factor() {
+    let mut rng = Rng::new(12);
+    let (n_heads, head_dim, n_rot) = (2, 64, 64);
+    let twos = vec![2.0f32; n_rot / 2];
+    for mode in [RopeMode::Norm, RopeMode::Neox] {
+        for k in [1, 7, 300] {
+            let x: Vec<f32> = (0..n_heads * head_dim).map(|_| rng.f()).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            crate::rope(&mut a, n_heads, head_dim, n_rot, 2 * k, 10000.0, Some(&twos), mode);
+            crate::rope(&mut b, n_heads, head_dim, n_rot, k, 10000.0, None, mode);
+            assert_eq!(a, b, "{mode:?} k {k}");
+            let mut c = x.clone();
+            crate::rope(&mut c, n_heads, head_dim, n_rot, 2 * k, 10000.0, None, mode);
+            assert_ne!(a, c, "the factors changed nothing");
+        }
+    }
+}
+
 #[test]
 fn rope_matches_direct_formula() {
     let mut rng = Rng::new(10);
@@ -814,7 +835,7 @@ fn rope_matches_direct_formula() {
         for (n_rot, pos) in [(64, 0), (64, 1), (64, 511), (32, 77)] {
             let x: Vec<f32> = (0..n_heads * head_dim).map(|_| rng.f()).collect();
             let mut y = x.clone();
-            crate::rope(&mut y, n_heads, head_dim, n_rot, pos, 10000.0, mode);
+            crate::rope(&mut y, n_heads, head_dim, n_rot, pos, 10000.0, None, mode);
             for h in 0..n_heads {
                 let xh = &x[h * head_dim..(h + 1) * head_dim];
                 let yh = &y[h * head_dim..(h + 1) * head_dim];

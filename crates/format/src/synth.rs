@@ -138,6 +138,9 @@ pub struct SynthConfig {
     pub name: String,
     /// The architecture the file declares.
     pub arch: SynthArch,
+    /// Write Llama 3.1's RoPE frequency factors (`rope_freqs.weight`: factor 8, low and high frequency factors
+    /// 1 and 4, original context 8192, computed as llama.cpp's converter does).
+    pub rope_factors: bool,
     /// Transformer blocks.
     pub n_layers: usize,
     /// Residual stream width.
@@ -192,6 +195,7 @@ impl SynthConfig {
         Some(SynthConfig {
             name: format!("pinion-synth-{shape}"),
             arch: SynthArch::Llama,
+            rope_factors: false,
             n_layers,
             d_model,
             n_ff,
@@ -310,6 +314,7 @@ enum Kind {
     Norm,
     Plain,
     Bias,
+    RopeFreqs,
     Out,
     Router,
     Gate,
@@ -328,6 +333,9 @@ fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
     let t =
         |name: String, ty: GgmlType, dims: &[u64], k: Kind| (TensorSpec { name, ty, dims: dims.to_vec() }, k);
     let mut out = vec![t("token_embd.weight".into(), ty, &[d, v], Kind::Embed)];
+    if cfg.rope_factors {
+        out.push(t("rope_freqs.weight".into(), GgmlType::F32, &[cfg.head_dim() as u64 / 2], Kind::RopeFreqs));
+    }
     for l in 0..cfg.n_layers {
         let b = |s: &str| format!("blk.{l}.{s}.weight");
         out.push(t(b("attn_norm"), GgmlType::F32, &[d], Kind::Norm));
@@ -499,6 +507,28 @@ pub fn target_frequencies(cfg: &SynthConfig, layer: usize, expert: usize) -> Vec
     f
 }
 
+/// Llama 3.1's RoPE frequency factors for a head of `dim` values and base `base`, as llama.cpp's converter
+/// computes them (`LlamaModel.generate_extra_tensors`): factor 8, low and high frequency factors 1 and 4,
+/// original context 8192.
+pub fn llama3_rope_factors(dim: usize, base: f64) -> Vec<f32> {
+    let (factor, low, high, old_ctx) = (8.0f64, 1.0f64, 4.0f64, 8192.0f64);
+    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor as f32
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
 /// `min(f_max, c · (r+1)^-alpha)` for ranks `r` in `0..n`, with `c` chosen so that the mean is `density`.
 fn power_law(n: usize, alpha: f64, density: f64, f_max: f64) -> Vec<f64> {
     let raw: Vec<f64> = (0..n).map(|r| ((r + 1) as f64).powf(-alpha)).collect();
@@ -543,6 +573,7 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
             }
             Kind::Plain | Kind::Router => rng.fill_uniform(&mut row, sigma),
             Kind::Bias => rng.fill_uniform(&mut row, 0.1),
+            Kind::RopeFreqs => row.copy_from_slice(&llama3_rope_factors(cfg.head_dim(), 10000.0)),
             Kind::Out => rng.fill_uniform(&mut row, sigma * cfg.out_scale),
             Kind::Gate | Kind::Up => {
                 let (expert, neuron) = (r / cfg.n_ff, r % cfg.n_ff);

@@ -52,6 +52,8 @@ pub struct ArchSpec {
     pub qk_norm: bool,
     /// Biases added to the query, key and value projections (`attn_q.bias`, ...: Qwen2).
     pub qkv_bias: bool,
+    /// RoPE frequency factors from `rope_freqs.weight` when the file has them (Llama 3.1 and later).
+    pub rope_factors: bool,
     /// RMS norms of the attention and FFN outputs before each residual add (`post_attention_norm`,
     /// `post_ffw_norm`: Gemma 2 and 3).
     pub post_norms: bool,
@@ -83,6 +85,7 @@ impl ArchSpec {
             scale_embeddings: false,
             qk_norm: false,
             qkv_bias: false,
+            rope_factors: true,
             post_norms: false,
             scale_queries: false,
             swa_pattern: None,
@@ -91,13 +94,14 @@ impl ArchSpec {
         };
         match arch {
             "llama" | "mistral" | "smollm" | "granite" => Some(llama),
-            "qwen2" => Some(ArchSpec { rope: RopeMode::Neox, qkv_bias: true, ..llama }),
-            "qwen3" => Some(ArchSpec { rope: RopeMode::Neox, qk_norm: true, ..llama }),
+            "qwen2" => Some(ArchSpec { rope: RopeMode::Neox, qkv_bias: true, rope_factors: false, ..llama }),
+            "qwen3" => Some(ArchSpec { rope: RopeMode::Neox, qk_norm: true, rope_factors: false, ..llama }),
             "gemma3" => Some(ArchSpec {
                 rope: RopeMode::Neox,
                 scale_embeddings: true,
                 qk_norm: true,
                 qkv_bias: false,
+                rope_factors: false,
                 post_norms: true,
                 scale_queries: true,
                 swa_pattern: Some(6),

@@ -190,8 +190,9 @@ pub(crate) fn forward(
                     x.copy_from_slice(&s.head);
                 }
             }
-            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, spec.rope);
-            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, rope_base, spec.rope);
+            let factors = model.rope_factors.as_deref();
+            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, factors, spec.rope);
+            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, rope_base, factors, spec.rope);
             if spec.scale_queries {
                 q.iter_mut().for_each(|v| *v *= c.attn_scale);
             }

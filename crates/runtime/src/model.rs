@@ -131,6 +131,8 @@ pub struct Model {
     pub(crate) output_norm: Vec<f32>,
     pub(crate) output: WeightRef,
     pub(crate) layers: Vec<LayerWeights>,
+    /// Llama 3's RoPE frequency factors (`rope_freqs.weight`, `n_rot / 2` values), if the file has them.
+    pub(crate) rope_factors: Option<Vec<f32>>,
     sparsity: ModelSparsity,
     predictor_refs: Vec<PredictorRef>,
     /// The predictors, decoded on first use (a SiLU model that never uses them never pays their memory).
@@ -220,6 +222,19 @@ impl Model {
             None => tok_embd.clone(),
         };
         let output_norm = vector(gguf, "output_norm.weight", c.d_model)?;
+        let rope_factors = match gguf.tensor_info("rope_freqs.weight") {
+            Some(_) if c.spec.rope_factors => {
+                let f = vector(gguf, "rope_freqs.weight", c.n_rot / 2)?;
+                if f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                    return Err(RuntimeError::BadTensor {
+                        name: "rope_freqs.weight".into(),
+                        why: "a frequency factor is not a positive number".into(),
+                    });
+                }
+                Some(f)
+            }
+            _ => None,
+        };
         let is_packed = packed.is_some();
         if !is_packed {
             check_tensor_names(gguf, c)?;
@@ -305,6 +320,7 @@ impl Model {
             output_norm,
             output,
             layers,
+            rope_factors,
             sparsity: ModelSparsity::default(),
             predictor_refs: Vec::new(),
             predictors: std::sync::OnceLock::new(),
@@ -534,6 +550,7 @@ fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError>
         let name = t.name.as_str();
         let known = match name {
             "token_embd.weight" | "output_norm.weight" | "output.weight" => true,
+            "rope_freqs.weight" => c.spec.rope_factors,
             _ => name
                 .strip_prefix("blk.")
                 .and_then(|r| r.split_once('.'))
@@ -545,10 +562,7 @@ fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError>
                 }),
         };
         if !known {
-            let what = match name {
-                "rope_freqs.weight" => "RoPE frequency factors (Llama 3.1 rope scaling)".to_string(),
-                _ => format!("{} architecture", c.arch),
-            };
+            let what = format!("{} architecture", c.arch);
             return Err(RuntimeError::Unsupported {
                 what: format!("tensor '{name}' ({what}) is not implemented"),
             });

@@ -1,5 +1,6 @@
-//! Architecture features on synthetic models: Gemma 3's sliding window is applied where the file says, and
-//! what pinion does not implement (RoPE scaling, logit soft-capping, unknown tensors) is refused by name.
+//! Architecture features on synthetic models: each architecture's block against llama.cpp, Gemma 3's sliding
+//! window applied where the file says, and what pinion does not implement (RoPE scaling types, logit
+//! soft-capping, unknown tensors) refused by name.
 
 use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
 use pinion_format::{Gguf, GgufWriter};
@@ -70,9 +71,19 @@ fn expect_unsupported(bytes: &[u8], name: &str, needle: &str) {
 #[test]
 fn unimplemented_features_are_refused_by_name() {
     let llama = synth_bytes(&SynthConfig { n_layers: 1, ..SynthConfig::preset("tiny").unwrap() });
+    // Frequency factors of zero (the extra tensor's data) are refused.
+    let zeros = with_extras(&llama, &[], Some(("rope_freqs.weight", 32)));
+    let e = load_err(&temp_file("rope-freqs-zero.gguf", &zeros));
+    assert!(matches!(&e, RuntimeError::BadTensor { name, .. } if name == "rope_freqs.weight"), "{e}");
+    // On an architecture without them, the tensor is refused by name.
+    let qwen3 = synth_bytes(&SynthConfig {
+        n_layers: 1,
+        arch: SynthArch::Qwen3,
+        ..SynthConfig::preset("tiny").unwrap()
+    });
     expect_unsupported(
-        &with_extras(&llama, &[], Some(("rope_freqs.weight", 32))),
-        "rope-freqs.gguf",
+        &with_extras(&qwen3, &[], Some(("rope_freqs.weight", 32))),
+        "qwen3-rope-freqs.gguf",
         "rope_freqs",
     );
     expect_unsupported(
@@ -102,24 +113,25 @@ fn unimplemented_features_are_refused_by_name() {
 
 /// Each architecture's block as llama.cpp computes it, on synthetic models (random Q4_0 weights, the tiny
 /// shape, the activation llama.cpp runs each with: SiLU, GELU for gemma3, whose window of 8 positions is shorter
-/// than the 48-token prompt): greedy ids and step-0
+/// than the 48-token prompt; llama3 is llama with Llama 3.1's RoPE frequency factors): greedy ids and step-0
 /// logits against llama.cpp's on the same files (tests/data/synth, made by run.sh there). llama.cpp runs Q4_0
-/// products on weights repacked for its 8x8 kernels (another summation order), hence the tolerance; a wrong
-/// block (RoPE pairing, a missing norm or bias, no window) moves the logits by far more.
+/// products on weights repacked for its 8x8 kernels (another summation order): our top-10 logits are within
+/// 0.002-0.005 of its. A wrong block moves them by more: GELU run as SiLU by 0.06, Llama 3's frequency factors
+/// left out (on the 366-token llama3 prompt) by 0.0085.
 #[test]
 fn synthetic_architectures_match_llama_cpp() {
     use crate::reference::{Tolerance, greedy_matches};
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/synth");
-    let tol = Tolerance { logit: 0.01, top_ranks: 3, noise_gap: 0.02 };
-    for arch in [
-        SynthArch::Llama,
-        SynthArch::Qwen2,
-        SynthArch::Qwen3,
-        SynthArch::Gemma3 { sliding_window: 8, swa_pattern: 6 },
+    let tol = Tolerance { logit: 0.005, top_ranks: 3, noise_gap: 0.02 };
+    for (name, arch, rope_factors) in [
+        ("llama", SynthArch::Llama, false),
+        ("llama3", SynthArch::Llama, true),
+        ("qwen2", SynthArch::Qwen2, false),
+        ("qwen3", SynthArch::Qwen3, false),
+        ("gemma3", SynthArch::Gemma3 { sliding_window: 8, swa_pattern: 6 }, false),
     ] {
-        let act = if arch.name() == "gemma3" { Activation::Gelu } else { Activation::Silu };
-        let cfg = SynthConfig { arch, act, ..SynthConfig::preset("tiny").unwrap() };
-        let name = arch.name();
+        let act = if name == "gemma3" { Activation::Gelu } else { Activation::Silu };
+        let cfg = SynthConfig { arch, act, rope_factors, ..SynthConfig::preset("tiny").unwrap() };
         let path = temp_file(&format!("synth-{name}.gguf"), &synth_bytes(&cfg));
         greedy_matches(Some(path), &dir.join(format!("{name}.tsv")), &tol);
     }
