@@ -170,8 +170,8 @@ impl FfnActivation {
         }
     }
 
-    /// Whether a neuron with score `s` is active under threshold `t`: `s >= t` for SiLU and GELU (CATS), `s > t` for the
-    /// ReLU family (so that `t = 0` is the activation's own sparsity).
+    /// Whether a neuron with score `s` is active under threshold `t`: `s >= t` for SiLU and GELU (CATS), `s > t`
+    /// for the ReLU family (so that `t = 0` is the activation's own sparsity).
     #[inline]
     pub fn is_active(self, s: f32, t: f32) -> bool {
         if self.is_relu_family() { s > t } else { s >= t }
@@ -295,19 +295,9 @@ impl ModelConfig {
                 Some(_) => Some(bounded("attention.sliding_window", 1 << 24)?),
                 None => None,
             },
-            None => match g.get(&key("attention.sliding_window")) {
-                // Mistral v0.1's window: llama.cpp ignores it for llama-architecture files, and so does pinion.
-                Some(_) if arch == "mistral" || arch == "llama" => None,
-                Some(_) => {
-                    return Err(RuntimeError::Unsupported {
-                        what: format!(
-                            "{} (sliding-window attention on a {arch} model)",
-                            key("attention.sliding_window")
-                        ),
-                    });
-                }
-                None => None,
-            },
+            // Architectures without sliding-window layers: llama.cpp ignores a window their files may carry
+            // (Mistral v0.1's in llama files, Qwen2's unused one), and so does pinion.
+            None => None,
         };
         let swa_pattern = match g.get(&key("attention.sliding_window_pattern")) {
             None => spec.swa_pattern.unwrap_or(0),

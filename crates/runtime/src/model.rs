@@ -525,8 +525,8 @@ impl Model {
     }
 }
 
-/// Refuses a GGUF holding a tensor the forward pass would not use (a computation pinion does not implement,
-/// such as Llama 3's `rope_freqs`, would otherwise be silently skipped), naming it.
+/// Refuses a GGUF holding a tensor the forward pass would not use (a computation pinion does not implement
+/// would otherwise be silently skipped), naming it.
 fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError> {
     let mut per_layer = vec![
         "attn_norm",
@@ -562,9 +562,8 @@ fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError>
                 }),
         };
         if !known {
-            let what = format!("{} architecture", c.arch);
             return Err(RuntimeError::Unsupported {
-                what: format!("tensor '{name}' ({what}) is not implemented"),
+                what: format!("tensor '{name}', which pinion's {} model does not compute with", c.arch),
             });
         }
     }
