@@ -168,7 +168,7 @@ fn batched_and_incremental_evaluation_agree() {
 }
 
 /// Gemma 3's SentencePiece vocabulary (262,144 tokens, no space prefix) tokenizes as llama.cpp does:
-/// tests/data/gemma3/tokenize.tsv, special tokens parsed, no BOS.
+/// tests/data/gemma3/tokenize.tsv (the texts of ../shared/reference/tokenize.tsv), special tokens parsed, no BOS.
 #[test]
 fn gemma3_tokenizes_as_llama_cpp() {
     let Some(path) = gemma_path() else { return };
@@ -181,5 +181,5 @@ fn gemma3_tokenizes_as_llama_cpp() {
         assert_eq!(model.tokenizer().encode(&t, false, true), ids(want), "{t:?}");
         n += 1;
     }
-    assert!(n >= 9, "{n} lines");
+    assert!(n >= 24, "{n} lines");
 }
