@@ -136,3 +136,28 @@ fn synthetic_architectures_match_llama_cpp() {
         greedy_matches(Some(path), &dir.join(format!("{name}.tsv")), &tol);
     }
 }
+
+/// A Gemma file without a chat template (as Gemma 3 270M's) is rendered in Gemma's turn format, as Google's
+/// template renders it (the system message opens the first user turn, the assistant is `model`; the BOS token is
+/// the tokenizer's); a llama file without one gets ChatML.
+#[test]
+fn files_without_a_template_get_their_architectures_turn_format() {
+    use pinion_runtime::ChatMessage;
+    let msgs = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hi"),
+        ChatMessage::new("assistant", "Hello."),
+        ChatMessage::new("user", "Bye"),
+    ];
+    let gemma = Model::load(&temp_file("gemma3-chat.gguf", &synth_bytes(&gemma3(7)))).unwrap();
+    assert_eq!(
+        gemma.apply_chat_template(&msgs, true).unwrap(),
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+         <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let llama = synth_bytes(&SynthConfig { n_layers: 1, ..SynthConfig::preset("tiny").unwrap() });
+    let llama = Model::load(&temp_file("llama-chat.gguf", &llama)).unwrap();
+    assert!(
+        llama.apply_chat_template(&msgs[1..2], true).unwrap().starts_with("<|im_start|>user\nHi<|im_end|>")
+    );
+}
