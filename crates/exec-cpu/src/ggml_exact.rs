@@ -438,9 +438,14 @@ pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
 /// Returns how many neurons were active.
 pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
     assert_eq!(gate.len(), up.len(), "swiglu: lengths");
+    gated_threshold(gate, up, t, silu_ggml)
+}
+
+/// `gate[i] = act(gate[i]) * up[i]` where `|act(gate[i])| >= t`, else 0 (CATS); how many neurons were active.
+fn gated_threshold(gate: &mut [f32], up: &[f32], t: f32, act: fn(f32) -> f32) -> usize {
     let mut active = 0;
     for (g, &u) in gate.iter_mut().zip(up) {
-        let a = silu_ggml(*g);
+        let a = act(*g);
         if a.abs() >= t {
             *g = a * u;
             active += 1;
@@ -483,17 +488,7 @@ pub fn geglu_ggml(gate: &mut [f32], up: &[f32]) {
 /// If the lengths differ.
 pub fn geglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
     assert_eq!(gate.len(), up.len(), "geglu: lengths");
-    let mut active = 0;
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let a = gelu_ggml(*g);
-        if a.abs() >= t {
-            *g = a * u;
-            active += 1;
-        } else {
-            *g = 0.0;
-        }
-    }
-    active
+    gated_threshold(gate, up, t, gelu_ggml)
 }
 
 /// Tree reduction of 16 lanes as `_mm512_reduce_add_ps`: halves added until one lane is left.
