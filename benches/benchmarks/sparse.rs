@@ -10,7 +10,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use pinion_exec_cpu::{
-    ClusterRows, ClusterSums, QMatrix, QuantizedActs, SparseAct, SparseFfn, SparseScratch, SpinPool,
+    ClusterRows, ClusterSums, Filter, QMatrix, QuantizedActs, SparseAct, SparseFfn, SparseScratch, SpinPool,
     TokenActs, cpu_features, matmul_on, sparse_ffn_on, swiglu_ggml,
 };
 use pinion_format::GgmlType;
@@ -187,7 +187,7 @@ fn bench_sparse(c: &mut Criterion) {
                         &spec,
                         &token,
                         &clusters,
-                        Some(&mask),
+                        Filter::mask(Some(&mask)),
                         &mut sums,
                         &mut scratch,
                         &mut out,

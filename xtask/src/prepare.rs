@@ -14,7 +14,8 @@ use pinion_predictor::LowRankPredictor;
 use pinion_predictor::train::{LayerReport, TrainConfig};
 use pinion_prepare::device::ProbeOptions;
 use pinion_prepare::{
-    self as prepare, Event, PackStepOptions, PrepareConfig, ProfileOptions, Redo, Step, Thresholds, registry,
+    self as prepare, Event, PackStepOptions, PrepareConfig, ProfileOptions, Redo, Rule, SparsityTarget, Step,
+    Thresholds, registry,
 };
 use pinion_runtime::{Model, PACKED_FILE_NAME};
 
@@ -119,22 +120,45 @@ pub(crate) struct CalibrateCmd {
     /// Target sparsities, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.5")]
     sparsity: Vec<f64>,
+    /// How SiLU and GELU neurons are chosen: weighted (|act(g)| times the neuron's calibrated scale) or cats.
+    #[arg(long, default_value = "weighted", value_parser = rule)]
+    rule: Rule,
     /// Output directory: one thresholds-S.json per sparsity.
     #[arg(long, short = 'o')]
     out: PathBuf,
 }
 
-/// `cargo xtask calibrate`: per-layer CATS thresholds for each target sparsity.
+/// Calibration tokens held out of the profile to judge a quality budget on: four chunks of 512.
+const HOLDOUT_TOKENS: usize = 2048;
+
+/// Parses a share: `3%` or `0.03`.
+pub(crate) fn share(s: &str) -> Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => s.trim().parse::<f64>(),
+    };
+    match v {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a share such as 3% or 0.03")),
+    }
+}
+
+/// Parses `--rule`.
+pub(crate) fn rule(s: &str) -> Result<Rule, String> {
+    Rule::from_name(s).ok_or_else(|| format!("unknown rule '{s}' (cats, weighted)"))
+}
+
+/// `cargo xtask calibrate`: per-layer thresholds (and the weighted rule's scales) for each target sparsity.
 pub(crate) fn calibrate(a: &CalibrateCmd) -> Result<()> {
     check_sparsity(&a.sparsity)?;
-    let (_, model) = load_model(&a.profile.model)?;
+    let (src, model) = load_model(&a.profile.model)?;
     let profile = match &a.from_profile {
         Some(p) => prepare::load_profile(p)?,
         None => run_profile(&model, &a.profile)?,
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for &s in &a.sparsity {
-        let th = prepare::calibrate(&model, &profile, s)?;
+        let th = prepare::calibrate(&model, &src, &profile, s, a.rule)?;
         print_thresholds(&th);
         let file = a.out.join(format!("thresholds-{s:.2}.json"));
         th.save(&file)?;
@@ -155,7 +179,10 @@ pub(crate) fn print_thresholds(th: &Thresholds) {
         true => format!("sparsity {:.2}", th.target_sparsity),
         false => "ReLU-family model, thresholds 0 (the activation's own zeros)".to_string(),
     };
-    println!("\n{what}: layer, threshold, achieved sparsity on the calibration samples");
+    println!(
+        "\n{what}, rule {}: layer, threshold, achieved sparsity on the calibration samples",
+        th.rule_name()
+    );
     for (l, (t, got)) in th.layers.iter().enumerate() {
         println!("  {l:>3}  {t:>10.6}  {got:.4}");
     }
@@ -197,6 +224,9 @@ pub(crate) struct TrainCmd {
     /// Target sparsity of the thresholds whose "above threshold" the predictors learn (SiLU models).
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
+    /// The rule of those thresholds (cats or weighted).
+    #[arg(long, default_value = "weighted", value_parser = rule)]
+    rule: Rule,
     #[command(flatten)]
     train: TrainArgs,
     /// Compute threads.
@@ -210,9 +240,9 @@ pub(crate) struct TrainCmd {
 /// `cargo xtask train`: one predictor per layer from a profile's token samples.
 pub(crate) fn train(a: &TrainCmd) -> Result<()> {
     check_sparsity(&[a.sparsity])?;
-    let (_, model) = load_model(&a.model)?;
+    let (src, model) = load_model(&a.model)?;
     let profile = prepare::load_profile(&a.from_profile)?;
-    let th = prepare::calibrate(&model, &profile, a.sparsity)?;
+    let th = prepare::calibrate(&model, &src, &profile, a.sparsity, a.rule)?;
     let trained = run_train(&model, &profile, &th, &a.train.config(a.threads))?;
     let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
     prepare::save_predictors(&ps, &a.out)?;
@@ -277,9 +307,18 @@ pub(crate) struct PrepareCmd {
     /// Output directory (default: models/NAME.prepared beside the model).
     #[arg(long, short = 'o')]
     out: Option<PathBuf>,
-    /// Target sparsity of the CATS thresholds (SiLU models; ReLU models keep their own).
-    #[arg(long, default_value_t = 0.5)]
-    sparsity: f64,
+    /// A fixed sparsity for the thresholds of SiLU and GELU models, in [0, 1) (ReLU models keep their own
+    /// zeros). Default: the highest within --max-ppl-increase.
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// Quality budget of SiLU and GELU models: the highest sparsity whose perplexity on the held-out end of the
+    /// calibration text (its last 2,048 tokens, left out of the profile) rises by at most this much: 3% or 0.03.
+    /// Ignored with --sparsity.
+    #[arg(long, default_value = "3%", value_parser = share)]
+    max_ppl_increase: f64,
+    /// How SiLU and GELU neurons are chosen: weighted (|act(g)| times the neuron's calibrated scale) or cats.
+    #[arg(long, default_value = "weighted", value_parser = rule)]
+    rule: Rule,
     /// Memory budget of the plan recorded in plan.json: bytes (48MiB, 1.5GiB) or a share of the GGUF file
     /// (50%), for the whole process (weights, KV cache, scratch, neuron cache). Default: 50%, or the smallest
     /// budget that works if that is more. Runs plan anew for the budget they are given.
@@ -288,9 +327,14 @@ pub(crate) struct PrepareCmd {
     /// Context size the plan reserves a KV cache for.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Skip predictor training (threshold sparsity only).
-    #[arg(long)]
+    /// Skip predictor training (threshold sparsity only). Predictors are trained by default for ReLU-family
+    /// models only (see --predictors).
+    #[arg(long, conflicts_with = "predictors")]
     no_predictors: bool,
+    /// Train predictors for a SiLU or GELU model too (off by default: on SmolLM2 they read more, at recall
+    /// 0.95 and predicted density 0.78 against 0.50 above threshold, and cost perplexity; docs/perf.md).
+    #[arg(long)]
+    predictors: bool,
     #[command(flatten)]
     train: TrainArgs,
     /// Neurons per packed record.
@@ -320,13 +364,27 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         model.with_file_name(format!("{stem}.prepared"))
     });
+    let relu_family = Model::load(&model)
+        .with_context(|| format!("loading {}", model.display()))?
+        .config()
+        .ffn_act
+        .is_relu_family();
+    let train = !a.no_predictors && (relu_family || a.predictors);
+    let mut profile = a.profile.options();
+    if a.sparsity.is_none() && !relu_family {
+        profile.holdout = HOLDOUT_TOKENS;
+    }
     let cfg = PrepareConfig {
         model,
         calib: a.profile.calib.clone(),
         out: out.clone(),
-        profile: a.profile.options(),
-        sparsity: a.sparsity,
-        train: (!a.no_predictors).then(|| a.train.config(a.profile.threads)),
+        profile,
+        sparsity: match a.sparsity {
+            Some(s) => SparsityTarget::Fixed(s),
+            None => SparsityTarget::MaxPplIncrease(a.max_ppl_increase),
+        },
+        rule: a.rule,
+        train: train.then(|| a.train.config(a.profile.threads)),
         cluster_neurons: a.cluster,
         down_type: a.down_type,
         device: a.device.clone(),

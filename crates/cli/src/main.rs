@@ -169,7 +169,7 @@ impl ModelArgs {
             if !model.is_packed() {
                 bail!("--mmap-dense needs a prepared model; a GGUF already runs dense over mmap");
             }
-            ctx.set_ffn_thresholds(None)?;
+            ctx.set_ffn_rule(None)?;
             ctx.use_predictors(false)?;
             eprintln!(
                 "pinion: --mmap-dense: dense FFN over the memory-mapped file; the page cache is the only cache"
@@ -178,15 +178,16 @@ impl ModelArgs {
         if let Some(p) = &self.thresholds {
             let t = pinion_prepare::Thresholds::load(p)?;
             eprintln!(
-                "pinion: threshold sparsity {:.2} from {} ({} layers)",
+                "pinion: threshold sparsity {:.2} ({} rule) from {} ({} layers)",
                 t.target_sparsity,
+                t.rule_name(),
                 p.display(),
                 t.layers.len()
             );
-            ctx.set_ffn_thresholds(Some(t.values()))?;
+            ctx.set_ffn_rule(Some(t.rule()))?;
         }
         if self.dense {
-            ctx.set_ffn_thresholds(None)?;
+            ctx.set_ffn_rule(None)?;
         }
         if (self.no_predictors || self.dense) || self.predictors {
             let has = ctx.use_predictors(self.predictors)?;
@@ -200,9 +201,20 @@ impl ModelArgs {
             let s = model.sparsity();
             eprintln!(
                 "pinion: packed FFN; sparsity: {}{}",
-                match (ctx.ffn_thresholds(), s.target_sparsity) {
+                match (ctx.ffn_rule(), s.target_sparsity) {
                     (None, _) => "dense".to_string(),
-                    (Some(_), Some(t)) => format!("thresholds for {t:.2}"),
+                    (Some(r), Some(t)) => format!(
+                        "thresholds for {t:.2} ({} rule{})",
+                        if r.scales.is_some() { "weighted" } else { "CATS" },
+                        match s.quality {
+                            Some((got, max)) if Some(r) == s.rule.as_ref() => format!(
+                                "; perplexity {:+.1}% on held-out calibration text when prepared, budget {:.1}%",
+                                100.0 * got,
+                                100.0 * max
+                            ),
+                            _ => String::new(),
+                        }
+                    ),
                     (Some(_), None) => "the activation's own zeros".to_string(),
                 },
                 if ctx.uses_predictors() { ", predictors choose neurons" } else { "" }

@@ -432,25 +432,38 @@ pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Threshold-sparse SwiGLU (CATS): `gate[i] = silu(gate[i]) * up[i]` where `|silu(gate[i])| >= t`, else 0.
+/// Threshold-sparse SwiGLU (CATS, or any rule expressed as per-neuron thresholds): for rows of `t.len()`
+/// neurons (one row per token), `gate[i] = silu(gate[i]) * up[i]` where `|silu(gate[i])| >= t[i % t.len()]`,
+/// else 0.
 ///
-/// The SiLU is [`silu_ggml`], so with `t = 0` this equals [`swiglu_ggml`] on AVX-512 machines up to the tail.
-/// Returns how many neurons were active.
-pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
+/// The SiLU is [`silu_ggml`], so with thresholds of 0 this equals [`swiglu_ggml`] on AVX-512 machines up to
+/// the tail. Returns how many (neuron, token) pairs were active.
+///
+/// # Panics
+/// If the lengths differ or `gate` is not whole rows of `t.len()`.
+pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: &[f32]) -> usize {
     assert_eq!(gate.len(), up.len(), "swiglu: lengths");
     gated_threshold(gate, up, t, silu_ggml)
 }
 
-/// `gate[i] = act(gate[i]) * up[i]` where `|act(gate[i])| >= t`, else 0 (CATS); how many neurons were active.
-fn gated_threshold(gate: &mut [f32], up: &[f32], t: f32, act: fn(f32) -> f32) -> usize {
+/// `gate[i] = act(gate[i]) * up[i]` where `|act(gate[i])| >= t[i % t.len()]`, else 0; how many were active.
+fn gated_threshold(gate: &mut [f32], up: &[f32], t: &[f32], act: fn(f32) -> f32) -> usize {
+    assert!(
+        !t.is_empty() && gate.len().is_multiple_of(t.len()),
+        "{} activations for rows of {} thresholds",
+        gate.len(),
+        t.len()
+    );
     let mut active = 0;
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let a = act(*g);
-        if a.abs() >= t {
-            *g = a * u;
-            active += 1;
-        } else {
-            *g = 0.0;
+    for (g_row, u_row) in gate.chunks_exact_mut(t.len()).zip(up.chunks_exact(t.len())) {
+        for ((g, &u), &t) in g_row.iter_mut().zip(u_row).zip(t) {
+            let a = act(*g);
+            if a.abs() >= t {
+                *g = a * u;
+                active += 1;
+            } else {
+                *g = 0.0;
+            }
         }
     }
     active
@@ -481,12 +494,13 @@ pub fn geglu_ggml(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Threshold-sparse GeGLU (CATS on a GELU-gated FFN): `gate[i] = gelu(gate[i]) * up[i]` where
-/// `|gelu(gate[i])| >= t`, else 0; with `t = 0` this equals [`geglu_ggml`]. Returns how many neurons were active.
+/// Threshold-sparse GeGLU (as [`swiglu_threshold`] on a GELU-gated FFN): `gate[i] = gelu(gate[i]) * up[i]`
+/// where `|gelu(gate[i])| >= t[i % t.len()]`, else 0; with thresholds of 0 this equals [`geglu_ggml`]. Returns
+/// how many (neuron, token) pairs were active.
 ///
 /// # Panics
-/// If the lengths differ.
-pub fn geglu_threshold(gate: &mut [f32], up: &[f32], t: f32) -> usize {
+/// If the lengths differ or `gate` is not whole rows of `t.len()`.
+pub fn geglu_threshold(gate: &mut [f32], up: &[f32], t: &[f32]) -> usize {
     assert_eq!(gate.len(), up.len(), "geglu: lengths");
     gated_threshold(gate, up, t, gelu_ggml)
 }
@@ -571,7 +585,7 @@ mod tests {
         let up = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         let t = 0.1;
         let mut got = gate;
-        let active = swiglu_threshold(&mut got, &up, t);
+        let active = swiglu_threshold(&mut got, &up, &[t]);
         for i in 0..gate.len() {
             let a = silu_ggml(gate[i]);
             let want = if a.abs() >= t { a * up[i] } else { 0.0 };
@@ -580,7 +594,17 @@ mod tests {
         // silu(-6) = -0.0148, silu(-0.1) = -0.0475, silu(0.05) = 0.0256, silu(0) = 0: only 0.3 and 4.0 pass.
         assert_eq!(active, 2);
         let mut all = gate;
-        assert_eq!(swiglu_threshold(&mut all, &up, 0.0), gate.len());
+        assert_eq!(swiglu_threshold(&mut all, &up, &[0.0; 6]), gate.len());
+        // Per-neuron thresholds, rows of three (two tokens): neuron 0's threshold keeps -6 out and lets 0.3
+        // pass, neuron 1's lets -0.1 and 4.0 pass, neuron 2's keeps 0.05 and 0 out.
+        let mut rows = gate;
+        assert_eq!(swiglu_threshold(&mut rows, &up, &[0.02, 0.01, 5.0]), 3);
+        assert_eq!(rows[0], 0.0);
+        assert_eq!(rows[1], silu_ggml(-0.1) * 2.0);
+        assert_eq!(rows[2], 0.0);
+        assert_eq!(rows[3], silu_ggml(0.3) * 4.0);
+        assert_eq!(rows[4], silu_ggml(4.0) * 5.0);
+        assert_eq!(rows[5], 0.0);
     }
 
     #[test]

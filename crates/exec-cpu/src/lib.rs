@@ -48,9 +48,9 @@ pub use crate::matrix::QMatrix;
 pub use crate::ops::{MAX_ROT, RopeMode, geglu, gelu, reglu, relu, rms_norm, rope, silu, softmax, swiglu};
 pub use crate::pool::{SpinPool, split_range};
 pub use crate::sparse::{
-    ClusterGates, ClusterRows, ClusterSums, SharedSlots, SparseAct, SparseFfn, SparseScratch, TokenActs,
-    UpDown, axpy_column, cluster_gates, cluster_up_down, cluster_up_down_by, row_dot, sparse_ffn_cluster,
-    sparse_ffn_on,
+    ClusterGates, ClusterRows, ClusterSums, Filter, SharedSlots, SparseAct, SparseFfn, SparseScratch,
+    TokenActs, UpDown, axpy_column, cluster_gates, cluster_up_down, cluster_up_down_by, row_dot,
+    sparse_ffn_cluster, sparse_ffn_on,
 };
 
 #[cfg(test)]

@@ -417,10 +417,9 @@ impl SparseFfn {
             .unwrap_or_else(|| panic!("no down-column kernel for {} columns", self.down_ty))
     }
 
-    /// Whether the gate pre-activation `g` passes the gate phase.
+    /// Whether the gate pre-activation `g` passes the gate phase under threshold `t`.
     #[inline]
-    fn gate_passes(&self, g: f32) -> bool {
-        let t = self.threshold;
+    fn gate_passes(&self, g: f32, t: f32) -> bool {
         match self.act {
             SparseAct::Silu => crate::silu_ggml(g).abs() >= t,
             SparseAct::Gelu => crate::gelu_ggml(g).abs() >= t,
@@ -494,6 +493,46 @@ impl<'a> ClusterRows<'a> {
     }
 }
 
+/// Which of a cluster's (or a layer's) neurons a token may use: the predictor's mask, and per-neuron gate
+/// thresholds that replace [`SparseFfn::threshold`] in the gate test (a selection rule that weighs neurons,
+/// such as the runtime's weight-informed one, is a threshold per neuron). Indexed like the neurons.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filter<'a> {
+    /// Neurons the predictor marks (`None`: all).
+    pub mask: Option<&'a [bool]>,
+    /// Per-neuron gate thresholds (`None`: [`SparseFfn::threshold`] for every neuron).
+    pub thresholds: Option<&'a [f32]>,
+}
+
+impl<'a> Filter<'a> {
+    /// No predictor, the layer's threshold for every neuron.
+    pub const NONE: Filter<'static> = Filter { mask: None, thresholds: None };
+
+    /// A predictor's mask and the layer's threshold.
+    pub fn mask(mask: Option<&'a [bool]>) -> Filter<'a> {
+        Filter { mask, thresholds: None }
+    }
+
+    /// The part of a layer's filter for neurons `r`.
+    pub fn slice(&self, r: std::ops::Range<usize>) -> Filter<'a> {
+        Filter { mask: self.mask.map(|m| &m[r.clone()]), thresholds: self.thresholds.map(|t| &t[r]) }
+    }
+
+    /// Whether the mask rules out every neuron.
+    fn none_marked(&self) -> bool {
+        self.mask.is_some_and(|m| !m.contains(&true))
+    }
+
+    fn check(&self, n: usize) {
+        if let Some(m) = self.mask {
+            assert_eq!(m.len(), n, "mask length for {n} neurons");
+        }
+        if let Some(t) = self.thresholds {
+            assert_eq!(t.len(), n, "threshold count for {n} neurons");
+        }
+    }
+}
+
 /// Reusable per-thread state of one cluster's computation: which neurons passed the gate phase and their gate
 /// values.
 #[derive(Clone, Default, Debug)]
@@ -523,20 +562,21 @@ impl ClusterGates {
     }
 }
 
-/// Gate phase of one cluster for one token: computes the gate rows of the neurons `mask` marks (all if
-/// `None`; `mask[i]` is neuron `i`) and keeps in `gates` those passing the threshold's gate test. `gate_block`
-/// holds the cluster's gate rows back to back. Returns the number of neurons that passed.
+/// Gate phase of one cluster for one token: computes the gate rows of the neurons `filter`'s mask marks (all
+/// if `None`; `mask[i]` is neuron `i`) and keeps in `gates` those passing the gate test (with the filter's
+/// threshold for the neuron, if it has any). `gate_block` holds the cluster's gate rows back to back. Returns
+/// the number of neurons that passed.
 ///
 /// # Panics
-/// If the activations do not fit `spec`, `gate_block` is not whole rows, or `mask` has another length.
+/// If the activations do not fit `spec`, `gate_block` is not whole rows, or the filter has another length.
 pub fn cluster_gates(
     spec: &SparseFfn,
     acts: &TokenActs,
     gate_block: &[u8],
-    mask: Option<&[bool]>,
+    filter: Filter<'_>,
     gates: &mut ClusterGates,
 ) -> usize {
-    cluster_gates_with(kernels::chosen(), spec, acts, gate_block, mask, gates)
+    cluster_gates_with(kernels::chosen(), spec, acts, gate_block, filter, gates)
 }
 
 /// [`cluster_gates`] on a given kernel path.
@@ -548,7 +588,7 @@ pub fn cluster_gates_with(
     spec: &SparseFfn,
     acts: &TokenActs,
     gate_block: &[u8],
-    mask: Option<&[bool]>,
+    filter: Filter<'_>,
     gates: &mut ClusterGates,
 ) -> usize {
     kernels::check(path);
@@ -556,9 +596,8 @@ pub fn cluster_gates_with(
     let rb = spec.gate_row_bytes();
     assert!(gate_block.len().is_multiple_of(rb), "gate block of {} bytes, rows of {rb}", gate_block.len());
     let n = gate_block.len() / rb;
-    if let Some(m) = mask {
-        assert_eq!(m.len(), n, "mask length for a cluster of {n} neurons");
-    }
+    filter.check(n);
+    let (mask, thresholds) = (filter.mask, filter.thresholds);
     gates.passed.clear();
     gates.gate.clear();
     let mut idx = [0u32; GROUP];
@@ -568,7 +607,8 @@ pub fn cluster_gates_with(
     let mut flush = |k: usize, idx: &[u32; GROUP], rows: &[&[u8]; GROUP], gates: &mut ClusterGates| {
         dot_group(path, spec.gate_ty, &rows[..k], acts.gate, acts.token, &mut vals);
         for (&i, &g) in idx[..k].iter().zip(&vals[..k]) {
-            if spec.gate_passes(g) {
+            let t = thresholds.map_or(spec.threshold, |t| t[i as usize]);
+            if spec.gate_passes(g, t) {
                 gates.passed.push(i);
                 gates.gate.push(g);
             }
@@ -739,11 +779,11 @@ pub fn sparse_ffn_cluster(
     spec: &SparseFfn,
     acts: &TokenActs,
     rows: &ClusterRows,
-    mask: Option<&[bool]>,
+    filter: Filter<'_>,
     gates: &mut ClusterGates,
     slot: &mut [f32],
 ) -> usize {
-    sparse_ffn_cluster_with(kernels::chosen(), spec, acts, rows, mask, gates, slot)
+    sparse_ffn_cluster_with(kernels::chosen(), spec, acts, rows, filter, gates, slot)
 }
 
 /// [`sparse_ffn_cluster`] on a given kernel path.
@@ -755,11 +795,11 @@ pub fn sparse_ffn_cluster_with(
     spec: &SparseFfn,
     acts: &TokenActs,
     rows: &ClusterRows,
-    mask: Option<&[bool]>,
+    filter: Filter<'_>,
     gates: &mut ClusterGates,
     slot: &mut [f32],
 ) -> usize {
-    cluster_gates_with(path, spec, acts, rows.gate, mask, gates);
+    cluster_gates_with(path, spec, acts, rows.gate, filter, gates);
     up_down_passed(path, spec, acts, gates, |i| rows.up_down(spec, i as usize), slot)
 }
 
@@ -895,12 +935,12 @@ impl SparseScratch {
 }
 
 /// A whole layer's sparse FFN for one token on `pool`: cluster `k` of `clusters` is computed (with
-/// `masks`'s part for it, if given: `mask[k * c..]` where `c` is the first cluster's neuron count) into slot
+/// `filter`'s part for it: neurons `k * c..` where `c` is the first cluster's neuron count) into slot
 /// `k` of `sums`, clusters split statically into one contiguous range per thread, then the slots are reduced
 /// in cluster order into `out`. Returns the number of active neurons.
 ///
 /// # Panics
-/// As [`sparse_ffn_cluster`], if `sums` does not have one slot per cluster, or `mask` does not cover every
+/// As [`sparse_ffn_cluster`], if `sums` does not have one slot per cluster, or the filter does not cover every
 /// neuron.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_ffn_on(
@@ -908,7 +948,7 @@ pub fn sparse_ffn_on(
     spec: &SparseFfn,
     acts: &TokenActs,
     clusters: &[ClusterRows],
-    mask: Option<&[bool]>,
+    filter: Filter<'_>,
     sums: &mut ClusterSums,
     scratch: &mut SparseScratch,
     out: &mut [f32],
@@ -919,9 +959,7 @@ pub fn sparse_ffn_on(
     let rb = spec.gate_row_bytes();
     let len = |k: usize| clusters[k].gate.len() / rb;
     let c0 = if clusters.is_empty() { 0 } else { len(0) };
-    if let Some(m) = mask {
-        assert_eq!(m.len(), (0..clusters.len()).map(len).sum::<usize>(), "mask length");
-    }
+    filter.check((0..clusters.len()).map(len).sum::<usize>());
     let n_threads = pool.n_threads();
     scratch.per_thread.resize_with(n_threads, || Mutex::new(ClusterGates::new()));
     let per_thread = &scratch.per_thread;
@@ -933,12 +971,12 @@ pub fn sparse_ffn_on(
             let mut gates = per_thread[idx].lock().unwrap_or_else(|e| e.into_inner());
             let mut mine = 0;
             for k in split_range(clusters.len(), idx, n, 1) {
-                let m = mask.map(|m| &m[k * c0..k * c0 + len(k)]);
-                if m.is_some_and(|m| !m.contains(&true)) {
+                let f = filter.slice(k * c0..k * c0 + len(k));
+                if f.none_marked() {
                     continue;
                 }
                 let slot = slots.claim(k);
-                mine += sparse_ffn_cluster_with(path, spec, acts, &clusters[k], m, &mut gates, slot);
+                mine += sparse_ffn_cluster_with(path, spec, acts, &clusters[k], f, &mut gates, slot);
             }
             active.fetch_add(mine, Ordering::Relaxed);
         });

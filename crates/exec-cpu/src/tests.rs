@@ -991,9 +991,9 @@ fn attention_matches_naive_reference() {
 mod sparse_ffn {
     use super::*;
     use crate::sparse::{
-        ClusterGates, ClusterRows, ClusterSums, SparseAct, SparseFfn, SparseScratch, TokenActs, UpDown,
-        axpy_column_with, cluster_gates_with, cluster_up_down_with, row_dot_with, sparse_ffn_cluster_with,
-        sparse_ffn_on,
+        ClusterGates, ClusterRows, ClusterSums, Filter, SparseAct, SparseFfn, SparseScratch, TokenActs,
+        UpDown, axpy_column_with, cluster_gates_with, cluster_up_down_with, row_dot_with,
+        sparse_ffn_cluster_with, sparse_ffn_on,
     };
     use crate::{SpinPool, silu_ggml};
 
@@ -1127,7 +1127,8 @@ mod sparse_ffn {
             let mut active = 0;
             for &k in order {
                 let slot = sums.slot(k);
-                active += sparse_ffn_cluster_with(path, &self.spec, acts, &cl[k], None, &mut gates, slot);
+                active +=
+                    sparse_ffn_cluster_with(path, &self.spec, acts, &cl[k], Filter::NONE, &mut gates, slot);
             }
             let mut out = vec![f32::NAN; self.spec.d_model];
             sums.reduce_into(&mut out);
@@ -1293,7 +1294,7 @@ mod sparse_ffn {
                                 let mut gates = ClusterGates::new();
                                 for k in (0..n_cl).rev().filter(|k| k % 3 == w) {
                                     let slot = slots.claim(k);
-                                    sparse_ffn_cluster(sp, acts, &cl[k], None, &mut gates, slot);
+                                    sparse_ffn_cluster(sp, acts, &cl[k], Filter::NONE, &mut gates, slot);
                                 }
                             });
                         }
@@ -1309,8 +1310,16 @@ mod sparse_ffn {
                     let mut scratch = SparseScratch::new();
                     let mut got = vec![f32::NAN; sp.d_model];
                     for _round in 0..2 {
-                        let active =
-                            sparse_ffn_on(&pool, &sp, &acts, &cl, None, &mut sums, &mut scratch, &mut got);
+                        let active = sparse_ffn_on(
+                            &pool,
+                            &sp,
+                            &acts,
+                            &cl,
+                            Filter::NONE,
+                            &mut sums,
+                            &mut scratch,
+                            &mut got,
+                        );
                         assert_eq!(bits(&got), bits(&want), "{n_threads} threads {act:?}");
                         assert_eq!(active, want_active);
                     }
@@ -1334,13 +1343,14 @@ mod sparse_ffn {
         let count = |sp: &SparseFfn| {
             let mut gates = ClusterGates::new();
             let mut slot = vec![0.0; 64];
-            sparse_ffn_cluster(sp, &acts, &cl[0], None, &mut gates, &mut slot)
+            sparse_ffn_cluster(sp, &acts, &cl[0], Filter::NONE, &mut gates, &mut slot)
         };
-        let passed = |sp: &SparseFfn| {
+        let passed_with = |sp: &SparseFfn, f: Filter<'_>| {
             let mut gates = ClusterGates::new();
-            crate::sparse::cluster_gates(sp, &acts, cl[0].gate, None, &mut gates);
+            crate::sparse::cluster_gates(sp, &acts, cl[0].gate, f, &mut gates);
             gates.passed().to_vec()
         };
+        let passed = |sp: &SparseFfn| passed_with(sp, Filter::NONE);
         // ReLU at t = 0: exactly the positive gates.
         let pos: Vec<u32> = (0..40).filter(|&i| g[i as usize] > 0.0).collect();
         assert!(!pos.is_empty() && pos.len() < 40);
@@ -1355,6 +1365,13 @@ mod sparse_ffn {
         assert!(passed(&silu_at).contains(&3));
         let silu_above = SparseFfn { threshold: f32::from_bits(s0.to_bits() + 1), ..silu_at };
         assert!(!passed(&silu_above).contains(&3));
+        // Per-neuron thresholds replace the layer's: neuron 3's at its score, every other one's above all.
+        let mut per = vec![f32::INFINITY; 40];
+        per[3] = s0;
+        let f = Filter { mask: None, thresholds: Some(&per) };
+        assert_eq!(passed_with(&silu_above, f), vec![3]);
+        per[3] = f32::from_bits(s0.to_bits() + 1);
+        assert!(passed_with(&silu_at, Filter { mask: None, thresholds: Some(&per) }).is_empty());
         // dReLU needs both gate and up above the threshold.
         let drelu = SparseFfn { act: SparseAct::Drelu, ..base };
         let both = (0..40).filter(|&i| g[i] > 0.0 && u[i] > 0.0).count();
@@ -1378,9 +1395,18 @@ mod sparse_ffn {
                     for m in [None, Some(&mask[..])] {
                         let mut gates = ClusterGates::new();
                         let mut one = vec![0.5; 96];
-                        let n1 = sparse_ffn_cluster_with(path, &sp, &acts, c, m, &mut gates, &mut one);
+                        let n1 = sparse_ffn_cluster_with(
+                            path,
+                            &sp,
+                            &acts,
+                            c,
+                            Filter::mask(m),
+                            &mut gates,
+                            &mut one,
+                        );
                         let mut gates = ClusterGates::new();
-                        let n_pass = cluster_gates_with(path, &sp, &acts, c.gate, m, &mut gates);
+                        let n_pass =
+                            cluster_gates_with(path, &sp, &acts, c.gate, Filter::mask(m), &mut gates);
                         assert_eq!(n_pass, gates.passed().len());
                         if let Some(m) = m {
                             assert!(gates.passed().iter().all(|&i| m[i as usize]));
@@ -1430,13 +1456,31 @@ mod sparse_ffn {
         let none = vec![false; 48];
         let mut sums = ClusterSums::new(cl.len(), 64);
         let mut out = vec![f32::NAN; 64];
-        let n = sparse_ffn_on(&pool, &sp, &acts, &cl, Some(&none), &mut sums, &mut scratch, &mut out);
+        let n = sparse_ffn_on(
+            &pool,
+            &sp,
+            &acts,
+            &cl,
+            Filter::mask(Some(&none)),
+            &mut sums,
+            &mut scratch,
+            &mut out,
+        );
         assert_eq!(n, 0);
         assert!(out.iter().all(|&v| v.to_bits() == 0), "{out:?}");
         assert!((0..cl.len()).all(|k| !sums.is_taken(k)));
         // A partial mask: the reference restricted to the predicted neurons.
         let mask: Vec<bool> = (0..48).map(|i| i % 5 < 2 || i >= 40).collect();
-        let n = sparse_ffn_on(&pool, &sp, &acts, &cl, Some(&mask), &mut sums, &mut scratch, &mut out);
+        let n = sparse_ffn_on(
+            &pool,
+            &sp,
+            &acts,
+            &cl,
+            Filter::mask(Some(&mask)),
+            &mut sums,
+            &mut scratch,
+            &mut out,
+        );
         let (want, want_n, mag) = layer.reference(&acts, Some(&mask));
         assert_eq!(n, want_n);
         assert_eq!(n, mask.iter().filter(|&&m| m).count(), "SiLU at 0 keeps every predicted neuron");
@@ -1445,14 +1489,14 @@ mod sparse_ffn {
         }
         // No clusters at all.
         let mut sums0 = ClusterSums::new(0, 64);
-        let n = sparse_ffn_on(&pool, &sp, &acts, &[], None, &mut sums0, &mut scratch, &mut out);
+        let n = sparse_ffn_on(&pool, &sp, &acts, &[], Filter::NONE, &mut sums0, &mut scratch, &mut out);
         assert_eq!(n, 0);
         assert!(out.iter().all(|&v| v.to_bits() == 0));
         // An empty cluster: nothing passes, the slot stays zero.
         let mut gates = ClusterGates::new();
         let empty = ClusterRows { gate: &[], bundles: &[], bundle_stride: layer.stride };
         let mut slot = vec![0.0; 64];
-        assert_eq!(sparse_ffn_cluster(&sp, &acts, &empty, None, &mut gates, &mut slot), 0);
+        assert_eq!(sparse_ffn_cluster(&sp, &acts, &empty, Filter::NONE, &mut gates, &mut slot), 0);
         assert!(gates.passed().is_empty() && slot.iter().all(|&v| v == 0.0));
     }
 

@@ -11,7 +11,7 @@ use crate::threshold::calibrate_threshold;
 /// Magic bytes of a profile file.
 pub const PROFILE_MAGIC: [u8; 8] = *b"PINIONPF";
 /// The profile file version written, and the only one read.
-pub const PROFILE_VERSION: u32 = 1;
+pub const PROFILE_VERSION: u32 = 2;
 
 /// Upper bounds on a profile file's dimensions, so a corrupt file cannot ask for absurd allocations.
 const MAX_LAYERS: u32 = 1024;
@@ -57,6 +57,9 @@ struct LayerProfile {
     x: Vec<f16>,
     /// `n_token_samples x n_ff`, f16.
     scores: Vec<f16>,
+    /// Per neuron, the sum of its squared up values over `up_tokens` tokens (empty before any is recorded).
+    up_sq: Vec<f64>,
+    up_tokens: u64,
 }
 
 impl ActivationProfile {
@@ -192,6 +195,29 @@ impl ActivationProfile {
         }
     }
 
+    /// Records one layer's up values (`tokens x n_ff`) for the neurons' RMS ([`ActivationProfile::up_rms`]).
+    ///
+    /// # Panics
+    /// If `up` is not whole rows of `n_ff`.
+    pub fn record_up(&mut self, layer: usize, up: &[f32]) {
+        assert!(up.len() % self.n_ff == 0, "profile: up values are not rows of {}", self.n_ff);
+        let lp = &mut self.layers[layer];
+        lp.up_sq.resize(self.n_ff, 0.0);
+        for row in up.chunks_exact(self.n_ff) {
+            for (acc, &u) in lp.up_sq.iter_mut().zip(row) {
+                *acc += f64::from(u) * f64::from(u);
+            }
+            lp.up_tokens += 1;
+        }
+    }
+
+    /// Per neuron of a layer, the root mean square of its up value over the recorded tokens, or `None` if no
+    /// up values were recorded.
+    pub fn up_rms(&self, layer: usize) -> Option<Vec<f64>> {
+        let lp = &self.layers[layer];
+        (lp.up_tokens > 0).then(|| lp.up_sq.iter().map(|&s| (s / lp.up_tokens as f64).sqrt()).collect())
+    }
+
     /// Records one layer's gate pre-activations `pre` (`tokens x n_ff`), scoring each with `act` (its
     /// magnitude is the score), without token samples.
     pub fn record(&mut self, layer: usize, pre: &[f32], act: &dyn Fn(f32) -> f32) {
@@ -220,14 +246,19 @@ impl ActivationProfile {
         &self.layers[layer].scores
     }
 
-    /// The active masks of a layer's token samples under threshold `t`: row `r` (a token), bit `i` (a neuron)
-    /// is set when `active(score, t)`. Rows are `n_ff.div_ceil(64)` words.
-    pub fn sample_masks(&self, layer: usize, t: f32, active: impl Fn(f32, f32) -> bool) -> Vec<u64> {
+    /// The active masks of a layer's token samples under thresholds `t` (one for every neuron, or one per
+    /// neuron): row `r` (a token), bit `i` (a neuron) is set when `active(score, t_i)`. Rows are
+    /// `n_ff.div_ceil(64)` words.
+    ///
+    /// # Panics
+    /// If `t` has neither 1 nor `n_ff` values.
+    pub fn sample_masks(&self, layer: usize, t: &[f32], active: impl Fn(f32, f32) -> bool) -> Vec<u64> {
+        let t = self.per_neuron(t);
         let words = self.n_ff.div_ceil(64);
         let mut out = vec![0u64; self.n_token_samples * words];
         for (r, row) in self.layers[layer].scores.chunks_exact(self.n_ff).enumerate() {
             for (i, s) in row.iter().enumerate() {
-                if active(s.to_f32(), t) {
+                if active(s.to_f32(), t(i)) {
                     out[r * words + i / 64] |= 1 << (i % 64);
                 }
             }
@@ -235,16 +266,27 @@ impl ActivationProfile {
         out
     }
 
-    /// How often each neuron of a layer is active under threshold `t`, on the token samples.
-    pub fn sample_frequency(&self, layer: usize, t: f32, active: impl Fn(f32, f32) -> bool) -> Vec<f64> {
+    /// How often each neuron of a layer is active under thresholds `t` (as [`ActivationProfile::sample_masks`]),
+    /// on the token samples.
+    ///
+    /// # Panics
+    /// If `t` has neither 1 nor `n_ff` values.
+    pub fn sample_frequency(&self, layer: usize, t: &[f32], active: impl Fn(f32, f32) -> bool) -> Vec<f64> {
+        let t = self.per_neuron(t);
         let mut count = vec![0u32; self.n_ff];
         for row in self.layers[layer].scores.chunks_exact(self.n_ff) {
-            for (c, s) in count.iter_mut().zip(row) {
-                *c += u32::from(active(s.to_f32(), t));
+            for (i, (c, s)) in count.iter_mut().zip(row).enumerate() {
+                *c += u32::from(active(s.to_f32(), t(i)));
             }
         }
         let n = self.n_token_samples.max(1) as f64;
         count.iter().map(|&c| c as f64 / n).collect()
+    }
+
+    /// Neuron `i`'s threshold of `t`: one for all, or one per neuron.
+    fn per_neuron<'t>(&self, t: &'t [f32]) -> impl Fn(usize) -> f32 + 't {
+        assert!(t.len() == 1 || t.len() == self.n_ff, "{} thresholds for {} neurons", t.len(), self.n_ff);
+        move |i| t[if t.len() == 1 { 0 } else { i }]
     }
 
     /// Per-layer CATS thresholds for a target `sparsity`, with the sparsity each achieves on the samples.
@@ -280,6 +322,10 @@ impl ActivationProfile {
             w.put(bytemuck::cast_slice(&lp.positive))?;
             w.put(bytemuck::cast_slice(&lp.x))?;
             w.put(bytemuck::cast_slice(&lp.scores))?;
+            w.put(&lp.up_tokens.to_le_bytes())?;
+            if lp.up_tokens > 0 {
+                w.put(bytemuck::cast_slice(&lp.up_sq))?;
+            }
         }
         let crc = w.crc.clone().finalize();
         w.inner.write_all(&crc.to_le_bytes())
@@ -321,13 +367,18 @@ impl ActivationProfile {
         for _ in 0..n_layers {
             let n_samples = r.bounded(max_samples as u32, "score samples")?;
             let seen = r.u64()?;
-            let lp = LayerProfile {
+            let mut lp = LayerProfile {
                 samples: r.vec(n_samples)?,
                 seen,
                 positive: r.vec(n_ff)?,
                 x: r.vec(n_token_samples * d_in)?,
                 scores: r.vec(n_token_samples * n_ff)?,
+                up_sq: Vec::new(),
+                up_tokens: r.u64()?,
             };
+            if lp.up_tokens > 0 {
+                lp.up_sq = r.vec(n_ff)?;
+            }
             layers.push(lp);
         }
         let expected = r.crc.clone().finalize();
@@ -503,8 +554,8 @@ mod tests {
         assert_eq!(ks.len(), 16, "no token sampled twice");
         // Masks and frequencies at threshold 0.5 (strictly above): neuron 0 when k + l > 0.5, neuron 2 for odd
         // k, neuron 3 always, neuron 1 never.
-        let masks = p.sample_masks(0, 0.5, |s, t| s > t);
-        let freq = p.sample_frequency(0, 0.5, |s, t| s > t);
+        let masks = p.sample_masks(0, &[0.5], |s, t| s > t);
+        let freq = p.sample_frequency(0, &[0.5], |s, t| s > t);
         let odd = ks.iter().filter(|&&k| k % 2 == 1).count() as f64 / 16.0;
         assert_eq!(freq[1], 0.0);
         assert_eq!(freq[3], 1.0);
@@ -517,10 +568,16 @@ mod tests {
 
     #[test]
     fn file_round_trip_and_corruption() {
-        let p = recorded(8, 40, 5);
+        let mut p = recorded(8, 40, 5);
+        // Up values of layer 1 only: two tokens, RMS per neuron sqrt((a^2 + b^2) / 2).
+        p.record_up(1, &[3.0, 0.0, -1.0, 2.0, 4.0, 0.0, 1.0, -2.0]);
+        assert_eq!(p.up_rms(0), None);
+        assert_eq!(p.up_rms(1).unwrap(), vec![12.5f64.sqrt(), 0.0, 1.0, 2.0]);
         let mut bytes = Vec::new();
         p.write_to(&mut bytes).unwrap();
         let q = ActivationProfile::read_from(&mut bytes.as_slice()).unwrap();
+        assert_eq!(q.up_rms(1), p.up_rms(1));
+        assert_eq!(q.up_rms(0), None);
         assert_eq!(q.sample_scores(1), p.sample_scores(1));
         assert_eq!(q.sample_inputs(0), p.sample_inputs(0));
         assert_eq!(q.samples(1), p.samples(1));
@@ -536,8 +593,8 @@ mod tests {
             assert!(ActivationProfile::read_from(&mut b.as_slice()).is_err(), "flipped byte {i}");
         }
         let mut b = bytes.clone();
-        b[8] = 2;
+        b[8] = 1;
         let e = ActivationProfile::read_from(&mut b.as_slice()).unwrap_err();
-        assert!(e.to_string().contains("version 2"), "{e}");
+        assert!(e.to_string().contains("version 1"), "{e}");
     }
 }

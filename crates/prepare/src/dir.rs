@@ -24,8 +24,9 @@ use crate::files::{load_device, save_device, save_plan};
 use crate::manifest::{Manifest, Redo, file_identity, step_key};
 use crate::report::{PackedSizes, PredictorQuality, PredictorReport, PrepareReport};
 use crate::steps::{
-    PackStepOptions, ProfileOptions, activation_frequencies, calibrate, load_predictors, load_profile,
-    pack_model, profile_activations, save_predictors, save_profile, train_predictors,
+    MAX_SEARCHED_SPARSITY, PackStepOptions, ProfileOptions, Rule, activation_frequencies, calibrate,
+    calibrate_for_quality, heldout_tokens, load_predictors, load_profile, pack_model, profile_activations,
+    save_predictors, save_profile, train_predictors,
 };
 use crate::thresholds::Thresholds;
 
@@ -164,8 +165,10 @@ pub struct PrepareConfig {
     pub out: PathBuf,
     /// Profiling settings; its thread count is also training's and the plan's.
     pub profile: ProfileOptions,
-    /// Target sparsity of the CATS thresholds (SiLU models), in [0, 1).
-    pub sparsity: f64,
+    /// What the thresholds of SiLU and GELU models aim at (ReLU-family models keep their own zeros).
+    pub sparsity: SparsityTarget,
+    /// How SiLU and GELU models' neurons are chosen.
+    pub rule: Rule,
     /// Predictor training, or `None` for threshold sparsity only.
     pub train: Option<TrainConfig>,
     /// Neurons per packed cluster record.
@@ -186,6 +189,26 @@ pub struct PrepareConfig {
     pub keep_intermediates: bool,
     /// Redo every step, even those already done.
     pub force: bool,
+}
+
+/// What the thresholds of a SiLU or GELU model aim at.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SparsityTarget {
+    /// This sparsity in every layer, in [0, 1).
+    Fixed(f64),
+    /// The highest sparsity whose perplexity on the held-out end of the calibration text (the last
+    /// `ProfileOptions::holdout` tokens, left out of the profile) is at most `1 + P` times the dense one
+    /// (see `search_sparsity`).
+    MaxPplIncrease(f64),
+}
+
+impl std::fmt::Display for SparsityTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SparsityTarget::Fixed(s) => write!(f, "sparsity {s}"),
+            SparsityTarget::MaxPplIncrease(p) => write!(f, "perplexity increase at most {:.4}%", 100.0 * p),
+        }
+    }
 }
 
 /// What [`prepare_dir`] reports as it goes, for a driver to show.
@@ -300,8 +323,10 @@ impl Keys {
                 o.token_samples,
                 if o.random_tokens { " random tokens" } else { "" }
             ),
+            &format!("holdout {}", o.holdout),
+            &format!("profile v{}", pinion_predictor::PROFILE_VERSION),
         ]);
-        let calibrate = step_key(&[&profile, &cfg.sparsity.to_string()]);
+        let calibrate = step_key(&[&profile, &cfg.sparsity.to_string(), cfg.rule.name()]);
         let train = cfg.train.as_ref().map(|t| step_key(&[&calibrate, &format!("{t:?}")]));
         // The packed format's version is part of the key: a directory packed by an older pinion is packed again.
         let pack = step_key(&[
@@ -439,8 +464,20 @@ fn plan_with_fallback(
 
 fn check_config(cfg: &PrepareConfig) -> Result<(), PrepareError> {
     let bad = |setting, why: String| Err(PrepareError::InvalidSetting { setting, why });
-    if !(0.0..1.0).contains(&cfg.sparsity) {
-        return bad("sparsity", format!("{} is not in [0, 1)", cfg.sparsity));
+    match cfg.sparsity {
+        SparsityTarget::Fixed(s) if !(0.0..1.0).contains(&s) => {
+            return bad("sparsity", format!("{s} is not in [0, 1)"));
+        }
+        SparsityTarget::MaxPplIncrease(p) if !(p.is_finite() && p >= 0.0) => {
+            return bad("max-ppl-increase", format!("{p} is not a finite share >= 0"));
+        }
+        SparsityTarget::MaxPplIncrease(_) if cfg.profile.holdout == 0 || cfg.profile.random_tokens => {
+            return bad(
+                "max-ppl-increase",
+                "needs held-out calibration text (ProfileOptions::holdout)".into(),
+            );
+        }
+        _ => {}
     }
     if cfg.cluster_neurons == 0 {
         return bad("cluster_neurons", "must be positive".into());
@@ -634,7 +671,41 @@ fn thresholds(
     };
     let p = profile_of(run, profile)?;
     run.emit(Event::Running { step: Step::Calibrate, why: &why });
-    let th = calibrate(run.model, p, run.cfg.sparsity)?;
+    let cfg = run.cfg;
+    let th = match cfg.sparsity {
+        SparsityTarget::MaxPplIncrease(max) if !run.model.config().ffn_act.is_relu_family() => {
+            let text = std::fs::read_to_string(&cfg.calib).map_err(io_err(&cfg.calib))?;
+            let n = cfg.profile.holdout;
+            let heldout = heldout_tokens(run.model, &text, n)
+                .ok_or(PrepareError::CalibrationTooShort { tokens: 0, needed: 2 * n })?;
+            let chunk = cfg.profile.chunk.min(heldout.len());
+            // Bisection on hundredths of [0, MAX_SEARCHED_SPARSITY]: dense, the top, then halvings.
+            let total = 2 + (MAX_SEARCHED_SPARSITY * 100.0).log2().ceil() as usize;
+            let on_event = &mut *run.on_event;
+            calibrate_for_quality(
+                run.model,
+                &cfg.model,
+                p,
+                cfg.rule,
+                &heldout,
+                chunk,
+                cfg.profile.threads,
+                max,
+                &mut |i, s, ppl| {
+                    let note = format!("sparsity {s:.2}: perplexity {ppl:.3}");
+                    on_event(Event::Progress {
+                        step: Step::Calibrate,
+                        part: "",
+                        done: i + 1,
+                        total,
+                        note: &note,
+                    })
+                },
+            )?
+        }
+        SparsityTarget::MaxPplIncrease(_) => calibrate(run.model, &cfg.model, p, 0.0, cfg.rule)?,
+        SparsityTarget::Fixed(s) => calibrate(run.model, &cfg.model, p, s, cfg.rule)?,
+    };
     run.make_intermediates()?;
     th.save(&f)?;
     run.done(Step::Calibrate, &run.keys.calibrate)?;

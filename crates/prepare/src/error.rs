@@ -37,6 +37,12 @@ pub enum PrepareError {
         /// The model's.
         want: (usize, usize),
     },
+    /// The activation profile lacks what a step needs (made by an older pinion, or without that record).
+    #[error("the activation profile has no {what}: profile the model again")]
+    ProfileLacks {
+        /// What is missing.
+        what: &'static str,
+    },
     /// An activation profile file is malformed.
     #[error("{}: {why}", path.display())]
     BadProfileFile {

@@ -23,8 +23,8 @@ mod thresholds;
 
 pub use crate::dir::{
     DEVICE_FILE, Event, INTERMEDIATES_DIR, KEPT_FILES, PLAN_FILE, PREDICTORS_FILE, PREDICTORS_REPORT_FILE,
-    PROFILE_FILE, PrepareConfig, Prepared, PreparedDir, REPORT_FILE, Step, THRESHOLDS_FILE, budget_minimum,
-    plan_prepared, prepare_dir, remove_intermediates,
+    PROFILE_FILE, PrepareConfig, Prepared, PreparedDir, REPORT_FILE, SparsityTarget, Step, THRESHOLDS_FILE,
+    budget_minimum, plan_prepared, prepare_dir, remove_intermediates,
 };
 pub use crate::error::PrepareError;
 pub use crate::files::{load_device, load_plan, partial_path, save_device, save_plan, write_atomic};
@@ -37,8 +37,10 @@ pub use crate::report::{
     PrepareReport, REPORT_FORMAT, REPORT_VERSION,
 };
 pub use crate::steps::{
-    PackStepOptions, ProfileOptions, activation_frequencies, calibrate, load_predictors, load_profile,
-    pack_model, predictor_tensors, profile_activations, save_predictors, save_profile, train_predictors,
+    LayerScores, MAX_SEARCHED_SPARSITY, PackStepOptions, ProfileOptions, Quality, Rule,
+    activation_frequencies, calibrate, calibrate_for_quality, heldout_tokens, load_predictors, load_profile,
+    pack_model, predictor_tensors, profile_activations, save_predictors, save_profile, score_scales,
+    search_sparsity, train_predictors,
 };
 pub use crate::thresholds::{THRESHOLDS_FORMAT, THRESHOLDS_VERSION, Thresholds};
 pub use pinion_predictor::ActivationProfile;

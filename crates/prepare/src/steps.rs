@@ -10,13 +10,15 @@ use pinion_predictor::train::{LayerReport, Masks, TrainConfig, train_layer};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use pinion_runtime::{
-    Context, ContextParams, Model, PREDICTED_DENSITY_KEY, PREDICTOR_THRESHOLDS_KEY, SOURCE_BYTES_KEY,
-    TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
+    Context, ContextParams, FfnRule, MAX_PPL_INCREASE_KEY, Model, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
+    PREDICTOR_THRESHOLDS_KEY, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
+    score_scale_tensor,
 };
 
 use crate::error::PrepareError;
 use crate::files::{partial_path, write_atomic};
 use crate::thresholds::Thresholds;
+use serde::{Deserialize, Serialize};
 
 /// Settings of [`profile_activations`].
 #[derive(Clone, Debug)]
@@ -35,6 +37,9 @@ pub struct ProfileOptions {
     /// calibration text: for synthetic models, whose activations depend on what they are fed and which have no
     /// text of their own.
     pub random_tokens: bool,
+    /// Tokens at the end of the calibration text left out of the profile (the held-out split a quality budget
+    /// is judged on, see [`heldout_tokens`]).
+    pub holdout: usize,
 }
 
 impl Default for ProfileOptions {
@@ -46,6 +51,7 @@ impl Default for ProfileOptions {
             token_samples: 4096,
             threads: 2,
             random_tokens: false,
+            holdout: 0,
         }
     }
 }
@@ -75,10 +81,11 @@ pub fn profile_activations(
         }
     };
     let chunk = opts.chunk.min(model.config().n_ctx_train).max(1);
+    let tokens = &tokens[..tokens.len().saturating_sub(if opts.random_tokens { 0 } else { opts.holdout })];
     if tokens.len() < chunk.min(opts.max_tokens) || tokens.is_empty() {
         return Err(PrepareError::CalibrationTooShort {
             tokens: tokens.len(),
-            needed: chunk.min(opts.max_tokens),
+            needed: chunk.min(opts.max_tokens) + opts.holdout,
         });
     }
     let total = tokens.len().min(opts.max_tokens);
@@ -115,15 +122,206 @@ pub fn load_profile(path: &Path) -> Result<ActivationProfile, PrepareError> {
         .map_err(|e| PrepareError::BadProfileFile { path: path.to_path_buf(), why: e.to_string() })
 }
 
-/// Per-layer thresholds for a target sparsity: calibrated on the profile's score samples for SiLU (CATS), and 0
-/// (the activation's own zeros) for the ReLU family, whose achieved sparsity is then measured, not chosen.
+/// How a SiLU or GELU model's FFN neurons are chosen (see `pinion_runtime::FfnRule`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rule {
+    /// CATS: a neuron takes part when `|act(g_i)|` reaches the layer's threshold.
+    Cats,
+    /// Weighted (in the spirit of WINA, adapted to reading the gate first): `|act(g_i)| * c_i` with
+    /// `c_i = rms(u_i) * ||down_i||`, the expected size of the neuron's contribution per unit of activation,
+    /// normalised to a mean of 1 per layer; `rms(u_i)` over the profiled tokens, `||down_i||` from the GGUF.
+    #[default]
+    Weighted,
+}
+
+impl Rule {
+    /// The name on the command line and in thresholds files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Cats => "cats",
+            Rule::Weighted => "weighted",
+        }
+    }
+
+    /// Parses [`Rule::name`].
+    pub fn from_name(s: &str) -> Option<Rule> {
+        [Rule::Cats, Rule::Weighted].into_iter().find(|r| r.name() == s)
+    }
+}
+
+/// The layer-wise weighted scores of a profile's token samples under a rule (see [`calibrate`]).
+pub struct LayerScores {
+    layers: Vec<WeightedScores>,
+    scales: Option<Vec<Vec<f32>>>,
+}
+
+impl LayerScores {
+    /// The scores of `profile`'s token samples under `rule` (the weighted rule's scales from `src`).
+    pub fn new(src: &Path, profile: &ActivationProfile, rule: Rule) -> Result<LayerScores, PrepareError> {
+        if profile.n_token_samples() == 0 {
+            return Err(PrepareError::ProfileLacks { what: "token samples" });
+        }
+        let scales = match rule {
+            Rule::Weighted => Some(score_scales(src, profile)?),
+            Rule::Cats => None,
+        };
+        let ones = vec![1.0; profile.n_ff()];
+        let layers = (0..profile.n_layers())
+            .map(|l| WeightedScores::new(profile, l, scales.as_ref().map_or(&ones, |s| &s[l])))
+            .collect();
+        Ok(LayerScores { layers, scales })
+    }
+
+    /// The rule with every layer's threshold at `sparsity`.
+    pub fn rule(&self, sparsity: f64) -> FfnRule {
+        let thresholds = self.layers.iter().map(|w| w.threshold(sparsity)).collect();
+        FfnRule { thresholds, scales: self.scales.clone() }
+    }
+
+    /// Per layer, the sparsity each threshold of `rule` gives on the token samples.
+    pub fn achieved(&self, rule: &FfnRule) -> Vec<f64> {
+        self.layers.iter().zip(&rule.thresholds).map(|(w, &t)| w.sparsity(t)).collect()
+    }
+}
+
+/// The held-out split of a calibration text: its last `n` tokens, or `None` if the text has fewer than twice
+/// that many (the rest must leave something to profile).
+pub fn heldout_tokens(model: &Model, text: &str, n: usize) -> Option<Vec<u32>> {
+    let tok = model.tokenizer();
+    let tokens = tok.encode(text, tok.add_bos(), false);
+    (n > 0 && tokens.len() >= 2 * n).then(|| tokens[tokens.len() - n..].to_vec())
+}
+
+/// What [`search_sparsity`] found: the highest uniform sparsity whose held-out perplexity stays within the
+/// budget, and what it measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    /// The budget: the largest relative perplexity increase allowed (0.03 is 3%).
+    pub max_ppl_increase: f64,
+    /// Held-out tokens the perplexity was measured on.
+    pub heldout_tokens: usize,
+    /// Dense perplexity on them.
+    pub base_ppl: f64,
+    /// Perplexity at the sparsity found.
+    pub ppl: f64,
+    /// The sparsity found.
+    pub sparsity: f64,
+    /// Every sparsity tried and its perplexity, in order.
+    pub probes: Vec<(f64, f64)>,
+}
+
+impl Quality {
+    /// The relative perplexity increase at the sparsity found.
+    pub fn increase(&self) -> f64 {
+        self.ppl / self.base_ppl - 1.0
+    }
+}
+
+/// Highest sparsity searched by [`search_sparsity`].
+pub const MAX_SEARCHED_SPARSITY: f64 = 0.9;
+
+/// The highest uniform sparsity (to 0.01) under the rule of `scores` whose perplexity on `heldout` (chunks of
+/// `chunk` tokens, scored as `pinion perplexity` scores them) is at most `1 + max_increase` times the dense
+/// one: bisection on [0, [`MAX_SEARCHED_SPARSITY`]], perplexity taken as rising with sparsity.
+/// `progress(probe, sparsity, ppl)` is called after each measurement (probe 0 is dense).
+pub fn search_sparsity(
+    model: &Model,
+    scores: &LayerScores,
+    heldout: &[u32],
+    chunk: usize,
+    threads: usize,
+    max_increase: f64,
+    progress: &mut dyn FnMut(usize, f64, f64),
+) -> Result<Quality, PrepareError> {
+    if !(max_increase.is_finite() && max_increase >= 0.0) {
+        return Err(PrepareError::InvalidSetting {
+            setting: "max-ppl-increase",
+            why: format!("{max_increase} is not a finite share >= 0"),
+        });
+    }
+    let mut ctx = Context::new(model, ContextParams::new(chunk, threads))?;
+    let bos = model.tokenizer().add_bos().then(|| model.tokenizer().bos_id()).flatten();
+    let mut probes = Vec::new();
+    let mut ppl = |ctx: &mut Context<'_>, s: f64| -> Result<f64, PrepareError> {
+        ctx.set_ffn_rule((s > 0.0).then(|| scores.rule(s)))?;
+        let p = pinion_runtime::perplexity(ctx, heldout, bos, None, &mut |_, _| true)?.ppl();
+        progress(probes.len(), s, p);
+        probes.push((s, p));
+        Ok(p)
+    };
+    let base = ppl(&mut ctx, 0.0)?;
+    let limit = base * (1.0 + max_increase);
+    // In hundredths: `lo` is within the budget, `hi` is not (or is the top of the range).
+    let (mut lo, mut hi) = (0u32, (MAX_SEARCHED_SPARSITY * 100.0).round() as u32);
+    let mut at_lo = base;
+    let top = ppl(&mut ctx, f64::from(hi) / 100.0)?;
+    if top <= limit {
+        (lo, at_lo) = (hi, top);
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        let p = ppl(&mut ctx, f64::from(mid) / 100.0)?;
+        if p <= limit {
+            (lo, at_lo) = (mid, p);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Quality {
+        max_ppl_increase: max_increase,
+        heldout_tokens: heldout.len(),
+        base_ppl: base,
+        ppl: at_lo,
+        sparsity: f64::from(lo) / 100.0,
+        probes,
+    })
+}
+
+/// Per-layer thresholds under a quality budget: the highest uniform sparsity under `rule` whose perplexity on
+/// `heldout` stays within `1 + max_increase` times the dense one ([`search_sparsity`]), with what was measured
+/// in [`Thresholds::quality`]. SiLU and GELU models only (the ReLU family keeps its own zeros: [`calibrate`]).
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate_for_quality(
+    model: &Model,
+    src: &Path,
+    profile: &ActivationProfile,
+    rule: Rule,
+    heldout: &[u32],
+    chunk: usize,
+    threads: usize,
+    max_increase: f64,
+    progress: &mut dyn FnMut(usize, f64, f64),
+) -> Result<Thresholds, PrepareError> {
+    check_shape(model, profile)?;
+    let scores = LayerScores::new(src, profile, rule)?;
+    let q = search_sparsity(model, &scores, heldout, chunk, threads, max_increase, progress)?;
+    let r = scores.rule(q.sparsity);
+    Ok(Thresholds {
+        model: model.config().name.clone().unwrap_or_default(),
+        target_sparsity: q.sparsity,
+        calib_tokens: profile.n_tokens(),
+        layers: r.thresholds.iter().copied().zip(scores.achieved(&r)).collect(),
+        scales: r.scales,
+        quality: Some(q),
+    })
+}
+
+/// Per-layer thresholds for a target `sparsity` under `rule`: for SiLU and GELU, each layer's threshold is the
+/// `sparsity` quantile of the weighted scores of the profile's token samples (CATS: of its score samples);
+/// for the ReLU family, 0 (the activation's own zeros), whose achieved sparsity is then measured, not chosen,
+/// and the rule does not apply. `src` is the GGUF the profile was made from (the weighted rule reads its down
+/// matrices).
 pub fn calibrate(
     model: &Model,
+    src: &Path,
     profile: &ActivationProfile,
     sparsity: f64,
+    rule: Rule,
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
+    let sampled = !act.is_relu_family() && rule == Rule::Weighted;
+    let mut scales = None;
     let layers = if act.is_relu_family() {
         (0..profile.n_layers())
             .map(|l| {
@@ -132,6 +330,11 @@ pub fn calibrate(
                 (0.0, off as f64 / s.len().max(1) as f64)
             })
             .collect()
+    } else if sampled {
+        let scores = LayerScores::new(src, profile, rule)?;
+        let r = scores.rule(sparsity);
+        scales = r.scales.clone();
+        r.thresholds.iter().copied().zip(scores.achieved(&r)).collect()
     } else {
         profile.thresholds(sparsity)
     };
@@ -140,7 +343,72 @@ pub fn calibrate(
         target_sparsity: if act.is_relu_family() { f64::NAN } else { sparsity },
         calib_tokens: profile.n_tokens(),
         layers,
+        scales,
+        quality: None,
     })
+}
+
+/// The weighted rule's per-neuron scales `c_i = rms(u_i) * ||down_i||`, normalised to a mean of 1 per layer
+/// and floored at 1e-6 of it (a scale must be positive).
+pub fn score_scales(src: &Path, profile: &ActivationProfile) -> Result<Vec<Vec<f32>>, PrepareError> {
+    let file =
+        MappedFile::open(src).map_err(|source| PrepareError::Io { path: src.to_path_buf(), source })?;
+    let format_err = |source| PrepareError::Format { path: src.to_path_buf(), source };
+    let gguf = Gguf::parse(&file).map_err(format_err)?;
+    let n_ff = profile.n_ff();
+    (0..profile.n_layers())
+        .map(|l| {
+            let rms = profile.up_rms(l).ok_or(PrepareError::ProfileLacks { what: "up values" })?;
+            let t = gguf.tensor(&format!("blk.{l}.ffn_down.weight")).map_err(format_err)?;
+            let rb = t.ty.row_bytes(n_ff).map_err(format_err)?;
+            // `ffn_down` is `d` rows of `n_ff` values: column i is neuron i's down vector.
+            let mut sq = vec![0.0f64; n_ff];
+            let mut row = vec![0.0f32; n_ff];
+            for r in t.data.chunks_exact(rb) {
+                pinion_format::quant::dequantize_row(t.ty, r, &mut row).map_err(format_err)?;
+                for (a, &v) in sq.iter_mut().zip(&row) {
+                    *a += f64::from(v) * f64::from(v);
+                }
+            }
+            let raw: Vec<f64> = sq.iter().zip(&rms).map(|(&s, &u)| s.sqrt() * u).collect();
+            let mean = raw.iter().sum::<f64>() / n_ff.max(1) as f64;
+            let mean = if mean > 0.0 && mean.is_finite() { mean } else { 1.0 };
+            Ok(raw.iter().map(|&c| (c / mean).max(1e-6) as f32).collect())
+        })
+        .collect()
+}
+
+/// A layer's weighted scores on the profile's token samples, sorted: `|act(g_i)| * c_i` in the comparison
+/// the runtime makes (`|act(g_i)| >= t / c_i`).
+struct WeightedScores {
+    sorted: Vec<f32>,
+}
+
+impl WeightedScores {
+    fn new(profile: &ActivationProfile, l: usize, scales: &[f32]) -> WeightedScores {
+        let mut sorted: Vec<f32> = profile
+            .sample_scores(l)
+            .chunks_exact(profile.n_ff())
+            .flat_map(|row| row.iter().zip(scales).map(|(s, &c)| s.to_f32() * c))
+            .collect();
+        sorted.sort_by(f32::total_cmp);
+        WeightedScores { sorted }
+    }
+
+    /// The threshold below which a share `sparsity` of the scores lies (the smallest score above that many).
+    fn threshold(&self, sparsity: f64) -> f32 {
+        let n = self.sorted.len();
+        if n == 0 || sparsity <= 0.0 {
+            return 0.0;
+        }
+        let k = ((sparsity * n as f64).round() as usize).min(n - 1);
+        self.sorted[k]
+    }
+
+    /// The share of scores below `t`.
+    fn sparsity(&self, t: f32) -> f64 {
+        self.sorted.partition_point(|&s| s < t) as f64 / self.sorted.len().max(1) as f64
+    }
 }
 
 fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), PrepareError> {
@@ -184,7 +452,9 @@ pub fn activation_frequencies(
     Ok((0..profile.n_layers())
         .map(|l| match act.is_relu_family() {
             true => profile.firing_frequency(l),
-            false => profile.sample_frequency(l, thresholds.layers[l].0, |s, t| act.is_active(s, t)),
+            false => {
+                profile.sample_frequency(l, &thresholds.neuron_thresholds(l), |s, t| act.is_active(s, t))
+            }
         })
         .collect())
 }
@@ -226,7 +496,19 @@ pub fn pack_model(
     if thresholds.target_sparsity.is_finite() {
         metadata.push((TARGET_SPARSITY_KEY.to_string(), Value::F32(thresholds.target_sparsity as f32)));
     }
+    if let Some(q) = &thresholds.quality {
+        metadata.push((PPL_INCREASE_KEY.to_string(), Value::F32(q.increase() as f32)));
+        metadata.push((MAX_PPL_INCREASE_KEY.to_string(), Value::F32(q.max_ppl_increase as f32)));
+    }
     let mut extra_tensors = Vec::new();
+    for (l, scales) in thresholds.scales.iter().flatten().enumerate() {
+        extra_tensors.push(ExtraTensor {
+            name: score_scale_tensor(l),
+            ty: GgmlType::F32,
+            dims: vec![scales.len() as u64],
+            data: bytemuck::cast_slice(scales).to_vec(),
+        });
+    }
     if let Some(ps) = predictors {
         let logit_t = ps.iter().map(|p| Value::F32(p.threshold())).collect();
         metadata.push((PREDICTOR_THRESHOLDS_KEY.to_string(), Value::Array(logit_t)));
@@ -288,8 +570,8 @@ pub fn train_predictors(
     let act = c.ffn_act;
     let mut out = Vec::with_capacity(c.n_layers);
     for l in 0..c.n_layers {
-        let t = thresholds.layers[l].0;
-        let words = profile.sample_masks(l, t, |s, t| act.is_active(s, t));
+        let t = thresholds.neuron_thresholds(l);
+        let words = profile.sample_masks(l, &t, |s, t| act.is_active(s, t));
         let masks = Masks::from_words(profile.n_token_samples(), c.n_ff, words)
             .map_err(|e| PrepareError::Training { layer: l, why: e.to_string() })?;
         let x = profile.sample_inputs(l);

@@ -72,7 +72,7 @@ fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predicto
     let opts = ProfileOptions { max_tokens: 768, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
     let profile =
         prepare::profile_activations(&model, &synth::sample_text(1500), &opts, &mut |_, _| {}).unwrap();
-    let th = prepare::calibrate(&model, &profile, 0.5).unwrap();
+    let th = prepare::calibrate(&model, &gguf, &profile, 0.5, prepare::Rule::default()).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
     let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));
@@ -357,14 +357,14 @@ fn assert_no_failures(failures: &[String], runs: usize) {
 fn offloaded_threshold_decode_is_bit_identical_to_memory() {
     let f = fixture("offload-thresholds", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
-    assert_eq!(model.sparsity().thresholds.as_deref(), Some(&[0.0, 0.0][..]));
+    assert_eq!(model.sparsity().rule.as_ref().map(|r| &r.thresholds[..]), Some(&[0.0, 0.0][..]));
     assert!(model.predictors().is_none());
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
 }
 
-/// Gemma 3's block (per-head Q/K norms, post-norms, NeoX RoPE, scaled embeddings, GELU with CATS thresholds,
+/// Gemma 3's block (per-head Q/K norms, post-norms, NeoX RoPE, scaled embeddings, GELU with weighted thresholds,
 /// and on the first of the two layers a sliding window shorter than the prompt) runs the same bits offloaded as
 /// in memory.
 #[test]
@@ -378,7 +378,9 @@ fn gemma3_shape_offloaded_decode_is_bit_identical_to_memory() {
     let model = Model::load(&f.packed).unwrap();
     let c = model.config();
     assert_eq!((c.arch.as_str(), c.window(0), c.window(1)), ("gemma3", Some(7), None));
-    assert!(model.sparsity().thresholds.as_ref().is_some_and(|t| t.iter().all(|&t| t > 0.0)));
+    // The weighted rule (the default): per-neuron scales travel with the packed model.
+    let rule = model.sparsity().rule.clone().unwrap();
+    assert!(rule.thresholds.iter().all(|&t| t > 0.0) && rule.scales.is_some());
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());

@@ -46,8 +46,10 @@ fn setup(tag: &str, predictors: bool) -> (TempDir, PrepareConfig) {
             token_samples: 256,
             threads: 2,
             random_tokens: false,
+            holdout: 0,
         },
-        sparsity: 0.5,
+        sparsity: prepare::SparsityTarget::Fixed(0.5),
+        rule: prepare::Rule::default(),
         train: predictors.then(|| TrainConfig {
             ranks: vec![16],
             epochs: 3,
@@ -144,7 +146,7 @@ fn a_finished_directory_keeps_what_the_runtime_needs_and_a_rerun_is_a_no_op() {
     let packed = Model::load(dir.root()).unwrap();
     assert!(packed.is_packed() && packed.sparsity().has_predictors);
     let report = PrepareReport::load(&dir.report()).unwrap();
-    assert_eq!(packed.sparsity().thresholds.as_deref(), Some(&report.thresholds.values()[..]));
+    assert_eq!(packed.sparsity().rule, Some(report.thresholds.rule()));
     assert_eq!(report.packed.file_bytes, std::fs::metadata(dir.model()).unwrap().len());
     assert_eq!(report.predictors.as_ref().map(|p| p.layers.len()), Some(2));
     assert_eq!(report.packed.cluster_neurons, 16);
@@ -373,7 +375,7 @@ fn corrupt_files_and_bad_settings_are_typed_errors() {
 
     // Settings out of range are refused before anything runs.
     for bad in [
-        PrepareConfig { sparsity: 1.0, ..cfg.clone() },
+        PrepareConfig { sparsity: prepare::SparsityTarget::Fixed(1.0), ..cfg.clone() },
         PrepareConfig { cluster_neurons: 0, ..cfg.clone() },
         PrepareConfig { ctx: 0, ..cfg.clone() },
     ] {

@@ -5,3 +5,4 @@
 mod offload;
 mod prepare;
 mod prepdir;
+mod quality;

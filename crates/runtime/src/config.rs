@@ -178,8 +178,9 @@ impl FfnActivation {
     }
 
     /// Applies the gated activation in place (`gate` becomes the FFN's hidden activations), zeroing neurons
-    /// that are not active under threshold `t` (`None`: dense). Returns the number of active neurons.
-    pub fn apply(self, gate: &mut [f32], up: &[f32], t: Option<f32>) -> usize {
+    /// that are not active under thresholds `t` (`None`: dense): one per neuron of a row (`gate` is rows of
+    /// `t.len()`), or one for all. Returns the number of active (neuron, token) pairs.
+    pub fn apply(self, gate: &mut [f32], up: &[f32], t: Option<&[f32]>) -> usize {
         match (self, t) {
             (FfnActivation::Silu, None) => {
                 pinion_exec_cpu::swiglu_ggml(gate, up);
@@ -192,10 +193,11 @@ impl FfnActivation {
             }
             (FfnActivation::Gelu, Some(t)) => pinion_exec_cpu::geglu_threshold(gate, up, t),
             (act, t) => {
-                let t = t.unwrap_or(0.0);
+                let t = t.unwrap_or(&[0.0]);
+                assert!(!t.is_empty() && gate.len() % t.len() == 0, "thresholds for whole rows");
                 let mut active = 0;
-                for (g, &u) in gate.iter_mut().zip(up) {
-                    if act.is_active(act.score(*g, u), t) {
+                for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
+                    if act.is_active(act.score(*g, u), t[i % t.len()]) {
                         *g = g.max(0.0) * if act == FfnActivation::Drelu { u.max(0.0) } else { u };
                         active += 1;
                     } else {

@@ -11,9 +11,10 @@ use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
 use crate::forward::{Ffn, Logits, Par, Scratch, forward};
-use crate::model::Model;
+use crate::model::{FfnWeights, Model};
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
+use crate::rule::FfnRule;
 
 /// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
 ///
@@ -35,8 +36,12 @@ pub struct Context<'m> {
     spin: SpinPool,
     /// The executor of dense batched products (prefill, perplexity).
     dense: Box<dyn DenseBackend>,
-    /// Per-layer thresholds on neuron scores (CATS for SiLU): neurons below are skipped. `None`: dense.
-    thresholds: Option<Vec<f32>>,
+    /// The rule choosing FFN neurons (thresholds, and scales for a weighted rule). `None`: dense (SiLU, GELU)
+    /// or the activation's own zeros (ReLU family).
+    rule: Option<FfnRule>,
+    /// The rule's per-neuron thresholds per layer, in the order of the layer's FFN weights (empty without
+    /// scales).
+    neuron_thresholds: Vec<Vec<f32>>,
     /// Per-layer predictors (packed models only): neurons they do not mark are skipped. Borrowed from the
     /// model unless set with [`Context::set_predictors`].
     predictors: Option<Cow<'m, [LowRankPredictor]>>,
@@ -120,7 +125,7 @@ impl<'m> Context<'m> {
             head_tmp: Vec::new(),
             head: vec![0.0; c.head_dim],
         };
-        Ok(Context {
+        let mut ctx = Context {
             model,
             // Zeroed allocations: pages are only backed by memory once the cache reaches them, so a large
             // context costs memory only as it fills.
@@ -133,7 +138,8 @@ impl<'m> Context<'m> {
             pool,
             spin,
             dense,
-            thresholds: model.sparsity().thresholds.clone(),
+            rule: None,
+            neuron_thresholds: Vec::new(),
             predictors: match c.ffn_act.is_relu_family() {
                 true => model.predictors().map(Cow::Borrowed),
                 false => None,
@@ -141,7 +147,9 @@ impl<'m> Context<'m> {
             offload: None,
             offload_setup: None,
             offload_lost: false,
-        })
+        };
+        ctx.set_ffn_rule(model.sparsity().rule.clone())?;
+        Ok(ctx)
     }
 
     /// Makes a context that runs packed `model` under the memory budget of `opts`: the run's [`Plan`] (made for
@@ -241,16 +249,27 @@ impl<'m> Context<'m> {
         self.n_past
     }
 
-    /// Sets per-layer threshold sparsity (CATS): in layer `l`, FFN neurons whose `|silu(gate · x)|` is below
-    /// `thresholds[l]` contribute nothing. `None` runs the FFN densely.
-    pub fn set_ffn_thresholds(&mut self, thresholds: Option<Vec<f32>>) -> Result<(), RuntimeError> {
-        let n_layers = self.model.config().n_layers;
-        if let Some(t) = &thresholds {
-            if t.len() != n_layers || t.iter().any(|x| !x.is_finite() || *x < 0.0) {
-                return Err(RuntimeError::BadThresholds { got: t.len(), n_layers });
-            }
+    /// Sets the rule choosing FFN neurons (see [`FfnRule`]): in layer `l`, neurons whose weighted score is
+    /// below the layer's threshold contribute nothing. `None` runs the FFN densely (SiLU, GELU) or with the
+    /// activation's own zeros (ReLU family).
+    pub fn set_ffn_rule(&mut self, rule: Option<FfnRule>) -> Result<(), RuntimeError> {
+        let c = self.model.config();
+        if let Some(r) = &rule {
+            r.check(c.n_layers, c.n_ff)?;
         }
-        self.thresholds = thresholds;
+        self.neuron_thresholds = match &rule {
+            Some(r) if r.scales.is_some() => (0..c.n_layers)
+                .map(|l| {
+                    let order = match &self.model.layers[l].ffn {
+                        FfnWeights::Packed(pl) => Some(&pl.order[..]),
+                        FfnWeights::Dense { .. } => None,
+                    };
+                    r.neuron_thresholds(l, order).expect("a rule with scales")
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.rule = rule;
         Ok(())
     }
 
@@ -314,9 +333,9 @@ impl<'m> Context<'m> {
         self.predictors.is_some()
     }
 
-    /// The per-layer thresholds in force.
-    pub fn ffn_thresholds(&self) -> Option<&[f32]> {
-        self.thresholds.as_deref()
+    /// The rule choosing FFN neurons in force.
+    pub fn ffn_rule(&self) -> Option<&FfnRule> {
+        self.rule.as_ref()
     }
 
     /// Evaluates `tokens` densely (whatever thresholds are set) and records every layer's FFN scores (see
@@ -338,9 +357,9 @@ impl<'m> Context<'m> {
                 want: (c.n_layers, c.n_ff),
             });
         }
-        let saved = (self.thresholds.take(), self.predictors.take());
+        let saved = (self.rule.take(), self.predictors.take());
         let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());
-        (self.thresholds, self.predictors) = saved;
+        (self.rule, self.predictors) = saved;
         res
     }
 
@@ -398,7 +417,8 @@ impl<'m> Context<'m> {
                 o.begin_token()?;
             }
             let ffn = Ffn {
-                thresholds: self.thresholds.as_deref(),
+                thresholds: self.rule.as_ref().map(|r| &r.thresholds[..]),
+                neuron_thresholds: &self.neuron_thresholds,
                 predictors: self.predictors.as_deref(),
                 profile: profile.as_deref_mut(),
                 offload: self.offload.as_mut(),

@@ -74,6 +74,8 @@ pub enum RuntimeError {
         "sparsity thresholds: got {got} layers, the model has {n_layers} (and each must be finite, >= 0)"
     )]
     BadThresholds { got: usize, n_layers: usize },
+    #[error("sparsity scales: {why}")]
+    BadScales { why: String },
     #[error("activation profile has (layers, neurons) = {got:?}, the model has {want:?}")]
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("predictors: got {got} layers for a model of {n_layers}, or a predictor of the wrong width")]

@@ -8,7 +8,7 @@
 //! (`[position][token]`), so that clusters write disjoint ranges and run in parallel.
 
 use pinion_exec_cpu::sparse::{
-    ClusterRows, ClusterSums, SparseAct, SparseFfn, SparseScratch, TokenActs, sparse_ffn_on,
+    ClusterRows, ClusterSums, Filter, SparseAct, SparseFfn, SparseScratch, TokenActs, sparse_ffn_on,
 };
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
@@ -79,6 +79,8 @@ pub(crate) struct Selection<'a> {
     pub(crate) act: FfnActivation,
     /// Score threshold; `None`: the activation's own (0 for the ReLU family, dense for SiLU).
     pub(crate) threshold: Option<f32>,
+    /// Per-neuron thresholds in position order, replacing `threshold` in the gate test (a weighted rule).
+    pub(crate) neurons: Option<&'a [f32]>,
     /// A predictor whose outputs are in position order.
     pub(crate) predictor: Option<&'a LowRankPredictor>,
 }
@@ -134,7 +136,8 @@ pub(crate) fn packed_ffn(
     // Candidates: predicted (if a predictor is used) and passing the gate phase of the threshold.
     let t = sel.threshold.unwrap_or(0.0);
     let dense = !sel.act.is_relu_family() && sel.threshold.is_none();
-    for (m, &g) in s.mask.iter_mut().zip(&s.gate) {
+    for (i, (m, &g)) in s.mask.iter_mut().zip(&s.gate).enumerate() {
+        let t = sel.neurons.map_or(t, |v| v[i / n]);
         *m = match sel.act {
             // dReLU: active when relu(min(g, u)) > t; up is checked after the up phase.
             FfnActivation::Drelu => g > t,
@@ -269,14 +272,15 @@ pub(crate) fn sparse_spec(pl: &PackedLayer, sel: Selection<'_>) -> SparseFfn {
 }
 
 /// One decode token's inputs to the cluster kernels: its activations quantized for the gate and up types (into
-/// `acts` and the scratch), and the predictor's mask of positions, if a predictor is used.
+/// `acts` and the scratch), and its filter: the predictor's mask of positions, if a predictor is used, and the
+/// rule's per-neuron thresholds, if it has any.
 pub(crate) fn decode_inputs<'s>(
     pl: &PackedLayer,
-    sel: Selection<'_>,
+    sel: Selection<'s>,
     xn: &[f32],
     acts: &'s mut QuantizedActs,
     s: &'s mut TokenInputs,
-) -> (TokenActs<'s>, Option<&'s [bool]>) {
+) -> (TokenActs<'s>, Filter<'s>) {
     let d = pl.d_model;
     acts.quantize(pl.gate_ty, xn, d);
     if pl.up_ty != pl.gate_ty {
@@ -294,7 +298,7 @@ pub(crate) fn decode_inputs<'s>(
         }
         None => None,
     };
-    (TokenActs { gate: acts, up: acts_up, token: 0 }, mask)
+    (TokenActs { gate: acts, up: acts_up, token: 0 }, Filter { mask, thresholds: sel.neurons })
 }
 
 /// One token's FFN over a packed layer in memory with the cluster kernels on the spin pool: the predictor's
@@ -313,7 +317,7 @@ pub(crate) fn packed_decode(
 ) -> usize {
     let d = pl.d_model;
     let spec = sparse_spec(pl, sel);
-    let (token, mask) = decode_inputs(pl, sel, xn, acts, &mut s.inputs);
+    let (token, filter) = decode_inputs(pl, sel, xn, acts, &mut s.inputs);
     let stride = pl.bundle_bytes();
     let clusters: Vec<ClusterRows<'_>> = (0..pl.n_clusters())
         .map(|k| {
@@ -327,5 +331,5 @@ pub(crate) fn packed_decode(
         s.sums = Some(ClusterSums::new(clusters.len(), d));
     }
     let sums = s.sums.as_mut().expect("just made");
-    sparse_ffn_on(pool, &spec, &token, &clusters, mask, sums, &mut s.sparse, out)
+    sparse_ffn_on(pool, &spec, &token, &clusters, filter, sums, &mut s.sparse, out)
 }

@@ -75,7 +75,10 @@ impl Par<'_> {
 
 /// How the FFN chooses its neurons, and whether its activations are recorded.
 pub(crate) struct Ffn<'a> {
+    /// Per layer, the rule's threshold (`None`: no rule).
     pub(crate) thresholds: Option<&'a [f32]>,
+    /// Per layer, the rule's per-neuron thresholds in the order of the layer's weights (empty: none).
+    pub(crate) neuron_thresholds: &'a [Vec<f32>],
     pub(crate) predictors: Option<&'a [LowRankPredictor]>,
     pub(crate) profile: Option<&'a mut ActivationProfile>,
     pub(crate) offload: Option<&'a mut Offload>,
@@ -232,9 +235,11 @@ pub(crate) fn forward(
         for t in 0..n {
             exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
         }
+        let neurons = ffn.neuron_thresholds.get(l).map(|t| &t[..]);
         let sel = |_: &PackedLayer| Selection {
             act: c.ffn_act,
             threshold: ffn.thresholds.map(|t| t[l]),
+            neurons,
             predictor: ffn.predictors.map(|p| &p[l]),
         };
         let out = &mut s.tmp[..n * d];
@@ -255,8 +260,10 @@ pub(crate) fn forward(
                         .map(|(&g, &u)| act.score(g, u))
                         .collect();
                     p.record_scores(l, &s.xn[..n * d], &scores);
+                    p.record_up(l, &s.up[..n * ff]);
                 }
-                c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], ffn.thresholds.map(|t| t[l]));
+                let t = ffn.thresholds.map(|t| neurons.unwrap_or(std::slice::from_ref(&t[l])));
+                c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], t);
                 s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
                 par.matmul(&wd, &s.acts, out)?;
             }
@@ -279,8 +286,8 @@ pub(crate) fn forward(
             (FfnSource::Offloaded(pl), Par::Spin(pool)) => {
                 let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
                 let spec = sparse_spec(pl, sel(pl));
-                let (token, mask) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
-                o.decode_ffn(model, l, &spec, &token, mask, pool, out)?;
+                let (token, filter) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
+                o.decode_ffn(model, l, &spec, &token, filter, pool, out)?;
             }
             (FfnSource::Offloaded(pl), Par::Batch(_)) => {
                 let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;

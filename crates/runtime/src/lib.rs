@@ -21,6 +21,7 @@ mod model;
 mod offload;
 mod perplexity;
 pub mod planning;
+mod rule;
 mod sampler;
 
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
@@ -32,11 +33,13 @@ pub use crate::error::RuntimeError;
 pub use crate::forward::Logits;
 pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
 pub use crate::model::{
-    Model, ModelSparsity, PACKED_FILE_NAME, PREDICTED_DENSITY_KEY, PREDICTOR_THRESHOLDS_KEY,
-    SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
+    MAX_PPL_INCREASE_KEY, Model, ModelSparsity, PACKED_FILE_NAME, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
+    PREDICTOR_THRESHOLDS_KEY, SCORE_SCALE_TENSOR, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
+    predictor_tensor_names, score_scale_tensor,
 };
 pub use crate::offload::OffloadStats;
 pub use crate::perplexity::{PerplexityStats, perplexity};
+pub use crate::rule::FfnRule;
 pub use crate::sampler::{Sampler, SamplerParams, argmax};
 pub use pinion_cache::CacheStats;
 pub use pinion_plan::{Budget, CachePolicy, DeviceProfile, Plan, PlanOptions};

@@ -13,6 +13,7 @@ use pinion_tokenizer::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::error::RuntimeError;
+use crate::rule::FfnRule;
 
 /// A weight matrix: where its bytes are in the mapped file, and its shape.
 #[derive(Clone, Debug)]
@@ -87,6 +88,21 @@ pub const PREDICTED_DENSITY_KEY: &str = "pinion.predictor.density";
 /// Metadata key of the size in bytes of the GGUF a packed model was made from (u64): the base of percentage
 /// budgets.
 pub const SOURCE_BYTES_KEY: &str = "pinion.source.file_bytes";
+/// Name of layer `l`'s per-neuron score scales in a packed model's resident section (F32, `n_ff` values in the
+/// source GGUF's neuron order; see [`FfnRule`]): `blk.{l}.ffn_score_scale`. Absent: CATS.
+pub fn score_scale_tensor(l: usize) -> String {
+    format!("blk.{l}.{SCORE_SCALE_TENSOR}")
+}
+
+/// The per-layer tensor name of [`score_scale_tensor`], without its `blk.{l}.` prefix.
+pub const SCORE_SCALE_TENSOR: &str = "ffn_score_scale";
+
+/// Metadata key of the perplexity increase a prepared model's sparsity cost on held-out calibration text, as
+/// measured when it was prepared (f32, 0.03 is 3%); absent when the sparsity was fixed rather than searched.
+pub const PPL_INCREASE_KEY: &str = "pinion.sparsity.ppl_increase";
+/// Metadata key of the quality budget the sparsity was searched under (f32, the largest increase allowed).
+pub const MAX_PPL_INCREASE_KEY: &str = "pinion.sparsity.max_ppl_increase";
+
 /// Metadata key of the predictors' per-layer logit thresholds (array of f32).
 pub const PREDICTOR_THRESHOLDS_KEY: &str = "pinion.predictor.thresholds";
 
@@ -95,15 +111,19 @@ pub fn predictor_tensor_names(l: usize) -> [String; 4] {
     ["w1", "b1", "w2", "b2"].map(|p| format!("blk.{l}.ffn_pred_{p}"))
 }
 
-/// The sparsity a prepared model carries: calibrated thresholds and trained predictors.
+/// The sparsity a prepared model carries: the calibrated rule and trained predictors.
 #[derive(Clone, Debug, Default)]
 pub struct ModelSparsity {
-    /// Per-layer thresholds on neuron scores (see [`crate::FfnActivation::is_active`]).
-    pub thresholds: Option<Vec<f32>>,
+    /// The rule choosing FFN neurons: per-layer thresholds (see [`crate::FfnActivation::is_active`]) and, for
+    /// a weighted rule, per-neuron scales ([`SCORE_SCALE_TENSOR`]).
+    pub rule: Option<FfnRule>,
     /// The sparsity the thresholds were calibrated for.
     pub target_sparsity: Option<f32>,
     /// Whether the model carries trained predictors ([`Model::predictors`]).
     pub has_predictors: bool,
+    /// The perplexity increase the sparsity cost on held-out calibration text when the model was prepared, and
+    /// the budget it was searched under ([`PPL_INCREASE_KEY`], [`MAX_PPL_INCREASE_KEY`]).
+    pub quality: Option<(f32, f32)>,
 }
 
 /// Where a layer's predictor is in the mapped file: the byte ranges of `W1`, `b1`, `W2`, `b2` (F32), its rank
@@ -670,6 +690,29 @@ fn read_sparsity(
             refs.push(PredictorRef { w1, b1, w2, b2, rank, threshold });
         }
     }
-    let sparsity = ModelSparsity { thresholds, target_sparsity, has_predictors: !refs.is_empty() };
+    let scales = match g.tensor_info(&score_scale_tensor(0)) {
+        None => None,
+        Some(_) => Some(
+            (0..c.n_layers)
+                .map(|l| vector(g, &score_scale_tensor(l), c.n_ff))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let rule = match (thresholds, scales) {
+        (Some(thresholds), scales) => {
+            let r = FfnRule { thresholds, scales };
+            r.check(c.n_layers, c.n_ff)?;
+            Some(r)
+        }
+        (None, Some(_)) => {
+            return Err(RuntimeError::BadScales { why: "score scales without thresholds".into() });
+        }
+        (None, None) => None,
+    };
+    let quality = match (g.get(PPL_INCREASE_KEY), g.get(MAX_PPL_INCREASE_KEY)) {
+        (Some(_), Some(_)) => Some((g.get_f32(PPL_INCREASE_KEY)?, g.get_f32(MAX_PPL_INCREASE_KEY)?)),
+        _ => None,
+    };
+    let sparsity = ModelSparsity { rule, target_sparsity, has_predictors: !refs.is_empty(), quality };
     Ok((sparsity, refs))
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use pinion_cache::LruRegion;
 use pinion_exec_cpu::SpinPool;
-use pinion_exec_cpu::sparse::{self, ClusterGates, ClusterSums, SparseFfn, TokenActs, UpDown};
+use pinion_exec_cpu::sparse::{self, ClusterGates, ClusterSums, Filter, SparseFfn, TokenActs, UpDown};
 use pinion_format::packed::PackedLayer;
 use pinion_io::{Completion, ReadRequest};
 
@@ -164,7 +164,8 @@ pub(crate) struct LayerRun<'a> {
     pub(crate) l: usize,
     pub(crate) spec: &'a SparseFfn,
     pub(crate) token: &'a TokenActs<'a>,
-    pub(crate) mask: Option<&'a [bool]>,
+    /// The predictor's mask and the rule's per-neuron thresholds, in position order.
+    pub(crate) filter: Filter<'a>,
     pub(crate) res: &'a Resident,
     pub(crate) reader: &'a Reader,
     pub(crate) stream: &'a Mutex<Stream>,
@@ -198,7 +199,7 @@ impl<'a> LayerRun<'a> {
         let c = pl.cluster_neurons;
         let n = pl.cluster_len(k);
         let lo = k * c;
-        let need = self.mask.is_none_or(|m| m[lo..lo + n].contains(&true));
+        let need = self.filter.mask.is_none_or(|m| m[lo..lo + n].contains(&true));
         let mut cl = Cl { b, need, gate_pending: 0, bundle_pending: 0 };
         let b = &mut cl.b;
         b.ready(c);
@@ -216,7 +217,7 @@ impl<'a> LayerRun<'a> {
         } else {
             ctr.gate_misses.fetch_add(1, Ordering::Relaxed);
         }
-        match self.mask {
+        match self.filter.mask {
             None => {
                 let Some(r) = record_request(pl, pin.n_gate_clusters, pin.n_bundles, self.mode.whole, k)
                 else {
@@ -307,7 +308,7 @@ impl<'a> LayerRun<'a> {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         let c_n = pl.cluster_neurons;
         if kind == KIND_GATE {
-            if self.mask.is_none() {
+            if self.filter.mask.is_none() {
                 self.take_record(k, cl, buf)?;
             } else {
                 let i = ((buf.offset() - pl.record_range(k).start) / pl.gate_row_bytes() as u64) as usize;
@@ -357,7 +358,8 @@ impl<'a> LayerRun<'a> {
         let gr = pl.gate_row_bytes();
         let mut guard = lock(&self.cls[k]);
         let cl = &mut *guard;
-        let m = self.mask.map(|m| &m[k * c..k * c + n]);
+        let f = self.filter.slice(k * c..k * c + n);
+        let m = f.mask;
         let mut scratch = lock(&self.scratch[thread.min(self.scratch.len() - 1)]);
         let block: &[u8] = if let Some(b) = self.res.gate_block(l, k) {
             b
@@ -378,7 +380,7 @@ impl<'a> LayerRun<'a> {
             })?;
             &rec[..n * gr]
         };
-        sparse::cluster_gates(self.spec, self.token, block, m, &mut cl.b.gates);
+        sparse::cluster_gates(self.spec, self.token, block, f, &mut cl.b.gates);
         drop(scratch);
         let b = &mut cl.b;
         b.read.clear();

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use pinion_cache::CacheStats;
-use pinion_exec_cpu::sparse::{ClusterSums, SparseFfn, TokenActs};
+use pinion_exec_cpu::sparse::{ClusterSums, Filter, SparseFfn, TokenActs};
 use pinion_exec_cpu::{QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
 use pinion_format::quant;
@@ -520,12 +520,12 @@ impl Offload {
         l: usize,
         spec: &SparseFfn,
         token: &TokenActs<'_>,
-        mask: Option<&[bool]>,
+        filter: Filter<'_>,
         pool: &SpinPool,
         out: &mut [f32],
     ) -> Result<usize, RuntimeError> {
         self.check()?;
-        let r = self.decode_ffn_inner(model, l, spec, token, mask, pool, out);
+        let r = self.decode_ffn_inner(model, l, spec, token, filter, pool, out);
         self.guard(r)
     }
 
@@ -536,10 +536,11 @@ impl Offload {
         l: usize,
         spec: &SparseFfn,
         token: &TokenActs<'_>,
-        mask: Option<&[bool]>,
+        filter: Filter<'_>,
         pool: &SpinPool,
         out: &mut [f32],
     ) -> Result<usize, RuntimeError> {
+        let mask = filter.mask;
         let pl = Offload::packed(model, l)?;
         let nc = pl.n_clusters();
         if self.sums.as_ref().is_none_or(|s| s.n_clusters() != nc || s.d_model() != pl.d_model) {
@@ -564,7 +565,7 @@ impl Offload {
             l,
             spec,
             token,
-            mask,
+            filter,
             res: &self.res,
             reader: &self.reader,
             stream: &self.stream,
