@@ -36,7 +36,7 @@ fn prepare_model(dir: &Path) -> PathBuf {
     let opts = ProfileOptions { max_tokens: 256, chunk: 128, token_samples: 0, ..ProfileOptions::default() };
     let profile = prepare::profile_activations(&model, &synth::sample_text(1200), &opts, &mut |_, _| {})
         .expect("profile");
-    let th = prepare::calibrate(&model, &gguf, &profile, 0.5, prepare::Rule::default()).expect("calibrate");
+    let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).expect("calibrate");
     let freq = prepare::activation_frequencies(&model, &profile, &th).expect("frequencies");
     let packed = dir.join(PACKED_FILE_NAME);
     prepare::pack_model(&gguf, &packed, &freq, &th, None, &PackStepOptions::default(), &mut |_, _| {})

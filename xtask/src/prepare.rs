@@ -151,14 +151,14 @@ pub(crate) fn rule(s: &str) -> Result<Rule, String> {
 /// `cargo xtask calibrate`: per-layer thresholds (and the weighted rule's scales) for each target sparsity.
 pub(crate) fn calibrate(a: &CalibrateCmd) -> Result<()> {
     check_sparsity(&a.sparsity)?;
-    let (src, model) = load_model(&a.profile.model)?;
+    let (_, model) = load_model(&a.profile.model)?;
     let profile = match &a.from_profile {
         Some(p) => prepare::load_profile(p)?,
         None => run_profile(&model, &a.profile)?,
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for &s in &a.sparsity {
-        let th = prepare::calibrate(&model, &src, &profile, s, a.rule)?;
+        let th = prepare::calibrate(&model, &profile, s, a.rule)?;
         print_thresholds(&th);
         let file = a.out.join(format!("thresholds-{s:.2}.json"));
         th.save(&file)?;
@@ -179,6 +179,18 @@ pub(crate) fn print_thresholds(th: &Thresholds) {
         true => format!("sparsity {:.2}", th.target_sparsity),
         false => "ReLU-family model, thresholds 0 (the activation's own zeros)".to_string(),
     };
+    if let Some(q) = &th.quality {
+        println!(
+            "\nquality budget {:.1}%: sparsity {:.2}, perplexity {:.3} dense and {:.3} sparse ({:+.2}%) on the \
+             {} held-out calibration tokens",
+            100.0 * q.max_ppl_increase,
+            q.sparsity,
+            q.base_ppl,
+            q.ppl,
+            100.0 * q.increase(),
+            q.heldout_tokens
+        );
+    }
     println!(
         "\n{what}, rule {}: layer, threshold, achieved sparsity on the calibration samples",
         th.rule_name()
@@ -240,9 +252,9 @@ pub(crate) struct TrainCmd {
 /// `cargo xtask train`: one predictor per layer from a profile's token samples.
 pub(crate) fn train(a: &TrainCmd) -> Result<()> {
     check_sparsity(&[a.sparsity])?;
-    let (src, model) = load_model(&a.model)?;
+    let (_, model) = load_model(&a.model)?;
     let profile = prepare::load_profile(&a.from_profile)?;
-    let th = prepare::calibrate(&model, &src, &profile, a.sparsity, a.rule)?;
+    let th = prepare::calibrate(&model, &profile, a.sparsity, a.rule)?;
     let trained = run_train(&model, &profile, &th, &a.train.config(a.threads))?;
     let ps: Vec<_> = trained.into_iter().map(|(p, _)| p).collect();
     prepare::save_predictors(&ps, &a.out)?;
@@ -453,6 +465,7 @@ impl Shown {
                     let unit = match step {
                         Step::Profile => "tokens",
                         Step::Device => "points",
+                        Step::Calibrate => "perplexity probes",
                         _ => "layers",
                     };
                     self.bar = Some((name.to_string(), Progress::new(name, unit)));

@@ -220,7 +220,7 @@ fn prepared_dir() -> Option<(String, PathBuf)> {
         let text = std::fs::read_to_string(root).expect("../shared/corpus/calib.txt");
         let opts = ProfileOptions { max_tokens: 1024, token_samples: 256, ..ProfileOptions::default() };
         let profile = prepare::profile_activations(&model, &text, &opts, &mut |_, _| {}).unwrap();
-        let th = prepare::calibrate(&model, &src, &profile, 0.5, prepare::Rule::Weighted).unwrap();
+        let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::Weighted).unwrap();
         th.save(&tmp.join("thresholds.json")).unwrap();
         let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
         let out = tmp.join(pinion_runtime::PACKED_FILE_NAME);

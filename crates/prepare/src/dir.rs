@@ -22,7 +22,7 @@ use crate::device::{self, ProbeOptions};
 use crate::error::{PrepareError, io_err};
 use crate::files::{load_device, save_device, save_plan};
 use crate::manifest::{Manifest, Redo, file_identity, step_key};
-use crate::report::{PackedSizes, PredictorQuality, PredictorReport, PrepareReport};
+use crate::report::{PackedSizes, PredictorQuality, PredictorReport, PrepareReport, SparsityReport};
 use crate::steps::{
     MAX_SEARCHED_SPARSITY, PackStepOptions, ProfileOptions, Rule, activation_frequencies, calibrate,
     calibrate_for_quality, heldout_tokens, load_predictors, load_profile, pack_model, profile_activations,
@@ -333,7 +333,11 @@ impl Keys {
             &calibrate,
             train.as_deref().unwrap_or("no predictors"),
             &format!("{} {:?}", cfg.cluster_neurons, cfg.down_type),
-            &format!("packed v{}", pinion_format::packed::PACKED_VERSION),
+            &format!(
+                "packed v{} report v{}",
+                pinion_format::packed::PACKED_VERSION,
+                crate::report::REPORT_VERSION
+            ),
         ]);
         Ok(Keys { profile, calibrate, train, pack })
     }
@@ -614,7 +618,7 @@ fn pack_step(run: &mut Run<'_, '_>) -> Result<(), PrepareError> {
     )?;
     let report = PrepareReport {
         source: cfg.model.display().to_string(),
-        thresholds: th,
+        sparsity: SparsityReport::from(&th),
         predictors: predictors.map(|(_, r)| r),
         packed: PackedSizes::new(&summary, cfg.cluster_neurons, cfg.down_type),
     };
@@ -684,7 +688,6 @@ fn thresholds(
             let on_event = &mut *run.on_event;
             calibrate_for_quality(
                 run.model,
-                &cfg.model,
                 p,
                 cfg.rule,
                 &heldout,
@@ -703,8 +706,8 @@ fn thresholds(
                 },
             )?
         }
-        SparsityTarget::MaxPplIncrease(_) => calibrate(run.model, &cfg.model, p, 0.0, cfg.rule)?,
-        SparsityTarget::Fixed(s) => calibrate(run.model, &cfg.model, p, s, cfg.rule)?,
+        SparsityTarget::MaxPplIncrease(_) => calibrate(run.model, p, 0.0, cfg.rule)?,
+        SparsityTarget::Fixed(s) => calibrate(run.model, p, s, cfg.rule)?,
     };
     run.make_intermediates()?;
     th.save(&f)?;

@@ -34,7 +34,7 @@ pub use crate::manifest::{
 };
 pub use crate::report::{
     PREDICTORS_REPORT_FORMAT, PREDICTORS_REPORT_VERSION, PackedSizes, PredictorQuality, PredictorReport,
-    PrepareReport, REPORT_FORMAT, REPORT_VERSION,
+    PrepareReport, REPORT_FORMAT, REPORT_VERSION, SparsityReport,
 };
 pub use crate::steps::{
     LayerScores, MAX_SEARCHED_SPARSITY, PackStepOptions, ProfileOptions, Quality, Rule,

@@ -1,6 +1,6 @@
 //! The small JSON reports of a preparation: the predictors' held-out quality (`predictors.json`, an
 //! intermediate the pack step reads its predicted densities from) and the report a prepared directory keeps
-//! (`report.json`: thresholds, predictor quality and packed sizes, the evidence of how good the preparation is
+//! (`report.json`: the sparsity rule and its quality, predictor quality and packed sizes, the evidence of how good the preparation is
 //! once its intermediates are gone). Both are serde structs in the files' JSON envelope.
 
 use std::path::Path;
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepareError, io_err};
 use crate::files::{from_json, to_json, write_atomic};
+use crate::steps::Quality;
 use crate::thresholds::Thresholds;
 
 /// The `format` field of a predictors report (`predictors.json`).
@@ -21,7 +22,7 @@ pub const PREDICTORS_REPORT_VERSION: u64 = 1;
 /// The `format` field of a preparation report (`report.json`).
 pub const REPORT_FORMAT: &str = "pinion-prepare-report";
 /// The preparation report version written, and the only one read.
-pub const REPORT_VERSION: u64 = 1;
+pub const REPORT_VERSION: u64 = 2;
 
 /// How well one layer's predictor does on its held-out tokens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,13 +120,41 @@ impl PackedSizes {
     }
 }
 
+/// A calibrated rule as `report.json` keeps it: a thresholds file's fields, the rule by name instead of its
+/// scales.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SparsityReport {
+    /// `cats` or `weighted` (for the ReLU family: thresholds of 0, where the rule does not apply).
+    pub rule: String,
+    /// The sparsity the thresholds were calibrated for (`null` for the ReLU family).
+    pub target_sparsity: Option<f64>,
+    /// Tokens of the calibration run.
+    pub calib_tokens: u64,
+    /// Per layer: the threshold and the sparsity it gave on the calibration samples.
+    pub layers: Vec<(f32, f64)>,
+    /// The quality budget and what it measured, if the sparsity was searched under one.
+    pub quality: Option<Quality>,
+}
+
+impl From<&Thresholds> for SparsityReport {
+    fn from(t: &Thresholds) -> SparsityReport {
+        SparsityReport {
+            rule: t.rule_name().into(),
+            target_sparsity: t.target_sparsity.is_finite().then_some(t.target_sparsity),
+            calib_tokens: t.calib_tokens,
+            layers: t.layers.clone(),
+            quality: t.quality.clone(),
+        }
+    }
+}
+
 /// What a prepared directory keeps about its preparation (`report.json`, written with the packed model).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrepareReport {
     /// The model the directory was prepared from (its path, as given).
     pub source: String,
-    /// The calibrated thresholds, as in a thresholds file.
-    pub thresholds: Thresholds,
+    /// The calibrated rule, without the weighted rule's per-neuron scales (they are in the packed model).
+    pub sparsity: SparsityReport,
     /// The predictors' held-out quality (`null` without predictors).
     pub predictors: Option<PredictorReport>,
     /// The packed model's sizes.

@@ -128,8 +128,10 @@ pub enum Rule {
     /// CATS: a neuron takes part when `|act(g_i)|` reaches the layer's threshold.
     Cats,
     /// Weighted (in the spirit of WINA, adapted to reading the gate first): `|act(g_i)| * c_i` with
-    /// `c_i = rms(u_i) * ||down_i||`, the expected size of the neuron's contribution per unit of activation,
-    /// normalised to a mean of 1 per layer; `rms(u_i)` over the profiled tokens, `||down_i||` from the GGUF.
+    /// `c_i = rms(u_i)` over the profiled tokens (normalised to a mean of 1 per layer), so that the score is the
+    /// expected size of the neuron's hidden activation `act(g_i) * u_i` given its gate, before its up row is
+    /// read. (Weighing by the norm of the neuron's down column as well, as WINA weighs inputs by weight-column
+    /// norms, did worse on SmolLM2: docs/perf.md.)
     #[default]
     Weighted,
 }
@@ -156,13 +158,13 @@ pub struct LayerScores {
 }
 
 impl LayerScores {
-    /// The scores of `profile`'s token samples under `rule` (the weighted rule's scales from `src`).
-    pub fn new(src: &Path, profile: &ActivationProfile, rule: Rule) -> Result<LayerScores, PrepareError> {
+    /// The scores of `profile`'s token samples under `rule`.
+    pub fn new(profile: &ActivationProfile, rule: Rule) -> Result<LayerScores, PrepareError> {
         if profile.n_token_samples() == 0 {
             return Err(PrepareError::ProfileLacks { what: "token samples" });
         }
         let scales = match rule {
-            Rule::Weighted => Some(score_scales(src, profile)?),
+            Rule::Weighted => Some(score_scales(profile)?),
             Rule::Cats => None,
         };
         let ones = vec![1.0; profile.n_ff()];
@@ -283,7 +285,6 @@ pub fn search_sparsity(
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_for_quality(
     model: &Model,
-    src: &Path,
     profile: &ActivationProfile,
     rule: Rule,
     heldout: &[u32],
@@ -293,7 +294,7 @@ pub fn calibrate_for_quality(
     progress: &mut dyn FnMut(usize, f64, f64),
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
-    let scores = LayerScores::new(src, profile, rule)?;
+    let scores = LayerScores::new(profile, rule)?;
     let q = search_sparsity(model, &scores, heldout, chunk, threads, max_increase, progress)?;
     let r = scores.rule(q.sparsity);
     Ok(Thresholds {
@@ -309,11 +310,9 @@ pub fn calibrate_for_quality(
 /// Per-layer thresholds for a target `sparsity` under `rule`: for SiLU and GELU, each layer's threshold is the
 /// `sparsity` quantile of the weighted scores of the profile's token samples (CATS: of its score samples);
 /// for the ReLU family, 0 (the activation's own zeros), whose achieved sparsity is then measured, not chosen,
-/// and the rule does not apply. `src` is the GGUF the profile was made from (the weighted rule reads its down
-/// matrices).
+/// and the rule does not apply.
 pub fn calibrate(
     model: &Model,
-    src: &Path,
     profile: &ActivationProfile,
     sparsity: f64,
     rule: Rule,
@@ -331,7 +330,7 @@ pub fn calibrate(
             })
             .collect()
     } else if sampled {
-        let scores = LayerScores::new(src, profile, rule)?;
+        let scores = LayerScores::new(profile, rule)?;
         let r = scores.rule(sparsity);
         scales = r.scales.clone();
         r.thresholds.iter().copied().zip(scores.achieved(&r)).collect()
@@ -348,32 +347,15 @@ pub fn calibrate(
     })
 }
 
-/// The weighted rule's per-neuron scales `c_i = rms(u_i) * ||down_i||`, normalised to a mean of 1 per layer
-/// and floored at 1e-6 of it (a scale must be positive).
-pub fn score_scales(src: &Path, profile: &ActivationProfile) -> Result<Vec<Vec<f32>>, PrepareError> {
-    let file =
-        MappedFile::open(src).map_err(|source| PrepareError::Io { path: src.to_path_buf(), source })?;
-    let format_err = |source| PrepareError::Format { path: src.to_path_buf(), source };
-    let gguf = Gguf::parse(&file).map_err(format_err)?;
-    let n_ff = profile.n_ff();
+/// The weighted rule's per-neuron scales `c_i = rms(u_i)`, normalised to a mean of 1 per layer and floored at
+/// 1e-6 of it (a scale must be positive).
+pub fn score_scales(profile: &ActivationProfile) -> Result<Vec<Vec<f32>>, PrepareError> {
     (0..profile.n_layers())
         .map(|l| {
             let rms = profile.up_rms(l).ok_or(PrepareError::ProfileLacks { what: "up values" })?;
-            let t = gguf.tensor(&format!("blk.{l}.ffn_down.weight")).map_err(format_err)?;
-            let rb = t.ty.row_bytes(n_ff).map_err(format_err)?;
-            // `ffn_down` is `d` rows of `n_ff` values: column i is neuron i's down vector.
-            let mut sq = vec![0.0f64; n_ff];
-            let mut row = vec![0.0f32; n_ff];
-            for r in t.data.chunks_exact(rb) {
-                pinion_format::quant::dequantize_row(t.ty, r, &mut row).map_err(format_err)?;
-                for (a, &v) in sq.iter_mut().zip(&row) {
-                    *a += f64::from(v) * f64::from(v);
-                }
-            }
-            let raw: Vec<f64> = sq.iter().zip(&rms).map(|(&s, &u)| s.sqrt() * u).collect();
-            let mean = raw.iter().sum::<f64>() / n_ff.max(1) as f64;
+            let mean = rms.iter().sum::<f64>() / rms.len().max(1) as f64;
             let mean = if mean > 0.0 && mean.is_finite() { mean } else { 1.0 };
-            Ok(raw.iter().map(|&c| (c / mean).max(1e-6) as f32).collect())
+            Ok(rms.iter().map(|&c| (c / mean).max(1e-6) as f32).collect())
         })
         .collect()
 }

@@ -72,7 +72,7 @@ fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predicto
     let opts = ProfileOptions { max_tokens: 768, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
     let profile =
         prepare::profile_activations(&model, &synth::sample_text(1500), &opts, &mut |_, _| {}).unwrap();
-    let th = prepare::calibrate(&model, &gguf, &profile, 0.5, prepare::Rule::default()).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
     let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));

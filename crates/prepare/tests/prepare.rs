@@ -73,7 +73,7 @@ fn profiling_a_relu_model_finds_the_planted_frequencies() {
     let sampled = profile.sample_frequency(0, &[0.0], |s, t| s > t);
     assert!(pearson(&sampled, &measured) > 0.95);
     // ReLU: thresholds are 0 and the achieved sparsity is the measured one.
-    let th = prepare::calibrate(&model, &src, &profile, 0.5, prepare::Rule::default()).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).unwrap();
     for &(t, achieved) in &th.layers {
         assert_eq!(t, 0.0);
         assert!((achieved - (1.0 - cfg.density)).abs() < 0.06, "sparsity {achieved}");
@@ -125,7 +125,7 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
         ProfileOptions { max_tokens: 1024, chunk: 256, token_samples: 64, ..ProfileOptions::default() };
     let profile =
         prepare::profile_activations(&model, &synth::sample_text(2000), &opts, &mut |_, _| {}).unwrap();
-    let th = prepare::calibrate(&model, &src, &profile, 0.5, prepare::Rule::default()).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let out = dir.0.join("prepared");
     std::fs::create_dir_all(&out).unwrap();
@@ -171,7 +171,7 @@ fn predictors_trained_on_a_synthetic_relu_model_reach_the_recall_goal() {
         ProfileOptions { max_tokens: 3000, chunk: 500, token_samples: 2500, ..ProfileOptions::default() };
     let profile =
         prepare::profile_activations(&model, &synth::sample_text(6000), &opts, &mut |_, _| {}).unwrap();
-    let th = prepare::calibrate(&model, &src, &profile, 0.5, prepare::Rule::default()).unwrap();
+    let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).unwrap();
     let train =
         TrainConfig { target_recall: 0.99, ranks: vec![32, 64], threads: 2, ..TrainConfig::default() };
     let mut seen = 0;

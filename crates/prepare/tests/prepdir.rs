@@ -17,8 +17,8 @@ use pinion_predictor::train::TrainConfig;
 use pinion_prepare::device::ProbeOptions;
 use pinion_prepare::{
     self as prepare, Event, INTERMEDIATES_DIR, KEPT_FILES, MANIFEST_FILE, Manifest, PredictorReport,
-    PrepareConfig, PrepareError, PrepareReport, Prepared, PreparedDir, ProfileOptions, Redo, Step,
-    Thresholds,
+    PrepareConfig, PrepareError, PrepareReport, Prepared, PreparedDir, ProfileOptions, Redo, SparsityReport,
+    Step, Thresholds,
 };
 use pinion_runtime::Model;
 
@@ -146,7 +146,9 @@ fn a_finished_directory_keeps_what_the_runtime_needs_and_a_rerun_is_a_no_op() {
     let packed = Model::load(dir.root()).unwrap();
     assert!(packed.is_packed() && packed.sparsity().has_predictors);
     let report = PrepareReport::load(&dir.report()).unwrap();
-    assert_eq!(packed.sparsity().rule, Some(report.thresholds.rule()));
+    let thresholds: Vec<f32> = report.sparsity.layers.iter().map(|l| l.0).collect();
+    assert_eq!(packed.sparsity().rule, Some(pinion_runtime::FfnRule::cats(thresholds)));
+    assert_eq!(report.sparsity.rule, "cats");
     assert_eq!(report.packed.file_bytes, std::fs::metadata(dir.model()).unwrap().len());
     assert_eq!(report.predictors.as_ref().map(|p| p.layers.len()), Some(2));
     assert_eq!(report.packed.cluster_neurons, 16);
@@ -213,7 +215,7 @@ fn keep_intermediates_keeps_them_until_a_run_without_it() {
     let profile = prepare::load_profile(&dir.profile()).unwrap();
     assert_eq!((profile.n_layers(), profile.n_tokens(), profile.n_token_samples()), (2, 768, 256));
     let report = PrepareReport::load(&dir.report()).unwrap();
-    assert_eq!(Thresholds::load(&dir.thresholds()).unwrap(), report.thresholds);
+    assert_eq!(SparsityReport::from(&Thresholds::load(&dir.thresholds()).unwrap()), report.sparsity);
     assert_eq!(PredictorReport::load(&dir.predictors_report()).unwrap(), report.predictors.unwrap());
     let packed = Model::load(dir.root()).unwrap();
     let ps = prepare::load_predictors(&dir.predictors()).unwrap();

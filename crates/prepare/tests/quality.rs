@@ -38,7 +38,6 @@ fn a_quality_budget_gives_the_highest_sparsity_within_it() {
     let mut probes = 0;
     let th = prepare::calibrate_for_quality(
         &model,
-        &path,
         &profile,
         Rule::Weighted,
         &heldout,
@@ -65,7 +64,7 @@ fn a_quality_budget_gives_the_highest_sparsity_within_it() {
     let at = ppl(Some(th.rule()));
     assert_eq!(at, q.ppl);
     assert!(at <= base * (1.0 + budget), "{at} against {base}");
-    let scores = LayerScores::new(&path, &profile, Rule::Weighted).unwrap();
+    let scores = LayerScores::new(&profile, Rule::Weighted).unwrap();
     let over = ppl(Some(scores.rule(q.sparsity + 0.01)));
     assert!(
         over > base * (1.0 + budget),
