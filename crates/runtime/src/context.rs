@@ -418,7 +418,8 @@ impl<'m> Context<'m> {
             }
             let ffn = Ffn {
                 thresholds: self.rule.as_ref().map(|r| &r.thresholds[..]),
-                neuron_thresholds: &self.neuron_thresholds,
+                // Empty while profiling, which takes the rule out.
+                neuron_thresholds: if self.rule.is_some() { &self.neuron_thresholds } else { &[] },
                 predictors: self.predictors.as_deref(),
                 profile: profile.as_deref_mut(),
                 offload: self.offload.as_mut(),
