@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepareError, io_err};
 use crate::files::{from_json, to_json, write_atomic};
-use crate::steps::Quality;
-use crate::thresholds::Thresholds;
+use crate::thresholds::{Quality, Thresholds};
 
 /// The `format` field of a predictors report (`predictors.json`).
 pub const PREDICTORS_REPORT_FORMAT: &str = "pinion-predictors-report";

@@ -17,8 +17,7 @@ use pinion_runtime::{
 
 use crate::error::PrepareError;
 use crate::files::{partial_path, write_atomic};
-use crate::thresholds::Thresholds;
-use serde::{Deserialize, Serialize};
+use crate::thresholds::{Quality, Thresholds};
 
 /// Settings of [`profile_activations`].
 #[derive(Clone, Debug)]
@@ -192,31 +191,6 @@ pub fn heldout_tokens(model: &Model, text: &str, n: usize) -> Option<Vec<u32>> {
     let tok = model.tokenizer();
     let tokens = tok.encode(text, tok.add_bos(), false);
     (n > 0 && tokens.len() >= 2 * n).then(|| tokens[tokens.len() - n..].to_vec())
-}
-
-/// What [`search_sparsity`] found: the highest uniform sparsity whose held-out perplexity stays within the
-/// budget, and what it measured.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Quality {
-    /// The budget: the largest relative perplexity increase allowed (0.03 is 3%).
-    pub max_ppl_increase: f64,
-    /// Held-out tokens the perplexity was measured on.
-    pub heldout_tokens: usize,
-    /// Dense perplexity on them.
-    pub base_ppl: f64,
-    /// Perplexity at the sparsity found.
-    pub ppl: f64,
-    /// The sparsity found.
-    pub sparsity: f64,
-    /// Every sparsity tried and its perplexity, in order.
-    pub probes: Vec<(f64, f64)>,
-}
-
-impl Quality {
-    /// The relative perplexity increase at the sparsity found.
-    pub fn increase(&self) -> f64 {
-        self.ppl / self.base_ppl - 1.0
-    }
 }
 
 /// Highest sparsity searched by [`search_sparsity`].

@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PrepareError, io_err};
 use crate::files::{from_json, to_json, write_atomic};
-use crate::steps::Quality;
 
 /// The `format` field of a thresholds file.
 pub const THRESHOLDS_FORMAT: &str = "pinion-thresholds";
@@ -28,6 +27,31 @@ pub const THRESHOLDS_VERSION: u64 = 2;
 const CATS: &str = "cats";
 /// The `rule` of a file whose layers carry scales.
 const WEIGHTED: &str = "weighted";
+
+/// What `search_sparsity` found: the highest uniform sparsity whose held-out perplexity stays within the
+/// budget, and what it measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    /// The budget: the largest relative perplexity increase allowed (0.03 is 3%).
+    pub max_ppl_increase: f64,
+    /// Held-out tokens the perplexity was measured on.
+    pub heldout_tokens: usize,
+    /// Dense perplexity on them.
+    pub base_ppl: f64,
+    /// Perplexity at the sparsity found.
+    pub ppl: f64,
+    /// The sparsity found.
+    pub sparsity: f64,
+    /// Every sparsity tried and its perplexity, in order.
+    pub probes: Vec<(f64, f64)>,
+}
+
+impl Quality {
+    /// The relative perplexity increase at the sparsity found.
+    pub fn increase(&self) -> f64 {
+        self.ppl / self.base_ppl - 1.0
+    }
+}
 
 /// A calibrated rule: per-layer thresholds, and per-neuron scales for a weighted rule.
 ///
