@@ -890,7 +890,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     let n_chunks = a.chunks.map_or(tokens.len() / a.ctx_size, |c| c.min(tokens.len() / a.ctx_size));
     eprintln!("perplexity: calculating perplexity over {n_chunks} chunks, n_ctx={}", a.ctx_size);
     let mut ctx = a.model.context(&model, a.ctx_size)?;
-    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let bos = tok.added_bos();
     let t = Instant::now();
     let mut stderr = std::io::stderr().lock();
     let stats = pinion_runtime::perplexity(&mut ctx, &tokens, bos, a.chunks, &mut |s, _| {

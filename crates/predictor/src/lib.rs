@@ -18,7 +18,7 @@ pub mod train;
 
 pub use crate::metrics::Metrics;
 pub use crate::profile::{ActivationProfile, PROFILE_MAGIC, PROFILE_VERSION};
-pub use crate::threshold::calibrate_threshold;
+pub use crate::threshold::{calibrate_threshold, threshold_of_sorted};
 pub use crate::train::{LayerReport, Masks, TrainConfig, evaluate, holdout_split, train_layer};
 
 /// What can go wrong building a predictor.

@@ -10,13 +10,18 @@ pub fn calibrate_threshold(samples: &[f32], sparsity: f64) -> f32 {
         return 0.0;
     }
     v.sort_unstable_by(f32::total_cmp);
-    if sparsity >= 1.0 {
-        return v[v.len() - 1];
+    threshold_of_sorted(&v, sparsity)
+}
+
+/// [`calibrate_threshold`] of values already sorted in ascending order (and free of NaNs): 0 for none or
+/// `sparsity <= 0`, else the k-th smallest value with k = round(sparsity * n) (the largest for
+/// `sparsity >= 1`), so that exactly k values lie strictly below it when values are distinct.
+pub fn threshold_of_sorted(sorted: &[f32], sparsity: f64) -> f32 {
+    if sorted.is_empty() || sparsity <= 0.0 {
+        return 0.0;
     }
-    // The k-th smallest value, with k = round(sparsity * n): exactly k samples lie strictly below it when
-    // values are distinct.
-    let k = ((sparsity * v.len() as f64).round() as usize).min(v.len() - 1);
-    v[k]
+    let k = ((sparsity * sorted.len() as f64).round() as usize).min(sorted.len() - 1);
+    sorted[k]
 }
 
 #[cfg(test)]

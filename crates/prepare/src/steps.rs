@@ -7,7 +7,7 @@ use pinion_format::packed::{ExtraTensor, PackOptions, PackSummary, pack};
 use pinion_format::{GgmlType, Gguf, GgufWriter, Value};
 use pinion_io::MappedFile;
 use pinion_predictor::train::{LayerReport, Masks, TrainConfig, train_layer};
-use pinion_predictor::{ActivationProfile, LowRankPredictor};
+use pinion_predictor::{ActivationProfile, LowRankPredictor, threshold_of_sorted};
 
 use pinion_runtime::{
     Context, ContextParams, FfnRule, MAX_PPL_INCREASE_KEY, Model, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
@@ -183,6 +183,26 @@ impl LayerScores {
     pub fn achieved(&self, rule: &FfnRule) -> Vec<f64> {
         self.layers.iter().zip(&rule.thresholds).map(|(w, &t)| w.sparsity(t)).collect()
     }
+
+    /// The thresholds file of [`LayerScores::rule`] at `sparsity` for `model` profiled as `profile`, with the
+    /// quality budget it was searched under, if any.
+    fn thresholds(
+        &self,
+        model: &Model,
+        profile: &ActivationProfile,
+        sparsity: f64,
+        quality: Option<Quality>,
+    ) -> Thresholds {
+        let r = self.rule(sparsity);
+        Thresholds {
+            model: model.config().name.clone().unwrap_or_default(),
+            target_sparsity: sparsity,
+            calib_tokens: profile.n_tokens(),
+            layers: r.thresholds.iter().copied().zip(self.achieved(&r)).collect(),
+            scales: r.scales,
+            quality,
+        }
+    }
 }
 
 /// The held-out split of a calibration text: its last `n` tokens, or `None` if the text has fewer than twice
@@ -216,7 +236,7 @@ pub fn search_sparsity(
         });
     }
     let mut ctx = Context::new(model, ContextParams::new(chunk, threads))?;
-    let bos = model.tokenizer().add_bos().then(|| model.tokenizer().bos_id()).flatten();
+    let bos = model.tokenizer().added_bos();
     let mut probes = Vec::new();
     let mut ppl = |ctx: &mut Context<'_>, s: f64| -> Result<f64, PrepareError> {
         ctx.set_ffn_rule((s > 0.0).then(|| scores.rule(s)))?;
@@ -270,15 +290,7 @@ pub fn calibrate_for_quality(
     check_shape(model, profile)?;
     let scores = LayerScores::new(profile, rule)?;
     let q = search_sparsity(model, &scores, heldout, chunk, threads, max_increase, progress)?;
-    let r = scores.rule(q.sparsity);
-    Ok(Thresholds {
-        model: model.config().name.clone().unwrap_or_default(),
-        target_sparsity: q.sparsity,
-        calib_tokens: profile.n_tokens(),
-        layers: r.thresholds.iter().copied().zip(scores.achieved(&r)).collect(),
-        scales: r.scales,
-        quality: Some(q),
-    })
+    Ok(scores.thresholds(model, profile, q.sparsity, Some(q)))
 }
 
 /// Per-layer thresholds for a target `sparsity` under `rule`: for SiLU and GELU, each layer's threshold is the
@@ -293,8 +305,9 @@ pub fn calibrate(
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
-    let sampled = !act.is_relu_family() && rule == Rule::Weighted;
-    let mut scales = None;
+    if !act.is_relu_family() && rule == Rule::Weighted {
+        return Ok(LayerScores::new(profile, rule)?.thresholds(model, profile, sparsity, None));
+    }
     let layers = if act.is_relu_family() {
         (0..profile.n_layers())
             .map(|l| {
@@ -303,11 +316,6 @@ pub fn calibrate(
                 (0.0, off as f64 / s.len().max(1) as f64)
             })
             .collect()
-    } else if sampled {
-        let scores = LayerScores::new(profile, rule)?;
-        let r = scores.rule(sparsity);
-        scales = r.scales.clone();
-        r.thresholds.iter().copied().zip(scores.achieved(&r)).collect()
     } else {
         profile.thresholds(sparsity)
     };
@@ -316,7 +324,7 @@ pub fn calibrate(
         target_sparsity: if act.is_relu_family() { f64::NAN } else { sparsity },
         calib_tokens: profile.n_tokens(),
         layers,
-        scales,
+        scales: None,
         quality: None,
     })
 }
@@ -353,12 +361,7 @@ impl WeightedScores {
 
     /// The threshold below which a share `sparsity` of the scores lies (the smallest score above that many).
     fn threshold(&self, sparsity: f64) -> f32 {
-        let n = self.sorted.len();
-        if n == 0 || sparsity <= 0.0 {
-            return 0.0;
-        }
-        let k = ((sparsity * n as f64).round() as usize).min(n - 1);
-        self.sorted[k]
+        threshold_of_sorted(&self.sorted, sparsity)
     }
 
     /// The share of scores below `t`.

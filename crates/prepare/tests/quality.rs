@@ -53,7 +53,7 @@ fn a_quality_budget_gives_the_highest_sparsity_within_it() {
     assert_eq!(th.target_sparsity, q.sparsity);
     assert!(th.scales.is_some());
 
-    let bos = model.tokenizer().add_bos().then(|| model.tokenizer().bos_id()).flatten();
+    let bos = model.tokenizer().added_bos();
     let ppl = |rule: Option<FfnRule>| {
         let mut ctx = Context::new(&model, ContextParams::new(chunk, 2)).unwrap();
         ctx.set_ffn_rule(rule).unwrap();

@@ -357,9 +357,9 @@ impl<'m> Context<'m> {
                 want: (c.n_layers, c.n_ff),
             });
         }
-        let saved = (self.rule.take(), self.predictors.take());
+        let saved = (self.rule.take(), std::mem::take(&mut self.neuron_thresholds), self.predictors.take());
         let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());
-        (self.rule, self.predictors) = saved;
+        (self.rule, self.neuron_thresholds, self.predictors) = saved;
         res
     }
 
@@ -418,8 +418,7 @@ impl<'m> Context<'m> {
             }
             let ffn = Ffn {
                 thresholds: self.rule.as_ref().map(|r| &r.thresholds[..]),
-                // Empty while profiling, which takes the rule out.
-                neuron_thresholds: if self.rule.is_some() { &self.neuron_thresholds } else { &[] },
+                neuron_thresholds: &self.neuron_thresholds,
                 predictors: self.predictors.as_deref(),
                 profile: profile.as_deref_mut(),
                 offload: self.offload.as_mut(),

@@ -772,6 +772,12 @@ impl Tokenizer {
         self.special.eos
     }
 
+    /// The BOS token `encode` with `add_special` prepends, if it prepends one (what a chunk scored on its own
+    /// starts with).
+    pub fn added_bos(&self) -> Option<u32> {
+        self.bos_id().filter(|_| self.add_bos)
+    }
+
     /// Whether `encode` with `add_special` prepends BOS.
     pub fn add_bos(&self) -> bool {
         self.add_bos
