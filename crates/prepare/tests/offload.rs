@@ -849,3 +849,118 @@ fn a_byte_flipped_on_disk_after_load_is_a_checksum_error() {
         assert!(again.to_string().contains("make a new context"), "{target}: {again}");
     }
 }
+
+/// Greedy decode of each of `prompts` alone, each in its own one-sequence context made by `make`: per prompt,
+/// the tokens fed and the logits of each step (the first from the prompt's prefill).
+fn alone<'m>(
+    make: &dyn Fn(usize) -> Context<'m>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Vec<Vec<(u32, Vec<f32>)>> {
+    prompts
+        .iter()
+        .map(|p| {
+            let mut ctx = make(1);
+            let mut logits = ctx.eval(p, Logits::Last).unwrap().to_vec();
+            let mut trace = Vec::new();
+            for _ in 0..steps {
+                let next = argmax(logits.iter().copied());
+                logits = ctx.eval(&[next], Logits::Last).unwrap().to_vec();
+                trace.push((next, logits.clone()));
+            }
+            trace
+        })
+        .collect()
+}
+
+/// The same prompts as sequences of one context, prefilled one at a time and then decoded together by
+/// `decode_batch` (at some steps only some of them, in a shuffled order): the first step whose logits differ
+/// from the sequence's run alone, if any.
+fn batched(ctx: &mut Context<'_>, prompts: &[Vec<u32>], want: &[Vec<(u32, Vec<f32>)>]) -> Result<(), String> {
+    let n_vocab = ctx.model().config().n_vocab;
+    for (seq, p) in prompts.iter().enumerate() {
+        ctx.eval_seq(seq, p, Logits::Last).map_err(|e| format!("prefill {seq}: {e}"))?;
+    }
+    let mut done = vec![0; prompts.len()];
+    for step in 0.. {
+        // Every third step leaves a sequence out; the order rotates.
+        let mut seqs: Vec<usize> = (0..prompts.len()).filter(|&s| done[s] < want[s].len()).collect();
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let k = step % seqs.len();
+        seqs.rotate_left(k);
+        if step % 3 == 2 && seqs.len() > 1 {
+            seqs.pop();
+        }
+        let batch: Vec<(usize, u32)> = seqs.iter().map(|&s| (s, want[s][done[s]].0)).collect();
+        let got = ctx.decode_batch(&batch).map_err(|e| format!("step {step}: {e}"))?.to_vec();
+        for (i, &s) in seqs.iter().enumerate() {
+            if let Some(d) = bit_diff(&got[i * n_vocab..(i + 1) * n_vocab], &want[s][done[s]].1) {
+                return Err(format!("step {step}, sequence {s} (token {}): {d}", done[s]));
+            }
+            done[s] += 1;
+        }
+    }
+    unreachable!()
+}
+
+/// Sequences decoded together (`Context::decode_batch`) get the bits each gets alone: from the GGUF with the
+/// weighted rule, from the packed model in memory, and offloaded.
+#[test]
+fn batched_decode_is_bit_identical_to_each_sequence_alone() {
+    let cfg = SynthConfig { act: Activation::Silu, ..cfg() };
+    let f = fixture_of("offload-batch", &cfg, GgmlType::Q8_0, false);
+    let packed = Model::load(&f.packed).unwrap();
+    let gguf = Model::load(&f.gguf).unwrap();
+    let rule = packed.sparsity().rule.clone().unwrap();
+    assert!(rule.scales.is_some(), "a weighted rule");
+    let n_vocab = packed.config().n_vocab;
+    let base = prompt(n_vocab);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| base[i..N_PROMPT - 2 * i].to_vec()).collect();
+    let with = |n_seq: usize| ContextParams { n_seq, ..params() };
+    let from_gguf = |n_seq: usize| {
+        let mut ctx = Context::new(&gguf, with(n_seq)).unwrap();
+        ctx.set_ffn_rule(Some(rule.clone())).unwrap();
+        ctx
+    };
+    let from_packed = |n_seq: usize| Context::new(&packed, with(n_seq)).unwrap();
+    let extra = extras(&packed)[1].1;
+    // The minimum of the moment (it counts this process, which the other contexts grow), and some FFN cached.
+    let offloaded = |n_seq: usize| {
+        let tiny = PlanOptions { budget: 1, ..options("default") };
+        let min = refused_minimum(&new_offloaded(&packed, with(n_seq), tiny).unwrap_err()).unwrap();
+        let opts = PlanOptions { budget: min + extra + (4 << 20), ..options("default") };
+        new_offloaded(&packed, with(n_seq), opts).unwrap()
+    };
+    check_batched("gguf", &from_gguf, &prompts);
+    check_batched("packed", &from_packed, &prompts);
+    check_batched("offloaded", &offloaded, &prompts);
+}
+
+fn check_batched<'m>(what: &str, make: &dyn Fn(usize) -> Context<'m>, prompts: &[Vec<u32>]) {
+    let want = alone(make, prompts, N_DECODE);
+    let mut ctx = make(prompts.len());
+    if let Err(e) = batched(&mut ctx, prompts, &want) {
+        panic!("{what}: {e}");
+    }
+}
+
+/// `decode_batch` refuses a sequence that does not exist or appears twice, and a full sequence, before any
+/// work.
+#[test]
+fn decode_batch_refuses_bad_steps() {
+    let f = fixture("offload-batch-errors", GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let mut ctx =
+        Context::new(&model, ContextParams { n_seq: 2, ..ContextParams::new(4, N_THREADS) }).unwrap();
+    for bad in [&[(2, 1)][..], &[(0, 1), (0, 2)][..]] {
+        let e = ctx.decode_batch(bad).unwrap_err();
+        assert!(matches!(e, RuntimeError::BadSequence { n_seq: 2, .. }), "{bad:?}: {e}");
+    }
+    ctx.eval_seq(1, &[1, 2, 3, 4], Logits::Last).unwrap();
+    let e = ctx.decode_batch(&[(0, 1), (1, 1)]).unwrap_err();
+    assert!(matches!(e, RuntimeError::ContextOverflow { n_ctx: 4, .. }), "{e}");
+    assert_eq!((ctx.n_past_of(0), ctx.n_past_of(1)), (0, 4), "nothing was evaluated");
+    assert!(matches!(ctx.eval_seq(5, &[1], Logits::Last), Err(RuntimeError::BadSequence { seq: 5, .. })));
+}

@@ -411,6 +411,9 @@ pub struct ContextParams {
     /// Offloaded runs: check every byte read from storage against its checksum before use (on by default; off
     /// only to measure what the checks cost).
     pub verify_reads: bool,
+    /// Sequences the context holds at once, each with its own KV cache of `n_ctx` tokens (a server's parallel
+    /// requests, decoded together by [`Context::decode_batch`](crate::Context::decode_batch)).
+    pub n_seq: usize,
 }
 
 /// Which executor runs a context's dense batched products.
@@ -433,19 +436,21 @@ impl ContextParams {
             n_ubatch: DEFAULT_UBATCH,
             dense: DenseChoice::Cpu,
             verify_reads: true,
+            n_seq: 1,
         }
     }
 
-    /// Bytes of the KV cache of a full context (f16 keys and values for every layer).
+    /// Bytes of the KV caches of full contexts (f16 keys and values for every layer, of every sequence).
     pub fn kv_bytes(&self, c: &ModelConfig) -> u64 {
-        (2 * 2 * c.n_layers * self.n_ctx * c.kv_dim()) as u64
+        (2 * 2 * c.n_layers * self.n_ctx * c.kv_dim() * self.n_seq.max(1)) as u64
     }
 
     /// Bytes of the scratch buffers (activations, logits) a context allocates.
     pub fn scratch_bytes(&self, c: &ModelConfig) -> u64 {
-        let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1));
+        let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1)).max(self.n_seq);
         let (d, qd) = (c.d_model, c.n_heads * c.head_dim);
-        let floats = ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab;
+        let floats =
+            ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab * self.n_seq.max(1);
         // f32 values, plus the quantized copy of the widest activation row.
         (4 * floats + ub * c.n_ff.max(d) * 2) as u64
     }

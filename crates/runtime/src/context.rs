@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 
-use half::f16;
 use pinion_exec_cpu::{CpuDense, DenseBackend, DenseShape, QuantizedActs, SpinPool};
 use pinion_plan::{DeviceProfile, Plan, PlanOptions};
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
@@ -10,13 +9,16 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor};
 use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
-use crate::forward::{Ffn, Logits, Par, Scratch, forward};
+use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, forward};
 use crate::model::{FfnWeights, Model};
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
 use crate::rule::FfnRule;
 
-/// A model plus the state of one sequence: the KV cache and the number of tokens it holds.
+/// A model plus the state of its sequences: each one's KV cache and the number of tokens it holds. Most
+/// contexts hold one sequence (`ContextParams::n_seq` is 1) and [`Context::eval`] runs it; a server's context
+/// holds several, evaluated one at a time ([`Context::eval_seq`], prompts) or decoded together
+/// ([`Context::decode_batch`]).
 ///
 /// All buffers are allocated when the context is made; evaluating tokens allocates nothing (except the
 /// all-token logits buffer, which grows once to its largest size, and, in an offloaded context, one list of
@@ -26,9 +28,8 @@ pub struct Context<'m> {
     params: ContextParams,
     /// Most tokens in one forward pass: `params.n_ubatch`, or less for an offloaded run (see [`Context::chunks`]).
     chunk_cap: usize,
-    k_cache: Vec<Vec<f16>>,
-    v_cache: Vec<Vec<f16>>,
-    n_past: usize,
+    /// The sequences' KV caches (`params.n_seq` of them).
+    kv: Vec<Kv>,
     scratch: Scratch,
     /// Work-stealing pool for batches (prefill, perplexity).
     pool: rayon::ThreadPool,
@@ -56,7 +57,8 @@ pub struct Context<'m> {
 
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("params", &self.params).field("n_past", &self.n_past).finish()
+        let n_past: Vec<usize> = self.kv.iter().map(|k| k.n_past).collect();
+        f.debug_struct("Context").field("params", &self.params).field("n_past", &n_past).finish()
     }
 }
 
@@ -82,6 +84,9 @@ impl<'m> Context<'m> {
                 why: format!("the model was trained for {} tokens", c.n_ctx_train),
             });
         }
+        if params.n_seq == 0 {
+            return Err(RuntimeError::BadSequence { seq: 0, n_seq: 0 });
+        }
         if params.n_threads == 0 {
             return Err(RuntimeError::Threads { n: 0, why: "need at least one".into() });
         }
@@ -105,8 +110,7 @@ impl<'m> Context<'m> {
             .collect();
         dense.prepare(&shapes, params.n_ubatch.min(chunk_cap.max(3)))?;
         let params = ContextParams { n_ubatch: params.n_ubatch.clamp(1, params.n_ctx), ..params };
-        let ub = params.n_ubatch.min(chunk_cap.max(3));
-        let kv = params.n_ctx * c.kv_dim();
+        let ub = params.n_ubatch.min(chunk_cap.max(3)).max(params.n_seq);
         let d = c.d_model;
         let qd = c.n_heads * c.head_dim;
         let scratch = Scratch {
@@ -127,13 +131,9 @@ impl<'m> Context<'m> {
         };
         let mut ctx = Context {
             model,
-            // Zeroed allocations: pages are only backed by memory once the cache reaches them, so a large
-            // context costs memory only as it fills.
-            k_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
-            v_cache: (0..c.n_layers).map(|_| bytemuck::allocation::zeroed_vec(kv)).collect(),
+            kv: (0..params.n_seq).map(|_| Kv::new(c.n_layers, params.n_ctx, c.kv_dim())).collect(),
             params,
             chunk_cap: ub,
-            n_past: 0,
             scratch,
             pool,
             spin,
@@ -244,9 +244,26 @@ impl<'m> Context<'m> {
         self.params.n_threads
     }
 
-    /// Number of tokens in the KV cache.
+    /// Number of tokens in the KV cache (of the first sequence).
     pub fn n_past(&self) -> usize {
-        self.n_past
+        self.kv[0].n_past
+    }
+
+    /// Number of sequences the context holds.
+    pub fn n_seq(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Number of tokens in sequence `seq`'s KV cache (0 for a sequence that does not exist).
+    pub fn n_past_of(&self, seq: usize) -> usize {
+        self.kv.get(seq).map_or(0, |k| k.n_past)
+    }
+
+    /// Forgets all tokens of sequence `seq` after the first `n`.
+    pub fn truncate_seq(&mut self, seq: usize, n: usize) {
+        if let Some(k) = self.kv.get_mut(seq) {
+            k.n_past = k.n_past.min(n);
+        }
     }
 
     /// Sets the rule choosing FFN neurons (see [`FfnRule`]): in layer `l`, neurons whose weighted score is
@@ -358,28 +375,111 @@ impl<'m> Context<'m> {
             });
         }
         let saved = (self.rule.take(), std::mem::take(&mut self.neuron_thresholds), self.predictors.take());
-        let res = self.eval_with(tokens, Logits::Last, Some(profile)).map(|_| ());
+        let res = self.eval_with(0, tokens, Logits::Last, Some(profile)).map(|_| ());
         (self.rule, self.neuron_thresholds, self.predictors) = saved;
         res
     }
 
     /// Forgets all tokens after the first `n` (keeps the KV rows before them).
     pub fn truncate(&mut self, n: usize) {
-        self.n_past = self.n_past.min(n);
+        self.truncate_seq(0, n);
     }
 
     /// Evaluates `tokens` at positions `n_past..` and returns logits: the last token's (`n_vocab` values) or all
     /// tokens' (`tokens.len() * n_vocab` values, token-major).
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32], RuntimeError> {
-        self.eval_with(tokens, which, None)
+        self.eval_with(0, tokens, which, None)
+    }
+
+    /// [`Context::eval`] on sequence `seq`.
+    pub fn eval_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<&[f32], RuntimeError> {
+        self.eval_with(seq, tokens, which, None)
+    }
+
+    /// One decode step of several sequences: `steps[i]` = (sequence, token) appends the token to that
+    /// sequence, and row `i` of the result (`steps.len() x n_vocab`) is its next-token logits. Each row gets
+    /// the bits a one-token [`Context::eval_seq`] of its sequence would give, whatever else is in the batch.
+    /// From memory the steps are one forward pass (every weight matrix read once for all of them); an
+    /// offloaded context runs them one after another.
+    pub fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<&[f32], RuntimeError> {
+        let n_vocab = self.model.config().n_vocab;
+        let n_seq = self.kv.len();
+        for (i, &(seq, tok)) in steps.iter().enumerate() {
+            if seq >= n_seq || steps[..i].iter().any(|&(s, _)| s == seq) {
+                return Err(RuntimeError::BadSequence { seq, n_seq });
+            }
+            if tok as usize >= n_vocab {
+                return Err(RuntimeError::BadToken { id: tok, n_vocab });
+            }
+            if self.kv[seq].n_past + 1 > self.params.n_ctx {
+                let n_ctx = self.params.n_ctx;
+                return Err(RuntimeError::ContextOverflow {
+                    prompt: self.kv[seq].n_past,
+                    generate: 1,
+                    n_ctx,
+                });
+            }
+        }
+        if steps.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        self.scratch.logits.resize(self.scratch.logits.len().max(steps.len() * n_vocab), 0.0);
+        if self.offload.is_some() || steps.len() == 1 {
+            let mut rows = std::mem::take(&mut self.scratch.head_tmp);
+            rows.clear();
+            for &(seq, tok) in steps {
+                let r = self.eval_with(seq, &[tok], Logits::Last, None);
+                match r {
+                    Ok(l) => rows.extend_from_slice(l),
+                    Err(e) => {
+                        self.scratch.head_tmp = rows;
+                        return Err(e);
+                    }
+                }
+            }
+            self.scratch.logits[..rows.len()].copy_from_slice(&rows);
+            self.scratch.head_tmp = rows;
+            return Ok(&self.scratch.logits[..steps.len() * n_vocab]);
+        }
+        let tokens: Vec<u32> = steps.iter().map(|&(_, t)| t).collect();
+        let segs: Vec<Segment> =
+            steps.iter().map(|&(seq, _)| Segment { seq, pos: self.kv[seq].n_past, len: 1 }).collect();
+        let ffn = Ffn {
+            thresholds: self.rule.as_ref().map(|r| &r.thresholds[..]),
+            neuron_thresholds: &self.neuron_thresholds,
+            predictors: self.predictors.as_deref(),
+            profile: None,
+            offload: None,
+        };
+        let par = Par::Spin(&self.spin);
+        forward(
+            self.model,
+            par,
+            ffn,
+            &mut self.scratch,
+            &mut self.kv,
+            &tokens,
+            &segs,
+            1,
+            Logits::All,
+            Some(0),
+        )?;
+        for &(seq, _) in steps {
+            self.kv[seq].n_past += 1;
+        }
+        Ok(&self.scratch.logits[..steps.len() * n_vocab])
     }
 
     fn eval_with(
         &mut self,
+        seq: usize,
         tokens: &[u32],
         which: Logits,
         mut profile: Option<&mut ActivationProfile>,
     ) -> Result<&[f32], RuntimeError> {
+        if seq >= self.kv.len() {
+            return Err(RuntimeError::BadSequence { seq, n_seq: self.kv.len() });
+        }
         let n_vocab = self.model.config().n_vocab;
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
@@ -389,9 +489,9 @@ impl<'m> Context<'m> {
                 "the offloaded run could not be set up again; make a new context".into(),
             ));
         }
-        if self.n_past + tokens.len() > self.params.n_ctx {
+        if self.kv[seq].n_past + tokens.len() > self.params.n_ctx {
             return Err(RuntimeError::ContextOverflow {
-                prompt: self.n_past,
+                prompt: self.kv[seq].n_past,
                 generate: tokens.len(),
                 n_ctx: self.params.n_ctx,
             });
@@ -411,8 +511,8 @@ impl<'m> Context<'m> {
                 Logits::Last => None,
             };
             let model = self.model;
-            let (scratch, k_cache, v_cache, n_past) =
-                (&mut self.scratch, &mut self.k_cache, &mut self.v_cache, self.n_past);
+            let segs = [Segment { seq, pos: self.kv[seq].n_past, len }];
+            let (scratch, kv) = (&mut self.scratch, &mut self.kv);
             if let (Some(o), 1) = (self.offload.as_mut(), chunk.len()) {
                 o.begin_token()?;
             }
@@ -425,17 +525,16 @@ impl<'m> Context<'m> {
             };
             if chunk.len() == 1 {
                 let par = Par::Spin(&self.spin);
-                forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, batch, which, want)?;
+                forward(model, par, ffn, scratch, kv, chunk, &segs, batch, which, want)?;
                 if let Some(o) = self.offload.as_mut() {
                     o.end_token();
                 }
             } else {
                 let par = Par::Batch(&*self.dense);
-                self.pool.install(|| {
-                    forward(model, par, ffn, scratch, k_cache, v_cache, chunk, n_past, batch, which, want)
-                })?;
+                self.pool
+                    .install(|| forward(model, par, ffn, scratch, kv, chunk, &segs, batch, which, want))?;
             }
-            self.n_past += chunk.len();
+            self.kv[seq].n_past += chunk.len();
         }
         Ok(match which {
             Logits::All => &self.scratch.logits[..tokens.len() * n_vocab],

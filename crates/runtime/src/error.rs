@@ -66,6 +66,8 @@ pub enum RuntimeError {
     BadContextSize { n_ctx: usize, why: String },
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: u32, n_vocab: usize },
+    #[error("sequence {seq} does not exist (the context holds {n_seq}), or appears twice in one batch")]
+    BadSequence { seq: usize, n_seq: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("cannot start {n} threads: {why}")]

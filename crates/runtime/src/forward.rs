@@ -45,6 +45,34 @@ pub(crate) struct Scratch {
     pub(crate) head: Vec<f32>,
 }
 
+/// One sequence's KV cache: keys and values per layer (f16, `n_ctx x kv_dim`), and how many tokens it holds.
+pub(crate) struct Kv {
+    pub(crate) k: Vec<Vec<f16>>,
+    pub(crate) v: Vec<Vec<f16>>,
+    pub(crate) n_past: usize,
+}
+
+impl Kv {
+    /// An empty cache of `n_ctx` rows of `kv_dim` per layer. The allocations are zeroed, so pages are only
+    /// backed by memory once the cache reaches them: a large context costs memory only as it fills.
+    pub(crate) fn new(n_layers: usize, n_ctx: usize, kv_dim: usize) -> Kv {
+        let rows = n_ctx * kv_dim;
+        Kv {
+            k: (0..n_layers).map(|_| bytemuck::allocation::zeroed_vec(rows)).collect(),
+            v: (0..n_layers).map(|_| bytemuck::allocation::zeroed_vec(rows)).collect(),
+            n_past: 0,
+        }
+    }
+}
+
+/// Consecutive rows of a forward pass that belong to one sequence, at positions `pos..pos + len` of it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Segment {
+    pub(crate) seq: usize,
+    pub(crate) pos: usize,
+    pub(crate) len: usize,
+}
+
 /// Which pool a forward pass runs its parallel operations on.
 #[derive(Clone, Copy)]
 pub(crate) enum Par<'a> {
@@ -119,25 +147,27 @@ impl<'a> FfnSource<'a> {
     }
 }
 
-/// Runs `tokens` (positions `n_past..`) through the model; `batch` is the length of the `n_ubatch` batch the
-/// pass belongs to (attention chooses its kernel by it); logits of the rows `which` asks for go to
-/// `s.logits[logits_offset..]` when `logits_offset` is given.
+/// Runs `tokens` through the model: the rows of each of `segs` (in order, covering `tokens`) go to their
+/// sequence's KV cache in `kv` at their positions and attend to it. `batch` is the length of the `n_ubatch`
+/// batch a one-segment pass belongs to (attention chooses its kernel by it); a pass of several segments runs
+/// on the spin pool, each row as a one-token step of its sequence would (the same bits). Logits of the rows
+/// `which` asks for go to `s.logits[logits_offset..]` when `logits_offset` is given.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     model: &Model,
     par: Par<'_>,
     mut ffn: Ffn<'_>,
     s: &mut Scratch,
-    k_cache: &mut [Vec<f16>],
-    v_cache: &mut [Vec<f16>],
+    kv: &mut [Kv],
     tokens: &[u32],
-    n_past: usize,
+    segs: &[Segment],
     batch: usize,
     which: Logits,
     logits_offset: Option<usize>,
 ) -> Result<(), RuntimeError> {
     let c = model.config();
     let n = tokens.len();
+    debug_assert_eq!(segs.iter().map(|g| g.len).sum::<usize>(), n, "segments cover the tokens");
     let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
     let x = &mut s.x[..n * d];
     for (t, &tok) in tokens.iter().enumerate() {
@@ -179,8 +209,8 @@ pub(crate) fn forward(
                 }
             }
         }
-        for t in 0..n {
-            let pos = n_past + t;
+        let rows = segs.iter().flat_map(|g| (0..g.len).map(move |i| (g.seq, g.pos + i)));
+        for (t, (seq, pos)) in rows.enumerate() {
             let q = &mut s.q[t * qd..(t + 1) * qd];
             let k = &mut s.k[t * kvd..(t + 1) * kvd];
             if let Some((qn, kn)) = &layer.qk_norm {
@@ -199,29 +229,35 @@ pub(crate) fn forward(
             if spec.scale_queries {
                 q.iter_mut().for_each(|v| *v *= c.attn_scale);
             }
-            let kc = &mut k_cache[l][pos * kvd..(pos + 1) * kvd];
+            let kc = &mut kv[seq].k[l][pos * kvd..(pos + 1) * kvd];
             for (dst, &src) in kc.iter_mut().zip(k.iter()) {
                 *dst = f16::from_f32(src);
             }
-            let vc = &mut v_cache[l][pos * kvd..(pos + 1) * kvd];
+            let vc = &mut kv[seq].v[l][pos * kvd..(pos + 1) * kvd];
             for (dst, &src) in vc.iter_mut().zip(&s.v[t * kvd..(t + 1) * kvd]) {
                 *dst = f16::from_f32(src);
             }
         }
-        let attn = &mut s.attn[..n * qd];
         // Mirror llama.cpp's choice: f16-accumulating flash attention for short batches, f32 for long ones. The
         // batch is the `n_ubatch` batch this pass is part of (`Context::chunks`).
-        let (q, kc, vc) = (&s.q[..n * qd], &k_cache[l][..], &v_cache[l][..]);
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        match par {
-            Par::Spin(p) => {
-                exec::attention_f16acc_on(p, q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn)
+        let mut r0 = 0;
+        for g in segs {
+            let (rows, at) = (r0 * qd..(r0 + g.len) * qd, g.pos);
+            let (q, attn) = (&s.q[rows.clone()], &mut s.attn[rows]);
+            let (kc, vc, m) = (&kv[g.seq].k[l][..], &kv[g.seq].v[l][..], g.len);
+            match par {
+                Par::Spin(p) => {
+                    exec::attention_f16acc_on(p, q, m, at, nh, nkv, hd, kc, vc, scale, window, attn)
+                }
+                Par::Batch(_) if batch < exec::GGML_FA_TILE_Q => {
+                    exec::attention_f16acc(q, m, at, nh, nkv, hd, kc, vc, scale, window, attn)
+                }
+                Par::Batch(_) => exec::attention(q, m, at, nh, nkv, hd, kc, vc, scale, window, attn),
             }
-            Par::Batch(_) if batch < exec::GGML_FA_TILE_Q => {
-                exec::attention_f16acc(q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn)
-            }
-            Par::Batch(_) => exec::attention(q, n, n_past, nh, nkv, hd, kc, vc, scale, window, attn),
+            r0 += g.len;
         }
+        let attn = &s.attn[..n * qd];
         let wo = w.matrix(&layer.wo);
         s.acts.quantize(wo.ty, attn, qd);
         par.matmul(&wo, &s.acts, &mut s.tmp[..n * d])?;
@@ -268,16 +304,11 @@ pub(crate) fn forward(
                 par.matmul(&wd, &s.acts, out)?;
             }
             (FfnSource::Packed(pl), Par::Spin(pool)) => {
-                packed_decode(
-                    Mapped(model.ffn_bytes()),
-                    pl,
-                    sel(pl),
-                    pool,
-                    xn,
-                    &mut s.acts,
-                    &mut s.packed,
-                    out,
-                );
+                // Row by row, as each row's own decode step would compute it.
+                for (x, o) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                    let bytes = Mapped(model.ffn_bytes());
+                    packed_decode(bytes, pl, sel(pl), pool, x, &mut s.acts, &mut s.packed, o);
+                }
             }
             (FfnSource::Packed(pl), Par::Batch(_)) => {
                 let bytes = Mapped(model.ffn_bytes());
@@ -285,6 +316,9 @@ pub(crate) fn forward(
             }
             (FfnSource::Offloaded(pl), Par::Spin(pool)) => {
                 let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
+                if n != 1 {
+                    return Err(RuntimeError::OffloadStopped("an offloaded decode step is one token".into()));
+                }
                 let spec = sparse_spec(pl, sel(pl));
                 let (token, filter) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
                 o.decode_ffn(model, l, &spec, &token, filter, pool, out)?;
