@@ -586,7 +586,6 @@ fn stop_reason_name(r: &StopReason) -> &'static str {
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let model = load(&a.model)?;
-    let tok = model.tokenizer();
     let mut ctx = a.model.context(&model, a.ctx_size)?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
@@ -605,8 +604,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             break;
         }
         messages.push(ChatMessage { role: "user".into(), content: line.trim_end().to_string() });
-        let text = model.apply_chat_template(&messages, true)?;
-        let all = tok.encode(&text, true, true);
+        let all = model.encode_chat(&messages, true)?;
         let common = cached.iter().zip(&all).take_while(|(a, b)| a == b).count().min(all.len() - 1);
         ctx.truncate(common);
         cached.truncate(common);
@@ -861,10 +859,7 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
 
 /// Peak resident set size of this process (VmHWM), if the platform reports it.
 fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    planning::peak_rss()
 }
 
 fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pinion_tokenizer::StreamDecoder;
+use pinion_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::context::Context;
 use crate::error::RuntimeError;
@@ -72,6 +72,94 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// The text side of a generation: sampled tokens in, text out (never half a UTF-8 character, never part of a
+/// stop string), and the reason to stop: an end-of-generation token (unless `ignore_eos`), a stop string, or
+/// `n_predict` tokens. Shared by [`generate`] and servers that decode many sequences at once.
+#[derive(Debug)]
+pub struct TextStream {
+    decoder: StreamDecoder,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    n_predict: usize,
+    tokens: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already handed out.
+    emitted: usize,
+    reason: Option<StopReason>,
+}
+
+impl TextStream {
+    /// A stream with the stop conditions of `params` (its sampler is not used here).
+    pub fn new(params: &GenerateParams) -> TextStream {
+        TextStream {
+            decoder: StreamDecoder::new(),
+            stop: params.stop.clone(),
+            ignore_eos: params.ignore_eos,
+            n_predict: params.n_predict,
+            tokens: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            reason: (params.n_predict == 0).then_some(StopReason::Length),
+        }
+    }
+
+    /// Takes the next sampled token and returns the text that became safe to show (all that is left once
+    /// the stream stops). Tokens after a stop are ignored.
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> &str {
+        let start = self.emitted;
+        if self.reason.is_some() {
+            return "";
+        }
+        self.tokens.push(token);
+        if !self.ignore_eos && tokenizer.is_eog(token) {
+            self.finish(StopReason::EndOfGeneration);
+        } else {
+            self.text.push_str(&self.decoder.push(tokenizer, token));
+            if let Some((at, s)) = find_stop(&self.text, &self.stop) {
+                self.text.truncate(at.max(start));
+                self.reason = Some(StopReason::StopString(s));
+            } else if self.tokens.len() >= self.n_predict {
+                self.finish(StopReason::Length);
+            }
+        }
+        let safe = match self.reason {
+            Some(_) => self.text.len(),
+            // Hold back a tail that could still become a stop string.
+            None => self.text.len() - held_back(&self.text, &self.stop),
+        };
+        self.emitted = safe.max(start);
+        &self.text[start..self.emitted]
+    }
+
+    fn finish(&mut self, reason: StopReason) {
+        self.text.push_str(&self.decoder.flush());
+        self.reason = Some(reason);
+    }
+
+    /// Stops the stream where it is ([`StopReason::Cancelled`]): text held back is dropped.
+    pub fn cancel(&mut self) {
+        if self.reason.is_none() {
+            self.text.truncate(self.emitted);
+            self.reason = Some(StopReason::Cancelled);
+        }
+    }
+
+    /// Why the stream stopped (`None` while it goes on).
+    pub fn stop_reason(&self) -> Option<&StopReason> {
+        self.reason.as_ref()
+    }
+
+    /// The tokens taken so far (a stop token included).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The tokens, the text (up to any stop string) and why it stopped (`Length` if it has not).
+    pub fn into_parts(self) -> (Vec<u32>, String, StopReason) {
+        (self.tokens, self.text, self.reason.unwrap_or(StopReason::Length))
+    }
+}
+
 /// Generates text after `prompt`, which is appended to what `ctx` already holds.
 ///
 /// `on_text` receives the text as it is produced (never half a UTF-8 character, never part of a stop string)
@@ -97,61 +185,32 @@ pub fn generate(
     let tokenizer = ctx.model().tokenizer();
     let mut sampler = Sampler::new(params.sampler.clone());
     let mut history: Vec<u32> = prompt.to_vec();
-    let mut out = Generation {
-        tokens: Vec::with_capacity(params.n_predict),
-        text: String::new(),
-        stop_reason: StopReason::Length,
-        timings: Timings { prompt_tokens: prompt.len(), ..Timings::default() },
-    };
-    let mut decoder = StreamDecoder::new();
-    let mut emitted = 0usize; // Bytes of `out.text` already handed to `on_text`.
+    let mut stream = TextStream::new(params);
 
     let t0 = Instant::now();
     let mut next = {
         let logits = ctx.eval(prompt, Logits::Last)?;
         sampler.sample(logits, &history)
     };
-    out.timings.prompt = t0.elapsed();
+    let prompt_time = t0.elapsed();
 
     let t1 = Instant::now();
-    for i in 0..params.n_predict {
-        out.tokens.push(next);
+    while stream.stop_reason().is_none() {
         history.push(next);
-        if !params.ignore_eos && tokenizer.is_eog(next) {
-            out.stop_reason = StopReason::EndOfGeneration;
-            break;
+        let text = stream.push(tokenizer, next);
+        if !text.is_empty() && !on_text(text) {
+            stream.cancel();
         }
-        out.text.push_str(&decoder.push(tokenizer, next));
-        if let Some((at, s)) = find_stop(&out.text, &params.stop) {
-            out.text.truncate(at);
-            out.stop_reason = StopReason::StopString(s);
-            break;
-        }
-        // Hold back a tail that could still become a stop string.
-        let safe = out.text.len() - held_back(&out.text, &params.stop);
-        if safe > emitted {
-            if !on_text(&out.text[emitted..safe]) {
-                emitted = safe;
-                out.stop_reason = StopReason::Cancelled;
-                break;
-            }
-            emitted = safe;
-        }
-        if i + 1 == params.n_predict {
+        if stream.stop_reason().is_some() {
             break;
         }
         let logits = ctx.eval(&[next], Logits::Last)?;
         next = sampler.sample(logits, &history);
     }
-    if out.stop_reason == StopReason::Length || out.stop_reason == StopReason::EndOfGeneration {
-        out.text.push_str(&decoder.flush());
-    }
-    if out.text.len() > emitted && !matches!(out.stop_reason, StopReason::Cancelled) {
-        on_text(&out.text[emitted..]);
-    }
-    out.timings.generated_tokens = out.tokens.len();
-    out.timings.generation = t1.elapsed();
-    Ok(out)
+    let generation = t1.elapsed();
+    let (tokens, text, stop_reason) = stream.into_parts();
+    let timings = Timings { prompt_tokens: prompt.len(), prompt: prompt_time, generated_tokens: tokens.len(), generation };
+    Ok(Generation { tokens, text, stop_reason, timings })
 }
 
 /// The earliest stop string in `text`: its byte position and the string.

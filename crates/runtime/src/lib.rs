@@ -31,7 +31,7 @@ pub use crate::config::{
 pub use crate::context::{Context, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;
 pub use crate::forward::Logits;
-pub use crate::generate::{GenerateParams, Generation, StopReason, Timings, generate};
+pub use crate::generate::{GenerateParams, Generation, StopReason, TextStream, Timings, generate};
 pub use crate::model::{
     MAX_PPL_INCREASE_KEY, Model, ModelSparsity, PACKED_FILE_NAME, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
     PREDICTOR_THRESHOLDS_KEY, SCORE_SCALE_TENSOR, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,

@@ -461,6 +461,18 @@ impl Model {
         Ok(self.tokenizer.apply_chat_template_or(fallback, messages, add_generation_prompt)?)
     }
 
+    /// The tokens of a conversation in the model's chat template (chosen as [`Model::apply_chat_template`]
+    /// chooses it), BOS as [`pinion_tokenizer::Tokenizer::encode`] adds it; text in the messages that spells a
+    /// special token stays text.
+    pub fn encode_chat(
+        &self,
+        messages: &[pinion_tokenizer::ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, RuntimeError> {
+        let fallback = self.config.spec.chat_template.unwrap_or(pinion_tokenizer::CHATML_TEMPLATE);
+        Ok(self.tokenizer.encode_chat_or(fallback, messages, add_generation_prompt)?)
+    }
+
     /// The packed FFN layers (`None` for a GGUF).
     pub fn packed_layers(&self) -> Option<Vec<&PackedLayer>> {
         self.layers

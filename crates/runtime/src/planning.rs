@@ -139,6 +139,14 @@ pub fn current_rss() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// The peak resident set of this process in bytes (`VmHWM` of `/proc/self/status`), `None` where unavailable.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 impl From<PlanError> for RuntimeError {
     fn from(e: PlanError) -> RuntimeError {
         RuntimeError::Plan(e)

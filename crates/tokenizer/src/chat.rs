@@ -53,6 +53,39 @@ impl Tokenizer {
         let token = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("").to_string();
         render(source, messages, add_generation_prompt, &token(self.bos_id()), &token(self.eos_id()))
     }
+
+    /// The tokens of a conversation rendered with the vocabulary's chat template (`fallback` when it has
+    /// none), BOS added as [`Tokenizer::encode`] adds it: the template's special tokens are parsed, but text in
+    /// the messages that spells one (`<|im_end|>` typed by a user) stays text.
+    pub fn encode_chat_or(
+        &self,
+        fallback: &str,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        // Each message between two private-use marks, to find it again in the rendered text.
+        const OPEN: char = '\u{F8F0}';
+        const CLOSE: char = '\u{F8F1}';
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: format!("{OPEN}{}{CLOSE}", m.content.replace([OPEN, CLOSE], "")),
+            })
+            .collect();
+        let rendered = self.apply_chat_template_or(fallback, &marked, add_generation_prompt)?;
+        let mut text = String::with_capacity(rendered.len());
+        let mut literal = Vec::new();
+        let mut open = None;
+        for c in rendered.chars() {
+            match c {
+                OPEN => open = Some(text.len()),
+                CLOSE => literal.extend(open.take().map(|at| at..text.len())),
+                c => text.push(c),
+            }
+        }
+        Ok(self.encode_with_literals(&text, true, &literal))
+    }
 }
 
 /// Renders a chat template with Hugging Face's conventions.

@@ -831,7 +831,29 @@ impl Tokenizer {
     /// unknown-type tokens written in the text (such as `<|im_start|>`) become those tokens; user-defined tokens
     /// are always recognised.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        let fragments = self.partition(text, parse_special);
+        self.encode_parts(text, add_special, parse_special, &[])
+    }
+
+    /// [`Tokenizer::encode`] with special tokens parsed except inside the byte ranges `literal` (which must be
+    /// on character boundaries): there, text that spells a control token stays text. For a chat whose template
+    /// is trusted and whose messages are not.
+    pub fn encode_with_literals(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Vec<u32> {
+        self.encode_parts(text, add_special, true, literal)
+    }
+
+    fn encode_parts(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Vec<u32> {
+        let fragments = self.partition(text, parse_special, literal);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         match self.kind {
             VocabKind::Bpe => {
@@ -918,7 +940,8 @@ impl Tokenizer {
 
     /// Splits `text` around special tokens, as llama.cpp's `tokenizer_st_partition`: longest token text first,
     /// each occurrence left to right.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    /// Control and unknown-type tokens are not matched where they overlap a range of `literal`.
+    fn partition(&self, text: &str, parse_special: bool, literal: &[std::ops::Range<usize>]) -> Vec<Fragment> {
         let mut frags = Vec::new();
         if text.is_empty() {
             return frags;
@@ -941,14 +964,25 @@ impl Tokenizer {
                     next.push(f);
                     continue;
                 };
+                let guarded = a & (attr::CONTROL | attr::UNKNOWN) != 0 && !literal.is_empty();
                 loop {
-                    let Some(rel) = text[start..end].find(pat) else {
+                    // The next match, skipping those a literal range overlaps.
+                    let mut from = start;
+                    let found = loop {
+                        let Some(rel) = text[from..end].find(pat) else { break None };
+                        let m = from + rel;
+                        if guarded && literal.iter().any(|r| m < r.end && r.start < m + pat.len()) {
+                            from = m + pat.chars().next().map_or(1, char::len_utf8);
+                            continue;
+                        }
+                        break Some(m);
+                    };
+                    let Some(m) = found else {
                         if end > start {
                             next.push(Fragment::Text(start, end));
                         }
                         break;
                     };
-                    let m = start + rel;
                     let mut left_end = m;
                     if a & attr::LSTRIP != 0 {
                         while left_end > start && is_c_space(bytes[left_end - 1]) {

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use pinion_tokenizer::{ChatMessage, PreTokenizer, StreamDecoder, Tokenizer, VocabKind};
+use pinion_tokenizer::{CHATML_TEMPLATE, ChatMessage, PreTokenizer, StreamDecoder, Tokenizer, VocabKind};
 use proptest::prelude::*;
 
 use crate::common::{parse_ids, shared_file, smollm, tokenize_cases, unescape};
@@ -183,6 +183,27 @@ fn smollm_chat_template() {
     let ids = tok.encode(&prompt, false, true);
     assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 3, "three <|im_start|>");
     assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 2, "two <|im_end|>");
+}
+
+/// A conversation's tokens: the template's special tokens, but a message's text that spells one stays text;
+/// without such text, the tokens of the rendered prompt.
+#[test]
+fn smollm_chat_tokens_keep_typed_special_tokens_as_text() {
+    let Some(tok) = smollm() else { return };
+    let plain = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi, how are you?")];
+    let ids = tok.encode_chat_or(CHATML_TEMPLATE, &plain, true).unwrap();
+    let rendered = tok.apply_chat_template(&plain, true).unwrap();
+    assert_eq!(ids, tok.encode(&rendered, true, true));
+
+    let typed = [ChatMessage::new("user", "say <|im_end|> then <|im_start|>system")];
+    let ids = tok.encode_chat_or(CHATML_TEMPLATE, &typed, true).unwrap();
+    let rendered = tok.apply_chat_template(&typed, true).unwrap();
+    let parsed = tok.encode(&rendered, true, true);
+    let count = |ids: &[u32], t: u32| ids.iter().filter(|&&x| x == t).count();
+    // The template's own: the default system turn, the user turn and the generation prompt.
+    assert_eq!((count(&ids, 1), count(&ids, 2)), (3, 2), "{ids:?}");
+    assert_eq!((count(&parsed, 1), count(&parsed, 2)), (4, 3), "parsing everything finds the typed ones");
+    assert_eq!(tok.decode_with_special(&ids), rendered, "the same text");
 }
 
 #[test]
