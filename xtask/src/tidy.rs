@@ -86,7 +86,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "pinion-runtime",
         ],
     ),
-    ("pinion-cli", &["pinion-runtime", "pinion-prepare", "pinion-plan"]),
+    ("pinion-serve", &["pinion-runtime"]),
+    ("pinion-cli", &["pinion-runtime", "pinion-prepare", "pinion-plan", "pinion-serve"]),
 ];
 
 /// Compares every workspace package's internal dependencies with [`ALLOWED`]. Tools (xtask, benches) may use

@@ -38,6 +38,8 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Print the tokens of a text.
     Tokenize(TokenizeArgs),
+    /// Serve the OpenAI API (completions, chat completions, streaming) with continuous batching.
+    Serve(ServeArgs),
     /// Fetch a known model into the models directory.
     Fetch {
         /// Model name.
@@ -120,7 +122,7 @@ enum PolicyArg {
 impl ModelArgs {
     /// A context for `model`, with this run's thresholds applied.
     fn context<'m>(&self, model: &'m Model, n_ctx: usize) -> Result<Context<'m>> {
-        self.context_with(model, n_ctx, self.mem_budget)
+        self.context_with(model, n_ctx, 1, self.mem_budget)
     }
 
     /// The plan options of this run under `budget` bytes.
@@ -137,19 +139,25 @@ impl ModelArgs {
         }
     }
 
-    /// A context for `model` under memory budget `budget` (as given on the command line), if any.
+    /// A context for `model` holding `n_seq` sequences of `n_ctx` tokens, under memory budget `budget` (as
+    /// given on the command line), if any.
     fn context_with<'m>(
         &self,
         model: &'m Model,
         n_ctx: usize,
+        n_seq: usize,
         budget: Option<Budget>,
     ) -> Result<Context<'m>> {
         let dense = match self.dense_backend {
             DenseArg::Cpu => DenseChoice::Cpu,
             DenseArg::Npu => DenseChoice::Npu,
         };
-        let params =
-            ContextParams { dense, verify_reads: !self.no_verify, ..ContextParams::new(n_ctx, self.threads) };
+        let params = ContextParams {
+            dense,
+            verify_reads: !self.no_verify,
+            n_seq,
+            ..ContextParams::new(n_ctx, self.threads)
+        };
         let mut ctx = match budget {
             Some(b) => {
                 if !model.is_packed() {
@@ -353,6 +361,30 @@ struct ChatArgs {
 }
 
 #[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context size of each sequence, in tokens (every sequence's KV cache counts in a memory budget).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    ctx_size: usize,
+    /// Address to listen on.
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long = "port", default_value_t = 8080)]
+    port: u16,
+    /// Requests decoded together at most (sequence slots).
+    #[arg(long = "parallel", visible_alias = "np", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: u16,
+    /// Requests that may wait for a slot; beyond, requests get 503 with Retry-After.
+    #[arg(long = "queue", default_value_t = 64)]
+    queue: usize,
+    /// The model's name in the API (default: the model file's name).
+    #[arg(long = "alias")]
+    alias: Option<String>,
+}
+
+#[derive(Args, Debug)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -427,6 +459,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd_bench(a),
         Command::Perplexity(a) => cmd_perplexity(a),
         Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Serve(a) => cmd_serve(a),
         Command::Fetch { name } => cmd_fetch(&name).map(|_| ()),
     };
     match res {
@@ -639,6 +672,30 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let mut ctx = a.model.context_with(&model, a.ctx_size, a.parallel.into(), a.model.mem_budget)?;
+    let id = a.alias.clone().unwrap_or_else(|| {
+        let p = model.path();
+        let name = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let opts = pinion_serve::ServeOptions {
+        host: a.host.clone(),
+        port: a.port,
+        queue: a.queue,
+        ..pinion_serve::ServeOptions::new(id)
+    };
+    pinion_serve::serve(&mut ctx, &opts, &mut |addr| {
+        eprintln!(
+            "pinion serve: {} on http://{addr}/v1 ({} sequences of {} tokens, queue {}); Ctrl-C or SIGTERM stops",
+            opts.model_id, a.parallel, a.ctx_size, opts.queue
+        );
+    })?;
+    eprintln!("pinion serve: stopped");
+    Ok(())
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let model = load(&a.model)?;
     let mut tests: Vec<BenchTest> =
@@ -821,7 +878,7 @@ fn bench_sweep(a: &BenchArgs, model: &Model, n_ctx: usize) -> Result<()> {
     for &b in &a.sweep_budget {
         let bytes = b.bytes(weights);
         model.release_pages();
-        let mut ctx = match a.model.context_with(model, n_ctx.max(n_gen), Some(b)) {
+        let mut ctx = match a.model.context_with(model, n_ctx.max(n_gen), 1, Some(b)) {
             Ok(ctx) => ctx,
             Err(e) => {
                 eprintln!("pinion: budget {b}: {e:#}; skipped");

@@ -209,7 +209,12 @@ pub fn generate(
     }
     let generation = t1.elapsed();
     let (tokens, text, stop_reason) = stream.into_parts();
-    let timings = Timings { prompt_tokens: prompt.len(), prompt: prompt_time, generated_tokens: tokens.len(), generation };
+    let timings = Timings {
+        prompt_tokens: prompt.len(),
+        prompt: prompt_time,
+        generated_tokens: tokens.len(),
+        generation,
+    };
     Ok(Generation { tokens, text, stop_reason, timings })
 }
 

@@ -941,7 +941,12 @@ impl Tokenizer {
     /// Splits `text` around special tokens, as llama.cpp's `tokenizer_st_partition`: longest token text first,
     /// each occurrence left to right.
     /// Control and unknown-type tokens are not matched where they overlap a range of `literal`.
-    fn partition(&self, text: &str, parse_special: bool, literal: &[std::ops::Range<usize>]) -> Vec<Fragment> {
+    fn partition(
+        &self,
+        text: &str,
+        parse_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Vec<Fragment> {
         let mut frags = Vec::new();
         if text.is_empty() {
             return frags;
