@@ -148,6 +148,33 @@ fn fetch(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A directory holding the `openai` Python package, for the server's client test (`PYTHONPATH`): installed
+/// under target/ with pip the first time.
+fn openai_client(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("target/pyenv");
+    let has = |d: &Path| {
+        Command::new("python3")
+            .args(["-c", "import openai"])
+            .env("PYTHONPATH", d)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(&dir) {
+        return Ok(dir);
+    }
+    eprintln!("xtask test: pip install openai into {} (the server's client test)", dir.display());
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target"])
+        .arg(&dir)
+        .arg("openai>=1.40")
+        .status()
+        .context("running python3 -m pip (apt-get install python3-pip)")?;
+    if !status.success() || !has(&dir) {
+        bail!("could not install the openai Python package into {} ({status})", dir.display());
+    }
+    Ok(dir)
+}
+
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let model = fetch(registry::SMOLLM2_135M.name)?;
     let gemma = fetch(registry::GEMMA3_270M.name)?;
@@ -155,6 +182,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     tidy::check_layering(root)?;
     let nextest =
         Command::new("cargo").args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let pyenv = openai_client(root)?;
     let mut cmd = Command::new("cargo");
     if nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -166,7 +194,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .current_dir(root)
         .env("PINION_REQUIRE_MODEL", "1")
         .env("PINION_MODEL", &model)
-        .env("PINION_GEMMA_MODEL", &gemma);
+        .env("PINION_GEMMA_MODEL", &gemma)
+        .env("PYTHONPATH", &pyenv);
     eprintln!("xtask test: {cmd:?}");
     let status = cmd.status().context("running cargo")?;
     if !status.success() {

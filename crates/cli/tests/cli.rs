@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "cli/serve.rs"]
+mod serve;
+
 fn pinion(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pinion")).args(args).output().expect("run pinion")
 }

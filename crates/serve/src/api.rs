@@ -108,7 +108,10 @@ pub(crate) fn parse(body: &[u8], endpoint: Endpoint, model_id: &str, seed: u64) 
         Some(v) => match v.as_i64() {
             Some(n) if n >= 1 => Some(n as usize),
             _ => {
-                return Err(ApiError::invalid(max_key, format!("{max_key} must be an integer of at least 1")));
+                return Err(ApiError::invalid(
+                    max_key,
+                    format!("{max_key} must be an integer of at least 1"),
+                ));
             }
         },
     };

@@ -136,32 +136,40 @@ impl Engine<'_, '_> {
             if job.events.is_closed() {
                 continue;
             }
-            match self.start(job) {
-                Ok(slot) => {
+            match self.start(&job.request) {
+                Ok((prompt, params)) => {
+                    let slot = Slot {
+                        job,
+                        history: prompt.clone(),
+                        prompt,
+                        prefilled: 0,
+                        stream: TextStream::new(&params),
+                        sampler: Sampler::new(params.sampler),
+                        next: None,
+                    };
                     self.ctx.truncate_seq(i, 0);
                     Metrics::add(&self.metrics.active, 1);
                     Metrics::add(&self.metrics.prompt_tokens, slot.prompt.len() as u64);
                     slot.send(Event::Started);
                     self.slots[i] = Some(slot);
                 }
-                Err((job, e)) => {
+                Err(e) => {
                     let _ = job.events.send(Event::Error(e));
                 }
             }
         }
     }
 
-    /// A request's slot: its prompt's tokens, within the context with room for what it asks to generate.
-    #[allow(clippy::result_large_err)]
-    fn start(&self, job: Job) -> Result<Slot, (Job, ApiError)> {
+    /// A request's prompt tokens and generation settings, checked against the context: the prompt must fit
+    /// with room for what the request asks to generate.
+    fn start(&self, r: &Request) -> Result<(Vec<u32>, GenerateParams), ApiError> {
         let model = self.ctx.model();
-        let r = &job.request;
         let prompt = match &r.prompt {
             Prompt::Text(t) => model.tokenizer().encode(t, true, true),
             Prompt::Chat(m) => match model.encode_chat(m, true) {
                 Ok(p) => p,
                 Err(e) => {
-                    return Err((job, ApiError::invalid("messages", format!("the chat template: {e}"))));
+                    return Err(ApiError::invalid("messages", format!("the chat template: {e}")));
                 }
             },
         };
@@ -173,35 +181,29 @@ impl Engine<'_, '_> {
             code: Some("context_length_exceeded"),
         };
         if prompt.is_empty() {
-            let e = ApiError::invalid("prompt", "the prompt is empty (no tokens)");
-            return Err((job, e));
+            return Err(ApiError::invalid("prompt", "the prompt is empty (no tokens)"));
         }
         if prompt.len() >= n_ctx {
-            let e = long(format!(
+            return Err(long(format!(
                 "the prompt is {} tokens; the context of each sequence is {n_ctx} (-c), with room for at least \
                  one generated token",
                 prompt.len()
-            ));
-            return Err((job, e));
+            )));
         }
         let room = n_ctx - prompt.len();
         let n_predict = match r.max_tokens {
             Some(m) if m > room => {
-                let e = long(format!(
+                return Err(long(format!(
                     "the prompt ({} tokens) and max_tokens ({m}) exceed the context of {n_ctx} tokens (-c)",
                     prompt.len()
-                ));
-                return Err((job, e));
+                )));
             }
             Some(m) => m,
             None => room,
         };
         let params =
             GenerateParams { n_predict, ignore_eos: false, stop: r.stop.clone(), sampler: r.sampler.clone() };
-        let stream = TextStream::new(&params);
-        let sampler = Sampler::new(params.sampler);
-        let history = prompt.clone();
-        Ok(Slot { job, prompt, prefilled: 0, stream, sampler, history, next: None })
+        Ok((prompt, params))
     }
 
     /// Frees the slots of requests whose client is gone.
