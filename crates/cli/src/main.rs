@@ -394,6 +394,10 @@ struct BenchArgs {
     /// Generation lengths to test (tgN).
     #[arg(short = 'n', long = "n-reply", default_value = "128", value_delimiter = ',')]
     n_gen: Vec<usize>,
+    /// Sequences decoded together: each S > 1 adds a test tgNxS per generation length (N tokens in each of S
+    /// sequences, one batched step per token, as `pinion serve` decodes S requests).
+    #[arg(long = "parallel", visible_alias = "npl", default_value = "1", value_delimiter = ',')]
+    parallel: Vec<usize>,
     /// Repetitions of each test, after one warm-up run.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
@@ -701,14 +705,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let mut tests: Vec<BenchTest> =
         a.n_prompt.iter().filter(|&&n| n > 0).map(|&n| BenchTest::Prompt(n)).collect();
     tests.extend(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| BenchTest::Generate(n)));
+    for &seqs in a.parallel.iter().filter(|&&s| s > 1) {
+        tests.extend(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| BenchTest::Batched { n, seqs }));
+    }
     let n_ctx = tests.iter().map(|t| match *t {
-        BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
+        BenchTest::Prompt(n) | BenchTest::Generate(n) | BenchTest::Batched { n, .. } => n,
     });
     let n_ctx = n_ctx.max().unwrap_or(512);
     if !a.sweep_budget.is_empty() {
         return bench_sweep(&a, &model, n_ctx);
     }
-    let mut ctx = a.model.context(&model, n_ctx)?;
+    let n_seq = a.parallel.iter().copied().max().unwrap_or(1).max(1);
+    let mut ctx = a.model.context_with(&model, n_ctx, n_seq, a.model.mem_budget)?;
     let c = model.config();
     let size = format!("{:.2} MiB", model.file_size() as f64 / (1 << 20) as f64);
     let params = format!("{:.2} M", model.n_params() as f64 / 1e6);

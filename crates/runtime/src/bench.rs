@@ -1,5 +1,7 @@
 //! Speed measurement the way `llama-bench` does it: `ppN` evaluates N prompt tokens in one batch from an empty
 //! cache, `tgN` generates N tokens one at a time; each test runs once to warm up and then `repetitions` times.
+//! `tgNxS` (as `llama-batched-bench`'s generation of S sequences) decodes N tokens in each of S sequences
+//! together, one [`Context::decode_batch`] step per token: what a server's continuous batching runs.
 
 use std::time::Instant;
 
@@ -14,6 +16,8 @@ pub enum BenchTest {
     Prompt(usize),
     /// Generation of N tokens, one per forward pass.
     Generate(usize),
+    /// Generation of `n` tokens in each of `seqs` sequences decoded together (the context must hold them).
+    Batched { n: usize, seqs: usize },
 }
 
 impl std::fmt::Display for BenchTest {
@@ -21,11 +25,12 @@ impl std::fmt::Display for BenchTest {
         match self {
             BenchTest::Prompt(n) => write!(f, "pp{n}"),
             BenchTest::Generate(n) => write!(f, "tg{n}"),
+            BenchTest::Batched { n, seqs } => write!(f, "tg{n}x{seqs}"),
         }
     }
 }
 
-/// The result of one test: tokens per second of each repetition.
+/// The result of one test: tokens per second of each repetition (all sequences' tokens, for `tgNxS`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchResult {
     pub test: BenchTest,
@@ -69,9 +74,13 @@ pub fn run_bench(
     repetitions: usize,
 ) -> Result<BenchResult, RuntimeError> {
     let n_vocab = ctx.model().config().n_vocab as u64;
-    let n = match test {
-        BenchTest::Prompt(n) | BenchTest::Generate(n) => n,
+    let (n, seqs) = match test {
+        BenchTest::Prompt(n) | BenchTest::Generate(n) => (n, 1),
+        BenchTest::Batched { n, seqs } => (n, seqs),
     };
+    if seqs == 0 || seqs > ctx.n_seq() {
+        return Err(RuntimeError::BadSequence { seq: seqs.saturating_sub(1), n_seq: ctx.n_seq() });
+    }
     if n == 0 || n > ctx.n_ctx() {
         return Err(RuntimeError::ContextOverflow { prompt: 0, generate: n, n_ctx: ctx.n_ctx() });
     }
@@ -85,8 +94,11 @@ pub fn run_bench(
         })
         .collect();
     let mut samples = Vec::with_capacity(repetitions);
+    let mut steps = Vec::with_capacity(seqs);
     for rep in 0..=repetitions {
-        ctx.truncate(0);
+        for s in 0..seqs {
+            ctx.truncate_seq(s, 0);
+        }
         let t = Instant::now();
         match test {
             BenchTest::Prompt(_) => {
@@ -97,10 +109,18 @@ pub fn run_bench(
                     ctx.eval(&[tok], Logits::Last)?;
                 }
             }
+            BenchTest::Batched { .. } => {
+                // Each sequence its own tokens: the same list, shifted.
+                for i in 0..n {
+                    steps.clear();
+                    steps.extend((0..seqs).map(|s| (s, tokens[(i + 7 * s) % n])));
+                    ctx.decode_batch(&steps)?;
+                }
+            }
         }
         let secs = t.elapsed().as_secs_f64();
         if rep > 0 {
-            samples.push(n as f64 / secs);
+            samples.push((n * seqs) as f64 / secs);
         }
     }
     Ok(BenchResult { test, samples_tps: samples })

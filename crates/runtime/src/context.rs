@@ -399,8 +399,9 @@ impl<'m> Context<'m> {
     /// One decode step of several sequences: `steps[i]` = (sequence, token) appends the token to that
     /// sequence, and row `i` of the result (`steps.len() x n_vocab`) is its next-token logits. Each row gets
     /// the bits a one-token [`Context::eval_seq`] of its sequence would give, whatever else is in the batch.
-    /// From memory the steps are one forward pass (every weight matrix read once for all of them); an
-    /// offloaded context runs them one after another.
+    /// The steps are one forward pass: every weight matrix is read once for all of them, and an offloaded
+    /// context reads each layer's FFN records once for the step (as prefill does) where a lone token reads the
+    /// neurons it uses.
     pub fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<&[f32], RuntimeError> {
         let n_vocab = self.model.config().n_vocab;
         let n_seq = self.kv.len();
@@ -424,7 +425,7 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::EmptyPrompt);
         }
         self.scratch.logits.resize(self.scratch.logits.len().max(steps.len() * n_vocab), 0.0);
-        if self.offload.is_some() || steps.len() == 1 {
+        if steps.len() == 1 {
             let mut rows = std::mem::take(&mut self.scratch.head_tmp);
             rows.clear();
             for &(seq, tok) in steps {
@@ -441,6 +442,11 @@ impl<'m> Context<'m> {
             self.scratch.head_tmp = rows;
             return Ok(&self.scratch.logits[..steps.len() * n_vocab]);
         }
+        if self.offload_lost {
+            return Err(RuntimeError::OffloadStopped(
+                "the offloaded run could not be set up again; make a new context".into(),
+            ));
+        }
         let tokens: Vec<u32> = steps.iter().map(|&(_, t)| t).collect();
         let segs: Vec<Segment> =
             steps.iter().map(|&(seq, _)| Segment { seq, pos: self.kv[seq].n_past, len: 1 }).collect();
@@ -449,7 +455,7 @@ impl<'m> Context<'m> {
             neuron_thresholds: &self.neuron_thresholds,
             predictors: self.predictors.as_deref(),
             profile: None,
-            offload: None,
+            offload: self.offload.as_mut(),
         };
         let par = Par::Spin(&self.spin);
         forward(

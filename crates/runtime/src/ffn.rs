@@ -315,21 +315,44 @@ pub(crate) fn packed_decode(
     s: &mut PackedScratch,
     out: &mut [f32],
 ) -> usize {
+    let clusters: Vec<ClusterRows<'_>> = (0..pl.n_clusters()).map(|k| model.cluster_rows(pl, k)).collect();
+    cluster_decode(&clusters, pl, sel, pool, xn, acts, s, out)
+}
+
+/// [`packed_decode`] over the layer's clusters wherever their bytes are (mapped, or staged by an offloaded
+/// batch): the same kernels on the same bytes, so the same bits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cluster_decode(
+    clusters: &[ClusterRows<'_>],
+    pl: &PackedLayer,
+    sel: Selection<'_>,
+    pool: &SpinPool,
+    xn: &[f32],
+    acts: &mut QuantizedActs,
+    s: &mut PackedScratch,
+    out: &mut [f32],
+) -> usize {
     let d = pl.d_model;
     let spec = sparse_spec(pl, sel);
     let (token, filter) = decode_inputs(pl, sel, xn, acts, &mut s.inputs);
-    let stride = pl.bundle_bytes();
-    let clusters: Vec<ClusterRows<'_>> = (0..pl.n_clusters())
-        .map(|k| {
-            let gate = model.get(pl.gate_block_range(k));
-            let first = pl.bundle_range(k * pl.cluster_neurons);
-            let last = pl.bundle_range(k * pl.cluster_neurons + pl.cluster_len(k) - 1);
-            ClusterRows { gate, bundles: model.get(first.start..last.end), bundle_stride: stride }
-        })
-        .collect();
     if s.sums.as_ref().is_none_or(|c| c.n_clusters() != clusters.len() || c.d_model() != d) {
         s.sums = Some(ClusterSums::new(clusters.len(), d));
     }
     let sums = s.sums.as_mut().expect("just made");
-    sparse_ffn_on(pool, &spec, &token, &clusters, filter, sums, &mut s.sparse, out)
+    sparse_ffn_on(pool, &spec, &token, clusters, filter, sums, &mut s.sparse, out)
+}
+
+impl<'a> Mapped<'a> {
+    /// Cluster `k`'s gate block and bundles in the mapped file.
+    pub(crate) fn cluster_rows(&self, pl: &PackedLayer, k: usize) -> ClusterRows<'a> {
+        let first = pl.bundle_range(k * pl.cluster_neurons);
+        let last = pl.bundle_range(k * pl.cluster_neurons + pl.cluster_len(k) - 1);
+        let bytes = self.0;
+        let get = |r: std::ops::Range<u64>| &bytes[r.start as usize..r.end as usize];
+        ClusterRows {
+            gate: get(pl.gate_block_range(k)),
+            bundles: get(first.start..last.end),
+            bundle_stride: pl.bundle_bytes(),
+        }
+    }
 }

@@ -12,7 +12,9 @@ use pinion_format::packed::PackedLayer;
 use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::error::RuntimeError;
-use crate::ffn::{Mapped, PackedScratch, Selection, decode_inputs, packed_decode, packed_ffn, sparse_spec};
+use crate::ffn::{
+    Mapped, PackedScratch, Selection, cluster_decode, decode_inputs, packed_decode, packed_ffn, sparse_spec,
+};
 use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
 use crate::offload::Offload;
 
@@ -316,8 +318,16 @@ pub(crate) fn forward(
             }
             (FfnSource::Offloaded(pl), Par::Spin(pool)) => {
                 let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
-                if n != 1 {
-                    return Err(RuntimeError::OffloadStopped("an offloaded decode step is one token".into()));
+                if n > 1 {
+                    // Decode steps of several sequences: the layer is read once for all of them (the union of
+                    // their neurons is nearly all of them), then each row runs the cluster kernels on it.
+                    let staged = o.stage_layer(model, l)?;
+                    let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| staged.cluster_rows(pl, k)).collect();
+                    for (row, dst) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                        cluster_decode(&clusters, pl, sel(pl), pool, row, &mut s.acts, &mut s.packed, dst);
+                    }
+                    continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
+                    continue;
                 }
                 let spec = sparse_spec(pl, sel(pl));
                 let (token, filter) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
@@ -329,10 +339,7 @@ pub(crate) fn forward(
                 packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
             }
         }
-        if let Some((_, post_ffn)) = &layer.post_norms {
-            norm_rows(&mut s.tmp[..n * d], &mut s.xn[..n * d], post_ffn, c.rms_eps);
-        }
-        add_assign(x, &s.tmp[..n * d]);
+        continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
     }
 
     // Output head, only for the rows whose logits are wanted.
@@ -355,6 +362,15 @@ pub(crate) fn forward(
         None => par.head_matmul(&model.matrix(&model.output), &s.acts, logits),
     }
     Ok(())
+}
+
+/// The end of a layer: the FFN output `out` (post-normalized where the architecture asks, `tmp` its scratch)
+/// added to the residual stream `x`.
+fn continue_layer(out: &mut [f32], tmp: &mut [f32], layer: &LayerWeights, eps: f32, x: &mut [f32]) {
+    if let Some((_, post_ffn)) = &layer.post_norms {
+        norm_rows(out, tmp, post_ffn, eps);
+    }
+    add_assign(x, out);
 }
 
 /// RMS-normalizes each row of `x` in place with weights `w` (`tmp`: scratch of `x`'s length).

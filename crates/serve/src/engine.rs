@@ -345,7 +345,7 @@ impl Engine<'_, '_> {
     fn update_figures(&mut self) {
         let mut e = self.metrics.engine.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(st) = self.ctx.offload_stats() {
-            e.bytes_read += st.bytes_read();
+            e.bytes_read += st.bytes_read() + st.staged_bytes;
             e.neuron_hits += st.pinned_hits + st.lru_hits;
             e.neuron_misses += st.misses;
             drop(e);

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use pinion_cache::CacheStats;
-use pinion_exec_cpu::sparse::{ClusterSums, Filter, SparseFfn, TokenActs};
+use pinion_exec_cpu::sparse::{ClusterRows, ClusterSums, Filter, SparseFfn, TokenActs};
 use pinion_exec_cpu::{QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
 use pinion_format::quant;
@@ -337,6 +337,7 @@ impl Offload {
             }
         }
         self.stage_ahead = None;
+        self.stats.staged_bytes += got.iter().map(|b| b.len() as u64).sum::<u64>();
         // Check every gate block and bundle read.
         let pin = &self.res.layers[l];
         for b in got.iter().filter(|_| self.verify) {
@@ -641,12 +642,30 @@ pub(crate) struct Staged<'a> {
     pieces: &'a [ReadBuf],
 }
 
-impl Staged<'_> {
-    fn get(&self, r: std::ops::Range<u64>) -> &[u8] {
+impl<'a> Staged<'a> {
+    fn get(&self, r: std::ops::Range<u64>) -> &'a [u8] {
         let i = self.pieces.partition_point(|b| b.offset() <= r.start).saturating_sub(1);
         let b = &self.pieces[i];
         let s = (r.start - b.offset()) as usize;
         &b[s..s + (r.end - r.start) as usize]
+    }
+}
+
+impl<'a> Staged<'a> {
+    /// Cluster `k`'s gate block and bundles: from the fixed region when the cluster is wholly pinned (its
+    /// pinned bundles are one entry, back to back), else from the read of its whole record.
+    pub(crate) fn cluster_rows(&self, pl: &PackedLayer, k: usize) -> ClusterRows<'a> {
+        let (c, len) = (pl.cluster_neurons, pl.cluster_len(k));
+        let last = k * c + len - 1;
+        let (gate, bundles) = match (self.res.gate_block(self.l, k), self.res.cluster_bundles(self.l, k, len))
+        {
+            (Some(gate), Some(bundles)) => (gate, bundles),
+            _ => {
+                let first = pl.bundle_range(k * c).start;
+                (self.get(pl.gate_block_range(k)), self.get(first..pl.bundle_range(last).end))
+            }
+        };
+        ClusterRows { gate, bundles, bundle_stride: pl.bundle_bytes() }
     }
 }
 

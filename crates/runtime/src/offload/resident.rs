@@ -162,6 +162,13 @@ impl Resident {
         self.layers[l].gates.get(k).map(|&id| self.cache.fixed().get(id))
     }
 
+    /// Cluster `k` of layer `l`'s `len` bundles back to back, if all of them are pinned.
+    pub(crate) fn cluster_bundles(&self, l: usize, k: usize, len: usize) -> Option<&[u8]> {
+        let p = &self.layers[l];
+        let whole = k * p.cluster_neurons + len <= p.n_bundles;
+        whole.then(|| &self.cache.fixed().get(p.bundles[k])[..len * p.bundle_bytes])
+    }
+
     /// The bundle at position `pos` of layer `l`, if pinned.
     pub(crate) fn bundle(&self, l: usize, pos: usize) -> Option<&[u8]> {
         let p = &self.layers[l];

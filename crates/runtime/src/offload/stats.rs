@@ -39,6 +39,9 @@ pub struct OffloadStats {
     pub disk_bytes: u64,
     /// Bytes read ahead of the compute that needs them (token-independent reads).
     pub ahead_bytes: u64,
+    /// FFN bytes read for batched passes (prefill, and decode steps of several sequences), which read each
+    /// layer's records once for all their tokens; not part of [`OffloadStats::bytes_read`].
+    pub staged_bytes: u64,
 }
 
 impl OffloadStats {
