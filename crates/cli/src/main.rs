@@ -679,9 +679,13 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     let model = load(&a.model)?;
     let mut ctx = a.model.context_with(&model, a.ctx_size, a.parallel.into(), a.model.mem_budget)?;
+    // The model's name: the GGUF's file stem, or the prepared directory's name.
     let id = a.alias.clone().unwrap_or_else(|| {
         let p = model.path();
-        let name = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        let name = match p.parent() {
+            Some(dir) if p.ends_with(pinion_runtime::PACKED_FILE_NAME) => dir.file_name(),
+            _ => p.file_stem(),
+        };
         name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
     });
     let opts = pinion_serve::ServeOptions {
