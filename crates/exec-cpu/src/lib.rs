@@ -50,7 +50,7 @@ pub use crate::pool::{SpinPool, split_range};
 pub use crate::sparse::{
     ClusterGates, ClusterRows, ClusterSums, Filter, SharedSlots, SparseAct, SparseFfn, SparseScratch,
     TokenActs, UpDown, axpy_column, cluster_gates, cluster_up_down, cluster_up_down_by, row_dot,
-    sparse_ffn_cluster, sparse_ffn_on,
+    sparse_ffn_cluster, sparse_ffn_on, sparse_ffn_rows_on,
 };
 
 #[cfg(test)]

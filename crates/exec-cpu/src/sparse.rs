@@ -984,3 +984,67 @@ pub fn sparse_ffn_on(
     sums.reduce_into(out);
     active.into_inner()
 }
+
+/// [`sparse_ffn_on`] for several tokens at once (decode steps of several sequences): token `r` has activations
+/// `acts[r]`, filter `filters[r]`, slots `sums[r]` and output row `r` of `out` (`acts.len() x d_model`). Each
+/// thread takes its clusters one at a time and computes them for every token in turn, so a cluster's weights
+/// are fetched from memory once for all of them; each token's slots and their reduction are exactly
+/// [`sparse_ffn_on`]'s, so each output row has the bits that token gets alone. Returns the number of active
+/// (neuron, token) pairs.
+///
+/// # Panics
+/// As [`sparse_ffn_on`], and if `acts`, `filters` and `sums` differ in length or `out` is not one row per
+/// token.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_ffn_rows_on(
+    pool: &SpinPool,
+    spec: &SparseFfn,
+    acts: &[TokenActs],
+    clusters: &[ClusterRows],
+    filters: &[Filter<'_>],
+    sums: &mut [ClusterSums],
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) -> usize {
+    let path = kernels::chosen();
+    let n = acts.len();
+    assert!(filters.len() == n && sums.len() == n, "one filter and one set of slots per token");
+    assert_eq!(out.len(), n * spec.d_model, "one output row per token");
+    let rb = spec.gate_row_bytes();
+    let len = |k: usize| clusters[k].gate.len() / rb;
+    let c0 = if clusters.is_empty() { 0 } else { len(0) };
+    let n_neurons = (0..clusters.len()).map(len).sum::<usize>();
+    for (f, s) in filters.iter().zip(sums.iter()) {
+        f.check(n_neurons);
+        assert_eq!(s.n_clusters(), clusters.len(), "one slot per cluster");
+        assert_eq!(s.d_model(), spec.d_model, "slot width");
+    }
+    let n_threads = pool.n_threads();
+    scratch.per_thread.resize_with(n_threads, || Mutex::new(ClusterGates::new()));
+    let per_thread = &scratch.per_thread;
+    sums.iter_mut().for_each(ClusterSums::reset);
+    let active = std::sync::atomic::AtomicUsize::new(0);
+    {
+        let slots: Vec<SharedSlots<'_>> = sums.iter_mut().map(ClusterSums::shared).collect();
+        let slots = &slots[..];
+        pool.run(&|idx, n_parts| {
+            let mut gates = per_thread[idx].lock().unwrap_or_else(|e| e.into_inner());
+            let mut mine = 0;
+            for k in split_range(clusters.len(), idx, n_parts, 1) {
+                for r in 0..n {
+                    let f = filters[r].slice(k * c0..k * c0 + len(k));
+                    if f.none_marked() {
+                        continue;
+                    }
+                    let slot = slots[r].claim(k);
+                    mine += sparse_ffn_cluster_with(path, spec, &acts[r], &clusters[k], f, &mut gates, slot);
+                }
+            }
+            active.fetch_add(mine, Ordering::Relaxed);
+        });
+    }
+    for (s, o) in sums.iter().zip(out.chunks_exact_mut(spec.d_model.max(1))) {
+        s.reduce_into(o);
+    }
+    active.into_inner()
+}

@@ -993,7 +993,7 @@ mod sparse_ffn {
     use crate::sparse::{
         ClusterGates, ClusterRows, ClusterSums, Filter, SparseAct, SparseFfn, SparseScratch, TokenActs,
         UpDown, axpy_column_with, cluster_gates_with, cluster_up_down_with, row_dot_with,
-        sparse_ffn_cluster_with, sparse_ffn_on,
+        sparse_ffn_cluster_with, sparse_ffn_on, sparse_ffn_rows_on,
     };
     use crate::{SpinPool, silu_ggml};
 
@@ -1316,6 +1316,63 @@ mod sparse_ffn {
                             &acts,
                             &cl,
                             Filter::NONE,
+                            &mut sums,
+                            &mut scratch,
+                            &mut got,
+                        );
+                        assert_eq!(bits(&got), bits(&want), "{n_threads} threads {act:?}");
+                        assert_eq!(active, want_active);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Several tokens through `sparse_ffn_rows_on` (each with its own predictor mask, some with per-neuron
+    /// thresholds) give each token the bits `sparse_ffn_on` gives it alone, on 1 to 3 threads.
+    #[test]
+    fn sparse_rows_are_bit_identical_to_each_token_alone() {
+        let mut rng = Rng::new(44);
+        for tys in &TYPE_SETS[..3] {
+            for act in [SparseAct::Silu, SparseAct::Relu, SparseAct::Drelu] {
+                let t = if act == SparseAct::Silu { 0.05 } else { 0.0 };
+                let sp = spec(act, t, *tys, 128);
+                let layer = Layer::new(sp, 100, 8, 7);
+                let cl = layer.clusters();
+                let n_t = 5;
+                let (ag, au) = quantized(&sp, n_t, &mut rng);
+                let acts: Vec<TokenActs> =
+                    (0..n_t).map(|token| TokenActs { gate: &ag, up: &au, token }).collect();
+                let masks: Vec<Vec<bool>> =
+                    (0..n_t).map(|i| (0..100).map(|_| i == 0 || rng.below(3) > 0).collect()).collect();
+                let per: Vec<f32> = (0..100).map(|i| if i % 7 == 0 { 10.0 } else { t }).collect();
+                let filters: Vec<Filter> = (0..n_t)
+                    .map(|i| Filter {
+                        mask: (i != 1).then(|| &masks[i][..]),
+                        thresholds: (i % 2 == 1).then_some(&per[..]),
+                    })
+                    .collect();
+                for n_threads in [1, 2, 3] {
+                    let pool = SpinPool::new(n_threads).unwrap();
+                    let mut scratch = SparseScratch::new();
+                    let mut want = vec![0.0; n_t * sp.d_model];
+                    let mut want_active = 0;
+                    for (i, w) in want.chunks_exact_mut(sp.d_model).enumerate() {
+                        let mut sums = ClusterSums::new(cl.len(), sp.d_model);
+                        want_active +=
+                            sparse_ffn_on(&pool, &sp, &acts[i], &cl, filters[i], &mut sums, &mut scratch, w);
+                    }
+                    assert!(want.iter().any(|&v| v != 0.0));
+                    let mut sums: Vec<ClusterSums> =
+                        (0..n_t).map(|_| ClusterSums::new(cl.len(), sp.d_model)).collect();
+                    for _round in 0..2 {
+                        let mut got = vec![f32::NAN; n_t * sp.d_model];
+                        let active = sparse_ffn_rows_on(
+                            &pool,
+                            &sp,
+                            &acts,
+                            &cl,
+                            &filters,
                             &mut sums,
                             &mut scratch,
                             &mut got,

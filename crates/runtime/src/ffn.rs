@@ -9,6 +9,7 @@
 
 use pinion_exec_cpu::sparse::{
     ClusterRows, ClusterSums, Filter, SparseAct, SparseFfn, SparseScratch, TokenActs, sparse_ffn_on,
+    sparse_ffn_rows_on,
 };
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs, SpinPool};
 use pinion_format::packed::PackedLayer;
@@ -61,6 +62,9 @@ pub(crate) struct PackedScratch {
     /// Decode: one partial output per cluster, and the kernels' per-thread state.
     sums: Option<ClusterSums>,
     sparse: SparseScratch,
+    /// Decode steps of several tokens: each token's predictor mask and partial outputs.
+    row_masks: Vec<Vec<bool>>,
+    row_sums: Vec<ClusterSums>,
 }
 
 /// Reusable buffers of a token's inputs to a packed layer: its activations quantized for the up type, and the
@@ -340,6 +344,53 @@ pub(crate) fn cluster_decode(
     }
     let sums = s.sums.as_mut().expect("just made");
     sparse_ffn_on(pool, &spec, &token, clusters, filter, sums, &mut s.sparse, out)
+}
+
+/// Several decode tokens' FFN (`xn`: `n x d_model`) over a layer's clusters, each token's output row with the
+/// bits [`cluster_decode`] gives it alone: the same inputs per token (activations quantized row by row, its own
+/// predictor mask, the rule's thresholds), the cluster kernels run cluster by cluster for all tokens
+/// (`sparse_ffn_rows_on`), so each cluster's weights are fetched once per step. Returns the number of active
+/// (neuron, token) pairs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cluster_decode_rows(
+    clusters: &[ClusterRows<'_>],
+    pl: &PackedLayer,
+    sel: Selection<'_>,
+    pool: &SpinPool,
+    xn: &[f32],
+    acts: &mut QuantizedActs,
+    s: &mut PackedScratch,
+    out: &mut [f32],
+) -> usize {
+    let d = pl.d_model;
+    let n = xn.len() / d;
+    let spec = sparse_spec(pl, sel);
+    acts.quantize(pl.gate_ty, xn, d);
+    if pl.up_ty != pl.gate_ty {
+        s.inputs.acts_up.quantize(pl.up_ty, xn, d);
+    }
+    let acts_up = if pl.up_ty != pl.gate_ty { &s.inputs.acts_up } else { &*acts };
+    s.row_masks.resize_with(n, Vec::new);
+    if let Some(p) = sel.predictor {
+        s.inputs.hidden.resize(p.rank(), 0.0);
+        s.inputs.logits.resize(p.n_out(), 0.0);
+        for (x, m) in xn.chunks_exact(d).zip(&mut s.row_masks) {
+            p.logits(x, &mut s.inputs.hidden, &mut s.inputs.logits);
+            m.clear();
+            m.extend(s.inputs.logits.iter().map(|&l| l >= p.threshold()));
+        }
+    }
+    let filters: Vec<Filter<'_>> = s.row_masks[..n]
+        .iter()
+        .map(|m| Filter { mask: sel.predictor.map(|_| &m[..pl.n_ff]), thresholds: sel.neurons })
+        .collect();
+    if s.row_sums.len() < n || s.row_sums.iter().any(|c| c.n_clusters() != clusters.len() || c.d_model() != d)
+    {
+        s.row_sums = (0..n).map(|_| ClusterSums::new(clusters.len(), d)).collect();
+    }
+    let tokens: Vec<TokenActs<'_>> =
+        (0..n).map(|token| TokenActs { gate: acts, up: acts_up, token }).collect();
+    sparse_ffn_rows_on(pool, &spec, &tokens, clusters, &filters, &mut s.row_sums[..n], &mut s.sparse, out)
 }
 
 impl<'a> Mapped<'a> {

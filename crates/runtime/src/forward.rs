@@ -13,7 +13,8 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor};
 
 use crate::error::RuntimeError;
 use crate::ffn::{
-    Mapped, PackedScratch, Selection, cluster_decode, decode_inputs, packed_decode, packed_ffn, sparse_spec,
+    Mapped, PackedScratch, Selection, cluster_decode_rows, decode_inputs, packed_decode, packed_ffn,
+    sparse_spec,
 };
 use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
 use crate::offload::Offload;
@@ -305,12 +306,23 @@ pub(crate) fn forward(
                 s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
                 par.matmul(&wd, &s.acts, out)?;
             }
+            (FfnSource::Packed(pl), Par::Spin(pool)) if n == 1 => {
+                packed_decode(
+                    Mapped(model.ffn_bytes()),
+                    pl,
+                    sel(pl),
+                    pool,
+                    xn,
+                    &mut s.acts,
+                    &mut s.packed,
+                    out,
+                );
+            }
             (FfnSource::Packed(pl), Par::Spin(pool)) => {
-                // Row by row, as each row's own decode step would compute it.
-                for (x, o) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                    let bytes = Mapped(model.ffn_bytes());
-                    packed_decode(bytes, pl, sel(pl), pool, x, &mut s.acts, &mut s.packed, o);
-                }
+                // Decode steps of several sequences: each row as its own step would compute it.
+                let bytes = Mapped(model.ffn_bytes());
+                let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| bytes.cluster_rows(pl, k)).collect();
+                cluster_decode_rows(&clusters, pl, sel(pl), pool, xn, &mut s.acts, &mut s.packed, out);
             }
             (FfnSource::Packed(pl), Par::Batch(_)) => {
                 let bytes = Mapped(model.ffn_bytes());
@@ -323,9 +335,7 @@ pub(crate) fn forward(
                     // their neurons is nearly all of them), then each row runs the cluster kernels on it.
                     let staged = o.stage_layer(model, l)?;
                     let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| staged.cluster_rows(pl, k)).collect();
-                    for (row, dst) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                        cluster_decode(&clusters, pl, sel(pl), pool, row, &mut s.acts, &mut s.packed, dst);
-                    }
+                    cluster_decode_rows(&clusters, pl, sel(pl), pool, xn, &mut s.acts, &mut s.packed, out);
                     continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
                     continue;
                 }
