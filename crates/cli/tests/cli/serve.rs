@@ -301,9 +301,17 @@ fn concurrent(s: &Server, prompts: &[String], n: usize, max_tokens: usize) -> Ve
     })
 }
 
+/// Eight prompts: llama.cpp's reference prompts, then a few more.
+fn eight_prompts() -> Vec<String> {
+    let more = ["The capital of France is", "def fibonacci(n):", "Water boils at", "In 1969,", "My name is"];
+    let all: Vec<String> = reference_prompts().into_iter().chain(more.map(String::from)).take(8).collect();
+    assert_eq!(all.len(), 8);
+    all
+}
+
 /// Eight requests decoded together get the text each gets alone, and the steps did run batched.
 fn batched_equals_alone(s: &Server, what: &str) {
-    let prompts: Vec<String> = reference_prompts().into_iter().take(8).collect();
+    let prompts = eight_prompts();
     let alone: Vec<String> =
         prompts.iter().map(|p| text_of(&s.post("/v1/completions", &completion(p, 24)).1)).collect();
     let steps_alone = s.metric("decode_steps_total");
@@ -320,6 +328,42 @@ fn batched_equals_alone(s: &Server, what: &str) {
 fn serve_batches_requests_with_the_tokens_each_gets_alone() {
     let Some((_, s)) = gguf_server(&["--parallel", "8"]) else { return };
     batched_equals_alone(&s, "in memory");
+}
+
+/// A bounded load test: 32 requests at once on 4 slots (the rest queue and join between steps), each a
+/// completion of one of 8 prompts at temperature 0, the chat endpoint among them; every answer is checked
+/// against the same request alone.
+#[test]
+fn serve_under_load_answers_every_request_as_alone() {
+    let Some((_, s)) = gguf_server(&["--parallel", "4", "--queue", "64"]) else { return };
+    let prompts = eight_prompts();
+    let body = |i: usize| match i % 2 {
+        0 => completion(&prompts[i % 8], 16),
+        _ => {
+            json!({"messages": [{"role": "user", "content": prompts[i % 8]}], "max_tokens": 16, "temperature": 0})
+        }
+    };
+    let answer = |v: &Value| match v["object"].as_str() {
+        Some("chat.completion") => v["choices"][0]["message"]["content"].as_str().unwrap().to_string(),
+        _ => text_of(v),
+    };
+    let alone: Vec<String> = (0..16).map(|i| answer(&s.post(path_of(i), &body(i)).1)).collect();
+    let (server, body) = (&s, &body);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..32).map(|i| scope.spawn(move || server.post(path_of(i), &body(i)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (status, v)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {v}");
+        assert_eq!(answer(v), alone[i % 16], "request {i} under load and alone");
+    }
+    assert_eq!(s.metric("requests_rejected_total"), 0.0);
+    assert_eq!((s.metric("active_sequences"), s.metric("queue_depth")), (0.0, 0.0));
+}
+
+/// Requests alternate between the two generation endpoints.
+fn path_of(i: usize) -> &'static str {
+    if i % 2 == 0 { "/v1/completions" } else { "/v1/chat/completions" }
 }
 
 #[test]
