@@ -375,6 +375,10 @@ fn serve_offloaded_batches_requests_with_the_tokens_each_gets_alone() {
     assert!(s.metric("memory_budget_bytes") > 0.0);
     batched_equals_alone(&s, "offloaded");
     assert!(s.metric("bytes_read_total") > 0.0, "an offloaded run reads");
+    // The whole process, eight sequences' KV caches and the HTTP side included, within the budget (the bound
+    // the offloaded runs' test uses: the budget plus 16 MiB).
+    let (peak, budget) = (s.metric("peak_rss_bytes"), s.metric("memory_budget_bytes"));
+    assert!(peak <= budget + 16.0 * (1 << 20) as f64, "peak RSS {peak} over the budget {budget}");
 }
 
 /// With one slot and a queue of one, a third request gets 503 with Retry-After; a client that disconnects
