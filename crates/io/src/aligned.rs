@@ -189,6 +189,18 @@ impl BufferPool {
         self.shared.lock().stats
     }
 
+    /// Frees every idle buffer. For a caller about to hold many buffers at once (a whole layer's reads): idle
+    /// buffers up to twice a request's size are reused for it, so a pool full of idle large buffers would lend
+    /// them to smaller requests and run out of budget before the last of them.
+    pub fn release_idle(&self) {
+        let mut st = self.shared.lock();
+        let idle = std::mem::take(&mut st.free);
+        st.stats.allocated -= st.free_bytes;
+        st.free_bytes = 0;
+        drop(st);
+        drop(idle);
+    }
+
     /// Takes a buffer of at least `len` bytes, waiting as long as needed for other buffers to be returned.
     pub fn acquire(&self, len: usize) -> Result<PoolBuf, PoolError> {
         loop {
@@ -398,6 +410,25 @@ mod tests {
         assert_eq!(pool.stats().n_allocations, n, "steady state reuses buffers");
         assert_eq!(pool.stats().in_use, 0);
         assert!(matches!(pool.acquire(5 * ALIGN), Err(PoolError::TooLarge { .. })));
+    }
+
+    /// Idle buffers up to twice a request's size are lent to it: a pool left full of idle large buffers runs
+    /// out of budget before smaller requests that fit it together are all served, unless its idle buffers are
+    /// released first (what a caller about to hold a whole layer's reads does).
+    #[test]
+    fn releasing_idle_buffers_lets_smaller_requests_fill_the_budget() {
+        let pool = BufferPool::new(8 * ALIGN);
+        let big: Vec<PoolBuf> = (0..4).map(|_| pool.acquire(2 * ALIGN).unwrap()).collect();
+        drop(big);
+        assert_eq!((pool.stats().allocated, pool.stats().in_use), (8 * ALIGN, 0));
+        let held: Vec<Option<PoolBuf>> = (0..8).map(|_| pool.try_acquire(ALIGN).unwrap()).collect();
+        assert_eq!(held.iter().filter(|b| b.is_some()).count(), 4, "each took an idle 8 KiB buffer");
+        drop(held);
+        pool.release_idle();
+        assert_eq!(pool.stats().allocated, 0);
+        let held: Vec<PoolBuf> = (0..8).map(|_| pool.try_acquire(ALIGN).unwrap().unwrap()).collect();
+        assert_eq!(pool.stats().in_use, 8 * ALIGN);
+        drop(held);
     }
 
     #[test]

@@ -311,6 +311,10 @@ impl Offload {
     fn stage_reads(&mut self, model: &Model, l: usize) -> Result<Vec<ReadBuf>, RuntimeError> {
         let pl = Offload::packed(model, l)?;
         self.stage.clear();
+        // The layer's reads are held together: they get buffers of their own sizes, not idle larger ones.
+        if self.stage_ahead != Some(l) {
+            self.reader.engine.pool().release_idle();
+        }
         // The pieces read ahead for this layer (while the previous one computed), then the rest.
         let mut got: Vec<ReadBuf> = {
             let mut st = lock(&self.reader.stash);
