@@ -678,7 +678,20 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     let model = load(&a.model)?;
-    let mut ctx = a.model.context_with(&model, a.ctx_size, a.parallel.into(), a.model.mem_budget)?;
+    let ctx = a.model.context_with(&model, a.ctx_size, a.parallel.into(), a.model.mem_budget);
+    let mut ctx = ctx.map_err(|e| {
+        let budget = matches!(
+            e.downcast_ref::<pinion_runtime::RuntimeError>(),
+            Some(pinion_runtime::RuntimeError::Plan(pinion_plan::PlanError::BudgetTooSmall { .. }))
+        );
+        match budget {
+            true => e.context(format!(
+                "{} sequences of {} tokens (each has its own KV cache: fewer with --parallel, shorter with -c)",
+                a.parallel, a.ctx_size
+            )),
+            false => e,
+        }
+    })?;
     // The model's name: the GGUF's file stem, or the prepared directory's name.
     let id = a.alias.clone().unwrap_or_else(|| {
         let p = model.path();

@@ -61,6 +61,9 @@ struct Slot {
     history: Vec<u32>,
     /// The sampled token to feed at the next decode step.
     next: Option<u32>,
+    /// When the request got its slot, and when its prompt was read.
+    started: Instant,
+    prefilled_at: Option<Instant>,
 }
 
 impl Slot {
@@ -146,6 +149,8 @@ impl Engine<'_, '_> {
                         stream: TextStream::new(&params),
                         sampler: Sampler::new(params.sampler),
                         next: None,
+                        started: Instant::now(),
+                        prefilled_at: None,
                     };
                     self.ctx.truncate_seq(i, 0);
                     Metrics::add(&self.metrics.active, 1);
@@ -254,6 +259,9 @@ impl Engine<'_, '_> {
             }
         };
         slot.prefilled = end;
+        if end == slot.prompt.len() {
+            slot.prefilled_at = Some(Instant::now());
+        }
         Metrics::add(&self.metrics.prefill_ns, t.elapsed().as_nanos() as u64);
         if let Some(tok) = next {
             self.take(i, tok);
@@ -317,6 +325,19 @@ impl Engine<'_, '_> {
             prompt_tokens: slot.prompt.len(),
             completion_tokens: completion,
         });
+        // A log line per request, as llama-server prints its slots' timings.
+        let read = slot.prefilled_at.unwrap_or(slot.started);
+        let (prompt_s, gen_s) =
+            (read.duration_since(slot.started).as_secs_f64(), read.elapsed().as_secs_f64());
+        eprintln!(
+            "pinion serve: slot {i}: prompt {} tokens in {:.0} ms, generated {completion} tokens in {:.0} ms \
+             ({:.1} tokens/s), finish: {}",
+            slot.prompt.len(),
+            prompt_s * 1e3,
+            gen_s * 1e3,
+            if gen_s > 0.0 { completion as f64 / gen_s } else { 0.0 },
+            finish_reason(reason)
+        );
         self.free(i);
     }
 

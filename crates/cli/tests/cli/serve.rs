@@ -479,3 +479,16 @@ fn serve_works_with_the_openai_python_client() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
+
+/// A budget that cannot hold every sequence's KV cache is refused with the minimum and the way out.
+#[test]
+fn serve_refuses_a_budget_too_small_for_its_sequences() {
+    let Some((_, dir)) = prepared_dir() else { return };
+    let d = dir.to_string_lossy().into_owned();
+    let args = ["serve", "-m", &d, "--mem-budget", "50%", "-c", "1024", "--parallel", "8", "--port", "0"];
+    let o = Command::new(env!("CARGO_BIN_EXE_pinion")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    assert!(err.contains("8 sequences of 1024 tokens") && err.contains("--parallel"), "{err}");
+    assert!(err.contains("raise --mem-budget to"), "{err}");
+}
