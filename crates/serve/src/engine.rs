@@ -221,18 +221,23 @@ impl Engine<'_, '_> {
     }
 
     fn free(&mut self, i: usize) {
-        if self.slots[i].take().is_some() {
-            self.ctx.truncate_seq(i, 0);
-            self.metrics.active.fetch_sub(1, Ordering::Relaxed);
-        }
+        drop(self.release(i));
+    }
+
+    /// Takes slot `i`'s request out and frees the slot (the counters too): done before the request's last
+    /// event is sent, so a client that has its answer sees the slot free.
+    fn release(&mut self, i: usize) -> Option<Slot> {
+        let slot = self.slots[i].take()?;
+        self.ctx.truncate_seq(i, 0);
+        self.metrics.active.fetch_sub(1, Ordering::Relaxed);
+        Some(slot)
     }
 
     /// Fails slot `i`'s request with a server error.
     fn fail(&mut self, i: usize, e: &pinion_runtime::RuntimeError) {
-        if let Some(s) = &self.slots[i] {
+        if let Some(s) = self.release(i) {
             s.send(Event::Error(ApiError::status(500, "engine_error", e.to_string())));
         }
-        self.free(i);
     }
 
     /// Evaluates the next chunk of one prompt (round robin over the slots being prefilled); whether there was
@@ -312,14 +317,16 @@ impl Engine<'_, '_> {
         if !text.is_empty() {
             let _ = slot.job.events.send(Event::Text(text.to_string()));
         }
-        let Some(reason) = slot.stream.stop_reason() else {
+        let Some(reason) = slot.stream.stop_reason().cloned() else {
             Metrics::add(&self.metrics.generated_tokens, 1);
             slot.next = Some(tok);
             return;
         };
+        let reason = &reason;
         // The end-of-generation token is not part of the completion.
         let completion = slot.stream.tokens().len() - usize::from(*reason == StopReason::EndOfGeneration);
         Metrics::add(&self.metrics.generated_tokens, u64::from(*reason != StopReason::EndOfGeneration));
+        let Some(slot) = self.release(i) else { return };
         slot.send(Event::Done {
             finish: finish_reason(reason),
             prompt_tokens: slot.prompt.len(),
@@ -338,7 +345,6 @@ impl Engine<'_, '_> {
             if gen_s > 0.0 { completion as f64 / gen_s } else { 0.0 },
             finish_reason(reason)
         );
-        self.free(i);
     }
 
     /// Refuses the requests still waiting for a slot (the server is shutting down).
@@ -353,11 +359,10 @@ impl Engine<'_, '_> {
     /// Cancels every running request (the shutdown's grace period is over).
     fn cancel_all(&mut self) {
         for i in 0..self.slots.len() {
-            if let Some(s) = &self.slots[i] {
+            if let Some(s) = self.release(i) {
                 let e = ApiError::status(503, "shutting_down", "cancelled: the server is shutting down");
                 s.send(Event::Error(e));
             }
-            self.free(i);
         }
     }
 
