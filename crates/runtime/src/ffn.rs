@@ -293,16 +293,28 @@ pub(crate) fn decode_inputs<'s>(
     let acts_up = if pl.up_ty != pl.gate_ty { &s.acts_up } else { &*acts };
     let mask = match sel.predictor {
         Some(p) => {
-            s.hidden.resize(p.rank(), 0.0);
-            s.logits.resize(p.n_out(), 0.0);
-            p.logits(xn, &mut s.hidden, &mut s.logits);
-            s.predicted.clear();
-            s.predicted.extend(s.logits.iter().map(|&l| l >= p.threshold()));
+            predict_mask(p, xn, &mut s.hidden, &mut s.logits, &mut s.predicted);
             Some(&s.predicted[..pl.n_ff])
         }
         None => None,
     };
     (TokenActs { gate: acts, up: acts_up, token: 0 }, Filter { mask, thresholds: sel.neurons })
+}
+
+/// The positions predictor `p` marks for one token's FFN input `x` (its logit at or above the threshold), into
+/// `mask`; `hidden` and `logits` are its scratch.
+fn predict_mask(
+    p: &LowRankPredictor,
+    x: &[f32],
+    hidden: &mut Vec<f32>,
+    logits: &mut Vec<f32>,
+    mask: &mut Vec<bool>,
+) {
+    hidden.resize(p.rank(), 0.0);
+    logits.resize(p.n_out(), 0.0);
+    p.logits(x, hidden, logits);
+    mask.clear();
+    mask.extend(logits.iter().map(|&l| l >= p.threshold()));
 }
 
 /// One token's FFN over a packed layer in memory with the cluster kernels on the spin pool: the predictor's
@@ -372,12 +384,8 @@ pub(crate) fn cluster_decode_rows(
     let acts_up = if pl.up_ty != pl.gate_ty { &s.inputs.acts_up } else { &*acts };
     s.row_masks.resize_with(n, Vec::new);
     if let Some(p) = sel.predictor {
-        s.inputs.hidden.resize(p.rank(), 0.0);
-        s.inputs.logits.resize(p.n_out(), 0.0);
         for (x, m) in xn.chunks_exact(d).zip(&mut s.row_masks) {
-            p.logits(x, &mut s.inputs.hidden, &mut s.inputs.logits);
-            m.clear();
-            m.extend(s.inputs.logits.iter().map(|&l| l >= p.threshold()));
+            predict_mask(p, x, &mut s.inputs.hidden, &mut s.inputs.logits, m);
         }
     }
     let filters: Vec<Filter<'_>> = s.row_masks[..n]
