@@ -4,5 +4,6 @@
 mod arch;
 mod common;
 mod errors;
+mod gguf_py;
 mod reference;
 mod sparsity;
