@@ -73,7 +73,11 @@ pub(crate) unsafe fn tile_q4_1<const R: usize, const C: usize>(
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut summs = [[0.0f32; C]; R];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
         // AVX2/FMA/F16C, which the caller guarantees.
         unsafe {
@@ -122,7 +126,11 @@ pub(crate) unsafe fn tile_q4_0<const R: usize, const C: usize>(
 ) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
         // AVX2/FMA/F16C, which the caller guarantees.
         unsafe {
@@ -168,7 +176,11 @@ pub(crate) unsafe fn tile_q8_0<const R: usize, const C: usize>(
 ) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
         // AVX2/FMA/F16C, which the caller guarantees.
         unsafe {
@@ -233,7 +245,11 @@ pub(crate) unsafe fn tile_q5_0<const R: usize, const C: usize>(
 ) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
         // AVX2/FMA/F16C, which the caller guarantees.
         unsafe {
@@ -279,7 +295,11 @@ pub(crate) unsafe fn tile_q5_1<const R: usize, const C: usize>(
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut summs = [[0.0f32; C]; R];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks; the intrinsics need
         // AVX2/FMA/F16C, which the caller guarantees.
         unsafe {

@@ -158,7 +158,11 @@ pub(crate) unsafe fn tile_q4_1<const P: usize, const C: usize>(
     let mut acc = [[_mm512_setzero_ps(); C]; P];
     let mut sums1 = _mm512_setzero_ps();
     let mut sums8 = [[_mm256_setzero_ps(); 2]; P];
+    let next = super::NextTile::after(w[P - 1][1], 2 * P, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
@@ -234,7 +238,11 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
     check_block_major::<C>(&bm, nb, false);
     let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
+    let next = super::NextTile::after(w[P - 1][1], 2 * P, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
@@ -279,7 +287,11 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
     check_block_major::<C>(&bm, nb, false);
     let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
+    let next = super::NextTile::after(w[P - 1][1], 2 * P, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
@@ -336,7 +348,11 @@ pub(crate) unsafe fn tile_q5_0<const P: usize, const C: usize>(
     check_block_major::<C>(&bm, nb, false);
     let idx = pair_scale_idx::<P>();
     let mut acc = [[_mm512_setzero_ps(); C]; P];
+    let next = super::NextTile::after(w[P - 1][1], 2 * P, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
@@ -385,7 +401,11 @@ pub(crate) unsafe fn tile_q5_1<const P: usize, const C: usize>(
     let mut acc = [[_mm512_setzero_ps(); C]; P];
     let mut sums1 = _mm512_setzero_ps();
     let mut sums8 = [[_mm256_setzero_ps(); 2]; P];
+    let next = super::NextTile::after(w[P - 1][1], 2 * P, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {

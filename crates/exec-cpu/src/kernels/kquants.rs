@@ -506,7 +506,11 @@ pub(crate) unsafe fn tile_avx2<B: KBlock, const R: usize, const C: usize>(
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
     let mut acc = [[Acc { sums: _mm256_setzero_ps(), sumf: 0.0 }; C]; R];
     let mut wv = [_mm256_setzero_si256(); 8];
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
         for r in 0..R {
             let bx = &w[r][b];
@@ -569,7 +573,11 @@ pub(crate) unsafe fn tile_avx512<B: KBlock, const R: usize, const C: usize>(
         let (lo, hi) = (B::PAIRS[i].0 as i32, B::PAIRS[i].1 as i32);
         _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi)
     });
+    let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
         let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
         let acts512: [Act512; C] = std::array::from_fn(|c| {
             let pick = |v: &[__m256i; 8], i: usize| join(v[B::PAIRS[i].0], v[B::PAIRS[i].1]);

@@ -24,6 +24,46 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod kquants;
 
+/// Software prefetch for one-activation (decode) tiles. A matrix-vector product walks its rows in tiles of
+/// consecutive rows, each tile reading its rows block by block in step: several interleaved streams that the
+/// hardware prefetchers follow poorly (Gemma 3's 262,144 x 640 Q8_0 head ran at 11 GB/s of about 30). Each block
+/// step of a tile prefetches as many bytes of the next tile (which starts where the tile's last row ends) as the
+/// step consumes of this one, so the next tile is in L1 when it starts.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct NextTile {
+    next: *const u8,
+    step: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NextTile {
+    /// The plan of a tile of `rows` rows of `nb` blocks of type `B`, whose last row is `last`.
+    #[inline]
+    pub(crate) fn after<B>(last: &[B], rows: usize, nb: usize) -> NextTile {
+        NextTile { next: last.as_ptr().wrapping_add(nb).cast(), step: rows * size_of::<B>() }
+    }
+
+    /// Prefetches the next tile's share for block step `b` into L1. A prefetch is a hint: an address past
+    /// the end of the weights does not fault, and no memory is read through a pointer here.
+    #[inline]
+    pub(crate) fn prefetch(self, b: usize) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = self.next.wrapping_add(b * self.step);
+        let s = start as usize;
+        let mut line = s & !63;
+        while line < s + self.step {
+            // SAFETY: a prefetch only hints the cache: it does not access memory architecturally and cannot
+            // fault, whatever the address (SSE is part of x86_64).
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line.wrapping_sub(s)).cast())
+            };
+            line += 64;
+        }
+    }
+}
+
 /// An instruction-set path of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
