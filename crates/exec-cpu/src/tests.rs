@@ -881,6 +881,34 @@ fn activations_match_formulas() {
     assert_eq!(g, vec![2.0, 0.0]);
 }
 
+/// ggml's GELU (`GGML_GELU_FP16`) read from the table is the tanh formula on the input rounded to f16, rounded
+/// to f16, for every f16 input and for f32 inputs between them, with ggml's cut-offs at -10 and 10.
+#[test]
+fn gelu_table_is_the_rounded_formula() {
+    use half::f16;
+    let direct = |x: f32| -> f32 {
+        if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            f16::from_f32(crate::gelu(f16::from_f32(x).to_f32())).to_f32()
+        }
+    };
+    for bits in 0..=u16::MAX {
+        let x = f16::from_bits(bits).to_f32();
+        if x.is_nan() {
+            continue;
+        }
+        for x in [x, f32::from_bits(x.to_bits().wrapping_add(4096))] {
+            assert_eq!(crate::gelu_ggml(x).to_bits(), direct(x).to_bits(), "x = {x}");
+        }
+    }
+    let (mut g, u) = (vec![-11.0, -0.3, 0.7, 12.0], vec![2.0, 3.0, -1.0, 0.5]);
+    crate::geglu_ggml(&mut g, &u);
+    assert_eq!(g, vec![0.0, direct(-0.3) * 3.0, -direct(0.7), 6.0]);
+}
+
 // === Attention ===
 
 #[allow(clippy::too_many_arguments)]
