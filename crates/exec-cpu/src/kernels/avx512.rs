@@ -246,23 +246,25 @@ pub(crate) unsafe fn tile_q4_0<const P: usize, const C: usize>(
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
-            let mut qy = [_mm512_setzero_si512(); C];
-            let mut negb = [_mm512_setzero_si512(); C];
-            let mut dy = [_mm512_setzero_ps(); C];
+            // The weights of the block step first, then each activation against them: one activation's
+            // vectors live at a time (with eight of them the accumulators and the activations did not fit the
+            // registers); each accumulator still takes one product per block, in block order.
+            let dm = head_f16x2(&w, b);
+            let mut z = [_mm512_setzero_si512(); P];
+            let mut wd = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                z[p] = nibbles_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
+                wd[p] = _mm512_permutexvar_ps(idx[p], dm);
+            }
             for c in 0..C {
                 let by = a[c].get_unchecked(b);
-                qy[c] = act_pair(&by.qs);
-                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), qy[c]);
-                negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-                dy[c] = act_scale::<C>(&bm, b, c, by.d);
-            }
-            let dm = head_f16x2(&w, b);
-            for p in 0..P {
-                let z = nibbles_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
-                let wd = _mm512_permutexvar_ps(idx[p], dm);
-                for c in 0..C {
-                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
-                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
+                let qy = act_pair(&by.qs);
+                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), qy);
+                let negb = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+                let dy = act_scale::<C>(&bm, b, c, by.d);
+                for p in 0..P {
+                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb, z[p], qy));
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd[p], dy), xy, acc[p][c]);
                 }
             }
         }
@@ -295,25 +297,25 @@ pub(crate) unsafe fn tile_q8_0<const P: usize, const C: usize>(
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
-            let mut qy = [_mm512_setzero_si512(); C];
-            let mut negb = [_mm512_setzero_si512(); C];
-            let mut dy = [_mm512_setzero_ps(); C];
+            // As in `tile_q4_0`: the block step's weights first, then one activation at a time.
+            let dm = head_f16x2(&w, b);
+            let mut z = [_mm512_setzero_si512(); P];
+            let mut wd = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                let q = bytes_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
+                // x + 128 as an unsigned byte.
+                z[p] = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+                wd[p] = _mm512_permutexvar_ps(idx[p], dm);
+            }
             for c in 0..C {
                 let by = a[c].get_unchecked(b);
-                qy[c] = act_pair(&by.qs);
-                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), qy[c]);
-                negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-                dy[c] = act_scale::<C>(&bm, b, c, by.d);
-            }
-            let dm = head_f16x2(&w, b);
-            for p in 0..P {
-                let z = bytes_pair(&w[p][0].get_unchecked(b).qs, &w[p][1].get_unchecked(b).qs);
-                // x + 128 as an unsigned byte.
-                let z = _mm512_xor_si512(z, _mm512_set1_epi8(-128));
-                let wd = _mm512_permutexvar_ps(idx[p], dm);
-                for c in 0..C {
-                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
-                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
+                let qy = act_pair(&by.qs);
+                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), qy);
+                let negb = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+                let dy = act_scale::<C>(&bm, b, c, by.d);
+                for p in 0..P {
+                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb, z[p], qy));
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd[p], dy), xy, acc[p][c]);
                 }
             }
         }
@@ -356,24 +358,24 @@ pub(crate) unsafe fn tile_q5_0<const P: usize, const C: usize>(
         // SAFETY: `b < nb` and every slice was checked to hold `nb` blocks (and `bm` to cover them); the
         // intrinsics need the features the caller guarantees.
         unsafe {
-            let mut qy = [_mm512_setzero_si512(); C];
-            let mut negb = [_mm512_setzero_si512(); C];
-            let mut dy = [_mm512_setzero_ps(); C];
-            for c in 0..C {
-                let by = a[c].get_unchecked(b);
-                qy[c] = act_pair(&by.qs);
-                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(16), qy[c]);
-                negb[c] = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-                dy[c] = act_scale::<C>(&bm, b, c, by.d);
-            }
+            // As in `tile_q4_0`: the block step's weights first, then one activation at a time.
             let dm = head_f16x2(&w, b);
+            let mut z = [_mm512_setzero_si512(); P];
+            let mut wd = [_mm512_setzero_ps(); P];
             for p in 0..P {
                 let (b0, b1) = (w[p][0].get_unchecked(b), w[p][1].get_unchecked(b));
-                let z = fives_pair((&b0.qs, b0.qh), (&b1.qs, b1.qh));
-                let wd = _mm512_permutexvar_ps(idx[p], dm);
-                for c in 0..C {
-                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb[c], z, qy[c]));
-                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, dy[c]), xy, acc[p][c]);
+                z[p] = fives_pair((&b0.qs, b0.qh), (&b1.qs, b1.qh));
+                wd[p] = _mm512_permutexvar_ps(idx[p], dm);
+            }
+            for c in 0..C {
+                let by = a[c].get_unchecked(b);
+                let qy = act_pair(&by.qs);
+                let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(16), qy);
+                let negb = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+                let dy = act_scale::<C>(&bm, b, c, by.d);
+                for p in 0..P {
+                    let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(negb, z[p], qy));
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd[p], dy), xy, acc[p][c]);
                 }
             }
         }
