@@ -47,8 +47,9 @@ pub const MAX_ROT: usize = 1024;
 
 /// Rotates the first `n_rot` dimensions of each of the `n_heads` heads of one token at position `pos`, in
 /// place, as ggml's `rope_f32` without YaRN scaling: `theta_scale = powf(freq_base, -2 / n_rot)`,
-/// `theta_i = pos * theta_scale^i` by repeated multiplication in f32, `cosf`/`sinf` of that, divided first by
-/// `factors[i]` where given (Llama 3's frequency factors, `rope_freqs`, as ggml's `freq_factors`).
+/// `theta_i = pos * theta_scale^i` by repeated multiplication in f32, divided by `factors[i]` where given
+/// (Llama 3's frequency factors, `rope_freqs`, as ggml's `freq_factors`), then multiplied by `freq_scale`
+/// (linear RoPE scaling; 1 for none), and `cosf`/`sinf` of that.
 ///
 /// # Panics
 /// If `x.len() != n_heads * head_dim`, `n_rot` is odd, larger than `head_dim`, or larger than [`MAX_ROT`], or
@@ -61,6 +62,7 @@ pub fn rope(
     n_rot: usize,
     pos: usize,
     freq_base: f32,
+    freq_scale: f32,
     factors: Option<&[f32]>,
     mode: RopeMode,
 ) {
@@ -76,6 +78,7 @@ pub fn rope(
             Some(f) => theta / f[i],
             None => theta,
         };
+        let t = freq_scale * t;
         *c = (t.cos(), t.sin());
         theta *= theta_scale;
     }

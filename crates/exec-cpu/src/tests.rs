@@ -807,7 +807,8 @@ fn softmax_matches_formula() {
 }
 
 /// Frequency factors divide each angle before its cosine and sine (ggml's `freq_factors`): with every factor 2,
-/// position 2k rotates exactly as position k without factors (halving is exact in binary floating point).
+/// position 2k rotates exactly as position k without factors (halving is exact in binary floating point), and
+/// so does a linear scaling of 1/2.
 #[test]
 fn rope_divides_each_angle_by_its_frequency_factor() {
     let mut rng = Rng::new(12);
@@ -817,12 +818,16 @@ fn rope_divides_each_angle_by_its_frequency_factor() {
         for k in [1, 7, 300] {
             let x: Vec<f32> = (0..n_heads * head_dim).map(|_| rng.f()).collect();
             let (mut a, mut b) = (x.clone(), x.clone());
-            crate::rope(&mut a, n_heads, head_dim, n_rot, 2 * k, 10000.0, Some(&twos), mode);
-            crate::rope(&mut b, n_heads, head_dim, n_rot, k, 10000.0, None, mode);
+            crate::rope(&mut a, n_heads, head_dim, n_rot, 2 * k, 10000.0, 1.0, Some(&twos), mode);
+            crate::rope(&mut b, n_heads, head_dim, n_rot, k, 10000.0, 1.0, None, mode);
             assert_eq!(a, b, "{mode:?} k {k}");
             let mut c = x.clone();
-            crate::rope(&mut c, n_heads, head_dim, n_rot, 2 * k, 10000.0, None, mode);
+            crate::rope(&mut c, n_heads, head_dim, n_rot, 2 * k, 10000.0, 1.0, None, mode);
             assert_ne!(a, c, "the factors changed nothing");
+            // Linear scaling by 1/2 multiplies each angle by 1/2: position 2k as position k.
+            let mut d = x.clone();
+            crate::rope(&mut d, n_heads, head_dim, n_rot, 2 * k, 10000.0, 0.5, None, mode);
+            assert_eq!(d, b, "{mode:?} k {k}: linear scaling");
         }
     }
 }
@@ -835,7 +840,7 @@ fn rope_matches_direct_formula() {
         for (n_rot, pos) in [(64, 0), (64, 1), (64, 511), (32, 77)] {
             let x: Vec<f32> = (0..n_heads * head_dim).map(|_| rng.f()).collect();
             let mut y = x.clone();
-            crate::rope(&mut y, n_heads, head_dim, n_rot, pos, 10000.0, None, mode);
+            crate::rope(&mut y, n_heads, head_dim, n_rot, pos, 10000.0, 1.0, None, mode);
             for h in 0..n_heads {
                 let xh = &x[h * head_dim..(h + 1) * head_dim];
                 let yh = &y[h * head_dim..(h + 1) * head_dim];

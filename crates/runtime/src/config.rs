@@ -37,6 +37,9 @@ pub struct ModelConfig {
     pub swa_pattern: usize,
     /// RoPE base of the sliding-window layers.
     pub rope_freq_base_swa: f32,
+    /// Linear RoPE scaling: positions are multiplied by this (`1 / rope.scaling.factor`, 1 without scaling;
+    /// the sliding-window layers are not scaled: [`ModelConfig::rope_scale`]).
+    pub rope_freq_scale: f32,
 }
 
 /// How an architecture's decoder block differs from llama's: the one place the loader and the forward pass
@@ -269,6 +272,7 @@ impl ModelConfig {
             Some(_) => g.get_f32(&key("rope.freq_base"))?,
             None => 10000.0,
         };
+        let rope_freq_scale = rope_freq_scale(g, &arch)?;
         let rms_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
         let n_vocab = match g.get(&key("vocab_size")) {
             Some(_) => bounded("vocab_size", MAX_WIDTH * 4)?,
@@ -345,6 +349,7 @@ impl ModelConfig {
             sliding_window,
             swa_pattern,
             rope_freq_base_swa,
+            rope_freq_scale,
         })
     }
 
@@ -353,6 +358,14 @@ impl ModelConfig {
         match self.swa_pattern {
             n if n > 0 && (l + 1) % n != 0 => self.sliding_window,
             _ => None,
+        }
+    }
+
+    /// The linear RoPE scaling of layer `l` (as llama.cpp, none on sliding-window layers).
+    pub fn rope_scale(&self, l: usize) -> f32 {
+        match self.window(l) {
+            Some(_) => 1.0,
+            None => self.rope_freq_scale,
         }
     }
 
@@ -370,17 +383,37 @@ impl ModelConfig {
     }
 }
 
+/// The linear RoPE scaling of a file, as llama.cpp reads it: `1 / factor`, the factor from
+/// `rope.scaling.factor` or else the older `rope.scale_linear`, 1 when neither is given (or is 0). A factor that
+/// is not finite and positive is refused.
+fn rope_freq_scale(g: &Gguf<'_>, arch: &str) -> Result<f32, RuntimeError> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut factor = 0.0;
+    for k in ["rope.scaling.factor", "rope.scale_linear"] {
+        if g.get(&key(k)).is_some() {
+            factor = g.get_f32(&key(k))?;
+            if !(factor.is_finite() && factor >= 0.0) {
+                return Err(RuntimeError::Unsupported {
+                    what: format!("RoPE scaling factor {factor} ({})", key(k)),
+                });
+            }
+            break;
+        }
+    }
+    Ok(if factor == 0.0 { 1.0 } else { 1.0 / factor })
+}
+
 /// Refuses, by name, metadata for computations pinion does not implement (rather than ignoring them): RoPE
-/// scaling other than none or a linear factor of 1, and logit soft-capping.
+/// scaling other than none or linear (YaRN, LongRoPE, ...), and logit soft-capping.
 fn refuse_unimplemented(g: &Gguf<'_>, arch: &str) -> Result<(), RuntimeError> {
     let key = |k: &str| format!("{arch}.{k}");
     if g.get(&key("rope.scaling.type")).is_some() {
         let ty = g.get_str(&key("rope.scaling.type"))?;
-        let factor = match g.get(&key("rope.scaling.factor")) {
-            Some(_) => g.get_f32(&key("rope.scaling.factor"))?,
-            None => 1.0,
-        };
-        if ty != "none" && !(ty == "linear" && factor == 1.0) {
+        if ty != "none" && ty != "linear" {
+            let factor = match g.get(&key("rope.scaling.factor")) {
+                Some(_) => g.get_f32(&key("rope.scaling.factor"))?,
+                None => 1.0,
+            };
             return Err(RuntimeError::Unsupported {
                 what: format!("RoPE scaling {ty:?} (factor {factor}, {})", key("rope.scaling.type")),
             });

@@ -187,7 +187,7 @@ pub(crate) fn forward(
     // Scores are scaled in attention, or the queries before it (and the scores by 1).
     let scale = if spec.scale_queries { 1.0 } else { c.attn_scale };
     for (l, layer) in model.layers.iter().enumerate() {
-        let (rope_base, window) = (c.rope_base(l), c.window(l));
+        let (rope_base, rope_scale, window) = (c.rope_base(l), c.rope_scale(l), c.window(l));
         // Attention.
         let w = Weights { model, offload: ffn.offload.as_deref() };
         let xn = &mut s.xn[..n * d];
@@ -227,8 +227,8 @@ pub(crate) fn forward(
                 }
             }
             let factors = model.rope_factors.as_deref();
-            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, factors, spec.rope);
-            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, rope_base, factors, spec.rope);
+            exec::rope(q, c.n_heads, c.head_dim, c.n_rot, pos, rope_base, rope_scale, factors, spec.rope);
+            exec::rope(k, c.n_kv_heads, c.head_dim, c.n_rot, pos, rope_base, rope_scale, factors, spec.rope);
             if spec.scale_queries {
                 q.iter_mut().for_each(|v| *v *= c.attn_scale);
             }
