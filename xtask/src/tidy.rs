@@ -57,6 +57,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("pinion-format", &[]),
     ("pinion-io", &[]),
     ("pinion-tokenizer", &["pinion-format"]),
+    ("pinion-convert", &["pinion-format", "pinion-tokenizer"]),
     ("pinion-cache", &["pinion-format", "pinion-io"]),
     ("pinion-exec-cpu", &["pinion-format"]),
     ("pinion-exec-npu", &["pinion-format", "pinion-exec-cpu"]),
