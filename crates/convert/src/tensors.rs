@@ -75,8 +75,10 @@ fn gguf_name(cfg: &HfConfig, name: &str) -> Result<Option<String>, ConvertError>
         "mlp.down_proj" => "ffn_down",
         _ => return Err(unknown()),
     };
-    let is_norm = base.ends_with("norm");
-    if is_norm && suffix == "bias" {
+    // Biases: Qwen2's Q/K/V only (llama.cpp converts others, e.g. llama's attention_bias or mlp_bias, but
+    // pinion's runtime refuses them, so they are refused here, before anything is written).
+    let qkv = matches!(base, "attn_q" | "attn_k" | "attn_v");
+    if suffix == "bias" && !(cfg.arch == Arch::Qwen2 && qkv) {
         return Err(unknown());
     }
     Ok(Some(format!("blk.{bid}.{base}.{suffix}")))

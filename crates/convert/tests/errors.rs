@@ -131,3 +131,17 @@ fn a_sentencepiece_tokenizer_is_refused_by_name() {
         e => panic!("unexpected error: {e}"),
     }
 }
+
+#[test]
+fn a_failure_after_writing_removes_the_partial_file() {
+    // The output path is a non-empty directory: everything is written to the partial file, then the rename
+    // fails, and the partial file must go.
+    let tmp = scratch("rename");
+    let out = tmp.join("out.gguf");
+    std::fs::create_dir_all(out.join("inside")).unwrap();
+    let err =
+        run(&crate::util::data().join("tiny-qwen3-150K"), &out, OutType::F16).expect_err("rename fails");
+    assert!(matches!(err, ConvertError::Io { .. }), "{err}");
+    assert!(out.join("inside").is_dir());
+    assert!(!partial_path(&out).exists(), "{} was left behind", partial_path(&out).display());
+}
