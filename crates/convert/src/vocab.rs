@@ -59,6 +59,9 @@ pub(crate) fn vocab_metadata(cfg: &HfConfig, dir: &Path) -> Result<Vec<(String, 
         });
     }
     let pre = pre_name(&tok)?;
+    if cfg.arch == crate::config::Arch::Llama && cfg.n_vocab == 32016 {
+        return Err(ConvertError::Unsupported { what: "CodeLlama's vocabulary (vocab_size 32016)".into() });
+    }
 
     // The vocabulary with the added tokens, as `AutoTokenizer(...).vocab`.
     let mut vocab: HashMap<String, i64> = HashMap::new();
@@ -159,6 +162,14 @@ pub(crate) fn vocab_metadata(cfg: &HfConfig, dir: &Path) -> Result<Vec<(String, 
     }
     if let Some(b) = special.strip_accents {
         out.push(("tokenizer.ggml.normalizer.strip_accents".into(), Gv::Bool(b)));
+    }
+    if cfg.arch == crate::config::Arch::Llama && cfg.n_vocab == 49152 {
+        // LlamaModel.set_vocab's rule for Granite's small models, which SmolLM's vocabulary size also meets:
+        // no BOS (replacing the value in place if the tokenizer set one).
+        match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
+            Some(e) => e.1 = Gv::Bool(false),
+            None => out.push(("tokenizer.ggml.add_bos_token".into(), Gv::Bool(false))),
+        }
     }
     Ok(out)
 }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use pinion_convert::{ConvertError, ConvertParams, OutType, Summary, convert};
 
 /// The fixtures: model directory names under tests/data/hf.
-pub(crate) const FIXTURES: [&str; 3] = ["Tiny-Llama3-v0.1", "tiny-qwen2.5-instruct", "tiny-qwen3-150K"];
+pub(crate) const FIXTURES: [&str; 4] =
+    ["Tiny-Llama3-v0.1", "tiny-qwen2.5-instruct", "tiny-qwen3-150K", "SmolLM2-tiny-Instruct"];
 
 /// The output types, with the file suffix of the reference files.
 pub(crate) const TYPES: [(OutType, &str); 3] =

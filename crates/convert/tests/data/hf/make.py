@@ -14,6 +14,9 @@ normalizer, post-processor and special tokens are those of the model family it s
   tiny-qwen3-150K        Qwen3ForCausalLM, f32: per-head Q/K norms, head_dim 32 (queries wider than the model),
                          untied output, non-special added tokens (<think>), sampling defaults in
                          generation_config.json
+  SmolLM2-tiny-Instruct  LlamaForCausalLM, bf16, as SmolLM2: SmolLM's pre-tokenizer (smollm: digits split, then
+                         GPT-2's byte-level regex), special tokens first in the vocabulary, add_prefix_space in
+                         tokenizer_config.json, tied embeddings
 
 Then, for each, llama.cpp's converter (convert_hf_to_gguf.py of LLAMA_CPP) writes NAME.f16.gguf and
 NAME.q8_0.gguf, and `llama-quantize --pure` writes NAME.q4_0.gguf from the f16 file.
@@ -23,8 +26,9 @@ real model's vocabulary gives a test string (get_vocab_base_pre), and a tiny voc
 `get_vocab_base_pre` is replaced by one returning the name of the model family whose pre-tokenizer the fixture
 copies (the hash it computed is printed). pinion's converter names it from the pre-tokenizer's configuration.
 
-usage: make.py [LLAMA_CPP]   (python with torch, transformers, tokenizers, numpy; default LLAMA_CPP is
-                              /work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp, with build/bin/llama-quantize)
+usage: make.py [NAME...]   (every fixture by default; python with torch, transformers, tokenizers, numpy; the
+                           environment variable LLAMA_CPP names llama.cpp's source directory, with
+                           build/bin/llama-quantize; default /work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp)
 """
 
 import json
@@ -35,7 +39,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "../../../../runtime/tests/data/gguf-py/text.txt")
-LLAMA_CPP = sys.argv[1] if len(sys.argv) > 1 else "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"
+LLAMA_CPP = os.environ.get("LLAMA_CPP", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
 
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -49,9 +53,21 @@ LLAMA3_CHAT = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_i
                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-def train_tokenizer(kind, n_vocab):
+def train_tokenizer(kind, n_vocab, specials=()):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    if kind == "smollm":
+        tok = Tokenizer(models.BPE(byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=n_vocab, show_progress=False, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        with open(TEXT, encoding="utf-8") as f:
+            tok.train_from_iterator([f.read()], trainer)
+        return tok
     if kind == "llama3":
         tok = Tokenizer(models.BPE(ignore_merges=True, byte_fallback=False))
         pat, trim = LLAMA3_PAT, True
@@ -99,6 +115,33 @@ def make_llama(out):
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
     )
     save_model(LlamaForCausalLM, cfg, out, torch.bfloat16, seed=1)
+
+
+def make_smollm(out):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import processors
+
+    # SmolLM2's special tokens come first (ids 0, 1, 2), as the trainer places them.
+    tok = train_tokenizer("smollm", 360, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as f:
+        c = json.load(f)
+    c["add_prefix_space"] = False
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )
+    save_model(LlamaForCausalLM, cfg, out, torch.bfloat16, seed=4)
 
 
 def make_qwen(out, arch):
@@ -187,9 +230,13 @@ def main():
         ("Tiny-Llama3-v0.1", make_llama, "llama-bpe"),
         ("tiny-qwen2.5-instruct", lambda d: make_qwen(d, "qwen2"), "qwen2"),
         ("tiny-qwen3-150K", lambda d: make_qwen(d, "qwen3"), "qwen2"),
+        ("SmolLM2-tiny-Instruct", make_smollm, "smollm"),
     ]
+    only = sys.argv[1:]
     quantize = os.path.join(LLAMA_CPP, "build/bin/llama-quantize")
     for name, make, pre in fixtures:
+        if only and name not in only:
+            continue
         d = os.path.join(HERE, name)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
