@@ -278,19 +278,42 @@ fn permute(x: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     out
 }
 
-/// Llama 3.1's RoPE frequency factors as convert_hf_to_gguf.py computes them, in PyTorch's float32 arithmetic
-/// step by step (`a / t` on a tensor is `t.reciprocal() * a`).
+/// Llama 3.1's RoPE frequency factors of the configuration.
 fn llama3_rope_factors(cfg: &HfConfig) -> Vec<f32> {
     let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
         cfg.rope
     else {
         return Vec::new();
     };
-    let base = cfg.rope_theta.unwrap_or(10000.0) as f32;
-    let dim = cfg.head_dim;
-    let old_ctx = original_max_position_embeddings;
-    let low_wavelen = old_ctx / low_freq_factor;
-    let high_wavelen = old_ctx / high_freq_factor;
+    let s = Llama3Scaling {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+        base: cfg.rope_theta.unwrap_or(10000.0),
+        dim: cfg.head_dim,
+    };
+    rope_factors(&s)
+}
+
+/// The settings of Llama 3.1's RoPE scaling.
+struct Llama3Scaling {
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: f64,
+    base: f64,
+    dim: usize,
+}
+
+/// Llama 3.1's RoPE frequency factors as convert_hf_to_gguf.py computes them, in PyTorch's float32 arithmetic
+/// step by step (`a / t` on a tensor is `t.reciprocal() * a`).
+fn rope_factors(s: &Llama3Scaling) -> Vec<f32> {
+    let base = s.base as f32;
+    let dim = s.dim;
+    let old_ctx = s.original_max_position_embeddings;
+    let low_wavelen = old_ctx / s.low_freq_factor;
+    let high_wavelen = old_ctx / s.high_freq_factor;
     let two_pi = (2.0 * std::f64::consts::PI) as f32;
     (0..dim)
         .step_by(2)
@@ -300,12 +323,40 @@ fn llama3_rope_factors(cfg: &HfConfig) -> Vec<f32> {
             if (wavelen as f64) < high_wavelen {
                 1.0
             } else if (wavelen as f64) > low_wavelen {
-                factor as f32
+                s.factor as f32
             } else {
-                let smooth = ((1.0 / wavelen) * old_ctx as f32 - low_freq_factor as f32)
-                    / (high_freq_factor - low_freq_factor) as f32;
-                1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+                let smooth = ((1.0 / wavelen) * old_ctx as f32 - s.low_freq_factor as f32)
+                    / (s.high_freq_factor - s.low_freq_factor) as f32;
+                1.0 / ((1.0 - smooth) / s.factor as f32 + smooth)
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smooth band of Llama 3.1 8B's and Llama 3.2 1B's factors, bit for bit as PyTorch 2.15 computes them
+    /// with the reference's code (the factors outside the band are 1 and `factor`).
+    #[test]
+    fn llama3_rope_factors_equal_pytorchs() {
+        let s = |factor, dim| Llama3Scaling {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+            base: 500000.0,
+            dim,
+        };
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let f = bits(rope_factors(&s(8.0, 128)));
+        assert_eq!(f[..29], [0x3f800000; 29]);
+        assert_eq!(f[29..35], [0x3f9a8ed5, 0x3fc6d64a, 0x4001af1d, 0x402c732e, 0x406bcace, 0x40a83c06]);
+        assert_eq!(f[35..], [0x41000000; 29]);
+        let f = bits(rope_factors(&s(32.0, 64)));
+        assert_eq!(f[..15], [0x3f800000; 15]);
+        assert_eq!(f[15..18], [0x3fd35ec2, 0x4052b46f, 0x411aaaee]);
+        assert_eq!(f[18..], [0x42000000; 14]);
+    }
 }
