@@ -555,6 +555,98 @@ fn lanes512<B: KBlock>(w: &[__m512i; 4], s: &[__m512i; 4], act: &Act512) -> __m2
     _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64::<1>(acc))
 }
 
+/// For each of `unpack512`'s vectors, the indices giving its two groups' scales.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn pair_indices<B: KBlock>() -> [__m512i; 4] {
+    std::array::from_fn(|i| {
+        let (lo, hi) = (B::PAIRS[i].0 as i32, B::PAIRS[i].1 as i32);
+        _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi)
+    })
+}
+
+/// The f16 at the start of four rows' block `b` as f32 (`d` with `dmin == false`, else the `dmin` after it).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn scales4<B: KBlock>(w: &[&[B]; 4], b: usize, dmin: bool) -> __m128 {
+    let h = |r: usize| i32::from(if dmin { w[r][b].dmin() } else { w[r][b].d() }.to_bits());
+    _mm_cvtph_ps(_mm_setr_epi32(h(0) | h(1) << 16, h(2) | h(3) << 16, 0, 0))
+}
+
+/// [`tile_avx512`] for four rows of a kind with lanes (not Q2_K): the same operations per (row, activation),
+/// with what is per row done for the four rows at once where the results cannot differ: the `bsums x mins`
+/// sums (integers) of the four rows reduced together, their `d` and `dmin` converted together, and the scalar
+/// chain `sumf -= dmin * sumi` of the four rows in the lanes of one vector (a product, then a difference, per
+/// lane, as the scalar chain computes them).
+///
+/// # Safety
+/// As [`tile_avx512`].
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile4_avx512<B: KBlock, const C: usize>(
+    w: [&[B]; 4],
+    a: [&[BlockQ8K]; C],
+    nb: usize,
+    out: &mut [[f32; C]; 4],
+) {
+    let mut sums = [[_mm256_setzero_ps(); C]; 4];
+    let mut sumf = [_mm_setzero_ps(); C];
+    let mut wv = [_mm512_setzero_si512(); 4];
+    let pair_idx = pair_indices::<B>();
+    let next = super::NextTile::after(w[3], 4, nb);
+    for b in 0..nb {
+        if C == 1 {
+            next.prefetch(b);
+        }
+        let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
+        let acts512: [Act512; C] = std::array::from_fn(|c| {
+            let pick = |v: &[__m256i; 8], i: usize| join(v[B::PAIRS[i].0], v[B::PAIRS[i].1]);
+            Act512 {
+                y: std::array::from_fn(|i| pick(&acts[c].y, i)),
+                corr: std::array::from_fn(|i| pick(&acts[c].corr, i)),
+            }
+        });
+        let mut d = [0.0f32; 4];
+        // SAFETY: `d` holds 4 floats.
+        unsafe { _mm_storeu_ps(d.as_mut_ptr(), scales4(&w, b, false)) };
+        let mut mins = [_mm256_setzero_si256(); 4];
+        for r in 0..4 {
+            // SAFETY: the caller guarantees AVX-512F/BW and AVX2.
+            let (scales16, mins16) = unsafe {
+                w[r][b].unpack512(&mut wv);
+                w[r][b].scales()
+            };
+            mins[r] = mins16;
+            let s512 = _mm512_castsi256_si512(scales16);
+            let sv: [__m512i; 4] = std::array::from_fn(|i| _mm512_permutexvar_epi32(pair_idx[i], s512));
+            for c in 0..C {
+                let lanes = lanes512::<B>(&wv, &sv, &acts512[c]);
+                let dd = d[r] * acts[c].d;
+                sums[r][c] =
+                    _mm256_add_ps(sums[r][c], _mm256_mul_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(lanes)));
+            }
+        }
+        if B::KIND == Kind::LanesMins {
+            let dmin = scales4(&w, b, true);
+            for c in 0..C {
+                let m: [__m256i; 4] = std::array::from_fn(|r| _mm256_madd_epi16(acts[c].bsums, mins[r]));
+                // Per 128-bit half, lane r holds half of row r's sum; adding the halves gives row r's sum.
+                let t = _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]));
+                let sumi = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                let dm = _mm_mul_ps(dmin, _mm_set1_ps(acts[c].d));
+                sumf[c] = _mm_sub_ps(sumf[c], _mm_mul_ps(dm, _mm_cvtepi32_ps(sumi)));
+            }
+        }
+    }
+    for c in 0..C {
+        let mut f = [0.0f32; 4];
+        // SAFETY: `f` holds 4 floats.
+        unsafe { _mm_storeu_ps(f.as_mut_ptr(), sumf[c]) };
+        for r in 0..4 {
+            out[r][c] = finish::<B>(&Acc { sums: sums[r][c], sumf: f[r] });
+        }
+    }
+}
+
 /// [`tile_avx2`] with the integer work on 512-bit vectors (AVX-512BW), two groups per vector: the same bits.
 ///
 /// # Safety
@@ -567,12 +659,19 @@ pub(crate) unsafe fn tile_avx512<B: KBlock, const R: usize, const C: usize>(
     out: &mut [[f32; C]; R],
 ) {
     assert!(w.iter().all(|r| r.len() >= nb) && a.iter().all(|r| r.len() >= nb));
+    if R == 4 && B::KIND != Kind::Q2 {
+        let w4: [&[B]; 4] = std::array::from_fn(|r| w[r]);
+        let mut out4 = [[0.0f32; C]; 4];
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { tile4_avx512::<B, C>(w4, a, nb, &mut out4) };
+        for (o, v) in out.iter_mut().zip(out4) {
+            *o = v;
+        }
+        return;
+    }
     let mut acc = [[Acc { sums: _mm256_setzero_ps(), sumf: 0.0 }; C]; R];
     let mut wv = [_mm512_setzero_si512(); 4];
-    let pair_idx: [__m512i; 4] = std::array::from_fn(|i| {
-        let (lo, hi) = (B::PAIRS[i].0 as i32, B::PAIRS[i].1 as i32);
-        _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi)
-    });
+    let pair_idx = pair_indices::<B>();
     let next = super::NextTile::after(w[R - 1], R, nb);
     for b in 0..nb {
         if C == 1 {
