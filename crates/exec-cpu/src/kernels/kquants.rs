@@ -555,6 +555,14 @@ fn lanes512<B: KBlock>(w: &[__m512i; 4], s: &[__m512i; 4], act: &Act512) -> __m2
     _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64::<1>(acc))
 }
 
+/// An activation block's groups paired as `unpack512` pairs the weights'.
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+fn act512<B: KBlock>(act: &Act) -> Act512 {
+    let pick = |v: &[__m256i; 8], i: usize| join(v[B::PAIRS[i].0], v[B::PAIRS[i].1]);
+    Act512 { y: std::array::from_fn(|i| pick(&act.y, i)), corr: std::array::from_fn(|i| pick(&act.corr, i)) }
+}
+
 /// For each of `unpack512`'s vectors, the indices giving its two groups' scales.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -598,13 +606,7 @@ unsafe fn tile4_avx512<B: KBlock, const C: usize>(
             next.prefetch(b);
         }
         let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
-        let acts512: [Act512; C] = std::array::from_fn(|c| {
-            let pick = |v: &[__m256i; 8], i: usize| join(v[B::PAIRS[i].0], v[B::PAIRS[i].1]);
-            Act512 {
-                y: std::array::from_fn(|i| pick(&acts[c].y, i)),
-                corr: std::array::from_fn(|i| pick(&acts[c].corr, i)),
-            }
-        });
+        let acts512: [Act512; C] = std::array::from_fn(|c| act512::<B>(&acts[c]));
         let mut d = [0.0f32; 4];
         // SAFETY: `d` holds 4 floats.
         unsafe { _mm_storeu_ps(d.as_mut_ptr(), scales4(&w, b, false)) };
@@ -678,13 +680,7 @@ pub(crate) unsafe fn tile_avx512<B: KBlock, const R: usize, const C: usize>(
             next.prefetch(b);
         }
         let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
-        let acts512: [Act512; C] = std::array::from_fn(|c| {
-            let pick = |v: &[__m256i; 8], i: usize| join(v[B::PAIRS[i].0], v[B::PAIRS[i].1]);
-            Act512 {
-                y: std::array::from_fn(|i| pick(&acts[c].y, i)),
-                corr: std::array::from_fn(|i| pick(&acts[c].corr, i)),
-            }
-        });
+        let acts512: [Act512; C] = std::array::from_fn(|c| act512::<B>(&acts[c]));
         for r in 0..R {
             let bx = &w[r][b];
             // SAFETY: the caller guarantees AVX-512F/BW and AVX2.
