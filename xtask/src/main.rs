@@ -2,10 +2,9 @@
 //!
 //! This is the rust-analyzer pattern: a binary in the workspace, run through the alias in `.cargo/config.toml`,
 //! so that tooling is written in Rust, versioned with the code and needs nothing installed beyond the toolchain.
-//! Offline model work (fetch, synth, convert, and the preparation steps profile, calibrate, train, pack, plan, prepare) lives here as thin drivers over library
+//! Offline model work (fetch, synth, and the preparation steps profile, calibrate, train, pack, plan, prepare) lives here as thin drivers over library
 //! functions; nothing depends on this crate.
 
-mod convert;
 mod device;
 mod iobench;
 mod prepare;
@@ -71,8 +70,6 @@ enum Cmd {
     IoBench(iobench::IoBenchArgs),
     /// Write a synthetic llama-style GGUF model with random weights and planted activation skew.
     Synth(synth::SynthArgs),
-    /// Convert a Hugging Face checkpoint (Llama, Qwen2, Qwen3; safetensors) to GGUF as llama.cpp's converter does.
-    Convert(convert::ConvertArgs),
 }
 
 fn main() -> Result<()> {
@@ -87,7 +84,6 @@ fn main() -> Result<()> {
         Cmd::ProfileDevice(args) => device::run(&args)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
         Cmd::Synth(args) => synth::synth(&args)?,
-        Cmd::Convert(args) => convert::run(&args)?,
         Cmd::Profile(args) => prepare::profile(&args)?,
         Cmd::Calibrate(args) => prepare::calibrate(&args)?,
         Cmd::Train(args) => prepare::train(&args)?,

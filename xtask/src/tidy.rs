@@ -88,7 +88,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("pinion-serve", &["pinion-runtime"]),
-    ("pinion-cli", &["pinion-runtime", "pinion-prepare", "pinion-plan", "pinion-serve"]),
+    ("pinion-cli", &["pinion-runtime", "pinion-prepare", "pinion-plan", "pinion-serve", "pinion-convert"]),
 ];
 
 /// Compares every workspace package's internal dependencies with [`ALLOWED`]. Tools (xtask, benches) may use

@@ -40,6 +40,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Serve the OpenAI API (completions, chat completions, streaming) with continuous batching.
     Serve(ServeArgs),
+    /// Convert a Hugging Face checkpoint (Llama, Qwen2, Qwen3; safetensors) to GGUF as llama.cpp's converter does.
+    Convert(ConvertArgs),
     /// Fetch a known model into the models directory.
     Fetch {
         /// Model name.
@@ -464,6 +466,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => cmd_perplexity(a),
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Serve(a) => cmd_serve(a),
+        Command::Convert(a) => cmd_convert(a),
         Command::Fetch { name } => cmd_fetch(&name).map(|_| ()),
     };
     match res {
@@ -490,6 +493,33 @@ fn error_chain(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// The Hugging Face model directory (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
+    hf_dir: PathBuf,
+    /// The GGUF file to write (replaced; written to FILE.partial first).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Type of the matrices: f16 and q8_0 as llama.cpp's convert_hf_to_gguf.py, q4_0 as `llama-quantize --pure`
+    /// of the f16 file.
+    #[arg(long = "type", default_value = "f16")]
+    ty: pinion_convert::OutType,
+}
+
+fn cmd_convert(a: ConvertArgs) -> Result<()> {
+    let params = pinion_convert::ConvertParams { model_dir: &a.hf_dir, out: &a.out, out_type: a.ty };
+    let s = pinion_convert::convert(&params).with_context(|| format!("converting {}", a.hf_dir.display()))?;
+    eprintln!(
+        "pinion: wrote {} ({}, {} tensors, {} parameters, {} bytes)",
+        a.out.display(),
+        s.arch,
+        s.n_tensors,
+        s.n_params,
+        s.n_bytes
+    );
+    Ok(())
 }
 
 fn cmd_fetch(name: &str) -> Result<PathBuf> {

@@ -587,3 +587,40 @@ fn a_damaged_prepared_model_fails_with_the_checksum_error_and_prints_no_token() 
         let _ = std::fs::remove_dir_all(&copy);
     }
 }
+
+/// `pinion convert` writes the file llama.cpp's converter wrote for a test checkpoint (the convert crate's
+/// fixtures), byte for byte, and `pinion run` generates from it; a directory without a checkpoint is an error
+/// with a non-zero exit and no output file.
+#[test]
+fn convert_writes_the_reference_gguf_and_runs_it() {
+    let hf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../convert/tests/data/hf");
+    let out = temp("converted.q8_0.gguf", b"");
+    std::fs::remove_file(&out).unwrap();
+    let dir = hf.join("tiny-qwen2.5-instruct");
+    let o = pinion(&["convert", dir.to_str().unwrap(), "-o", &out, "--type", "q8_0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = std::fs::read(hf.join("tiny-qwen2.5-instruct.q8_0.gguf")).unwrap();
+    assert!(std::fs::read(&out).unwrap() == want, "converted file differs from the reference");
+    let r = pinion_json(&[
+        "run",
+        "-m",
+        &out,
+        "-p",
+        "hello",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--output-format",
+        "json",
+    ]);
+    assert_eq!(r["tokens"].as_array().map(Vec::len), Some(4), "{r}");
+
+    let missing = temp("missing.gguf", b"");
+    std::fs::remove_file(&missing).unwrap();
+    let o = pinion(&["convert", "/nonexistent/hf-dir", "-o", &missing]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("error:"), "{}", stderr(&o));
+    assert!(!std::path::Path::new(&missing).exists());
+}
