@@ -159,7 +159,7 @@ impl QuantizedActs {
                 let nb = n_cols / QK_K;
                 self.q8k.resize(n_rows * nb, bytemuck::Zeroable::zeroed());
                 for (xr, out) in x.chunks_exact(n_cols).zip(self.q8k.chunks_exact_mut(nb)) {
-                    scalar::quantize_row_q8k(xr, out);
+                    kernels::quantize_q8k(path, xr, out);
                 }
             }
             _ => unreachable!("vec_dot_type returned {ty}"),

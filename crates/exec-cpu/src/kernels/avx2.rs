@@ -418,6 +418,16 @@ fn pack_store(q: [__m256i; 4], out: &mut [i8; 32]) {
 /// AVX2 version of [`super::scalar::quantize_row_q8_0`] (same bits).
 ///
 /// # Safety
+/// [`super::scalar::quantize_row_q8k`] compiled for AVX2 (so SSE4.1's rounding instruction replaces a call to
+/// libm's `rintf` per value): the same round-half-to-even results.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row_q8k(x: &[f32], out: &mut [pinion_format::quant::BlockQ8K]) {
+    super::scalar::quantize_row_q8k(x, out);
+}
+
 /// The CPU must support AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {

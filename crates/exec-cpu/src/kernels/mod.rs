@@ -215,6 +215,18 @@ pub(crate) fn quantize_q8_0(path: KernelPath, x: &[f32], out: &mut [BlockQ8_0]) 
     }
 }
 
+/// Quantizes a row to Q8_K (all paths give the same bits).
+pub(crate) fn quantize_q8k(path: KernelPath, x: &[f32], out: &mut [BlockQ8K]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512 => {
+            // SAFETY: callers pass only supported paths (`check`), and both imply AVX2.
+            unsafe { avx2::quantize_row_q8k(x, out) }
+        }
+        _ => scalar::quantize_row_q8k(x, out),
+    }
+}
+
 /// Quantizes a row to Q8_1 (all paths give the same bits).
 pub(crate) fn quantize_q8_1(path: KernelPath, x: &[f32], out: &mut [BlockQ8_1]) {
     match path {

@@ -68,27 +68,10 @@ pub(crate) fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
-/// Quantizes `x` to Q8_K blocks as ggml's `quantize_row_q8_K_ref` (which x86 uses too). With SSE4.1 the same
-/// code is compiled with the rounding instruction instead of a call to libm's `rintf` per value (the same
-/// round-half-to-even results).
-pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("sse4.1") {
-        // SAFETY: the CPU supports SSE4.1, the only feature the function enables.
-        unsafe { quantize_row_q8k_sse41(x, out) };
-        return;
-    }
-    quantize_row_q8k_body(x, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.1")]
-unsafe fn quantize_row_q8k_sse41(x: &[f32], out: &mut [BlockQ8K]) {
-    quantize_row_q8k_body(x, out);
-}
-
+/// Quantizes `x` to Q8_K blocks as ggml's `quantize_row_q8_K_ref` (which x86 uses too). Always inlined, so
+/// that [`super::avx2::quantize_row_q8k`] compiles it with the rounding instruction.
 #[inline(always)]
-fn quantize_row_q8k_body(x: &[f32], out: &mut [BlockQ8K]) {
+pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * QK_K);
     for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let mut max = 0.0f32;
