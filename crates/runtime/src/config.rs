@@ -384,8 +384,8 @@ impl ModelConfig {
 }
 
 /// The linear RoPE scaling of a file, as llama.cpp reads it: `1 / factor`, the factor from
-/// `rope.scaling.factor` or else the older `rope.scale_linear`, 1 when neither is given (or is 0). A factor that
-/// is not finite and positive is refused.
+/// `rope.scaling.factor` or else the older `rope.scale_linear`, 1 when neither is given (or is 0). A negative
+/// or non-finite factor is refused.
 fn rope_freq_scale(g: &Gguf<'_>, arch: &str) -> Result<f32, RuntimeError> {
     let key = |k: &str| format!("{arch}.{k}");
     let mut factor = 0.0;
