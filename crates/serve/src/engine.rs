@@ -86,11 +86,6 @@ pub(crate) struct Engine<'c, 'm> {
 /// after [`GRACE`]), or every sender of `jobs` is gone.
 pub(crate) fn run(ctx: &mut Context<'_>, jobs: &Receiver<Job>, metrics: Arc<Metrics>, shutdown: &AtomicBool) {
     let n = ctx.n_seq();
-    {
-        let mut e = metrics.engine.lock().unwrap_or_else(|p| p.into_inner());
-        e.slots = n;
-        e.budget = ctx.plan().map(|p| p.memory.budget);
-    }
     let mut engine = Engine {
         ctx,
         metrics,

@@ -79,6 +79,12 @@ pub fn serve(
         .map_err(ServeError::Http)?;
     let (jobs, rx) = crossbeam_channel::unbounded();
     let metrics = Arc::new(metrics::Metrics::default());
+    {
+        // Set before the first connection is accepted: /metrics shows the slots and budget from the start.
+        let mut e = metrics.engine.lock().unwrap_or_else(|p| p.into_inner());
+        e.slots = ctx.n_seq();
+        e.budget = ctx.plan().map(|p| p.memory.budget);
+    }
     let shutdown = Arc::new(AtomicBool::new(false));
     let state = http::AppState {
         jobs,
