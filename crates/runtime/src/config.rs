@@ -40,6 +40,39 @@ pub struct ModelConfig {
     /// Linear RoPE scaling: positions are multiplied by this (`1 / rope.scaling.factor`, 1 without scaling;
     /// the sliding-window layers are not scaled: [`ModelConfig::rope_scale`]).
     pub rope_freq_scale: f32,
+    /// Mixture of experts: every layer's FFN is `n_expert` experts of `n_ff` neurons each, `n_expert_used` of
+    /// them run per token (`None`: a dense FFN of `n_ff` neurons).
+    pub moe: Option<MoeConfig>,
+}
+
+/// The mixture-of-experts hyper-parameters of a model (every layer routed, no shared experts), as llama.cpp's
+/// `build_moe_ffn` computes them: router logits `ffn_gate_inp · x`, their softmax over the experts, the
+/// `n_expert_used` most probable experts (ties in llama.cpp's `argsort` order), their probabilities
+/// renormalized to sum to 1 where [`MoeConfig::norm_weights`], each chosen expert's SwiGLU FFN scaled by its
+/// weight and the results added in the order of the choice (most probable first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Experts per layer (`{arch}.expert_count`).
+    pub n_expert: usize,
+    /// Experts each token runs (`{arch}.expert_used_count`).
+    pub n_expert_used: usize,
+    /// The chosen experts' probabilities are divided by their sum ([`MoeSpec::norm_weights`]).
+    pub norm_weights: bool,
+}
+
+/// How an architecture's mixture-of-experts FFN is computed, where it has one (the arguments llama.cpp's
+/// graph of the architecture passes to `build_moe_ffn`). The gating function is a softmax for every
+/// architecture pinion runs; others are refused at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeSpec {
+    /// Every layer is a mixture of experts: a file without `expert_count` is refused (qwen3moe). Otherwise the
+    /// file chooses (llama: Mixtral when it has experts).
+    pub required: bool,
+    /// The chosen experts' probabilities are renormalized to sum to 1 (`norm_w`; true for llama and qwen3moe).
+    pub norm_weights: bool,
+    /// The experts' FFN width is `{arch}.expert_feed_forward_length`, else `feed_forward_length /
+    /// expert_used_count` (qwen3moe); without this, `feed_forward_length` (llama).
+    pub expert_ff_key: bool,
 }
 
 /// How an architecture's decoder block differs from llama's: the one place the loader and the forward pass
@@ -69,6 +102,8 @@ pub struct ArchSpec {
     pub ffn_act: FfnActivation,
     /// The architecture's turn format, for files that carry no chat template (Jinja, as Hugging Face's).
     pub chat_template: Option<&'static str>,
+    /// The mixture-of-experts FFN the architecture may have (`None`: a file with experts is refused).
+    pub moe: Option<MoeSpec>,
 }
 
 /// Gemma's turn format (as Google's template: a system message opens the first user turn, the assistant is
@@ -94,11 +129,22 @@ impl ArchSpec {
             swa_pattern: None,
             ffn_act: FfnActivation::Silu,
             chat_template: None,
+            moe: None,
         };
+        let qwen3 = ArchSpec { rope: RopeMode::Neox, qk_norm: true, rope_factors: false, ..llama };
         match arch {
-            "llama" | "mistral" | "smollm" | "granite" => Some(llama),
+            // Mixtral is a llama file with experts (llama.cpp: `norm_w` true, softmax gating).
+            "llama" => Some(ArchSpec {
+                moe: Some(MoeSpec { required: false, norm_weights: true, expert_ff_key: false }),
+                ..llama
+            }),
+            "mistral" | "smollm" | "granite" => Some(llama),
             "qwen2" => Some(ArchSpec { rope: RopeMode::Neox, qkv_bias: true, rope_factors: false, ..llama }),
-            "qwen3" => Some(ArchSpec { rope: RopeMode::Neox, qk_norm: true, rope_factors: false, ..llama }),
+            "qwen3" => Some(qwen3),
+            "qwen3moe" => Some(ArchSpec {
+                moe: Some(MoeSpec { required: true, norm_weights: true, expert_ff_key: true }),
+                ..qwen3
+            }),
             "gemma3" => Some(ArchSpec {
                 rope: RopeMode::Neox,
                 scale_embeddings: true,
@@ -110,6 +156,7 @@ impl ArchSpec {
                 swa_pattern: Some(6),
                 ffn_act: FfnActivation::Gelu,
                 chat_template: Some(GEMMA_TEMPLATE),
+                moe: None,
             }),
             _ => None,
         }
@@ -238,7 +285,27 @@ impl ModelConfig {
         };
         let n_layers = bounded("block_count", MAX_LAYERS)?;
         let d_model = bounded("embedding_length", MAX_WIDTH)?;
-        let n_ff = bounded("feed_forward_length", MAX_WIDTH)?;
+        let moe = moe_config(g, &arch, spec.moe)?;
+        let n_ff = match moe {
+            // qwen3moe: the experts' width, else the FFN width shared among the used experts (as llama.cpp).
+            Some(m) if spec.moe.is_some_and(|s| s.expert_ff_key) => {
+                let k = key("expert_feed_forward_length");
+                if g.get(&k).is_some() && g.get_u64(&k)? != 0 {
+                    bounded("expert_feed_forward_length", MAX_WIDTH)?
+                } else {
+                    match bounded("feed_forward_length", MAX_WIDTH)? / m.n_expert_used {
+                        0 => {
+                            return Err(RuntimeError::BadHyperParameter {
+                                key: k,
+                                value: "absent, and feed_forward_length / expert_used_count is 0".into(),
+                            });
+                        }
+                        n => n,
+                    }
+                }
+            }
+            _ => bounded("feed_forward_length", MAX_WIDTH)?,
+        };
         let n_heads = bounded("attention.head_count", MAX_HEADS)?;
         let n_kv_heads = match g.get(&key("attention.head_count_kv")) {
             Some(_) => bounded("attention.head_count_kv", MAX_HEADS)?,
@@ -290,9 +357,6 @@ impl ModelConfig {
                 })?
             }
         };
-        if g.get(&key("expert_count")).is_some() {
-            return Err(RuntimeError::UnsupportedArchitecture { arch: format!("{arch} with experts (MoE)") });
-        }
         refuse_unimplemented(g, &arch)?;
         let sliding_window = match spec.swa_pattern {
             // As llama.cpp: no window (or 0) means every layer attends globally.
@@ -350,6 +414,7 @@ impl ModelConfig {
             swa_pattern,
             rope_freq_base_swa,
             rope_freq_scale,
+            moe,
         })
     }
 
@@ -401,6 +466,120 @@ fn rope_freq_scale(g: &Gguf<'_>, arch: &str) -> Result<f32, RuntimeError> {
         }
     }
     Ok(if factor == 0.0 { 1.0 } else { 1.0 / factor })
+}
+
+/// Most experts per layer (llama.cpp's `LLAMA_MAX_EXPERTS`).
+const MAX_EXPERTS: u64 = 1024;
+
+/// Mixture-of-experts metadata pinion does not implement, refused by name when present with other than its
+/// neutral value (0, or 1 for the expert group counts: one group is no grouping): what each asks for.
+const MOE_UNIMPLEMENTED: &[(&str, &str)] = &[
+    ("expert_shared_count", "shared experts"),
+    ("expert_shared_feed_forward_length", "shared experts"),
+    ("expert_group_count", "expert groups"),
+    ("expert_group_used_count", "expert groups"),
+    ("leading_dense_block_count", "leading dense layers"),
+    ("moe_every_n_layers", "dense layers between expert layers"),
+    ("interleave_moe_layer_step", "dense layers between expert layers"),
+    ("expert_chunk_feed_forward_length", "chunked experts"),
+    ("expert_latent_length", "latent experts"),
+    ("moe_latent_size", "latent experts"),
+    ("swiglu_clamp_exp", "clamped expert SwiGLU"),
+    ("router_logit_softcapping", "router logit soft-capping"),
+    ("expert_group_scale", "expert group scaling"),
+];
+
+/// The mixture of experts of a file (`None`: dense), checked against what the architecture computes
+/// (`spec`): refused by name when the architecture has none, when it needs one and the file has none, or when
+/// the file asks for routing pinion does not implement (shared experts, expert groups, a gating function
+/// other than softmax, weights scaled or not renormalized where llama.cpp would, ...).
+fn moe_config(g: &Gguf<'_>, arch: &str, spec: Option<MoeSpec>) -> Result<Option<MoeConfig>, RuntimeError> {
+    let key = |k: &str| format!("{arch}.{k}");
+    // llama.cpp reads an expert count of 0 as a dense model.
+    let n_expert = match g.get(&key("expert_count")) {
+        Some(_) => g.get_u64(&key("expert_count"))?,
+        None => 0,
+    };
+    let Some(spec) = spec else {
+        if n_expert > 0 {
+            return Err(RuntimeError::UnsupportedArchitecture { arch: format!("{arch} with experts (MoE)") });
+        }
+        return Ok(None);
+    };
+    if n_expert == 0 {
+        if spec.required {
+            return Err(RuntimeError::BadHyperParameter {
+                key: key("expert_count"),
+                value: format!("{n_expert} (absent or 0; {arch} needs experts)"),
+            });
+        }
+        return Ok(None);
+    }
+    let bad = |k: &str, value: String| RuntimeError::BadHyperParameter { key: key(k), value };
+    if !(2..=MAX_EXPERTS).contains(&n_expert) {
+        return Err(bad("expert_count", format!("{n_expert} (expected 2 to {MAX_EXPERTS})")));
+    }
+    let used = match g.get(&key("expert_used_count")) {
+        Some(pinion_format::Value::Array(_)) => {
+            return Err(RuntimeError::Unsupported {
+                what: format!(
+                    "a number of used experts per layer ({} is an array)",
+                    key("expert_used_count")
+                ),
+            });
+        }
+        Some(_) => g.get_u64(&key("expert_used_count"))?,
+        None => 0,
+    };
+    if used == 0 || used > n_expert {
+        return Err(bad("expert_used_count", format!("{used} (expected 1 to expert_count, {n_expert})")));
+    }
+    for &(k, what) in MOE_UNIMPLEMENTED {
+        let Some(v) = g.get(&key(k)) else { continue };
+        let neutral = match v.as_f64() {
+            Some(x) => x == 0.0 || (k.starts_with("expert_group_") && x == 1.0),
+            None => false,
+        };
+        if !neutral {
+            return Err(RuntimeError::Unsupported { what: format!("{what} ({})", key(k)) });
+        }
+    }
+    // llama.cpp passes llama and qwen3moe's graphs a fixed softmax gating and renormalization; a file asking
+    // for other routing was made for another model, whose outputs pinion would not reproduce.
+    if let Some(v) = g.get(&key("expert_gating_func")) {
+        if v.as_u64() != Some(1) {
+            return Err(RuntimeError::Unsupported {
+                what: format!(
+                    "expert gating function {v:?} other than softmax ({})",
+                    key("expert_gating_func")
+                ),
+            });
+        }
+    }
+    if g.get(&key("expert_weights_norm")).is_some()
+        && g.get_bool(&key("expert_weights_norm"))? != spec.norm_weights
+    {
+        return Err(RuntimeError::Unsupported {
+            what: format!(
+                "expert weights {}normalized, which {arch} does not do ({})",
+                if spec.norm_weights { "not " } else { "" },
+                key("expert_weights_norm")
+            ),
+        });
+    }
+    if let Some(v) = g.get(&key("expert_weights_scale")) {
+        let s = v.as_f64();
+        if s != Some(0.0) && s != Some(1.0) {
+            return Err(RuntimeError::Unsupported {
+                what: format!("expert weights scaled by {v:?} ({})", key("expert_weights_scale")),
+            });
+        }
+    }
+    Ok(Some(MoeConfig {
+        n_expert: n_expert as usize,
+        n_expert_used: used as usize,
+        norm_weights: spec.norm_weights,
+    }))
 }
 
 /// Refuses, by name, metadata for computations pinion does not implement (rather than ignoring them): RoPE
@@ -482,8 +661,11 @@ impl ContextParams {
     pub fn scratch_bytes(&self, c: &ModelConfig) -> u64 {
         let ub = self.n_ubatch.clamp(1, self.n_ctx.max(1)).max(self.n_seq);
         let (d, qd) = (c.d_model, c.n_heads * c.head_dim);
-        let floats =
-            ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff) + c.n_vocab * self.n_seq.max(1);
+        // A mixture of experts also keeps per token its router logits, chosen experts and weights, the chosen
+        // experts' outputs, and a gathered input row.
+        let moe = c.moe.map_or(0, |m| m.n_expert + m.n_expert_used * (d + 2) + d);
+        let floats = ub * (3 * d + d.max(qd) + 2 * qd + 2 * c.kv_dim() + 4 * c.n_ff + moe)
+            + c.n_vocab * self.n_seq.max(1);
         // f32 values, plus the quantized copy of the widest activation row.
         (4 * floats + ub * c.n_ff.max(d) * 2) as u64
     }

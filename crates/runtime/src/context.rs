@@ -11,6 +11,7 @@ use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
 use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, forward};
 use crate::model::{FfnWeights, Model};
+use crate::moe::MoeScratch;
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
 use crate::rule::FfnRule;
@@ -104,7 +105,7 @@ impl<'m> Context<'m> {
         let shapes: Vec<DenseShape> = model
             .layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo])
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo].map(Clone::clone))
             .chain(model.layers.iter().flat_map(|l| l.dense_ffn()))
             .map(|w| DenseShape { ty: w.ty, n_rows: w.n_rows, n_cols: w.n_cols })
             .collect();
@@ -128,6 +129,7 @@ impl<'m> Context<'m> {
             packed: PackedScratch::default(),
             head_tmp: Vec::new(),
             head: vec![0.0; c.head_dim],
+            moe: MoeScratch::new(c.moe, ub, d),
         };
         let mut ctx = Context {
             model,
@@ -164,6 +166,7 @@ impl<'m> Context<'m> {
         opts: PlanOptions,
         device: &DeviceProfile,
     ) -> Result<Context<'m>, RuntimeError> {
+        model.check_not_moe("running under a memory budget")?;
         if !model.is_packed() {
             return Err(RuntimeError::NotPacked);
         }
@@ -272,6 +275,7 @@ impl<'m> Context<'m> {
     pub fn set_ffn_rule(&mut self, rule: Option<FfnRule>) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if let Some(r) = &rule {
+            self.model.check_not_moe("a sparsity rule (thresholds)")?;
             r.check(c.n_layers, c.n_ff)?;
         }
         self.neuron_thresholds = match &rule {
@@ -279,7 +283,7 @@ impl<'m> Context<'m> {
                 .map(|l| {
                     let order = match &self.model.layers[l].ffn {
                         FfnWeights::Packed(pl) => Some(&pl.order[..]),
-                        FfnWeights::Dense { .. } => None,
+                        FfnWeights::Dense { .. } | FfnWeights::Moe(_) => None,
                     };
                     r.neuron_thresholds(l, order).expect("a rule with scales")
                 })
@@ -367,6 +371,7 @@ impl<'m> Context<'m> {
         if self.model.is_packed() {
             return Err(RuntimeError::ProfilePacked);
         }
+        self.model.check_not_moe("profiling activations")?;
         let d_in_ok = profile.d_in() == 0 || profile.d_in() == c.d_model;
         if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff || !d_in_ok {
             return Err(RuntimeError::ProfileShape {

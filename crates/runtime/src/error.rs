@@ -40,7 +40,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Metadata(#[from] pinion_format::FormatError),
     #[error(
-        "architecture '{arch}' is not supported (pinion runs llama, mistral, smollm, granite, qwen2, qwen3 and gemma3 models)"
+        "architecture '{arch}' is not supported (pinion runs llama (and Mixtral), mistral, smollm, granite, qwen2, qwen3, qwen3moe and gemma3 models)"
     )]
     UnsupportedArchitecture { arch: String },
     /// The file asks for a computation pinion does not implement (named), rather than having it ignored.
@@ -84,6 +84,9 @@ pub enum RuntimeError {
     BadPredictors { got: usize, n_layers: usize },
     #[error("this needs a packed model (prepare one with `cargo xtask prepare`)")]
     NotPacked,
+    /// Profiling, calibrating, packing or offloading a mixture-of-experts model (named `what`).
+    #[error("mixture-of-experts models run in memory only for now ({what} needs a dense FFN)")]
+    MoeInMemoryOnly { what: &'static str },
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
 }

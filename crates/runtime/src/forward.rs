@@ -16,7 +16,8 @@ use crate::ffn::{
     Mapped, PackedScratch, Selection, cluster_decode_rows, decode_inputs, packed_decode, packed_ffn,
     sparse_spec,
 };
-use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
+use crate::model::{FfnWeights, LayerWeights, Model, MoeWeights, WeightRef};
+use crate::moe::{FfnBuffers, MoeScratch, moe_ffn};
 use crate::offload::Offload;
 
 /// What [`Context::eval`](crate::Context::eval) returns logits for.
@@ -46,6 +47,8 @@ pub(crate) struct Scratch {
     pub(crate) head_tmp: Vec<f32>,
     /// One attention head's values (per-head norms).
     pub(crate) head: Vec<f32>,
+    /// The mixture-of-experts FFN's buffers (empty for a dense model).
+    pub(crate) moe: MoeScratch,
 }
 
 /// One sequence's KV cache: keys and values per layer (f16, `n_ctx x kv_dim`), and how many tokens it holds.
@@ -86,7 +89,12 @@ pub(crate) enum Par<'a> {
 }
 
 impl Par<'_> {
-    fn matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), RuntimeError> {
+    pub(crate) fn matmul(
+        self,
+        w: &QMatrix<'_>,
+        acts: &QuantizedActs,
+        out: &mut [f32],
+    ) -> Result<(), RuntimeError> {
         match self {
             Par::Batch(d) => d.matmul(w, acts, out)?,
             Par::Spin(p) => exec::matmul_on(p, w, acts, out),
@@ -138,6 +146,8 @@ enum FfnSource<'a> {
     Packed(&'a PackedLayer),
     /// A packed layer of an offloaded run.
     Offloaded(&'a PackedLayer),
+    /// A mixture of experts of a GGUF (in memory only).
+    Moe(&'a MoeWeights),
 }
 
 impl<'a> FfnSource<'a> {
@@ -146,6 +156,7 @@ impl<'a> FfnSource<'a> {
             (FfnWeights::Dense { gate, up, down }, _) => FfnSource::Dense { gate, up, down },
             (FfnWeights::Packed(pl), false) => FfnSource::Packed(pl),
             (FfnWeights::Packed(pl), true) => FfnSource::Offloaded(pl),
+            (FfnWeights::Moe(m), _) => FfnSource::Moe(m),
         }
     }
 }
@@ -305,6 +316,13 @@ pub(crate) fn forward(
                 c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], t);
                 s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
                 par.matmul(&wd, &s.acts, out)?;
+            }
+            (FfnSource::Moe(mw), _) => {
+                if ffn.profile.is_some() {
+                    return Err(RuntimeError::MoeInMemoryOnly { what: "profiling activations" });
+                }
+                let b = FfnBuffers { acts: &mut s.acts, gate: &mut s.gate, up: &mut s.up };
+                moe_ffn(model, par, mw, c.ffn_act, xn, &mut s.moe, b, out)?;
             }
             (FfnSource::Packed(pl), Par::Spin(pool)) if n == 1 => {
                 packed_decode(

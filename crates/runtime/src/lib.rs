@@ -18,6 +18,7 @@ mod ffn;
 mod forward;
 mod generate;
 mod model;
+mod moe;
 mod offload;
 mod perplexity;
 pub mod planning;
@@ -27,6 +28,7 @@ mod sampler;
 pub use crate::bench::{BenchResult, BenchTest, run_bench};
 pub use crate::config::{
     ArchSpec, ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
+    MoeConfig, MoeSpec,
 };
 pub use crate::context::{Context, OFFLOAD_CHUNK};
 pub use crate::error::RuntimeError;

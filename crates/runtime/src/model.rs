@@ -11,7 +11,7 @@ use pinion_io::MappedFile;
 use pinion_predictor::LowRankPredictor;
 use pinion_tokenizer::Tokenizer;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, MoeConfig};
 use crate::error::RuntimeError;
 use crate::rule::FfnRule;
 
@@ -57,10 +57,14 @@ pub(crate) struct LayerWeights {
 }
 
 impl LayerWeights {
-    /// The dense FFN matrices of a GGUF layer (none for a packed layer).
-    pub(crate) fn dense_ffn(&self) -> Vec<&WeightRef> {
+    /// The FFN matrices a batch multiplies densely, for the dense executor's shapes: a GGUF layer's three, or
+    /// a mixture of experts' router and one expert's three (none for a packed layer).
+    pub(crate) fn dense_ffn(&self) -> Vec<WeightRef> {
         match &self.ffn {
-            FfnWeights::Dense { gate, up, down } => vec![gate, up, down],
+            FfnWeights::Dense { gate, up, down } => vec![gate.clone(), up.clone(), down.clone()],
+            FfnWeights::Moe(m) => {
+                vec![m.router.clone(), m.expert(&m.gate, 0), m.expert(&m.up, 0), m.expert(&m.down, 0)]
+            }
             FfnWeights::Packed(_) => Vec::new(),
         }
     }
@@ -73,6 +77,32 @@ pub(crate) enum FfnWeights {
     Dense { gate: WeightRef, up: WeightRef, down: WeightRef },
     /// Neuron-major records of a packed file (see `pinion_format::packed`); positions are in hotness order.
     Packed(PackedLayer),
+    /// A mixture of experts of a GGUF file (see [`crate::MoeConfig`]).
+    Moe(MoeWeights),
+}
+
+/// A mixture-of-experts FFN layer: the router and the experts' matrices, each expert's a contiguous block of
+/// rows of its 3-D tensor (GGUF dims `[n_cols, rows per expert, n_expert]`).
+#[derive(Debug)]
+pub(crate) struct MoeWeights {
+    /// `ffn_gate_inp`: one row of `d_model` per expert.
+    pub(crate) router: WeightRef,
+    /// `ffn_gate_exps`, `ffn_up_exps`: `n_ff` rows of `d_model` per expert.
+    pub(crate) gate: WeightRef,
+    pub(crate) up: WeightRef,
+    /// `ffn_down_exps`: `d_model` rows of `n_ff` per expert.
+    pub(crate) down: WeightRef,
+    pub(crate) cfg: MoeConfig,
+}
+
+impl MoeWeights {
+    /// Expert `e`'s rows of `w` (one of the experts' matrices).
+    pub(crate) fn expert(&self, w: &WeightRef, e: usize) -> WeightRef {
+        let rows = w.n_rows / self.cfg.n_expert;
+        let bytes = rows * w.row_bytes();
+        let start = w.range.start + e * bytes;
+        WeightRef { n_rows: rows, range: start..start + bytes, ..w.clone() }
+    }
 }
 
 /// The name of the packed model file inside a prepared directory.
@@ -256,6 +286,9 @@ impl Model {
             _ => None,
         };
         let is_packed = packed.is_some();
+        if is_packed && c.moe.is_some() {
+            return Err(RuntimeError::MoeInMemoryOnly { what: "a packed file" });
+        }
         if !is_packed {
             check_tensor_names(gguf, c)?;
         }
@@ -294,10 +327,24 @@ impl Model {
                     }
                     FfnWeights::Packed(pl)
                 }
-                None => FfnWeights::Dense {
-                    gate: matrix_ref(&name("ffn_gate"), c.d_model, c.n_ff)?,
-                    up: matrix_ref(&name("ffn_up"), c.d_model, c.n_ff)?,
-                    down: matrix_ref(&name("ffn_down"), c.n_ff, c.d_model)?,
+                None => match c.moe {
+                    Some(cfg) => {
+                        let experts = |what: &str, n_cols: usize, n_rows: usize| {
+                            experts_ref(gguf, base, &name(what), n_cols, n_rows, cfg.n_expert)
+                        };
+                        FfnWeights::Moe(MoeWeights {
+                            router: matrix_ref(&name("ffn_gate_inp"), c.d_model, cfg.n_expert)?,
+                            gate: experts("ffn_gate_exps", c.d_model, c.n_ff)?,
+                            up: experts("ffn_up_exps", c.d_model, c.n_ff)?,
+                            down: experts("ffn_down_exps", c.n_ff, c.d_model)?,
+                            cfg,
+                        })
+                    }
+                    None => FfnWeights::Dense {
+                        gate: matrix_ref(&name("ffn_gate"), c.d_model, c.n_ff)?,
+                        up: matrix_ref(&name("ffn_up"), c.d_model, c.n_ff)?,
+                        down: matrix_ref(&name("ffn_down"), c.n_ff, c.d_model)?,
+                    },
                 },
             };
             layers.push(LayerWeights {
@@ -385,7 +432,7 @@ impl Model {
                     // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
                     let order: Vec<u32> = match &layer.ffn {
                         FfnWeights::Packed(pl) => pl.order.clone(),
-                        FfnWeights::Dense { .. } => (0..c.n_ff as u32).collect(),
+                        FfnWeights::Dense { .. } | FfnWeights::Moe(_) => (0..c.n_ff as u32).collect(),
                     };
                     let r = pr.rank;
                     let w2p: Vec<f32> = order
@@ -445,6 +492,7 @@ impl Model {
             .map(|l| match &l.ffn {
                 FfnWeights::Packed(pl) => (pl.n_ff * (pl.gate_row_bytes() + pl.bundle_bytes())) as u64,
                 FfnWeights::Dense { gate, up, down } => len(gate) + len(up) + len(down),
+                FfnWeights::Moe(m) => len(&m.router) + len(&m.gate) + len(&m.up) + len(&m.down),
             })
             .sum();
         self.resident_weight_bytes() + ffn
@@ -479,7 +527,7 @@ impl Model {
             .iter()
             .map(|l| match &l.ffn {
                 FfnWeights::Packed(pl) => Some(pl),
-                FfnWeights::Dense { .. } => None,
+                FfnWeights::Dense { .. } | FfnWeights::Moe(_) => None,
             })
             .collect()
     }
@@ -530,14 +578,25 @@ impl Model {
         self.file.len()
     }
 
-    /// Bytes of all weights (the sum of tensor sizes).
+    /// Number of parameters (weights) of the model, all experts counted.
     pub fn n_params(&self) -> usize {
         let c = &self.config;
-        let per_layer = 2 * c.d_model
-            + c.d_model * (c.n_heads * c.head_dim) * 2
-            + c.d_model * c.kv_dim() * 2
-            + 3 * c.d_model * c.n_ff;
+        let ffn = match c.moe {
+            Some(m) => m.n_expert * (3 * c.d_model * c.n_ff + c.d_model),
+            None => 3 * c.d_model * c.n_ff,
+        };
+        let per_layer =
+            2 * c.d_model + c.d_model * (c.n_heads * c.head_dim) * 2 + c.d_model * c.kv_dim() * 2 + ffn;
         c.n_vocab * c.d_model + c.d_model + per_layer * c.n_layers
+    }
+
+    /// Refuses what needs a dense or packed FFN (profiling, calibrating, packing, offloading, sparsity rules)
+    /// on a mixture-of-experts model, naming `what`: such models run in memory only for now.
+    pub fn check_not_moe(&self, what: &'static str) -> Result<(), RuntimeError> {
+        match self.config.moe {
+            Some(_) => Err(RuntimeError::MoeInMemoryOnly { what }),
+            None => Ok(()),
+        }
     }
 
     /// A view of a weight matrix in the mapped file.
@@ -560,17 +619,11 @@ impl Model {
 /// Refuses a GGUF holding a tensor the forward pass would not use (a computation pinion does not implement
 /// would otherwise be silently skipped), naming it.
 fn check_tensor_names(g: &Gguf<'_>, c: &ModelConfig) -> Result<(), RuntimeError> {
-    let mut per_layer = vec![
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
+    let mut per_layer = vec!["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"];
+    match c.moe {
+        Some(_) => per_layer.extend(["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]),
+        None => per_layer.extend(["ffn_gate", "ffn_up", "ffn_down"]),
+    }
     if c.spec.qk_norm {
         per_layer.extend(["attn_q_norm", "attn_k_norm"]);
     }
@@ -624,6 +677,33 @@ fn matrix_ref(
     let start = base + (g.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
     Ok(WeightRef { ty: info.ty, n_rows, n_cols, range, name: name.into() })
+}
+
+/// The 3-D tensor `name` of `n_expert` experts' matrices of `n_rows` rows of `n_cols` (GGUF dims `[n_cols,
+/// n_rows, n_expert]`), as one matrix of `n_expert * n_rows` rows (expert `e`: [`MoeWeights::expert`]).
+fn experts_ref(
+    g: &Gguf<'_>,
+    base: usize,
+    name: &str,
+    n_cols: usize,
+    n_rows: usize,
+    n_expert: usize,
+) -> Result<WeightRef, RuntimeError> {
+    let info =
+        g.tensor_info(name).ok_or_else(|| pinion_format::FormatError::MissingTensor { name: name.into() })?;
+    let expected = [n_cols as u64, n_rows as u64, n_expert as u64];
+    if info.dims != expected {
+        return Err(RuntimeError::BadTensor {
+            name: name.to_string(),
+            why: format!("shape {:?}, expected {:?}", info.dims, expected),
+        });
+    }
+    if pinion_exec_cpu::vec_dot_type(info.ty).is_none() {
+        return Err(RuntimeError::UnsupportedWeightType { name: name.to_string(), ty: info.ty });
+    }
+    let start = base + (g.data_offset + info.offset) as usize;
+    let range = start..start + info.n_bytes() as usize;
+    Ok(WeightRef { ty: info.ty, n_rows: n_rows * n_expert, n_cols, range, name: name.into() })
 }
 
 /// Layer `l`'s bias of projection `what` (`blk.{l}.{what}.bias`), `n` values.

@@ -20,6 +20,7 @@ pub fn plan_input(
     predicting: bool,
 ) -> Result<PlanInput, RuntimeError> {
     let c = model.config();
+    model.check_not_moe("planning a run under a memory budget")?;
     let packed = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
     let attention: u64 =
         model.layers.iter().map(|l| l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes()).sum();

@@ -180,6 +180,7 @@ impl Offload {
         match &model.layers[l].ffn {
             FfnWeights::Packed(pl) => Ok(pl),
             FfnWeights::Dense { .. } => Err(RuntimeError::NotPacked),
+            FfnWeights::Moe(_) => Err(RuntimeError::MoeInMemoryOnly { what: "offloading" }),
         }
     }
 

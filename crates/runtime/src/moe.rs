@@ -1,0 +1,384 @@
+//! The mixture-of-experts FFN, as llama.cpp's `build_moe_ffn` computes it for the architectures pinion runs
+//! (llama/Mixtral, qwen3moe; [`crate::MoeConfig`]).
+//!
+//! Per token: router logits `ffn_gate_inp · x` (a matmul like any other), their softmax over the experts (ggml's
+//! `soft_max` as its AVX-512 build computes it: [`softmax_ggml`]), the experts sorted by probability with
+//! ggml's CPU `argsort`, which is libstdc++'s `std::sort` (not stable: [`argsort_desc`] reproduces its order of
+//! ties), the first `n_expert_used` kept, their probabilities divided by their sum (summed in f64, clamped
+//! below at 2^-14, as `ggml_sum_rows`, `ggml_clamp`, `ggml_div`) where the architecture renormalizes, then each
+//! chosen expert's FFN (SwiGLU) times its weight, added in the order of the choice: `((e0·w0 + e1·w1) + e2·w2)
+//! ...`, each product and sum rounded to f32, as ggml's `mul` and chain of `add`s.
+//!
+//! A pass of several tokens (prefill, perplexity, a decode step of several sequences) runs each expert once
+//! over the tokens routed to it: their rows are gathered, the expert's three matmuls run on them, and each
+//! token's result goes to its (token, slot) place; the weighted sum is then formed per token in slot order.
+//! Every product is per row (an activation row is quantized on its own, and a matmul's element does not depend
+//! on the other rows, as ggml's `mul_mat_id`), so a token gets the bits it gets alone. One token (decode) is the
+//! same code with one token per chosen expert: only the chosen experts' weights are read.
+
+use pinion_exec_cpu::{self as exec, QuantizedActs};
+
+use crate::config::{FfnActivation, MoeConfig};
+use crate::error::RuntimeError;
+use crate::forward::Par;
+use crate::model::{Model, MoeWeights};
+
+/// The smallest weight sum llama.cpp divides by (`ggml_clamp` to the smallest normal f16, 2^-14).
+const MIN_WEIGHT_SUM: f32 = 6.103_515_6e-5;
+
+/// Buffers of the mixture-of-experts FFN, sized once for a context's largest pass (nothing is allocated per
+/// token).
+#[derive(Default)]
+pub(crate) struct MoeScratch {
+    /// Router logits, then probabilities (`n x n_expert`).
+    probs: Vec<f32>,
+    /// The experts sorted by probability (one row's, `n_expert`).
+    order: Vec<u32>,
+    /// Per (token, slot): the chosen expert and its weight (`n x n_expert_used`).
+    chosen: Vec<u32>,
+    weights: Vec<f32>,
+    /// Per (token, slot): the expert's output (`n x n_expert_used x d_model`).
+    outs: Vec<f32>,
+    /// The rows routed to one expert (`n x d_model`): its inputs gathered, then its outputs.
+    rows: Vec<f32>,
+    /// The (token, slot) pairs routed to one expert.
+    members: Vec<(u32, u32)>,
+}
+
+impl MoeScratch {
+    /// Buffers for passes of up to `n` tokens of a model with experts `m` (empty for a dense model).
+    pub(crate) fn new(m: Option<MoeConfig>, n: usize, d_model: usize) -> MoeScratch {
+        let Some(m) = m else { return MoeScratch::default() };
+        let k = m.n_expert_used;
+        MoeScratch {
+            probs: vec![0.0; n * m.n_expert],
+            order: Vec::with_capacity(m.n_expert),
+            chosen: vec![0; n * k],
+            weights: vec![0.0; n * k],
+            outs: vec![0.0; n * k * d_model],
+            rows: vec![0.0; n * d_model],
+            members: Vec::with_capacity(n * k),
+        }
+    }
+}
+
+/// The FFN buffers a pass shares with the dense FFN: the quantized activations and the gate and up outputs
+/// (each at least `n x n_ff`).
+pub(crate) struct FfnBuffers<'a> {
+    pub(crate) acts: &'a mut QuantizedActs,
+    pub(crate) gate: &'a mut [f32],
+    pub(crate) up: &'a mut [f32],
+}
+
+/// The mixture-of-experts FFN of `n` tokens: `xn` (`n x d`, FFN-normalized) in, `out` (`n x d`) out.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_ffn(
+    model: &Model,
+    par: Par<'_>,
+    w: &MoeWeights,
+    act: FfnActivation,
+    xn: &[f32],
+    s: &mut MoeScratch,
+    b: FfnBuffers<'_>,
+    out: &mut [f32],
+) -> Result<(), RuntimeError> {
+    let c = model.config();
+    let cfg = w.cfg;
+    let (d, ff, k, n_exp) = (c.d_model, c.n_ff, cfg.n_expert_used, cfg.n_expert);
+    let n = xn.len() / d;
+    // Routing.
+    let router = model.matrix(&w.router);
+    b.acts.quantize(router.ty, xn, d);
+    let probs = &mut s.probs[..n * n_exp];
+    par.matmul(&router, b.acts, probs)?;
+    for t in 0..n {
+        let p = &mut probs[t * n_exp..(t + 1) * n_exp];
+        softmax_ggml(p);
+        argsort_desc(p, &mut s.order);
+        let (chosen, weights) = (&mut s.chosen[t * k..(t + 1) * k], &mut s.weights[t * k..(t + 1) * k]);
+        for ((e, wt), &i) in chosen.iter_mut().zip(weights.iter_mut()).zip(&s.order) {
+            (*e, *wt) = (i, p[i as usize]);
+        }
+        if cfg.norm_weights {
+            let sum = weights.iter().map(|&v| v as f64).sum::<f64>() as f32;
+            let sum = sum.max(MIN_WEIGHT_SUM);
+            weights.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+    // Each expert once, over the tokens routed to it.
+    for e in 0..n_exp {
+        s.members.clear();
+        for (i, &ch) in s.chosen[..n * k].iter().enumerate() {
+            if ch as usize == e {
+                s.members.push(((i / k) as u32, (i % k) as u32));
+            }
+        }
+        let m = s.members.len();
+        if m == 0 {
+            continue;
+        }
+        let rows = &mut s.rows[..m * d];
+        for (r, &(t, _)) in rows.chunks_exact_mut(d).zip(&s.members) {
+            r.copy_from_slice(&xn[t as usize * d..(t as usize + 1) * d]);
+        }
+        let (wg, wu, wd) = (
+            model.matrix(&w.expert(&w.gate, e)),
+            model.matrix(&w.expert(&w.up, e)),
+            model.matrix(&w.expert(&w.down, e)),
+        );
+        let (gate, up) = (&mut b.gate[..m * ff], &mut b.up[..m * ff]);
+        b.acts.quantize(wg.ty, rows, d);
+        par.matmul(&wg, b.acts, gate)?;
+        if wu.ty != wg.ty {
+            b.acts.quantize(wu.ty, rows, d);
+        }
+        par.matmul(&wu, b.acts, up)?;
+        act.apply(gate, up, None);
+        b.acts.quantize(wd.ty, gate, ff);
+        par.matmul(&wd, b.acts, rows)?;
+        for (r, &(t, slot)) in rows.chunks_exact(d).zip(&s.members) {
+            let at = (t as usize * k + slot as usize) * d;
+            s.outs[at..at + d].copy_from_slice(r);
+        }
+    }
+    // The weighted sum, in slot order.
+    for (t, o) in out[..n * d].chunks_exact_mut(d).enumerate() {
+        for slot in 0..k {
+            let wt = s.weights[t * k + slot];
+            let at = (t * k + slot) * d;
+            let e = &s.outs[at..at + d];
+            if slot == 0 {
+                o.iter_mut().zip(e).for_each(|(o, &v)| *o = v * wt);
+            } else {
+                o.iter_mut().zip(e).for_each(|(o, &v)| *o += v * wt);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ggml's `soft_max` of one row (no mask, scale 1) as its AVX-512 build computes it: the maximum subtracted,
+/// `exp` of 16 lanes at a time with ggml's polynomial ([`exec::expf_ggml`]), each group's sum reduced as
+/// GCC's `_mm512_reduce_add_ps` does and added in f64, the remainder with libm's `expf`, then every value
+/// multiplied by `1 / sum` rounded to f32.
+pub(crate) fn softmax_ggml(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    let mut chunks = x.chunks_exact_mut(16);
+    for v in &mut chunks {
+        v.iter_mut().for_each(|v| *v = exec::expf_ggml(*v - max));
+        let t: [f32; 8] = std::array::from_fn(|j| v[j + 8] + v[j]);
+        let t: [f32; 4] = std::array::from_fn(|j| t[j + 4] + t[j]);
+        let t: [f32; 2] = std::array::from_fn(|j| t[j] + t[j + 2]);
+        sum += (t[0] + t[1]) as f64;
+    }
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let scale = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= scale);
+}
+
+/// The indices of `x` sorted by decreasing value as ggml's CPU `argsort` sorts them: libstdc++'s `std::sort`
+/// (introsort: median-of-three quicksort down to runs of 16, heapsort past a depth of `2 log2 n`, then
+/// insertion sort) with the comparison `x[a] > x[b]`, so that ties come out in its order (for up to 16
+/// values, index order; beyond, whatever the partitioning leaves).
+pub(crate) fn argsort_desc(x: &[f32], idx: &mut Vec<u32>) {
+    idx.clear();
+    idx.extend(0..x.len() as u32);
+    let less = |a: u32, b: u32| x[a as usize] > x[b as usize];
+    let n = idx.len();
+    if n > 1 {
+        introsort_loop(idx, 0, n, 2 * n.ilog2(), &less);
+        final_insertion_sort(idx, &less);
+    }
+}
+
+/// libstdc++'s `_S_threshold`.
+const SORT_THRESHOLD: usize = 16;
+
+fn introsort_loop(
+    v: &mut [u32],
+    first: usize,
+    mut last: usize,
+    mut depth: u32,
+    less: &dyn Fn(u32, u32) -> bool,
+) {
+    while last - first > SORT_THRESHOLD {
+        if depth == 0 {
+            heap_sort(&mut v[first..last], less);
+            return;
+        }
+        depth -= 1;
+        // __unguarded_partition_pivot: the median of (first + 1, mid, last - 1) moved to first.
+        let mid = first + (last - first) / 2;
+        move_median_to_first(v, first, first + 1, mid, last - 1, less);
+        let cut = unguarded_partition(v, first + 1, last, first, less);
+        introsort_loop(v, cut, last, depth, less);
+        last = cut;
+    }
+}
+
+fn move_median_to_first(
+    v: &mut [u32],
+    result: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+    less: &dyn Fn(u32, u32) -> bool,
+) {
+    let pick = if less(v[a], v[b]) {
+        if less(v[b], v[c]) {
+            b
+        } else if less(v[a], v[c]) {
+            c
+        } else {
+            a
+        }
+    } else if less(v[a], v[c]) {
+        a
+    } else if less(v[b], v[c]) {
+        c
+    } else {
+        b
+    };
+    v.swap(result, pick);
+}
+
+fn unguarded_partition(
+    v: &mut [u32],
+    mut first: usize,
+    mut last: usize,
+    pivot: usize,
+    less: &dyn Fn(u32, u32) -> bool,
+) -> usize {
+    loop {
+        while less(v[first], v[pivot]) {
+            first += 1;
+        }
+        last -= 1;
+        while less(v[pivot], v[last]) {
+            last -= 1;
+        }
+        if first >= last {
+            return first;
+        }
+        v.swap(first, last);
+        first += 1;
+    }
+}
+
+fn final_insertion_sort(v: &mut [u32], less: &dyn Fn(u32, u32) -> bool) {
+    if v.len() > SORT_THRESHOLD {
+        insertion_sort(&mut v[..SORT_THRESHOLD], less);
+        for i in SORT_THRESHOLD..v.len() {
+            unguarded_linear_insert(v, i, less);
+        }
+    } else {
+        insertion_sort(v, less);
+    }
+}
+
+fn insertion_sort(v: &mut [u32], less: &dyn Fn(u32, u32) -> bool) {
+    for i in 1..v.len() {
+        if less(v[i], v[0]) {
+            let val = v[i];
+            v.copy_within(0..i, 1);
+            v[0] = val;
+        } else {
+            unguarded_linear_insert(v, i, less);
+        }
+    }
+}
+
+fn unguarded_linear_insert(v: &mut [u32], mut last: usize, less: &dyn Fn(u32, u32) -> bool) {
+    let val = v[last];
+    while less(val, v[last - 1]) {
+        v[last] = v[last - 1];
+        last -= 1;
+    }
+    v[last] = val;
+}
+
+/// libstdc++'s `__partial_sort(first, last, last)`: `__make_heap`, then `__sort_heap`.
+fn heap_sort(v: &mut [u32], less: &dyn Fn(u32, u32) -> bool) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let value = v[parent];
+        adjust_heap(v, parent, len, value, less);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+    let mut last = len;
+    while last > 1 {
+        last -= 1;
+        // __pop_heap(first, last, last).
+        let value = v[last];
+        v[last] = v[0];
+        adjust_heap(v, 0, last, value, less);
+    }
+}
+
+fn adjust_heap(v: &mut [u32], mut hole: usize, len: usize, value: u32, less: &dyn Fn(u32, u32) -> bool) {
+    let top = hole;
+    let mut child = hole;
+    while child < (len - 1) / 2 {
+        child = 2 * (child + 1);
+        if less(v[child], v[child - 1]) {
+            child -= 1;
+        }
+        v[hole] = v[child];
+        hole = child;
+    }
+    if len & 1 == 0 && child == (len - 2) / 2 {
+        child = 2 * (child + 1);
+        v[hole] = v[child - 1];
+        hole = child - 1;
+    }
+    // __push_heap.
+    let mut parent = hole.wrapping_sub(1) / 2;
+    while hole > top && less(v[parent], value) {
+        v[hole] = v[parent];
+        hole = parent;
+        parent = hole.wrapping_sub(1) / 2;
+    }
+    v[hole] = value;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ties keep index order up to 16 values (insertion sort), as libstdc++ leaves them.
+    #[test]
+    fn argsort_small_ties_in_index_order() {
+        let x = [0.25, 0.5, 0.25, 0.5, 0.1, 0.5];
+        let mut idx = Vec::new();
+        argsort_desc(&x, &mut idx);
+        assert_eq!(idx, [1, 3, 5, 0, 2, 4]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        for n in [4, 8, 16, 20, 64, 128] {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32) * 0.3 - 1.0).collect();
+            let want: Vec<f64> = {
+                let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|v| v / s).collect()
+            };
+            softmax_ggml(&mut x);
+            for (a, b) in x.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 1e-6, "{n}: {a} vs {b}");
+            }
+        }
+    }
+}
