@@ -89,3 +89,17 @@ fn gguf_py_llama_rope_freqs_matches_llama_cpp() {
 fn gguf_py_llama_linear_matches_llama_cpp() {
     matches_llama_cpp("llama-linear");
 }
+
+/// Mixtral: a llama file with experts (4, 2 used per token): the router's softmax, the top-2 choice, the two
+/// weights renormalized to sum to 1, the experts' outputs added in the order of the choice.
+#[test]
+fn gguf_py_mixtral_matches_llama_cpp() {
+    matches_llama_cpp("mixtral");
+}
+
+/// Qwen3 MoE: qwen3's attention (per-head Q/K norms, key_length 32 on a width of 64), 8 experts of
+/// expert_feed_forward_length 64, 3 used per token.
+#[test]
+fn gguf_py_qwen3moe_matches_llama_cpp() {
+    matches_llama_cpp("qwen3moe");
+}

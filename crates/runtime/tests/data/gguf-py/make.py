@@ -8,13 +8,18 @@ tensors convert_hf_to_gguf.py writes for each architecture, deterministic (numpy
   llama-rope-freqs.gguf  Llama 3.1: rope_freqs.weight, the frequency factors convert_hf_to_gguf.py computes for
                          rope_type "llama3" (factor 8, low 1, high 4, original context 1024 at this scale)
   llama-linear.gguf      Llama with rope.scaling.type linear, factor 4
+  mixtral.gguf           Mixtral: a llama file with experts (expert_count 4, expert_used_count 2; ffn_gate_inp
+                         F32, the 3-D ffn_{gate,up,down}_exps)
+  qwen3moe.gguf          Qwen3 MoE: qwen3's attention, 8 experts of expert_feed_forward_length 64, 3 used
 
 Every file ties the output to the embeddings (no output.weight), as Qwen2.5 0.5B, Qwen3 0.6B and Llama 3.2 1B do.
 The tokenizer of every file is a byte-level BPE (tokenizer.ggml.model gpt2) of 509 tokens (256 bytes, 253
 merges learnt from text.txt) and 3 special tokens, with the architecture's pre-tokenizer (qwen2, llama-bpe).
 Weights are Q8_0 (matrices) and F32 (norms, biases, factors). The embeddings are small (std 0.02) so that the
 layers, not the current token's embedding, decide the output, and the output norm is large (20), so that the
-logits are peaked: top logits 11-18, top-2 gaps mostly above 0.1. Larger is not better: every rounding
+logits are peaked: top logits 11-18, top-2 gaps mostly above 0.1. The MoE routers (F32, as convert_hf_to_gguf.py
+keeps them) are scaled (std 2.5 of the logits) so that routing is decisive, most tokens' chosen experts well
+apart in probability, yet every expert is chosen for some tokens. Larger is not better: every rounding
 difference between the engines (a Q8_0 activation rounded the other way) moves the logits in proportion, and
 at 40 the perplexities of the two engines were up to 0.4% apart.
 
@@ -116,13 +121,19 @@ def q8(w, name, m):
 
 
 def write(path, arch, seed, *, d_model, n_heads, n_kv_heads, head_dim, n_ff, n_layers=2, out_scale=20.0, qk_scale=1.0,
-          qkv_bias=False, qk_norm=False, rope_base=10000.0, rope_freqs=None, linear=None, head_dim_keys=False):
+          qkv_bias=False, qk_norm=False, rope_base=10000.0, rope_freqs=None, linear=None, head_dim_keys=False,
+          n_expert=0, n_expert_used=0, n_ff_exp=None, router_scale=2.5):
     w = gguf.GGUFWriter(path, arch)
     w.add_name(os.path.splitext(os.path.basename(path))[0])
     w.add_block_count(n_layers)
     w.add_context_length(8192)
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(n_ff)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+    if n_ff_exp is not None:
+        w.add_expert_feed_forward_length(n_ff_exp)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
     if linear is not None:
@@ -165,9 +176,16 @@ def write(path, arch, seed, *, d_model, n_heads, n_kv_heads, head_dim, n_ff, n_l
             w.add_tensor(b + "attn_k_norm.weight", r.norm(head_dim, spread=0.3))
         q8(w, b + "attn_output.weight", r.matrix(d_model, qd))
         w.add_tensor(b + "ffn_norm.weight", r.norm(d_model))
-        q8(w, b + "ffn_gate.weight", r.matrix(n_ff, d_model))
-        q8(w, b + "ffn_up.weight", r.matrix(n_ff, d_model))
-        q8(w, b + "ffn_down.weight", r.matrix(d_model, n_ff))
+        if n_expert:
+            ff = n_ff if n_ff_exp is None else n_ff_exp
+            w.add_tensor(b + "ffn_gate_inp.weight", r.matrix(n_expert, d_model, router_scale))
+            q8(w, b + "ffn_gate_exps.weight", np.stack([r.matrix(ff, d_model) for _ in range(n_expert)]))
+            q8(w, b + "ffn_up_exps.weight", np.stack([r.matrix(ff, d_model) for _ in range(n_expert)]))
+            q8(w, b + "ffn_down_exps.weight", np.stack([r.matrix(d_model, ff) for _ in range(n_expert)]))
+        else:
+            q8(w, b + "ffn_gate.weight", r.matrix(n_ff, d_model))
+            q8(w, b + "ffn_up.weight", r.matrix(n_ff, d_model))
+            q8(w, b + "ffn_down.weight", r.matrix(d_model, n_ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -203,6 +221,13 @@ def main():
     write(os.path.join(out, "llama-rope-freqs.gguf"), "llama", 4, rope_freqs=llama3_rope_factors(10000.0, 32),
           **llama)
     write(os.path.join(out, "llama-linear.gguf"), "llama", 8, linear=4.0, **llama)
+    # Seeds of 1-8 chosen as above (MOE_SEEDS=mixtral,qwen3moe overrides them, to search).
+    seeds = [int(x) for x in os.environ.get("MOE_SEEDS", "4,2").split(",")]
+    write(os.path.join(out, "mixtral.gguf"), "llama", seeds[0], d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
+          n_ff=128, n_expert=4, n_expert_used=2)
+    write(os.path.join(out, "qwen3moe.gguf"), "qwen3moe", seeds[1], qk_norm=True, rope_base=1000000.0,
+          head_dim_keys=True, d_model=64, n_heads=4, n_kv_heads=2, head_dim=32, n_ff=192, n_expert=8,
+          n_expert_used=3, n_ff_exp=64)
 
 
 if __name__ == "__main__":

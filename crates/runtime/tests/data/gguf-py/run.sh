@@ -7,7 +7,7 @@
 #   keys split among the threads, partial sums reduced), which pinion does not mirror: on llama-rope-freqs with
 #   the first two paragraphs (399 tokens) pinion's decode-step logits are 0.074 from llama.cpp's on average
 #   (at most 0.43), as far as llama.cpp's own are from it with flash attention off (0.071, at most 0.51);
-# - ppl.tsv: llama-perplexity on text.txt, -c 128 for qwen2 and qwen3, -c 512 for the RoPE-scaling files, one
+# - ppl.tsv: llama-perplexity on text.txt, -c 128 for qwen2, qwen3 and the MoE files, -c 512 for the RoPE-scaling files, one
 #   sequence per batch (-b = -c) as pinion evaluates it (llama-perplexity's default packs 16 sequences of 128
 #   into a batch, which moves its own figure for qwen2 by 0.4%).
 # usage: run.sh   (from the workspace root; B = ref-greedy binary, L = llama.cpp's build/bin)
@@ -20,7 +20,7 @@ short='The miller kept a notebook of the river, and'
 long=$(python3 -c 'import sys; print(open(sys.argv[1]).read().split("\n\n")[0])' $D/text.txt)
 esc() { python3 -c 'import sys; print(sys.stdin.read().replace("\\","\\\\").replace("\n","\\n").replace("\t","\\t"), end="")'; }
 printf '# file\tn_ctx\tchunks\tppl\n' > $D/ppl.tsv
-for f in qwen2 qwen3 llama-rope-freqs llama-linear; do
+for f in qwen2 qwen3 llama-rope-freqs llama-linear mixtral qwen3moe; do
   T=$D/$f.tsv
   printf '# prompt\tprompt ids\tgreedy ids\tmin gap\tstep-0 top-10 (id:logit)\n' > $T
   for p in "$short" "$long"; do
