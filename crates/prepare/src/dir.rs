@@ -357,6 +357,7 @@ pub fn prepare_dir(
     let mut manifest = Manifest::load(dir.root())?;
     let keys = Keys::new(cfg)?;
     let model = Model::load(&cfg.model)?;
+    model.check_not_moe("preparing (profiling, calibrating, packing)")?;
     let source_bytes = std::fs::metadata(&cfg.model).map_err(io_err(&cfg.model))?.len();
     on_event(Event::Started { model: &model, source_bytes });
     if manifest.version() == Some(1) {

@@ -63,6 +63,7 @@ pub fn profile_activations(
     opts: &ProfileOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActivationProfile, PrepareError> {
+    model.check_not_moe("profiling activations")?;
     let tok = model.tokenizer();
     let tokens = match opts.random_tokens {
         false => tok.encode(text, tok.add_bos(), false),
@@ -371,6 +372,7 @@ impl WeightedScores {
 }
 
 fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), PrepareError> {
+    model.check_not_moe("calibrating or training on activations")?;
     let c = model.config();
     if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
         return Err(PrepareError::ProfileShape {
@@ -434,6 +436,9 @@ pub fn pack_model(
         MappedFile::open(src).map_err(|source| PrepareError::Io { path: src.to_path_buf(), source })?;
     let format_err = |source| PrepareError::Format { path: src.to_path_buf(), source };
     let gguf = Gguf::parse(&file).map_err(format_err)?;
+    if pinion_runtime::ModelConfig::from_gguf(&gguf).is_ok_and(|c| c.moe.is_some()) {
+        return Err(pinion_runtime::RuntimeError::MoeInMemoryOnly { what: "packing" }.into());
+    }
     let order: Vec<Vec<u32>> = frequencies
         .iter()
         .map(|f| {

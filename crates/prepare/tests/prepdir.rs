@@ -386,3 +386,42 @@ fn corrupt_files_and_bad_settings_are_typed_errors() {
         assert!(seen.is_empty());
     }
 }
+
+/// A mixture-of-experts model is refused, with a typed error and before anything is written: preparing it,
+/// profiling it and packing it (they need a dense FFN; such models run in memory only for now).
+#[test]
+fn a_moe_model_is_refused() {
+    let (tmp, cfg) = setup("prepdir-moe", false);
+    let moe = SynthConfig {
+        n_layers: 2,
+        n_experts: 4,
+        n_experts_used: 2,
+        act: synth::Activation::Silu,
+        ..SynthConfig::preset("tiny").unwrap()
+    };
+    let model = synth_model(&tmp, "moe", &moe);
+    let is_moe = |e: &PrepareError| {
+        matches!(e, PrepareError::Runtime(pinion_runtime::RuntimeError::MoeInMemoryOnly { .. }))
+            && e.to_string().contains("in memory only")
+    };
+    let (r, seen) = run(&PrepareConfig { model: model.clone(), ..cfg.clone() });
+    assert!(r.as_ref().is_err_and(is_moe), "{r:?}");
+    assert!(seen.is_empty(), "{seen:?}");
+    let m = Model::load(&model).unwrap();
+    let e = prepare::profile_activations(&m, "some text", &cfg.profile, &mut |_, _| {}).unwrap_err();
+    assert!(is_moe(&e), "{e}");
+    let thresholds = Thresholds {
+        model: "moe".into(),
+        target_sparsity: 0.5,
+        calib_tokens: 0,
+        layers: vec![(0.0, 0.5); 2],
+        scales: None,
+        quality: None,
+    };
+    let freqs = vec![vec![0.5; moe.n_ff]; 2];
+    let out = tmp.0.join("moe.pinion");
+    let opts = prepare::PackStepOptions::default();
+    let e = prepare::pack_model(&model, &out, &freqs, &thresholds, None, &opts, &mut |_, _| {}).unwrap_err();
+    assert!(is_moe(&e), "{e}");
+    assert!(!out.exists());
+}

@@ -161,3 +161,97 @@ fn files_without_a_template_get_their_architectures_turn_format() {
         llama.apply_chat_template(&msgs[1..2], true).unwrap().starts_with("<|im_start|>user\nHi<|im_end|>")
     );
 }
+
+/// What the mixture-of-experts FFN does not implement is refused by name: shared experts, expert groups,
+/// leading dense layers, a gating function other than softmax, weights scaled or not renormalized, experts on
+/// an architecture without them, a shared expert's tensor; other MoE architectures are unknown ones. The
+/// neutral values of those keys load.
+#[test]
+fn unimplemented_moe_features_are_refused_by_name() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf-py");
+    let mixtral = std::fs::read(dir.join("mixtral.gguf")).unwrap();
+    let qwen3moe = std::fs::read(dir.join("qwen3moe.gguf")).unwrap();
+    let refused: [(&[u8], &str, pinion_format::Value); 7] = [
+        (&mixtral, "llama.expert_shared_count", 1u32.into()),
+        (&mixtral, "llama.expert_group_count", 2u32.into()),
+        (&mixtral, "llama.leading_dense_block_count", 1u32.into()),
+        (&qwen3moe, "qwen3moe.expert_gating_func", 2u32.into()),
+        (&qwen3moe, "qwen3moe.expert_weights_scale", 2.5f32.into()),
+        (&qwen3moe, "qwen3moe.expert_weights_norm", false.into()),
+        (&qwen3moe, "qwen3moe.expert_shared_feed_forward_length", 64u32.into()),
+    ];
+    for (i, (src, key, value)) in refused.into_iter().enumerate() {
+        let name = key.split_once('.').unwrap().1;
+        expect_unsupported(&with_extras(src, &[(key, value)], None), &format!("moe-{i}.gguf"), name);
+    }
+    expect_unsupported(
+        &with_extras(&mixtral, &[], Some(("blk.0.ffn_gate_shexp.weight", 64))),
+        "moe-shexp.gguf",
+        "blk.0.ffn_gate_shexp.weight",
+    );
+    // Experts on an architecture that has none in pinion.
+    let qwen3 = synth_bytes(&SynthConfig {
+        n_layers: 1,
+        arch: SynthArch::Qwen3,
+        ..SynthConfig::preset("tiny").unwrap()
+    });
+    let e = load_err(&temp_file(
+        "qwen3-experts.gguf",
+        &with_extras(&qwen3, &[("qwen3.expert_count", 4u32.into())], None),
+    ));
+    assert!(matches!(&e, RuntimeError::UnsupportedArchitecture { arch } if arch.contains("experts")), "{e}");
+    // Another MoE architecture (shared experts) is an unknown one, named.
+    let g = Gguf::parse(&qwen3moe).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in &g.metadata {
+        let key = key.replace("qwen3moe.", "qwen2moe.");
+        let value = if key == "general.architecture" { "qwen2moe".into() } else { value.clone() };
+        w.add_metadata(key.as_str(), value).unwrap();
+    }
+    for t in &g.tensors {
+        w.add_tensor_data(&t.name, t.ty, &t.dims, g.tensor_data(t).unwrap()).unwrap();
+    }
+    let e = load_err(&temp_file("qwen2moe.gguf", &w.to_bytes().unwrap()));
+    assert!(matches!(&e, RuntimeError::UnsupportedArchitecture { arch } if arch == "qwen2moe"), "{e}");
+    // Neutral values load.
+    let neutral = with_extras(
+        &qwen3moe,
+        &[
+            ("qwen3moe.expert_gating_func", 1u32.into()),
+            ("qwen3moe.expert_weights_norm", true.into()),
+            ("qwen3moe.expert_shared_count", 0u32.into()),
+            ("qwen3moe.expert_group_count", 1u32.into()),
+        ],
+        None,
+    );
+    let model = Model::load(&temp_file("moe-neutral.gguf", &neutral)).unwrap();
+    let moe = model.config().moe.unwrap();
+    assert_eq!((moe.n_expert, moe.n_expert_used, model.config().n_ff), (8, 3, 64));
+}
+
+/// A mixture-of-experts model runs in memory only: profiling, sparsity rules, planning and offloading are
+/// refused with `MoeInMemoryOnly`, naming what was asked.
+#[test]
+fn moe_models_refuse_what_needs_a_dense_ffn() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf-py/mixtral.gguf");
+    let model = Model::load(&path).unwrap();
+    let params = ContextParams::new(64, 2);
+    let is_moe_err = |e: &RuntimeError| {
+        matches!(e, RuntimeError::MoeInMemoryOnly { .. }) && e.to_string().contains("in memory only")
+    };
+    let mut ctx = Context::new(&model, params.clone()).unwrap();
+    let rule = pinion_runtime::FfnRule { thresholds: vec![0.1; 2], scales: None };
+    let e = ctx.set_ffn_rule(Some(rule)).unwrap_err();
+    assert!(is_moe_err(&e), "{e}");
+    let mut profile = pinion_runtime::ActivationProfile::new(2, 128, 16);
+    let e = ctx.eval_profile(&[1, 2, 3], &mut profile).unwrap_err();
+    assert!(is_moe_err(&e), "{e}");
+    let opts = pinion_runtime::PlanOptions::new(1 << 30);
+    let device = pinion_runtime::DeviceProfile::reference();
+    let e = Context::new_offloaded(&model, params.clone(), opts.clone(), &device).unwrap_err();
+    assert!(is_moe_err(&e), "{e}");
+    let e = pinion_runtime::planning::plan_run(&model, &params, &opts, &device, 0).unwrap_err();
+    assert!(is_moe_err(&e), "{e}");
+    // The context still runs.
+    assert_eq!(ctx.eval(&[1, 2, 3], Logits::Last).unwrap().len(), model.config().n_vocab);
+}
