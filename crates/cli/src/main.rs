@@ -555,8 +555,12 @@ fn load(args: &ModelArgs) -> Result<Model> {
     let t = Instant::now();
     let model = Model::load(&path)?;
     let c = model.config();
+    let experts = match c.moe {
+        Some(m) => format!(", {} experts of ff={}, {} used", m.n_expert, c.n_ff, m.n_expert_used),
+        None => String::new(),
+    };
     eprintln!(
-        "pinion: loaded {} ({}, {} layers, d={}, {:.1} MiB) in {:.0} ms",
+        "pinion: loaded {} ({}, {} layers, d={}{experts}, {:.1} MiB) in {:.0} ms",
         path.display(),
         c.name.as_deref().unwrap_or(&c.arch),
         c.n_layers,

@@ -127,6 +127,31 @@ fn json_output_holds_the_reference_tokens() {
     assert!(v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0);
 }
 
+/// A Mixtral-style model (runtime's tests/data/gguf-py/mixtral.gguf: 4 experts, 2 used) runs from the command
+/// line with llama.cpp's greedy tokens (mixtral.tsv there), its summary names the experts, and a memory budget
+/// on it is a clean error (mixture-of-experts models run in memory only).
+#[test]
+fn a_mixture_of_experts_runs_in_memory() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/data/gguf-py");
+    let tsv = std::fs::read_to_string(root.join("mixtral.tsv")).unwrap();
+    let row: Vec<&str> = tsv.lines().nth(1).unwrap().split('\t').collect();
+    let want: Vec<u64> = row[2].split(' ').map(|x| x.parse().unwrap()).collect();
+    let m = root.join("mixtral.gguf").to_string_lossy().into_owned();
+    let args =
+        ["run", "-m", &m, "-p", row[0], "-n", "32", "--temp", "0", "-t", "2", "--output-format", "json"];
+    let o = pinion(&[&args[..], &["--ignore-eos"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("4 experts of ff=128, 2 used"), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(got, want);
+    let o = pinion(&["run", "-m", &m, "-p", "hi", "-n", "2", "--mem-budget", "50%"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("error:") && e.contains("in memory only") && !e.contains("panicked"), "{e}");
+}
+
 /// Peak RSS of a 128-token generation stays within the model file plus 64 MiB (the foundation issue's bound):
 /// weights are mapped, not copied, and the KV cache of the default 4096-token context is only backed where used.
 #[test]
