@@ -395,8 +395,8 @@ mod tests {
     }
 
     /// A batched pass (each expert run once over the tokens routed to it, results scattered to their (token,
-    /// slot) places) gives every token the logits of the token-by-token decode, bit for bit; so does a decode
-    /// step of several sequences. On qwen3moe.gguf (8 experts, 3 used), a prompt of 40 tokens: every expert gets
+    /// slot) places) gives every token the logits of the token-by-token decode, bit for bit; so do a decode
+    /// step of several sequences and the NPU-role dense executor. On qwen3moe.gguf (8 experts, 3 used), a prompt of 40 tokens: every expert gets
     /// several tokens of each pass.
     #[test]
     fn batched_experts_equal_token_by_token() {
@@ -415,6 +415,10 @@ mod tests {
             let got = single.eval(&[tok], Logits::Last).unwrap();
             assert!(got == &all[t * n_vocab..(t + 1) * n_vocab], "token {t}: the batched logits differ");
         }
+        // The NPU-role dense executor gives the CPU's bits on the experts' products too.
+        let npu = ContextParams { dense: crate::DenseChoice::Npu, ..ContextParams::new(128, 2) };
+        let mut on_npu = Context::new(&model, npu).unwrap();
+        assert!(on_npu.eval(&tokens, Logits::All).unwrap() == &all[..]);
         // Two sequences decoded together: each row as its own one-token step.
         let params = ContextParams { n_seq: 2, ..ContextParams::new(128, 2) };
         let mut two = Context::new(&model, params).unwrap();
