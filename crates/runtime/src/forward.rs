@@ -89,12 +89,7 @@ pub(crate) enum Par<'a> {
 }
 
 impl Par<'_> {
-    pub(crate) fn matmul(
-        self,
-        w: &QMatrix<'_>,
-        acts: &QuantizedActs,
-        out: &mut [f32],
-    ) -> Result<(), RuntimeError> {
+    fn matmul(self, w: &QMatrix<'_>, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), RuntimeError> {
         match self {
             Par::Batch(d) => d.matmul(w, acts, out)?,
             Par::Spin(p) => exec::matmul_on(p, w, acts, out),
@@ -322,7 +317,8 @@ pub(crate) fn forward(
                     return Err(RuntimeError::MoeInMemoryOnly { what: "profiling activations" });
                 }
                 let b = FfnBuffers { acts: &mut s.acts, gate: &mut s.gate, up: &mut s.up };
-                moe_ffn(model, par, mw, c.ffn_act, xn, &mut s.moe, b, out)?;
+                let matmul = |w: &QMatrix<'_>, a: &QuantizedActs, o: &mut [f32]| par.matmul(w, a, o);
+                moe_ffn(model, &matmul, mw, c.ffn_act, xn, &mut s.moe, b, out)?;
             }
             (FfnSource::Packed(pl), Par::Spin(pool)) if n == 1 => {
                 packed_decode(

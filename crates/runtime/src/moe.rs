@@ -16,11 +16,10 @@
 //! on the other rows, as ggml's `mul_mat_id`), so a token gets the bits it gets alone. One token (decode) is the
 //! same code with one token per chosen expert: only the chosen experts' weights are read.
 
-use pinion_exec_cpu::{self as exec, QuantizedActs};
+use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs};
 
 use crate::config::{FfnActivation, MoeConfig};
 use crate::error::RuntimeError;
-use crate::forward::Par;
 use crate::model::{Model, MoeWeights};
 
 /// The smallest weight sum llama.cpp divides by (`ggml_clamp` to the smallest normal f16, 2^-14).
@@ -70,11 +69,15 @@ pub(crate) struct FfnBuffers<'a> {
     pub(crate) up: &'a mut [f32],
 }
 
-/// The mixture-of-experts FFN of `n` tokens: `xn` (`n x d`, FFN-normalized) in, `out` (`n x d`) out.
+/// A matrix product of the pass (the forward pass's batch executor or spin pool).
+pub(crate) type Matmul<'a> = &'a dyn Fn(&QMatrix<'_>, &QuantizedActs, &mut [f32]) -> Result<(), RuntimeError>;
+
+/// The mixture-of-experts FFN of `n` tokens: `xn` (`n x d`, FFN-normalized) in, `out` (`n x d`) out, products
+/// by `matmul`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn moe_ffn(
     model: &Model,
-    par: Par<'_>,
+    matmul: Matmul<'_>,
     w: &MoeWeights,
     act: FfnActivation,
     xn: &[f32],
@@ -90,7 +93,7 @@ pub(crate) fn moe_ffn(
     let router = model.matrix(&w.router);
     b.acts.quantize(router.ty, xn, d);
     let probs = &mut s.probs[..n * n_exp];
-    par.matmul(&router, b.acts, probs)?;
+    matmul(&router, b.acts, probs)?;
     for t in 0..n {
         let p = &mut probs[t * n_exp..(t + 1) * n_exp];
         softmax_ggml(p);
@@ -128,14 +131,14 @@ pub(crate) fn moe_ffn(
         );
         let (gate, up) = (&mut b.gate[..m * ff], &mut b.up[..m * ff]);
         b.acts.quantize(wg.ty, rows, d);
-        par.matmul(&wg, b.acts, gate)?;
+        matmul(&wg, b.acts, gate)?;
         if wu.ty != wg.ty {
             b.acts.quantize(wu.ty, rows, d);
         }
-        par.matmul(&wu, b.acts, up)?;
+        matmul(&wu, b.acts, up)?;
         act.apply(gate, up, None);
         b.acts.quantize(wd.ty, gate, ff);
-        par.matmul(&wd, b.acts, rows)?;
+        matmul(&wd, b.acts, rows)?;
         for (r, &(t, slot)) in rows.chunks_exact(d).zip(&s.members) {
             let at = (t as usize * k + slot as usize) * d;
             s.outs[at..at + d].copy_from_slice(r);
