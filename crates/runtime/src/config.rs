@@ -14,6 +14,7 @@ pub struct ModelConfig {
     pub name: Option<String>,
     pub n_layers: usize,
     pub d_model: usize,
+    /// FFN neurons per layer (per expert for a mixture of experts).
     pub n_ff: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,

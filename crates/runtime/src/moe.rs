@@ -186,7 +186,9 @@ pub(crate) fn softmax_ggml(x: &mut [f32]) {
 /// The indices of `x` sorted by decreasing value as ggml's CPU `argsort` sorts them: libstdc++'s `std::sort`
 /// (introsort: median-of-three quicksort down to runs of 16, heapsort past a depth of `2 log2 n`, then
 /// insertion sort) with the comparison `x[a] > x[b]`, so that ties come out in its order (for up to 16
-/// values, index order; beyond, whatever the partitioning leaves).
+/// values, index order; beyond, whatever the partitioning leaves). Its unguarded loops are bounded here, which
+/// changes nothing for numbers (libstdc++ relies on the comparison's order to stop them) and keeps a NaN (a
+/// corrupt router) from reading out of bounds, as it would in C++.
 pub(crate) fn argsort_desc(x: &[f32], idx: &mut Vec<u32>) {
     idx.clear();
     idx.extend(0..x.len() as u32);
@@ -256,12 +258,13 @@ fn unguarded_partition(
     pivot: usize,
     less: &dyn Fn(u32, u32) -> bool,
 ) -> usize {
+    let end = last;
     loop {
-        while less(v[first], v[pivot]) {
+        while first + 1 < end && less(v[first], v[pivot]) {
             first += 1;
         }
         last -= 1;
-        while less(v[pivot], v[last]) {
+        while last > pivot && less(v[pivot], v[last]) {
             last -= 1;
         }
         if first >= last {
@@ -297,7 +300,7 @@ fn insertion_sort(v: &mut [u32], less: &dyn Fn(u32, u32) -> bool) {
 
 fn unguarded_linear_insert(v: &mut [u32], mut last: usize, less: &dyn Fn(u32, u32) -> bool) {
     let val = v[last];
-    while less(val, v[last - 1]) {
+    while last > 0 && less(val, v[last - 1]) {
         v[last] = v[last - 1];
         last -= 1;
     }
@@ -431,6 +434,19 @@ mod tests {
         let rows = two.decode_batch(&[(0, tokens[half]), (1, tokens[half + 1])]).unwrap().to_vec();
         assert!(rows[..n_vocab] == all[half * n_vocab..(half + 1) * n_vocab]);
         assert!(rows[n_vocab..] == all[(half + 1) * n_vocab..(half + 2) * n_vocab]);
+    }
+
+    /// NaNs (a corrupt router) sort somehow, without a panic.
+    #[test]
+    fn argsort_survives_nan() {
+        for n in [3, 16, 17, 40, 300] {
+            let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { f32::NAN } else { (i % 7) as f32 }).collect();
+            let mut idx = Vec::new();
+            argsort_desc(&x, &mut idx);
+            let mut sorted = idx.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>());
+        }
     }
 
     #[test]
