@@ -388,9 +388,18 @@ pub fn dot_f16_ggml(x: &[f16], y: &[f16]) -> f32 {
 /// `exp(x)` as ggml's AVX-512 `ggml_v_expf` computes it (an ARM optimized-routines polynomial, at most 1.5 ulp
 /// from the true value), lane by lane: the same fused multiply-adds in the same order. (Inlined into a function
 /// compiled with FMA, each `mul_add` is one instruction; elsewhere it is a call to libm's `fmaf`: the same
-/// bits.)
-#[inline]
+/// bits. On the AVX2 and AVX-512 paths this runs the FMA build.)
 pub fn expf_ggml(x: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if with_fma() {
+        // SAFETY: `with_fma` confirmed FMA.
+        return unsafe { fma::expf(x) };
+    }
+    expf_body(x)
+}
+
+#[inline(always)]
+fn expf_body(x: f32) -> f32 {
     let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // 0x1.715476p+0 = log2(e)
     let n = z - r;
@@ -418,10 +427,20 @@ fn scalef(j: f32, n: f32) -> f32 {
     }
 }
 
-/// SiLU as ggml's AVX-512 `ggml_v_silu`: `x / (1 + expf_ggml(-x))`.
-#[inline]
+/// SiLU as ggml's AVX-512 `ggml_v_silu`: `x / (1 + expf_ggml(-x))` (on the AVX2 and AVX-512 paths, compiled
+/// with FMA).
 pub fn silu_ggml(x: f32) -> f32 {
-    x / (1.0 + expf_ggml(0.0 - x))
+    #[cfg(target_arch = "x86_64")]
+    if with_fma() {
+        // SAFETY: `with_fma` confirmed FMA.
+        return unsafe { fma::silu(x) };
+    }
+    silu_body(x)
+}
+
+#[inline(always)]
+fn silu_body(x: f32) -> f32 {
+    x / (1.0 + expf_body(0.0 - x))
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`, as ggml's `ggml_vec_swiglu_f32` on an AVX-512 machine: the SIMD SiLU
@@ -443,10 +462,28 @@ fn with_fma() -> bool {
     crate::kernels::chosen() != crate::kernels::KernelPath::Scalar
 }
 
-/// The SiLU loops compiled with FMA: the same operations, so the same bits, without a `fmaf` call per
+/// `exp` and the SiLU compiled with FMA: the same operations, so the same bits, without a `fmaf` call per
 /// multiply-add (9 per value: most of a decode step's SwiGLU time).
 #[cfg(target_arch = "x86_64")]
 mod fma {
+    /// [`super::expf_body`] with FMA.
+    ///
+    /// # Safety
+    /// The CPU must support FMA.
+    #[target_feature(enable = "fma")]
+    pub(super) unsafe fn expf(x: f32) -> f32 {
+        super::expf_body(x)
+    }
+
+    /// [`super::silu_body`] with FMA.
+    ///
+    /// # Safety
+    /// The CPU must support FMA.
+    #[target_feature(enable = "fma")]
+    pub(super) unsafe fn silu(x: f32) -> f32 {
+        super::silu_body(x)
+    }
+
     /// [`super::swiglu_body`] with FMA.
     ///
     /// # Safety
@@ -462,7 +499,7 @@ mod fma {
     /// The CPU must support FMA.
     #[target_feature(enable = "fma")]
     pub(super) unsafe fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: &[f32]) -> usize {
-        super::gated_threshold(gate, up, t, super::silu_ggml)
+        super::gated_threshold(gate, up, t, super::silu_body)
     }
 }
 
@@ -470,7 +507,7 @@ mod fma {
 fn swiglu_body(gate: &mut [f32], up: &[f32]) {
     let body = gate.len() & !15;
     for (g, &u) in gate[..body].iter_mut().zip(&up[..body]) {
-        *g = silu_ggml(*g) * u;
+        *g = silu_body(*g) * u;
     }
     for (g, &u) in gate[body..].iter_mut().zip(&up[body..]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
@@ -493,7 +530,7 @@ pub fn swiglu_threshold(gate: &mut [f32], up: &[f32], t: &[f32]) -> usize {
         // SAFETY: `with_fma` confirmed FMA.
         return unsafe { fma::swiglu_threshold(gate, up, t) };
     }
-    gated_threshold(gate, up, t, silu_ggml)
+    gated_threshold(gate, up, t, silu_body)
 }
 
 /// `gate[i] = act(gate[i]) * up[i]` where `|act(gate[i])| >= t[i % t.len()]`, else 0; how many were active.
@@ -649,8 +686,8 @@ mod tests {
         }
     }
 
-    /// The FMA-compiled SiLU loops (the chosen path's) give the bits of the portable ones (`mul_add` as libm
-    /// `fmaf` calls), over inputs from the subnormal outputs to the infinite ones.
+    /// The FMA-compiled `exp`, SiLU and SiLU loops (the chosen path's) give the bits of the portable ones
+    /// (`mul_add` as libm `fmaf` calls), over inputs from the subnormal outputs to the infinite ones.
     #[test]
     fn swiglu_with_fma_is_the_portable_swiglu() {
         let mut st = 11;
@@ -667,9 +704,13 @@ mod tests {
         let t: Vec<f32> = (0..gate.len()).map(|i| [0.0, 0.01, 0.5][i % 3]).collect();
         let (mut got, mut want) = (gate.clone(), gate.clone());
         let n_got = swiglu_threshold(&mut got, &up, &t);
-        let n_want = gated_threshold(&mut want, &up, &t, silu_ggml);
+        let n_want = gated_threshold(&mut want, &up, &t, silu_body);
         assert_eq!(n_got, n_want);
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "thresholded swiglu");
+        for &x in &gate {
+            assert_eq!(silu_ggml(x).to_bits(), silu_body(x).to_bits(), "silu({x})");
+            assert_eq!(expf_ggml(x).to_bits(), expf_body(x).to_bits(), "exp({x})");
+        }
     }
 
     #[test]
