@@ -395,6 +395,7 @@ impl KBlock for BlockQ6K {
 
 /// One activation block made ready for the K-quant cores: its eight groups permuted by `perm32`, the
 /// offset corrections `maddubs(OFFSET, y)`, its `bsums` as sixteen i16 and its scale.
+#[derive(Clone, Copy)]
 struct Act {
     y: [__m256i; 8],
     corr: [__m256i; 8],
@@ -507,11 +508,16 @@ pub(crate) unsafe fn tile_avx2<B: KBlock, const R: usize, const C: usize>(
     let mut acc = [[Acc { sums: _mm256_setzero_ps(), sumf: 0.0 }; C]; R];
     let mut wv = [_mm256_setzero_si256(); 8];
     let next = super::NextTile::after(w[R - 1], R, nb);
+    // Filled in place per block (an array built by `from_fn` per block went through an out-of-line closure
+    // and a copy).
+    let mut acts = [Act::zero(); C];
     for b in 0..nb {
         if C == 1 {
             next.prefetch(b);
         }
-        let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
+        for c in 0..C {
+            acts[c] = prep_act::<B>(&a[c][b]);
+        }
         for r in 0..R {
             let bx = &w[r][b];
             // SAFETY: the caller guarantees AVX2.
@@ -534,9 +540,28 @@ pub(crate) unsafe fn tile_avx2<B: KBlock, const R: usize, const C: usize>(
 }
 
 /// [`Act`] with its groups joined in `B::PAIRS` for the 512-bit core.
+#[derive(Clone, Copy)]
 struct Act512 {
     y: [__m512i; 4],
     corr: [__m512i; 4],
+}
+
+impl Act {
+    #[target_feature(enable = "avx")]
+    #[inline]
+    fn zero() -> Act {
+        let z = _mm256_setzero_si256();
+        Act { y: [z; 8], corr: [z; 8], bsums: z, d: 0.0 }
+    }
+}
+
+impl Act512 {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn zero() -> Act512 {
+        let z = _mm512_setzero_si512();
+        Act512 { y: [z; 4], corr: [z; 4] }
+    }
 }
 
 /// Integer lanes of one (weight block, activation block) pair, two groups per 512-bit operation; the two
@@ -601,12 +626,15 @@ unsafe fn tile4_avx512<B: KBlock, const C: usize>(
     let mut wv = [_mm512_setzero_si512(); 4];
     let pair_idx = pair_indices::<B>();
     let next = super::NextTile::after(w[3], 4, nb);
+    let (mut acts, mut acts512) = ([Act::zero(); C], [Act512::zero(); C]);
     for b in 0..nb {
         if C == 1 {
             next.prefetch(b);
         }
-        let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
-        let acts512: [Act512; C] = std::array::from_fn(|c| act512::<B>(&acts[c]));
+        for c in 0..C {
+            acts[c] = prep_act::<B>(&a[c][b]);
+            acts512[c] = act512::<B>(&acts[c]);
+        }
         let mut d = [0.0f32; 4];
         // SAFETY: `d` holds 4 floats.
         unsafe { _mm_storeu_ps(d.as_mut_ptr(), scales4(&w, b, false)) };
@@ -675,12 +703,15 @@ pub(crate) unsafe fn tile_avx512<B: KBlock, const R: usize, const C: usize>(
     let mut wv = [_mm512_setzero_si512(); 4];
     let pair_idx = pair_indices::<B>();
     let next = super::NextTile::after(w[R - 1], R, nb);
+    let (mut acts, mut acts512) = ([Act::zero(); C], [Act512::zero(); C]);
     for b in 0..nb {
         if C == 1 {
             next.prefetch(b);
         }
-        let acts: [Act; C] = std::array::from_fn(|c| prep_act::<B>(&a[c][b]));
-        let acts512: [Act512; C] = std::array::from_fn(|c| act512::<B>(&acts[c]));
+        for c in 0..C {
+            acts[c] = prep_act::<B>(&a[c][b]);
+            acts512[c] = act512::<B>(&acts[c]);
+        }
         for r in 0..R {
             let bx = &w[r][b];
             // SAFETY: the caller guarantees AVX-512F/BW and AVX2.
