@@ -45,6 +45,9 @@ pub struct QuantizedActs {
     /// For Q8_0 and Q8_1 with several rows: `d` of every block as f32, laid out as `q8_1_s`.
     pub(crate) d_t: Vec<f32>,
     pub(crate) q8k: Vec<BlockQ8K>,
+    /// The Q8_K rows again, each 32-value group in the order the x86 K-quant tiles take it
+    /// ([`kernels::permute_q8k`]): permuted once here rather than in every tile of rows. Empty elsewhere.
+    pub(crate) q8k_simd: Vec<BlockQ8K>,
 }
 
 impl QuantizedActs {
@@ -66,6 +69,24 @@ impl QuantizedActs {
     /// The activation format held (`None` before the first [`QuantizedActs::quantize`]).
     pub fn ty(&self) -> Option<GgmlType> {
         self.ty
+    }
+
+    /// The Q8_K rows in the layout the kernels of `path` take: permuted groups on the x86 SIMD paths.
+    pub(crate) fn q8k_for(&self, path: KernelPath) -> &[BlockQ8K] {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 | KernelPath::Avx512 => &self.q8k_simd,
+            _ => &self.q8k,
+        }
+    }
+
+    /// Sets `q8k_simd` from `q8k` (x86-64 only).
+    pub(crate) fn permute_q8k(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.q8k_simd.clear();
+            self.q8k_simd.extend(self.q8k.iter().map(kernels::permute_q8k));
+        }
     }
 
     /// Rows padded to a multiple of 8, the row stride of `q8_1_s`.
@@ -161,6 +182,7 @@ impl QuantizedActs {
                 for (xr, out) in x.chunks_exact(n_cols).zip(self.q8k.chunks_exact_mut(nb)) {
                     kernels::quantize_q8k(path, xr, out);
                 }
+                self.permute_q8k();
             }
             _ => unreachable!("vec_dot_type returned {ty}"),
         }
@@ -213,7 +235,10 @@ impl QuantizedActs {
                     transpose_into(&mut self.q8_1_s, &self.q8_1, nb, t_pad, |b| b.s.to_f32());
                 }
             }
-            GgmlType::Q8K => copy_padded(&mut self.q8k, &src.q8k, n_cols / QK_K, &rows, padded_to),
+            GgmlType::Q8K => {
+                copy_padded(&mut self.q8k, &src.q8k, n_cols / QK_K, &rows, padded_to);
+                self.permute_q8k();
+            }
             _ => unreachable!("QuantizedActs holds {ty}"),
         }
         Ok(())
@@ -232,6 +257,7 @@ impl QuantizedActs {
             + bytes(&self.q8_1_s)
             + bytes(&self.d_t)
             + bytes(&self.q8k)
+            + bytes(&self.q8k_simd)
     }
 }
 

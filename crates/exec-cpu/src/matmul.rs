@@ -548,7 +548,7 @@ unsafe fn compute_k<B: KQuant>(
     r1: usize,
     dest: &Dest,
 ) {
-    let a = &acts.q8k[..];
+    let a = acts.q8k_for(path);
     let n_t = acts.n_rows();
     // SAFETY: the caller's guarantees (see `compute`); `tile_k` checks the row lengths.
     unsafe {

@@ -256,7 +256,7 @@ fn dot_group_k<B: KQuant>(
     let n = rows.len();
     let nb = acts.n_cols() / QK_K;
     let w = typed_group::<B>(ty, rows, nb);
-    let a: &[BlockQ8K] = &acts.q8k[token * nb..(token + 1) * nb];
+    let a: &[BlockQ8K] = &acts.q8k_for(path)[token * nb..(token + 1) * nb];
     if path == KernelPath::Scalar {
         (0..n).for_each(|i| out[i] = B::vec_dot(w[i], a));
         return;

@@ -442,6 +442,7 @@ fn overwrite_quants(a: &mut QuantizedActs, mode: usize, rng: &mut Rng) {
             *s = qs.iter().map(|&v| v as i16).sum();
         }
     }
+    a.permute_q8k();
 }
 
 /// Every SIMD path gives the scalar path's bits on activations at the ends of the quantizers' range (random
@@ -610,7 +611,7 @@ fn acts_bytes(a: &QuantizedActs) -> Vec<Vec<u8>> {
             b(bytemuck::cast_slice(&a.q8_1_s)),
         ],
         GgmlType::Q8_1 => vec![b(bytemuck::cast_slice(&a.q8_1))],
-        GgmlType::Q8K => vec![b(bytemuck::cast_slice(&a.q8k))],
+        GgmlType::Q8K => vec![b(bytemuck::cast_slice(&a.q8k)), b(bytemuck::cast_slice(&a.q8k_simd))],
         _ => unreachable!(),
     }
 }

@@ -5,7 +5,8 @@
 //! The scalar kernels sum a super-block's integer products into eight lanes, lane `l` taking the products at
 //! positions `l mod 8`, scaled per sub-block. Integer sums are exact, so any order of the integer work gives
 //! the same lanes; what matters is which products land in which lane. Both operands of every 32-value group
-//! are therefore permuted (`perm32`) so that 32-bit word `l` holds positions `l, l + 8, l + 16, l + 24`:
+//! are therefore permuted so that 32-bit word `l` holds positions `l, l + 8, l + 16, l + 24` (the weights by
+//! `perm32` as they are unpacked, the activations once when they are quantized, `super::permute_q8k`):
 //! `maddubs` then adds the pairs `(l, l + 8)` and `(l + 16, l + 24)` (one per 16-value sub-block), and
 //! `madd` with the two sub-block scales adds those into word `l`. The weights enter `maddubs` unsigned; Q3_K
 //! and Q6_K, whose values are signed, are offset (`+4`, `+32`) and the offset times the activation pair sums
@@ -393,8 +394,8 @@ impl KBlock for BlockQ6K {
     }
 }
 
-/// One activation block made ready for the K-quant cores: its eight groups permuted by `perm32`, the
-/// offset corrections `maddubs(OFFSET, y)`, its `bsums` as sixteen i16 and its scale.
+/// One activation block made ready for the K-quant cores: its eight groups (permuted as `perm32` permutes,
+/// when the activations were quantized: `super::permute_q8k`), the offset corrections `maddubs(OFFSET, y)`, its `bsums` as sixteen i16 and its scale.
 #[derive(Clone, Copy)]
 struct Act {
     y: [__m256i; 8],
@@ -411,8 +412,8 @@ fn prep_act<B: KBlock>(by: &BlockQ8K) -> Act {
     let mut corr = [_mm256_setzero_si256(); 8];
     let off = _mm256_set1_epi8(B::OFFSET);
     for g in 0..8 {
-        // SAFETY: `qs` holds 256 bytes.
-        y[g] = perm32(unsafe { load32(by.qs.as_ptr().add(32 * g).cast()) });
+        // SAFETY: `qs` holds 256 bytes (already permuted: `super::permute_q8k`).
+        y[g] = unsafe { load32(by.qs.as_ptr().add(32 * g).cast()) };
         if B::OFFSET != 0 {
             corr[g] = _mm256_maddubs_epi16(off, y[g]);
         }

@@ -227,6 +227,19 @@ pub(crate) fn quantize_q8k(path: KernelPath, x: &[f32], out: &mut [BlockQ8K]) {
     }
 }
 
+/// A Q8_K block with each 32-value group permuted as the x86 K-quant tiles take it: 32-bit word `l` of a
+/// group holds its values `l, l + 8, l + 16, l + 24` (see [`kquants`]); `d` and `bsums` unchanged.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn permute_q8k(b: &BlockQ8K) -> BlockQ8K {
+    let mut qs = [0i8; pinion_format::quant::QK_K];
+    for (out, group) in qs.chunks_exact_mut(32).zip(b.qs.chunks_exact(32)) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = group[i / 4 + 8 * (i % 4)];
+        }
+    }
+    BlockQ8K { d: b.d, qs, bsums: b.bsums }
+}
+
 /// Quantizes a row to Q8_1 (all paths give the same bits).
 pub(crate) fn quantize_q8_1(path: KernelPath, x: &[f32], out: &mut [BlockQ8_1]) {
     match path {
@@ -313,7 +326,8 @@ impl KQuant for BlockQ6K {
 }
 
 /// K-quant dot products of `R` weight rows with `C` Q8_K activation rows over their first `nb` blocks, into
-/// `out[r][c]` (all paths give the same bits).
+/// `out[r][c]` (all paths give the same bits). The activation rows are in `path`'s layout
+/// ([`crate::QuantizedActs::q8k_for`]: groups permuted on the x86 SIMD paths).
 ///
 /// # Panics
 /// If a row holds fewer than `nb` blocks.
