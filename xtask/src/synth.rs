@@ -2,7 +2,9 @@
 //! skew, a thin driver over `pinion_format::synth` (whose module docs describe the construction).
 //!
 //! `cargo xtask synth --shape tiny --act relu --type q4_0 --out /tmp/tiny.gguf` writes a few MB; `--shape 7b`
-//! writes about 3.8 GB in a few minutes, streamed, with one line of progress per 5% on stderr.
+//! writes about 3.8 GB in a few minutes, streamed, with one line of progress per 5% on stderr. The mixture of
+//! experts shapes (`--shape mixtral-47b --act drelu`, `--shape qwen3-30b-a3b --act silu`) carry the planted
+//! routing of issue 13; `--layers 2` writes a shape with fewer layers.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -15,24 +17,29 @@ use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
 
 #[derive(Args)]
 pub(crate) struct SynthArgs {
-    /// Model shape: tiny (about 3 MB in Q4_0), small (about 100 MB) or 7b (about 3.8 GB).
+    /// Model shape: tiny (about 3 MB in Q4_0), small (about 100 MB), 7b (about 3.8 GB), mixtral-47b (8
+    /// experts, about 26 GB) or qwen3-30b-a3b (qwen3moe, 128 experts, about 17 GB).
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU).
-    #[arg(long, default_value = "relu")]
-    act: String,
+    /// Transformer blocks, instead of the shape's (a scaled-down file for tests).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU); the
+    /// shape's by default (relu for the dense shapes, silu for the mixtures of experts).
+    #[arg(long)]
+    act: Option<String>,
     /// Architecture: llama, qwen2 (Q/K/V biases, NeoX RoPE), qwen3 (Q/K norms, NeoX RoPE), or gemma3 (Q/K
     /// norms, post-norms, NeoX RoPE, scaled embeddings, and sliding-window attention of --window positions on
-    /// five layers of every six).
-    #[arg(long, default_value = "llama")]
-    arch: String,
+    /// five layers of every six); the shape's by default (llama, or qwen3moe for qwen3-30b-a3b).
+    #[arg(long)]
+    arch: Option<String>,
     /// Write Llama 3.1's RoPE frequency factors (rope_freqs.weight), as its converter computes them.
     #[arg(long)]
     rope_factors: bool,
     /// Sliding window of a gemma3 model, in positions.
     #[arg(long, default_value_t = 512)]
     window: u32,
-    /// Mixtral-style MoE with this many experts per layer (2 used per token).
+    /// Mixtral-style MoE with this many experts per layer (2 used per token), on a dense shape.
     #[arg(long)]
     moe: Option<usize>,
     /// Weight type of the matrices: q4_0 or f32.
@@ -53,17 +60,27 @@ pub(crate) struct SynthArgs {
 }
 
 pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
-    let mut cfg = SynthConfig::preset(&args.shape)
-        .with_context(|| format!("unknown shape '{}' (tiny, small, 7b)", args.shape))?;
-    cfg.act = Activation::from_name(&args.act)
-        .with_context(|| format!("unknown activation '{}' (relu, drelu, silu, gelu)", args.act))?;
-    cfg.arch = match args.arch.as_str() {
-        "llama" => SynthArch::Llama,
-        "qwen2" => SynthArch::Qwen2,
-        "qwen3" => SynthArch::Qwen3,
-        "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
-        other => bail!("unknown architecture '{other}' (llama, qwen2, qwen3, gemma3)"),
-    };
+    let mut cfg = SynthConfig::preset(&args.shape).with_context(|| {
+        format!("unknown shape '{}' (tiny, small, 7b, mixtral-47b, qwen3-30b-a3b)", args.shape)
+    })?;
+    if let Some(act) = &args.act {
+        cfg.act = Activation::from_name(act)
+            .with_context(|| format!("unknown activation '{act}' (relu, drelu, silu, gelu)"))?;
+    }
+    if let Some(arch) = &args.arch {
+        cfg.arch = match arch.as_str() {
+            "llama" => SynthArch::Llama,
+            "qwen2" => SynthArch::Qwen2,
+            "qwen3" => SynthArch::Qwen3,
+            "qwen3moe" => SynthArch::Qwen3Moe,
+            "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
+            other => bail!("unknown architecture '{other}' (llama, qwen2, qwen3, qwen3moe, gemma3)"),
+        };
+    }
+    if let Some(n) = args.layers {
+        cfg.n_layers = n;
+        cfg.name = format!("{}-{n}l", cfg.name);
+    }
     cfg.ty = match args.ty.as_str() {
         "q4_0" => GgmlType::Q4_0,
         "f32" => GgmlType::F32,
@@ -79,6 +96,20 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
     cfg.density = args.density;
     cfg.alpha = args.alpha;
     cfg.validate()?;
+    if let Some(plan) = synth::routing_plan(&cfg)? {
+        eprintln!(
+            "xtask synth: {} experts, {} used; first-choice popularity Zipf {} (most/least popular {:.2}); \
+             repeat {:.3} planted with {} shift head(s) of gain {:.3} (logit correlation {:.3})",
+            cfg.n_experts,
+            cfg.n_experts_used,
+            cfg.expert_zipf,
+            plan.target[0] / plan.target[cfg.n_experts - 1],
+            plan.model_repeat,
+            plan.gains.len(),
+            plan.gains.first().copied().unwrap_or(0.0),
+            plan.rho,
+        );
+    }
     let total = synth::file_len(&cfg)?;
     eprintln!(
         "xtask synth: {} ({}, {} layers, d {}, ff {}, {} experts, {}, {}) -> {} ({:.1} MB)",
