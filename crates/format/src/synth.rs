@@ -8,7 +8,9 @@
 //! model with SiLU: its output is then meaningless, but its speed is that of a real model of the same shape,
 //! which is what the file is for. Checked with llama.cpp build 0c1e570 (`llama-bench -p 16 -n 16`,
 //! `llama-completion -p hello -n 8`): the tiny, small and 7b shapes, Q4_0 and F32, dense and MoE all load and run
-//! (7b is reported as `llama 7B Q4_0`, 6.74 B parameters).
+//! (7b is reported as `llama 7B Q4_0`, 6.74 B parameters); so do the `mixtral-47b` (2 layers, `llama ?B Q4_0`)
+//! and `qwen3-30b-a3b` (4 layers, `qwen3moe ?B Q4_0`) shapes written with fewer layers (`llama-bench -p 16 -n 16`,
+//! `llama-simple -n 8 hello`).
 //!
 //! # The planted skew
 //!
@@ -38,6 +40,43 @@
 //!
 //! The exact frequencies are perturbed by Q4_0 quantization and, beyond layer 0, by what the layers add to the
 //! residual stream; tests measure layer 0 against the targets.
+//!
+//! # The planted routing (mixtures of experts)
+//!
+//! A mixture of experts (`n_experts > 0`, architecture `llama` as Mixtral or `qwen3moe`) plants two routing
+//! statistics, the same in every layer up to a per-layer permutation of the experts ([`expert_ranks`]):
+//! first-choice popularity `p_r ∝ (r+1)^-expert_zipf` by rank `r` ([`expert_targets`]; Zipf 0.5 makes the most
+//! popular of 8 experts 2.83 times as popular as the least), and the probability `expert_repeat` that consecutive
+//! tokens share their first choice. Each expert's neurons get their own planted power law, as above.
+//!
+//! * The `head_dim` *routed dimensions* [`routed_dims`] (from 32, past the bias channel's Q4_0 block, which is
+//!   zero in the embeddings) are the only ones the router reads; gate and up rows leave them (and the bias
+//!   block) out, so routing and neuron activity are independent. Every embedding's token-specific part is scaled
+//!   to the same RMS, so that the normalized bias channel `x₀ = B / rms` is the same for every token.
+//! * Router row `e` is `s · u_e` on the routed dimensions, the `u_e` orthonormal (hence `n_experts ≤ head_dim`),
+//!   plus a weight on the bias channel making the logit offset `o_rank(e)` in units of the standard deviation of
+//!   the token-specific part. For independent isotropic token features the logits are then `o_r + g_r` with `g`
+//!   independent (close to) standard normals, and up to the common RMS that divides every logit (which does not
+//!   change their order) `P(first choice = r) = ∫ φ(y - o_r) Π_{j≠r} Φ(y - o_j) dy`. [`RoutingPlan`] solves for
+//!   the offsets at write time by the damped fixed-point iteration `o_r += ln(p_r / P_r(o)) / √(2 ln n)`,
+//!   computing the integral by quadrature, to a relative 1e-6.
+//! * Independent token embeddings repeat the first choice `Σ p²` of the time (0.142 for 8 experts, 0.012 for
+//!   128). For more, the routed features of token `t` are made `u_t + Σ_i c_i u_{t-i}` by *shift heads* in layer
+//!   0: query head `i-1` attends to the token `i` positions back, its KV head's values copy the routed dimensions
+//!   of the normalized input, and its output projection adds them back, times `c_i · rms`, to the same
+//!   dimensions. Its query and key read only the bias channel, so its scores depend on positions only: with RoPE
+//!   angles `θ_j` per pair, the key puts amplitude `a` on the first component of the `J` highest-frequency pairs
+//!   and the query `R(-i θ_j)` of that, so the score at distance `Δ` is `peak · mean_j cos((i - Δ) θ_j)`, largest
+//!   at `Δ = i`. `J` is chosen at write time to make the largest other value over the context (`κ`, about 0.8)
+//!   smallest, and `peak = 12 / (1 - κ)` (the scale of `a` without Q/K norms; with qwen3moe's Q/K norms, norm
+//!   weights `√(peak / √head_dim)` on the used pairs of layer 0), so every other position gets at most `e^-12`
+//!   of the lag's weight. With equal gains `c` on `K` lags the features' lag-1 correlation is `(c + (K-1) c²) /
+//!   (1 + K c²)`, at most `K / (K+1)`; [`RoutingPlan`] finds the correlation `ρ` that gives `expert_repeat` on the
+//!   Gaussian model (Monte Carlo, [`REPEAT_SAMPLES`] token pairs with the same draws for every `ρ`, bisection),
+//!   then the fewest lags that reach it and their gain. Mixtral's shape (8 experts): `ρ` 0.315, one head of gain
+//!   0.355; Qwen3-30B-A3B's (128 experts): `ρ` 0.727, three heads of gain 0.861. The shift heads are in layer 0
+//!   only: the later layers' small outputs leave the mix in the residual stream for every later router, whereas
+//!   shift heads in every layer would compound it layer after layer.
 
 use std::io::{self, Write};
 
