@@ -70,6 +70,8 @@ enum Cmd {
     IoBench(iobench::IoBenchArgs),
     /// Write a synthetic llama-style GGUF model with random weights and planted activation skew.
     Synth(synth::SynthArgs),
+    /// Run a synthetic mixture of experts and print its routing statistics against the planted ones.
+    SynthStats(synth::SynthStatsArgs),
 }
 
 fn main() -> Result<()> {
@@ -84,6 +86,7 @@ fn main() -> Result<()> {
         Cmd::ProfileDevice(args) => device::run(&args)?,
         Cmd::IoBench(args) => iobench::io_bench(&args)?,
         Cmd::Synth(args) => synth::synth(&args)?,
+        Cmd::SynthStats(args) => synth::synth_stats(&args)?,
         Cmd::Profile(args) => prepare::profile(&args)?,
         Cmd::Calibrate(args) => prepare::calibrate(&args)?,
         Cmd::Train(args) => prepare::train(&args)?,

@@ -2,7 +2,9 @@
 //! skew, a thin driver over `pinion_format::synth` (whose module docs describe the construction).
 //!
 //! `cargo xtask synth --shape tiny --act relu --type q4_0 --out /tmp/tiny.gguf` writes a few MB; `--shape 7b`
-//! writes about 3.8 GB in a few minutes, streamed, with one line of progress per 5% on stderr.
+//! writes about 3.8 GB in a few minutes, streamed, with one line of progress per 5% on stderr. The mixture of
+//! experts shapes (`--shape mixtral-47b --act drelu`, `--shape qwen3-30b-a3b --act silu`) carry the planted
+//! routing of issue 13; `--layers 2` writes a shape with fewer layers.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -15,24 +17,29 @@ use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
 
 #[derive(Args)]
 pub(crate) struct SynthArgs {
-    /// Model shape: tiny (about 3 MB in Q4_0), small (about 100 MB) or 7b (about 3.8 GB).
+    /// Model shape: tiny (about 3 MB in Q4_0), small (about 100 MB), 7b (about 3.8 GB), mixtral-47b (8
+    /// experts, about 26 GB) or qwen3-30b-a3b (qwen3moe, 128 experts, about 17 GB).
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU).
-    #[arg(long, default_value = "relu")]
-    act: String,
+    /// Transformer blocks, instead of the shape's (a scaled-down file for tests).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Planted FFN activation (stored as `pinion.ffn_activation`; llama.cpp runs every model with SiLU); the
+    /// shape's by default (relu for the dense shapes, silu for the mixtures of experts).
+    #[arg(long)]
+    act: Option<String>,
     /// Architecture: llama, qwen2 (Q/K/V biases, NeoX RoPE), qwen3 (Q/K norms, NeoX RoPE), or gemma3 (Q/K
     /// norms, post-norms, NeoX RoPE, scaled embeddings, and sliding-window attention of --window positions on
-    /// five layers of every six).
-    #[arg(long, default_value = "llama")]
-    arch: String,
+    /// five layers of every six); the shape's by default (llama, or qwen3moe for qwen3-30b-a3b).
+    #[arg(long)]
+    arch: Option<String>,
     /// Write Llama 3.1's RoPE frequency factors (rope_freqs.weight), as its converter computes them.
     #[arg(long)]
     rope_factors: bool,
     /// Sliding window of a gemma3 model, in positions.
     #[arg(long, default_value_t = 512)]
     window: u32,
-    /// Mixtral-style MoE with this many experts per layer (2 used per token).
+    /// Mixtral-style MoE with this many experts per layer (2 used per token), on a dense shape.
     #[arg(long)]
     moe: Option<usize>,
     /// Weight type of the matrices: q4_0 or f32.
@@ -53,17 +60,27 @@ pub(crate) struct SynthArgs {
 }
 
 pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
-    let mut cfg = SynthConfig::preset(&args.shape)
-        .with_context(|| format!("unknown shape '{}' (tiny, small, 7b)", args.shape))?;
-    cfg.act = Activation::from_name(&args.act)
-        .with_context(|| format!("unknown activation '{}' (relu, drelu, silu, gelu)", args.act))?;
-    cfg.arch = match args.arch.as_str() {
-        "llama" => SynthArch::Llama,
-        "qwen2" => SynthArch::Qwen2,
-        "qwen3" => SynthArch::Qwen3,
-        "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
-        other => bail!("unknown architecture '{other}' (llama, qwen2, qwen3, gemma3)"),
-    };
+    let mut cfg = SynthConfig::preset(&args.shape).with_context(|| {
+        format!("unknown shape '{}' (tiny, small, 7b, mixtral-47b, qwen3-30b-a3b)", args.shape)
+    })?;
+    if let Some(act) = &args.act {
+        cfg.act = Activation::from_name(act)
+            .with_context(|| format!("unknown activation '{act}' (relu, drelu, silu, gelu)"))?;
+    }
+    if let Some(arch) = &args.arch {
+        cfg.arch = match arch.as_str() {
+            "llama" => SynthArch::Llama,
+            "qwen2" => SynthArch::Qwen2,
+            "qwen3" => SynthArch::Qwen3,
+            "qwen3moe" => SynthArch::Qwen3Moe,
+            "gemma3" => SynthArch::Gemma3 { sliding_window: args.window, swa_pattern: 6 },
+            other => bail!("unknown architecture '{other}' (llama, qwen2, qwen3, qwen3moe, gemma3)"),
+        };
+    }
+    if let Some(n) = args.layers {
+        cfg.n_layers = n;
+        cfg.name = format!("{}-{n}l", cfg.name);
+    }
     cfg.ty = match args.ty.as_str() {
         "q4_0" => GgmlType::Q4_0,
         "f32" => GgmlType::F32,
@@ -79,6 +96,20 @@ pub(crate) fn synth(args: &SynthArgs) -> Result<()> {
     cfg.density = args.density;
     cfg.alpha = args.alpha;
     cfg.validate()?;
+    if let Some(plan) = synth::routing_plan(&cfg)? {
+        eprintln!(
+            "xtask synth: {} experts, {} used; first-choice popularity Zipf {} (most/least popular {:.2}); \
+             repeat {:.3} planted with {} shift head(s) of gain {:.3} (logit correlation {:.3})",
+            cfg.n_experts,
+            cfg.n_experts_used,
+            cfg.expert_zipf,
+            plan.target[0] / plan.target[cfg.n_experts - 1],
+            plan.model_repeat,
+            plan.gains.len(),
+            plan.gains.first().copied().unwrap_or(0.0),
+            plan.rho,
+        );
+    }
     let total = synth::file_len(&cfg)?;
     eprintln!(
         "xtask synth: {} ({}, {} layers, d {}, ff {}, {} experts, {}, {}) -> {} ({:.1} MB)",
@@ -120,4 +151,156 @@ fn write_to(cfg: &SynthConfig, path: &std::path::Path) -> Result<()> {
     let file = out.into_inner().context("flushing the output")?;
     file.sync_all().context("syncing the output")?;
     Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct SynthStatsArgs {
+    /// A synthetic mixture of experts written by `cargo xtask synth` (a scaled-down one: it runs in memory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokens of each sequence (random token ids, then the model's greedy continuation of BOS).
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// The synth seed, Zipf exponent and repeat rate the file was written with (the planted per-expert targets
+    /// are recomputed from them).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0.5)]
+    zipf: f64,
+    #[arg(long, default_value_t = 0.25)]
+    repeat: f64,
+}
+
+/// `cargo xtask synth-stats`: runs a synthetic mixture of experts with pinion, recording the routing
+/// (`Context::set_route_trace`), on random token ids and on its own greedy continuation, and prints per layer the
+/// first-choice frequencies against the planted Zipf targets, the first-choice repeat rate between consecutive
+/// tokens, and the fraction of non-zero neurons per expert.
+pub(crate) fn synth_stats(args: &SynthStatsArgs) -> Result<()> {
+    use pinion_runtime::{Context, ContextParams, Logits, Model};
+    let model = Model::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let c = model.config();
+    let moe = c.moe.context("not a mixture of experts")?;
+    let (n_layers, n_exp, k, n_ff) = (c.n_layers, moe.n_expert, moe.n_expert_used, c.n_ff);
+    let cfg = SynthConfig {
+        seed: args.seed,
+        n_experts: n_exp,
+        n_experts_used: k,
+        n_heads: c.n_heads,
+        expert_zipf: args.zipf,
+        expert_repeat: args.repeat,
+        ..SynthConfig::preset("tiny").context("tiny preset")?
+    };
+    let plan = synth::routing_plan(&cfg)?.context("no routing plan")?;
+    let sum_sq: f64 = plan.target.iter().map(|p| p * p).sum();
+    eprintln!(
+        "synth-stats: {} ({n_layers} layers, {n_exp} experts, {k} used, act {:?}); planted: Zipf {} (most/least {:.2}), \
+         repeat {} (independent tokens: {sum_sq:.3})",
+        args.model.display(),
+        c.ffn_act,
+        args.zipf,
+        plan.target[0] / plan.target[n_exp - 1],
+        args.repeat
+    );
+    let n = args.tokens;
+    let params = ContextParams::new(n + 2, args.threads);
+    // Random token ids past the special and byte tokens, as `pinion bench` and llama-bench feed.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ args.seed;
+    let random: Vec<u32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (synth::N_BASE_TOKENS as u64 + x % (c.n_vocab - synth::N_BASE_TOKENS) as u64) as u32
+        })
+        .collect();
+    let mut ctx = Context::new(&model, params.clone())?;
+    ctx.set_route_trace(true);
+    ctx.eval(&random, Logits::Last)?;
+    let trace = ctx.take_route_trace();
+    report("random ids", &trace, n_layers, k, n_ff, &cfg, &random);
+    // The greedy continuation of BOS, one token at a time.
+    let mut ctx = Context::new(&model, params)?;
+    ctx.set_route_trace(true);
+    let mut seq = vec![model.tokenizer().bos_id().unwrap_or(1)];
+    while seq.len() < n {
+        let logits = ctx.eval(&seq[seq.len() - 1..], Logits::Last)?;
+        let next = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
+        seq.push(next as u32);
+    }
+    ctx.eval(&seq[n - 1..], Logits::Last)?;
+    let trace = ctx.take_route_trace();
+    report("greedy continuation", &trace, n_layers, k, n_ff, &cfg, &seq);
+    Ok(())
+}
+
+/// Prints the statistics of one sequence's routing record: per layer, the tokens' first choices.
+fn report(
+    what: &str,
+    trace: &pinion_runtime::RouteTrace,
+    n_layers: usize,
+    k: usize,
+    n_ff: usize,
+    cfg: &SynthConfig,
+    tokens: &[u32],
+) {
+    let n_exp = cfg.n_experts;
+    // Calls are the layers in order, pass after pass: gather each layer's (token, slot) choices in token order.
+    let mut per_layer: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n_layers];
+    let mut at = 0;
+    for (call, &nt) in trace.call_tokens.iter().enumerate() {
+        let len = nt as usize * k;
+        per_layer[call % n_layers].extend_from_slice(&trace.choices[at..at + len]);
+        at += len;
+    }
+    let distinct = tokens.iter().collect::<std::collections::BTreeSet<_>>().len();
+    eprintln!("{what}: {} tokens ({distinct} distinct)", tokens.len());
+    for (l, ch) in per_layer.iter().enumerate() {
+        let n_tok = ch.len() / k;
+        let first: Vec<usize> = ch.chunks_exact(k).map(|c| c[0].0 as usize).collect();
+        let mut freq = vec![0.0f64; n_exp];
+        for &e in &first {
+            freq[e] += 1.0 / n_tok as f64;
+        }
+        let target = synth::expert_targets(cfg, l);
+        let worst = freq.iter().zip(&target).map(|(f, t)| (f - t).abs()).fold(0.0, f64::max);
+        let r = pearson(&freq, &target);
+        let mut sorted = freq.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let repeat = first.windows(2).filter(|w| w[0] == w[1]).count() as f64 / (n_tok.max(2) - 1) as f64;
+        let (mut active, mut routed) = (vec![0u64; n_exp], vec![0u64; n_exp]);
+        for &(e, a) in ch {
+            active[e as usize] += a as u64;
+            routed[e as usize] += 1;
+        }
+        let dens: Vec<f64> = (0..n_exp)
+            .filter(|&e| routed[e] > 0)
+            .map(|e| active[e] as f64 / (routed[e] * n_ff as u64) as f64)
+            .collect();
+        let mean = dens.iter().sum::<f64>() / dens.len().max(1) as f64;
+        let (lo, hi) = dens.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
+        eprintln!(
+            "  layer {l}: first choice vs planted: pearson {r:.3}, max |difference| {worst:.3} (binomial sd of the largest {:.3}); \
+             measured most popular {:.3} (planted {:.3}), least {:.3} (planted {:.3}); repeat {repeat:.3}; \
+             non-zero neurons per expert {lo:.3}..{hi:.3} (mean {mean:.3})",
+            (target.iter().cloned().fold(0.0, f64::max) * (1.0 - target.iter().cloned().fold(0.0, f64::max))
+                / n_tok as f64)
+                .sqrt(),
+            sorted[0],
+            target.iter().cloned().fold(0.0, f64::max),
+            sorted[n_exp - 1],
+            target.iter().cloned().fold(1.0, f64::min),
+        );
+    }
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
 }

@@ -8,7 +8,9 @@
 //! model with SiLU: its output is then meaningless, but its speed is that of a real model of the same shape,
 //! which is what the file is for. Checked with llama.cpp build 0c1e570 (`llama-bench -p 16 -n 16`,
 //! `llama-completion -p hello -n 8`): the tiny, small and 7b shapes, Q4_0 and F32, dense and MoE all load and run
-//! (7b is reported as `llama 7B Q4_0`, 6.74 B parameters).
+//! (7b is reported as `llama 7B Q4_0`, 6.74 B parameters); so do the `mixtral-47b` (2 layers, `llama ?B Q4_0`)
+//! and `qwen3-30b-a3b` (4 layers, `qwen3moe ?B Q4_0`) shapes written with fewer layers (`llama-bench -p 16 -n 16`,
+//! `llama-simple -n 8 hello`).
 //!
 //! # The planted skew
 //!
@@ -38,9 +40,49 @@
 //!
 //! The exact frequencies are perturbed by Q4_0 quantization and, beyond layer 0, by what the layers add to the
 //! residual stream; tests measure layer 0 against the targets.
+//!
+//! # The planted routing (mixtures of experts)
+//!
+//! A mixture of experts (`n_experts > 0`, architecture `llama` as Mixtral or `qwen3moe`) plants two routing
+//! statistics, the same in every layer up to a per-layer permutation of the experts ([`expert_ranks`]):
+//! first-choice popularity `p_r ∝ (r+1)^-expert_zipf` by rank `r` ([`expert_targets`]; Zipf 0.5 makes the most
+//! popular of 8 experts 2.83 times as popular as the least), and the probability `expert_repeat` that consecutive
+//! tokens share their first choice. Each expert's neurons get their own planted power law, as above.
+//!
+//! * The `head_dim` *routed dimensions* [`routed_dims`] (from 32, past the bias channel's Q4_0 block, which is
+//!   zero in the embeddings) are the only ones the router reads; gate and up rows leave them (and the bias
+//!   block) out, so routing and neuron activity are independent. Every embedding's token-specific part is scaled
+//!   to the same RMS, so that the normalized bias channel `x₀ = B / rms` is the same for every token.
+//! * Router row `e` is `s · u_e` on the routed dimensions, the `u_e` orthonormal (hence `n_experts ≤ head_dim`),
+//!   plus a weight on the bias channel making the logit offset `o_rank(e)` in units of the standard deviation of
+//!   the token-specific part. For independent isotropic token features the logits are then `o_r + g_r` with `g`
+//!   independent (close to) standard normals, and up to the common RMS that divides every logit (which does not
+//!   change their order) `P(first choice = r) = ∫ φ(y - o_r) Π_{j≠r} Φ(y - o_j) dy`. [`RoutingPlan`] solves for
+//!   the offsets at write time by the damped fixed-point iteration `o_r += ln(p_r / P_r(o)) / √(2 ln n)`,
+//!   computing the integral by quadrature, to a relative 1e-6.
+//! * Independent token embeddings repeat the first choice `Σ p²` of the time (0.142 for 8 experts, 0.012 for
+//!   128). For more, the routed features of token `t` are made `u_t + Σ_i c_i u_{t-i}` by *shift heads* in layer
+//!   0: query head `i-1` attends to the token `i` positions back, its KV head's values copy the routed dimensions
+//!   of the normalized input, and its output projection adds them back, times `c_i · rms`, to the same
+//!   dimensions. Its query and key read only the bias channel, so its scores depend on positions only: with RoPE
+//!   angles `θ_j` per pair, the key puts amplitude `a` on the first component of the `J` highest-frequency pairs
+//!   and the query `R(-i θ_j)` of that, so the score at distance `Δ` is `peak · mean_j cos((i - Δ) θ_j)`, largest
+//!   at `Δ = i`. `J` is chosen at write time to make the largest other value over the context (`κ`, about 0.8)
+//!   smallest, and `peak = 12 / (1 - κ)` (the scale of `a` without Q/K norms; with qwen3moe's Q/K norms, norm
+//!   weights `√(peak / √head_dim)` on the used pairs of layer 0), so every other position gets at most `e^-12`
+//!   of the lag's weight. With equal gains `c` on `K` lags the features' lag-1 correlation is `(c + (K-1) c²) /
+//!   (1 + K c²)`, at most `K / (K+1)`; [`RoutingPlan`] finds the correlation `ρ` that gives `expert_repeat` on the
+//!   Gaussian model (Monte Carlo, [`REPEAT_SAMPLES`] token pairs with the same draws for every `ρ`, bisection),
+//!   then the fewest lags that reach it and their gain. Mixtral's shape (8 experts): `ρ` 0.315, one head of gain
+//!   0.355; Qwen3-30B-A3B's (128 experts): `ρ` 0.727, three heads of gain 0.861. The shift heads are in layer 0
+//!   only: the later layers' small outputs leave the mix in the residual stream for every later router, whereas
+//!   shift heads in every layer would compound it layer after layer.
 
 use std::io::{self, Write};
 
+mod routing;
+
+pub use self::routing::{REPEAT_SAMPLES, RoutingPlan};
 use crate::error::FormatError;
 use crate::quant::{self, BlockQ4_0, GgmlType};
 use crate::writer::GgufWriter;
@@ -78,6 +120,9 @@ pub enum SynthArch {
     Qwen2,
     /// `qwen3`: llama's tensors plus per-head Q/K norms, NeoX RoPE.
     Qwen3,
+    /// `qwen3moe`: qwen3's attention and a mixture of experts in every layer (`expert_feed_forward_length` is the
+    /// experts' width, `feed_forward_length` that times the experts used, as Qwen3-30B-A3B's file).
+    Qwen3Moe,
     /// `gemma3`: llama's tensors plus per-head Q/K norms and post-attention and post-FFN norms, NeoX RoPE,
     /// scaled embeddings, and sliding-window attention with `sliding_window` positions on every layer but the
     /// last of each `swa_pattern`.
@@ -96,6 +141,7 @@ impl SynthArch {
             SynthArch::Llama => "llama",
             SynthArch::Qwen2 => "qwen2",
             SynthArch::Qwen3 => "qwen3",
+            SynthArch::Qwen3Moe => "qwen3moe",
             SynthArch::Gemma3 { .. } => "gemma3",
         }
     }
@@ -180,21 +226,38 @@ pub struct SynthConfig {
     pub gate_noise: f64,
     /// Scale of the output projections relative to a unit-variance init.
     pub out_scale: f64,
+    /// Head dimension when it is not `d_model / n_heads` (Qwen3-30B-A3B: 128 with a width of 2048 and 32 heads),
+    /// written as `attention.key_length` and `attention.value_length`.
+    pub head_len: Option<usize>,
+    /// Zipf exponent of expert popularity (MoE): in each layer the expert of rank `r` (a per-layer permutation) is
+    /// a token's first choice with probability proportional to `(r+1)^-expert_zipf`.
+    pub expert_zipf: f64,
+    /// Planted probability that consecutive tokens have the same first-choice expert (MoE). At most the rate of
+    /// independent tokens (`Σ p²`), no shift heads are written and tokens are routed independently.
+    pub expert_repeat: f64,
 }
 
 impl SynthConfig {
     /// The preset shapes: `tiny` (4 layers, d 256, about 3 MB in Q4_0), `small` (12 layers, d 1024, about
-    /// 100 MB in Q4_0) and `7b` (LLaMA-2-7B's shape, about 3.8 GB in Q4_0). ReLU, dense, Q4_0, seed 0.
+    /// 100 MB in Q4_0) and `7b` (LLaMA-2-7B's shape, about 3.8 GB in Q4_0), dense ReLU; and two mixtures of
+    /// experts with the planted routing of issue 13 (Zipf 0.5 popularity, first choice repeated by 25% of
+    /// consecutive tokens): `mixtral-47b` (Mixtral 8x7B's shape, llama architecture, 8 experts of 14336, 2 used;
+    /// about 26 GB in Q4_0) and `qwen3-30b-a3b` (Qwen3-30B-A3B's shape, qwen3moe, 128 experts of 768, 8 used, 32
+    /// heads of 128 over a width of 2048, the real vocabulary of 151936; about 17 GB in Q4_0), both SiLU. Q4_0,
+    /// seed 0.
     pub fn preset(shape: &str) -> Option<SynthConfig> {
-        let (n_layers, d_model, n_ff, n_heads, n_kv_heads, n_vocab, n_ctx) = match shape {
-            "tiny" => (4, 256, 1024, 4, 4, 512, 2048),
-            "small" => (12, 1024, 2816, 16, 16, 8000, 2048),
-            "7b" => (32, 4096, 11008, 32, 32, 32000, 4096),
+        #[rustfmt::skip]
+        let (arch, n_layers, d_model, n_ff, n_heads, n_kv_heads, n_vocab, n_ctx, experts, head_len) = match shape {
+            "tiny" => (SynthArch::Llama, 4, 256, 1024, 4, 4, 512, 2048, (0, 0), None),
+            "small" => (SynthArch::Llama, 12, 1024, 2816, 16, 16, 8000, 2048, (0, 0), None),
+            "7b" => (SynthArch::Llama, 32, 4096, 11008, 32, 32, 32000, 4096, (0, 0), None),
+            "mixtral-47b" => (SynthArch::Llama, 32, 4096, 14336, 32, 8, 32000, 4096, (8, 2), None),
+            "qwen3-30b-a3b" => (SynthArch::Qwen3Moe, 48, 2048, 768, 32, 4, 151_936, 4096, (128, 8), Some(128)),
             _ => return None,
         };
         Some(SynthConfig {
             name: format!("pinion-synth-{shape}"),
-            arch: SynthArch::Llama,
+            arch,
             rope_factors: false,
             n_layers,
             d_model,
@@ -203,9 +266,9 @@ impl SynthConfig {
             n_kv_heads,
             n_vocab,
             n_ctx,
-            act: Activation::Relu,
-            n_experts: 0,
-            n_experts_used: 0,
+            act: if experts.0 > 0 { Activation::Silu } else { Activation::Relu },
+            n_experts: experts.0,
+            n_experts_used: experts.1,
             ty: GgmlType::Q4_0,
             seed: 0,
             alpha: 1.0,
@@ -215,6 +278,9 @@ impl SynthConfig {
             out_scale: 0.1,
             gate_rank: 16,
             gate_noise: 0.02,
+            head_len,
+            expert_zipf: 0.5,
+            expert_repeat: 0.25,
         })
     }
 
@@ -233,21 +299,27 @@ impl SynthConfig {
                 return bad(format!("{what} is 0"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if self.head_len.is_none() && self.d_model % self.n_heads != 0 {
             return bad(format!("n_heads {} does not divide d_model {}", self.n_heads, self.d_model));
+        }
+        if self.head_len == Some(0) {
+            return bad("head_len is 0".into());
         }
         if self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("n_kv_heads {} does not divide n_heads {}", self.n_kv_heads, self.n_heads));
         }
-        if (self.d_model / self.n_heads) % 2 != 0 {
-            return bad(format!("head dimension {} is odd (RoPE needs pairs)", self.d_model / self.n_heads));
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head dimension {} is odd (RoPE needs pairs)", self.head_dim()));
         }
         if !matches!(self.ty, GgmlType::Q4_0 | GgmlType::F32) {
             return bad(format!("weight type {} is not q4_0 or f32", self.ty.name()));
         }
         let block = self.ty.block_len();
-        if self.d_model % block != 0 || self.n_ff % block != 0 {
-            return bad(format!("d_model and n_ff must be multiples of {block} for {}", self.ty.name()));
+        if self.d_model % block != 0 || self.n_ff % block != 0 || self.q_width() % block != 0 {
+            return bad(format!(
+                "d_model, n_ff and the query width must be multiples of {block} for {}",
+                self.ty.name()
+            ));
         }
         if self.d_model < 2 {
             return bad("d_model must be at least 2 (dimension 0 is the bias channel)".into());
@@ -263,6 +335,40 @@ impl SynthConfig {
         }
         if self.n_experts > 0 && (self.n_experts_used == 0 || self.n_experts_used > self.n_experts) {
             return bad(format!("n_experts_used {} must be in 1..={}", self.n_experts_used, self.n_experts));
+        }
+        if self.arch == SynthArch::Qwen3Moe && self.n_experts == 0 {
+            return bad("qwen3moe needs experts (n_experts > 0)".into());
+        }
+        if self.n_experts > 0 {
+            if !matches!(self.arch, SynthArch::Llama | SynthArch::Qwen3Moe) {
+                return bad(format!(
+                    "a mixture of experts is written as llama or qwen3moe, not {}",
+                    self.arch.name()
+                ));
+            }
+            // The router reads head_dim routed dimensions with orthonormal rows; the gates the others.
+            if self.n_experts > self.head_dim() {
+                return bad(format!(
+                    "n_experts {} exceeds the head dimension {} (the router's rows are orthonormal in head_dim \
+                     routed dimensions)",
+                    self.n_experts,
+                    self.head_dim()
+                ));
+            }
+            if self.d_model < FIRST_ROUTED_DIM + self.head_dim() + 1 + self.gate_rank {
+                return bad(format!(
+                    "d_model {} leaves no room for the gates beside the bias channel and {} routed dimensions",
+                    self.d_model,
+                    self.head_dim()
+                ));
+            }
+            if !(self.expert_zipf >= 0.0 && self.expert_zipf.is_finite()) {
+                return bad(format!("expert_zipf {} is not a finite non-negative number", self.expert_zipf));
+            }
+            if !(0.0..1.0).contains(&self.expert_repeat) {
+                return bad(format!("expert_repeat {} is not in [0, 1)", self.expert_repeat));
+            }
+            routing_plan(self)?;
         }
         let unit = |x: f64| x > 0.0 && x < 1.0;
         if !unit(self.f_max) || !unit(self.density) || self.density >= self.f_max {
@@ -286,9 +392,14 @@ impl SynthConfig {
         Ok(())
     }
 
-    /// Head dimension.
+    /// Head dimension: [`head_len`](Self::head_len), else `d_model / n_heads`.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.head_len.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Width of the queries (and of the attention output's input): `n_heads · head_dim`.
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim()
     }
 
     /// The bias channel value `B` of every token embedding.
@@ -312,6 +423,14 @@ pub struct TensorSpec {
 enum Kind {
     Embed,
     Norm,
+    /// Per-head Q or K norm (`head_dim` weights).
+    QkNorm,
+    /// Query, key and value projections (random, but for layer 0's shift heads in a mixture of experts).
+    AttnQ,
+    AttnK,
+    AttnV,
+    /// The attention output (an [`Kind::Out`], but for layer 0's shift heads in a mixture of experts).
+    AttnOut,
     Plain,
     Bias,
     RopeFreqs,
@@ -329,6 +448,7 @@ pub fn tensor_specs(cfg: &SynthConfig) -> Vec<TensorSpec> {
 fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
     let (d, ff, v) = (cfg.d_model as u64, cfg.n_ff as u64, cfg.n_vocab as u64);
     let kv = (cfg.head_dim() * cfg.n_kv_heads) as u64;
+    let qw = cfg.q_width() as u64;
     let ty = cfg.ty;
     let t =
         |name: String, ty: GgmlType, dims: &[u64], k: Kind| (TensorSpec { name, ty, dims: dims.to_vec() }, k);
@@ -339,19 +459,19 @@ fn specs(cfg: &SynthConfig) -> Vec<(TensorSpec, Kind)> {
     for l in 0..cfg.n_layers {
         let b = |s: &str| format!("blk.{l}.{s}.weight");
         out.push(t(b("attn_norm"), GgmlType::F32, &[d], Kind::Norm));
-        out.push(t(b("attn_q"), ty, &[d, d], Kind::Plain));
-        out.push(t(b("attn_k"), ty, &[d, kv], Kind::Plain));
-        out.push(t(b("attn_v"), ty, &[d, kv], Kind::Plain));
-        out.push(t(b("attn_output"), ty, &[d, d], Kind::Out));
+        out.push(t(b("attn_q"), ty, &[d, qw], Kind::AttnQ));
+        out.push(t(b("attn_k"), ty, &[d, kv], Kind::AttnK));
+        out.push(t(b("attn_v"), ty, &[d, kv], Kind::AttnV));
+        out.push(t(b("attn_output"), ty, &[qw, d], Kind::AttnOut));
         if cfg.arch == SynthArch::Qwen2 {
             for (what, n) in [("attn_q", d), ("attn_k", kv), ("attn_v", kv)] {
                 out.push(t(format!("blk.{l}.{what}.bias"), GgmlType::F32, &[n], Kind::Bias));
             }
         }
-        if cfg.arch == SynthArch::Qwen3 {
+        if matches!(cfg.arch, SynthArch::Qwen3 | SynthArch::Qwen3Moe) {
             let hd = cfg.head_dim() as u64;
-            out.push(t(b("attn_q_norm"), GgmlType::F32, &[hd], Kind::Norm));
-            out.push(t(b("attn_k_norm"), GgmlType::F32, &[hd], Kind::Norm));
+            out.push(t(b("attn_q_norm"), GgmlType::F32, &[hd], Kind::QkNorm));
+            out.push(t(b("attn_k_norm"), GgmlType::F32, &[hd], Kind::QkNorm));
         }
         if let SynthArch::Gemma3 { .. } = cfg.arch {
             let hd = cfg.head_dim() as u64;
@@ -392,15 +512,20 @@ fn declare(cfg: &SynthConfig) -> Result<GgufWriter<'static>, SynthError> {
     w.add_metadata(k("context_length"), u(cfg.n_ctx))?;
     w.add_metadata(k("embedding_length"), u(cfg.d_model))?;
     w.add_metadata(k("block_count"), u(cfg.n_layers))?;
-    w.add_metadata(k("feed_forward_length"), u(cfg.n_ff))?;
+    let ff_len = if cfg.arch == SynthArch::Qwen3Moe { cfg.n_ff * cfg.n_experts_used } else { cfg.n_ff };
+    w.add_metadata(k("feed_forward_length"), u(ff_len))?;
     w.add_metadata(k("attention.head_count"), u(cfg.n_heads))?;
     w.add_metadata(k("attention.head_count_kv"), u(cfg.n_kv_heads))?;
     w.add_metadata(k("rope.dimension_count"), u(cfg.head_dim()))?;
-    let rope_base = if let SynthArch::Gemma3 { .. } = cfg.arch { 1_000_000.0f32 } else { 10000.0 };
-    w.add_metadata(k("rope.freq_base"), rope_base)?;
+    w.add_metadata(k("rope.freq_base"), rope_base(cfg) as f32)?;
     w.add_metadata(k("attention.layer_norm_rms_epsilon"), 1e-5f32)?;
     match cfg.arch {
-        SynthArch::Llama | SynthArch::Qwen2 | SynthArch::Qwen3 => {}
+        SynthArch::Llama | SynthArch::Qwen2 | SynthArch::Qwen3 | SynthArch::Qwen3Moe => {
+            if cfg.head_len.is_some() {
+                w.add_metadata(k("attention.key_length"), u(cfg.head_dim()))?;
+                w.add_metadata(k("attention.value_length"), u(cfg.head_dim()))?;
+            }
+        }
         SynthArch::Gemma3 { sliding_window, swa_pattern } => {
             w.add_metadata(k("attention.key_length"), u(cfg.head_dim()))?;
             w.add_metadata(k("attention.value_length"), u(cfg.head_dim()))?;
@@ -411,6 +536,11 @@ fn declare(cfg: &SynthConfig) -> Result<GgufWriter<'static>, SynthError> {
     if cfg.n_experts > 0 {
         w.add_metadata(k("expert_count"), u(cfg.n_experts))?;
         w.add_metadata(k("expert_used_count"), u(cfg.n_experts_used))?;
+        if cfg.arch == SynthArch::Qwen3Moe {
+            w.add_metadata(k("expert_feed_forward_length"), u(cfg.n_ff))?;
+        }
+        w.add_metadata("pinion.synth.expert_zipf", cfg.expert_zipf as f32)?;
+        w.add_metadata("pinion.synth.expert_repeat", cfg.expert_repeat as f32)?;
     }
     w.add_metadata(ACTIVATION_KEY, cfg.act.name())?;
     w.add_metadata("pinion.synth.seed", cfg.seed)?;
@@ -474,18 +604,138 @@ pub fn write_model<W: Write>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<W, SynthError> {
     let w = declare(cfg)?;
+    let shift = ShiftHeads::of(cfg)?;
     let total = w.file_len()?;
     let mut done = w.data_offset();
     let align = w.alignment();
     let mut stream = w.begin(out)?;
     progress(done, total);
     for (spec, kind) in specs(cfg) {
-        stream.write_tensor_with(&spec.name, |w| write_tensor(cfg, &spec, kind, w))?;
+        stream.write_tensor_with(&spec.name, |w| write_tensor(cfg, shift.as_ref(), &spec, kind, w))?;
         let n = spec.ty.row_bytes(spec.dims[0] as usize)? as u64 * spec.dims[1..].iter().product::<u64>();
         done += n.div_ceil(align) * align;
         progress(done.min(total), total);
     }
     Ok(stream.finish()?)
+}
+
+/// The routing plan of a mixture of experts (`None` for a dense model): the same for every layer up to the
+/// permutation of [`expert_targets`].
+pub fn routing_plan(cfg: &SynthConfig) -> Result<Option<RoutingPlan>, SynthError> {
+    if cfg.n_experts == 0 {
+        return Ok(None);
+    }
+    RoutingPlan::new(cfg.n_experts, cfg.expert_zipf, cfg.expert_repeat, cfg.n_heads, cfg.seed).map(Some)
+}
+
+/// The popularity rank of each expert of layer `layer` (0 is the most popular), indexed by expert id: a
+/// per-layer random permutation.
+pub fn expert_ranks(cfg: &SynthConfig, layer: usize) -> Vec<usize> {
+    let n = cfg.n_experts;
+    let mut rng = Rng::new(cfg.seed, &format!("experts.{layer}"));
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+/// The planted first-choice probability of each expert of layer `layer`, indexed by expert id (empty for a dense
+/// model or an invalid config).
+pub fn expert_targets(cfg: &SynthConfig, layer: usize) -> Vec<f64> {
+    match routing_plan(cfg) {
+        Ok(Some(plan)) => expert_ranks(cfg, layer).iter().map(|&r| plan.target[r]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The RoPE base the file declares.
+fn rope_base(cfg: &SynthConfig) -> f64 {
+    if let SynthArch::Gemma3 { .. } = cfg.arch { 1_000_000.0 } else { 10000.0 }
+}
+
+/// The target score gap of a shift head between its lag and any other position (softmax weight `e^-12` of the
+/// peak's for each other position).
+const SHIFT_GAP: f64 = 12.0;
+
+/// Layer 0's shift heads of a mixture of experts and the router construction (see the module docs).
+struct ShiftHeads {
+    plan: RoutingPlan,
+    /// Gain of query head `i` (lag `i+1`), for query heads `0..gains.len()`.
+    gains: Vec<f64>,
+    /// Query heads per KV head.
+    group: usize,
+    /// The key pattern (`head_dim` values: amplitude on the cosine half of the used RoPE pairs).
+    key: Vec<f64>,
+    /// The query pattern of lag `i+1`.
+    queries: Vec<Vec<f64>>,
+    /// The Q/K norm weight of each head dimension (Q/K-normed architectures).
+    qk_norm: Vec<f32>,
+    /// `B / rms` of a typical embedding: the bias channel after the attention norm.
+    x0: f64,
+    /// RMS of a typical embedding.
+    rms0: f64,
+    /// RMS of a typical FFN input of layer 0 (the routed dimensions carry the shift heads' additions).
+    rms_h: f64,
+}
+
+impl ShiftHeads {
+    fn of(cfg: &SynthConfig) -> Result<Option<ShiftHeads>, SynthError> {
+        let Some(plan) = routing_plan(cfg)? else { return Ok(None) };
+        let (d, hd) = (cfg.d_model as f64, cfg.head_dim());
+        let b = cfg.bias_value();
+        // The embeddings' token-specific dimensions, of variance 1 (see `Kind::Embed`).
+        let n_tok = d - FIRST_ROUTED_DIM as f64;
+        let rms0 = ((b * b + n_tok) / d).sqrt();
+        let v = plan.feature_variance();
+        let rms_h = ((b * b + n_tok + hd as f64 * (v - 1.0)) / d).sqrt();
+        let (n_pairs, worst) = routing::shift_pattern(hd, rope_base(cfg), cfg.n_ctx);
+        let peak = SHIFT_GAP / (1.0 - worst);
+        let qk_normed = cfg.arch == SynthArch::Qwen3Moe;
+        // Without Q/K norms the scores scale with the squared amplitude; with them the amplitude is normalized
+        // away and the norm weights on the used pairs set the peak (`n² √hd`).
+        let amp = if qk_normed { 1.0 } else { (peak * (hd as f64).sqrt() / n_pairs as f64).sqrt() };
+        let neox = cfg.arch != SynthArch::Llama;
+        let dims = |j: usize| if neox { (j, j + hd / 2) } else { (2 * j, 2 * j + 1) };
+        let theta = |j: usize| rope_base(cfg).powf(-2.0 * j as f64 / hd as f64);
+        let mut key = vec![0.0; hd];
+        let mut qk_norm = vec![1.0f32; hd];
+        let gain = (peak / (hd as f64).sqrt()).sqrt() as f32;
+        for j in 0..n_pairs {
+            key[dims(j).0] = amp;
+            qk_norm[dims(j).0] = gain;
+            qk_norm[dims(j).1] = gain;
+        }
+        let queries = (1..=plan.gains.len())
+            .map(|lag| {
+                let mut q = vec![0.0; hd];
+                for j in 0..n_pairs {
+                    // R(-lag θ) applied to (amp, 0): the score q · R(-Δθ) k peaks at Δ = lag.
+                    let a = lag as f64 * theta(j);
+                    q[dims(j).0] = amp * a.cos();
+                    q[dims(j).1] = -amp * a.sin();
+                }
+                q
+            })
+            .collect();
+        Ok(Some(ShiftHeads {
+            gains: plan.gains.clone(),
+            plan,
+            group: cfg.n_heads / cfg.n_kv_heads,
+            key,
+            queries,
+            qk_norm,
+            x0: b / rms0,
+            rms0,
+            rms_h,
+        }))
+    }
+
+    /// Is KV head `kh` shared by a shift head?
+    fn hosts(&self, kh: usize) -> bool {
+        kh * self.group < self.gains.len()
+    }
 }
 
 /// The planted activation frequency of each FFN neuron of layer `layer` (expert `expert`, 0 for a dense
@@ -550,7 +800,13 @@ fn power_law(n: usize, alpha: f64, density: f64, f_max: f64) -> Vec<f64> {
 }
 
 /// Writes one tensor's data, row by row.
-fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Write) -> io::Result<()> {
+fn write_tensor(
+    cfg: &SynthConfig,
+    shift: Option<&ShiftHeads>,
+    spec: &TensorSpec,
+    kind: Kind,
+    w: &mut dyn Write,
+) -> io::Result<()> {
     let row_len = spec.dims[0] as usize;
     let n_rows: usize = spec.dims[1..].iter().product::<u64>() as usize;
     let mut rng = Rng::new(cfg.seed, &spec.name);
@@ -564,21 +820,80 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
     // The layer's shared directions of gate rows (`gate_rank` rows of `d_model`), and a noise row.
     let mut dirs: Vec<f32> = Vec::new();
     let mut noise = vec![0.0f32; row_len];
+    let layer = layer_of(&spec.name);
+    // Layer 0's shift heads, and the router of every layer (mixtures of experts).
+    let shift0 = shift.filter(|_| layer == 0);
+    let hd = cfg.head_dim();
+    let mut router: Vec<f32> = Vec::new();
     for r in 0..n_rows {
         match kind {
             Kind::Norm => row.fill(1.0),
+            Kind::QkNorm => match shift0 {
+                Some(sh) => row.copy_from_slice(&sh.qk_norm),
+                None => row.fill(1.0),
+            },
+            Kind::AttnQ | Kind::AttnK => {
+                rng.fill_uniform(&mut row, sigma);
+                let (head, c) = (r / hd, r % hd);
+                let pattern = match (shift0, kind) {
+                    (Some(sh), Kind::AttnQ) if head < sh.gains.len() => Some(&sh.queries[head]),
+                    (Some(sh), Kind::AttnK) if sh.hosts(head) => Some(&sh.key),
+                    _ => None,
+                };
+                if let Some((sh, p)) = shift0.zip(pattern) {
+                    row.fill(0.0);
+                    row[0] = (p[c] / sh.x0) as f32;
+                }
+            }
+            Kind::AttnV => {
+                rng.fill_uniform(&mut row, sigma);
+                if shift0.is_some_and(|sh| sh.hosts(r / hd)) {
+                    row.fill(0.0);
+                    row[FIRST_ROUTED_DIM + r % hd] = 1.0;
+                }
+            }
+            Kind::AttnOut => {
+                rng.fill_uniform(&mut row, sigma * cfg.out_scale);
+                if let Some(sh) = shift0 {
+                    for (head, &g) in sh.gains.iter().enumerate() {
+                        let cols = &mut row[head * hd..(head + 1) * hd];
+                        cols.fill(0.0);
+                        if routed_dims(cfg).contains(&r) {
+                            cols[r - FIRST_ROUTED_DIM] = (g * sh.rms0) as f32;
+                        }
+                    }
+                }
+            }
             Kind::Embed => {
                 rng.fill_uniform(&mut row, 1.0);
+                if cfg.n_experts > 0 {
+                    // Every token gets the same RMS (so that the shift heads' scores, which scale with the bias
+                    // channel after the norm, do not vary from token to token), and the rest of the bias
+                    // channel's block is 0 (Q4_0 would round it to a few levels).
+                    row[1..FIRST_ROUTED_DIM].fill(0.0);
+                    let tail = &mut row[FIRST_ROUTED_DIM..];
+                    let norm2: f64 = tail.iter().map(|&v| v as f64 * v as f64).sum();
+                    let scale = ((tail.len() as f64) / norm2).sqrt() as f32;
+                    tail.iter_mut().for_each(|v| *v *= scale);
+                }
                 row[0] = b as f32;
             }
-            Kind::Plain | Kind::Router => rng.fill_uniform(&mut row, sigma),
+            Kind::Plain => rng.fill_uniform(&mut row, sigma),
+            Kind::Router => match shift {
+                Some(sh) => {
+                    if r == 0 {
+                        router = router_rows(cfg, layer, sh, &mut rng);
+                    }
+                    row.copy_from_slice(&router[r * row_len..(r + 1) * row_len]);
+                }
+                None => rng.fill_uniform(&mut row, sigma),
+            },
             Kind::Bias => rng.fill_uniform(&mut row, 0.1),
             Kind::RopeFreqs => row.copy_from_slice(&llama3_rope_factors(cfg.head_dim(), 10000.0)),
             Kind::Out => rng.fill_uniform(&mut row, sigma * cfg.out_scale),
             Kind::Gate | Kind::Up => {
                 let (expert, neuron) = (r / cfg.n_ff, r % cfg.n_ff);
                 if neuron == 0 {
-                    let layer = layer_of(&spec.name);
                     freqs = target_frequencies(cfg, layer, expert);
                     dirs = directions(cfg, layer, expert);
                 }
@@ -606,14 +921,68 @@ fn write_tensor(cfg: &SynthConfig, spec: &TensorSpec, kind: Kind, w: &mut dyn Wr
     Ok(())
 }
 
+/// A layer's router rows (`n_experts x d_model`, row-major): orthonormal random directions in the routed
+/// dimensions, scaled so that the token-specific part of a logit has standard deviation 1 for a
+/// typical layer-0 FFN input, and on the bias channel the offset of the expert's rank in those units.
+fn router_rows(cfg: &SynthConfig, layer: usize, sh: &ShiftHeads, rng: &mut Rng) -> Vec<f32> {
+    let (d, hd, n) = (cfg.d_model, cfg.head_dim(), cfg.n_experts);
+    let mut basis: Vec<Vec<f64>> = Vec::with_capacity(n);
+    let mut v = vec![0.0f32; hd];
+    while basis.len() < n {
+        rng.fill_uniform(&mut v, 1.0);
+        let mut u: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        // Gram-Schmidt, twice for accuracy.
+        for _ in 0..2 {
+            for b in &basis {
+                let dot: f64 = u.iter().zip(b).map(|(x, y)| x * y).sum();
+                u.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
+            }
+        }
+        let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        // A draw (almost) inside the span of the others is drawn again; n <= hd makes room for all.
+        if norm > 1e-3 {
+            basis.push(u.iter().map(|x| x / norm).collect());
+        }
+    }
+    let scale = sh.rms_h / sh.plan.feature_variance().sqrt();
+    let ranks = expert_ranks(cfg, layer);
+    let mut rows = vec![0.0f32; n * d];
+    for ((row, b), &rank) in rows.chunks_exact_mut(d).zip(&basis).zip(&ranks) {
+        row[0] = (sh.plan.offsets[rank] * sh.rms_h / cfg.bias_value()) as f32;
+        for (r, &x) in row[routed_dims(cfg)].iter_mut().zip(b) {
+            *r = (x * scale) as f32;
+        }
+    }
+    rows
+}
+
+/// The first routed dimension: the second block of 32, because the first shares its Q4_0 scale with the bias
+/// channel, which rounds an embedding's other values there to a few levels (to 0 for a width of 4096).
+pub const FIRST_ROUTED_DIM: usize = 32;
+
+/// The routed dimensions of a mixture of experts, `head_dim` of them from [`FIRST_ROUTED_DIM`]: what the router
+/// reads and the shift heads copy.
+pub fn routed_dims(cfg: &SynthConfig) -> std::ops::Range<usize> {
+    FIRST_ROUTED_DIM..FIRST_ROUTED_DIM + cfg.head_dim()
+}
+
+/// Zeroes what a gate row leaves out: the bias channel and, in a mixture of experts, the rest of its block
+/// (zero in the embeddings) and the routed dimensions (so that routing and neuron activity are independent, and
+/// the shift heads' additions to the routed dimensions leave the planted neuron frequencies alone).
+fn zero_gate_excluded(cfg: &SynthConfig, row: &mut [f32]) {
+    let end = if cfg.n_experts > 0 { routed_dims(cfg).end } else { 1 };
+    row[..end].fill(0.0);
+}
+
 /// The `gate_rank` shared directions of a layer's (expert's) gate and up rows, row-major, zero on the bias
-/// channel. Gate and up share them, so that one low-rank predictor can see both (dReLU).
+/// channel (and the routed dimensions of a mixture of experts). Gate and up share them, so that one low-rank
+/// predictor can see both (dReLU).
 fn directions(cfg: &SynthConfig, layer: usize, expert: usize) -> Vec<f32> {
     let mut rng = Rng::new(cfg.seed, &format!("dirs.{layer}.{expert}"));
     let mut dirs = vec![0.0f32; cfg.gate_rank * cfg.d_model];
     for dir in dirs.chunks_exact_mut(cfg.d_model) {
         rng.fill_uniform(dir, 1.0);
-        dir[0] = 0.0;
+        zero_gate_excluded(cfg, dir);
     }
     dirs
 }
@@ -633,7 +1002,7 @@ fn planted_random_part(
     let d = row.len();
     if cfg.gate_rank == 0 {
         rng.fill_uniform(row, sigma);
-        row[0] = 0.0;
+        zero_gate_excluded(cfg, row);
         return;
     }
     let mut coef = vec![0.0f32; cfg.gate_rank];
@@ -645,8 +1014,8 @@ fn planted_random_part(
         }
     }
     rng.fill_uniform(noise, 1.0);
-    row[0] = 0.0;
-    noise[0] = 0.0;
+    zero_gate_excluded(cfg, row);
+    zero_gate_excluded(cfg, noise);
     let norm2 = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
     let target = (d as f64 - 1.0) * sigma * sigma;
     let (low, high) = (norm2(row), norm2(noise));
@@ -751,6 +1120,21 @@ impl Rng {
         s[2] ^= t;
         s[3] = s[3].rotate_left(45);
         result
+    }
+
+    /// Fills `out` with independent standard normal values (Box-Muller).
+    fn fill_normal(&mut self, out: &mut [f64]) {
+        for pair in out.chunks_mut(2) {
+            // 53 random bits to (0, 1].
+            let u1 = ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+            let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let r = (-2.0 * u1.ln()).sqrt();
+            let a = 2.0 * std::f64::consts::PI * u2;
+            pair[0] = r * a.cos();
+            if let Some(v) = pair.get_mut(1) {
+                *v = r * a.sin();
+            }
+        }
     }
 
     /// Fills `out` with independent uniform values of mean 0 and standard deviation `sd`.

@@ -279,3 +279,242 @@ fn each_moe_expert_has_its_own_planted_skew() {
         assert!(pearson(&measured, other).abs() < 0.3, "expert {expert} follows the other expert's targets");
     }
 }
+
+/// A one-layer mixture of experts on the tiny shape: `n_experts` experts, 2 used, a vocabulary of 8000 (each token
+/// embedding is one draw of the routed features: fewer distinct tokens would add their own sampling noise).
+fn tiny_moe(n_experts: usize) -> SynthConfig {
+    SynthConfig { n_layers: 1, n_vocab: 8000, n_experts, n_experts_used: 2, act: Activation::Drelu, ..tiny() }
+}
+
+/// The same with qwen3moe's attention: Q/K norms, NeoX RoPE, 4 heads of 128 over a width of 256.
+fn tiny_qwen3moe(n_experts: usize) -> SynthConfig {
+    SynthConfig {
+        arch: synth::SynthArch::Qwen3Moe,
+        head_len: Some(128),
+        n_kv_heads: 2,
+        act: Activation::Silu,
+        ..tiny_moe(n_experts)
+    }
+}
+
+/// `n` pseudo-random token ids below `n_vocab`, past the special and byte tokens.
+fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<usize> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            synth::N_BASE_TOKENS + (x % (n_vocab - synth::N_BASE_TOKENS) as u64) as usize
+        })
+        .collect()
+}
+
+/// Rows `first..first + n` of `tensor`, dequantized, row-major.
+fn rows(g: &Gguf, tensor: &str, first: usize, n: usize) -> Vec<f32> {
+    let t = g.tensor(tensor).unwrap();
+    let d = t.row_len();
+    let mut w = vec![0.0f32; n * d];
+    for (i, row) in w.chunks_mut(d).enumerate() {
+        quant::dequantize_row(t.ty, t.row(first + i), row).unwrap();
+    }
+    w
+}
+
+fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+    w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn rms_normalized(x: &[f32]) -> Vec<f32> {
+    let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + 1e-5).sqrt();
+    x.iter().map(|v| v / rms).collect()
+}
+
+/// Layer 0's FFN inputs of `tokens` as the shift heads plant them: each token's embedding plus, for shift head
+/// `h` (lag `h+1`), the attention output projection of its value of the token `h+1` back, read from the file's
+/// `attn_v` and `attn_output` (the other heads' small outputs left out; `shift_heads_attend_to_their_lag`
+/// checks the attention pattern itself). `with_shift` false leaves the embeddings alone. RMS-normalized.
+fn layer0_ffn_inputs(g: &Gguf, cfg: &SynthConfig, tokens: &[usize], with_shift: bool) -> Vec<Vec<f32>> {
+    let d = cfg.d_model;
+    let hd = cfg.head_dim();
+    let n_shift = synth::routing_plan(cfg).unwrap().unwrap().gains.len();
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    let embeds: Vec<Vec<f32>> = tokens.iter().map(|&t| rows(g, "token_embd.weight", t, 1)).collect();
+    let out = rows(g, "blk.0.attn_output.weight", 0, d);
+    let values: Vec<Vec<f32>> =
+        (0..n_shift).map(|h| rows(g, "blk.0.attn_v.weight", h / group * hd, hd)).collect();
+    let qw = cfg.q_width();
+    (0..tokens.len())
+        .map(|t| {
+            let mut x = embeds[t].clone();
+            for (h, v) in values.iter().enumerate().filter(|_| with_shift) {
+                let Some(src) = t.checked_sub(h + 1) else { continue };
+                let val = matvec(v, &rms_normalized(&embeds[src]));
+                for (i, xi) in x.iter_mut().enumerate() {
+                    let o = &out[i * qw + h * hd..i * qw + (h + 1) * hd];
+                    *xi += o.iter().zip(&val).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+            rms_normalized(&x)
+        })
+        .collect()
+}
+
+/// Each token's first-choice expert of layer 0's router.
+fn first_choices(g: &Gguf, cfg: &SynthConfig, xs: &[Vec<f32>]) -> Vec<usize> {
+    let router = rows(g, "blk.0.ffn_gate_inp.weight", 0, cfg.n_experts);
+    xs.iter()
+        .map(|x| {
+            let logits = matvec(&router, x);
+            (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap()
+        })
+        .collect()
+}
+
+fn repeat_rate(first: &[usize]) -> f64 {
+    first.windows(2).filter(|w| w[0] == w[1]).count() as f64 / (first.len() - 1) as f64
+}
+
+#[test]
+fn planted_expert_popularity_and_repeat_rate_show_in_layer_0() {
+    for cfg in [tiny_moe(8), tiny_qwen3moe(16)] {
+        let bytes = write(&cfg);
+        let g = Gguf::parse(&bytes).unwrap();
+        let tokens = random_tokens(8000, cfg.n_vocab, 3);
+        let xs = layer0_ffn_inputs(&g, &cfg, &tokens, true);
+        let first = first_choices(&g, &cfg, &xs);
+        let mut freq = vec![0.0f64; cfg.n_experts];
+        for &e in &first {
+            freq[e] += 1.0 / first.len() as f64;
+        }
+        let target = synth::expert_targets(&cfg, 0);
+        let worst = freq.iter().zip(&target).map(|(f, t)| (f - t).abs()).fold(0.0, f64::max);
+        let repeat = repeat_rate(&first);
+        let alone = repeat_rate(&first_choices(&g, &cfg, &layer0_ffn_inputs(&g, &cfg, &tokens, false)));
+        eprintln!(
+            "{} x{}: first-choice frequencies {freq:.3?} vs targets {target:.3?} (worst {worst:.4}); repeat \
+             {repeat:.3} (without the shift heads {alone:.3})",
+            cfg.arch.name(),
+            cfg.n_experts
+        );
+        // Zipf 0.5 over 8 experts: 0.19 for the most popular, 0.067 for the least; binomial noise on 6000
+        // tokens is about 0.005.
+        assert!(worst < 0.02, "first-choice frequencies {freq:?} vs {target:?}");
+        // The check can fail: another layer's permutation of the same targets does not fit.
+        let other = synth::expert_targets(&cfg, 1);
+        let worst_other = freq.iter().zip(&other).map(|(f, t)| (f - t).abs()).fold(0.0, f64::max);
+        assert!(worst_other > 0.04, "layer 1's targets fit too: {worst_other}");
+        assert!((repeat - cfg.expert_repeat).abs() < 0.03, "repeat rate {repeat}");
+        // Without the previous tokens' features, tokens are routed independently: about Σ p².
+        let sum_sq: f64 = target.iter().map(|p| p * p).sum();
+        assert!((alone - sum_sq).abs() < 0.03, "independent repeat rate {alone} vs Σp² {sum_sq}");
+    }
+}
+
+/// Rotates `x` (one head) to position `pos` as llama.cpp's RoPE does: pairs `(2j, 2j+1)`, or `(j, j + hd/2)`
+/// for NeoX, by `pos · 10000^(-2j/hd)`.
+fn rope(x: &mut [f32], pos: usize, neox: bool) {
+    let hd = x.len();
+    for j in 0..hd / 2 {
+        let (a, b) = if neox { (j, j + hd / 2) } else { (2 * j, 2 * j + 1) };
+        let angle = pos as f64 * 10000f64.powf(-2.0 * j as f64 / hd as f64);
+        let (s, c) = (angle.sin() as f32, angle.cos() as f32);
+        (x[a], x[b]) = (x[a] * c - x[b] * s, x[a] * s + x[b] * c);
+    }
+}
+
+#[test]
+fn shift_heads_attend_to_their_lag() {
+    for cfg in [tiny_moe(8), tiny_qwen3moe(16)] {
+        let bytes = write(&cfg);
+        let g = Gguf::parse(&bytes).unwrap();
+        let (hd, d) = (cfg.head_dim(), cfg.d_model);
+        let neox = cfg.arch != synth::SynthArch::Llama;
+        let n_shift = synth::routing_plan(&cfg).unwrap().unwrap().gains.len();
+        assert!(n_shift >= 1);
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let qk_norm = |name: &str, v: Vec<f32>| match g.tensor_info(&format!("blk.0.{name}.weight")) {
+            Some(_) => {
+                let w = rows(&g, &format!("blk.0.{name}.weight"), 0, 1);
+                rms_normalized(&v).iter().zip(&w).map(|(a, b)| a * b).collect()
+            }
+            None => v,
+        };
+        let tokens = random_tokens(300, cfg.n_vocab, 5);
+        let xs: Vec<Vec<f32>> =
+            tokens.iter().map(|&t| rms_normalized(&rows(&g, "token_embd.weight", t, 1))).collect();
+        assert_eq!(xs[0].len(), d);
+        for h in 0..n_shift {
+            let (wq, wk) = (
+                rows(&g, "blk.0.attn_q.weight", h * hd, hd),
+                rows(&g, "blk.0.attn_k.weight", h / group * hd, hd),
+            );
+            let keys: Vec<Vec<f32>> = xs
+                .iter()
+                .enumerate()
+                .map(|(s, x)| {
+                    let mut k = qk_norm("attn_k_norm", matvec(&wk, x));
+                    rope(&mut k, s, neox);
+                    k
+                })
+                .collect();
+            let mut worst = 1.0f64;
+            for (t, x) in xs.iter().enumerate().skip(h + 1) {
+                let mut q = qk_norm("attn_q_norm", matvec(&wq, x));
+                rope(&mut q, t, neox);
+                let scores: Vec<f64> = keys[..=t]
+                    .iter()
+                    .map(|k| q.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                worst = worst.min((scores[t - h - 1] - max).exp() / sum);
+            }
+            eprintln!("{} head {h}: least attention weight on lag {} is {worst:.5}", cfg.arch.name(), h + 1);
+            assert!(worst > 0.99, "head {h} puts {worst} on lag {}", h + 1);
+        }
+    }
+}
+
+#[test]
+fn qwen3moe_has_the_keys_and_tensors_of_llama_cpp_loader() {
+    let cfg = SynthConfig { n_layers: 2, ..tiny_qwen3moe(16) };
+    let bytes = write(&cfg);
+    let g = Gguf::parse(&bytes).unwrap();
+    assert_eq!(g.get_str("general.architecture").unwrap(), "qwen3moe");
+    for (key, want) in [
+        ("qwen3moe.expert_count", 16),
+        ("qwen3moe.expert_used_count", 2),
+        ("qwen3moe.expert_feed_forward_length", 1024),
+        ("qwen3moe.feed_forward_length", 2048),
+        ("qwen3moe.attention.key_length", 128),
+        ("qwen3moe.attention.value_length", 128),
+        ("qwen3moe.rope.dimension_count", 128),
+        ("qwen3moe.attention.head_count", 4),
+        ("qwen3moe.attention.head_count_kv", 2),
+    ] {
+        assert_eq!(g.get_u64(key).unwrap(), want, "{key}");
+    }
+    for l in 0..2 {
+        let t = |n: &str| g.tensor(&format!("blk.{l}.{n}.weight")).unwrap().dims.to_vec();
+        assert_eq!(t("attn_q"), [256, 512]);
+        assert_eq!(t("attn_k"), [256, 256]);
+        assert_eq!(t("attn_output"), [512, 256]);
+        assert_eq!(t("attn_q_norm"), [128]);
+        assert_eq!(t("attn_k_norm"), [128]);
+        assert_eq!(t("ffn_gate_inp"), [256, 16]);
+        assert_eq!(t("ffn_gate_exps"), [256, 1024, 16]);
+        assert_eq!(t("ffn_down_exps"), [1024, 256, 16]);
+    }
+    // A dense qwen3moe, more experts than routed dimensions, and an unreachable repeat rate are refused.
+    for bad in [
+        SynthConfig { n_experts: 0, n_experts_used: 0, ..cfg.clone() },
+        SynthConfig { n_experts: 129, ..cfg.clone() },
+        SynthConfig { expert_repeat: 0.999, ..cfg.clone() },
+        SynthConfig { expert_zipf: -1.0, ..cfg.clone() },
+        SynthConfig { n_experts: 4, arch: synth::SynthArch::Qwen2, ..tiny_moe(4) },
+    ] {
+        let err = synth::write_model(&bad, Vec::new(), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, SynthError::Config(_)), "{bad:?}: {err}");
+    }
+}

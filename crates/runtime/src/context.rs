@@ -11,7 +11,7 @@ use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
 use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, forward};
 use crate::model::{FfnWeights, Model};
-use crate::moe::MoeScratch;
+use crate::moe::{MoeScratch, RouteTrace};
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
 use crate::rule::FfnRule;
@@ -352,6 +352,17 @@ impl<'m> Context<'m> {
     /// Whether predictors choose the FFN neurons.
     pub fn uses_predictors(&self) -> bool {
         self.predictors.is_some()
+    }
+
+    /// Starts (a fresh record) or stops recording each mixture-of-experts FFN call's routing: the chosen
+    /// experts and their non-zero neurons, for routing statistics. Off by default; a dense model records nothing.
+    pub fn set_route_trace(&mut self, on: bool) {
+        self.scratch.moe.trace = on.then(RouteTrace::default);
+    }
+
+    /// The routing recorded since [`Context::set_route_trace`] or the last call (empty when recording is off).
+    pub fn take_route_trace(&mut self) -> RouteTrace {
+        self.scratch.moe.trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// The rule choosing FFN neurons in force.

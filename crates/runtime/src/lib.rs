@@ -39,6 +39,7 @@ pub use crate::model::{
     PREDICTOR_THRESHOLDS_KEY, SCORE_SCALE_TENSOR, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
     predictor_tensor_names, score_scale_tensor,
 };
+pub use crate::moe::RouteTrace;
 pub use crate::offload::OffloadStats;
 pub use crate::perplexity::{PerplexityStats, perplexity};
 pub use crate::rule::FfnRule;

@@ -42,6 +42,20 @@ pub(crate) struct MoeScratch {
     rows: Vec<f32>,
     /// The (token, slot) pairs routed to one expert.
     members: Vec<(u32, u32)>,
+    /// The routing record, when one is asked for ([`crate::Context::set_route_trace`]).
+    pub(crate) trace: Option<RouteTrace>,
+}
+
+/// The routing of each mixture-of-experts FFN call, recorded while [`crate::Context::set_route_trace`] is on (for
+/// measuring routing statistics; off by default, and then nothing is recorded). The calls are the layers in order,
+/// pass after pass; a pass of one token (decode) makes one call per layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTrace {
+    /// Per call, token of the call and slot (in order of choice): the chosen expert and how many of its neurons
+    /// were non-zero after the activation.
+    pub choices: Vec<(u32, u32)>,
+    /// The number of tokens of each call.
+    pub call_tokens: Vec<u32>,
 }
 
 impl MoeScratch {
@@ -57,6 +71,7 @@ impl MoeScratch {
             outs: vec![0.0; n * k * d_model],
             rows: vec![0.0; n * d_model],
             members: Vec::with_capacity(n * k),
+            trace: None,
         }
     }
 }
@@ -108,6 +123,11 @@ pub(crate) fn moe_ffn(
             weights.iter_mut().for_each(|v| *v /= sum);
         }
     }
+    let trace_at = s.trace.as_mut().map(|tr| {
+        tr.call_tokens.push(n as u32);
+        tr.choices.extend(s.chosen[..n * k].iter().map(|&e| (e, 0)));
+        tr.choices.len() - n * k
+    });
     // Each expert once, over the tokens routed to it.
     for e in 0..n_exp {
         s.members.clear();
@@ -137,6 +157,12 @@ pub(crate) fn moe_ffn(
         }
         matmul(&wu, b.acts, up)?;
         act.apply(gate, up, None);
+        if let (Some(tr), Some(at)) = (s.trace.as_mut(), trace_at) {
+            for (row, &(t, slot)) in gate.chunks_exact(ff).zip(&s.members) {
+                tr.choices[at + t as usize * k + slot as usize].1 =
+                    row.iter().filter(|&&v| v != 0.0).count() as u32;
+            }
+        }
         b.acts.quantize(wd.ty, gate, ff);
         matmul(&wd, b.acts, rows)?;
         for (r, &(t, slot)) in rows.chunks_exact(d).zip(&s.members) {
@@ -415,11 +441,32 @@ mod tests {
         let tokens = model.tokenizer().encode(text, true, false);
         assert!(tokens.len() >= 20 && tokens.len() < 64, "{} tokens", tokens.len());
         let mut batched = Context::new(&model, ContextParams::new(128, 2)).unwrap();
+        assert_eq!(batched.take_route_trace(), crate::RouteTrace::default(), "recording is off by default");
+        batched.set_route_trace(true);
         let all = batched.eval(&tokens, Logits::All).unwrap().to_vec();
+        let trace = batched.take_route_trace();
         let mut single = Context::new(&model, ContextParams::new(128, 2)).unwrap();
+        single.set_route_trace(true);
         for (t, &tok) in tokens.iter().enumerate() {
             let got = single.eval(&[tok], Logits::Last).unwrap();
             assert!(got == &all[t * n_vocab..(t + 1) * n_vocab], "token {t}: the batched logits differ");
+        }
+        // The routing record: one call per layer and pass, the same choices and active neurons (SiLU: all of
+        // them) batched (layer-major) as token by token (token-major).
+        let (n, n_layers, k) = (tokens.len(), model.config().n_layers, 3);
+        assert_eq!(trace.call_tokens, vec![n as u32; n_layers]);
+        let by_token = single.take_route_trace();
+        assert_eq!(by_token.call_tokens, vec![1; n * n_layers]);
+        for (t, l, slot) in
+            (0..n).flat_map(|t| (0..n_layers).flat_map(move |l| (0..k).map(move |j| (t, l, j))))
+        {
+            let want = trace.choices[(l * n + t) * k + slot];
+            assert_eq!(
+                by_token.choices[(t * n_layers + l) * k + slot],
+                want,
+                "token {t} layer {l} slot {slot}"
+            );
+            assert_eq!(want.1 as usize, model.config().n_ff);
         }
         // The NPU-role dense executor gives the CPU's bits on the experts' products too.
         let npu = ContextParams { dense: crate::DenseChoice::Npu, ..ContextParams::new(128, 2) };
