@@ -180,6 +180,9 @@ pub enum FfnActivation {
     Drelu,
 }
 
+/// Values of a batch's FFN activations per parallel task (about 64 KiB of gates).
+const PAR_ACT_CHUNK: usize = 16384;
+
 impl FfnActivation {
     /// The name used in files and on the command line.
     pub fn name(self) -> &'static str {
@@ -231,7 +234,21 @@ impl FfnActivation {
     /// Applies the gated activation in place (`gate` becomes the FFN's hidden activations), zeroing neurons
     /// that are not active under thresholds `t` (`None`: dense): one per neuron of a row (`gate` is rows of
     /// `t.len()`), or one for all. Returns the number of active (neuron, token) pairs.
+    ///
+    /// A batch's activations (prefill) are split over the current rayon pool in chunks of whole threshold
+    /// rows and whole groups of 16 (where ggml's SIMD SiLU and its scalar tail meet), so every value is
+    /// computed as in one call.
     pub fn apply(self, gate: &mut [f32], up: &[f32], t: Option<&[f32]>) -> usize {
+        use rayon::prelude::*;
+        let row = t.map_or(1, |t| t.len().max(1));
+        let chunk = 16 * row * (PAR_ACT_CHUNK / (16 * row)).max(1);
+        if gate.len() < 2 * chunk || gate.len() != up.len() {
+            return self.apply_serial(gate, up, t);
+        }
+        gate.par_chunks_mut(chunk).zip(up.par_chunks(chunk)).map(|(g, u)| self.apply_serial(g, u, t)).sum()
+    }
+
+    fn apply_serial(self, gate: &mut [f32], up: &[f32], t: Option<&[f32]>) -> usize {
         match (self, t) {
             (FfnActivation::Silu, None) => {
                 pinion_exec_cpu::swiglu_ggml(gate, up);
