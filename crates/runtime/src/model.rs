@@ -662,21 +662,7 @@ fn matrix_ref(
     n_cols: usize,
     n_rows: usize,
 ) -> Result<WeightRef, RuntimeError> {
-    let info =
-        g.tensor_info(name).ok_or_else(|| pinion_format::FormatError::MissingTensor { name: name.into() })?;
-    let expected = [n_cols as u64, n_rows as u64];
-    if info.dims != expected {
-        return Err(RuntimeError::BadTensor {
-            name: name.to_string(),
-            why: format!("shape {:?}, expected {:?}", info.dims, expected),
-        });
-    }
-    if pinion_exec_cpu::vec_dot_type(info.ty).is_none() {
-        return Err(RuntimeError::UnsupportedWeightType { name: name.to_string(), ty: info.ty });
-    }
-    let start = base + (g.data_offset + info.offset) as usize;
-    let range = start..start + info.n_bytes() as usize;
-    Ok(WeightRef { ty: info.ty, n_rows, n_cols, range, name: name.into() })
+    weight_ref(g, base, name, &[n_cols as u64, n_rows as u64], n_rows, n_cols)
 }
 
 /// The 3-D tensor `name` of `n_expert` experts' matrices of `n_rows` rows of `n_cols` (GGUF dims `[n_cols,
@@ -689,13 +675,26 @@ fn experts_ref(
     n_rows: usize,
     n_expert: usize,
 ) -> Result<WeightRef, RuntimeError> {
+    let dims = [n_cols as u64, n_rows as u64, n_expert as u64];
+    weight_ref(g, base, name, &dims, n_rows * n_expert, n_cols)
+}
+
+/// The tensor `name`, of GGUF dims `dims` (row length first) and a type with a kernel, as one matrix of
+/// `n_rows` rows of `n_cols` values.
+fn weight_ref(
+    g: &Gguf<'_>,
+    base: usize,
+    name: &str,
+    dims: &[u64],
+    n_rows: usize,
+    n_cols: usize,
+) -> Result<WeightRef, RuntimeError> {
     let info =
         g.tensor_info(name).ok_or_else(|| pinion_format::FormatError::MissingTensor { name: name.into() })?;
-    let expected = [n_cols as u64, n_rows as u64, n_expert as u64];
-    if info.dims != expected {
+    if info.dims != dims {
         return Err(RuntimeError::BadTensor {
             name: name.to_string(),
-            why: format!("shape {:?}, expected {:?}", info.dims, expected),
+            why: format!("shape {:?}, expected {:?}", info.dims, dims),
         });
     }
     if pinion_exec_cpu::vec_dot_type(info.ty).is_none() {
@@ -703,7 +702,7 @@ fn experts_ref(
     }
     let start = base + (g.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
-    Ok(WeightRef { ty: info.ty, n_rows: n_rows * n_expert, n_cols, range, name: name.into() })
+    Ok(WeightRef { ty: info.ty, n_rows, n_cols, range, name: name.into() })
 }
 
 /// Layer `l`'s bias of projection `what` (`blk.{l}.{what}.bias`), `n` values.
