@@ -235,14 +235,16 @@ impl FfnActivation {
     /// that are not active under thresholds `t` (`None`: dense): one per neuron of a row (`gate` is rows of
     /// `t.len()`), or one for all. Returns the number of active (neuron, token) pairs.
     ///
-    /// A batch's activations (prefill) are split over the current rayon pool in chunks of whole threshold
-    /// rows and whole groups of 16 (where ggml's SIMD SiLU and its scalar tail meet), so every value is
-    /// computed as in one call.
+    /// Called on a worker of a rayon pool (a batch pass runs inside its context's pool), a large call is
+    /// split over that pool in chunks of whole threshold rows and whole groups of 16 (where ggml's SIMD SiLU
+    /// and its scalar tail meet), so every value is computed as in one call. Elsewhere (a decode step, whose
+    /// threads are the spin pool's) it runs on the calling thread: never on rayon's global pool.
     pub fn apply(self, gate: &mut [f32], up: &[f32], t: Option<&[f32]>) -> usize {
         use rayon::prelude::*;
         let row = t.map_or(1, |t| t.len().max(1));
         let chunk = 16 * row * (PAR_ACT_CHUNK / (16 * row)).max(1);
-        if gate.len() < 2 * chunk || gate.len() != up.len() {
+        let in_pool = rayon::current_thread_index().is_some();
+        if !in_pool || gate.len() < 2 * chunk || gate.len() != up.len() {
             return self.apply_serial(gate, up, t);
         }
         gate.par_chunks_mut(chunk).zip(up.par_chunks(chunk)).map(|(g, u)| self.apply_serial(g, u, t)).sum()
