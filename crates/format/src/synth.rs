@@ -631,8 +631,11 @@ pub fn routing_plan(cfg: &SynthConfig) -> Result<Option<RoutingPlan>, SynthError
 /// The popularity rank of each expert of layer `layer` (0 is the most popular), indexed by expert id: a
 /// per-layer random permutation.
 pub fn expert_ranks(cfg: &SynthConfig, layer: usize) -> Vec<usize> {
-    let n = cfg.n_experts;
-    let mut rng = Rng::new(cfg.seed, &format!("experts.{layer}"));
+    permutation(cfg.n_experts, &mut Rng::new(cfg.seed, &format!("experts.{layer}")))
+}
+
+/// A random permutation of `0..n` (Fisher-Yates, drawing from `rng`).
+fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
@@ -743,12 +746,7 @@ impl ShiftHeads {
 /// square root.
 pub fn target_frequencies(cfg: &SynthConfig, layer: usize, expert: usize) -> Vec<f64> {
     let n = cfg.n_ff;
-    let mut rng = Rng::new(cfg.seed, &format!("perm.{layer}.{expert}"));
-    let mut perm: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        perm.swap(i, j);
-    }
+    let perm = permutation(n, &mut Rng::new(cfg.seed, &format!("perm.{layer}.{expert}")));
     let by_rank = power_law(n, cfg.alpha, cfg.density, cfg.f_max);
     let mut f = vec![0.0; n];
     for (neuron, &rank) in perm.iter().enumerate() {
