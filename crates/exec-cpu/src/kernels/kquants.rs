@@ -395,7 +395,8 @@ impl KBlock for BlockQ6K {
 }
 
 /// One activation block made ready for the K-quant cores: its eight groups (permuted as `perm32` permutes,
-/// when the activations were quantized: `super::permute_q8k`), the offset corrections `maddubs(OFFSET, y)`, its `bsums` as sixteen i16 and its scale.
+/// when the activations were quantized: `super::permute_q8k`), the offset corrections `maddubs(OFFSET, y)`,
+/// its `bsums` as sixteen i16 and its scale.
 #[derive(Clone, Copy)]
 struct Act {
     y: [__m256i; 8],
