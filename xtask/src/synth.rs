@@ -207,15 +207,8 @@ pub(crate) fn synth_stats(args: &SynthStatsArgs) -> Result<()> {
     let n = args.tokens;
     let params = ContextParams::new(n + 2, args.threads);
     // Random token ids past the special and byte tokens, as `pinion bench` and llama-bench feed.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ args.seed;
-    let random: Vec<u32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (synth::N_BASE_TOKENS as u64 + x % (c.n_vocab - synth::N_BASE_TOKENS) as u64) as u32
-        })
-        .collect();
+    let ids = synth::N_BASE_TOKENS as u32..c.n_vocab as u32;
+    let random = pinion_runtime::random_tokens(n, ids, 0x9e37_79b9_7f4a_7c15 ^ args.seed);
     let mut ctx = Context::new(&model, params.clone())?;
     ctx.set_route_trace(true);
     ctx.eval(&random, Logits::Last)?;

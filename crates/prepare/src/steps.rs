@@ -67,18 +67,11 @@ pub fn profile_activations(
     let tok = model.tokenizer();
     let tokens = match opts.random_tokens {
         false => tok.encode(text, tok.add_bos(), false),
-        true => {
-            let n_vocab = model.config().n_vocab as u64;
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            (0..opts.max_tokens)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % n_vocab) as u32
-                })
-                .collect()
-        }
+        true => pinion_runtime::random_tokens(
+            opts.max_tokens,
+            0..model.config().n_vocab as u32,
+            0x9e37_79b9_7f4a_7c15,
+        ),
     };
     let chunk = opts.chunk.min(model.config().n_ctx_train).max(1);
     let tokens = &tokens[..tokens.len().saturating_sub(if opts.random_tokens { 0 } else { opts.holdout })];

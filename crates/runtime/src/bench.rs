@@ -65,6 +65,22 @@ impl BenchResult {
     }
 }
 
+/// `n` token ids in `ids`, drawn deterministically from `seed` (an xorshift generator; a seed of 0 gives
+/// `ids.start` only): the random tokens speed tests and profiles of synthetic models are fed, as llama-bench
+/// feeds random tokens.
+pub fn random_tokens(n: usize, ids: std::ops::Range<u32>, seed: u64) -> Vec<u32> {
+    let span = u64::from(ids.end.saturating_sub(ids.start)).max(1);
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ids.start + (state % span) as u32
+        })
+        .collect()
+}
+
 /// Runs `test` once to warm up, then `repetitions` times, on a context of at least the test's size.
 ///
 /// Token ids are drawn deterministically from the vocabulary (as llama-bench uses random tokens).
@@ -73,7 +89,7 @@ pub fn run_bench(
     test: BenchTest,
     repetitions: usize,
 ) -> Result<BenchResult, RuntimeError> {
-    let n_vocab = ctx.model().config().n_vocab as u64;
+    let n_vocab = ctx.model().config().n_vocab as u32;
     let (n, seqs) = match test {
         BenchTest::Prompt(n) | BenchTest::Generate(n) => (n, 1),
         BenchTest::Batched { n, seqs } => (n, seqs),
@@ -84,15 +100,7 @@ pub fn run_bench(
     if n == 0 || n > ctx.n_ctx() {
         return Err(RuntimeError::ContextOverflow { prompt: 0, generate: n, n_ctx: ctx.n_ctx() });
     }
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let tokens: Vec<u32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n_vocab) as u32
-        })
-        .collect();
+    let tokens = random_tokens(n, 0..n_vocab, 0x2545_F491_4F6C_DD1D);
     let mut samples = Vec::with_capacity(repetitions);
     let mut steps = Vec::with_capacity(seqs);
     for rep in 0..=repetitions {

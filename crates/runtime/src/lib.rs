@@ -25,7 +25,7 @@ pub mod planning;
 mod rule;
 mod sampler;
 
-pub use crate::bench::{BenchResult, BenchTest, run_bench};
+pub use crate::bench::{BenchResult, BenchTest, random_tokens, run_bench};
 pub use crate::config::{
     ArchSpec, ContextParams, DEFAULT_UBATCH, DenseChoice, FFN_ACTIVATION_KEY, FfnActivation, ModelConfig,
     MoeConfig, MoeSpec,
