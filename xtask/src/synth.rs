@@ -220,8 +220,7 @@ pub(crate) fn synth_stats(args: &SynthStatsArgs) -> Result<()> {
     let mut seq = vec![model.tokenizer().bos_id().unwrap_or(1)];
     while seq.len() < n {
         let logits = ctx.eval(&seq[seq.len() - 1..], Logits::Last)?;
-        let next = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
-        seq.push(next as u32);
+        seq.push(pinion_runtime::argmax(logits.iter().copied()));
     }
     ctx.eval(&seq[n - 1..], Logits::Last)?;
     let trace = ctx.take_route_trace();
