@@ -257,6 +257,8 @@ fn report(
             freq[e] += 1.0 / n_tok as f64;
         }
         let target = synth::expert_targets(cfg, l);
+        let t_max = target.iter().copied().fold(0.0, f64::max);
+        let t_min = target.iter().copied().fold(1.0, f64::min);
         let worst = freq.iter().zip(&target).map(|(f, t)| (f - t).abs()).fold(0.0, f64::max);
         let r = pearson(&freq, &target);
         let mut sorted = freq.clone();
@@ -277,13 +279,11 @@ fn report(
             "  layer {l}: first choice vs planted: pearson {r:.3}, max |difference| {worst:.3} (binomial sd of the largest {:.3}); \
              measured most popular {:.3} (planted {:.3}), least {:.3} (planted {:.3}); repeat {repeat:.3}; \
              non-zero neurons per expert {lo:.3}..{hi:.3} (mean {mean:.3})",
-            (target.iter().cloned().fold(0.0, f64::max) * (1.0 - target.iter().cloned().fold(0.0, f64::max))
-                / n_tok as f64)
-                .sqrt(),
+            (t_max * (1.0 - t_max) / n_tok as f64).sqrt(),
             sorted[0],
-            target.iter().cloned().fold(0.0, f64::max),
+            t_max,
             sorted[n_exp - 1],
-            target.iter().cloned().fold(1.0, f64::min),
+            t_min,
         );
     }
 }
