@@ -1,5 +1,7 @@
-//! The packed neuron-cluster model format (version 2; version 1 is still read): a GGUF llama model rearranged so
-//! that a runtime keeps the resident weights in memory and streams FFN neurons from flash in 4 KiB-aligned reads.
+//! The packed neuron-cluster model format (version 3; versions 1 and 2 are still read): a GGUF llama model
+//! rearranged so that a runtime keeps the resident weights in memory and streams FFN neurons from flash in 4
+//! KiB-aligned reads. The FFN is cut into *units*, each laid out as one dense FFN: a layer's, or (version 3) one
+//! expert's of a mixture-of-experts layer, unit `l * n_expert + e`; "layer" below means unit.
 //!
 //! # Layout
 //!
@@ -94,9 +96,12 @@ pub use self::checksums::{ROW_CHECKSUMMED_TENSORS, ResidentChecksums, RowChecksu
 /// The first eight bytes of a packed file.
 pub const PACKED_MAGIC: [u8; 8] = *b"PINIONPK";
 /// The packed format version this crate writes (and the newest it reads).
-pub const PACKED_VERSION: u32 = 2;
-/// The oldest packed format version this crate reads. Version 1 lacks the resident section's checksums.
+pub const PACKED_VERSION: u32 = 3;
+/// The oldest packed format version this crate reads. Version 1 lacks the resident section's checksums;
+/// versions 1 and 2 hold dense FFNs only (version 3 adds mixture-of-experts units).
 pub const OLDEST_SUPPORTED_PACKED_VERSION: u32 = 1;
+/// The most experts a mixture-of-experts layer may have in a packed file (each is an FFN unit of the index).
+pub const MAX_EXPERTS: usize = 1024;
 /// The page size: the header's size and the alignment of the FFN section and of every record.
 pub const PAGE: u64 = 4096;
 /// The resident GGUF's metadata key holding the file's packed version (the header's; [`pack`] writes
@@ -198,7 +203,7 @@ pub struct PackedHeader {
     pub index_offset: u64,
     /// Length of the index; the file ends with the index.
     pub index_len: u64,
-    /// Number of layers in the index.
+    /// Number of FFN units in the index: layers, or (version 3, mixture of experts) layers times experts.
     pub n_layers: u32,
     /// CRC-32 (IEEE) of the resident GGUF's bytes.
     pub resident_crc: u32,
@@ -972,11 +977,14 @@ impl<'a> IndexCursor<'a> {
 
 // === Writing ===
 
-/// One layer's FFN, validated.
+/// One FFN unit (a dense layer's FFN, or one expert of a layer), validated.
 struct LayerPlan<'s> {
+    /// The layer's tensors (an expert's are 3-D: its rows are a block of them).
     gate: TensorView<'s>,
     up: TensorView<'s>,
     down: TensorView<'s>,
+    /// The expert (0 for a dense layer): gate and up rows `expert * n_ff ..`, down rows `expert * d_model ..`.
+    expert: usize,
     n_ff: usize,
     d_model: usize,
     order: Vec<u32>,
@@ -1001,7 +1009,7 @@ pub fn pack<W: Write + Seek>(
     progress: &mut dyn FnMut(PackProgress),
 ) -> Result<PackSummary, FormatError> {
     let plans = plan(src, opts)?;
-    let (resident, resident_data) = resident_writer(src, opts, plans.len())?;
+    let (resident, resident_data) = resident_writer(src, opts)?;
     let resident_tensors = resident.tensor_infos()?;
     let resident_data_start = PAGE + resident.data_offset();
 
@@ -1065,10 +1073,20 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
     for t in &src.tensors {
         if let Some(rest) = t.name.strip_prefix("blk.") {
             let sub = rest.split_once('.').map_or("", |(_, s)| s);
-            let dense = ["ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"];
-            if sub.starts_with("ffn_") && !dense.contains(&sub) {
+            let known = [
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+                "ffn_gate_inp.weight",
+                "ffn_gate_exps.weight",
+                "ffn_up_exps.weight",
+                "ffn_down_exps.weight",
+            ];
+            if sub.starts_with("ffn_") && !known.contains(&sub) {
                 return Err(unsupported(format!(
-                    "tensor '{}': only dense FFNs (ffn_gate, ffn_up, ffn_down) can be packed",
+                    "tensor '{}': only dense FFNs (ffn_gate, ffn_up, ffn_down) and experts without shared \
+                     experts or biases (ffn_gate_inp, ffn_gate_exps, ffn_up_exps, ffn_down_exps) can be packed",
                     t.name
                 )));
             }
@@ -1077,44 +1095,57 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
     for name in ["token_embd.weight", "output_norm.weight"] {
         src.tensor(name)?;
     }
-    for (what, list) in
-        [("order", opts.order.as_ref().map(Vec::len)), ("frequency", opts.frequency.as_ref().map(Vec::len))]
-    {
-        if let Some(n) = list {
-            if n != n_layers {
-                return Err(bad(format!("{what} has {n} layers, the model {n_layers}")));
-            }
-        }
-    }
-    let mut plans = Vec::with_capacity(n_layers);
+    // The FFN units: one per dense layer, one per expert of a mixture-of-experts layer.
+    let mut units: Vec<(usize, TensorView<'s>, TensorView<'s>, TensorView<'s>, usize)> = Vec::new();
     for l in 0..n_layers {
         let b = |s: &str| format!("blk.{l}.{s}.weight");
         for s in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"] {
             src.tensor(&b(s))?;
         }
-        let gate = src.tensor(&b("ffn_gate"))?;
-        let up = src.tensor(&b("ffn_up"))?;
-        let down = src.tensor(&b("ffn_down"))?;
         let shape_err = |t: &TensorView<'_>, expected: String| FormatError::UnexpectedTensor {
             name: t.name.to_string(),
             ty: t.ty,
             dims: t.dims.to_vec(),
             expected,
         };
-        if gate.dims.len() != 2 {
-            return Err(shape_err(&gate, "2 dimensions [d_model, n_ff]".into()));
+        let moe = src.tensors.iter().any(|t| t.name == b("ffn_gate_exps"));
+        let (gate, up, down) = match moe {
+            true => (
+                src.tensor(&b("ffn_gate_exps"))?,
+                src.tensor(&b("ffn_up_exps"))?,
+                src.tensor(&b("ffn_down_exps"))?,
+            ),
+            false => (src.tensor(&b("ffn_gate"))?, src.tensor(&b("ffn_up"))?, src.tensor(&b("ffn_down"))?),
+        };
+        let dims = if moe { 3 } else { 2 };
+        if gate.dims.len() != dims {
+            let what =
+                if moe { "3 dimensions [d_model, n_ff, n_expert]" } else { "2 dimensions [d_model, n_ff]" };
+            return Err(shape_err(&gate, what.into()));
         }
         let (d_model, n_ff) = (gate.dims[0], gate.dims[1]);
+        let n_expert = if moe { gate.dims[2] } else { 1 };
         if d_model == 0 || n_ff == 0 || d_model > u32::MAX as u64 || n_ff > u32::MAX as u64 {
             return Err(shape_err(&gate, "d_model and n_ff in 1..2^32".into()));
         }
-        if up.dims != [d_model, n_ff] {
-            return Err(shape_err(&up, format!("shape [{d_model}, {n_ff}] like ffn_gate")));
+        if n_expert == 0 || n_expert > MAX_EXPERTS as u64 {
+            return Err(shape_err(&gate, format!("1 to {MAX_EXPERTS} experts")));
         }
-        if down.dims != [n_ff, d_model] {
-            return Err(shape_err(&down, format!("shape [{n_ff}, {d_model}] (ffn_gate transposed)")));
+        let tail: &[u64] = if moe { &gate.dims[2..] } else { &[] };
+        let want = |a: u64, b: u64| [&[a, b][..], tail].concat();
+        if up.dims != want(d_model, n_ff) {
+            return Err(shape_err(&up, format!("shape {:?} like its gate", want(d_model, n_ff))));
         }
-        let (d_model, n_ff) = (d_model as usize, n_ff as usize);
+        if down.dims != want(n_ff, d_model) {
+            return Err(shape_err(&down, format!("shape {:?} (its gate transposed)", want(n_ff, d_model))));
+        }
+        if moe {
+            let router = src.tensor(&b("ffn_gate_inp"))?;
+            if router.dims != [d_model, n_expert] {
+                return Err(shape_err(&router, format!("shape [{d_model}, {n_expert}] (the router)")));
+            }
+        }
+        let d_model = d_model as usize;
         if opts.down_type.row_bytes(d_model).is_err() {
             return Err(unsupported(format!(
                 "layer {l}: d_model {d_model} is not a multiple of {} as down type {} needs",
@@ -1122,12 +1153,28 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
                 opts.down_type
             )));
         }
+        for e in 0..n_expert as usize {
+            units.push((n_ff as usize, gate, up, down, e));
+        }
+    }
+    for (what, list) in
+        [("order", opts.order.as_ref().map(Vec::len)), ("frequency", opts.frequency.as_ref().map(Vec::len))]
+    {
+        if let Some(n) = list {
+            if n != units.len() {
+                return Err(bad(format!("{what} has {n} FFN units, the model {}", units.len())));
+            }
+        }
+    }
+    let mut plans = Vec::with_capacity(units.len());
+    for (l, (n_ff, gate, up, down, expert)) in units.into_iter().enumerate() {
+        let d_model = gate.dims[0] as usize;
         let order = match &opts.order {
             Some(o) => {
                 let o = &o[l];
                 if o.len() != n_ff {
                     return Err(bad(format!(
-                        "order of layer {l} has {} entries, the layer {n_ff} neurons",
+                        "order of unit {l} has {} entries, the unit {n_ff} neurons",
                         o.len()
                     )));
                 }
@@ -1137,7 +1184,7 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
                         Some(s) if !*s => *s = true,
                         _ => {
                             return Err(bad(format!(
-                                "order of layer {l} is not a permutation of 0..{n_ff} (neuron {i})"
+                                "order of unit {l} is not a permutation of 0..{n_ff} (neuron {i})"
                             )));
                         }
                     }
@@ -1151,21 +1198,18 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
                 let f = &f[l];
                 if f.len() != n_ff {
                     return Err(bad(format!(
-                        "frequency of layer {l} has {} entries, the layer {n_ff} neurons",
+                        "frequency of unit {l} has {} entries, the unit {n_ff} neurons",
                         f.len()
                     )));
                 }
                 if let Some(i) = f.iter().position(|x| !(0.0..=1.0).contains(x)) {
-                    return Err(bad(format!(
-                        "frequency of layer {l}, neuron {i} is {}, not in [0, 1]",
-                        f[i]
-                    )));
+                    return Err(bad(format!("frequency of unit {l}, neuron {i} is {}, not in [0, 1]", f[i])));
                 }
                 order.iter().map(|&i| f[i as usize]).collect()
             }
             None => vec![0.0; n_ff],
         };
-        plans.push(LayerPlan { gate, up, down, n_ff, d_model, order, frequency });
+        plans.push(LayerPlan { gate, up, down, expert, n_ff, d_model, order, frequency });
     }
     Ok(plans)
 }
@@ -1175,10 +1219,17 @@ fn plan<'s>(src: &'s Gguf<'_>, opts: &PackOptions) -> Result<Vec<LayerPlan<'s>>,
 fn resident_writer<'w>(
     src: &Gguf<'w>,
     opts: &'w PackOptions,
-    n_layers: usize,
 ) -> Result<(GgufWriter<'w>, Vec<&'w [u8]>), FormatError> {
-    let ffn: HashSet<String> = (0..n_layers)
-        .flat_map(|l| ["ffn_gate", "ffn_up", "ffn_down"].map(|s| format!("blk.{l}.{s}.weight")))
+    let ffn: HashSet<String> = src
+        .tensors
+        .iter()
+        .filter(|t| {
+            let sub = t.name.strip_prefix("blk.").and_then(|r| r.split_once('.')).map_or("", |(_, s)| s);
+            let streamed =
+                ["ffn_gate", "ffn_up", "ffn_down", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"];
+            streamed.iter().any(|s| sub.strip_suffix(".weight") == Some(s))
+        })
+        .map(|t| t.name.clone())
         .collect();
     let mut w = GgufWriter::new();
     for (key, value) in &src.metadata {
@@ -1237,10 +1288,11 @@ fn write_layer<W: Write>(
         rec[..payload].fill(0);
         for j in 0..clen {
             let i = p.order[first + j] as usize;
-            rec[j * g..][..g].copy_from_slice(p.gate.row(i));
-            gate_row_crc.push(crc32fast::hash(p.gate.row(i)));
+            let row = p.expert * n_ff + i;
+            rec[j * g..][..g].copy_from_slice(p.gate.row(row));
+            gate_row_crc.push(crc32fast::hash(p.gate.row(row)));
             let b = &mut rec[clen * g + j * (u + dn)..][..u + dn];
-            b[..u].copy_from_slice(p.up.row(i));
+            b[..u].copy_from_slice(p.up.row(row));
             encode_col(opts.down_type, &cols[i * d..][..d], &mut b[u..], &mut q8);
             bundle_crc.push(crc32fast::hash(b));
         }
@@ -1287,7 +1339,7 @@ fn transposed_down(p: &LayerPlan<'_>) -> Result<Vec<f32>, FormatError> {
     for r0 in (0..d).step_by(TILE) {
         let t = TILE.min(d - r0);
         for (j, row) in rows.chunks_exact_mut(n_ff).take(t).enumerate() {
-            quant::dequantize_row(p.down.ty, p.down.row(r0 + j), row)?;
+            quant::dequantize_row(p.down.ty, p.down.row(p.expert * d + r0 + j), row)?;
         }
         for i in 0..n_ff {
             let col = &mut cols[i * d + r0..][..t];

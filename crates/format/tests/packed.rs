@@ -598,13 +598,22 @@ fn pack_refuses_what_it_cannot_pack() {
     let dense = synth_small(GgmlType::F32, 64);
     let err = |src: &[u8], opts: PackOptions| try_pack(src, &opts).expect_err("pack should fail");
 
-    let mut moe = SynthConfig::preset("tiny").unwrap();
-    (moe.n_layers, moe.n_experts, moe.n_experts_used) = (1, 4, 2);
-    let e = err(&synth_bytes(&moe), PackOptions::default());
-    assert!(
-        matches!(&e, FormatError::Unsupported { what } if what.contains("ffn_gate_inp") || what.contains("_exps")),
-        "{e:?}"
-    );
+    // A shared expert (qwen2moe's) is not an FFN pack knows.
+    let mut shared = custom_model(1, 32, 32, [GgmlType::F32; 3], 6, "");
+    {
+        let g = Gguf::parse(&shared).unwrap();
+        let mut w = GgufWriter::new();
+        for (k, v) in &g.metadata {
+            w.add_metadata(k.as_str(), v.clone()).unwrap();
+        }
+        for t in &g.tensors {
+            w.add_tensor_data(&t.name, t.ty, &t.dims, g.tensor_data(t).unwrap()).unwrap();
+        }
+        w.add_tensor_data("blk.0.ffn_gate_shexp.weight", GgmlType::F32, &[32, 32], vec![0u8; 4096]).unwrap();
+        shared = w.to_bytes().unwrap();
+    }
+    let e = err(&shared, PackOptions::default());
+    assert!(matches!(&e, FormatError::Unsupported { what } if what.contains("ffn_gate_shexp")), "{e:?}");
 
     let missing = custom_model(2, 32, 32, [GgmlType::F32; 3], 6, "blk.1.ffn_up.weight");
     assert!(
@@ -679,4 +688,65 @@ fn fuzz_invariants_hold_on_truncations_and_mutations() {
         }
         check_packed_parse(&b);
     }
+}
+
+/// A mixture of experts packs into one FFN unit per (layer, expert), layer-major: unit `l * n_expert + e` holds
+/// expert `e`'s gate and up rows (bit for bit) and its down columns, with the router left resident.
+#[test]
+fn pack_writes_one_unit_per_expert() {
+    let mut cfg = SynthConfig::preset("tiny").unwrap();
+    (cfg.n_layers, cfg.n_experts, cfg.n_experts_used, cfg.d_model, cfg.n_ff, cfg.n_vocab) =
+        (2, 4, 2, 128, 96, 300);
+    let src_bytes = synth_bytes(&cfg);
+    let src = Gguf::parse(&src_bytes).unwrap();
+    let n_units = 2 * 4;
+    let mut rng = Rng(5);
+    let order: Vec<Vec<u32>> = (0..n_units).map(|_| random_perm(&mut rng, 96)).collect();
+    let opts = PackOptions { cluster_neurons: 20, order: Some(order.clone()), ..PackOptions::default() };
+    let (bytes, _, progress) = try_pack(&src_bytes, &opts).unwrap();
+    assert_eq!(progress.len(), n_units);
+    let f = PackedFile::parse(&bytes).unwrap();
+    assert_eq!((f.header().version, f.n_layers()), (PACKED_VERSION, n_units));
+    let resident = f.resident_gguf();
+    for l in 0..2 {
+        assert!(resident.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_ok());
+        for s in ["gate", "up", "down"] {
+            assert!(resident.tensor(&format!("blk.{l}.ffn_{s}_exps.weight")).is_err());
+        }
+        let gate = src.tensor(&format!("blk.{l}.ffn_gate_exps.weight")).unwrap();
+        let up = src.tensor(&format!("blk.{l}.ffn_up_exps.weight")).unwrap();
+        let down = src.tensor(&format!("blk.{l}.ffn_down_exps.weight")).unwrap();
+        for e in 0..4 {
+            let u = l * 4 + e;
+            let unit = f.layer(u);
+            assert_eq!((unit.n_ff, unit.d_model, &unit.order), (96, 128, &order[u]));
+            let mut src_down = vec![0.0f32; 128 * 96];
+            for (r, row) in src_down.chunks_exact_mut(96).enumerate() {
+                quant::dequantize_row(down.ty, down.row(e * 128 + r), row).unwrap();
+            }
+            for pos in 0..96 {
+                let i = unit.order[pos] as usize;
+                assert_eq!(
+                    slice(&bytes, unit.gate_row_range(pos)),
+                    gate.row(e * 96 + i),
+                    "unit {u} gate {pos}"
+                );
+                let b = f.bundle(u, pos);
+                assert_eq!(&b[..unit.up_row_bytes()], up.row(e * 96 + i), "unit {u} up {pos}");
+                let mut col = vec![0.0f32; 128];
+                quant::dequantize_row(unit.down_ty, &b[unit.up_row_bytes()..], &mut col).unwrap();
+                let want: Vec<f32> = src_down.iter().skip(i).step_by(96).copied().collect();
+                for (got, want) in col.chunks(32).zip(want.chunks(32)) {
+                    let amax = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                    for (g, w) in got.iter().zip(want) {
+                        assert!((g - w).abs() <= amax / 127.0 + 1e-6, "unit {u} down column at {pos}");
+                    }
+                }
+            }
+        }
+    }
+    f.verify_all().unwrap();
+    // Options are per unit.
+    let opts = PackOptions { order: Some(order[..2].to_vec()), ..PackOptions::default() };
+    assert!(matches!(try_pack(&src_bytes, &opts), Err(FormatError::InvalidPackOptions { .. })));
 }
