@@ -586,11 +586,16 @@ pub(crate) fn pack_cmd(a: &PackCmd) -> Result<()> {
     let profile = prepare::load_profile(&a.from_profile)?;
     let th = Thresholds::load(&a.thresholds)?;
     let freq = prepare::activation_frequencies(&model, &profile, &th)?;
+    let route_frequency = prepare::route_frequencies(&model, &profile);
     drop(profile);
     let predictors = a.predictors.as_deref().map(prepare::load_predictors).transpose()?;
     let out = if a.out.is_dir() { a.out.join(PACKED_FILE_NAME) } else { a.out.clone() };
-    let opts =
-        PackStepOptions { cluster_neurons: a.cluster, down_type: a.down_type, predicted_density: None };
+    let opts = PackStepOptions {
+        cluster_neurons: a.cluster,
+        down_type: a.down_type,
+        predicted_density: None,
+        route_frequency,
+    };
     let mut pb = Progress::new("pack", "layers");
     let s = prepare::pack_model(&path, &out, &freq, &th, predictors.as_deref(), &opts, &mut |l, n| {
         pb.update(l as u64, n as u64, "")

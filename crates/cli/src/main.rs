@@ -162,7 +162,6 @@ impl ModelArgs {
         };
         let mut ctx = match budget {
             Some(b) => {
-                model.check_not_moe("--mem-budget")?;
                 if !model.is_packed() {
                     bail!("--mem-budget needs a prepared model (cargo xtask prepare), not a GGUF file");
                 }

@@ -129,7 +129,7 @@ fn json_output_holds_the_reference_tokens() {
 
 /// A Mixtral-style model (runtime's tests/data/gguf-py/mixtral.gguf: 4 experts, 2 used) runs from the command
 /// line with llama.cpp's greedy tokens (mixtral.tsv there), its summary names the experts, and a memory budget
-/// on it is a clean error (mixture-of-experts models run in memory only).
+/// on the GGUF is a clean error (it must be prepared first).
 #[test]
 fn a_mixture_of_experts_runs_in_memory() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/data/gguf-py");
@@ -149,7 +149,7 @@ fn a_mixture_of_experts_runs_in_memory() {
     let o = pinion(&["run", "-m", &m, "-p", "hi", "-n", "2", "--mem-budget", "50%"]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("error:") && e.contains("in memory only") && !e.contains("panicked"), "{e}");
+    assert!(e.contains("error:") && e.contains("prepared model") && !e.contains("panicked"), "{e}");
 }
 
 /// Peak RSS of a 128-token generation stays within the model file plus 64 MiB (the foundation issue's bound):

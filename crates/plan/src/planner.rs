@@ -88,7 +88,8 @@ pub struct HeadShape {
     pub tied: bool,
 }
 
-/// One packed FFN layer as the planner sees it.
+/// One packed FFN unit as the planner sees it: a layer's FFN, or one expert of a mixture-of-experts layer
+/// (which a token uses only when routed to it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerShape {
     /// Neurons.
@@ -101,11 +102,20 @@ pub struct LayerShape {
     pub bundle_bytes: u64,
     /// Bytes from one record's start to the next (records are page aligned).
     pub stride: u64,
-    /// Probability that each neuron fires in a token, in the layer's hot (packed) order.
+    /// Probability that each neuron fires in a token, in the layer's hot (packed) order (for an expert: that
+    /// the token is routed to it and the neuron fires).
     pub frequency: Vec<f32>,
+    /// Probability that a token uses the unit at all: 1 for a dense layer, the routing frequency of an expert.
+    /// An expert's gates are read only when it is routed to, after the router (not ahead).
+    #[serde(default = "one")]
+    pub use_probability: f64,
     /// Share of the layer's gate rows a token needs: 1 with thresholds (every gate is computed), the
     /// predictor's density when a predictor chooses the neurons.
     pub gate_density: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl LayerShape {
@@ -484,6 +494,9 @@ fn validate(input: &PlanInput, device: &DeviceProfile) -> Result<(), PlanError> 
         if l.frequency.iter().any(|f| !(f.is_finite() && (0.0..=1.0).contains(f))) {
             return bad(format!("layer {i}: a frequency is not in [0, 1]"));
         }
+        if !(l.use_probability.is_finite() && (0.0..=1.0).contains(&l.use_probability)) {
+            return bad(format!("layer {i}: use probability {} is not in [0, 1]", l.use_probability));
+        }
         if !(l.gate_density.is_finite() && (0.0..=1.0).contains(&l.gate_density)) {
             return bad(format!("layer {i}: gate density {} is not in [0, 1]", l.gate_density));
         }
@@ -650,6 +663,7 @@ fn plan_at_depth(
         .iter()
         .map(|l| {
             let density = l.frequency.iter().map(|&f| f as f64).sum::<f64>() / l.n_ff as f64;
+            let density = density / l.use_probability.max(1e-9);
             !input.predicting && opts.bundle && opts.cache && !llmflash && density >= WHOLE_RECORD_DENSITY
         })
         .collect();
@@ -721,7 +735,7 @@ fn plan_at_depth(
     let gate_p = |l: usize, pos: usize| -> f64 {
         match input.predicting {
             true => pick_probability(p[l][pos], layers[l].gate_density, density[l]),
-            false => 1.0,
+            false => layers[l].use_probability,
         }
     };
 
@@ -920,8 +934,9 @@ pub(crate) fn allocate(
                 if whole[l] {
                     if k < ls.n_clusters() {
                         let bytes = ls.cluster_len(k) as u64 * (ls.gate_row_bytes + ls.bundle_bytes);
-                        if bytes <= pin && pick.is_none_or(|b| 1.0 > b.0) {
-                            pick = Some((1.0, Unit::Record(l), bytes));
+                        let v = ls.use_probability;
+                        if bytes <= pin && pick.is_none_or(|b| v > b.0) {
+                            pick = Some((v, Unit::Record(l), bytes));
                         }
                     }
                     continue;
@@ -1006,7 +1021,6 @@ fn estimate(
 ) -> Estimate {
     let layers = &input.layers;
     let head = &input.head;
-    let n_layers = layers.len() as f64;
     let mut e = Estimate {
         whole: vec![false; layers.len()],
         active: vec![0.0; layers.len()],
@@ -1014,7 +1028,7 @@ fn estimate(
         ..Estimate::default()
     };
     let (mut streamed, mut dependent, mut dep_reads, mut dep_layers) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    let (mut active_all, mut served) = (0.0f64, 0.0f64);
+    let (mut active_all, mut served, mut units_used) = (0.0f64, 0.0f64, 0.0f64);
     let mut compute_bytes = input.attention_bytes as f64 + (head.n_rows as u64 * head.row_bytes) as f64;
     let mut bundle_compute = 0.0f64;
     let head_missing = (head.n_rows - a.head_rows) as f64 * head.row_bytes as f64;
@@ -1051,8 +1065,8 @@ fn estimate(
                     gate_read += bytes;
                     gate_runs += runs;
                 } else {
-                    gate_read += round_block(n as u64 * g_bytes) as f64;
-                    gate_runs += 1.0;
+                    gate_read += round_block(n as u64 * g_bytes) as f64 * ls.use_probability;
+                    gate_runs += ls.use_probability;
                 }
             }
             if whole || first + n <= nb {
@@ -1081,16 +1095,18 @@ fn estimate(
         bundle_compute += all_active * b_bytes as f64;
         if whole {
             // Whole records: every unpinned bundle, in the records streamed with the gates.
-            bundle_read = tail.len() as f64 * b_bytes as f64;
+            bundle_read = tail.len() as f64 * b_bytes as f64 * ls.use_probability;
         }
         served += all_active - tail_active + if whole { 0.0 } else { hits };
         let l_read = gate_read + bundle_read;
         e.active[l] = all_active;
         e.read_bytes[l] = l_read;
-        if input.predicting {
+        units_used += ls.use_probability;
+        if input.predicting || ls.use_probability < 1.0 {
+            // Reads that wait for the predictor, or for the router (an expert's, whole records included).
             dependent += l_read;
             dep_reads += gate_runs + bundle_runs;
-            dep_layers += 1.0;
+            dep_layers += ls.use_probability;
         } else if whole {
             streamed += l_read;
         } else {
@@ -1103,7 +1119,7 @@ fn estimate(
     // Compute: dense weights at the matrix-vector speed, bundles at the sparse kernels' speed, plus the
     // threads' synchronisation at every parallel step.
     let kernel = device.kernel_gb_per_s_for(threads, (compute_bytes + bundle_compute) as u64) * 1e9;
-    let sync = n_layers * (STEPS_PER_LAYER * device.sync_seconds(threads) + LAYER_OVERHEAD_S);
+    let sync = units_used * (STEPS_PER_LAYER * device.sync_seconds(threads) + LAYER_OVERHEAD_S);
     let compute_s = compute_bytes / kernel + bundle_compute / (kernel * SPARSE_EFFICIENCY) + sync;
     // Reads: streamed ones at the device's throughput for records (or head chunks), dependent ones at the
     // throughput of small reads at the depth a layer's reads reach, plus a round trip per layer.

@@ -19,6 +19,7 @@ fn input(n_layers: usize, n_ff: usize, predicting: bool) -> PlanInput {
                 bundle_bytes: 1152,
                 stride: (16 * 1728u64).div_ceil(4096) * 4096,
                 frequency,
+                use_probability: 1.0,
                 gate_density: if predicting { (1.5 * density).min(1.0) } else { 1.0 },
             }
         })

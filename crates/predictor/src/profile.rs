@@ -176,23 +176,60 @@ impl ActivationProfile {
                     }
                 }
             }
-            for (count, &s) in self.layers[layer].positive.iter_mut().zip(row) {
-                *count += u32::from(s > 0.0);
-            }
-            for &a in row {
-                self.layers[layer].seen += 1;
-                let seen = self.layers[layer].seen;
-                if self.layers[layer].samples.len() < max {
-                    self.layers[layer].samples.push(a);
-                } else {
-                    // Reservoir sampling: keep each new value with probability max / seen.
-                    let j = self.next_random() % seen;
-                    if (j as usize) < max {
-                        self.layers[layer].samples[j as usize] = a;
-                    }
+            self.record_row(layer, row, max);
+        }
+    }
+
+    /// Counts one token's scores of a layer: firing counts and the reservoir of scores.
+    fn record_row(&mut self, layer: usize, row: &[f32], max: usize) {
+        for (count, &s) in self.layers[layer].positive.iter_mut().zip(row) {
+            *count += u32::from(s > 0.0);
+        }
+        for &a in row {
+            self.layers[layer].seen += 1;
+            let seen = self.layers[layer].seen;
+            if self.layers[layer].samples.len() < max {
+                self.layers[layer].samples.push(a);
+            } else {
+                // Reservoir sampling: keep each new value with probability max / seen.
+                let j = self.next_random() % seen;
+                if (j as usize) < max {
+                    self.layers[layer].samples[j as usize] = a;
                 }
             }
         }
+    }
+
+    /// Records the scores (`tokens x n_ff`) of the tokens a mixture of experts routed to FFN unit `unit` (one
+    /// expert of a layer; the profile's "layers" are then units). Unlike [`ActivationProfile::record_scores`] it
+    /// counts no tokens (the pass counts them once with [`ActivationProfile::add_tokens`]), so that a neuron's
+    /// firing frequency is the share of all tokens that were routed to its expert and fired it. Such a profile
+    /// keeps no token samples (they would not be the same tokens in every unit).
+    ///
+    /// # Panics
+    /// If `scores` is not whole rows of `n_ff`, or the profile keeps token samples.
+    pub fn record_unit_scores(&mut self, unit: usize, scores: &[f32]) {
+        assert_eq!(self.max_tokens, 0, "profile: token samples are kept per token, not per unit");
+        assert!(
+            scores.len() % self.n_ff == 0,
+            "profile: {} scores are not rows of {}",
+            scores.len(),
+            self.n_ff
+        );
+        let max = self.max_samples;
+        for row in scores.chunks_exact(self.n_ff) {
+            self.record_row(unit, row, max);
+        }
+    }
+
+    /// Counts `n` tokens profiled (for profiles recorded with [`ActivationProfile::record_unit_scores`]).
+    pub fn add_tokens(&mut self, n: usize) {
+        self.n_tokens += n as u64;
+    }
+
+    /// Tokens whose scores layer (or unit) `layer` recorded: for an expert, the tokens routed to it.
+    pub fn layer_tokens(&self, layer: usize) -> u64 {
+        self.layers[layer].seen / self.n_ff.max(1) as u64
     }
 
     /// Records one layer's up values (`tokens x n_ff`) for the neurons' RMS ([`ActivationProfile::up_rms`]).

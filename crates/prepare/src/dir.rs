@@ -26,7 +26,7 @@ use crate::report::{PackedSizes, PredictorQuality, PredictorReport, PrepareRepor
 use crate::steps::{
     MAX_SEARCHED_SPARSITY, PackStepOptions, ProfileOptions, Rule, activation_frequencies, calibrate,
     calibrate_for_quality, heldout_tokens, load_predictors, load_profile, pack_model, profile_activations,
-    save_predictors, save_profile, train_predictors,
+    route_frequencies, save_predictors, save_profile, train_predictors,
 };
 use crate::thresholds::Thresholds;
 
@@ -357,7 +357,6 @@ pub fn prepare_dir(
     let mut manifest = Manifest::load(dir.root())?;
     let keys = Keys::new(cfg)?;
     let model = Model::load(&cfg.model)?;
-    model.check_not_moe("preparing (profiling, calibrating, packing)")?;
     let source_bytes = std::fs::metadata(&cfg.model).map_err(io_err(&cfg.model))?.len();
     on_event(Event::Started { model: &model, source_bytes });
     if manifest.version() == Some(1) {
@@ -593,11 +592,15 @@ fn pack_step(run: &mut Run<'_, '_>) -> Result<(), PrepareError> {
     };
     let mut profile = None;
     let th = thresholds(run, &mut profile)?;
+    // Predictors are trained per layer on token samples, which a mixture of experts' profile does not keep: its
+    // experts run on thresholds.
     let predictors = match &run.cfg.train {
-        Some(train) => Some(predictors(run, &mut profile, &th, train)?),
-        None => None,
+        Some(train) if run.model.config().moe.is_none() => Some(predictors(run, &mut profile, &th, train)?),
+        _ => None,
     };
-    let freq = activation_frequencies(run.model, profile_of(run, &mut profile)?, &th)?;
+    let p = profile_of(run, &mut profile)?;
+    let freq = activation_frequencies(run.model, p, &th)?;
+    let route_frequency = route_frequencies(run.model, p);
     // The profile is the largest thing held (hundreds of MB for a small model): packing does not need it.
     drop(profile);
     run.emit(Event::Running { step: Step::Pack, why: &why });
@@ -606,6 +609,7 @@ fn pack_step(run: &mut Run<'_, '_>) -> Result<(), PrepareError> {
         cluster_neurons: cfg.cluster_neurons,
         down_type: cfg.down_type,
         predicted_density: predictors.as_ref().map(|(_, r)| r.predicted_density()),
+        route_frequency,
     };
     let on_event = &mut *run.on_event;
     let summary = pack_model(

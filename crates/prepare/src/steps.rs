@@ -11,8 +11,8 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor, threshold_of_sorted}
 
 use pinion_runtime::{
     Context, ContextParams, FfnRule, MAX_PPL_INCREASE_KEY, Model, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
-    PREDICTOR_THRESHOLDS_KEY, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY, predictor_tensor_names,
-    score_scale_tensor,
+    PREDICTOR_THRESHOLDS_KEY, ROUTE_FREQUENCY_KEY, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
+    predictor_tensor_names, score_scale_tensor,
 };
 
 use crate::error::PrepareError;
@@ -55,6 +55,10 @@ impl Default for ProfileOptions {
     }
 }
 
+/// The fewest score samples an expert of a mixture of experts keeps (its share of
+/// [`ProfileOptions::score_samples`] when that is more).
+pub const MIN_UNIT_SCORE_SAMPLES: usize = 4096;
+
 /// Runs the dense model over `text` in chunks and records every layer's activation statistics and token samples
 /// (see [`ActivationProfile`]). `progress(done, total)` is called after each chunk, in tokens.
 pub fn profile_activations(
@@ -63,7 +67,6 @@ pub fn profile_activations(
     opts: &ProfileOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActivationProfile, PrepareError> {
-    model.check_not_moe("profiling activations")?;
     let tok = model.tokenizer();
     let tokens = match opts.random_tokens {
         false => tok.encode(text, tok.add_bos(), false),
@@ -83,8 +86,16 @@ pub fn profile_activations(
     }
     let total = tokens.len().min(opts.max_tokens);
     let c = model.config();
-    let mut profile = ActivationProfile::new(c.n_layers, c.n_ff, opts.score_samples)
-        .with_token_samples(c.d_model, opts.token_samples);
+    // A mixture of experts is profiled per FFN unit (expert), each its share of the score samples, without
+    // token samples (they are kept per token, the same tokens in every layer).
+    let mut profile = match c.moe {
+        Some(_) => {
+            let per_unit = (opts.score_samples / c.experts_per_layer()).max(MIN_UNIT_SCORE_SAMPLES);
+            ActivationProfile::new(c.n_units(), c.n_ff, per_unit)
+        }
+        None => ActivationProfile::new(c.n_layers, c.n_ff, opts.score_samples)
+            .with_token_samples(c.d_model, opts.token_samples),
+    };
     let mut ctx = Context::new(model, ContextParams::new(chunk, opts.threads))?;
     let mut done = 0;
     for piece in tokens[..total].chunks(chunk) {
@@ -153,6 +164,13 @@ pub struct LayerScores {
 impl LayerScores {
     /// The scores of `profile`'s token samples under `rule`.
     pub fn new(profile: &ActivationProfile, rule: Rule) -> Result<LayerScores, PrepareError> {
+        if profile.n_token_samples() == 0 && rule == Rule::Cats {
+            // CATS needs no neuron's identity: the score samples serve (a mixture of experts' profile has no
+            // token samples).
+            let layers =
+                (0..profile.n_layers()).map(|l| WeightedScores::of(profile.samples(l).to_vec())).collect();
+            return Ok(LayerScores { layers, scales: None });
+        }
         if profile.n_token_samples() == 0 {
             return Err(PrepareError::ProfileLacks { what: "token samples" });
         }
@@ -282,7 +300,7 @@ pub fn calibrate_for_quality(
     progress: &mut dyn FnMut(usize, f64, f64),
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
-    let scores = LayerScores::new(profile, rule)?;
+    let scores = LayerScores::new(profile, moe_rule(model, rule))?;
     let q = search_sparsity(model, &scores, heldout, chunk, threads, max_increase, progress)?;
     Ok(scores.thresholds(model, profile, q.sparsity, Some(q)))
 }
@@ -299,6 +317,7 @@ pub fn calibrate(
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
+    let rule = moe_rule(model, rule);
     if !act.is_relu_family() && rule == Rule::Weighted {
         return Ok(LayerScores::new(profile, rule)?.thresholds(model, profile, sparsity, None));
     }
@@ -344,11 +363,15 @@ struct WeightedScores {
 
 impl WeightedScores {
     fn new(profile: &ActivationProfile, l: usize, scales: &[f32]) -> WeightedScores {
-        let mut sorted: Vec<f32> = profile
+        let scores = profile
             .sample_scores(l)
             .chunks_exact(profile.n_ff())
             .flat_map(|row| row.iter().zip(scales).map(|(s, &c)| s.to_f32() * c))
             .collect();
+        WeightedScores::of(scores)
+    }
+
+    fn of(mut sorted: Vec<f32>) -> WeightedScores {
         sorted.sort_by(f32::total_cmp);
         WeightedScores { sorted }
     }
@@ -365,15 +388,23 @@ impl WeightedScores {
 }
 
 fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), PrepareError> {
-    model.check_not_moe("calibrating or training on activations")?;
     let c = model.config();
-    if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff {
+    if profile.n_layers() != c.n_units() || profile.n_ff() != c.n_ff {
         return Err(PrepareError::ProfileShape {
             got: (profile.n_layers(), profile.n_ff()),
-            want: (c.n_layers, c.n_ff),
+            want: (c.n_units(), c.n_ff),
         });
     }
     Ok(())
+}
+
+/// The rule a model is calibrated with: CATS for a mixture of experts (its profile has no token samples, which
+/// the weighted rule's per-neuron scores are drawn from), else `rule`.
+pub fn moe_rule(model: &Model, rule: Rule) -> Rule {
+    match model.config().moe {
+        Some(_) => Rule::Cats,
+        None => rule,
+    }
 }
 
 /// Settings of [`pack_model`].
@@ -386,11 +417,27 @@ pub struct PackStepOptions {
     /// Per layer, the share of neurons the predictors mark per token on held-out tokens (recorded for the
     /// planner).
     pub predicted_density: Option<Vec<f32>>,
+    /// Per FFN unit of a mixture of experts, the share of calibration tokens routed to it
+    /// ([`route_frequencies`]; recorded for the planner).
+    pub route_frequency: Option<Vec<f32>>,
+}
+
+/// Per FFN unit of a mixture of experts profiled as `profile`, the share of its tokens routed to the unit's
+/// expert; `None` for a dense model.
+pub fn route_frequencies(model: &Model, profile: &ActivationProfile) -> Option<Vec<f32>> {
+    model.config().moe?;
+    let n = profile.n_tokens().max(1) as f64;
+    Some((0..profile.n_layers()).map(|u| (profile.layer_tokens(u) as f64 / n).min(1.0) as f32).collect())
 }
 
 impl Default for PackStepOptions {
     fn default() -> PackStepOptions {
-        PackStepOptions { cluster_neurons: 32, down_type: GgmlType::Q8_0, predicted_density: None }
+        PackStepOptions {
+            cluster_neurons: 32,
+            down_type: GgmlType::Q8_0,
+            predicted_density: None,
+            route_frequency: None,
+        }
     }
 }
 
@@ -403,10 +450,17 @@ pub fn activation_frequencies(
 ) -> Result<Vec<Vec<f64>>, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
+    let moe = model.config().moe.is_some();
     Ok((0..profile.n_layers())
-        .map(|l| match act.is_relu_family() {
-            true => profile.firing_frequency(l),
-            false => {
+        .map(|l| match (act.is_relu_family(), moe) {
+            (true, _) => profile.firing_frequency(l),
+            // An expert's profile has no token samples to count each neuron's activations under its threshold:
+            // its firing share (the tokens routed to it) times the share of its scores at or above the threshold.
+            (false, true) => {
+                let kept = 1.0 - thresholds.layers[l].1;
+                profile.firing_frequency(l).into_iter().map(|f| f * kept).collect()
+            }
+            (false, false) => {
                 profile.sample_frequency(l, &thresholds.neuron_thresholds(l), |s, t| act.is_active(s, t))
             }
         })
@@ -429,9 +483,6 @@ pub fn pack_model(
         MappedFile::open(src).map_err(|source| PrepareError::Io { path: src.to_path_buf(), source })?;
     let format_err = |source| PrepareError::Format { path: src.to_path_buf(), source };
     let gguf = Gguf::parse(&file).map_err(format_err)?;
-    if pinion_runtime::ModelConfig::from_gguf(&gguf).is_ok_and(|c| c.moe.is_some()) {
-        return Err(pinion_runtime::RuntimeError::MoeInMemoryOnly { what: "packing" }.into());
-    }
     let order: Vec<Vec<u32>> = frequencies
         .iter()
         .map(|f| {
@@ -448,6 +499,12 @@ pub fn pack_model(
         metadata.push((
             PREDICTED_DENSITY_KEY.to_string(),
             Value::Array(d.iter().map(|&x| Value::F32(x)).collect()),
+        ));
+    }
+    if let Some(r) = &opts.route_frequency {
+        metadata.push((
+            ROUTE_FREQUENCY_KEY.to_string(),
+            Value::Array(r.iter().map(|&x| Value::F32(x)).collect()),
         ));
     }
     if thresholds.target_sparsity.is_finite() {

@@ -77,7 +77,9 @@ fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predicto
     let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
     let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));
     let packed = dir.0.join(PACKED_FILE_NAME);
-    let popts = PackStepOptions { cluster_neurons: 16, down_type, predicted_density: None };
+    let route_frequency = prepare::route_frequencies(&model, &profile);
+    let popts =
+        PackStepOptions { cluster_neurons: 16, down_type, route_frequency, ..PackStepOptions::default() };
     prepare::pack_model(&gguf, &packed, &freq, &th, ps.as_deref(), &popts, &mut |_, _| {}).unwrap();
     Fixture { dir, gguf, packed, inputs }
 }
@@ -384,6 +386,63 @@ fn gemma3_shape_offloaded_decode_is_bit_identical_to_memory() {
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "thresholds");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+}
+
+/// A Mixtral-style mixture of experts (4 experts, 2 used, dReLU): each expert a packed FFN unit, the router in
+/// the fixed region, the chosen experts' neurons read after the router; the same bits offloaded as in memory at
+/// every budget and switch.
+#[test]
+fn moe_offloaded_decode_is_bit_identical_to_memory() {
+    let cfg = moe_cfg(SynthArch::Llama, Activation::Drelu);
+    let f = fixture_of("offload-moe", &cfg, GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let c = model.config();
+    assert_eq!((c.moe.map(|m| m.n_expert), c.n_units()), (Some(4), 8));
+    let routes = model.route_frequency().unwrap();
+    for l in 0..2 {
+        let sum: f32 = routes[l * 4..(l + 1) * 4].iter().sum();
+        assert!(
+            (sum - 2.0).abs() < 1e-3,
+            "layer {l}: routing frequencies sum to {sum}, not the 2 experts used"
+        );
+    }
+    let tiers = extras(&model);
+    let failures = sweep(&model, None, &tiers, &OPTION_SETS, "moe");
+    assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+}
+
+/// qwen3moe's experts (SiLU, top-k weights renormalized, per-head Q/K norms) with CATS thresholds per expert,
+/// offloaded at two budgets, and several sequences decoded together.
+#[test]
+fn qwen3moe_offloaded_decode_with_thresholds_is_bit_identical_to_memory() {
+    let cfg = moe_cfg(SynthArch::Qwen3Moe, Activation::Silu);
+    let f = fixture_of("offload-qwen3moe", &cfg, GgmlType::Q8_0, false);
+    let model = Model::load(&f.packed).unwrap();
+    let rule = model.sparsity().rule.clone().unwrap();
+    assert_eq!(rule.thresholds.len(), 8);
+    assert!(rule.thresholds.iter().all(|&t| t > 0.0) && rule.scales.is_none(), "{rule:?}");
+    let tiers = extras(&model);
+    let tiers = [tiers[0], tiers[2]];
+    let failures = sweep(&model, None, &tiers, &["default", "no-pipeline"], "qwen3moe");
+    assert_no_failures(&failures, tiers.len() * 2);
+    // Several sequences decoded together: each gets the bits it gets alone, in memory and offloaded.
+    let base = prompt(model.config().n_vocab);
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| base[i..N_PROMPT - 2 * i].to_vec()).collect();
+    let with = |n_seq: usize| ContextParams { n_seq, ..params() };
+    check_batched("qwen3moe packed", &|n| Context::new(&model, with(n)).unwrap(), &prompts);
+    let offloaded = |n_seq: usize| {
+        let tiny = PlanOptions { budget: 1, ..options("default") };
+        let min = refused_minimum(&new_offloaded(&model, with(n_seq), tiny).unwrap_err()).unwrap();
+        let opts = PlanOptions { budget: min + tiers[0].1 + (256 << 10), ..options("default") };
+        new_offloaded(&model, with(n_seq), opts).unwrap()
+    };
+    check_batched("qwen3moe offloaded", &offloaded, &prompts);
+}
+
+/// A small mixture of experts of `arch`: 2 layers of 4 experts, 2 used per token.
+fn moe_cfg(arch: SynthArch, act: Activation) -> SynthConfig {
+    let head_len = matches!(arch, SynthArch::Qwen3Moe).then_some(64);
+    SynthConfig { arch, act, n_experts: 4, n_experts_used: 2, head_len, ..cfg() }
 }
 
 #[test]

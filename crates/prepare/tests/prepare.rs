@@ -129,7 +129,8 @@ fn a_packed_relu_model_computes_what_the_gguf_computes() {
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
     let out = dir.0.join("prepared");
     std::fs::create_dir_all(&out).unwrap();
-    let popts = PackStepOptions { cluster_neurons: 16, down_type: GgmlType::F32, predicted_density: None };
+    let popts =
+        PackStepOptions { cluster_neurons: 16, down_type: GgmlType::F32, ..PackStepOptions::default() };
     let mut layers_done = Vec::new();
     prepare::pack_model(&src, &out.join(PACKED_FILE_NAME), &freq, &th, None, &popts, &mut |l, n| {
         layers_done.push((l, n))

@@ -20,7 +20,7 @@ use pinion_prepare::{
     PrepareConfig, PrepareError, PrepareReport, Prepared, PreparedDir, ProfileOptions, Redo, SparsityReport,
     Step, Thresholds,
 };
-use pinion_runtime::Model;
+use pinion_runtime::{Context, ContextParams, Model};
 
 use crate::prepare::{TempDir, synth_model};
 
@@ -387,11 +387,12 @@ fn corrupt_files_and_bad_settings_are_typed_errors() {
     }
 }
 
-/// A mixture-of-experts model is refused, with a typed error and before anything is written: preparing it,
-/// profiling it and packing it (they need a dense FFN; such models run in memory only for now).
+/// A mixture of experts prepares per expert: a profile per FFN unit (no token samples), CATS thresholds per
+/// expert found under the quality budget, each expert's routing frequency recorded, one packed unit per expert,
+/// no predictors (they are trained on token samples); the packed model runs, in memory and offloaded alike.
 #[test]
-fn a_moe_model_is_refused() {
-    let (tmp, cfg) = setup("prepdir-moe", false);
+fn a_moe_model_prepares_per_expert() {
+    let (tmp, cfg) = setup("prepdir-moe", true);
     let moe = SynthConfig {
         n_layers: 2,
         n_experts: 4,
@@ -400,28 +401,49 @@ fn a_moe_model_is_refused() {
         ..SynthConfig::preset("tiny").unwrap()
     };
     let model = synth_model(&tmp, "moe", &moe);
-    let is_moe = |e: &PrepareError| {
-        matches!(e, PrepareError::Runtime(pinion_runtime::RuntimeError::MoeInMemoryOnly { .. }))
-            && e.to_string().contains("in memory only")
+    let cfg = PrepareConfig {
+        model,
+        sparsity: prepare::SparsityTarget::MaxPplIncrease(0.05),
+        profile: ProfileOptions { holdout: 256, ..cfg.profile.clone() },
+        ..cfg
     };
-    let (r, seen) = run(&PrepareConfig { model: model.clone(), ..cfg.clone() });
-    assert!(r.as_ref().is_err_and(is_moe), "{r:?}");
-    assert!(seen.is_empty(), "{seen:?}");
-    let m = Model::load(&model).unwrap();
-    let e = prepare::profile_activations(&m, "some text", &cfg.profile, &mut |_, _| {}).unwrap_err();
-    assert!(is_moe(&e), "{e}");
-    let thresholds = Thresholds {
-        model: "moe".into(),
-        target_sparsity: 0.5,
-        calib_tokens: 0,
-        layers: vec![(0.0, 0.5); 2],
-        scales: None,
-        quality: None,
-    };
-    let freqs = vec![vec![0.5; moe.n_ff]; 2];
-    let out = tmp.0.join("moe.pinion");
-    let opts = prepare::PackStepOptions::default();
-    let e = prepare::pack_model(&model, &out, &freqs, &thresholds, None, &opts, &mut |_, _| {}).unwrap_err();
-    assert!(is_moe(&e), "{e}");
-    assert!(!out.exists());
+    let (r, seen) = run(&cfg);
+    r.unwrap();
+    assert!(!seen.iter().any(|s| matches!(s, Seen::Ran(Step::Train, _))), "{seen:?}");
+    let packed = Model::load(&cfg.out).unwrap();
+    let c = packed.config();
+    assert_eq!((c.n_units(), packed.packed_layers().unwrap().len()), (8, 8));
+    let routes = packed.route_frequency().unwrap();
+    for l in 0..2 {
+        let sum: f32 = routes[l * 4..(l + 1) * 4].iter().sum();
+        assert!((sum - 2.0).abs() < 1e-3, "layer {l}: routing frequencies {routes:?}");
+    }
+    let rule = packed.sparsity().rule.clone().unwrap();
+    assert!(rule.scales.is_none() && rule.thresholds.len() == 8, "CATS per expert: {rule:?}");
+    let (ppl, max) = packed.sparsity().quality.unwrap();
+    assert!(ppl <= max + 1e-6, "{ppl} over the budget {max}");
+    // Each unit's neurons are in hotness order, each frequency within its expert's routing frequency.
+    for (u, pl) in packed.packed_layers().unwrap().iter().enumerate() {
+        assert!(pl.frequency.windows(2).all(|w| w[0] >= w[1]), "unit {u}");
+        assert!(pl.frequency.iter().all(|&f| f <= routes[u] + 1e-6), "unit {u}");
+    }
+    let mut ctx = Context::new(&packed, ContextParams::new(64, 2)).unwrap();
+    let tokens: Vec<u32> = (1..20).collect();
+    let want = ctx.eval(&tokens, pinion_runtime::Logits::All).unwrap().to_vec();
+    // Half of the model's weights over the minimum (this test process alone is more than the tiny model).
+    let device = pinion_runtime::planning::device_for(&cfg.out).unwrap();
+    let params = || ContextParams::new(64, 2);
+    let minimum =
+        match Context::new_offloaded(&packed, params(), pinion_runtime::PlanOptions::new(1), &device) {
+            Err(pinion_runtime::RuntimeError::Plan(pinion_plan::PlanError::BudgetTooSmall {
+                minimum,
+                ..
+            })) => minimum,
+            other => panic!("a budget of one byte: {:?}", other.err()),
+        };
+    let opts = pinion_runtime::PlanOptions::new(minimum + packed.weight_bytes() / 2);
+    let mut off = Context::new_offloaded(&packed, params(), opts, &device).unwrap();
+    assert!(off.plan().unwrap().memory.pinned_bundles < off.plan().unwrap().memory.ffn_total);
+    let got = off.eval(&tokens, pinion_runtime::Logits::All).unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "offloaded logits differ");
 }

@@ -462,6 +462,23 @@ impl ModelConfig {
         }
     }
 
+    /// Experts per layer: `n_expert` of a mixture of experts, 1 for a dense FFN.
+    pub fn experts_per_layer(&self) -> usize {
+        self.moe.map_or(1, |m| m.n_expert)
+    }
+
+    /// The FFN units: what sparsity rules, profiles, predictors, packed files and plans are kept per. One per
+    /// layer for a dense FFN, one per (layer, expert) for a mixture of experts, unit `l * n_expert + e`
+    /// ([`ModelConfig::unit`]).
+    pub fn n_units(&self) -> usize {
+        self.n_layers * self.experts_per_layer()
+    }
+
+    /// The FFN unit of expert `e` of layer `l` (`e` = 0 for a dense layer).
+    pub fn unit(&self, l: usize, e: usize) -> usize {
+        l * self.experts_per_layer() + e
+    }
+
     /// Width of the key and value projections.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim

@@ -10,7 +10,7 @@ use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
 use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, forward};
-use crate::model::{FfnWeights, Model};
+use crate::model::Model;
 use crate::moe::{MoeScratch, RouteTrace};
 use crate::offload::{Offload, OffloadStats};
 use crate::planning::{current_rss, plan_run_with};
@@ -166,7 +166,6 @@ impl<'m> Context<'m> {
         opts: PlanOptions,
         device: &DeviceProfile,
     ) -> Result<Context<'m>, RuntimeError> {
-        model.check_not_moe("running under a memory budget")?;
         if !model.is_packed() {
             return Err(RuntimeError::NotPacked);
         }
@@ -275,17 +274,13 @@ impl<'m> Context<'m> {
     pub fn set_ffn_rule(&mut self, rule: Option<FfnRule>) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if let Some(r) = &rule {
-            self.model.check_not_moe("a sparsity rule (thresholds)")?;
-            r.check(c.n_layers, c.n_ff)?;
+            r.check(c.n_units(), c.n_ff)?;
         }
         self.neuron_thresholds = match &rule {
-            Some(r) if r.scales.is_some() => (0..c.n_layers)
-                .map(|l| {
-                    let order = match &self.model.layers[l].ffn {
-                        FfnWeights::Packed(pl) => Some(&pl.order[..]),
-                        FfnWeights::Dense { .. } | FfnWeights::Moe(_) => None,
-                    };
-                    r.neuron_thresholds(l, order).expect("a rule with scales")
+            Some(r) if r.scales.is_some() => (0..c.n_units())
+                .map(|u| {
+                    let order = self.model.unit(u).map(|pl| &pl.order[..]);
+                    r.neuron_thresholds(u, order).expect("a rule with scales")
                 })
                 .collect(),
             _ => Vec::new(),
@@ -314,8 +309,8 @@ impl<'m> Context<'m> {
             if !self.model.is_packed() {
                 return Err(RuntimeError::NotPacked);
             }
-            if ps.len() != c.n_layers || ps.iter().any(|p| p.d_in() != c.d_model || p.n_out() != c.n_ff) {
-                return Err(RuntimeError::BadPredictors { got: ps.len(), n_layers: c.n_layers });
+            if ps.len() != c.n_units() || ps.iter().any(|p| p.d_in() != c.d_model || p.n_out() != c.n_ff) {
+                return Err(RuntimeError::BadPredictors { got: ps.len(), n_layers: c.n_units() });
             }
         }
         self.choose_predictors(predictors.map(Cow::Owned))
@@ -382,12 +377,12 @@ impl<'m> Context<'m> {
         if self.model.is_packed() {
             return Err(RuntimeError::ProfilePacked);
         }
-        self.model.check_not_moe("profiling activations")?;
-        let d_in_ok = profile.d_in() == 0 || profile.d_in() == c.d_model;
-        if profile.n_layers() != c.n_layers || profile.n_ff() != c.n_ff || !d_in_ok {
+        // A mixture of experts is profiled per FFN unit (expert), without token samples.
+        let d_in_ok = profile.d_in() == 0 || (profile.d_in() == c.d_model && c.moe.is_none());
+        if profile.n_layers() != c.n_units() || profile.n_ff() != c.n_ff || !d_in_ok {
             return Err(RuntimeError::ProfileShape {
                 got: (profile.n_layers(), profile.n_ff()),
-                want: (c.n_layers, c.n_ff),
+                want: (c.n_units(), c.n_ff),
             });
         }
         let saved = (self.rule.take(), std::mem::take(&mut self.neuron_thresholds), self.predictors.take());

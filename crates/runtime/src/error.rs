@@ -78,15 +78,14 @@ pub enum RuntimeError {
     BadThresholds { got: usize, n_layers: usize },
     #[error("sparsity scales: {why}")]
     BadScales { why: String },
-    #[error("activation profile has (layers, neurons) = {got:?}, the model has {want:?}")]
+    #[error(
+        "activation profile has (FFN units, neurons) = {got:?}, the model has {want:?} (a mixture of experts is profiled per expert, without token samples)"
+    )]
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("predictors: got {got} layers for a model of {n_layers}, or a predictor of the wrong width")]
     BadPredictors { got: usize, n_layers: usize },
     #[error("this needs a packed model (prepare one with `cargo xtask prepare`)")]
     NotPacked,
-    /// Profiling, calibrating, packing or offloading a mixture-of-experts model (named `what`).
-    #[error("mixture-of-experts models run in memory only for now ({what} needs a dense FFN)")]
-    MoeInMemoryOnly { what: &'static str },
     #[error("a packed model cannot be profiled (its FFN is sparse); profile the GGUF it was made from")]
     ProfilePacked,
 }

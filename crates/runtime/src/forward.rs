@@ -2,7 +2,8 @@
 //!
 //! Where each weight comes from is decided in one place each: attention weights from the mapped file, or
 //! from an offloaded run's fixed region ([`Weights`]); the FFN from a dense GGUF layer, a packed layer in memory,
-//! or an offloaded packed layer ([`FfnSource`]). Dense batched products (prefill, perplexity) go through the
+//! or an offloaded packed layer; a mixture of experts' experts likewise, each a dense GGUF expert or a packed
+//! FFN unit ([`packed_unit`]). Dense batched products (prefill, perplexity) go through the
 //! context's dense executor (`pinion_exec_cpu::DenseBackend`: the CPU, or the NPU-role static-shape executor);
 //! a single token runs on the spin pool.
 
@@ -16,8 +17,8 @@ use crate::ffn::{
     Mapped, PackedScratch, Selection, cluster_decode_rows, decode_inputs, packed_decode, packed_ffn,
     sparse_spec,
 };
-use crate::model::{FfnWeights, LayerWeights, Model, MoeWeights, WeightRef};
-use crate::moe::{FfnBuffers, MoeScratch, moe_ffn};
+use crate::model::{FfnWeights, LayerWeights, Model, WeightRef};
+use crate::moe::{self, FfnBuffers, MoeScratch};
 use crate::offload::Offload;
 
 /// What [`Context::eval`](crate::Context::eval) returns logits for.
@@ -129,29 +130,6 @@ impl Weights<'_> {
         match self.offload {
             Some(o) => o.matrix(w),
             None => self.model.matrix(w),
-        }
-    }
-}
-
-/// Where one layer's FFN comes from for this pass.
-enum FfnSource<'a> {
-    /// The three dense matrices of a GGUF.
-    Dense { gate: &'a WeightRef, up: &'a WeightRef, down: &'a WeightRef },
-    /// A packed layer in the mapped file.
-    Packed(&'a PackedLayer),
-    /// A packed layer of an offloaded run.
-    Offloaded(&'a PackedLayer),
-    /// A mixture of experts of a GGUF (in memory only).
-    Moe(&'a MoeWeights),
-}
-
-impl<'a> FfnSource<'a> {
-    fn of(layer: &'a LayerWeights, offloaded: bool) -> FfnSource<'a> {
-        match (&layer.ffn, offloaded) {
-            (FfnWeights::Dense { gate, up, down }, _) => FfnSource::Dense { gate, up, down },
-            (FfnWeights::Packed(pl), false) => FfnSource::Packed(pl),
-            (FfnWeights::Packed(pl), true) => FfnSource::Offloaded(pl),
-            (FfnWeights::Moe(m), _) => FfnSource::Moe(m),
         }
     }
 }
@@ -280,16 +258,20 @@ pub(crate) fn forward(
         for t in 0..n {
             exec::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[t * d..(t + 1) * d]);
         }
-        let neurons = ffn.neuron_thresholds.get(l).map(|t| &t[..]);
-        let sel = |_: &PackedLayer| Selection {
+        let (thresholds, neuron_thresholds, predictors) =
+            (ffn.thresholds, ffn.neuron_thresholds, ffn.predictors);
+        let sel = |u: usize| Selection {
             act: c.ffn_act,
-            threshold: ffn.thresholds.map(|t| t[l]),
-            neurons,
-            predictor: ffn.predictors.map(|p| &p[l]),
+            threshold: thresholds.map(|t| t[u]),
+            neurons: neuron_thresholds.get(u).map(|t| &t[..]),
+            predictor: predictors.map(|p| &p[u]),
         };
+        // The rule's thresholds of unit `u` for the dense paths: per neuron, or the unit's one.
+        let rule = |u: usize| thresholds.map(|t| sel(u).neurons.unwrap_or(std::slice::from_ref(&t[u])));
         let out = &mut s.tmp[..n * d];
-        match (FfnSource::of(layer, ffn.offload.is_some()), par) {
-            (FfnSource::Dense { gate, up, down }, _) => {
+        let matmul = |w: &QMatrix<'_>, a: &QuantizedActs, o: &mut [f32]| par.matmul(w, a, o);
+        match &layer.ffn {
+            FfnWeights::Dense { gate, up, down } => {
                 let (wg, wu, wd) = (model.matrix(gate), model.matrix(up), model.matrix(down));
                 s.acts.quantize(wg.ty, xn, d);
                 par.matmul(&wg, &s.acts, &mut s.gate[..n * ff])?;
@@ -307,60 +289,52 @@ pub(crate) fn forward(
                     p.record_scores(l, &s.xn[..n * d], &scores);
                     p.record_up(l, &s.up[..n * ff]);
                 }
-                let t = ffn.thresholds.map(|t| neurons.unwrap_or(std::slice::from_ref(&t[l])));
-                c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], t);
+                c.ffn_act.apply(&mut s.gate[..n * ff], &s.up[..n * ff], rule(l));
                 s.acts.quantize(wd.ty, &s.gate[..n * ff], ff);
                 par.matmul(&wd, &s.acts, out)?;
             }
-            (FfnSource::Moe(mw), _) => {
+            FfnWeights::Moe(mw) => {
+                moe::route(&model.matrix(&mw.router), &matmul, mw.cfg, xn, &mut s.moe, &mut s.acts)?;
+                let mut profile = ffn.profile.as_deref_mut();
+                if let Some(p) = profile.as_deref_mut().filter(|_| l == 0) {
+                    p.add_tokens(n);
+                }
+                let (acts, gate, up) = (&mut s.acts, &mut s.gate, &mut s.up);
+                let mut expert =
+                    |e: usize, _: Option<usize>, rows: &[f32], o: &mut [f32], cnt: &mut [u32]| {
+                        let b = FfnBuffers { acts: &mut *acts, gate: &mut gate[..], up: &mut up[..] };
+                        let u = c.unit(l, e);
+                        let rec = profile.as_deref_mut().map(|p| (p, u));
+                        moe::dense_expert(model, &matmul, mw, e, c.ffn_act, rule(u), rec, rows, b, o, cnt)
+                    };
+                moe::run_experts(mw.cfg, xn, &mut s.moe, &mut expert, out)?;
+            }
+            FfnWeights::Packed(pl) => {
+                let next = (l + 1 < model.layers.len()).then_some(l + 1);
+                let o = ffn.offload.as_deref_mut();
+                let unit = Unit { u: l, pl, sel: sel(l), next, step: n == 1 };
+                packed_unit(model, par, o, unit, xn, &mut s.acts, &mut s.packed, out)?;
+            }
+            FfnWeights::PackedMoe(pm) => {
                 if ffn.profile.is_some() {
-                    return Err(RuntimeError::MoeInMemoryOnly { what: "profiling activations" });
+                    return Err(RuntimeError::ProfilePacked);
                 }
-                let b = FfnBuffers { acts: &mut s.acts, gate: &mut s.gate, up: &mut s.up };
-                let matmul = |w: &QMatrix<'_>, a: &QuantizedActs, o: &mut [f32]| par.matmul(w, a, o);
-                moe_ffn(model, &matmul, mw, c.ffn_act, xn, &mut s.moe, b, out)?;
-            }
-            (FfnSource::Packed(pl), Par::Spin(pool)) if n == 1 => {
-                packed_decode(
-                    Mapped(model.ffn_bytes()),
-                    pl,
-                    sel(pl),
-                    pool,
-                    xn,
-                    &mut s.acts,
-                    &mut s.packed,
-                    out,
-                );
-            }
-            (FfnSource::Packed(pl), Par::Spin(pool)) => {
-                // Decode steps of several sequences: each row as its own step would compute it.
-                let bytes = Mapped(model.ffn_bytes());
-                let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| bytes.cluster_rows(pl, k)).collect();
-                cluster_decode_rows(&clusters, pl, sel(pl), pool, xn, &mut s.acts, &mut s.packed, out);
-            }
-            (FfnSource::Packed(pl), Par::Batch(_)) => {
-                let bytes = Mapped(model.ffn_bytes());
-                packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
-            }
-            (FfnSource::Offloaded(pl), Par::Spin(pool)) => {
-                let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
-                if n > 1 {
-                    // Decode steps of several sequences: the layer is read once for all of them (the union of
-                    // their neurons is nearly all of them), then each row runs the cluster kernels on it.
-                    let staged = o.stage_layer(model, l)?;
-                    let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| staged.cluster_rows(pl, k)).collect();
-                    cluster_decode_rows(&clusters, pl, sel(pl), pool, xn, &mut s.acts, &mut s.packed, out);
-                    continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
-                    continue;
-                }
-                let spec = sparse_spec(pl, sel(pl));
-                let (token, filter) = decode_inputs(pl, sel(pl), xn, &mut s.acts, &mut s.packed.inputs);
-                o.decode_ffn(model, l, &spec, &token, filter, pool, out)?;
-            }
-            (FfnSource::Offloaded(pl), Par::Batch(_)) => {
-                let o = ffn.offload.as_deref_mut().ok_or(RuntimeError::NotPacked)?;
-                let bytes = o.stage_layer(model, l)?;
-                packed_ffn(&bytes, pl, sel(pl), true, xn, &mut s.acts, &mut s.packed, out);
+                let w = Weights { model, offload: ffn.offload.as_deref() };
+                moe::route(&w.matrix(&pm.router), &matmul, pm.cfg, xn, &mut s.moe, &mut s.acts)?;
+                let (acts, packed, mut offload) = (&mut s.acts, &mut s.packed, ffn.offload.as_deref_mut());
+                let mut expert =
+                    |e: usize, next: Option<usize>, rows: &[f32], o: &mut [f32], cnt: &mut [u32]| {
+                        let u = c.unit(l, e);
+                        let next = next.map(|e| c.unit(l, e));
+                        let unit = Unit { u, pl: &pm.experts[e], sel: sel(u), next, step: n == 1 };
+                        let active =
+                            packed_unit(model, par, offload.as_deref_mut(), unit, rows, acts, packed, o)?;
+                        if let [one] = cnt {
+                            *one = active as u32;
+                        }
+                        Ok(())
+                    };
+                moe::run_experts(pm.cfg, xn, &mut s.moe, &mut expert, out)?;
             }
         }
         continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
@@ -386,6 +360,69 @@ pub(crate) fn forward(
         None => par.head_matmul(&model.matrix(&model.output), &s.acts, logits),
     }
     Ok(())
+}
+
+/// One packed FFN unit of a pass: unit `u` (a layer's FFN, or one expert's), its records, how it chooses its
+/// neurons, the unit the pass runs next (read ahead by an offloaded prefill), and whether the pass is one
+/// token's decode step (an expert given one row of a pass of several is not: that pass stages its units).
+struct Unit<'a> {
+    u: usize,
+    pl: &'a PackedLayer,
+    sel: Selection<'a>,
+    next: Option<usize>,
+    step: bool,
+}
+
+/// A packed FFN unit over the rows of `xn` (`out`: as many rows): from the mapped file, or offloaded. One row on
+/// the spin pool is a decode step (the cluster pipeline when offloaded); several rows on the spin pool are decode
+/// steps of several sequences (the unit's records read once, then each row as its own step); a batch runs the
+/// batched sparse FFN. Returns the neurons used (one row), else 0.
+#[allow(clippy::too_many_arguments)]
+fn packed_unit(
+    model: &Model,
+    par: Par<'_>,
+    offload: Option<&mut Offload>,
+    unit: Unit<'_>,
+    xn: &[f32],
+    acts: &mut QuantizedActs,
+    packed: &mut PackedScratch,
+    out: &mut [f32],
+) -> Result<usize, RuntimeError> {
+    let Unit { u, pl, sel, next, step } = unit;
+    Ok(match (offload, par) {
+        (None, Par::Spin(pool)) if step => {
+            packed_decode(Mapped(model.ffn_bytes()), pl, sel, pool, xn, acts, packed, out)
+        }
+        (None, Par::Spin(pool)) => {
+            // Decode steps of several sequences: each row as its own step would compute it.
+            let bytes = Mapped(model.ffn_bytes());
+            let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| bytes.cluster_rows(pl, k)).collect();
+            cluster_decode_rows(&clusters, pl, sel, pool, xn, acts, packed, out);
+            0
+        }
+        (None, Par::Batch(_)) => {
+            packed_ffn(&Mapped(model.ffn_bytes()), pl, sel, true, xn, acts, packed, out);
+            0
+        }
+        (Some(o), Par::Spin(pool)) if step => {
+            let spec = sparse_spec(pl, sel);
+            let (token, filter) = decode_inputs(pl, sel, xn, acts, &mut packed.inputs);
+            o.decode_ffn(model, u, &spec, &token, filter, pool, out)?
+        }
+        (Some(o), Par::Spin(pool)) => {
+            // Decode steps of several sequences: the unit is read once for all of them (the union of their
+            // neurons is nearly all of them), then each row runs the cluster kernels on it.
+            let staged = o.stage_layer(model, u, next)?;
+            let clusters: Vec<_> = (0..pl.n_clusters()).map(|k| staged.cluster_rows(pl, k)).collect();
+            cluster_decode_rows(&clusters, pl, sel, pool, xn, acts, packed, out);
+            0
+        }
+        (Some(o), Par::Batch(_)) => {
+            let bytes = o.stage_layer(model, u, next)?;
+            packed_ffn(&bytes, pl, sel, true, xn, acts, packed, out);
+            0
+        }
+    })
 }
 
 /// The end of a layer: the FFN output `out` (post-normalized where the architecture asks, `tmp` its scratch)

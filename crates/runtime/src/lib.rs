@@ -36,8 +36,8 @@ pub use crate::forward::Logits;
 pub use crate::generate::{GenerateParams, Generation, StopReason, TextStream, Timings, generate};
 pub use crate::model::{
     MAX_PPL_INCREASE_KEY, Model, ModelSparsity, PACKED_FILE_NAME, PPL_INCREASE_KEY, PREDICTED_DENSITY_KEY,
-    PREDICTOR_THRESHOLDS_KEY, SCORE_SCALE_TENSOR, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY, THRESHOLDS_KEY,
-    predictor_tensor_names, score_scale_tensor,
+    PREDICTOR_THRESHOLDS_KEY, ROUTE_FREQUENCY_KEY, SCORE_SCALE_TENSOR, SOURCE_BYTES_KEY, TARGET_SPARSITY_KEY,
+    THRESHOLDS_KEY, predictor_tensor_names, score_scale_tensor,
 };
 pub use crate::moe::RouteTrace;
 pub use crate::offload::OffloadStats;

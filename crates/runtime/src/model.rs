@@ -57,6 +57,16 @@ pub(crate) struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// The matrices an offloaded run keeps in its fixed region: the attention projections, and a packed mixture
+    /// of experts' router.
+    pub(crate) fn fixed_weights(&self) -> Vec<&WeightRef> {
+        let mut w = vec![&self.wq, &self.wk, &self.wv, &self.wo];
+        if let FfnWeights::PackedMoe(m) = &self.ffn {
+            w.push(&m.router);
+        }
+        w
+    }
+
     /// The FFN matrices a batch multiplies densely, for the dense executor's shapes: a GGUF layer's three, or
     /// a mixture of experts' router and one expert's three (none for a packed layer).
     pub(crate) fn dense_ffn(&self) -> Vec<WeightRef> {
@@ -65,6 +75,7 @@ impl LayerWeights {
             FfnWeights::Moe(m) => {
                 vec![m.router.clone(), m.expert(&m.gate, 0), m.expert(&m.up, 0), m.expert(&m.down, 0)]
             }
+            FfnWeights::PackedMoe(m) => vec![m.router.clone()],
             FfnWeights::Packed(_) => Vec::new(),
         }
     }
@@ -79,6 +90,18 @@ pub(crate) enum FfnWeights {
     Packed(PackedLayer),
     /// A mixture of experts of a GGUF file (see [`crate::MoeConfig`]).
     Moe(MoeWeights),
+    /// A mixture of experts of a packed file: the router, and each expert as a packed FFN unit.
+    PackedMoe(PackedMoe),
+}
+
+/// A packed mixture-of-experts layer: the router (resident) and one packed FFN unit per expert.
+#[derive(Debug)]
+pub(crate) struct PackedMoe {
+    /// `ffn_gate_inp`: one row of `d_model` per expert.
+    pub(crate) router: WeightRef,
+    /// Expert `e`'s neuron-major records (FFN unit `l * n_expert + e`).
+    pub(crate) experts: Vec<PackedLayer>,
+    pub(crate) cfg: MoeConfig,
 }
 
 /// A mixture-of-experts FFN layer: the router and the experts' matrices, each expert's a contiguous block of
@@ -112,6 +135,9 @@ pub const PACKED_FILE_NAME: &str = "model.pinion";
 pub const THRESHOLDS_KEY: &str = "pinion.sparsity.thresholds";
 /// Metadata key of the target sparsity the thresholds were calibrated for (f32).
 pub const TARGET_SPARSITY_KEY: &str = "pinion.sparsity.target";
+/// Metadata key of a packed mixture of experts' routing frequencies: per FFN unit (expert `e` of layer `l` at
+/// `l * n_expert + e`), the share of calibration tokens routed to it (array of f32).
+pub const ROUTE_FREQUENCY_KEY: &str = "pinion.moe.route_frequency";
 /// Metadata key of a packed model's per-layer predicted density (the share of neurons the predictor marks
 /// per token, measured on held-out tokens at preparation; array of f32).
 pub const PREDICTED_DENSITY_KEY: &str = "pinion.predictor.density";
@@ -192,6 +218,8 @@ pub struct Model {
     source_bytes: u64,
     /// Per layer, the share of neurons the predictor marks per token, measured at preparation.
     predicted_density: Option<Vec<f32>>,
+    /// Per FFN unit of a mixture of experts, the share of tokens routed to it ([`Model::route_frequency`]).
+    route_frequency: Option<Vec<f32>>,
     /// A packed file's format version and its resident checksums (empty for version 1 and GGUF files).
     packed_version: u32,
     checksums: pinion_format::packed::ResidentChecksums,
@@ -236,16 +264,32 @@ impl Model {
             model.predicted_density = match g.get(PREDICTED_DENSITY_KEY) {
                 Some(_) => {
                     let d = g.get_f32_array(PREDICTED_DENSITY_KEY).map_err(format_err)?;
-                    if d.len() != model.config.n_layers || d.iter().any(|x| !(0.0..=1.0).contains(x)) {
+                    if d.len() != model.config.n_units() || d.iter().any(|x| !(0.0..=1.0).contains(x)) {
                         return Err(RuntimeError::BadHyperParameter {
                             key: PREDICTED_DENSITY_KEY.into(),
-                            value: format!("{} values (one in [0, 1] per layer expected)", d.len()),
+                            value: format!("{} values (one in [0, 1] per FFN unit expected)", d.len()),
                         });
                     }
                     Some(d)
                 }
                 None => None,
             };
+            if g.get(ROUTE_FREQUENCY_KEY).is_some() {
+                let r = g.get_f32_array(ROUTE_FREQUENCY_KEY).map_err(format_err)?;
+                if model.config.moe.is_none()
+                    || r.len() != model.config.n_units()
+                    || r.iter().any(|x| !(0.0..=1.0).contains(x))
+                {
+                    return Err(RuntimeError::BadHyperParameter {
+                        key: ROUTE_FREQUENCY_KEY.into(),
+                        value: format!(
+                            "{} values (one in [0, 1] per expert of a mixture of experts expected)",
+                            r.len()
+                        ),
+                    });
+                }
+                model.route_frequency = Some(r);
+            }
             // Everything read so far (header, index, metadata) was copied out; weights fault in on first use.
             let _ = file.release(0..file.len());
             return Ok(model);
@@ -286,8 +330,17 @@ impl Model {
             _ => None,
         };
         let is_packed = packed.is_some();
-        if is_packed && c.moe.is_some() {
-            return Err(RuntimeError::MoeInMemoryOnly { what: "a packed file" });
+        if let Some(p) = packed.as_ref().filter(|p| p.len() != c.n_units()) {
+            return Err(RuntimeError::BadTensor {
+                name: "ffn".into(),
+                why: format!(
+                    "the packed file has {} FFN units, the model {} ({} layers of {} experts)",
+                    p.len(),
+                    c.n_units(),
+                    c.n_layers,
+                    c.experts_per_layer()
+                ),
+            });
         }
         if !is_packed {
             check_tensor_names(gguf, c)?;
@@ -298,34 +351,22 @@ impl Model {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             let ffn = match packed.as_mut() {
                 Some(it) => {
-                    let pl = it.next().ok_or_else(|| RuntimeError::BadTensor {
-                        name: format!("blk.{i}.ffn"),
-                        why: "the packed file has fewer FFN layers than the model".into(),
-                    })?;
-                    for (what, ty) in [("gate", pl.gate_ty), ("up", pl.up_ty)] {
-                        if pinion_exec_cpu::vec_dot_type(ty).is_none() {
-                            return Err(RuntimeError::UnsupportedWeightType {
-                                name: format!("blk.{i}.ffn_{what} (packed)"),
-                                ty,
-                            });
-                        }
-                    }
-                    if !matches!(pl.down_ty, GgmlType::Q8_0 | GgmlType::F16 | GgmlType::F32) {
-                        return Err(RuntimeError::UnsupportedWeightType {
-                            name: format!("blk.{i}.ffn_down (packed columns)"),
-                            ty: pl.down_ty,
-                        });
-                    }
-                    if pl.n_ff != c.n_ff || pl.d_model != c.d_model {
-                        return Err(RuntimeError::BadTensor {
+                    let mut unit = |e: usize| -> Result<PackedLayer, RuntimeError> {
+                        let pl = it.next().ok_or_else(|| RuntimeError::BadTensor {
                             name: format!("blk.{i}.ffn"),
-                            why: format!(
-                                "packed layer is {}x{}, expected {}x{}",
-                                pl.n_ff, pl.d_model, c.n_ff, c.d_model
-                            ),
-                        });
+                            why: "the packed file has fewer FFN units than the model".into(),
+                        })?;
+                        check_packed_unit(&pl, c, i, e)?;
+                        Ok(pl)
+                    };
+                    match c.moe {
+                        Some(cfg) => FfnWeights::PackedMoe(PackedMoe {
+                            router: matrix_ref(&name("ffn_gate_inp"), c.d_model, cfg.n_expert)?,
+                            experts: (0..cfg.n_expert).map(&mut unit).collect::<Result<_, _>>()?,
+                            cfg,
+                        }),
+                        None => FfnWeights::Packed(unit(0)?),
                     }
-                    FfnWeights::Packed(pl)
                 }
                 None => match c.moe {
                     Some(cfg) => {
@@ -379,6 +420,7 @@ impl Model {
                 },
             });
         }
+        let route_frequency = c.moe.map(|m| vec![m.n_expert_used as f32 / m.n_expert as f32; c.n_units()]);
         Ok(Model {
             file: Arc::clone(file),
             config,
@@ -394,6 +436,7 @@ impl Model {
             packed: is_packed,
             source_bytes: file.len() as u64,
             predicted_density: None,
+            route_frequency,
             packed_version: 0,
             checksums: Default::default(),
         })
@@ -402,6 +445,14 @@ impl Model {
     /// Bytes of the GGUF file the model was made from: the base of percentage budgets (`--mem-budget 50%`).
     pub fn source_bytes(&self) -> u64 {
         self.source_bytes
+    }
+
+    /// Per FFN unit, the share of tokens that use it ([`ModelConfig::unit`]): for a mixture of experts, the
+    /// routing frequency of each expert measured at preparation (`pinion.moe.route_frequency`), or
+    /// `n_expert_used / n_expert` when the file has none; `None` for a dense model (every token uses every
+    /// layer).
+    pub fn route_frequency(&self) -> Option<&[f32]> {
+        self.route_frequency.as_deref()
     }
 
     /// Per layer, the share of neurons the predictors mark per token, as measured at preparation (`None` when
@@ -426,13 +477,13 @@ impl Model {
             let f32s = |r: &Range<usize>| -> Vec<f32> { bytemuck::pod_collect_to_vec(&self.file[r.clone()]) };
             self.predictor_refs
                 .iter()
-                .zip(&self.layers)
-                .map(|(pr, layer)| {
+                .enumerate()
+                .map(|(u, pr)| {
                     let (w2, b2) = (f32s(&pr.w2), f32s(&pr.b2));
                     // Reorder the outputs (rows of W2, entries of b2) from neuron ids to packed positions.
-                    let order: Vec<u32> = match &layer.ffn {
-                        FfnWeights::Packed(pl) => pl.order.clone(),
-                        FfnWeights::Dense { .. } | FfnWeights::Moe(_) => (0..c.n_ff as u32).collect(),
+                    let order: Vec<u32> = match self.unit(u) {
+                        Some(pl) => pl.order.clone(),
+                        None => (0..c.n_ff as u32).collect(),
                     };
                     let r = pr.rank;
                     let w2p: Vec<f32> = order
@@ -493,6 +544,11 @@ impl Model {
                 FfnWeights::Packed(pl) => (pl.n_ff * (pl.gate_row_bytes() + pl.bundle_bytes())) as u64,
                 FfnWeights::Dense { gate, up, down } => len(gate) + len(up) + len(down),
                 FfnWeights::Moe(m) => len(&m.router) + len(&m.gate) + len(&m.up) + len(&m.down),
+                FfnWeights::PackedMoe(m) => {
+                    let units: usize =
+                        m.experts.iter().map(|pl| pl.n_ff * (pl.gate_row_bytes() + pl.bundle_bytes())).sum();
+                    len(&m.router) + units as u64
+                }
             })
             .sum();
         self.resident_weight_bytes() + ffn
@@ -521,15 +577,28 @@ impl Model {
         Ok(self.tokenizer.encode_chat_or(fallback, messages, add_generation_prompt)?)
     }
 
-    /// The packed FFN layers (`None` for a GGUF).
+    /// The packed FFN units, in unit order ([`ModelConfig::unit`]): one per layer, or one per expert of a
+    /// mixture of experts (`None` for a GGUF).
     pub fn packed_layers(&self) -> Option<Vec<&PackedLayer>> {
-        self.layers
-            .iter()
-            .map(|l| match &l.ffn {
-                FfnWeights::Packed(pl) => Some(pl),
-                FfnWeights::Dense { .. } | FfnWeights::Moe(_) => None,
-            })
-            .collect()
+        let mut units = Vec::with_capacity(self.config.n_units());
+        for l in &self.layers {
+            match &l.ffn {
+                FfnWeights::Packed(pl) => units.push(pl),
+                FfnWeights::PackedMoe(m) => units.extend(&m.experts),
+                FfnWeights::Dense { .. } | FfnWeights::Moe(_) => return None,
+            }
+        }
+        Some(units)
+    }
+
+    /// Packed FFN unit `u` ([`ModelConfig::unit`]); `None` for a GGUF or a unit past the last.
+    pub(crate) fn unit(&self, u: usize) -> Option<&PackedLayer> {
+        let per = self.config.experts_per_layer();
+        match &self.layers.get(u / per)?.ffn {
+            FfnWeights::Packed(pl) => Some(pl),
+            FfnWeights::PackedMoe(m) => m.experts.get(u % per),
+            FfnWeights::Dense { .. } | FfnWeights::Moe(_) => None,
+        }
     }
 
     /// The whole mapped file as the packed FFN's byte source.
@@ -590,15 +659,6 @@ impl Model {
         c.n_vocab * c.d_model + c.d_model + per_layer * c.n_layers
     }
 
-    /// Refuses what needs a dense or packed FFN (profiling, calibrating, packing, offloading, sparsity rules)
-    /// on a mixture-of-experts model, naming `what`: such models run in memory only for now.
-    pub fn check_not_moe(&self, what: &'static str) -> Result<(), RuntimeError> {
-        match self.config.moe {
-            Some(_) => Err(RuntimeError::MoeInMemoryOnly { what }),
-            None => Ok(()),
-        }
-    }
-
     /// A view of a weight matrix in the mapped file.
     pub(crate) fn matrix(&self, w: &WeightRef) -> QMatrix<'_> {
         QMatrix { ty: w.ty, n_rows: w.n_rows, n_cols: w.n_cols, data: &self.file[w.range.clone()] }
@@ -614,6 +674,30 @@ impl Model {
         quant::dequantize_row(m.ty, m.row(token as usize), out)?;
         Ok(())
     }
+}
+
+/// Checks packed FFN unit `pl` (expert `e` of layer `l`, or the layer's FFN) against the model: types with
+/// kernels, and the model's shape.
+fn check_packed_unit(pl: &PackedLayer, c: &ModelConfig, l: usize, e: usize) -> Result<(), RuntimeError> {
+    let name = |what: &str| match c.moe {
+        Some(_) => format!("blk.{l}.ffn_{what}_exps expert {e} (packed)"),
+        None => format!("blk.{l}.ffn_{what} (packed)"),
+    };
+    for (what, ty) in [("gate", pl.gate_ty), ("up", pl.up_ty)] {
+        if pinion_exec_cpu::vec_dot_type(ty).is_none() {
+            return Err(RuntimeError::UnsupportedWeightType { name: name(what), ty });
+        }
+    }
+    if !matches!(pl.down_ty, GgmlType::Q8_0 | GgmlType::F16 | GgmlType::F32) {
+        return Err(RuntimeError::UnsupportedWeightType { name: name("down"), ty: pl.down_ty });
+    }
+    if pl.n_ff != c.n_ff || pl.d_model != c.d_model {
+        return Err(RuntimeError::BadTensor {
+            name: name("gate"),
+            why: format!("packed unit is {}x{}, expected {}x{}", pl.n_ff, pl.d_model, c.n_ff, c.d_model),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a GGUF holding a tensor the forward pass would not use (a computation pinion does not implement
@@ -737,7 +821,7 @@ fn read_sparsity(
         }
         let bad = || RuntimeError::BadHyperParameter {
             key: key.into(),
-            value: format!("not {} finite f32 values", c.n_layers),
+            value: format!("not {} finite f32 values (one per FFN unit)", c.n_units()),
         };
         let v: Vec<f32> = g
             .get_array(key)?
@@ -747,7 +831,7 @@ fn read_sparsity(
                 _ => Err(bad()),
             })
             .collect::<Result<_, _>>()?;
-        if v.len() != c.n_layers {
+        if v.len() != c.n_units() {
             return Err(bad());
         }
         Ok(Some(v))
@@ -784,15 +868,15 @@ fn read_sparsity(
     let scales = match g.tensor_info(&score_scale_tensor(0)) {
         None => None,
         Some(_) => Some(
-            (0..c.n_layers)
-                .map(|l| vector(g, &score_scale_tensor(l), c.n_ff))
+            (0..c.n_units())
+                .map(|u| vector(g, &score_scale_tensor(u), c.n_ff))
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
     let rule = match (thresholds, scales) {
         (Some(thresholds), scales) => {
             let r = FfnRule { thresholds, scales };
-            r.check(c.n_layers, c.n_ff)?;
+            r.check(c.n_units(), c.n_ff)?;
             Some(r)
         }
         (None, Some(_)) => {

@@ -17,6 +17,7 @@
 //! same code with one token per chosen expert: only the chosen experts' weights are read.
 
 use pinion_exec_cpu::{self as exec, QMatrix, QuantizedActs};
+use pinion_predictor::ActivationProfile;
 
 use crate::config::{FfnActivation, MoeConfig};
 use crate::error::RuntimeError;
@@ -38,8 +39,13 @@ pub(crate) struct MoeScratch {
     weights: Vec<f32>,
     /// Per (token, slot): the expert's output (`n x n_expert_used x d_model`).
     outs: Vec<f32>,
-    /// The rows routed to one expert (`n x d_model`): its inputs gathered, then its outputs.
+    /// The rows routed to one expert (`n x d_model`): its inputs gathered, and its outputs.
     rows: Vec<f32>,
+    rows_out: Vec<f32>,
+    /// Per row routed to one expert: the neurons it used.
+    counts: Vec<u32>,
+    /// Tokens of the pass last routed.
+    n_tokens: usize,
     /// The (token, slot) pairs routed to one expert.
     members: Vec<(u32, u32)>,
     /// The routing record, when one is asked for ([`crate::Context::set_route_trace`]).
@@ -70,45 +76,38 @@ impl MoeScratch {
             weights: vec![0.0; n * k],
             outs: vec![0.0; n * k * d_model],
             rows: vec![0.0; n * d_model],
+            rows_out: vec![0.0; n * d_model],
+            counts: vec![0; n],
+            n_tokens: 0,
             members: Vec::with_capacity(n * k),
             trace: None,
         }
     }
 }
 
-/// The FFN buffers a pass shares with the dense FFN: the quantized activations and the gate and up outputs
-/// (each at least `n x n_ff`).
-pub(crate) struct FfnBuffers<'a> {
-    pub(crate) acts: &'a mut QuantizedActs,
-    pub(crate) gate: &'a mut [f32],
-    pub(crate) up: &'a mut [f32],
-}
-
 /// A matrix product of the pass (the forward pass's batch executor or spin pool).
 pub(crate) type Matmul<'a> = &'a dyn Fn(&QMatrix<'_>, &QuantizedActs, &mut [f32]) -> Result<(), RuntimeError>;
 
-/// The mixture-of-experts FFN of `n` tokens: `xn` (`n x d`, FFN-normalized) in, `out` (`n x d`) out, products
-/// by `matmul`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn moe_ffn(
-    model: &Model,
+/// One expert's FFN over the rows routed to it: `(expert, the next expert this pass runs, inputs (m x d), outputs
+/// (m x d), per row the number of neurons it used)`; the counts feed the route trace and may be left alone.
+pub(crate) type ExpertFfn<'a> =
+    &'a mut dyn FnMut(usize, Option<usize>, &[f32], &mut [f32], &mut [u32]) -> Result<(), RuntimeError>;
+
+/// Routes the `n` tokens of `xn` (`n x d`, FFN-normalized): router logits (`router`, through `matmul`),
+/// softmax, top-k and weights into `s`, for [`run_experts`].
+pub(crate) fn route(
+    router: &QMatrix<'_>,
     matmul: Matmul<'_>,
-    w: &MoeWeights,
-    act: FfnActivation,
+    cfg: MoeConfig,
     xn: &[f32],
     s: &mut MoeScratch,
-    b: FfnBuffers<'_>,
-    out: &mut [f32],
+    acts: &mut QuantizedActs,
 ) -> Result<(), RuntimeError> {
-    let c = model.config();
-    let cfg = w.cfg;
-    let (d, ff, k, n_exp) = (c.d_model, c.n_ff, cfg.n_expert_used, cfg.n_expert);
+    let (d, k, n_exp) = (router.n_cols, cfg.n_expert_used, cfg.n_expert);
     let n = xn.len() / d;
-    // Routing.
-    let router = model.matrix(&w.router);
-    b.acts.quantize(router.ty, xn, d);
+    acts.quantize(router.ty, xn, d);
     let probs = &mut s.probs[..n * n_exp];
-    matmul(&router, b.acts, probs)?;
+    matmul(router, acts, probs)?;
     for t in 0..n {
         let p = &mut probs[t * n_exp..(t + 1) * n_exp];
         softmax_ggml(p);
@@ -123,13 +122,31 @@ pub(crate) fn moe_ffn(
             weights.iter_mut().for_each(|v| *v /= sum);
         }
     }
+    s.n_tokens = n;
+    Ok(())
+}
+
+/// Runs the experts [`route`] chose for the pass's `n` tokens (`xn`, `n x d`), each once over the tokens routed to
+/// it (in expert order, through `expert`), and writes each token's weighted sum of its experts' outputs, in slot
+/// order, to `out` (`n x d`).
+pub(crate) fn run_experts(
+    cfg: MoeConfig,
+    xn: &[f32],
+    s: &mut MoeScratch,
+    expert: ExpertFfn<'_>,
+    out: &mut [f32],
+) -> Result<(), RuntimeError> {
+    let (k, n_exp, n) = (cfg.n_expert_used, cfg.n_expert, s.n_tokens);
+    let d = xn.len() / n.max(1);
     let trace_at = s.trace.as_mut().map(|tr| {
         tr.call_tokens.push(n as u32);
         tr.choices.extend(s.chosen[..n * k].iter().map(|&e| (e, 0)));
         tr.choices.len() - n * k
     });
-    // Each expert once, over the tokens routed to it.
-    for e in 0..n_exp {
+    let used = |e: usize| s.chosen[..n * k].iter().any(|&c| c as usize == e);
+    let mut next = (0..n_exp).find(|&e| used(e));
+    while let Some(e) = next {
+        next = (e + 1..n_exp).find(|&e| used(e));
         s.members.clear();
         for (i, &ch) in s.chosen[..n * k].iter().enumerate() {
             if ch as usize == e {
@@ -137,35 +154,19 @@ pub(crate) fn moe_ffn(
             }
         }
         let m = s.members.len();
-        if m == 0 {
-            continue;
-        }
         let rows = &mut s.rows[..m * d];
         for (r, &(t, _)) in rows.chunks_exact_mut(d).zip(&s.members) {
             r.copy_from_slice(&xn[t as usize * d..(t as usize + 1) * d]);
         }
-        let (wg, wu, wd) = (
-            model.matrix(&w.expert(&w.gate, e)),
-            model.matrix(&w.expert(&w.up, e)),
-            model.matrix(&w.expert(&w.down, e)),
-        );
-        let (gate, up) = (&mut b.gate[..m * ff], &mut b.up[..m * ff]);
-        b.acts.quantize(wg.ty, rows, d);
-        matmul(&wg, b.acts, gate)?;
-        if wu.ty != wg.ty {
-            b.acts.quantize(wu.ty, rows, d);
-        }
-        matmul(&wu, b.acts, up)?;
-        act.apply(gate, up, None);
+        let counts = &mut s.counts[..m];
+        counts.fill(0);
+        expert(e, next, rows, &mut s.rows_out[..m * d], counts)?;
         if let (Some(tr), Some(at)) = (s.trace.as_mut(), trace_at) {
-            for (row, &(t, slot)) in gate.chunks_exact(ff).zip(&s.members) {
-                tr.choices[at + t as usize * k + slot as usize].1 =
-                    row.iter().filter(|&&v| v != 0.0).count() as u32;
+            for (&cnt, &(t, slot)) in counts.iter().zip(&s.members) {
+                tr.choices[at + t as usize * k + slot as usize].1 = cnt;
             }
         }
-        b.acts.quantize(wd.ty, gate, ff);
-        matmul(&wd, b.acts, rows)?;
-        for (r, &(t, slot)) in rows.chunks_exact(d).zip(&s.members) {
+        for (r, &(t, slot)) in s.rows_out[..m * d].chunks_exact(d).zip(&s.members) {
             let at = (t as usize * k + slot as usize) * d;
             s.outs[at..at + d].copy_from_slice(r);
         }
@@ -184,6 +185,58 @@ pub(crate) fn moe_ffn(
         }
     }
     Ok(())
+}
+
+/// One expert of a GGUF's mixture of experts over `m` rows: its gate and up matmuls, the activation (with the
+/// unit's thresholds, if a rule is set: `t`), its down matmul. Returns per row the neurons it used in `counts`;
+/// with `record`, the rows' scores and up values go to the profile as FFN unit `record.1`'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_expert(
+    model: &Model,
+    matmul: Matmul<'_>,
+    w: &MoeWeights,
+    e: usize,
+    act: FfnActivation,
+    t: Option<&[f32]>,
+    record: Option<(&mut ActivationProfile, usize)>,
+    rows: &[f32],
+    b: FfnBuffers<'_>,
+    out: &mut [f32],
+    counts: &mut [u32],
+) -> Result<(), RuntimeError> {
+    let (d, ff) = (model.config().d_model, model.config().n_ff);
+    let m = rows.len() / d;
+    let (wg, wu, wd) = (
+        model.matrix(&w.expert(&w.gate, e)),
+        model.matrix(&w.expert(&w.up, e)),
+        model.matrix(&w.expert(&w.down, e)),
+    );
+    let (gate, up) = (&mut b.gate[..m * ff], &mut b.up[..m * ff]);
+    b.acts.quantize(wg.ty, rows, d);
+    matmul(&wg, b.acts, gate)?;
+    if wu.ty != wg.ty {
+        b.acts.quantize(wu.ty, rows, d);
+    }
+    matmul(&wu, b.acts, up)?;
+    if let Some((p, u)) = record {
+        let scores: Vec<f32> = gate.iter().zip(up.iter()).map(|(&g, &v)| act.score(g, v)).collect();
+        p.record_unit_scores(u, &scores);
+        p.record_up(u, up);
+    }
+    act.apply(gate, up, t);
+    for (row, c) in gate.chunks_exact(ff).zip(counts.iter_mut()) {
+        *c = row.iter().filter(|&&v| v != 0.0).count() as u32;
+    }
+    b.acts.quantize(wd.ty, gate, ff);
+    matmul(&wd, b.acts, out)
+}
+
+/// The FFN buffers a pass shares with the dense FFN: the quantized activations and the gate and up outputs
+/// (each at least `n x n_ff`).
+pub(crate) struct FfnBuffers<'a> {
+    pub(crate) acts: &'a mut QuantizedActs,
+    pub(crate) gate: &'a mut [f32],
+    pub(crate) up: &'a mut [f32],
 }
 
 /// ggml's `soft_max` of one row (no mask, scale 1) as its AVX-512 build computes it: the maximum subtracted,

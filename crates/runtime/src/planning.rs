@@ -20,10 +20,9 @@ pub fn plan_input(
     predicting: bool,
 ) -> Result<PlanInput, RuntimeError> {
     let c = model.config();
-    model.check_not_moe("planning a run under a memory budget")?;
     let packed = model.packed_layers().ok_or(RuntimeError::NotPacked)?;
-    let attention: u64 =
-        model.layers.iter().map(|l| l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes()).sum();
+    let fixed = || model.layers.iter().flat_map(|l| l.fixed_weights());
+    let attention: u64 = fixed().map(|w| w.n_bytes()).sum();
     let max_clusters = packed.iter().map(|p| p.n_clusters()).max().unwrap_or(0);
     let max_c = packed.iter().map(|p| p.cluster_neurons).max().unwrap_or(0);
     // The context's scratch, plus the offloaded decode's per-cluster sums and gate states, and the logits of a
@@ -33,6 +32,7 @@ pub fn plan_input(
         + (max_clusters * max_c * 16) as u64
         + 2 * c.n_vocab as u64 * 4;
     let densities = model.predicted_density();
+    let routes = model.route_frequency();
     let layers = packed
         .iter()
         .enumerate()
@@ -51,6 +51,7 @@ pub fn plan_input(
                 bundle_bytes: pl.bundle_bytes() as u64,
                 stride: pl.stride(),
                 frequency: pl.frequency.clone(),
+                use_probability: routes.map_or(1.0, |r| r[l] as f64),
                 gate_density,
             }
         })
@@ -61,7 +62,7 @@ pub fn plan_input(
         source_bytes: model.source_bytes(),
         process_bytes,
         attention_bytes: attention,
-        attention_tensors: 4 * c.n_layers,
+        attention_tensors: fixed().count(),
         head: HeadShape {
             n_rows: c.n_vocab,
             row_bytes: output.row_bytes() as u64,

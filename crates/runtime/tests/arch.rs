@@ -229,29 +229,41 @@ fn unimplemented_moe_features_are_refused_by_name() {
     assert_eq!((moe.n_expert, moe.n_expert_used, model.config().n_ff), (8, 3, 64));
 }
 
-/// A mixture-of-experts model runs in memory only: profiling, sparsity rules, planning and offloading are
-/// refused with `MoeInMemoryOnly`, naming what was asked.
+/// A mixture of experts keeps its sparsity rule and its profile per FFN unit (one per expert of each layer): a
+/// rule of one threshold per layer is refused, one per expert runs; a profile records each expert's routed
+/// tokens (in all, `n_expert_used` per token and layer) and keeps no token samples. A GGUF is not offloaded.
 #[test]
-fn moe_models_refuse_what_needs_a_dense_ffn() {
+fn moe_rules_and_profiles_are_per_expert() {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf-py/mixtral.gguf");
     let model = Model::load(&path).unwrap();
+    let c = model.config();
+    let (n_exp, k) = (c.moe.unwrap().n_expert, c.moe.unwrap().n_expert_used);
+    assert_eq!(c.n_units(), c.n_layers * n_exp);
     let params = ContextParams::new(64, 2);
-    let is_moe_err = |e: &RuntimeError| {
-        matches!(e, RuntimeError::MoeInMemoryOnly { .. }) && e.to_string().contains("in memory only")
-    };
     let mut ctx = Context::new(&model, params.clone()).unwrap();
-    let rule = pinion_runtime::FfnRule { thresholds: vec![0.1; 2], scales: None };
-    let e = ctx.set_ffn_rule(Some(rule)).unwrap_err();
-    assert!(is_moe_err(&e), "{e}");
-    let mut profile = pinion_runtime::ActivationProfile::new(2, 128, 16);
-    let e = ctx.eval_profile(&[1, 2, 3], &mut profile).unwrap_err();
-    assert!(is_moe_err(&e), "{e}");
+    let per_layer = pinion_runtime::FfnRule { thresholds: vec![0.1; c.n_layers], scales: None };
+    let e = ctx.set_ffn_rule(Some(per_layer)).unwrap_err();
+    assert!(matches!(e, RuntimeError::BadThresholds { .. }), "{e}");
+    let dense = ctx.eval(&[1, 2, 3], Logits::Last).unwrap().to_vec();
+    ctx.truncate(0);
+    let per_unit = pinion_runtime::FfnRule { thresholds: vec![0.05; c.n_units()], scales: None };
+    ctx.set_ffn_rule(Some(per_unit)).unwrap();
+    let sparse = ctx.eval(&[1, 2, 3], Logits::Last).unwrap().to_vec();
+    assert_ne!(dense, sparse, "the thresholds are applied to the experts");
+    let mut with_samples =
+        pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 16).with_token_samples(c.d_model, 4);
+    let e = ctx.eval_profile(&[1, 2, 3], &mut with_samples).unwrap_err();
+    assert!(matches!(e, RuntimeError::ProfileShape { .. }), "{e}");
+    let mut profile = pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 16);
+    ctx.truncate(0);
+    ctx.eval_profile(&[1, 2, 3, 4, 5], &mut profile).unwrap();
+    assert_eq!(profile.n_tokens(), 5);
+    for l in 0..c.n_layers {
+        let routed: u64 = (0..n_exp).map(|e| profile.layer_tokens(c.unit(l, e))).sum();
+        assert_eq!(routed, 5 * k as u64, "layer {l}");
+    }
     let opts = pinion_runtime::PlanOptions::new(1 << 30);
     let device = pinion_runtime::DeviceProfile::reference();
-    let e = Context::new_offloaded(&model, params.clone(), opts.clone(), &device).unwrap_err();
-    assert!(is_moe_err(&e), "{e}");
-    let e = pinion_runtime::planning::plan_run(&model, &params, &opts, &device, 0).unwrap_err();
-    assert!(is_moe_err(&e), "{e}");
-    // The context still runs.
-    assert_eq!(ctx.eval(&[1, 2, 3], Logits::Last).unwrap().len(), model.config().n_vocab);
+    let e = Context::new_offloaded(&model, params, opts, &device).unwrap_err();
+    assert!(matches!(e, RuntimeError::NotPacked), "{e}");
 }

@@ -35,7 +35,7 @@ use pinion_plan::{CHUNK, Plan};
 
 use crate::error::RuntimeError;
 use crate::ffn::LayerBytes;
-use crate::model::{FfnWeights, Model, WeightRef};
+use crate::model::{Model, WeightRef};
 
 use self::io::{KIND_EMBD, KIND_GATE, KIND_HEAD, KIND_STAGE, Reader, Stash, lock, pieces, tag, untag};
 use self::layer::{ClBufs, Counters, LayerMode, LayerRun, Sched, Task, record_request};
@@ -176,12 +176,9 @@ impl Offload {
         self.res.matrix(w)
     }
 
-    fn packed(model: &Model, l: usize) -> Result<&PackedLayer, RuntimeError> {
-        match &model.layers[l].ffn {
-            FfnWeights::Packed(pl) => Ok(pl),
-            FfnWeights::Dense { .. } => Err(RuntimeError::NotPacked),
-            FfnWeights::Moe(_) => Err(RuntimeError::MoeInMemoryOnly { what: "offloading" }),
-        }
+    /// Packed FFN unit `u` (a layer's FFN, or one expert's: [`crate::ModelConfig::unit`]).
+    fn packed(model: &Model, u: usize) -> Result<&PackedLayer, RuntimeError> {
+        model.unit(u).ok_or(RuntimeError::NotPacked)
     }
 
     /// Starts a decode token: its clock, and the read-ahead of its reads that do not depend on its activations
@@ -204,8 +201,9 @@ impl Offload {
     }
 
     /// A token's reads that do not depend on its activations, in the order it uses them: with thresholds, every
-    /// unpinned gate block (or record, for a layer read whole), layer by layer; then the output head's rows not
-    /// in memory. The same every token.
+    /// unpinned gate block (or record, for a layer read whole), layer by layer (not for a mixture of experts,
+    /// whose experts are known only after the router); then the output head's rows not in memory. The same
+    /// every token.
     fn ahead_requests(
         model: &Model,
         plan: &Plan,
@@ -213,7 +211,8 @@ impl Offload {
         predicting: bool,
     ) -> Result<Vec<ReadRequest>, RuntimeError> {
         let mut reqs = Vec::new();
-        if !predicting {
+        // An expert's reads wait for the router: only a dense model's FFN is read ahead.
+        if !predicting && model.config().moe.is_none() {
             for (l, lp) in plan.layers.iter().enumerate() {
                 let pl = Offload::packed(model, l)?;
                 let pin = &res.layers[l];
@@ -294,22 +293,29 @@ impl Offload {
         Ok(())
     }
 
-    /// Reads layer `l`'s records that are not wholly pinned (prefill: every neuron is needed by some token),
-    /// checking each gate block and bundle, and returns the layer's bytes: pinned ones from the fixed region,
-    /// the rest from the reads. The next layer's records are read ahead, as far as the I/O pool allows.
+    /// Reads FFN unit `l`'s records that are not wholly pinned (prefill: every neuron is needed by some
+    /// token), checking each gate block and bundle, and returns the unit's bytes: pinned ones from the fixed
+    /// region, the rest from the reads. The records of `next` (the unit the pass runs next, when known) are read
+    /// ahead, as far as the I/O pool allows.
     pub(crate) fn stage_layer<'s>(
         &'s mut self,
         model: &'s Model,
         l: usize,
+        next: Option<usize>,
     ) -> Result<Staged<'s>, RuntimeError> {
         self.check()?;
-        let r = self.stage_reads(model, l);
+        let r = self.stage_reads(model, l, next);
         let pieces = self.guard(r)?;
         self.stage = pieces;
         Ok(Staged { res: &self.res, l, pieces: &self.stage })
     }
 
-    fn stage_reads(&mut self, model: &Model, l: usize) -> Result<Vec<ReadBuf>, RuntimeError> {
+    fn stage_reads(
+        &mut self,
+        model: &Model,
+        l: usize,
+        next: Option<usize>,
+    ) -> Result<Vec<ReadBuf>, RuntimeError> {
         let pl = Offload::packed(model, l)?;
         self.stage.clear();
         // The layer's reads are held together: they get buffers of their own sizes, not idle larger ones.
@@ -365,12 +371,12 @@ impl Offload {
             }
         }
         got.sort_by_key(|b| b.offset());
-        // Read the next layer ahead while this one computes.
-        if l + 1 < model.layers.len() {
-            let next = self.stage_requests(model, l + 1)?;
-            lock(&self.reader.stash).stage_layer = Some(l + 1);
-            self.reader.submit(&next, "prefill read-ahead")?;
-            self.stage_ahead = Some(l + 1);
+        // Read the next unit ahead while this one computes.
+        if let Some(u) = next {
+            let reqs = self.stage_requests(model, u)?;
+            lock(&self.reader.stash).stage_layer = Some(u);
+            self.reader.submit(&reqs, "prefill read-ahead")?;
+            self.stage_ahead = Some(u);
         }
         Ok(got)
     }
@@ -560,7 +566,7 @@ impl Offload {
             serial: !opts.pipeline,
             verify: self.verify,
         };
-        let streamed = opts.pipeline && mask.is_none();
+        let streamed = opts.pipeline && mask.is_none() && model.config().moe.is_none();
         let counters = Counters::default();
         let mut queue = std::mem::take(&mut self.queue);
         queue.clear();

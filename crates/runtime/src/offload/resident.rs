@@ -45,7 +45,7 @@ impl Resident {
         let sums = model.checksums();
         let mut capacity = 0usize;
         for l in &model.layers {
-            for w in [&l.wq, &l.wk, &l.wv, &l.wo] {
+            for w in l.fixed_weights() {
                 capacity += fixed_entry_bytes(w.n_bytes() as usize);
             }
         }
@@ -63,10 +63,10 @@ impl Resident {
         }
         let mut fixed = FixedRegionBuilder::new(capacity);
 
-        // Attention weights, each checked whole.
+        // Attention weights (and routers), each checked whole.
         let mut tensors = Vec::new();
         for l in &model.layers {
-            for w in [&l.wq, &l.wk, &l.wv, &l.wo] {
+            for w in l.fixed_weights() {
                 let id = fixed.push_with(w.n_bytes() as usize, |buf: &mut [u8]| {
                     read_into(reader, w.range.start as u64, buf, "attention weights")?;
                     sums.verify_tensor(&w.name, buf).map_err(|e| reader.corrupt(e))
