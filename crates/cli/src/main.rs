@@ -620,7 +620,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         });
         let mut obj = obj;
         if let (Some(st), Some(map)) = (ctx.offload_stats(), obj.as_object_mut()) {
-            map.extend(offload_json(st, ctx.plan()));
+            map.extend(offload_json(st, ctx.plan(), ctx.model().config().experts_per_layer()));
         }
         writeln!(stdout, "{obj}")?;
     } else {
@@ -641,7 +641,10 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         stop_reason_name(&result.stop_reason)
     );
     if let Some(st) = ctx.offload_stats() {
-        eprint!("{}", render_offload_stats(st, ctx.plan(), peak_rss_bytes()));
+        eprint!(
+            "{}",
+            render_offload_stats(st, ctx.plan(), peak_rss_bytes(), ctx.model().config().experts_per_layer())
+        );
     }
     Ok(())
 }
@@ -802,7 +805,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.output_format == BenchFormat::Md {
         if let Some(st) = &offload {
             println!();
-            print!("{}", render_offload_stats(st, ctx.plan(), peak));
+            print!(
+                "{}",
+                render_offload_stats(st, ctx.plan(), peak, ctx.model().config().experts_per_layer())
+            );
         }
     }
     if a.output_format == BenchFormat::Json {
@@ -824,7 +830,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "tests": tests,
         });
         if let (Some(st), Some(map)) = (&offload, obj.as_object_mut()) {
-            map.extend(offload_json(st, ctx.plan()));
+            map.extend(offload_json(st, ctx.plan(), ctx.model().config().experts_per_layer()));
         }
         println!("{obj}");
     }
@@ -835,6 +841,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 fn offload_json(
     st: &pinion_runtime::OffloadStats,
     plan: Option<&Plan>,
+    experts: usize,
 ) -> serde_json::Map<String, serde_json::Value> {
     let predicted = plan.map(|p| &p.predicted);
     let v = serde_json::json!({
@@ -861,7 +868,9 @@ fn offload_json(
         "latency_ms_p90": st.latency_quantile(0.9) * 1e3,
         "latency_ms_p99": st.latency_quantile(0.99) * 1e3,
         "decode_tokens": st.tokens,
-        "neurons_per_layer": st.neurons_per_layer_per_token(),
+        "neurons_per_layer": st.neurons_per_layer_per_token(experts),
+        "experts_per_token": (experts > 1).then(|| st.units_per_token()),
+        "expert_hit_rate": (experts > 1).then(|| st.unit_hit_rate()),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -870,9 +879,14 @@ fn offload_json(
 }
 
 /// The offload counters of a generation test, for the terminal, with what the plan predicted.
-fn render_offload_stats(st: &pinion_runtime::OffloadStats, plan: Option<&Plan>, peak: Option<u64>) -> String {
+fn render_offload_stats(
+    st: &pinion_runtime::OffloadStats,
+    plan: Option<&Plan>,
+    peak: Option<u64>,
+    experts: usize,
+) -> String {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let per_layer = st.neurons_per_layer_per_token();
+    let per_layer = st.neurons_per_layer_per_token(experts);
     let (lo, hi) = per_layer.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
     let mut out = String::new();
     out += &format!(
@@ -920,6 +934,13 @@ fn render_offload_stats(st: &pinion_runtime::OffloadStats, plan: Option<&Plan>, 
         100.0 * st.lru_hit_rate(),
         100.0 * st.gate_hit_rate()
     );
+    if experts > 1 {
+        out += &format!(
+            "  experts routed per token {:.1} (over all layers); served wholly from memory {:.1}%\n",
+            st.units_per_token(),
+            100.0 * st.unit_hit_rate()
+        );
+    }
     out += &format!(
         "  neurons computed per layer per token: mean {:.0} (min {:.0}, max {:.0})\n",
         per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64,

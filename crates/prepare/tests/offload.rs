@@ -409,6 +409,19 @@ fn moe_offloaded_decode_is_bit_identical_to_memory() {
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "moe");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+    // The counters of a MoE: per token, each layer's 2 routed experts; all served from memory when everything
+    // fits, none at the smallest budget (gates are read); neurons counted per expert.
+    for (tier, hits) in [(tiers[3].1, 1.0), (tiers[0].1, 0.0)] {
+        let mut ctx = offloaded(&model, &PlanOptions::new(0), tier);
+        let mut next = argmax(ctx.eval(&prompt(c.n_vocab), Logits::Last).unwrap().iter().copied());
+        for _ in 0..N_DECODE {
+            next = argmax(ctx.eval(&[next], Logits::Last).unwrap().iter().copied());
+        }
+        let s = ctx.offload_stats().unwrap();
+        assert_eq!((s.units_per_token(), s.unit_hit_rate()), (4.0, hits), "{s:?}");
+        assert_eq!(s.neurons_per_layer.len(), 8);
+        assert_eq!(s.neurons_per_layer_per_token(4).len(), 2);
+    }
 }
 
 /// qwen3moe's experts (SiLU, top-k weights renormalized, per-head Q/K norms) with CATS thresholds per expert,
@@ -548,6 +561,11 @@ fn offload_counters_add_up() {
     // The neurons computed: every pinned hit (with thresholds, each passing neuron is used once), a sparse share.
     assert_eq!(s.neurons_per_layer.len(), 2);
     assert_eq!(s.neurons_per_layer.iter().sum::<u64>(), s.pinned_hits, "{s:?}");
+    assert_eq!(
+        (s.unit_uses, s.unit_hits),
+        (2 * N_DECODE as u64, 2 * N_DECODE as u64),
+        "every layer from memory"
+    );
     for (l, &n) in s.neurons_per_layer.iter().enumerate() {
         let share = n as f64 / (N_DECODE * c.n_ff) as f64;
         assert!((0.01..0.6).contains(&share), "layer {l}: {share} of the neurons computed");
@@ -567,6 +585,7 @@ fn offload_counters_add_up() {
     let s = decode(&mut ctx);
     assert_eq!(s.tokens, N_DECODE as u64);
     assert!(s.misses > 0 && s.hit_rate() < 1.0, "{s:?}");
+    assert_eq!((s.unit_uses, s.unit_hits), (2 * N_DECODE as u64, 0), "every layer reads its gates");
     assert_eq!(s.pinned_hits, 0, "{s:?}");
     if plan.memory.cold == 0 {
         assert_eq!((s.lru_hits, s.hit_rate()), (0, 0.0), "{s:?}");

@@ -631,6 +631,7 @@ impl Offload {
         if let Some(sums) = &self.sums {
             sums.reduce_into(out);
         }
+        let decoding = self.decoding();
         let s = &mut self.stats;
         s.gate_bytes += counters.gate_bytes.load(Ordering::Relaxed);
         s.bundle_bytes += counters.bundle_bytes.load(Ordering::Relaxed);
@@ -640,6 +641,12 @@ impl Offload {
         s.gate_hits += counters.gate_hits.load(Ordering::Relaxed);
         s.gate_misses += counters.gate_misses.load(Ordering::Relaxed);
         s.neurons_per_layer[l] += active as u64;
+        if decoding {
+            s.unit_uses += 1;
+            let read =
+                counters.gate_bytes.load(Ordering::Relaxed) + counters.bundle_bytes.load(Ordering::Relaxed);
+            s.unit_hits += u64::from(read == 0);
+        }
         self.stall_ns += counters.stall_ns.load(Ordering::Relaxed);
         self.verify_ns += counters.verify_ns.load(Ordering::Relaxed);
         Ok(active)

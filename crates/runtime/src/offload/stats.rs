@@ -31,8 +31,13 @@ pub struct OffloadStats {
     pub gate_hits: u64,
     /// Gate blocks read.
     pub gate_misses: u64,
-    /// Neurons computed (passed the gate phase) per layer, summed over tokens.
+    /// Neurons computed (passed the gate phase) per FFN unit (a layer, or one expert of a mixture of experts),
+    /// summed over tokens.
     pub neurons_per_layer: Vec<u64>,
+    /// FFN units run by decode tokens (layers, or the routed experts of a mixture of experts).
+    pub unit_uses: u64,
+    /// Of those, the ones that read nothing from storage (every gate block and neuron they needed in memory).
+    pub unit_hits: u64,
     /// Reads issued to the OS during decode (requests after the I/O engine merged neighbours).
     pub disk_reads: u64,
     /// Bytes the OS transferred for them (whole aligned pages, so at least the bytes asked for).
@@ -90,14 +95,29 @@ impl OffloadStats {
         self.gate_hits as f64 / (self.gate_hits + self.gate_misses).max(1) as f64
     }
 
+    /// Share of FFN unit uses (for a mixture of experts: routed experts) that read nothing from storage.
+    pub fn unit_hit_rate(&self) -> f64 {
+        self.unit_hits as f64 / self.unit_uses.max(1) as f64
+    }
+
+    /// FFN units run per decode token (for a mixture of experts: experts routed to, over all layers).
+    pub fn units_per_token(&self) -> f64 {
+        self.unit_uses as f64 / self.tokens.max(1) as f64
+    }
+
     /// `bytes` in MB (10^6) per decode token.
     pub fn mb_per_token(&self, bytes: u64) -> f64 {
         bytes as f64 / 1e6 / self.tokens.max(1) as f64
     }
 
-    /// Neurons computed per token in each layer.
-    pub fn neurons_per_layer_per_token(&self) -> Vec<f64> {
-        self.neurons_per_layer.iter().map(|&n| n as f64 / self.tokens.max(1) as f64).collect()
+    /// Neurons computed per token in each layer, the units of a layer (its experts: `units_per_layer` of them)
+    /// added up.
+    pub fn neurons_per_layer_per_token(&self, units_per_layer: usize) -> Vec<f64> {
+        let t = self.tokens.max(1) as f64;
+        self.neurons_per_layer
+            .chunks(units_per_layer.max(1))
+            .map(|c| c.iter().sum::<u64>() as f64 / t)
+            .collect()
     }
 
     /// Share of decode time the compute threads stalled on I/O.
