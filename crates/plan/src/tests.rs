@@ -497,3 +497,36 @@ fn a_predictors_picks_add_up_and_spread_over_the_cold_neurons() {
         }
     }
 }
+
+/// Experts: units a token uses only when routed to them. Four experts, each routed 1/4 of the time with the
+/// neurons of a dense layer firing as often once routed, read (at the minimum, nothing pinned) a quarter of the
+/// bytes per token of four dense layers, and pinning goes to the most used experts first.
+#[test]
+fn experts_are_read_and_pinned_by_how_often_they_are_routed() {
+    let dense = input(4, 256, false);
+    let mut moe = dense.clone();
+    let use_p = [0.4, 0.3, 0.2, 0.1];
+    for (l, p) in moe.layers.iter_mut().zip(use_p) {
+        l.frequency = dense.layers[0].frequency.iter().map(|&f| f * p as f32).collect();
+        l.use_probability = p;
+    }
+    let mut dense4 = dense.clone();
+    for l in &mut dense4.layers {
+        l.frequency = dense.layers[0].frequency.clone();
+    }
+    let min = minimum(&moe);
+    let at_min = |inp: &PlanInput| plan(inp, &sample_profile(), &PlanOptions::new(min)).unwrap().predicted;
+    let (m, d) = (at_min(&moe), at_min(&dense4));
+    let head = 1000.0 * 1088.0 / 1e6;
+    let ratio = (m.mb_read_per_token - head) / (d.mb_read_per_token - head);
+    assert!((ratio - 0.25).abs() < 0.02, "experts read {ratio} of the dense layers' bytes: {m:?} {d:?}");
+    // With room for some of the FFN beside the head, the most routed expert gets the most pinned.
+    let budget = min + 1000 * 1088 + ffn_bytes(&moe) / 4;
+    let p = plan(&moe, &sample_profile(), &PlanOptions::new(budget)).unwrap();
+    let pinned: Vec<usize> = p.layers.iter().map(|l| l.pinned_bundles + 16 * l.pinned_gate_clusters).collect();
+    assert!(pinned.windows(2).all(|w| w[0] >= w[1]) && pinned[0] > pinned[3], "{pinned:?}");
+    // A use probability outside [0, 1] is refused.
+    let mut bad = moe.clone();
+    bad.layers[1].use_probability = 1.5;
+    assert!(matches!(plan(&bad, &sample_profile(), &PlanOptions::new(budget)), Err(PlanError::BadInput { .. })));
+}
