@@ -91,22 +91,35 @@ pub(crate) fn profile(a: &ProfileCmd) -> Result<()> {
     let (_, model) = load_model(&a.profile.model)?;
     let p = run_profile(&model, &a.profile)?;
     prepare::save_profile(&p, &a.out)?;
-    print_firing(model.config().ffn_act.is_relu_family(), &p);
+    print_firing(model.config().ffn_act.is_relu_family(), &p, model.config().experts_per_layer());
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
 
-fn print_firing(relu_family: bool, p: &pinion_prepare::ActivationProfile) {
+/// The label of FFN unit `u` of a model of `experts` experts per layer: the layer, or `layer.expert`.
+fn unit_label(u: usize, experts: usize) -> String {
+    match experts {
+        0 | 1 => u.to_string(),
+        n => format!("{}.{}", u / n, u % n),
+    }
+}
+
+/// The heading of a per-unit column: `layer`, or `layer.expert` for a mixture of experts.
+fn unit_heading(experts: usize) -> &'static str {
+    if experts > 1 { "layer.expert" } else { "layer" }
+}
+
+fn print_firing(relu_family: bool, p: &pinion_prepare::ActivationProfile, experts: usize) {
     if !relu_family {
         return;
     }
-    println!("layer  firing density  hottest 10% of neurons carry");
+    println!("{}  firing density  hottest 10% of neurons carry", unit_heading(experts));
     for l in 0..p.n_layers() {
         let mut f = p.firing_frequency(l);
         let density = f.iter().sum::<f64>() / f.len() as f64;
         f.sort_by(|a, b| b.total_cmp(a));
         let top: f64 = f[..f.len().div_ceil(10)].iter().sum::<f64>() / f.iter().sum::<f64>().max(1e-12);
-        println!("{l:>5}  {density:>14.4}  {:>5.1}% of activations", 100.0 * top);
+        println!("{:>5}  {density:>14.4}  {:>5.1}% of activations", unit_label(l, experts), 100.0 * top);
     }
 }
 
@@ -159,7 +172,7 @@ pub(crate) fn calibrate(a: &CalibrateCmd) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for &s in &a.sparsity {
         let th = prepare::calibrate(&model, &profile, s, a.rule)?;
-        print_thresholds(&th);
+        print_thresholds(&th, model.config().experts_per_layer());
         let file = a.out.join(format!("thresholds-{s:.2}.json"));
         th.save(&file)?;
         eprintln!("wrote {}", file.display());
@@ -174,7 +187,7 @@ pub(crate) fn check_sparsity(s: &[f64]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn print_thresholds(th: &Thresholds) {
+pub(crate) fn print_thresholds(th: &Thresholds, experts: usize) {
     let what = match th.target_sparsity.is_finite() {
         true => format!("sparsity {:.2}", th.target_sparsity),
         false => "ReLU-family model, thresholds 0 (the activation's own zeros)".to_string(),
@@ -192,11 +205,12 @@ pub(crate) fn print_thresholds(th: &Thresholds) {
         );
     }
     println!(
-        "\n{what}, rule {}: layer, threshold, achieved sparsity on the calibration samples",
-        th.rule_name()
+        "\n{what}, rule {}: {}, threshold, achieved sparsity on the calibration samples",
+        th.rule_name(),
+        unit_heading(experts)
     );
     for (l, (t, got)) in th.layers.iter().enumerate() {
-        println!("  {l:>3}  {t:>10.6}  {got:.4}");
+        println!("  {:>3}  {t:>10.6}  {got:.4}", unit_label(l, experts));
     }
 }
 
@@ -406,7 +420,7 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         keep_intermediates: a.keep_intermediates,
         force: a.force,
     };
-    let mut shown = Shown { model: cfg.model.clone(), out: cfg.out.clone(), bar: None };
+    let mut shown = Shown { model: cfg.model.clone(), out: cfg.out.clone(), bar: None, experts: 1 };
     let done = prepare::prepare_dir(&cfg, &mut |e| shown.event(e))
         .with_context(|| format!("preparing {}", cfg.out.display()))?;
     let what = match done.ran.is_empty() {
@@ -422,6 +436,8 @@ struct Shown {
     model: PathBuf,
     out: PathBuf,
     bar: Option<(String, Progress)>,
+    /// Experts per layer of the model (1: dense), for the labels of per-unit reports.
+    experts: usize,
 }
 
 impl Shown {
@@ -434,15 +450,22 @@ impl Shown {
 
     fn event(&mut self, e: Event<'_>) {
         match e {
-            Event::Started { model, source_bytes } => eprintln!(
-                "prepare: {} ({}, {} layers, {} FFN, {:.1} MiB) into {}",
-                self.model.display(),
-                model.config().name.as_deref().unwrap_or("?"),
-                model.config().n_layers,
-                model.config().ffn_act.name(),
-                mib(source_bytes),
-                self.out.display()
-            ),
+            Event::Started { model, source_bytes } => {
+                self.experts = model.config().experts_per_layer();
+                eprintln!(
+                    "prepare: {} ({}, {} layers{}, {} FFN, {:.1} MiB) into {}",
+                    self.model.display(),
+                    model.config().name.as_deref().unwrap_or("?"),
+                    model.config().n_layers,
+                    match self.experts {
+                        1 => String::new(),
+                        n => format!(" of {n} experts, each prepared as its own FFN unit"),
+                    },
+                    model.config().ffn_act.name(),
+                    mib(source_bytes),
+                    self.out.display()
+                )
+            }
             Event::Migrated { files } => eprintln!(
                 "prepare: a version 1 directory: moved {} intermediate files into {}/",
                 files.len(),
@@ -466,6 +489,7 @@ impl Shown {
                         Step::Profile => "tokens",
                         Step::Device => "points",
                         Step::Calibrate => "perplexity probes",
+                        _ if self.experts > 1 => "FFN units",
                         _ => "layers",
                     };
                     self.bar = Some((name.to_string(), Progress::new(name, unit)));
@@ -480,9 +504,9 @@ impl Shown {
                     profile.n_tokens(),
                     profile.n_token_samples()
                 ));
-                print_firing(relu_family, profile);
+                print_firing(relu_family, profile, self.experts);
             }
-            Event::Calibrated(th) => print_thresholds(th),
+            Event::Calibrated(th) => print_thresholds(th, self.experts),
             Event::Trained { reports, n_token_samples, target_recall } => {
                 self.finish(&format!("{} predictors", reports.len()));
                 print_train_report(reports, n_token_samples, target_recall);

@@ -523,10 +523,14 @@ fn experts_are_read_and_pinned_by_how_often_they_are_routed() {
     // With room for some of the FFN beside the head, the most routed expert gets the most pinned.
     let budget = min + 1000 * 1088 + ffn_bytes(&moe) / 4;
     let p = plan(&moe, &sample_profile(), &PlanOptions::new(budget)).unwrap();
-    let pinned: Vec<usize> = p.layers.iter().map(|l| l.pinned_bundles + 16 * l.pinned_gate_clusters).collect();
+    let pinned: Vec<usize> =
+        p.layers.iter().map(|l| l.pinned_bundles + 16 * l.pinned_gate_clusters).collect();
     assert!(pinned.windows(2).all(|w| w[0] >= w[1]) && pinned[0] > pinned[3], "{pinned:?}");
     // A use probability outside [0, 1] is refused.
     let mut bad = moe.clone();
     bad.layers[1].use_probability = 1.5;
-    assert!(matches!(plan(&bad, &sample_profile(), &PlanOptions::new(budget)), Err(PlanError::BadInput { .. })));
+    assert!(matches!(
+        plan(&bad, &sample_profile(), &PlanOptions::new(budget)),
+        Err(PlanError::BadInput { .. })
+    ));
 }

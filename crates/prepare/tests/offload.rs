@@ -1048,3 +1048,31 @@ fn decode_batch_refuses_bad_steps() {
     assert_eq!((ctx.n_past_of(0), ctx.n_past_of(1)), (0, 4), "nothing was evaluated");
     assert!(matches!(ctx.eval_seq(5, &[1], Logits::Last), Err(RuntimeError::BadSequence { seq: 5, .. })));
 }
+
+/// A packed mixture of experts whose recorded routing frequencies do not fit it (one per expert of every layer,
+/// each in [0, 1]) is refused at load with a typed error naming the key.
+#[test]
+fn bad_routing_frequencies_are_refused_at_load() {
+    let cfg = moe_cfg(SynthArch::Llama, Activation::Drelu);
+    let f = fixture_of("offload-moe-bad-routes", &cfg, GgmlType::Q8_0, false);
+    let model = Model::load(&f.gguf).unwrap();
+    let th = prepare::calibrate(
+        &model,
+        &prepare::ActivationProfile::new(8, cfg.n_ff, 16),
+        0.0,
+        prepare::Rule::Cats,
+    )
+    .unwrap();
+    let freq = vec![vec![0.1; cfg.n_ff]; 8];
+    for (what, routes) in [("too few", vec![0.5f32; 7]), ("above 1", vec![1.5f32; 8])] {
+        let out = f.dir.0.join(format!("bad-{}.pinion", routes.len()));
+        let popts = PackStepOptions { route_frequency: Some(routes), ..PackStepOptions::default() };
+        prepare::pack_model(&f.gguf, &out, &freq, &th, None, &popts, &mut |_, _| {}).unwrap();
+        match Model::load(&out) {
+            Err(RuntimeError::BadHyperParameter { key, .. }) => {
+                assert_eq!(key, pinion_runtime::ROUTE_FREQUENCY_KEY, "{what}")
+            }
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+}
