@@ -110,7 +110,7 @@ pub struct LayerShape {
     #[serde(default = "one")]
     pub use_probability: f64,
     /// Share of the layer's gate rows a token needs: 1 with thresholds (every gate is computed), the
-    /// predictor's density when a predictor chooses the neurons.
+    /// predictor's density when a predictor chooses the neurons (for an expert: when it is routed to).
     pub gate_density: f64,
 }
 
@@ -734,7 +734,11 @@ fn plan_at_depth(
     // the engine read 1,630.)
     let gate_p = |l: usize, pos: usize| -> f64 {
         match input.predicting {
-            true => pick_probability(p[l][pos], layers[l].gate_density, density[l]),
+            // An expert's predictor runs only when it is routed to: its picks, given that, times how often.
+            true => {
+                let u = layers[l].use_probability.max(1e-12);
+                u * pick_probability(p[l][pos] / u, layers[l].gate_density, density[l] / u)
+            }
             false => layers[l].use_probability,
         }
     };

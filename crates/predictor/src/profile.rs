@@ -11,7 +11,7 @@ use crate::threshold::calibrate_threshold;
 /// Magic bytes of a profile file.
 pub const PROFILE_MAGIC: [u8; 8] = *b"PINIONPF";
 /// The profile file version written, and the only one read.
-pub const PROFILE_VERSION: u32 = 2;
+pub const PROFILE_VERSION: u32 = 3;
 
 /// Upper bounds on a profile file's dimensions, so a corrupt file cannot ask for absurd allocations.
 const MAX_LAYERS: u32 = 1024;
@@ -60,6 +60,8 @@ struct LayerProfile {
     /// Per neuron, the sum of its squared up values over `up_tokens` tokens (empty before any is recorded).
     up_sq: Vec<f64>,
     up_tokens: u64,
+    /// Tokens offered to this unit's own reservoir of token samples ([`ActivationProfile::record_unit_scores`]).
+    offered: u64,
 }
 
 impl ActivationProfile {
@@ -110,9 +112,16 @@ impl ActivationProfile {
         self.n_tokens
     }
 
-    /// Token samples held (the same tokens in every layer).
+    /// Token samples held: the same tokens in every layer, or, for a profile of FFN units recorded with
+    /// [`ActivationProfile::record_unit_scores`], the most any unit holds (each its own tokens:
+    /// [`ActivationProfile::layer_token_samples`]).
     pub fn n_token_samples(&self) -> usize {
         self.n_token_samples
+    }
+
+    /// Token samples layer (or unit) `layer` holds.
+    pub fn layer_token_samples(&self, layer: usize) -> usize {
+        self.layers[layer].scores.len() / self.n_ff.max(1)
     }
 
     fn next_random(&mut self) -> u64 {
@@ -200,24 +209,55 @@ impl ActivationProfile {
         }
     }
 
-    /// Records the scores (`tokens x n_ff`) of the tokens a mixture of experts routed to FFN unit `unit` (one
-    /// expert of a layer; the profile's "layers" are then units). Unlike [`ActivationProfile::record_scores`] it
-    /// counts no tokens (the pass counts them once with [`ActivationProfile::add_tokens`]), so that a neuron's
-    /// firing frequency is the share of all tokens that were routed to its expert and fired it. Such a profile
-    /// keeps no token samples (they would not be the same tokens in every unit).
+    /// Records the scores (`tokens x n_ff`) and FFN inputs (`tokens x d_in`; ignored without token samples) of
+    /// the tokens a mixture of experts routed to FFN unit `unit` (one expert of a layer; the profile's "layers"
+    /// are then units). Unlike [`ActivationProfile::record_scores`] it counts no tokens (the pass counts them
+    /// once with [`ActivationProfile::add_tokens`]), so that a neuron's firing frequency is the share of all
+    /// tokens that were routed to its expert and fired it; and each unit keeps its own uniform sample of the
+    /// tokens routed to it (at most the profile's cap), which predictors of the expert are trained on.
     ///
     /// # Panics
-    /// If `scores` is not whole rows of `n_ff`, or the profile keeps token samples.
-    pub fn record_unit_scores(&mut self, unit: usize, scores: &[f32]) {
-        assert_eq!(self.max_tokens, 0, "profile: token samples are kept per token, not per unit");
+    /// If the slices are not whole rows.
+    pub fn record_unit_scores(&mut self, unit: usize, x: &[f32], scores: &[f32]) {
         assert!(
             scores.len() % self.n_ff == 0,
             "profile: {} scores are not rows of {}",
             scores.len(),
             self.n_ff
         );
+        let (n, n_ff, d_in) = (scores.len() / self.n_ff, self.n_ff, self.d_in);
+        if self.max_tokens > 0 {
+            assert_eq!(x.len(), n * d_in, "profile: inputs are not {n} rows of {d_in}");
+        }
         let max = self.max_samples;
-        for row in scores.chunks_exact(self.n_ff) {
+        for (t, row) in scores.chunks_exact(n_ff).enumerate() {
+            if self.max_tokens > 0 {
+                let held = self.layer_token_samples(unit);
+                let offered = self.layers[unit].offered;
+                let slot = if held < self.max_tokens {
+                    Some(held)
+                } else {
+                    let j = self.next_random() % (offered + 1);
+                    (j < self.max_tokens as u64).then_some(j as usize)
+                };
+                self.layers[unit].offered += 1;
+                if let Some(slot) = slot {
+                    let lp = &mut self.layers[unit];
+                    let xs = x[t * d_in..(t + 1) * d_in].iter().map(|&v| f16::from_f32(v));
+                    let ss = row.iter().map(|&v| f16::from_f32(v));
+                    if slot == held {
+                        lp.x.extend(xs);
+                        lp.scores.extend(ss);
+                    } else {
+                        lp.x[slot * d_in..(slot + 1) * d_in].iter_mut().zip(xs).for_each(|(d, v)| *d = v);
+                        lp.scores[slot * n_ff..(slot + 1) * n_ff]
+                            .iter_mut()
+                            .zip(ss)
+                            .for_each(|(d, v)| *d = v);
+                    }
+                    self.n_token_samples = self.n_token_samples.max(self.layer_token_samples(unit));
+                }
+            }
             self.record_row(unit, row, max);
         }
     }
@@ -292,7 +332,7 @@ impl ActivationProfile {
     pub fn sample_masks(&self, layer: usize, t: &[f32], active: impl Fn(f32, f32) -> bool) -> Vec<u64> {
         let t = self.per_neuron(t);
         let words = self.n_ff.div_ceil(64);
-        let mut out = vec![0u64; self.n_token_samples * words];
+        let mut out = vec![0u64; self.layer_token_samples(layer) * words];
         for (r, row) in self.layers[layer].scores.chunks_exact(self.n_ff).enumerate() {
             for (i, s) in row.iter().enumerate() {
                 if active(s.to_f32(), t(i)) {
@@ -316,7 +356,7 @@ impl ActivationProfile {
                 *c += u32::from(active(s.to_f32(), t(i)));
             }
         }
-        let n = self.n_token_samples.max(1) as f64;
+        let n = self.layer_token_samples(layer).max(1) as f64;
         count.iter().map(|&c| c as f64 / n).collect()
     }
 
@@ -357,6 +397,7 @@ impl ActivationProfile {
             w.put(&lp.seen.to_le_bytes())?;
             w.put(bytemuck::cast_slice(&lp.samples))?;
             w.put(bytemuck::cast_slice(&lp.positive))?;
+            w.put(&((lp.scores.len() / self.n_ff.max(1)) as u32).to_le_bytes())?;
             w.put(bytemuck::cast_slice(&lp.x))?;
             w.put(bytemuck::cast_slice(&lp.scores))?;
             w.put(&lp.up_tokens.to_le_bytes())?;
@@ -404,14 +445,18 @@ impl ActivationProfile {
         for _ in 0..n_layers {
             let n_samples = r.bounded(max_samples as u32, "score samples")?;
             let seen = r.u64()?;
+            let samples = r.vec(n_samples)?;
+            let positive = r.vec(n_ff)?;
+            let held = r.bounded(n_token_samples as u32, "a layer's token samples")?;
             let mut lp = LayerProfile {
-                samples: r.vec(n_samples)?,
+                samples,
                 seen,
-                positive: r.vec(n_ff)?,
-                x: r.vec(n_token_samples * d_in)?,
-                scores: r.vec(n_token_samples * n_ff)?,
+                positive,
+                x: r.vec(held * d_in)?,
+                scores: r.vec(held * n_ff)?,
                 up_sq: Vec::new(),
                 up_tokens: r.u64()?,
+                offered: held as u64,
             };
             if lp.up_tokens > 0 {
                 lp.up_sq = r.vec(n_ff)?;

@@ -592,11 +592,9 @@ fn pack_step(run: &mut Run<'_, '_>) -> Result<(), PrepareError> {
     };
     let mut profile = None;
     let th = thresholds(run, &mut profile)?;
-    // Predictors are trained per layer on token samples, which a mixture of experts' profile does not keep: its
-    // experts run on thresholds.
     let predictors = match &run.cfg.train {
-        Some(train) if run.model.config().moe.is_none() => Some(predictors(run, &mut profile, &th, train)?),
-        _ => None,
+        Some(train) => Some(predictors(run, &mut profile, &th, train)?),
+        None => None,
     };
     let p = profile_of(run, &mut profile)?;
     let freq = activation_frequencies(run.model, p, &th)?;

@@ -37,10 +37,10 @@ pub use crate::report::{
     PrepareReport, REPORT_FORMAT, REPORT_VERSION, SparsityReport,
 };
 pub use crate::steps::{
-    LayerScores, MAX_SEARCHED_SPARSITY, MIN_UNIT_SCORE_SAMPLES, PackStepOptions, ProfileOptions, Rule,
-    activation_frequencies, calibrate, calibrate_for_quality, heldout_tokens, load_predictors, load_profile,
-    moe_rule, pack_model, predictor_tensors, profile_activations, route_frequencies, save_predictors,
-    save_profile, score_scales, search_sparsity, train_predictors,
+    LayerScores, MAX_SEARCHED_SPARSITY, MIN_UNIT_SCORE_SAMPLES, MIN_UNIT_TOKEN_SAMPLES, PackStepOptions,
+    ProfileOptions, Rule, activation_frequencies, calibrate, calibrate_for_quality, heldout_tokens,
+    load_predictors, load_profile, pack_model, predictor_tensors, profile_activations, route_frequencies,
+    save_predictors, save_profile, score_scales, search_sparsity, train_predictors,
 };
 pub use crate::thresholds::{Quality, THRESHOLDS_FORMAT, THRESHOLDS_VERSION, Thresholds};
 pub use pinion_predictor::ActivationProfile;

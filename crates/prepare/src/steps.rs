@@ -58,6 +58,9 @@ impl Default for ProfileOptions {
 /// The fewest score samples an expert of a mixture of experts keeps (its share of
 /// [`ProfileOptions::score_samples`] when that is more).
 pub const MIN_UNIT_SCORE_SAMPLES: usize = 4096;
+/// The fewest token samples an expert may keep (its share of [`ProfileOptions::token_samples`], by the experts
+/// used per token, when that is more).
+pub const MIN_UNIT_TOKEN_SAMPLES: usize = 256;
 
 /// Runs the dense model over `text` in chunks and records every layer's activation statistics and token samples
 /// (see [`ActivationProfile`]). `progress(done, total)` is called after each chunk, in tokens.
@@ -86,12 +89,13 @@ pub fn profile_activations(
     }
     let total = tokens.len().min(opts.max_tokens);
     let c = model.config();
-    // A mixture of experts is profiled per FFN unit (expert), each its share of the score samples, without
-    // token samples (they are kept per token, the same tokens in every layer).
+    // A mixture of experts is profiled per FFN unit (expert): each its share of the score samples and its own
+    // token samples, of the tokens routed to it (their share of the profiled tokens).
     let mut profile = match c.moe {
-        Some(_) => {
-            let per_unit = (opts.score_samples / c.experts_per_layer()).max(MIN_UNIT_SCORE_SAMPLES);
-            ActivationProfile::new(c.n_units(), c.n_ff, per_unit)
+        Some(m) => {
+            let per_unit = (opts.score_samples / m.n_expert).max(MIN_UNIT_SCORE_SAMPLES);
+            let tokens = (opts.token_samples * m.n_expert_used / m.n_expert).max(MIN_UNIT_TOKEN_SAMPLES);
+            ActivationProfile::new(c.n_units(), c.n_ff, per_unit).with_token_samples(c.d_model, tokens)
         }
         None => ActivationProfile::new(c.n_layers, c.n_ff, opts.score_samples)
             .with_token_samples(c.d_model, opts.token_samples),
@@ -300,7 +304,7 @@ pub fn calibrate_for_quality(
     progress: &mut dyn FnMut(usize, f64, f64),
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
-    let scores = LayerScores::new(profile, moe_rule(model, rule))?;
+    let scores = LayerScores::new(profile, rule)?;
     let q = search_sparsity(model, &scores, heldout, chunk, threads, max_increase, progress)?;
     Ok(scores.thresholds(model, profile, q.sparsity, Some(q)))
 }
@@ -317,7 +321,6 @@ pub fn calibrate(
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
-    let rule = moe_rule(model, rule);
     if !act.is_relu_family() && rule == Rule::Weighted {
         return Ok(LayerScores::new(profile, rule)?.thresholds(model, profile, sparsity, None));
     }
@@ -398,15 +401,6 @@ fn check_shape(model: &Model, profile: &ActivationProfile) -> Result<(), Prepare
     Ok(())
 }
 
-/// The rule a model is calibrated with: CATS for a mixture of experts (its profile has no token samples, which
-/// the weighted rule's per-neuron scores are drawn from), else `rule`.
-pub fn moe_rule(model: &Model, rule: Rule) -> Rule {
-    match model.config().moe {
-        Some(_) => Rule::Cats,
-        None => rule,
-    }
-}
-
 /// Settings of [`pack_model`].
 #[derive(Clone, Debug)]
 pub struct PackStepOptions {
@@ -454,11 +448,12 @@ pub fn activation_frequencies(
     Ok((0..profile.n_layers())
         .map(|l| match (act.is_relu_family(), moe) {
             (true, _) => profile.firing_frequency(l),
-            // An expert's profile has no token samples to count each neuron's activations under its threshold:
-            // its firing share (the tokens routed to it) times the share of its scores at or above the threshold.
+            // An expert's token samples are of the tokens routed to it: times its share of all tokens.
             (false, true) => {
-                let kept = 1.0 - thresholds.layers[l].1;
-                profile.firing_frequency(l).into_iter().map(|f| f * kept).collect()
+                let routed = profile.layer_tokens(l) as f64 / profile.n_tokens().max(1) as f64;
+                let t = thresholds.neuron_thresholds(l);
+                let f = profile.sample_frequency(l, &t, |s, t| act.is_active(s, t));
+                f.into_iter().map(|f| (f * routed).min(1.0)).collect()
             }
             (false, false) => {
                 profile.sample_frequency(l, &thresholds.neuron_thresholds(l), |s, t| act.is_active(s, t))
@@ -570,23 +565,25 @@ pub fn train_predictors(
 ) -> Result<Vec<(LowRankPredictor, LayerReport)>, PrepareError> {
     check_shape(model, profile)?;
     let c = model.config();
-    if profile.d_in() != c.d_model || profile.n_token_samples() < 2 {
-        return Err(PrepareError::Training {
-            layer: 0,
-            why: format!(
-                "the profile holds {} token samples of width {} (need at least 2 of width {})",
-                profile.n_token_samples(),
-                profile.d_in(),
-                c.d_model
-            ),
-        });
-    }
     let act = c.ffn_act;
-    let mut out = Vec::with_capacity(c.n_layers);
-    for l in 0..c.n_layers {
+    let n = c.n_units();
+    let mut out = Vec::with_capacity(n);
+    for l in 0..n {
+        if profile.d_in() != c.d_model || profile.layer_token_samples(l) < 2 {
+            return Err(PrepareError::Training {
+                layer: l,
+                why: format!(
+                    "the profile holds {} token samples of width {} for this FFN unit (need at least 2 of width \
+                     {}; an expert needs tokens routed to it: profile more tokens)",
+                    profile.layer_token_samples(l),
+                    profile.d_in(),
+                    c.d_model
+                ),
+            });
+        }
         let t = thresholds.neuron_thresholds(l);
         let words = profile.sample_masks(l, &t, |s, t| act.is_active(s, t));
-        let masks = Masks::from_words(profile.n_token_samples(), c.n_ff, words)
+        let masks = Masks::from_words(profile.layer_token_samples(l), c.n_ff, words)
             .map_err(|e| PrepareError::Training { layer: l, why: e.to_string() })?;
         let x = profile.sample_inputs(l);
         let (mut p, report) = train_layer(&x, c.d_model, &masks, cfg)
@@ -595,7 +592,7 @@ pub fn train_predictors(
         if !p.threshold().is_finite() {
             p.set_threshold(f32::MAX);
         }
-        progress(l + 1, c.n_layers, &report);
+        progress(l + 1, n, &report);
         out.push((p, report));
     }
     Ok(out)

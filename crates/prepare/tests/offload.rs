@@ -74,8 +74,9 @@ fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predicto
         prepare::profile_activations(&model, &synth::sample_text(1500), &opts, &mut |_, _| {}).unwrap();
     let th = prepare::calibrate(&model, &profile, 0.5, prepare::Rule::default()).unwrap();
     let freq = prepare::activation_frequencies(&model, &profile, &th).unwrap();
-    let inputs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|l| profile.sample_inputs(l)).collect();
-    let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.n_ff, 0x9e37_79b9));
+    // Per FFN unit (a layer, or an expert: its own routed tokens).
+    let inputs: Vec<Vec<f32>> = (0..profile.n_layers()).map(|l| profile.sample_inputs(l)).collect();
+    let ps = packed_predictors.then(|| random_predictors(&inputs, cfg.d_model, cfg.n_ff, 0x9e37_79b9));
     let packed = dir.0.join(PACKED_FILE_NAME);
     let route_frequency = prepare::route_frequencies(&model, &profile);
     let popts =
@@ -86,13 +87,12 @@ fn fixture_of(tag: &str, cfg: &SynthConfig, down_type: GgmlType, packed_predicto
 
 /// Rank-8 predictors with pseudo-random weights, each threshold the 70th percentile of its logits over the
 /// sampled FFN inputs: about 30% of the neurons predicted.
-fn random_predictors(inputs: &[Vec<f32>], n_ff: usize, seed: u64) -> Vec<LowRankPredictor> {
+fn random_predictors(inputs: &[Vec<f32>], d: usize, n_ff: usize, seed: u64) -> Vec<LowRankPredictor> {
     const RANK: usize = 8;
     inputs
         .iter()
         .enumerate()
         .map(|(l, xs)| {
-            let d = xs.len() / 64;
             let mut rng = Rng(seed + l as u64);
             let w1 = (0..RANK * d).map(|_| rng.sym() / (d as f32).sqrt()).collect();
             let b1 = (0..RANK).map(|_| 0.1 * rng.sym()).collect();
@@ -409,6 +409,11 @@ fn moe_offloaded_decode_is_bit_identical_to_memory() {
     let tiers = extras(&model);
     let failures = sweep(&model, None, &tiers, &OPTION_SETS, "moe");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
+    // Predictors per expert, trained on the tokens routed to it (here random ones over those tokens' inputs).
+    let ps = random_predictors(&f.inputs, cfg.d_model, cfg.n_ff, 0x006d_6f65);
+    assert_eq!(ps.len(), 8);
+    let failures = sweep(&model, Some(&ps), &tiers, &OPTION_SETS, "moe predictors");
+    assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
     // The counters of a MoE: per token, each layer's 2 routed experts; all served from memory when everything
     // fits, none at the smallest budget (gates are read); neurons counted per expert.
     for (tier, hits) in [(tiers[3].1, 1.0), (tiers[0].1, 0.0)] {
@@ -424,7 +429,7 @@ fn moe_offloaded_decode_is_bit_identical_to_memory() {
     }
 }
 
-/// qwen3moe's experts (SiLU, top-k weights renormalized, per-head Q/K norms) with CATS thresholds per expert,
+/// qwen3moe's experts (SiLU, top-k weights renormalized, per-head Q/K norms) with weighted thresholds per expert,
 /// offloaded at two budgets, and several sequences decoded together.
 #[test]
 fn qwen3moe_offloaded_decode_with_thresholds_is_bit_identical_to_memory() {
@@ -433,7 +438,9 @@ fn qwen3moe_offloaded_decode_with_thresholds_is_bit_identical_to_memory() {
     let model = Model::load(&f.packed).unwrap();
     let rule = model.sparsity().rule.clone().unwrap();
     assert_eq!(rule.thresholds.len(), 8);
-    assert!(rule.thresholds.iter().all(|&t| t > 0.0) && rule.scales.is_none(), "{rule:?}");
+    // The weighted rule (the default) per expert: its scales from the expert's own token samples.
+    assert!(rule.thresholds.iter().all(|&t| t > 0.0), "{:?}", rule.thresholds);
+    assert!(rule.scales.as_ref().is_some_and(|s| s.len() == 8), "scales per expert");
     let tiers = extras(&model);
     let tiers = [tiers[0], tiers[2]];
     let failures = sweep(&model, None, &tiers, &["default", "no-pipeline"], "qwen3moe");
@@ -462,7 +469,7 @@ fn moe_cfg(arch: SynthArch, act: Activation) -> SynthConfig {
 fn offloaded_predictor_decode_is_bit_identical_to_memory() {
     let f = fixture("offload-predictors", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
-    let ps = random_predictors(&f.inputs, cfg().n_ff, 0x51_7cc1);
+    let ps = random_predictors(&f.inputs, cfg().d_model, cfg().n_ff, 0x51_7cc1);
     let tiers = extras(&model);
     let failures = sweep(&model, Some(&ps), &tiers, &OPTION_SETS, "predictors set");
     assert_no_failures(&failures, tiers.len() * OPTION_SETS.len());
@@ -474,7 +481,7 @@ fn offloaded_predictor_decode_is_bit_identical_to_memory() {
 fn predictors_over_the_budget_are_refused_and_the_context_goes_on() {
     let f = fixture("offload-predictors-refused", GgmlType::Q8_0, false);
     let model = Model::load(&f.packed).unwrap();
-    let ps = random_predictors(&f.inputs, cfg().n_ff, 0x51_7cc2);
+    let ps = random_predictors(&f.inputs, cfg().d_model, cfg().n_ff, 0x51_7cc2);
     let mut ctx = offloaded(&model, &options("default"), 0);
     let before = ctx.plan().unwrap().clone();
     match ctx.set_predictors(Some(ps)) {

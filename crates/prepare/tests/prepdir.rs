@@ -387,9 +387,10 @@ fn corrupt_files_and_bad_settings_are_typed_errors() {
     }
 }
 
-/// A mixture of experts prepares per expert: a profile per FFN unit (no token samples), CATS thresholds per
-/// expert found under the quality budget, each expert's routing frequency recorded, one packed unit per expert,
-/// no predictors (they are trained on token samples); the packed model runs, in memory and offloaded alike.
+/// A mixture of experts prepares per expert: a profile per FFN unit (each expert's own token samples of the
+/// tokens routed to it), thresholds of the weighted rule per expert found under the quality budget, each
+/// expert's routing frequency recorded, a predictor per expert, one packed unit per expert; the packed model
+/// runs, in memory and offloaded alike.
 #[test]
 fn a_moe_model_prepares_per_expert() {
     let (tmp, cfg) = setup("prepdir-moe", true);
@@ -409,7 +410,7 @@ fn a_moe_model_prepares_per_expert() {
     };
     let (r, seen) = run(&cfg);
     r.unwrap();
-    assert!(!seen.iter().any(|s| matches!(s, Seen::Ran(Step::Train, _))), "{seen:?}");
+    assert!(seen.iter().any(|s| matches!(s, Seen::Ran(Step::Train, _))), "{seen:?}");
     let packed = Model::load(&cfg.out).unwrap();
     let c = packed.config();
     assert_eq!((c.n_units(), packed.packed_layers().unwrap().len()), (8, 8));
@@ -419,7 +420,8 @@ fn a_moe_model_prepares_per_expert() {
         assert!((sum - 2.0).abs() < 1e-3, "layer {l}: routing frequencies {routes:?}");
     }
     let rule = packed.sparsity().rule.clone().unwrap();
-    assert!(rule.scales.is_none() && rule.thresholds.len() == 8, "CATS per expert: {rule:?}");
+    assert!(rule.scales.as_ref().is_some_and(|s| s.len() == 8) && rule.thresholds.len() == 8, "{rule:?}");
+    assert_eq!(packed.predictors().map(<[_]>::len), Some(8));
     let (ppl, max) = packed.sparsity().quality.unwrap();
     assert!(ppl <= max + 1e-6, "{ppl} over the budget {max}");
     // Each unit's neurons are in hotness order, each frequency within its expert's routing frequency.

@@ -377,8 +377,8 @@ impl<'m> Context<'m> {
         if self.model.is_packed() {
             return Err(RuntimeError::ProfilePacked);
         }
-        // A mixture of experts is profiled per FFN unit (expert), without token samples.
-        let d_in_ok = profile.d_in() == 0 || (profile.d_in() == c.d_model && c.moe.is_none());
+        // A mixture of experts is profiled per FFN unit (expert), each keeping its own token samples.
+        let d_in_ok = profile.d_in() == 0 || profile.d_in() == c.d_model;
         if profile.n_layers() != c.n_units() || profile.n_ff() != c.n_ff || !d_in_ok {
             return Err(RuntimeError::ProfileShape {
                 got: (profile.n_layers(), profile.n_ff()),

@@ -79,7 +79,7 @@ pub enum RuntimeError {
     #[error("sparsity scales: {why}")]
     BadScales { why: String },
     #[error(
-        "activation profile has (FFN units, neurons) = {got:?}, the model has {want:?} (a mixture of experts is profiled per expert, without token samples)"
+        "activation profile has (FFN units, neurons) = {got:?}, the model has {want:?} (a mixture of experts is profiled per expert)"
     )]
     ProfileShape { got: (usize, usize), want: (usize, usize) },
     #[error("predictors: got {got} layers for a model of {n_layers}, or a predictor of the wrong width")]

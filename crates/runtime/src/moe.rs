@@ -220,7 +220,7 @@ pub(crate) fn dense_expert(
     matmul(&wu, b.acts, up)?;
     if let Some((p, u)) = record {
         let scores: Vec<f32> = gate.iter().zip(up.iter()).map(|(&g, &v)| act.score(g, v)).collect();
-        p.record_unit_scores(u, &scores);
+        p.record_unit_scores(u, rows, &scores);
         p.record_up(u, up);
     }
     act.apply(gate, up, t);

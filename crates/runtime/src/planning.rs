@@ -37,7 +37,10 @@ pub fn plan_input(
         .iter()
         .enumerate()
         .map(|(l, pl)| {
+            let use_probability = routes.map_or(1.0, |r| r[l] as f64);
+            // The share of the unit's neurons that fire when it is used (predictors are measured on those tokens).
             let firing = pl.frequency.iter().map(|&f| f as f64).sum::<f64>() / pl.n_ff.max(1) as f64;
+            let firing = firing / use_probability.max(1e-9);
             let gate_density = match (predicting, &densities) {
                 (false, _) => 1.0,
                 (true, Some(d)) => (d[l] as f64).clamp(firing.min(1.0), 1.0),
@@ -51,7 +54,7 @@ pub fn plan_input(
                 bundle_bytes: pl.bundle_bytes() as u64,
                 stride: pl.stride(),
                 frequency: pl.frequency.clone(),
-                use_probability: routes.map_or(1.0, |r| r[l] as f64),
+                use_probability,
                 gate_density,
             }
         })

@@ -231,7 +231,8 @@ fn unimplemented_moe_features_are_refused_by_name() {
 
 /// A mixture of experts keeps its sparsity rule and its profile per FFN unit (one per expert of each layer): a
 /// rule of one threshold per layer is refused, one per expert runs; a profile records each expert's routed
-/// tokens (in all, `n_expert_used` per token and layer) and keeps no token samples. A GGUF is not offloaded.
+/// tokens (in all, `n_expert_used` per token and layer) and keeps each expert's own token samples. A GGUF is
+/// not offloaded.
 #[test]
 fn moe_rules_and_profiles_are_per_expert() {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf-py/mixtral.gguf");
@@ -250,17 +251,22 @@ fn moe_rules_and_profiles_are_per_expert() {
     ctx.set_ffn_rule(Some(per_unit)).unwrap();
     let sparse = ctx.eval(&[1, 2, 3], Logits::Last).unwrap().to_vec();
     assert_ne!(dense, sparse, "the thresholds are applied to the experts");
-    let mut with_samples =
-        pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 16).with_token_samples(c.d_model, 4);
-    let e = ctx.eval_profile(&[1, 2, 3], &mut with_samples).unwrap_err();
+    let mut per_layer = pinion_runtime::ActivationProfile::new(c.n_layers, c.n_ff, 16);
+    let e = ctx.eval_profile(&[1, 2, 3], &mut per_layer).unwrap_err();
     assert!(matches!(e, RuntimeError::ProfileShape { .. }), "{e}");
-    let mut profile = pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 16);
+    let mut profile =
+        pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 16).with_token_samples(c.d_model, 2);
     ctx.truncate(0);
     ctx.eval_profile(&[1, 2, 3, 4, 5], &mut profile).unwrap();
     assert_eq!(profile.n_tokens(), 5);
     for l in 0..c.n_layers {
         let routed: u64 = (0..n_exp).map(|e| profile.layer_tokens(c.unit(l, e))).sum();
         assert_eq!(routed, 5 * k as u64, "layer {l}");
+        for e in 0..n_exp {
+            // Each expert's own sample of the tokens routed to it, up to the cap.
+            let u = c.unit(l, e);
+            assert_eq!(profile.layer_token_samples(u), (profile.layer_tokens(u) as usize).min(2), "unit {u}");
+        }
     }
     let opts = pinion_runtime::PlanOptions::new(1 << 30);
     let device = pinion_runtime::DeviceProfile::reference();
