@@ -389,6 +389,10 @@ pub fn prepare_dir(
     let device = match found {
         Ok(d) => {
             on_event(Event::DeviceFrom(&f_device));
+            // A profile given from elsewhere goes into the directory too: runs plan with the directory's.
+            if f_device != dir.device() {
+                save_device(&d, &dir.device())?;
+            }
             d
         }
         Err(why) => {

@@ -449,3 +449,19 @@ fn a_moe_model_prepares_per_expert() {
     let got = off.eval(&tokens, pinion_runtime::Logits::All).unwrap();
     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "offloaded logits differ");
 }
+
+/// A device profile given with `device` (measured elsewhere) is copied into the directory, so that runs of the
+/// directory plan with it as `plan.json` was planned.
+#[test]
+fn a_given_device_profile_is_kept_in_the_directory() {
+    let (tmp, cfg) = setup("prepdir-device", false);
+    let dir = PreparedDir::new(&cfg.out);
+    std::fs::remove_file(dir.device()).unwrap();
+    let elsewhere = tmp.0.join("device-elsewhere.json");
+    let mut device = DeviceProfile::reference();
+    device.cpu = "measured elsewhere".into();
+    prepare::save_device(&device, &elsewhere).unwrap();
+    let (r, _) = run(&PrepareConfig { device: Some(elsewhere), ..cfg.clone() });
+    r.unwrap();
+    assert_eq!(prepare::load_device(&dir.device()).unwrap(), device);
+}
