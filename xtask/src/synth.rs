@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use pinion_format::GgmlType;
-use pinion_format::synth::{self, Activation, SynthArch, SynthConfig};
+use pinion_format::synth::{self, Activation, SynthArch, SynthConfig, pearson};
 
 #[derive(Args)]
 pub(crate) struct SynthArgs {
@@ -286,13 +286,4 @@ fn report(
             t_min,
         );
     }
-}
-
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
 }

@@ -777,6 +777,17 @@ pub fn llama3_rope_factors(dim: usize, base: f64) -> Vec<f32> {
         .collect()
 }
 
+/// Pearson's correlation of `a` and `b` (equal lengths): how well a measured statistic of a synthetic model
+/// follows the planted one (NaN when either is constant).
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
 /// `min(f_max, c · (r+1)^-alpha)` for ranks `r` in `0..n`, with `c` chosen so that the mean is `density`.
 fn power_law(n: usize, alpha: f64, density: f64, f_max: f64) -> Vec<f64> {
     let raw: Vec<f64> = (0..n).map(|r| ((r + 1) as f64).powf(-alpha)).collect();

@@ -1,7 +1,7 @@
 //! Tests of `pinion_format::synth`: the synthetic models parse, carry the tensors and metadata llama.cpp
 //! expects, are deterministic, stream exactly their declared size, and have the planted activation skew.
 
-use pinion_format::synth::{self, Activation, SynthConfig, SynthError};
+use pinion_format::synth::{self, Activation, SynthConfig, SynthError, pearson};
 use pinion_format::{GgmlType, Gguf, quant};
 
 fn tiny() -> SynthConfig {
@@ -203,15 +203,6 @@ fn measured_frequencies(g: &Gguf, tokens: impl Iterator<Item = usize>) -> (Vec<f
     let n = gate.n_rows();
     let fired = positive(g, "blk.0.ffn_gate.weight", 0, n, &xs);
     (frequencies(&fired, n), xs.len() / gate.row_len())
-}
-
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
 }
 
 #[test]

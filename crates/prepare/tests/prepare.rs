@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use pinion_format::GgmlType;
-use pinion_format::synth::{self, Activation, SynthConfig};
+use pinion_format::synth::{self, Activation, SynthConfig, pearson};
 use pinion_predictor::train::TrainConfig;
 use pinion_prepare::{self as prepare, PackStepOptions, ProfileOptions};
 use pinion_runtime::{Context, ContextParams, FfnActivation, Logits, Model, PACKED_FILE_NAME, RuntimeError};
@@ -33,15 +33,6 @@ pub(crate) fn synth_model(dir: &TempDir, name: &str, cfg: &SynthConfig) -> PathB
     synth::write_model(cfg, &mut f, &mut |_, _| {}).unwrap();
     drop(f);
     path
-}
-
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
 }
 
 #[test]
