@@ -150,15 +150,13 @@ impl ActivationProfile {
             self.n_tokens += n as u64;
             self.slots.clear();
             for _ in 0..n {
-                let slot = if self.max_tokens == 0 {
-                    None
-                } else if self.n_token_samples < self.max_tokens {
-                    self.n_token_samples += 1;
-                    Some(self.n_token_samples - 1)
-                } else {
-                    let j = self.next_random() % (self.tokens_seen + 1);
-                    (j < self.max_tokens as u64).then_some(j as usize)
+                let slot = match self.max_tokens {
+                    0 => None,
+                    _ => self.reservoir_slot(self.n_token_samples, self.tokens_seen),
                 };
+                if slot == Some(self.n_token_samples) {
+                    self.n_token_samples += 1;
+                }
                 self.tokens_seen += 1;
                 self.slots.push(slot);
             }
@@ -170,22 +168,36 @@ impl ActivationProfile {
         let (max, n_ff, d_in) = (self.max_samples, self.n_ff, self.d_in);
         for (t, row) in scores.chunks_exact(n_ff).enumerate() {
             if let Some(slot) = self.slots.get(t).copied().flatten() {
-                let lp = &mut self.layers[layer];
-                let xs = x[t * d_in..(t + 1) * d_in].iter().map(|&v| f16::from_f32(v));
-                let ss = row.iter().map(|&v| f16::from_f32(v));
-                if slot * d_in == lp.x.len() {
-                    lp.x.extend(xs);
-                    lp.scores.extend(ss);
-                } else {
-                    for (dst, v) in lp.x[slot * d_in..(slot + 1) * d_in].iter_mut().zip(xs) {
-                        *dst = v;
-                    }
-                    for (dst, v) in lp.scores[slot * n_ff..(slot + 1) * n_ff].iter_mut().zip(ss) {
-                        *dst = v;
-                    }
-                }
+                self.store_sample(layer, slot, &x[t * d_in..(t + 1) * d_in], row);
             }
             self.record_row(layer, row, max);
+        }
+    }
+
+    /// Where a reservoir holding `held` token samples, which has been offered `seen` tokens, keeps the next one:
+    /// the next free row while it is not full, else a uniformly random row with probability `max_tokens / (seen
+    /// + 1)`, else nowhere.
+    fn reservoir_slot(&mut self, held: usize, seen: u64) -> Option<usize> {
+        if held < self.max_tokens {
+            return Some(held);
+        }
+        let j = self.next_random() % (seen + 1);
+        (j < self.max_tokens as u64).then_some(j as usize)
+    }
+
+    /// Stores one token sample (`x` and its `scores`, as f16) in row `slot` of a layer's samples: appended when
+    /// `slot` is the next row, else over the row there.
+    fn store_sample(&mut self, layer: usize, slot: usize, x: &[f32], scores: &[f32]) {
+        let (n_ff, d_in) = (self.n_ff, self.d_in);
+        let lp = &mut self.layers[layer];
+        let xs = x.iter().map(|&v| f16::from_f32(v));
+        let ss = scores.iter().map(|&v| f16::from_f32(v));
+        if slot * n_ff == lp.scores.len() {
+            lp.x.extend(xs);
+            lp.scores.extend(ss);
+        } else {
+            lp.x[slot * d_in..(slot + 1) * d_in].iter_mut().zip(xs).for_each(|(d, v)| *d = v);
+            lp.scores[slot * n_ff..(slot + 1) * n_ff].iter_mut().zip(ss).for_each(|(d, v)| *d = v);
         }
     }
 
@@ -232,29 +244,11 @@ impl ActivationProfile {
         let max = self.max_samples;
         for (t, row) in scores.chunks_exact(n_ff).enumerate() {
             if self.max_tokens > 0 {
-                let held = self.layer_token_samples(unit);
-                let offered = self.layers[unit].offered;
-                let slot = if held < self.max_tokens {
-                    Some(held)
-                } else {
-                    let j = self.next_random() % (offered + 1);
-                    (j < self.max_tokens as u64).then_some(j as usize)
-                };
+                let (held, offered) = (self.layer_token_samples(unit), self.layers[unit].offered);
+                let slot = self.reservoir_slot(held, offered);
                 self.layers[unit].offered += 1;
                 if let Some(slot) = slot {
-                    let lp = &mut self.layers[unit];
-                    let xs = x[t * d_in..(t + 1) * d_in].iter().map(|&v| f16::from_f32(v));
-                    let ss = row.iter().map(|&v| f16::from_f32(v));
-                    if slot == held {
-                        lp.x.extend(xs);
-                        lp.scores.extend(ss);
-                    } else {
-                        lp.x[slot * d_in..(slot + 1) * d_in].iter_mut().zip(xs).for_each(|(d, v)| *d = v);
-                        lp.scores[slot * n_ff..(slot + 1) * n_ff]
-                            .iter_mut()
-                            .zip(ss)
-                            .for_each(|(d, v)| *d = v);
-                    }
+                    self.store_sample(unit, slot, &x[t * d_in..(t + 1) * d_in], row);
                     self.n_token_samples = self.n_token_samples.max(self.layer_token_samples(unit));
                 }
             }
