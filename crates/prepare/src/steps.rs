@@ -168,13 +168,6 @@ pub struct LayerScores {
 impl LayerScores {
     /// The scores of `profile`'s token samples under `rule`.
     pub fn new(profile: &ActivationProfile, rule: Rule) -> Result<LayerScores, PrepareError> {
-        if profile.n_token_samples() == 0 && rule == Rule::Cats {
-            // CATS needs no neuron's identity: the score samples serve (a mixture of experts' profile has no
-            // token samples).
-            let layers =
-                (0..profile.n_layers()).map(|l| WeightedScores::of(profile.samples(l).to_vec())).collect();
-            return Ok(LayerScores { layers, scales: None });
-        }
         if profile.n_token_samples() == 0 {
             return Err(PrepareError::ProfileLacks { what: "token samples" });
         }
@@ -366,15 +359,11 @@ struct WeightedScores {
 
 impl WeightedScores {
     fn new(profile: &ActivationProfile, l: usize, scales: &[f32]) -> WeightedScores {
-        let scores = profile
+        let mut sorted: Vec<f32> = profile
             .sample_scores(l)
             .chunks_exact(profile.n_ff())
             .flat_map(|row| row.iter().zip(scales).map(|(s, &c)| s.to_f32() * c))
             .collect();
-        WeightedScores::of(scores)
-    }
-
-    fn of(mut sorted: Vec<f32>) -> WeightedScores {
         sorted.sort_by(f32::total_cmp);
         WeightedScores { sorted }
     }
@@ -444,19 +433,16 @@ pub fn activation_frequencies(
 ) -> Result<Vec<Vec<f64>>, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
-    let moe = model.config().moe.is_some();
     Ok((0..profile.n_layers())
-        .map(|l| match (act.is_relu_family(), moe) {
-            (true, _) => profile.firing_frequency(l),
-            // An expert's token samples are of the tokens routed to it: times its share of all tokens.
-            (false, true) => {
-                let routed = profile.layer_tokens(l) as f64 / profile.n_tokens().max(1) as f64;
+        .map(|l| match act.is_relu_family() {
+            true => profile.firing_frequency(l),
+            // On the token samples, which are the layer's tokens, or an expert's routed ones: times the share of
+            // all tokens the layer (1) or expert saw.
+            false => {
+                let used = profile.layer_tokens(l) as f64 / profile.n_tokens().max(1) as f64;
                 let t = thresholds.neuron_thresholds(l);
                 let f = profile.sample_frequency(l, &t, |s, t| act.is_active(s, t));
-                f.into_iter().map(|f| (f * routed).min(1.0)).collect()
-            }
-            (false, false) => {
-                profile.sample_frequency(l, &thresholds.neuron_thresholds(l), |s, t| act.is_active(s, t))
+                f.into_iter().map(|f| (f * used).min(1.0)).collect()
             }
         })
         .collect())

@@ -89,7 +89,8 @@ impl MoeScratch {
 pub(crate) type Matmul<'a> = &'a dyn Fn(&QMatrix<'_>, &QuantizedActs, &mut [f32]) -> Result<(), RuntimeError>;
 
 /// One expert's FFN over the rows routed to it: `(expert, the next expert this pass runs, inputs (m x d), outputs
-/// (m x d), per row the number of neurons it used)`; the counts feed the route trace and may be left alone.
+/// (m x d), per row the number of neurons it used)`; the counts feed the route trace (the slice is empty when no
+/// trace is recorded) and may be left alone.
 pub(crate) type ExpertFfn<'a> =
     &'a mut dyn FnMut(usize, Option<usize>, &[f32], &mut [f32], &mut [u32]) -> Result<(), RuntimeError>;
 
@@ -158,7 +159,8 @@ pub(crate) fn run_experts(
         for (r, &(t, _)) in rows.chunks_exact_mut(d).zip(&s.members) {
             r.copy_from_slice(&xn[t as usize * d..(t as usize + 1) * d]);
         }
-        let counts = &mut s.counts[..m];
+        // The neurons each row used, for the route trace only (empty when none is recorded: nothing counted).
+        let counts = &mut s.counts[..if s.trace.is_some() { m } else { 0 }];
         counts.fill(0);
         expert(e, next, rows, &mut s.rows_out[..m * d], counts)?;
         if let (Some(tr), Some(at)) = (s.trace.as_mut(), trace_at) {
