@@ -69,7 +69,7 @@ impl ProfileArgs {
 /// Profiles `model` over the calibration text, with a progress bar.
 fn run_profile(model: &Model, a: &ProfileArgs) -> Result<pinion_prepare::ActivationProfile> {
     let text = std::fs::read_to_string(&a.calib).with_context(|| format!("reading {}", a.calib.display()))?;
-    let mut pb = Progress::new("profile", "tokens");
+    let mut pb = Progress::new("profile", "layers");
     let profile = prepare::profile_activations(model, &text, &a.options(), &mut |done, total| {
         pb.update(done as u64, total as u64, "");
     })?;
@@ -486,7 +486,7 @@ impl Shown {
                 if self.bar.as_ref().is_none_or(|(n, _)| n != name) {
                     self.finish("done");
                     let unit = match step {
-                        Step::Profile => "tokens",
+                        Step::Profile => "layers",
                         Step::Device => "points",
                         Step::Calibrate => "perplexity probes",
                         _ if self.experts > 1 => "FFN units",

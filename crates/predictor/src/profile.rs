@@ -41,11 +41,14 @@ pub struct ActivationProfile {
     max_tokens: usize,
     layers: Vec<LayerProfile>,
     n_tokens: u64,
+    /// The random stream that chooses token samples on layer 0 (each layer has its own for its scores), so that
+    /// what a layer keeps does not depend on the order layers and batches are recorded in.
     rng: u64,
-    /// Token samples: tokens seen so far (on layer 0), and where each row of the current batch is stored.
+    /// Token samples: tokens seen so far (on layer 0), and where each of them is stored (`None`: not kept), for
+    /// the later layers to store the same tokens whenever they record them.
     tokens_seen: u64,
     n_token_samples: usize,
-    slots: Vec<Option<usize>>,
+    slots: Vec<Option<u32>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,6 +65,42 @@ struct LayerProfile {
     up_tokens: u64,
     /// Tokens offered to this unit's own reservoir of token samples ([`ActivationProfile::record_unit_scores`]).
     offered: u64,
+    /// Tokens this layer recorded with [`ActivationProfile::record_scores`] (where its next batch starts in
+    /// the token slots).
+    recorded: u64,
+    /// This layer's own random stream (reservoirs of scores and of its own token samples).
+    rng: u64,
+}
+
+/// The start of every random stream of a profile: layer `l`'s is `RNG_SEED + l + 1`, scrambled.
+const RNG_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The `l`-th random stream's state before its first draw.
+fn stream(l: usize) -> u64 {
+    split_mix(RNG_SEED.wrapping_add(l as u64 + 1))
+}
+
+/// One step of SplitMix64: advances `state` and returns the next value.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    split_mix(*state)
+}
+
+/// Where a reservoir of at most `max` token samples, holding `held` and offered `seen` tokens so far, keeps the
+/// next one: the next free row while it is not full, else a uniformly random row with probability
+/// `max / (seen + 1)`, else nowhere.
+fn reservoir_slot(rng: &mut u64, max: usize, held: usize, seen: u64) -> Option<usize> {
+    if held < max {
+        return Some(held);
+    }
+    let j = next_random(rng) % (seen + 1);
+    (j < max as u64).then_some(j as usize)
+}
+
+fn split_mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl ActivationProfile {
@@ -69,7 +108,7 @@ impl ActivationProfile {
     /// and no token samples.
     pub fn new(n_layers: usize, n_ff: usize, max_samples: usize) -> ActivationProfile {
         let layers = (0..n_layers)
-            .map(|_| LayerProfile { positive: vec![0; n_ff], ..LayerProfile::default() })
+            .map(|l| LayerProfile { positive: vec![0; n_ff], rng: stream(l), ..LayerProfile::default() })
             .collect();
         ActivationProfile {
             n_ff,
@@ -78,7 +117,7 @@ impl ActivationProfile {
             max_tokens: 0,
             layers,
             n_tokens: 0,
-            rng: 0x9E37_79B9_7F4A_7C15,
+            rng: RNG_SEED,
             tokens_seen: 0,
             n_token_samples: 0,
             slots: Vec::new(),
@@ -124,20 +163,14 @@ impl ActivationProfile {
         self.layers[layer].scores.len() / self.n_ff.max(1)
     }
 
-    fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// Records one layer's scores for a batch of tokens: `scores` is `tokens x n_ff`, and `x` the FFN inputs
-    /// (`tokens x d_in`; ignored, and may be empty, without token samples). Layers must be recorded in order
-    /// 0, 1, ... for each batch, since layer 0 decides which tokens of the batch are sampled.
+    /// (`tokens x d_in`; ignored, and may be empty, without token samples). Each layer records the batches in
+    /// the same order, and layer 0 records a batch before any other layer does (it decides which of its tokens
+    /// are sampled); the layers may take turns in any other order: batch by batch through all layers, or every
+    /// batch through layer 0, then through layer 1, ... record the same profile.
     ///
     /// # Panics
-    /// If the slices are not whole rows, or a layer after 0 sees a batch of another size than layer 0 did.
+    /// If the slices are not whole rows, or a layer after 0 records tokens layer 0 has not.
     pub fn record_scores(&mut self, layer: usize, x: &[f32], scores: &[f32]) {
         assert!(
             scores.len() % self.n_ff == 0,
@@ -148,41 +181,31 @@ impl ActivationProfile {
         let n = scores.len() / self.n_ff;
         if layer == 0 {
             self.n_tokens += n as u64;
-            self.slots.clear();
-            for _ in 0..n {
-                let slot = match self.max_tokens {
-                    0 => None,
-                    _ => self.reservoir_slot(self.n_token_samples, self.tokens_seen),
-                };
-                if slot == Some(self.n_token_samples) {
-                    self.n_token_samples += 1;
+            if self.max_tokens > 0 {
+                for _ in 0..n {
+                    let (held, seen) = (self.n_token_samples, self.tokens_seen);
+                    let slot = reservoir_slot(&mut self.rng, self.max_tokens, held, seen);
+                    if slot == Some(held) {
+                        self.n_token_samples += 1;
+                    }
+                    self.tokens_seen += 1;
+                    self.slots.push(slot.map(|s| s as u32));
                 }
-                self.tokens_seen += 1;
-                self.slots.push(slot);
             }
         }
+        let first = self.layers[layer].recorded as usize;
+        self.layers[layer].recorded += n as u64;
         if self.max_tokens > 0 {
-            assert_eq!(self.slots.len(), n, "profile: layer {layer} batch size differs from layer 0's");
+            assert!(first + n <= self.slots.len(), "profile: layer {layer} records tokens layer 0 has not");
             assert_eq!(x.len(), n * self.d_in, "profile: inputs are not {n} rows of {}", self.d_in);
         }
         let (max, n_ff, d_in) = (self.max_samples, self.n_ff, self.d_in);
         for (t, row) in scores.chunks_exact(n_ff).enumerate() {
-            if let Some(slot) = self.slots.get(t).copied().flatten() {
-                self.store_sample(layer, slot, &x[t * d_in..(t + 1) * d_in], row);
+            if let Some(slot) = self.slots.get(first + t).copied().flatten() {
+                self.store_sample(layer, slot as usize, &x[t * d_in..(t + 1) * d_in], row);
             }
             self.record_row(layer, row, max);
         }
-    }
-
-    /// Where a reservoir holding `held` token samples, which has been offered `seen` tokens, keeps the next one:
-    /// the next free row while it is not full, else a uniformly random row with probability `max_tokens / (seen
-    /// + 1)`, else nowhere.
-    fn reservoir_slot(&mut self, held: usize, seen: u64) -> Option<usize> {
-        if held < self.max_tokens {
-            return Some(held);
-        }
-        let j = self.next_random() % (seen + 1);
-        (j < self.max_tokens as u64).then_some(j as usize)
     }
 
     /// Stores one token sample (`x` and its `scores`, as f16) in row `slot` of a layer's samples: appended when
@@ -213,7 +236,7 @@ impl ActivationProfile {
                 self.layers[layer].samples.push(a);
             } else {
                 // Reservoir sampling: keep each new value with probability max / seen.
-                let j = self.next_random() % seen;
+                let j = next_random(&mut self.layers[layer].rng) % seen;
                 if (j as usize) < max {
                     self.layers[layer].samples[j as usize] = a;
                 }
@@ -244,8 +267,9 @@ impl ActivationProfile {
         let max = self.max_samples;
         for (t, row) in scores.chunks_exact(n_ff).enumerate() {
             if self.max_tokens > 0 {
-                let (held, offered) = (self.layer_token_samples(unit), self.layers[unit].offered);
-                let slot = self.reservoir_slot(held, offered);
+                let (held, max_tokens) = (self.layer_token_samples(unit), self.max_tokens);
+                let lp = &mut self.layers[unit];
+                let slot = reservoir_slot(&mut lp.rng, max_tokens, held, lp.offered);
                 self.layers[unit].offered += 1;
                 if let Some(slot) = slot {
                     self.store_sample(unit, slot, &x[t * d_in..(t + 1) * d_in], row);
@@ -436,7 +460,7 @@ impl ActivationProfile {
         }
         let n_tokens = r.u64()?;
         let mut layers = Vec::with_capacity(n_layers);
-        for _ in 0..n_layers {
+        for l in 0..n_layers {
             let n_samples = r.bounded(max_samples as u32, "score samples")?;
             let seen = r.u64()?;
             let samples = r.vec(n_samples)?;
@@ -451,6 +475,8 @@ impl ActivationProfile {
                 up_sq: Vec::new(),
                 up_tokens: r.u64()?,
                 offered: held as u64,
+                recorded: 0,
+                rng: stream(l),
             };
             if lp.up_tokens > 0 {
                 lp.up_sq = r.vec(n_ff)?;
@@ -471,7 +497,7 @@ impl ActivationProfile {
             max_tokens,
             layers,
             n_tokens,
-            rng: 0x9E37_79B9_7F4A_7C15,
+            rng: RNG_SEED,
             tokens_seen: n_token_samples as u64,
             n_token_samples,
             slots: Vec::new(),
@@ -596,17 +622,41 @@ mod tests {
     /// A profile of 2 layers, 4 neurons, inputs of width 3, where token `k` has input `[k, k, k]` and, in layer
     /// `l`, scores `[k + l, 0, k % 2, 100]`.
     fn recorded(max_tokens: usize, n_tokens: usize, batch: usize) -> ActivationProfile {
+        recorded_in_order(max_tokens, n_tokens, batch, false)
+    }
+
+    /// [`recorded`], each batch through both layers in turn, or (`by_layer`) every batch through layer 0 first.
+    fn recorded_in_order(
+        max_tokens: usize,
+        n_tokens: usize,
+        batch: usize,
+        by_layer: bool,
+    ) -> ActivationProfile {
         let mut p = ActivationProfile::new(2, 4, 64).with_token_samples(3, max_tokens);
         let toks: Vec<usize> = (0..n_tokens).collect();
-        for b in toks.chunks(batch) {
-            for l in 0..2 {
-                let x: Vec<f32> = b.iter().flat_map(|&k| [k as f32; 3]).collect();
-                let s: Vec<f32> =
-                    b.iter().flat_map(|&k| [(k + l) as f32, 0.0, (k % 2) as f32, 100.0]).collect();
-                p.record_scores(l, &x, &s);
-            }
+        let mut record = |l: usize, b: &[usize]| {
+            let x: Vec<f32> = b.iter().flat_map(|&k| [k as f32; 3]).collect();
+            let s: Vec<f32> = b.iter().flat_map(|&k| [(k + l) as f32, 0.0, (k % 2) as f32, 100.0]).collect();
+            p.record_scores(l, &x, &s);
+        };
+        match by_layer {
+            false => toks.chunks(batch).for_each(|b| (0..2).for_each(|l| record(l, b))),
+            true => (0..2).for_each(|l| toks.chunks(batch).for_each(|b| record(l, b))),
         }
         p
+    }
+
+    /// The order layers take turns in does not change what they keep (each layer has its own random stream,
+    /// and the tokens layer 0 sampled are remembered for the others).
+    #[test]
+    fn recording_layer_by_layer_keeps_what_batch_by_batch_keeps() {
+        let (a, b) = (recorded_in_order(16, 200, 7, false), recorded_in_order(16, 200, 7, true));
+        assert!(a == b);
+        assert_eq!(a.sample_inputs(1), b.sample_inputs(1));
+        // A layer after 0 recording tokens layer 0 has not is a caller's bug.
+        let mut p = ActivationProfile::new(2, 4, 64).with_token_samples(3, 4);
+        let r = std::panic::catch_unwind(move || p.record_scores(1, &[0.0; 3], &[0.0; 4]));
+        assert!(r.is_err());
     }
 
     #[test]

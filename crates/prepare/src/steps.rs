@@ -62,8 +62,12 @@ pub const MIN_UNIT_SCORE_SAMPLES: usize = 4096;
 /// used per token, when that is more).
 pub const MIN_UNIT_TOKEN_SAMPLES: usize = 256;
 
-/// Runs the dense model over `text` in chunks and records every layer's activation statistics and token samples
-/// (see [`ActivationProfile`]). `progress(done, total)` is called after each chunk, in tokens.
+/// Runs the dense model over `text` in chunks, each from an empty cache, and records every layer's activation
+/// statistics and token samples (see [`ActivationProfile`]). The chunks go through the model layer by layer
+/// ([`Context::eval_profile_by_layer`]): each layer's weights are read once, and their pages are dropped from
+/// memory when the layer is done, so that a model larger than memory is profiled reading it once, its resident
+/// set bounded by a layer's weights, the chunks' hidden states and the profile. `progress(done, total)` is
+/// called after each layer.
 pub fn profile_activations(
     model: &Model,
     text: &str,
@@ -101,13 +105,12 @@ pub fn profile_activations(
             .with_token_samples(c.d_model, opts.token_samples),
     };
     let mut ctx = Context::new(model, ContextParams::new(chunk, opts.threads))?;
-    let mut done = 0;
-    for piece in tokens[..total].chunks(chunk) {
-        ctx.truncate(0);
-        ctx.eval_profile(piece, &mut profile)?;
-        done += piece.len();
-        progress(done, total);
-    }
+    let pieces: Vec<&[u32]> = tokens[..total].chunks(chunk).collect();
+    let n_layers = c.n_layers;
+    ctx.eval_profile_by_layer(&pieces, &mut profile, &mut |l| {
+        model.release_pages();
+        progress(l + 1, n_layers)
+    })?;
     Ok(profile)
 }
 
@@ -524,8 +527,13 @@ pub fn pack_model(
     let io = |source| PrepareError::Io { path: out.to_path_buf(), source };
     let tmp = partial_path(out);
     let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
-    let summary = pack(&gguf, &popts, &mut w, &mut |p| progress(p.layer + 1, p.n_layers))
-        .map_err(|source| PrepareError::Format { path: out.to_path_buf(), source });
+    // Each FFN unit's weights are read once: their pages are dropped from memory after it, so that packing a
+    // model larger than memory keeps a unit's weights in the resident set, not the model.
+    let summary = pack(&gguf, &popts, &mut w, &mut |p| {
+        let _ = file.release(0..file.len());
+        progress(p.layer + 1, p.n_layers)
+    })
+    .map_err(|source| PrepareError::Format { path: out.to_path_buf(), source });
     let summary = match summary {
         Ok(s) => s,
         Err(e) => {

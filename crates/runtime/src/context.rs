@@ -9,7 +9,7 @@ use pinion_predictor::{ActivationProfile, LowRankPredictor};
 use crate::config::{ContextParams, DenseChoice};
 use crate::error::RuntimeError;
 use crate::ffn::PackedScratch;
-use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, forward};
+use crate::forward::{Ffn, Kv, Logits, Par, Scratch, Segment, embed, forward, run_layers};
 use crate::model::Model;
 use crate::moe::{MoeScratch, RouteTrace};
 use crate::offload::{Offload, OffloadStats};
@@ -373,6 +373,97 @@ impl<'m> Context<'m> {
         tokens: &[u32],
         profile: &mut ActivationProfile,
     ) -> Result<(), RuntimeError> {
+        self.check_profile(profile)?;
+        let saved = (self.rule.take(), std::mem::take(&mut self.neuron_thresholds), self.predictors.take());
+        let res = self.eval_with(0, tokens, Logits::Last, Some(profile)).map(|_| ());
+        (self.rule, self.neuron_thresholds, self.predictors) = saved;
+        res
+    }
+
+    /// Records into `profile` what [`Context::eval_profile`] of each of `pieces` from an empty cache records,
+    /// the same values, but layer by layer: every piece through block 0, then every piece through block 1, and
+    /// so on, keeping the pieces' hidden states between blocks (`tokens x d_model` f32). Each block's weights
+    /// are so read in one stretch, and `after_layer(l)` is called when block `l` is done (to drop its pages
+    /// from memory: a model larger than memory is profiled reading it once). The output head is not run.
+    /// The cache is left empty.
+    pub fn eval_profile_by_layer(
+        &mut self,
+        pieces: &[&[u32]],
+        profile: &mut ActivationProfile,
+        after_layer: &mut dyn FnMut(usize),
+    ) -> Result<(), RuntimeError> {
+        let c = self.model.config();
+        self.check_profile(profile)?;
+        let n_vocab = c.n_vocab;
+        for piece in pieces {
+            if piece.is_empty() {
+                return Err(RuntimeError::EmptyPrompt);
+            }
+            if piece.len() > self.params.n_ctx {
+                return Err(RuntimeError::ContextOverflow {
+                    prompt: 0,
+                    generate: piece.len(),
+                    n_ctx: self.params.n_ctx,
+                });
+            }
+            if let Some(&id) = piece.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(RuntimeError::BadToken { id, n_vocab });
+            }
+        }
+        self.truncate(0);
+        let d = c.d_model;
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut hidden = vec![0.0f32; total * d];
+        let model = self.model;
+        for l in 0..model.layers.len() {
+            let mut at = 0;
+            for piece in pieces {
+                for (start, len, batch) in Context::chunks(piece.len(), self.params.n_ubatch, self.chunk_cap)
+                {
+                    let rows = (at + start) * d..(at + start + len) * d;
+                    let (scratch, kv) = (&mut self.scratch, &mut self.kv);
+                    match l {
+                        0 => embed(model, None, scratch, &piece[start..start + len])?,
+                        _ => scratch.x[..len * d].copy_from_slice(&hidden[rows.clone()]),
+                    }
+                    let segs = [Segment { seq: 0, pos: start, len }];
+                    let mut ffn = Ffn {
+                        thresholds: None,
+                        neuron_thresholds: &[],
+                        predictors: None,
+                        profile: Some(&mut *profile),
+                        offload: None,
+                    };
+                    let span = l..l + 1;
+                    match len {
+                        1 => run_layers(
+                            model,
+                            Par::Spin(&self.spin),
+                            &mut ffn,
+                            scratch,
+                            kv,
+                            &segs,
+                            batch,
+                            span,
+                        )?,
+                        _ => {
+                            let par = Par::Batch(&*self.dense);
+                            self.pool.install(|| {
+                                run_layers(model, par, &mut ffn, scratch, kv, &segs, batch, span)
+                            })?
+                        }
+                    }
+                    hidden[rows].copy_from_slice(&scratch.x[..len * d]);
+                }
+                at += piece.len();
+            }
+            after_layer(l);
+        }
+        Ok(())
+    }
+
+    /// Refuses a packed model, or a profile not shaped like the model's FFN units.
+    fn check_profile(&self, profile: &ActivationProfile) -> Result<(), RuntimeError> {
         let c = self.model.config();
         if self.model.is_packed() {
             return Err(RuntimeError::ProfilePacked);
@@ -385,10 +476,7 @@ impl<'m> Context<'m> {
                 want: (c.n_units(), c.n_ff),
             });
         }
-        let saved = (self.rule.take(), std::mem::take(&mut self.neuron_thresholds), self.predictors.take());
-        let res = self.eval_with(0, tokens, Logits::Last, Some(profile)).map(|_| ());
-        (self.rule, self.neuron_thresholds, self.predictors) = saved;
-        res
+        Ok(())
     }
 
     /// Forgets all tokens after the first `n` (keeps the KV rows before them).

@@ -152,25 +152,56 @@ pub(crate) fn forward(
     which: Logits,
     logits_offset: Option<usize>,
 ) -> Result<(), RuntimeError> {
-    let c = model.config();
-    let n = tokens.len();
-    debug_assert_eq!(segs.iter().map(|g| g.len).sum::<usize>(), n, "segments cover the tokens");
-    let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
-    let x = &mut s.x[..n * d];
+    debug_assert_eq!(segs.iter().map(|g| g.len).sum::<usize>(), tokens.len(), "segments cover the tokens");
+    embed(model, ffn.offload.as_deref_mut(), s, tokens)?;
+    run_layers(model, par, &mut ffn, s, kv, segs, batch, 0..model.layers.len())?;
+    head(model, par, ffn.offload, s, tokens.len(), which, logits_offset)
+}
+
+/// The embeddings of `tokens` (scaled where the architecture scales them) into `s.x`.
+pub(crate) fn embed(
+    model: &Model,
+    mut offload: Option<&mut Offload>,
+    s: &mut Scratch,
+    tokens: &[u32],
+) -> Result<(), RuntimeError> {
+    let d = model.config().d_model;
+    let x = &mut s.x[..tokens.len() * d];
     for (t, &tok) in tokens.iter().enumerate() {
-        match ffn.offload.as_deref_mut() {
+        match offload.as_deref_mut() {
             Some(o) => o.embed(model, tok, &mut x[t * d..(t + 1) * d])?,
             None => model.embed(tok, &mut x[t * d..(t + 1) * d])?,
         }
     }
-    let spec = c.spec;
-    if spec.scale_embeddings {
+    if model.config().spec.scale_embeddings {
         let k = (d as f32).sqrt();
         x.iter_mut().for_each(|v| *v *= k);
     }
+    Ok(())
+}
+
+/// Runs the hidden states of the rows of `segs` (in `s.x`) through the transformer blocks `layers`: each
+/// block's keys and values go to the rows' sequences' caches in `kv` (see [`forward`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_layers(
+    model: &Model,
+    par: Par<'_>,
+    ffn: &mut Ffn<'_>,
+    s: &mut Scratch,
+    kv: &mut [Kv],
+    segs: &[Segment],
+    batch: usize,
+    layers: std::ops::Range<usize>,
+) -> Result<(), RuntimeError> {
+    let c = model.config();
+    let n = segs.iter().map(|g| g.len).sum::<usize>();
+    let (d, kvd, qd, ff) = (c.d_model, c.kv_dim(), c.n_heads * c.head_dim, c.n_ff);
+    let x = &mut s.x[..n * d];
+    let spec = c.spec;
     // Scores are scaled in attention, or the queries before it (and the scores by 1).
     let scale = if spec.scale_queries { 1.0 } else { c.attn_scale };
-    for (l, layer) in model.layers.iter().enumerate() {
+    for l in layers {
+        let layer = &model.layers[l];
         let (rope_base, rope_scale, window) = (c.rope_base(l), c.rope_scale(l), c.window(l));
         // Attention.
         let w = Weights { model, offload: ffn.offload.as_deref() };
@@ -339,9 +370,23 @@ pub(crate) fn forward(
         }
         continue_layer(&mut s.tmp[..n * d], &mut s.xn[..n * d], layer, c.rms_eps, x);
     }
+    Ok(())
+}
 
-    // Output head, only for the rows whose logits are wanted.
+/// The output head over the last hidden states of a pass of `n` rows (in `s.x`), for the rows `which` asks
+/// for, into `s.logits[logits_offset..]` (nothing without an offset).
+fn head(
+    model: &Model,
+    par: Par<'_>,
+    offload: Option<&mut Offload>,
+    s: &mut Scratch,
+    n: usize,
+    which: Logits,
+    logits_offset: Option<usize>,
+) -> Result<(), RuntimeError> {
     let Some(offset) = logits_offset else { return Ok(()) };
+    let (c, d) = (model.config(), model.config().d_model);
+    let x = &s.x[..n * d];
     let rows = match which {
         Logits::All => 0..n,
         Logits::Last => n - 1..n,
@@ -353,7 +398,7 @@ pub(crate) fn forward(
     }
     s.acts.quantize(model.output.ty, xn, d);
     let logits = &mut s.logits[offset..offset + n_out * c.n_vocab];
-    match ffn.offload {
+    match offload {
         Some(o) => {
             o.head(model, &|w, a, out| par.head_matmul(w, a, out), &s.acts, logits, &mut s.head_tmp)?
         }

@@ -273,3 +273,43 @@ fn moe_rules_and_profiles_are_per_expert() {
     let e = Context::new_offloaded(&model, params, opts, &device).unwrap_err();
     assert!(matches!(e, RuntimeError::NotPacked), "{e}");
 }
+
+/// Profiling layer by layer (every piece through block 0, then through block 1, ...: how a model larger than
+/// memory is profiled) records exactly what profiling each piece through the whole model from an empty cache
+/// records: the same scores, firing counts, token samples and routed tokens, for a dense model and for both
+/// mixtures of experts; and each block is announced once, in order.
+#[test]
+fn profiling_layer_by_layer_records_what_piece_by_piece_does() {
+    for name in ["qwen3.gguf", "mixtral.gguf", "qwen3moe.gguf"] {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf-py").join(name);
+        let model = Model::load(&path).unwrap();
+        let c = model.config();
+        let profile = || {
+            pinion_runtime::ActivationProfile::new(c.n_units(), c.n_ff, 64).with_token_samples(c.d_model, 6)
+        };
+        // Pieces longer than a batch (several passes), of one token, and of a few.
+        let n_vocab = c.n_vocab as u32;
+        let tokens: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 13) % n_vocab).collect();
+        let pieces: Vec<&[u32]> = vec![&tokens[..23], &tokens[23..24], &tokens[24..40]];
+        let params = ContextParams { n_ubatch: 8, ..ContextParams::new(32, 2) };
+        let mut ctx = Context::new(&model, params).unwrap();
+        let mut by_piece = profile();
+        for piece in &pieces {
+            ctx.truncate(0);
+            ctx.eval_profile(piece, &mut by_piece).unwrap();
+        }
+        let mut by_layer = profile();
+        let mut done = Vec::new();
+        ctx.eval_profile_by_layer(&pieces, &mut by_layer, &mut |l| done.push(l)).unwrap();
+        assert_eq!(done, (0..c.n_layers).collect::<Vec<_>>(), "{name}");
+        assert_eq!(by_layer.n_tokens(), 40, "{name}");
+        assert!(by_layer.n_token_samples() > 0, "{name}");
+        assert!(by_layer == by_piece, "{name}: the profiles differ");
+        // A piece the context cannot hold is refused before anything is recorded.
+        let mut p = profile();
+        let long = vec![1u32; 33];
+        let e = ctx.eval_profile_by_layer(&[&long], &mut p, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, RuntimeError::ContextOverflow { .. }), "{e}");
+        assert!(p == profile(), "{name}: nothing recorded");
+    }
+}
