@@ -427,6 +427,10 @@ pub(crate) fn prepare_all(a: &PrepareCmd) -> Result<()> {
         true => "already prepared with these settings".to_string(),
         false => format!("done in {:.1} s", t0.elapsed().as_secs_f64()),
     };
+    let what = match pinion_runtime::planning::peak_rss() {
+        Some(b) => format!("{what}, peak resident set {:.1} MiB", b as f64 / (1 << 20) as f64),
+        None => what,
+    };
     eprintln!("prepare: {what}; run it with `pinion run -m {}`", cfg.out.display());
     Ok(())
 }
