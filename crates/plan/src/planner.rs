@@ -37,6 +37,12 @@ pub const PLAN_VERSION: u64 = 3;
 
 /// Bytes kept aside for what the plan does not itemize (allocator slack, thread stacks, per-read lists).
 pub const MARGIN: u64 = 2 << 20;
+/// The kernel's page tables of `bytes` of process memory: an 8-byte entry per 4 KiB page (x86-64 and AArch64
+/// with 4 KiB pages; the upper levels are 1/512 of that again, within the margin).
+fn page_tables(bytes: u64) -> u64 {
+    bytes.div_ceil(512)
+}
+
 /// Flash reads are aligned to this many bytes.
 const BLOCK: u64 = 4096;
 /// Expected share of active neurons among a layer's unpinned ones at and above which its records are read
@@ -245,6 +251,10 @@ pub struct Memory {
     pub cache_index: u64,
     /// Allocator slack and what the plan does not itemize.
     pub margin: u64,
+    /// The kernel's page tables of the process's memory (8 bytes per 4 KiB page of the budget): not in the
+    /// resident set, but charged to a memory cgroup, so a limit of the budget holds them too.
+    #[serde(default)]
+    pub page_tables: u64,
     /// Output-head rows kept in memory (fixed region).
     pub head: u64,
     /// Bytes of the whole output head.
@@ -271,6 +281,7 @@ impl Memory {
             + self.predictors
             + self.cache_index
             + self.margin
+            + self.page_tables
     }
 
     /// Bytes planned in all (at most the budget).
@@ -281,7 +292,7 @@ impl Memory {
     /// A one-line account of the fixed part.
     pub fn fixed_detail(&self) -> String {
         format!(
-            "process {} + attention {} + KV {} + scratch {} + I/O buffers {}{} + predictors {} + cache index {} + margin {}",
+            "process {} + attention {} + KV {} + scratch {} + I/O buffers {}{} + predictors {} + cache index {} + margin {} + page tables {}",
             mib(self.process),
             mib(self.attention),
             mib(self.kv),
@@ -293,7 +304,8 @@ impl Memory {
             },
             mib(self.predictors),
             mib(self.cache_index),
-            mib(self.margin)
+            mib(self.margin),
+            mib(self.page_tables)
         )
     }
 }
@@ -703,6 +715,8 @@ fn plan_at_depth(
         ffn_total,
         ..Memory::default()
     };
+    // Page tables map whatever the budget holds: the budget's, or (refused) the minimum's own.
+    memory.page_tables = page_tables(opts.budget.max(memory.minimum() + page_tables(memory.minimum())));
     let minimum = memory.minimum();
     if opts.budget < minimum {
         return Err(PlanError::BudgetTooSmall {

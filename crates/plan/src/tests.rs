@@ -68,6 +68,21 @@ fn budget_below_minimum_names_the_minimum_and_the_minimum_runs() {
     assert!(p.predicted.mb_read_per_token > 1.0, "{:?}", p.predicted);
 }
 
+/// The kernel's page tables of the budget (a memory cgroup charges them) are kept out of what the plan spends.
+#[test]
+fn the_budget_keeps_its_page_tables() {
+    let inp = input(4, 512, false);
+    let budget = minimum(&inp) + ffn_bytes(&inp) / 2;
+    let p = plan(&inp, &sample_profile(), &PlanOptions::new(budget)).unwrap();
+    assert_eq!(p.memory.page_tables, budget.div_ceil(512));
+    assert!(p.memory.total() <= budget);
+    assert!(p.memory.fixed_detail().contains("page tables"), "{}", p.memory.fixed_detail());
+    // The minimum holds its own.
+    let min = minimum(&inp);
+    let at_min = plan(&inp, &sample_profile(), &PlanOptions::new(min)).unwrap();
+    assert!(at_min.memory.page_tables >= min / 512 && at_min.memory.page_tables > 0);
+}
+
 #[test]
 fn everything_fits_pins_everything_and_reads_nothing() {
     for predicting in [false, true] {
