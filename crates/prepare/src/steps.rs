@@ -28,7 +28,8 @@ pub struct ProfileOptions {
     pub chunk: usize,
     /// Scores sampled per layer for threshold calibration.
     pub score_samples: usize,
-    /// Tokens whose FFN inputs and scores are kept for predictor training.
+    /// Tokens whose FFN inputs and scores are kept for predictor training and for calibrating SiLU and GELU
+    /// thresholds (0: none; `prepare_dir` keeps none when nothing uses them).
     pub token_samples: usize,
     /// Compute threads.
     pub threads: usize,
@@ -98,7 +99,10 @@ pub fn profile_activations(
     let mut profile = match c.moe {
         Some(m) => {
             let per_unit = (opts.score_samples / m.n_expert).max(MIN_UNIT_SCORE_SAMPLES);
-            let tokens = (opts.token_samples * m.n_expert_used / m.n_expert).max(MIN_UNIT_TOKEN_SAMPLES);
+            let tokens = match opts.token_samples {
+                0 => 0,
+                n => (n * m.n_expert_used / m.n_expert).max(MIN_UNIT_TOKEN_SAMPLES),
+            };
             ActivationProfile::new(c.n_units(), c.n_ff, per_unit).with_token_samples(c.d_model, tokens)
         }
         None => ActivationProfile::new(c.n_layers, c.n_ff, opts.score_samples)
@@ -317,6 +321,21 @@ pub fn calibrate(
 ) -> Result<Thresholds, PrepareError> {
     check_shape(model, profile)?;
     let act = model.config().ffn_act;
+    if !act.is_relu_family() && sparsity <= 0.0 && profile.n_token_samples() == 0 {
+        // Every neuron is kept: thresholds of 0 need no samples (a profile made for no sparsity keeps none).
+        let scales = match rule {
+            Rule::Weighted => Some(score_scales(profile)?),
+            Rule::Cats => None,
+        };
+        return Ok(Thresholds {
+            model: model.config().name.clone().unwrap_or_default(),
+            target_sparsity: 0.0,
+            calib_tokens: profile.n_tokens(),
+            layers: vec![(0.0, 0.0); profile.n_layers()],
+            scales,
+            quality: None,
+        });
+    }
     if !act.is_relu_family() && rule == Rule::Weighted {
         return Ok(LayerScores::new(profile, rule)?.thresholds(model, profile, sparsity, None));
     }

@@ -465,3 +465,52 @@ fn a_given_device_profile_is_kept_in_the_directory() {
     r.unwrap();
     assert_eq!(prepare::load_device(&dir.device()).unwrap(), device);
 }
+
+/// The profile keeps token samples only when something uses them: predictors, or thresholds of a SiLU or GELU
+/// model at a sparsity above 0. A ReLU model without predictors, and a SiLU mixture of experts keeping every
+/// neuron, are profiled without them (they are most of a large mixture of experts' profile) and prepared all
+/// the same; with predictors the same ReLU model keeps them.
+#[test]
+fn token_samples_are_kept_only_when_used() {
+    let (tmp, base) = setup("prepdir-samples", false);
+    let samples = |cfg: &PrepareConfig| {
+        let (r, _) = run(cfg);
+        r.unwrap();
+        let p = prepare::load_profile(&PreparedDir::new(&cfg.out).profile()).unwrap();
+        assert!(p.n_tokens() > 0);
+        p.n_token_samples()
+    };
+    let relu = PrepareConfig { keep_intermediates: true, ..base.clone() };
+    assert_eq!(samples(&relu), 0, "ReLU without predictors");
+    let (_tmp2, trained) = setup("prepdir-samples-trained", true);
+    let trained = PrepareConfig { keep_intermediates: true, ..trained };
+    assert!(samples(&trained) > 0, "ReLU with predictors");
+    let moe = SynthConfig {
+        n_layers: 2,
+        n_experts: 4,
+        n_experts_used: 2,
+        act: synth::Activation::Silu,
+        ..SynthConfig::preset("tiny").unwrap()
+    };
+    let dense_experts = PrepareConfig {
+        model: synth_model(&tmp, "moe-silu", &moe),
+        sparsity: prepare::SparsityTarget::Fixed(0.0),
+        keep_intermediates: true,
+        force: true,
+        ..base
+    };
+    assert_eq!(samples(&dense_experts), 0, "SiLU experts keeping every neuron");
+    let packed = Model::load(&dense_experts.out).unwrap();
+    let rule = packed.sparsity().rule.clone().unwrap();
+    assert!(rule.thresholds.iter().all(|&t| t == 0.0), "{rule:?}");
+    // Every neuron kept: the packed model computes what the GGUF computes densely.
+    let gguf = Model::load(&dense_experts.model).unwrap();
+    let tokens: Vec<u32> = (1..12).collect();
+    let logits = |m: &Model| {
+        let mut ctx = Context::new(m, ContextParams::new(32, 2)).unwrap();
+        ctx.eval(&tokens, pinion_runtime::Logits::Last).unwrap().to_vec()
+    };
+    let (a, b) = (logits(&packed), logits(&gguf));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 0.05, "max logit difference {diff}");
+}
