@@ -458,6 +458,9 @@ pub fn activation_frequencies(
     Ok((0..profile.n_layers())
         .map(|l| match act.is_relu_family() {
             true => profile.firing_frequency(l),
+            // No token samples: the thresholds are 0 (a profile keeps none otherwise), and a neuron is active
+            // when its score is positive, which the firing counts (over all tokens) record.
+            false if profile.n_token_samples() == 0 => profile.firing_frequency(l),
             // On the token samples, which are the layer's tokens, or an expert's routed ones: times the share of
             // all tokens the layer (1) or expert saw.
             false => {

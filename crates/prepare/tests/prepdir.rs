@@ -394,13 +394,7 @@ fn corrupt_files_and_bad_settings_are_typed_errors() {
 #[test]
 fn a_moe_model_prepares_per_expert() {
     let (tmp, cfg) = setup("prepdir-moe", true);
-    let moe = SynthConfig {
-        n_layers: 2,
-        n_experts: 4,
-        n_experts_used: 2,
-        act: synth::Activation::Silu,
-        ..SynthConfig::preset("tiny").unwrap()
-    };
+    let moe = tiny_moe();
     let model = synth_model(&tmp, "moe", &moe);
     let cfg = PrepareConfig {
         model,
@@ -485,13 +479,7 @@ fn token_samples_are_kept_only_when_used() {
     let (_tmp2, trained) = setup("prepdir-samples-trained", true);
     let trained = PrepareConfig { keep_intermediates: true, ..trained };
     assert!(samples(&trained) > 0, "ReLU with predictors");
-    let moe = SynthConfig {
-        n_layers: 2,
-        n_experts: 4,
-        n_experts_used: 2,
-        act: synth::Activation::Silu,
-        ..SynthConfig::preset("tiny").unwrap()
-    };
+    let moe = tiny_moe();
     let dense_experts = PrepareConfig {
         model: synth_model(&tmp, "moe-silu", &moe),
         sparsity: prepare::SparsityTarget::Fixed(0.0),
@@ -503,6 +491,18 @@ fn token_samples_are_kept_only_when_used() {
     let packed = Model::load(&dense_experts.out).unwrap();
     let rule = packed.sparsity().rule.clone().unwrap();
     assert!(rule.thresholds.iter().all(|&t| t == 0.0), "{rule:?}");
+    // Every neuron of an expert fires whenever the expert is routed: its frequency is the expert's routing
+    // frequency (what the planner spends memory by).
+    let routes = packed.route_frequency().unwrap();
+    for (u, pl) in packed.packed_layers().unwrap().iter().enumerate() {
+        let off = pl.frequency.iter().map(|&f| (f - routes[u]).abs()).fold(0.0f32, f32::max);
+        assert!(
+            routes[u] > 0.0 && off < 1e-3,
+            "unit {u}: frequencies {:?} against {}",
+            &pl.frequency[..4],
+            routes[u]
+        );
+    }
     // Every neuron kept: the packed model computes what the GGUF computes densely.
     let gguf = Model::load(&dense_experts.model).unwrap();
     let tokens: Vec<u32> = (1..12).collect();
@@ -513,4 +513,15 @@ fn token_samples_are_kept_only_when_used() {
     let (a, b) = (logits(&packed), logits(&gguf));
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff < 0.05, "max logit difference {diff}");
+}
+
+/// A tiny SiLU mixture of experts: 2 layers of 4 experts, 2 used.
+fn tiny_moe() -> SynthConfig {
+    SynthConfig {
+        n_layers: 2,
+        n_experts: 4,
+        n_experts_used: 2,
+        act: synth::Activation::Silu,
+        ..SynthConfig::preset("tiny").unwrap()
+    }
 }
