@@ -170,14 +170,18 @@ impl<'m> Context<'m> {
             return Err(RuntimeError::NotPacked);
         }
         pinion_io::bound_heap_retention();
-        // The process's own memory, measured once the context is made (its threads, and its rule's per-neuron
-        // thresholds: 18 MiB for the 6,144 experts of the qwen3-30b-a3b shape, which a measure taken before
-        // left out of the plan), less the model's decoded predictors if an earlier context decoded them (the plan
-        // counts those as predictors; counted twice, they took 150 MiB from the cache of every budget after the
-        // first of a sweep on the 7B shape). The context's KV cache and scratch are allocated zeroed and not yet
-        // touched: the plan's own items for them are not counted twice.
+        // The process's own memory: what it holds before the context, plus what making the context took beyond
+        // its KV cache and scratch (which the plan itemizes, whether or not their pages are touched yet): its
+        // threads and its rule's per-neuron thresholds (18 MiB for the 6,144 experts of the qwen3-30b-a3b shape,
+        // which a measure taken before left out of the plan); less the model's decoded predictors if an earlier
+        // context decoded them (the plan counts those as predictors; counted twice, they took 150 MiB from the
+        // cache of every budget after the first of a sweep on the 7B shape).
+        let before = current_rss();
         let mut ctx = Context::with_chunk_cap(model, params, OFFLOAD_CHUNK)?;
-        let process = current_rss().saturating_sub(model.decoded_predictors().map_or(0, predictor_bytes));
+        let capped = ContextParams { n_ubatch: ctx.chunk_cap, ..ctx.params.clone() };
+        let itemized = capped.kv_bytes(model.config()) + capped.scratch_bytes(model.config());
+        let made = current_rss().saturating_sub(before).saturating_sub(itemized);
+        let process = (before + made).saturating_sub(model.decoded_predictors().map_or(0, predictor_bytes));
         let plan = ctx.plan_offload(&opts, device, process)?;
         ctx.offload = Some(Offload::new(
             model,
