@@ -65,9 +65,6 @@ struct LayerProfile {
     up_tokens: u64,
     /// Tokens offered to this unit's own reservoir of token samples ([`ActivationProfile::record_unit_scores`]).
     offered: u64,
-    /// Tokens this layer recorded with [`ActivationProfile::record_scores`] (where its next batch starts in
-    /// the token slots).
-    recorded: u64,
     /// This layer's own random stream (reservoirs of scores and of its own token samples).
     rng: u64,
 }
@@ -172,13 +169,9 @@ impl ActivationProfile {
     /// # Panics
     /// If the slices are not whole rows, or a layer after 0 records tokens layer 0 has not.
     pub fn record_scores(&mut self, layer: usize, x: &[f32], scores: &[f32]) {
-        assert!(
-            scores.len() % self.n_ff == 0,
-            "profile: {} scores are not rows of {}",
-            scores.len(),
-            self.n_ff
-        );
-        let n = scores.len() / self.n_ff;
+        let n = self.score_rows(scores);
+        // Where this batch starts among the tokens: the tokens the layer recorded before it.
+        let first = self.layer_tokens(layer) as usize;
         if layer == 0 {
             self.n_tokens += n as u64;
             if self.max_tokens > 0 {
@@ -193,8 +186,6 @@ impl ActivationProfile {
                 }
             }
         }
-        let first = self.layers[layer].recorded as usize;
-        self.layers[layer].recorded += n as u64;
         if self.max_tokens > 0 {
             assert!(first + n <= self.slots.len(), "profile: layer {layer} records tokens layer 0 has not");
             assert_eq!(x.len(), n * self.d_in, "profile: inputs are not {n} rows of {}", self.d_in);
@@ -206,6 +197,20 @@ impl ActivationProfile {
             }
             self.record_row(layer, row, max);
         }
+    }
+
+    /// Tokens in `scores`, rows of `n_ff`.
+    ///
+    /// # Panics
+    /// If `scores` is not whole rows.
+    fn score_rows(&self, scores: &[f32]) -> usize {
+        assert!(
+            scores.len() % self.n_ff == 0,
+            "profile: {} scores are not rows of {}",
+            scores.len(),
+            self.n_ff
+        );
+        scores.len() / self.n_ff
     }
 
     /// Stores one token sample (`x` and its `scores`, as f16) in row `slot` of a layer's samples: appended when
@@ -254,13 +259,7 @@ impl ActivationProfile {
     /// # Panics
     /// If the slices are not whole rows.
     pub fn record_unit_scores(&mut self, unit: usize, x: &[f32], scores: &[f32]) {
-        assert!(
-            scores.len() % self.n_ff == 0,
-            "profile: {} scores are not rows of {}",
-            scores.len(),
-            self.n_ff
-        );
-        let (n, n_ff, d_in) = (scores.len() / self.n_ff, self.n_ff, self.d_in);
+        let (n, n_ff, d_in) = (self.score_rows(scores), self.n_ff, self.d_in);
         if self.max_tokens > 0 {
             assert_eq!(x.len(), n * d_in, "profile: inputs are not {n} rows of {d_in}");
         }
@@ -270,7 +269,7 @@ impl ActivationProfile {
                 let (held, max_tokens) = (self.layer_token_samples(unit), self.max_tokens);
                 let lp = &mut self.layers[unit];
                 let slot = reservoir_slot(&mut lp.rng, max_tokens, held, lp.offered);
-                self.layers[unit].offered += 1;
+                lp.offered += 1;
                 if let Some(slot) = slot {
                     self.store_sample(unit, slot, &x[t * d_in..(t + 1) * d_in], row);
                     self.n_token_samples = self.n_token_samples.max(self.layer_token_samples(unit));
@@ -288,6 +287,11 @@ impl ActivationProfile {
     /// Tokens whose scores layer (or unit) `layer` recorded: for an expert, the tokens routed to it.
     pub fn layer_tokens(&self, layer: usize) -> u64 {
         self.layers[layer].seen / self.n_ff.max(1) as u64
+    }
+
+    /// The share of all tokens layer (or unit) `layer` recorded: 1 for a layer, an expert's routing share.
+    pub fn token_share(&self, layer: usize) -> f64 {
+        self.layer_tokens(layer) as f64 / self.n_tokens.max(1) as f64
     }
 
     /// Records one layer's up values (`tokens x n_ff`) for the neurons' RMS ([`ActivationProfile::up_rms`]).
@@ -475,7 +479,6 @@ impl ActivationProfile {
                 up_sq: Vec::new(),
                 up_tokens: r.u64()?,
                 offered: held as u64,
-                recorded: 0,
                 rng: stream(l),
             };
             if lp.up_tokens > 0 {

@@ -431,8 +431,7 @@ pub struct PackStepOptions {
 /// expert; `None` for a dense model.
 pub fn route_frequencies(model: &Model, profile: &ActivationProfile) -> Option<Vec<f32>> {
     model.config().moe?;
-    let n = profile.n_tokens().max(1) as f64;
-    Some((0..profile.n_layers()).map(|u| (profile.layer_tokens(u) as f64 / n).min(1.0) as f32).collect())
+    Some((0..profile.n_layers()).map(|u| profile.token_share(u).min(1.0) as f32).collect())
 }
 
 impl Default for PackStepOptions {
@@ -464,7 +463,7 @@ pub fn activation_frequencies(
             // On the token samples, which are the layer's tokens, or an expert's routed ones: times the share of
             // all tokens the layer (1) or expert saw.
             false => {
-                let used = profile.layer_tokens(l) as f64 / profile.n_tokens().max(1) as f64;
+                let used = profile.token_share(l);
                 let t = thresholds.neuron_thresholds(l);
                 let f = profile.sample_frequency(l, &t, |s, t| act.is_active(s, t));
                 f.into_iter().map(|f| (f * used).min(1.0)).collect()

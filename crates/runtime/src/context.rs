@@ -401,21 +401,11 @@ impl<'m> Context<'m> {
     ) -> Result<(), RuntimeError> {
         let c = self.model.config();
         self.check_profile(profile)?;
-        let n_vocab = c.n_vocab;
         for piece in pieces {
             if piece.is_empty() {
                 return Err(RuntimeError::EmptyPrompt);
             }
-            if piece.len() > self.params.n_ctx {
-                return Err(RuntimeError::ContextOverflow {
-                    prompt: 0,
-                    generate: piece.len(),
-                    n_ctx: self.params.n_ctx,
-                });
-            }
-            if let Some(&id) = piece.iter().find(|&&t| t as usize >= n_vocab) {
-                return Err(RuntimeError::BadToken { id, n_vocab });
-            }
+            self.check_fits(0, piece)?;
         }
         self.truncate(0);
         let d = c.d_model;
@@ -467,6 +457,23 @@ impl<'m> Context<'m> {
             after_layer(l);
         }
         Ok(())
+    }
+
+    /// Refuses `tokens` after `n_past` of a sequence if they pass the context's end or one is not in the
+    /// vocabulary.
+    fn check_fits(&self, n_past: usize, tokens: &[u32]) -> Result<(), RuntimeError> {
+        if n_past + tokens.len() > self.params.n_ctx {
+            return Err(RuntimeError::ContextOverflow {
+                prompt: n_past,
+                generate: tokens.len(),
+                n_ctx: self.params.n_ctx,
+            });
+        }
+        let n_vocab = self.model.config().n_vocab;
+        match tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            Some(&id) => Err(RuntimeError::BadToken { id, n_vocab }),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a packed model, or a profile not shaped like the model's FFN units.
@@ -601,16 +608,7 @@ impl<'m> Context<'m> {
                 "the offloaded run could not be set up again; make a new context".into(),
             ));
         }
-        if self.kv[seq].n_past + tokens.len() > self.params.n_ctx {
-            return Err(RuntimeError::ContextOverflow {
-                prompt: self.kv[seq].n_past,
-                generate: tokens.len(),
-                n_ctx: self.params.n_ctx,
-            });
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(RuntimeError::BadToken { id, n_vocab });
-        }
+        self.check_fits(self.kv[seq].n_past, tokens)?;
         if which == Logits::All {
             self.scratch.logits.resize(tokens.len() * n_vocab, 0.0);
         }
